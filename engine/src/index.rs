@@ -1,0 +1,500 @@
+//! The dedup index: chunk id → (pack, offset, length).
+//!
+//! The index is a set of immutable **segments**, one written per backup (and
+//! merged by `repair`/compaction), so concurrent writers never rewrite a shared
+//! file. Each segment is a sorted array searched in place (memory-mapped by the
+//! local pool), so a lookup costs a fan-out step and a binary search and needs
+//! no per-entry heap memory:
+//!
+//! ```text
+//! header  (32 B)  magic "CAIRNIX1" | version u16 = 1 | reserved u16 = 0
+//!                 | pack_count u32 | entry_count u64 | reserved u64 = 0
+//! packs           pack_count × 16 B pack ids
+//! fan-out         256 × u32: number of entries whose id's first byte ≤ i
+//! entries         entry_count × 48 B, strictly ascending by id:
+//!                   chunk id [32] | pack index u32 | stored length u32 | offset u64
+//! checksum        BLAKE3 of everything above [32]
+//! ```
+//! Packs are self-describing, so the index can always be rebuilt from them
+//! ([`rebuild`]); packs that no segment covers (a backup interrupted after
+//! sealing them) are read at load time and their chunks reused.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+
+use crate::coding::{split_checksummed, DecodeError, Decoder, Encoder};
+use crate::error::{Error, Result};
+use crate::format::{INDEX_MAGIC_V1, INDEX_VERSION_V1};
+use crate::id::{ChunkId, PackId, SegmentId};
+use crate::pack::{read_pack_table, PackEntry};
+use crate::pool::{FileKind, Pool, PoolList, PoolRead, PoolWrite};
+
+const HEADER_LEN: usize = 32;
+const ENTRY_LEN: usize = 48;
+const FANOUT_LEN: usize = 256 * 4;
+
+/// Where a chunk's blob lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobLocation {
+    pub pack: PackId,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// One decoded, validated, immutable index segment.
+pub struct Segment {
+    data: Bytes,
+    packs: Vec<PackId>,
+    fanout: [u32; 256],
+    entries_start: usize,
+    entry_count: usize,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("packs", &self.packs.len())
+            .field("entries", &self.entry_count)
+            .finish()
+    }
+}
+
+impl Segment {
+    /// Validates and wraps an encoded segment: checksum, header, fan-out,
+    /// strict ordering and pack references. Never panics.
+    pub fn decode(data: Bytes) -> Result<Self, DecodeError> {
+        let body = split_checksummed(&data)?;
+        let mut d = Decoder::new(body);
+        if d.array::<8>()? != INDEX_MAGIC_V1 {
+            return Err(DecodeError::BadMagic);
+        }
+        let version = d.u16()?;
+        if version != INDEX_VERSION_V1 {
+            return Err(DecodeError::UnsupportedVersion(version as u32));
+        }
+        let _reserved = d.u16()?;
+        let pack_count = d.u32()? as usize;
+        let entry_count = d.u64()?;
+        let _reserved = d.u64()?;
+        let expected = (pack_count as u64)
+            .checked_mul(16)
+            .and_then(|p| entry_count.checked_mul(ENTRY_LEN as u64).map(|e| (p, e)))
+            .and_then(|(p, e)| p.checked_add(e))
+            .and_then(|v| v.checked_add((HEADER_LEN + FANOUT_LEN) as u64));
+        if expected != Some(body.len() as u64) {
+            return Err(DecodeError::Invalid(format!(
+                "{pack_count} packs and {entry_count} entries do not fit {} bytes",
+                body.len()
+            )));
+        }
+        let entry_count = entry_count as usize;
+        let mut packs = Vec::with_capacity(pack_count);
+        for _ in 0..pack_count {
+            packs.push(PackId(d.array()?));
+        }
+        let mut fanout = [0u32; 256];
+        for f in fanout.iter_mut() {
+            *f = d.u32()?;
+        }
+        let entries_start = d.position();
+        let seg = Segment {
+            data: data.clone(),
+            packs,
+            fanout,
+            entries_start,
+            entry_count,
+        };
+        // Validate ordering, fan-out and pack references once, so lookups can
+        // rely on them.
+        let mut counts = [0u32; 256];
+        let mut prev: Option<&[u8]> = None;
+        for i in 0..entry_count {
+            let e = seg.entry_bytes(i).ok_or(DecodeError::Truncated {
+                needed: ENTRY_LEN as u64,
+                available: 0,
+            })?;
+            let id = &e[..32];
+            if prev.is_some_and(|p| p >= id) {
+                return Err(DecodeError::Invalid(format!("entry {i} is out of order")));
+            }
+            prev = Some(id);
+            counts[id[0] as usize] += 1;
+            let mut ed = Decoder::new(&e[32..]);
+            let pack_index = ed.u32()? as usize;
+            if pack_index >= seg.packs.len() {
+                return Err(DecodeError::Invalid(format!(
+                    "entry {i} names pack #{pack_index} of {}",
+                    seg.packs.len()
+                )));
+            }
+        }
+        let mut total = 0u32;
+        for (b, c) in counts.iter().enumerate() {
+            total += c;
+            if seg.fanout[b] != total {
+                return Err(DecodeError::Invalid(format!("fan-out entry {b} is wrong")));
+            }
+        }
+        Ok(seg)
+    }
+
+    fn entry_bytes(&self, i: usize) -> Option<&[u8]> {
+        let start = self.entries_start + i * ENTRY_LEN;
+        self.data.get(start..start + ENTRY_LEN)
+    }
+
+    fn decode_entry(&self, e: &[u8]) -> Option<BlobLocation> {
+        let mut d = Decoder::new(e.get(32..)?);
+        let pack = *self.packs.get(d.u32().ok()? as usize)?;
+        let length = d.u32().ok()?;
+        let offset = d.u64().ok()?;
+        Some(BlobLocation {
+            pack,
+            offset,
+            length,
+        })
+    }
+
+    /// Finds a chunk: fan-out on the first byte, then binary search.
+    pub fn lookup(&self, id: &ChunkId) -> Option<BlobLocation> {
+        let first = id.0[0] as usize;
+        let mut lo = if first == 0 {
+            0
+        } else {
+            self.fanout[first - 1] as usize
+        };
+        let mut hi = self.fanout[first] as usize;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let e = self.entry_bytes(mid)?;
+            match e[..32].cmp(&id.0[..]) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return self.decode_entry(e),
+            }
+        }
+        None
+    }
+
+    pub fn len(&self) -> usize {
+        self.entry_count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entry_count == 0
+    }
+
+    /// The packs this segment covers.
+    pub fn packs(&self) -> &[PackId] {
+        &self.packs
+    }
+
+    /// Every entry, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = (ChunkId, BlobLocation)> + '_ {
+        (0..self.entry_count).filter_map(move |i| {
+            let e = self.entry_bytes(i)?;
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&e[..32]);
+            Some((ChunkId(id), self.decode_entry(e)?))
+        })
+    }
+}
+
+/// Collects entries for a new segment.
+#[derive(Debug, Default)]
+pub struct SegmentBuilder {
+    packs: Vec<PackId>,
+    pack_index: HashMap<PackId, u32>,
+    entries: Vec<([u8; 32], u32, u32, u64)>,
+}
+
+impl SegmentBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a pack (even an empty one) as covered by this segment.
+    pub fn add_pack(&mut self, pack: PackId) -> u32 {
+        let next = self.packs.len() as u32;
+        *self.pack_index.entry(pack).or_insert_with(|| {
+            self.packs.push(pack);
+            next
+        })
+    }
+
+    pub fn add_entries(&mut self, pack: PackId, entries: &[PackEntry]) {
+        let p = self.add_pack(pack);
+        for e in entries {
+            self.entries.push((e.id.0, p, e.length, e.offset));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn pack_count(&self) -> usize {
+        self.packs.len()
+    }
+
+    /// Encodes the segment: sorted by id, duplicates dropped (first kept).
+    pub fn encode(mut self) -> Vec<u8> {
+        self.entries.sort_by(|a, b| a.0.cmp(&b.0));
+        self.entries.dedup_by(|a, b| a.0 == b.0);
+        let mut out = Vec::with_capacity(
+            HEADER_LEN + self.packs.len() * 16 + FANOUT_LEN + self.entries.len() * ENTRY_LEN + 32,
+        );
+        out.extend_from_slice(&INDEX_MAGIC_V1);
+        out.put_u16(INDEX_VERSION_V1);
+        out.put_u16(0);
+        out.put_u32(self.packs.len() as u32);
+        out.put_u64(self.entries.len() as u64);
+        out.put_u64(0);
+        for p in &self.packs {
+            out.extend_from_slice(p.as_bytes());
+        }
+        let mut fanout = [0u32; 256];
+        for e in &self.entries {
+            fanout[e.0[0] as usize] += 1;
+        }
+        let mut total = 0;
+        for f in fanout {
+            total += f;
+            out.put_u32(total);
+        }
+        for (id, p, len, off) in &self.entries {
+            out.extend_from_slice(id);
+            out.put_u32(*p);
+            out.put_u32(*len);
+            out.put_u64(*off);
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// Encodes and stores the segment under a fresh name.
+    pub fn write(self, pool: &dyn PoolWrite) -> Result<(SegmentId, Segment, u64)> {
+        let id = SegmentId::random()?;
+        let bytes = self.encode();
+        let len = bytes.len() as u64;
+        pool.write(FileKind::Index, &id.to_hex(), &bytes)?;
+        let seg = Segment::decode(Bytes::from(bytes))
+            .map_err(|e| Error::corrupt(format!("index segment {id} (just written)"), e))?;
+        Ok((id, seg, len))
+    }
+}
+
+/// The pool's whole index: every segment, plus an in-memory segment for packs
+/// no stored segment covers.
+#[derive(Debug, Default)]
+pub struct Index {
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Packs without a stored segment when the index was loaded.
+    uncovered: Vec<PackId>,
+}
+
+impl Index {
+    /// Loads every segment and indexes uncovered packs from their tables.
+    pub fn load<P: PoolRead + PoolList + ?Sized>(pool: &P) -> Result<Self> {
+        let mut segments = Vec::new();
+        let mut covered = HashSet::new();
+        for name in pool.list(FileKind::Index)? {
+            let data = pool.read(FileKind::Index, &name)?;
+            let seg = Segment::decode(data).map_err(|e| {
+                Error::corrupt(
+                    format!("index segment {name} (rebuild with `cairn repair --index`)"),
+                    e,
+                )
+            })?;
+            covered.extend(seg.packs().iter().copied());
+            segments.push(Arc::new(seg));
+        }
+        let mut uncovered = Vec::new();
+        let mut extra = SegmentBuilder::new();
+        for name in pool.list(FileKind::Pack)? {
+            let Some(pack) = PackId::from_hex(&name) else {
+                continue;
+            };
+            if covered.contains(&pack) {
+                continue;
+            }
+            let entries = read_pack_table(pool, &pack)?;
+            extra.add_entries(pack, &entries);
+            uncovered.push(pack);
+        }
+        if !uncovered.is_empty() {
+            let seg = Segment::decode(Bytes::from(extra.encode()))
+                .map_err(|e| Error::corrupt("in-memory index of uncovered packs", e))?;
+            segments.push(Arc::new(seg));
+        }
+        Ok(Index {
+            segments: RwLock::new(segments),
+            uncovered,
+        })
+    }
+
+    /// Packs that no stored segment covered at load time. The next backup's
+    /// segment covers them.
+    pub fn uncovered_packs(&self) -> &[PackId] {
+        &self.uncovered
+    }
+
+    pub fn lookup(&self, id: &ChunkId) -> Option<BlobLocation> {
+        // Newest segments first: they are the most likely to hold recent data.
+        self.segments.read().iter().rev().find_map(|s| s.lookup(id))
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.lookup(id).is_some()
+    }
+
+    /// Adds a segment (just written by this process) to the live view.
+    pub fn push(&self, seg: Segment) {
+        self.segments.write().push(Arc::new(seg));
+    }
+
+    /// Number of entries over all segments (duplicates counted per segment).
+    pub fn entry_count(&self) -> usize {
+        self.segments.read().iter().map(|s| s.len()).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.read().len()
+    }
+}
+
+/// Outcome of [`rebuild`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub packs: usize,
+    pub entries: usize,
+    pub damaged_packs: Vec<(PackId, String)>,
+    pub segments_removed: usize,
+}
+
+/// Rebuilds the index from the packs alone: one new segment replaces every
+/// old one. Damaged packs are skipped and reported.
+pub fn rebuild(pool: &dyn Pool) -> Result<RebuildReport> {
+    let old = pool.list(FileKind::Index)?;
+    let mut builder = SegmentBuilder::new();
+    let mut damaged = Vec::new();
+    let mut packs = 0;
+    for name in pool.list(FileKind::Pack)? {
+        let Some(pack) = PackId::from_hex(&name) else {
+            continue;
+        };
+        match read_pack_table(pool, &pack) {
+            Ok(entries) => {
+                builder.add_entries(pack, &entries);
+                packs += 1;
+            }
+            Err(e) => damaged.push((pack, e.to_string())),
+        }
+    }
+    let entries = builder.len();
+    let (new_id, _, _) = builder.write(pool)?;
+    let mut removed = 0;
+    for name in old {
+        if name != new_id.to_hex() {
+            pool.delete(FileKind::Index, &name)?;
+            removed += 1;
+        }
+    }
+    Ok(RebuildReport {
+        packs,
+        entries,
+        damaged_packs: damaged,
+        segments_removed: removed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entries(n: u32, pack_seed: u8) -> (PackId, Vec<PackEntry>) {
+        let pack = PackId([pack_seed; 16]);
+        let e = (0..n)
+            .map(|i| PackEntry {
+                id: ChunkId::of(&i.to_le_bytes()),
+                offset: 16 + i as u64 * 100,
+                length: 100,
+                raw_length: 65536,
+            })
+            .collect();
+        (pack, e)
+    }
+
+    #[test]
+    fn lookup_hits_and_misses() {
+        let (pack, es) = entries(1000, 3);
+        let mut b = SegmentBuilder::new();
+        b.add_entries(pack, &es);
+        let seg = Segment::decode(Bytes::from(b.encode())).unwrap();
+        assert_eq!(seg.len(), 1000);
+        for e in &es {
+            assert_eq!(
+                seg.lookup(&e.id),
+                Some(BlobLocation {
+                    pack,
+                    offset: e.offset,
+                    length: 100
+                })
+            );
+        }
+        assert_eq!(seg.lookup(&ChunkId::of(b"absent")), None);
+    }
+
+    #[test]
+    fn golden_empty_segment() {
+        let bytes = SegmentBuilder::new().encode();
+        assert_eq!(bytes.len(), 32 + 1024 + 32);
+        assert_eq!(&bytes[..12], b"CAIRNIX1\x01\x00\x00\x00");
+        assert_eq!(
+            blake3::hash(&bytes[..bytes.len() - 32]).as_bytes(),
+            &bytes[bytes.len() - 32..]
+        );
+        assert!(Segment::decode(Bytes::from(bytes)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let (pack, es) = entries(20, 1);
+        let mut b = SegmentBuilder::new();
+        b.add_entries(pack, &es);
+        let good = b.encode();
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x04;
+            assert!(Segment::decode(Bytes::from(bad)).is_err(), "flip at {i}");
+        }
+        for n in 0..good.len() {
+            assert!(Segment::decode(Bytes::copy_from_slice(&good[..n])).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(n in 0u32..500, m in 0u32..50) {
+            let (p1, e1) = entries(n, 1);
+            let (p2, mut e2) = entries(m, 2);
+            for e in &mut e2 { e.id = ChunkId::of(&[e.id.0[0], 0xee]); }
+            let mut b = SegmentBuilder::new();
+            b.add_entries(p1, &e1);
+            b.add_entries(p2, &e2);
+            let seg = Segment::decode(Bytes::from(b.encode())).unwrap();
+            for e in &e1 { prop_assert_eq!(seg.lookup(&e.id).map(|l| l.pack), Some(p1)); }
+            let all: Vec<_> = seg.iter().collect();
+            prop_assert_eq!(all.len(), seg.len());
+        }
+    }
+}
