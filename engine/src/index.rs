@@ -297,8 +297,9 @@ impl SegmentBuilder {
 #[derive(Debug, Default)]
 pub struct Index {
     segments: RwLock<Vec<Arc<Segment>>>,
-    /// Packs without a stored segment when the index was loaded.
-    uncovered: Vec<PackId>,
+    /// Packs without a stored segment when the index was loaded, until a
+    /// backup takes them into its segment.
+    uncovered: parking_lot::Mutex<Vec<PackId>>,
 }
 
 impl Index {
@@ -337,14 +338,18 @@ impl Index {
         }
         Ok(Index {
             segments: RwLock::new(segments),
-            uncovered,
+            uncovered: parking_lot::Mutex::new(uncovered),
         })
     }
 
-    /// Packs that no stored segment covered at load time. The next backup's
-    /// segment covers them.
-    pub fn uncovered_packs(&self) -> &[PackId] {
-        &self.uncovered
+    /// Packs that no stored segment covered at load time.
+    pub fn uncovered_packs(&self) -> Vec<PackId> {
+        self.uncovered.lock().clone()
+    }
+
+    /// Takes the uncovered packs: the caller's next segment will cover them.
+    pub fn take_uncovered_packs(&self) -> Vec<PackId> {
+        std::mem::take(&mut *self.uncovered.lock())
     }
 
     pub fn lookup(&self, id: &ChunkId) -> Option<BlobLocation> {

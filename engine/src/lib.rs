@@ -40,3 +40,19 @@ pub use index::{BlobLocation, Index};
 pub use manifest::{DiskManifest, Extent, Snapshot};
 pub use pack::{PackEntry, PackWriter};
 pub use pool::{DynPool, FileKind, ObjectWriter, Pool, PoolDelete, PoolList, PoolRead, PoolWrite};
+pub mod backup;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod source;
+pub mod verify;
+
+pub use backup::{backup, BackupDisk, BackupOptions, BackupStats, DiskInput};
+pub use progress::{NoProgress, Progress};
+pub use repo::{PoolConfig, Repository};
+pub use restore::{
+    restore, restore_to_dir, DiskTarget, RestoreOptions, RestoreStats, SparseFileTarget,
+};
+pub use source::{DiskSource, RawFileSource};
+pub use verify::{verify, Damage, DamageKind, VerifyOptions, VerifyReport};
+pub mod sample;

@@ -1,1 +1,496 @@
-fn main() {}
+//! `cairn` — the example command-line tool over cairn-engine and cairn-pools.
+//!
+//! Exit codes: 0 success, 1 error, 2 usage error, 3 verify found damage.
+
+mod demo;
+mod output;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use cairn_engine::{
+    backup, restore_to_dir, verify, BackupDisk, BackupOptions, ChunkingParams, Compression,
+    DiskInput, DynPool, Error, Progress, RawFileSource, Repository, RestoreOptions, VerifyOptions,
+};
+use cairn_pools::LocalPool;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Back up and restore VM disks into a deduplicating pool"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Initialise a new pool (a directory, created if missing).
+    Init {
+        /// Pool location: a directory path.
+        pool: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Back up one VM's disks as one snapshot.
+    Backup {
+        pool: String,
+        /// VM name recorded in the snapshot.
+        #[arg(long)]
+        vm: String,
+        /// Disk images (raw files or block devices).
+        disks: Vec<PathBuf>,
+        /// Read one disk as a stream from standard input, named NAME.
+        #[arg(long, value_name = "NAME")]
+        stdin: Option<String>,
+        /// Name for the disk at the same position (default: its file name).
+        #[arg(long = "disk-name", value_name = "NAME")]
+        disk_names: Vec<String>,
+        /// fixed, fixed:SIZE (power of two, 4K–16M), cdc, or cdc:MIN:AVG:MAX.
+        /// Default: fixed:64K for images, cdc for --stdin.
+        #[arg(long)]
+        chunking: Option<ChunkingParams>,
+        /// none, fast (zstd:1, default), zstd, or zstd:LEVEL (1–19).
+        #[arg(long, default_value = "fast")]
+        compression: Compression,
+        /// Worker threads (default: one per CPU).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots.
+    Snapshots {
+        pool: String,
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore every disk of a snapshot as sparse raw files.
+    Restore {
+        pool: String,
+        /// A full id, a unique prefix of at least 8 characters, or `latest`.
+        snapshot: String,
+        /// Target directory; each disk becomes DIR/<disk name>.
+        #[arg(long)]
+        to: PathBuf,
+        /// Restrict `latest` to this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Replace existing files in the target directory.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the pool: references (default) and, with --read-data, every blob.
+    Verify {
+        pool: String,
+        #[arg(long)]
+        read_data: bool,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Repair pool metadata.
+    Repair {
+        pool: String,
+        /// Rebuild the dedup index from the packs alone.
+        #[arg(long, required = true)]
+        index: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Demonstrate backup → change → incremental → restore → verify on a sample disk.
+    Demo {
+        /// Working directory (default: a new temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Sample disk size in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+    },
+}
+
+/// A failure and the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        let code = match e {
+            Error::InvalidArgument(_) => 2,
+            _ => 1,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Failure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("cairn: error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Opens a pool location. Only local directories exist so far.
+pub fn open_pool(spec: &str, create: bool) -> Result<DynPool, Failure> {
+    if spec.contains("://") || spec.starts_with("standard:") || spec.starts_with("tape:") {
+        return Err(Failure::usage(format!(
+            "pool {spec:?}: only local directory pools are supported in this version"
+        )));
+    }
+    let pool = if create {
+        LocalPool::create(spec)
+    } else {
+        LocalPool::open(spec)
+    }
+    .map_err(|e| Failure::new(e.to_string()))?;
+    Ok(Arc::new(pool))
+}
+
+pub fn open_repo(spec: &str) -> Result<Repository, Failure> {
+    Ok(Repository::open(open_pool(spec, false)?)?)
+}
+
+/// A terminal progress bar, or nothing.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    fn new(enabled: bool) -> Self {
+        if enabled && std::io::stderr().is_terminal() {
+            let pb = indicatif::ProgressBar::new(0);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            Bar(Some(pb))
+        } else {
+            Bar(None)
+        }
+    }
+    fn finish(&self) {
+        if let Some(pb) = &self.0 {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, total: u64) {
+        if let Some(pb) = &self.0 {
+            pb.set_length(total);
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(pb) = &self.0 {
+            pb.inc(bytes);
+        }
+    }
+    fn message(&self, msg: &str) {
+        if let Some(pb) = &self.0 {
+            pb.set_message(msg.to_string());
+        }
+    }
+}
+
+/// Names disks: `--disk-name` by position, else the file's base name;
+/// repeated names get `-1`, `-2`, … suffixes.
+pub fn disk_names(paths: &[PathBuf], overrides: &[String]) -> Result<Vec<String>, Failure> {
+    if overrides.len() > paths.len() {
+        return Err(Failure::usage(format!(
+            "{} --disk-name values for {} disks",
+            overrides.len(),
+            paths.len()
+        )));
+    }
+    let mut used: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        let base = match overrides.get(i) {
+            Some(n) => n.clone(),
+            None => p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .ok_or_else(|| Failure::usage(format!("{} has no file name", p.display())))?,
+        };
+        let mut name = base.clone();
+        let mut n = 0;
+        while used.contains_key(&name) {
+            n += 1;
+            name = format!("{base}-{n}");
+        }
+        used.insert(name.clone(), i);
+        out.push(name);
+    }
+    Ok(out)
+}
+
+fn run(cli: Cli) -> Result<u8, Failure> {
+    match cli.command {
+        Command::Init { pool, json } => {
+            let p = open_pool(&pool, true)?;
+            let config = Repository::init(p).map_err(|e| match e {
+                Error::AlreadyExists { .. } => {
+                    Failure::new(format!("{pool} is already an initialised Cairn pool"))
+                }
+                e => e.into(),
+            })?;
+            if json {
+                output::print_json(&serde_json::json!({
+                    "pool": pool, "pool_id": config.pool_id, "id_scheme": config.id_scheme.name(),
+                }));
+            } else {
+                println!("initialised pool {pool} (id {})", config.pool_id);
+            }
+            Ok(0)
+        }
+        Command::Backup {
+            pool,
+            vm,
+            disks,
+            stdin,
+            disk_names: names,
+            chunking,
+            compression,
+            threads,
+            json,
+        } => {
+            if disks.is_empty() && stdin.is_none() {
+                return Err(Failure::usage("give at least one DISK or --stdin NAME"));
+            }
+            let repo = open_repo(&pool)?;
+            let mut inputs = Vec::new();
+            let names = disk_names(&disks, &names)?;
+            for (path, name) in disks.iter().zip(names) {
+                let src = RawFileSource::open(path)?;
+                let mut properties = BTreeMap::new();
+                properties.insert("source".to_string(), path.display().to_string());
+                inputs.push(BackupDisk {
+                    name,
+                    input: DiskInput::Image(Box::new(src)),
+                    properties,
+                });
+            }
+            if let Some(name) = &stdin {
+                if inputs.iter().any(|d| &d.name == name) {
+                    return Err(Failure::usage(format!(
+                        "--stdin name {name:?} is already a disk name"
+                    )));
+                }
+                let mut properties = BTreeMap::new();
+                properties.insert("source".to_string(), "stdin".to_string());
+                inputs.push(BackupDisk {
+                    name: name.clone(),
+                    input: DiskInput::Stream(Box::new(std::io::stdin())),
+                    properties,
+                });
+            }
+            let mut opts = BackupOptions::new(vm.clone());
+            opts.chunking = chunking.unwrap_or(if disks.is_empty() {
+                ChunkingParams::cdc()
+            } else {
+                ChunkingParams::default()
+            });
+            opts.compression = compression;
+            opts.threads = threads;
+            let bar = Bar::new(!json);
+            let stats = backup(&repo, inputs, &opts, &bar);
+            bar.finish();
+            let stats = stats?;
+            if json {
+                output::print_json(&output::backup_json(&vm, &stats));
+            } else {
+                println!(
+                    "snapshot {} of {vm}: {} logical, {} read, {} new in pool ({} of {} chunks new) in {:.2}s",
+                    stats.snapshot,
+                    output::human(stats.bytes_logical),
+                    output::human(stats.bytes_read),
+                    output::human(stats.bytes_new),
+                    stats.chunks_new,
+                    stats.chunks_total,
+                    stats.seconds
+                );
+            }
+            Ok(0)
+        }
+        Command::Snapshots { pool, vm, json } => {
+            let repo = open_repo(&pool)?;
+            let snaps: Vec<_> = repo
+                .snapshots()?
+                .into_iter()
+                .filter(|(_, s)| vm.as_deref().is_none_or(|v| s.vm == v))
+                .collect();
+            if json {
+                output::print_json(&serde_json::Value::Array(
+                    snaps
+                        .iter()
+                        .map(|(id, s)| output::snapshot_json(id, s))
+                        .collect(),
+                ));
+            } else {
+                println!(
+                    "{:<16} {:<20} {:<20} {:>6} {:>10}  disks",
+                    "id", "time", "vm", "mode", "size"
+                );
+                for (id, s) in &snaps {
+                    println!(
+                        "{:<16} {:<20} {:<20} {:>6} {:>10}  {}",
+                        &id.to_hex()[..16],
+                        humantime::format_rfc3339_seconds(s.time),
+                        s.vm,
+                        s.mode,
+                        output::human(s.bytes_logical()),
+                        s.disks
+                            .iter()
+                            .map(|d| d.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Restore {
+            pool,
+            snapshot,
+            to,
+            vm,
+            force,
+            threads,
+            json,
+        } => {
+            let repo = open_repo(&pool)?;
+            let id = repo.resolve_snapshot(&snapshot, vm.as_deref())?;
+            let bar = Bar::new(!json);
+            let opts = RestoreOptions {
+                threads,
+                overwrite: force,
+            };
+            let stats = restore_to_dir(&repo, &id, &to, &opts, &bar);
+            bar.finish();
+            let stats = stats?;
+            if json {
+                output::print_json(&serde_json::json!({
+                    "snapshot": id.to_hex(),
+                    "to": to.display().to_string(),
+                    "disks": stats.disks,
+                    "bytes_logical": stats.bytes_logical,
+                    "bytes_written": stats.bytes_written,
+                    "chunks": stats.chunks,
+                    "seconds": stats.seconds,
+                }));
+            } else {
+                println!(
+                    "restored snapshot {id} ({} disks, {}) into {} in {:.2}s",
+                    stats.disks,
+                    output::human(stats.bytes_logical),
+                    to.display(),
+                    stats.seconds
+                );
+            }
+            Ok(0)
+        }
+        Command::Verify {
+            pool,
+            read_data,
+            threads,
+            json,
+        } => {
+            let repo = open_repo(&pool)?;
+            let bar = Bar::new(!json);
+            let report = verify(&repo, &VerifyOptions { read_data, threads }, &bar);
+            bar.finish();
+            let report = report?;
+            if json {
+                output::print_json(&output::verify_json(&report, read_data));
+            } else {
+                output::print_verify(&report, read_data);
+            }
+            Ok(if report.is_ok() { 0 } else { 3 })
+        }
+        Command::Repair {
+            pool,
+            index: _,
+            json,
+        } => {
+            let p = open_pool(&pool, false)?;
+            // Refuse uninitialised directories, but do not load the index:
+            // it is what we are rebuilding.
+            if p.read(cairn_engine::FileKind::Config, "config").is_err() {
+                return Err(Error::NotInitialized {
+                    location: pool.clone(),
+                }
+                .into());
+            }
+            let report = cairn_engine::index::rebuild(&*p)?;
+            if json {
+                output::print_json(&serde_json::json!({
+                    "packs": report.packs,
+                    "entries": report.entries,
+                    "segments_removed": report.segments_removed,
+                    "damaged_packs": report.damaged_packs.iter()
+                        .map(|(p, e)| serde_json::json!({"pack": p.to_hex(), "error": e}))
+                        .collect::<Vec<_>>(),
+                }));
+            } else {
+                println!(
+                    "index rebuilt from {} packs: {} chunks, {} old segments removed",
+                    report.packs, report.entries, report.segments_removed
+                );
+                for (p, e) in &report.damaged_packs {
+                    println!("damaged pack skipped: {p}: {e}");
+                }
+            }
+            Ok(if report.damaged_packs.is_empty() {
+                0
+            } else {
+                3
+            })
+        }
+        Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
+    }
+}
+
+/// Removes a directory tree, ignoring errors (demo cleanup).
+pub fn remove_tree(p: &Path) {
+    let _ = std::fs::remove_dir_all(p);
+}

@@ -1,0 +1,803 @@
+//! The backup pipeline: disk sources → chunks → ids → index lookup → zstd for
+//! new chunks only → packs → index segment → manifest (written last).
+//!
+//! Threads and bounded queues:
+//! ```text
+//! reader ──(work, bounded)──► N workers ──(done, bounded)──► assembler (caller's thread)
+//!    ▲                                                            │
+//!    └──────────── free buffer pairs (fixed count) ◄──────────────┘
+//! ```
+//! The reader reads data extents in batches into one of a fixed number of
+//! buffer pairs, skipping holes; workers cut, zero-check, hash, dedup and
+//! compress; the assembler restores order, appends new blobs to the open pack,
+//! seals packs and builds the manifest. Memory is bounded by the number of
+//! buffer pairs, not by disk size (plus the manifest: ~56 B per chunk).
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::Read;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::chunker::ChunkingParams;
+use crate::codec::{BlobCodec, Compression};
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, IdScheme, SnapshotId};
+use crate::index::{Index, SegmentBuilder};
+use crate::manifest::{DiskManifest, Snapshot, MAX_STRING};
+use crate::pack::PackWriter;
+use crate::pool::{FileKind, Pool};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::source::{align_extents, DiskSource};
+
+/// Seal a pack once this much chunk data (before compression) went into it.
+pub const DEFAULT_PACK_MAX_INPUT: u64 = 64 << 20;
+/// Seal a pack once it holds this many stored bytes.
+pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
+/// Flush an index segment once the backup has this many unflushed entries.
+pub const SEGMENT_FLUSH_ENTRIES: usize = 1 << 20;
+
+/// What to read for one disk.
+pub enum DiskInput {
+    /// A random-access disk image (holes skipped).
+    Image(Box<dyn DiskSource>),
+    /// A stream of unknown size, read once, start to end.
+    Stream(Box<dyn Read + Send>),
+}
+
+impl std::fmt::Debug for DiskInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskInput::Image(s) => write!(f, "Image({})", s.describe()),
+            DiskInput::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+/// A named disk to back up.
+#[derive(Debug)]
+pub struct BackupDisk {
+    pub name: String,
+    pub input: DiskInput,
+    /// Recorded in the disk's manifest entry.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Settings of one backup run.
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    pub vm: String,
+    pub chunking: ChunkingParams,
+    pub compression: Compression,
+    /// Worker threads (0 = one per CPU).
+    pub threads: usize,
+    /// Bytes read from a source per batch (rounded up to a whole number of chunks).
+    pub batch_size: usize,
+    pub pack_max_input: u64,
+    pub pack_target: u64,
+    /// Recorded in the manifest.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl BackupOptions {
+    pub fn new(vm: impl Into<String>) -> Self {
+        BackupOptions {
+            vm: vm.into(),
+            chunking: ChunkingParams::default(),
+            compression: Compression::default(),
+            threads: 0,
+            batch_size: 4 << 20,
+            pack_max_input: DEFAULT_PACK_MAX_INPUT,
+            pack_target: DEFAULT_PACK_TARGET,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a backup did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackupStats {
+    pub snapshot: SnapshotId,
+    pub mode: String,
+    /// Sum of the disks' logical sizes.
+    pub bytes_logical: u64,
+    /// Bytes read from the sources (holes are not read).
+    pub bytes_read: u64,
+    /// Bytes added to the pool: packs, index segments and the manifest.
+    pub bytes_new: u64,
+    /// Chunk references in the manifest (zero runs excluded).
+    pub chunks_total: u64,
+    /// Chunks stored by this backup.
+    pub chunks_new: u64,
+    /// Plaintext bytes of the new chunks.
+    pub bytes_new_raw: u64,
+    pub packs_written: u64,
+    pub seconds: f64,
+}
+
+/// Checks a disk name: non-empty, no path separators, no `.`/`..`, no NUL.
+pub fn validate_disk_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\0'])
+        || name.len() > MAX_STRING
+    {
+        return Err(Error::InvalidArgument(format!(
+            "disk name {name:?} must be a plain file name (no '/', not . or ..)"
+        )));
+    }
+    Ok(())
+}
+
+/// Hasher for chunk ids: they are BLAKE3 outputs, so 8 of their bytes are
+/// already a uniform hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(1) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+    fn write_usize(&mut self, _: usize) {}
+}
+
+type IdSet = HashSet<ChunkId, BuildHasherDefault<IdHasher>>;
+
+/// Chunks claimed for storage by this backup, sharded to keep workers apart.
+struct Claims {
+    shards: Vec<Mutex<IdSet>>,
+}
+
+impl Claims {
+    fn new() -> Self {
+        Claims {
+            shards: (0..64).map(|_| Mutex::new(IdSet::default())).collect(),
+        }
+    }
+    /// True if this caller is the first to claim `id`.
+    fn claim(&self, id: &ChunkId) -> bool {
+        self.shards[(id.0[1] & 63) as usize].lock().insert(*id)
+    }
+    fn clear(&self) {
+        for s in &self.shards {
+            s.lock().clear();
+        }
+    }
+}
+
+/// One batch of input.
+struct Batch {
+    seq: u64,
+    disk: usize,
+    body: BatchBody,
+}
+
+enum BatchBody {
+    /// A run of zeros that was not read.
+    Hole(u64),
+    /// Bytes read, with the chunk lengths that tile them.
+    Data {
+        buffers: Buffers,
+        cuts: Vec<u32>,
+        bytes_read: u64,
+    },
+}
+
+/// Input and output buffers, recycled through the free list.
+struct Buffers {
+    input: Vec<u8>,
+    output: Vec<u8>,
+}
+
+/// A processed batch.
+struct Done {
+    seq: u64,
+    disk: usize,
+    body: DoneBody,
+}
+
+enum DoneBody {
+    Hole(u64),
+    Data {
+        buffers: Buffers,
+        /// (length, chunk id or zero)
+        chunks: Vec<(u32, Option<ChunkId>)>,
+        /// (id, raw length, range in `buffers.output`)
+        new_blobs: Vec<(ChunkId, u32, Range<usize>)>,
+        bytes_read: u64,
+    },
+}
+
+/// First error of any pipeline thread, plus an abort flag.
+struct Failure {
+    abort: AtomicBool,
+    error: Mutex<Option<Error>>,
+}
+
+impl Failure {
+    fn new() -> Self {
+        Failure {
+            abort: AtomicBool::new(false),
+            error: Mutex::new(None),
+        }
+    }
+    fn set(&self, e: Error) {
+        self.abort.store(true, Ordering::SeqCst);
+        let mut slot = self.error.lock();
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+    fn aborted(&self) -> bool {
+        self.abort.load(Ordering::SeqCst)
+    }
+    fn take(&self) -> Option<Error> {
+        self.error.lock().take()
+    }
+}
+
+/// True if every byte is zero. ORs 64-byte blocks so the compiler vectorises
+/// it, stopping at the first non-zero block.
+pub(crate) fn is_zero(data: &[u8]) -> bool {
+    data.chunks(64)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// Runs a backup of `disks` into `repo` and writes its manifest.
+pub fn backup(
+    repo: &Repository,
+    disks: Vec<BackupDisk>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupStats> {
+    let started = Instant::now();
+    opts.chunking.validate().map_err(Error::InvalidArgument)?;
+    opts.compression
+        .validate()
+        .map_err(Error::InvalidArgument)?;
+    if opts.vm.is_empty() || opts.vm.len() > MAX_STRING {
+        return Err(Error::InvalidArgument(
+            "VM name must be 1–4096 bytes".into(),
+        ));
+    }
+    if disks.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a backup needs at least one disk".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for d in &disks {
+        validate_disk_name(&d.name)?;
+        if !seen.insert(d.name.clone()) {
+            return Err(Error::InvalidArgument(format!(
+                "disk name {:?} used twice",
+                d.name
+            )));
+        }
+    }
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let max_chunk = opts.chunking.max_chunk();
+    // A batch holds whole chunks: at least two maximal ones.
+    let batch_size = opts.batch_size.max(2 * max_chunk).div_ceil(max_chunk) * max_chunk;
+    let buffer_pairs = threads + 3;
+
+    let total: u64 = disks
+        .iter()
+        .map(|d| match &d.input {
+            DiskInput::Image(s) => s.size(),
+            DiskInput::Stream(_) => 0,
+        })
+        .sum();
+    progress.start(total);
+
+    let pool: &dyn Pool = &**repo.pool();
+    let index: &Index = repo.index();
+    let claims = Claims::new();
+    let failure = Failure::new();
+
+    let (free_tx, free_rx) = bounded::<Buffers>(buffer_pairs);
+    for _ in 0..buffer_pairs {
+        let _ = free_tx.send(Buffers {
+            input: Vec::with_capacity(batch_size),
+            output: Vec::new(),
+        });
+    }
+    let (work_tx, work_rx) = bounded::<Batch>(buffer_pairs);
+    let (done_tx, done_rx) = bounded::<Done>(buffer_pairs);
+
+    let disk_meta: Vec<(String, BTreeMap<String, String>, Option<u64>)> = disks
+        .iter()
+        .map(|d| {
+            let size = match &d.input {
+                DiskInput::Image(s) => Some(s.size()),
+                DiskInput::Stream(_) => None,
+            };
+            (d.name.clone(), d.properties.clone(), size)
+        })
+        .collect();
+
+    let assembled = std::thread::scope(|scope| {
+        // Reader.
+        {
+            let failure = &failure;
+            let (free_rx, free_tx) = (free_rx.clone(), free_tx.clone());
+            let chunking = opts.chunking;
+            scope.spawn(move || {
+                if let Err(e) = read_disks(
+                    disks, chunking, batch_size, &free_rx, &free_tx, &work_tx, failure,
+                ) {
+                    failure.set(e);
+                }
+            });
+        }
+        // Workers.
+        for _ in 0..threads {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            let (claims, failure) = (&claims, &failure);
+            let compression = opts.compression;
+            scope.spawn(move || {
+                if let Err(e) = work(&work_rx, &done_tx, index, claims, compression) {
+                    failure.set(e);
+                }
+            });
+        }
+        drop(work_rx);
+        drop(done_tx);
+        assemble(
+            pool, index, &claims, &failure, opts, &done_rx, &free_tx, disk_meta, progress,
+        )
+    });
+
+    let (mut manifest_disks, mut stats, segment) = match (assembled, failure.take()) {
+        (_, Some(e)) => return Err(e),
+        (Err(e), None) => return Err(e),
+        (Ok(v), None) => v,
+    };
+    // Index segment for everything this backup stored, plus any packs an
+    // interrupted backup left uncovered.
+    let mut segment = segment;
+    for pack in index.take_uncovered_packs() {
+        let entries = crate::pack::read_pack_table(pool, &pack)?;
+        segment.add_entries(pack, &entries);
+    }
+    if segment.pack_count() > 0 {
+        let (_, seg, len) = segment.write(pool)?;
+        stats.bytes_new += len;
+        // Keep this repository handle's view current for later operations.
+        index.push(seg);
+    }
+    for d in &mut manifest_disks {
+        d.extents.shrink_to_fit();
+    }
+    let snapshot = Snapshot {
+        time: SystemTime::now(),
+        vm: opts.vm.clone(),
+        mode: "full".into(),
+        parent: None,
+        id_scheme: IdScheme::Blake3,
+        chunking: opts.chunking,
+        compression: opts.compression,
+        properties: opts.properties.clone(),
+        disks: manifest_disks,
+    };
+    snapshot.validate().map_err(Error::InvalidArgument)?;
+    let encoded = snapshot.encode();
+    let id = SnapshotId::of_manifest(&encoded);
+    pool.write(FileKind::Snapshot, &id.to_hex(), &encoded)?;
+    stats.bytes_new += encoded.len() as u64;
+    stats.snapshot = id;
+    stats.bytes_logical = snapshot.bytes_logical();
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+/// Reader thread: turns disks into batches.
+fn read_disks(
+    disks: Vec<BackupDisk>,
+    chunking: ChunkingParams,
+    batch_size: usize,
+    free_rx: &Receiver<Buffers>,
+    free_tx: &Sender<Buffers>,
+    work_tx: &Sender<Batch>,
+    failure: &Failure,
+) -> Result<()> {
+    let mut seq = 0u64;
+    let mut send = |batch: Batch| -> bool { work_tx.send(batch).is_ok() };
+    for (disk, d) in disks.into_iter().enumerate() {
+        match d.input {
+            DiskInput::Image(src) => {
+                let size = src.size();
+                let extents = src.data_extents()?;
+                let regions = match chunking {
+                    ChunkingParams::Fixed { size: grid } => {
+                        align_extents(&extents, grid as u64, size)
+                    }
+                    _ => align_extents(&extents, 1, size),
+                };
+                let mut pos = 0u64;
+                for region in regions {
+                    if region.start > pos {
+                        if !send(Batch {
+                            seq,
+                            disk,
+                            body: BatchBody::Hole(region.start - pos),
+                        }) {
+                            return Ok(());
+                        }
+                        seq += 1;
+                    }
+                    let mut offset = region.start;
+                    let mut reader = |buf: &mut [u8]| -> Result<usize> {
+                        let n = buf.len().min((region.end - offset) as usize);
+                        src.read_at(offset, &mut buf[..n])?;
+                        offset += n as u64;
+                        Ok(n)
+                    };
+                    if !chunk_stream(
+                        &mut reader,
+                        chunking,
+                        batch_size,
+                        disk,
+                        &mut seq,
+                        free_rx,
+                        free_tx,
+                        &mut send,
+                        failure,
+                    )? {
+                        return Ok(());
+                    }
+                    pos = region.end;
+                }
+                if size > pos
+                    && !send(Batch {
+                        seq,
+                        disk,
+                        body: BatchBody::Hole(size - pos),
+                    })
+                {
+                    return Ok(());
+                }
+                if size > pos {
+                    seq += 1;
+                }
+            }
+            DiskInput::Stream(mut r) => {
+                let mut reader = |buf: &mut [u8]| -> Result<usize> {
+                    loop {
+                        match r.read(buf) {
+                            Ok(n) => return Ok(n),
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                return Err(Error::io(
+                                    format!("reading stream for disk {:?}", d.name),
+                                    e,
+                                ))
+                            }
+                        }
+                    }
+                };
+                if !chunk_stream(
+                    &mut reader,
+                    chunking,
+                    batch_size,
+                    disk,
+                    &mut seq,
+                    free_rx,
+                    free_tx,
+                    &mut send,
+                    failure,
+                )? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads one region (or stream) to its end, cutting it into batches of whole
+/// chunks. Returns `Ok(false)` when the pipeline shut down.
+#[allow(clippy::too_many_arguments)]
+fn chunk_stream(
+    read: &mut dyn FnMut(&mut [u8]) -> Result<usize>,
+    chunking: ChunkingParams,
+    batch_size: usize,
+    disk: usize,
+    seq: &mut u64,
+    free_rx: &Receiver<Buffers>,
+    free_tx: &Sender<Buffers>,
+    send: &mut dyn FnMut(Batch) -> bool,
+    failure: &Failure,
+) -> Result<bool> {
+    let mut carry: Vec<u8> = Vec::new();
+    let mut eof = false;
+    while !eof || !carry.is_empty() {
+        if failure.aborted() {
+            return Ok(false);
+        }
+        let Ok(mut buffers) = free_rx.recv() else {
+            return Ok(false);
+        };
+        let input = &mut buffers.input;
+        input.clear();
+        input.extend_from_slice(&carry);
+        carry.clear();
+        let mut bytes_read = 0u64;
+        while !eof && input.len() < batch_size {
+            let start = input.len();
+            input.resize(batch_size, 0);
+            let n = read(&mut input[start..])?;
+            input.truncate(start + n);
+            bytes_read += n as u64;
+            if n == 0 {
+                eof = true;
+            }
+        }
+        let mut cuts = Vec::with_capacity(input.len() / 4096 + 1);
+        let mut pos = 0usize;
+        while let Some(c) = chunking.next_cut(&input[pos..], eof) {
+            cuts.push(c as u32);
+            pos += c;
+        }
+        carry.extend_from_slice(&input[pos..]);
+        input.truncate(pos);
+        if cuts.is_empty() {
+            // Nothing to send (the region ended exactly at the previous
+            // batch): hand the buffers back for the next batch.
+            let _ = free_tx.send(buffers);
+            continue;
+        }
+        let ok = send(Batch {
+            seq: *seq,
+            disk,
+            body: BatchBody::Data {
+                buffers,
+                cuts,
+                bytes_read,
+            },
+        });
+        *seq += 1;
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Worker thread: zero check, hash, dedup, compress.
+fn work(
+    work_rx: &Receiver<Batch>,
+    done_tx: &Sender<Done>,
+    index: &Index,
+    claims: &Claims,
+    compression: Compression,
+) -> Result<()> {
+    let mut codec = BlobCodec::new(compression);
+    for batch in work_rx.iter() {
+        let body = match batch.body {
+            BatchBody::Hole(n) => DoneBody::Hole(n),
+            BatchBody::Data {
+                mut buffers,
+                cuts,
+                bytes_read,
+            } => {
+                let mut chunks = Vec::with_capacity(cuts.len());
+                let mut new_blobs = Vec::new();
+                buffers.output.clear();
+                let mut pos = 0usize;
+                for len in cuts {
+                    let data = &buffers.input[pos..pos + len as usize];
+                    pos += len as usize;
+                    if is_zero(data) {
+                        chunks.push((len, None));
+                        continue;
+                    }
+                    let id = ChunkId::of(data);
+                    chunks.push((len, Some(id)));
+                    if index.contains(&id) || !claims.claim(&id) {
+                        continue;
+                    }
+                    let start = buffers.output.len();
+                    codec
+                        .encode_into(data, &mut buffers.output)
+                        .map_err(|e| Error::io("compressing a chunk", e))?;
+                    new_blobs.push((id, len, start..buffers.output.len()));
+                }
+                DoneBody::Data {
+                    buffers,
+                    chunks,
+                    new_blobs,
+                    bytes_read,
+                }
+            }
+        };
+        if done_tx
+            .send(Done {
+                seq: batch.seq,
+                disk: batch.disk,
+                body,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Assembler: restores order, writes packs, builds the manifest.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    pool: &dyn Pool,
+    index: &Index,
+    claims: &Claims,
+    failure: &Failure,
+    opts: &BackupOptions,
+    done_rx: &Receiver<Done>,
+    free_tx: &Sender<Buffers>,
+    disk_meta: Vec<(String, BTreeMap<String, String>, Option<u64>)>,
+    progress: &dyn Progress,
+) -> Result<(Vec<DiskManifest>, BackupStats, SegmentBuilder)> {
+    let mut disks: Vec<DiskManifest> = disk_meta
+        .iter()
+        .map(|(name, props, _)| {
+            let mut d = DiskManifest::new(name.clone());
+            d.properties = props.clone();
+            d
+        })
+        .collect();
+    let mut stats = BackupStats {
+        snapshot: SnapshotId([0; 32]),
+        mode: "full".into(),
+        bytes_logical: 0,
+        bytes_read: 0,
+        bytes_new: 0,
+        chunks_total: 0,
+        chunks_new: 0,
+        bytes_new_raw: 0,
+        packs_written: 0,
+        seconds: 0.0,
+    };
+    let mut segment = SegmentBuilder::new();
+    let mut pack: Option<PackWriter> = None;
+    let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+    let mut next = 0u64;
+
+    let seal =
+        |pack: PackWriter, segment: &mut SegmentBuilder, stats: &mut BackupStats| -> Result<()> {
+            let (id, entries, size) = pack.finish()?;
+            segment.add_entries(id, &entries);
+            stats.bytes_new += size;
+            stats.packs_written += 1;
+            Ok(())
+        };
+
+    for done in done_rx.iter() {
+        if failure.aborted() {
+            break;
+        }
+        pending.insert(done.seq, done);
+        while let Some(done) = pending.remove(&next) {
+            next += 1;
+            let disk = disks
+                .get_mut(done.disk)
+                .ok_or_else(|| Error::Internal("batch for unknown disk".into()))?;
+            match done.body {
+                DoneBody::Hole(n) => {
+                    disk.push(n, None);
+                    progress.advance(n);
+                }
+                DoneBody::Data {
+                    buffers,
+                    chunks,
+                    new_blobs,
+                    bytes_read,
+                } => {
+                    stats.bytes_read += bytes_read;
+                    for (id, raw_len, range) in new_blobs {
+                        let writer = match &mut pack {
+                            Some(p) => p,
+                            None => pack.insert(PackWriter::create(pool)?),
+                        };
+                        writer.add(id, raw_len, &buffers.output[range])?;
+                        stats.chunks_new += 1;
+                        stats.bytes_new_raw += raw_len as u64;
+                        if writer.raw_bytes() >= opts.pack_max_input
+                            || writer.stored_bytes() >= opts.pack_target
+                        {
+                            if let Some(p) = pack.take() {
+                                seal(p, &mut segment, &mut stats)?;
+                            }
+                            if segment.len() >= SEGMENT_FLUSH_ENTRIES {
+                                let full = std::mem::take(&mut segment);
+                                let (_, seg, len) = full.write(pool)?;
+                                stats.bytes_new += len;
+                                index.push(seg);
+                                // Everything claimed so far is sealed and now
+                                // indexed (a worker racing this may store a
+                                // duplicate blob: harmless, only space).
+                                claims.clear();
+                            }
+                        }
+                    }
+                    let mut advanced = 0;
+                    for (len, id) in chunks {
+                        disk.push(len as u64, id);
+                        advanced += len as u64;
+                        if id.is_some() {
+                            stats.chunks_total += 1;
+                        }
+                    }
+                    progress.advance(advanced);
+                    let _ = free_tx.send(buffers);
+                }
+            }
+        }
+    }
+    if failure.aborted() {
+        // The open pack is dropped unsealed: its temporary object is discarded.
+        return Err(failure
+            .take()
+            .unwrap_or_else(|| Error::Internal("backup aborted".into())));
+    }
+    if !pending.is_empty() {
+        return Err(Error::Internal("backup pipeline lost a batch".into()));
+    }
+    if let Some(p) = pack.take() {
+        seal(p, &mut segment, &mut stats)?;
+    }
+    for (disk, (name, _, size)) in disks.iter().zip(&disk_meta) {
+        if let Some(size) = size {
+            if disk.size != *size {
+                return Err(Error::Internal(format!(
+                    "disk {name:?}: read {} bytes of {size}",
+                    disk.size
+                )));
+            }
+        }
+    }
+    Ok((disks, stats, segment))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 65536]));
+        assert!(is_zero(&[]));
+        let mut v = vec![0u8; 65537];
+        v[65536] = 1;
+        assert!(!is_zero(&v));
+        v[65536] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn disk_names() {
+        assert!(validate_disk_name("vda.qcow2").is_ok());
+        for bad in ["", ".", "..", "a/b", "x\0"] {
+            assert!(validate_disk_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
