@@ -80,6 +80,9 @@ pub struct BackupOptions {
     pub batch_size: usize,
     pub pack_max_input: u64,
     pub pack_target: u64,
+    /// Write an index segment mid-backup once this many new entries are
+    /// pending, bounding memory on huge disks.
+    pub segment_flush_entries: usize,
     /// Recorded in the manifest.
     pub properties: BTreeMap<String, String>,
 }
@@ -94,6 +97,7 @@ impl BackupOptions {
             batch_size: 4 << 20,
             pack_max_input: DEFAULT_PACK_MAX_INPUT,
             pack_target: DEFAULT_PACK_TARGET,
+            segment_flush_entries: SEGMENT_FLUSH_ENTRIES,
             properties: BTreeMap::new(),
         }
     }
@@ -361,9 +365,14 @@ pub fn backup(
         }
         drop(work_rx);
         drop(done_tx);
-        assemble(
-            pool, index, &claims, &failure, opts, &done_rx, &free_tx, disk_meta, progress,
-        )
+        let result = assemble(
+            pool, index, &claims, &failure, opts, done_rx, &free_tx, disk_meta, progress,
+        );
+        if result.is_err() {
+            // Stop the reader; workers stop when their channels close.
+            failure.abort.store(true, Ordering::SeqCst);
+        }
+        result
     });
 
     let (mut manifest_disks, mut stats, segment) = match (assembled, failure.take()) {
@@ -533,8 +542,14 @@ fn chunk_stream(
         if failure.aborted() {
             return Ok(false);
         }
-        let Ok(mut buffers) = free_rx.recv() else {
-            return Ok(false);
+        // Wait for a free buffer pair, but notice an abort (the assembler
+        // failed and will not hand buffers back).
+        let mut buffers = loop {
+            match free_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(b) => break b,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !failure.aborted() => {}
+                Err(_) => return Ok(false),
+            }
         };
         let input = &mut buffers.input;
         input.clear();
@@ -651,7 +666,7 @@ fn assemble(
     claims: &Claims,
     failure: &Failure,
     opts: &BackupOptions,
-    done_rx: &Receiver<Done>,
+    done_rx: Receiver<Done>,
     free_tx: &Sender<Buffers>,
     disk_meta: Vec<(String, BTreeMap<String, String>, Option<u64>)>,
     progress: &dyn Progress,
@@ -690,10 +705,10 @@ fn assemble(
             Ok(())
         };
 
+    // On a reader or worker failure the assembler still consumes every batch
+    // already processed, in order, and seals it: the work is durable and the
+    // next backup reuses it (its packs are indexed from their tables).
     for done in done_rx.iter() {
-        if failure.aborted() {
-            break;
-        }
         pending.insert(done.seq, done);
         while let Some(done) = pending.remove(&next) {
             next += 1;
@@ -726,7 +741,7 @@ fn assemble(
                             if let Some(p) = pack.take() {
                                 seal(p, &mut segment, &mut stats)?;
                             }
-                            if segment.len() >= SEGMENT_FLUSH_ENTRIES {
+                            if segment.len() >= opts.segment_flush_entries {
                                 let full = std::mem::take(&mut segment);
                                 let (_, seg, len) = full.write(pool)?;
                                 stats.bytes_new += len;
@@ -752,17 +767,16 @@ fn assemble(
             }
         }
     }
+    if let Some(p) = pack.take() {
+        seal(p, &mut segment, &mut stats)?;
+    }
     if failure.aborted() {
-        // The open pack is dropped unsealed: its temporary object is discarded.
         return Err(failure
             .take()
             .unwrap_or_else(|| Error::Internal("backup aborted".into())));
     }
     if !pending.is_empty() {
         return Err(Error::Internal("backup pipeline lost a batch".into()));
-    }
-    if let Some(p) = pack.take() {
-        seal(p, &mut segment, &mut stats)?;
     }
     for (disk, (name, _, size)) in disks.iter().zip(&disk_meta) {
         if let Some(size) = size {

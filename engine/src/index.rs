@@ -246,7 +246,7 @@ impl SegmentBuilder {
 
     /// Encodes the segment: sorted by id, duplicates dropped (first kept).
     pub fn encode(mut self) -> Vec<u8> {
-        self.entries.sort_by(|a, b| a.0.cmp(&b.0));
+        self.entries.sort_by_key(|e| e.0);
         self.entries.dedup_by(|a, b| a.0 == b.0);
         let mut out = Vec::with_capacity(
             HEADER_LEN + self.packs.len() * 16 + FANOUT_LEN + self.entries.len() * ENTRY_LEN + 32,

@@ -118,21 +118,12 @@ impl Drop for SparseFileTarget {
 }
 
 /// Restore settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// Worker threads (0 = one per CPU).
     pub threads: usize,
     /// Replace existing target files.
     pub overwrite: bool,
-}
-
-impl Default for RestoreOptions {
-    fn default() -> Self {
-        RestoreOptions {
-            threads: 0,
-            overwrite: false,
-        }
-    }
 }
 
 /// What a restore did.

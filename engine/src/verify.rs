@@ -300,9 +300,7 @@ pub fn verify(
     report.blobs_read = blobs;
     report.bytes_read = bytes;
     report.damage.extend(found.into_inner());
-    report
-        .damage
-        .sort_by(|a, b| (a.kind, a.pack, a.chunk).cmp(&(b.kind, b.pack, b.chunk)));
+    report.damage.sort_by_key(|d| (d.kind, d.pack, d.chunk));
     Ok(report)
 }
 
