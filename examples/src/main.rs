@@ -159,12 +159,26 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(code) => ExitCode::from(code),
+    let code = match run(cli) {
+        Ok(code) => code,
         Err(f) => {
             eprintln!("cairn: error: {}", f.message);
-            ExitCode::from(f.code)
+            f.code
         }
+    };
+    if std::env::var_os("CAIRN_PRINT_PEAK_RSS").is_some() {
+        print_peak_rss();
+    }
+    ExitCode::from(code)
+}
+
+/// Diagnostics for memory tests and benchmarks: prints the process's peak
+/// resident set (`VmHWM` of `/proc/self/status`) to stderr.
+fn print_peak_rss() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+        let kib = line.split_whitespace().nth(1).unwrap_or("0");
+        eprintln!("cairn: peak-rss-kib {kib}");
     }
 }
 

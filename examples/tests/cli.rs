@@ -1,0 +1,488 @@
+//! End-to-end tests of the `cairn` binary: the CLI contract (names, JSON
+//! shapes, exit codes) on generated images.
+#![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use cairn_engine::sample::{fill_text, SampleRng};
+use serde_json::Value;
+
+fn cairn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = cairn(args);
+    assert!(
+        out.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(args: &[&str]) -> Value {
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally, not by a signal")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    pool: String,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let pool = root.join("pool").display().to_string();
+    ok(&["init", &pool]);
+    Setup {
+        _dir: dir,
+        root,
+        pool,
+    }
+}
+
+/// An image with zeros, text, random data, duplicated regions and holes.
+fn make_image(path: &Path, size: u64, seed: u64) {
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.set_len(size).unwrap();
+    let mut rng = SampleRng::new(seed);
+    let mut text = vec![0u8; 300_000];
+    fill_text(&mut rng, &mut text);
+    let mut random = vec![0u8; 200_000];
+    rng.fill(&mut random);
+    f.write_all_at(&text, 0).unwrap();
+    f.write_all_at(&random, 1 << 20).unwrap();
+    f.write_all_at(&random, 3 << 20).unwrap(); // duplicated region, grid-aligned
+    f.write_all_at(&[0u8; 100_000], 5 << 20).unwrap(); // explicit zeros (allocated)
+    f.write_all_at(&text[..12345], size - 12345).unwrap(); // unaligned tail
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+#[test]
+fn backup_restore_is_bit_identical_and_dedup_is_exact() {
+    let s = setup();
+    let a = s.root.join("vda.img");
+    let b = s.root.join("other").join("vda.img");
+    std::fs::create_dir_all(b.parent().unwrap()).unwrap();
+    make_image(&a, 8 << 20, 1);
+    make_image(&b, (6 << 20) + 77, 2);
+
+    let first = json(&["backup", &s.pool, "--vm", "web01", &p(&a), &p(&b), "--json"]);
+    for key in [
+        "snapshot",
+        "vm",
+        "mode",
+        "bytes_logical",
+        "bytes_read",
+        "bytes_new",
+        "chunks_total",
+        "chunks_new",
+        "seconds",
+    ] {
+        assert!(
+            first.get(key).is_some(),
+            "backup --json lacks {key}: {first}"
+        );
+    }
+    assert_eq!(first["vm"], "web01");
+    assert_eq!(first["mode"], "full");
+    assert_eq!(first["bytes_logical"], (8u64 << 20) + (6 << 20) + 77);
+    // Holes are not read.
+    assert!(first["bytes_read"].as_u64().unwrap() < 6 << 20, "{first}");
+    let total = first["chunks_total"].as_u64().unwrap();
+    let new = first["chunks_new"].as_u64().unwrap();
+    assert!(new < total, "the duplicated region must dedup: {first}");
+
+    let second = json(&["backup", &s.pool, "--vm", "web01", &p(&a), &p(&b), "--json"]);
+    assert_eq!(second["chunks_new"], 0, "{second}");
+    assert_eq!(second["chunks_total"], total);
+    // Only the manifest is added.
+    assert!(second["bytes_new"].as_u64().unwrap() < 4096, "{second}");
+
+    let id = first["snapshot"].as_str().unwrap();
+    let out = s.root.join("out");
+    ok(&["restore", &s.pool, &id[..8], "--to", &p(&out)]);
+    assert!(std::fs::read(out.join("vda.img")).unwrap() == std::fs::read(&a).unwrap());
+    assert!(std::fs::read(out.join("vda.img-1")).unwrap() == std::fs::read(&b).unwrap());
+    // Existing targets are not overwritten without --force.
+    let again = cairn(&["restore", &s.pool, id, "--to", &p(&out)]);
+    assert_eq!(code(&again), 2, "{}", stderr(&again));
+    ok(&["restore", &s.pool, "latest", "--to", &p(&out), "--force"]);
+
+    let v = json(&["verify", &s.pool, "--read-data", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["blobs_read"], new);
+}
+
+#[test]
+fn snapshots_json_shape_and_selectors() {
+    let s = setup();
+    let img = s.root.join("disk.raw");
+    make_image(&img, 8 << 20, 3);
+    let a = json(&[
+        "backup",
+        &s.pool,
+        "--vm",
+        "alpha",
+        &p(&img),
+        "--disk-name",
+        "root",
+        "--json",
+    ]);
+    let b = json(&["backup", &s.pool, "--vm", "beta", &p(&img), "--json"]);
+    let list = json(&["snapshots", &s.pool, "--json"]);
+    let arr = list.as_array().unwrap();
+    assert_eq!(arr.len(), 2);
+    for snap in arr {
+        for key in ["id", "vm", "time", "disks", "bytes_logical", "mode"] {
+            assert!(snap.get(key).is_some(), "snapshot lacks {key}: {snap}");
+        }
+        let time = snap["time"].as_str().unwrap();
+        assert!(
+            humantime::parse_rfc3339(time).is_ok() && time.ends_with('Z'),
+            "{time}"
+        );
+        assert_eq!(snap["disks"][0]["size"], 8u64 << 20);
+        assert_eq!(snap["bytes_logical"], 8u64 << 20);
+    }
+    let alpha = json(&["snapshots", &s.pool, "--vm", "alpha", "--json"]);
+    assert_eq!(alpha.as_array().unwrap().len(), 1);
+    assert_eq!(alpha[0]["id"], a["snapshot"]);
+    assert_eq!(alpha[0]["disks"][0]["name"], "root");
+
+    // `latest` needs --vm when several VMs exist.
+    let out = s.root.join("r");
+    let amb = cairn(&["restore", &s.pool, "latest", "--to", &p(&out)]);
+    assert_eq!(code(&amb), 2, "{}", stderr(&amb));
+    assert!(stderr(&amb).contains("--vm"));
+    ok(&[
+        "restore",
+        &s.pool,
+        "latest",
+        "--vm",
+        "beta",
+        "--to",
+        &p(&out),
+    ]);
+    assert!(std::fs::read(out.join("disk.raw")).unwrap() == std::fs::read(&img).unwrap());
+    let short = cairn(&["restore", &s.pool, "abc", "--to", &p(&out)]);
+    assert_eq!(code(&short), 2);
+    let missing = cairn(&["restore", &s.pool, "00000000", "--to", &p(&out)]);
+    assert_eq!(code(&missing), 1);
+    assert!(stderr(&missing).contains("no snapshot matches"));
+    let _ = b;
+}
+
+#[test]
+fn stdin_stream_backup_uses_cdc_and_restores() {
+    let s = setup();
+    let mut data = vec![0u8; 3_000_000];
+    fill_text(&mut SampleRng::new(4), &mut data);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args([
+            "backup", &s.pool, "--vm", "db", "--stdin", "dump.sql", "--json",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["bytes_logical"], 3_000_000);
+    let list = json(&["snapshots", &s.pool, "--json"]);
+    assert!(list[0]["chunking"].as_str().unwrap().starts_with("cdc:"));
+    let dir = s.root.join("r");
+    ok(&["restore", &s.pool, "latest", "--to", &p(&dir)]);
+    assert!(std::fs::read(dir.join("dump.sql")).unwrap() == data);
+}
+
+#[test]
+fn usage_and_setup_errors_have_their_exit_codes() {
+    let s = setup();
+    let img = s.root.join("d.img");
+    make_image(&img, 8 << 20, 5);
+    // Never-initialised pool: an error, not a silent init.
+    let bare = s.root.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    let out = cairn(&["backup", &p(&bare), "--vm", "x", &p(&img)]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("not an initialised Cairn pool"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        std::fs::read_dir(&bare).unwrap().next().is_none(),
+        "nothing was written"
+    );
+    let out = cairn(&["backup", &p(&s.root.join("nowhere")), "--vm", "x", &p(&img)]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("does not exist"));
+    // Second init refused.
+    let out = cairn(&["init", &s.pool]);
+    assert_eq!(code(&out), 1);
+    // Bad option values are usage errors.
+    for args in [
+        vec![
+            "backup",
+            &s.pool,
+            "--vm",
+            "x",
+            "--chunking",
+            "fixed:3000",
+            &p(&img),
+        ],
+        vec![
+            "backup",
+            &s.pool,
+            "--vm",
+            "x",
+            "--compression",
+            "zstd:99",
+            &p(&img),
+        ],
+        vec!["backup", &s.pool, "--vm", "x"],
+        vec!["frobnicate"],
+        vec!["backup", "s3://bucket", "--vm", "x", &p(&img)],
+    ] {
+        let out = cairn(&args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+    }
+    // A missing disk file names the file.
+    let out = cairn(&["backup", &s.pool, "--vm", "x", "/nonexistent/disk.img"]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("/nonexistent/disk.img"));
+}
+
+fn packs(pool: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(Path::new(pool).join("packs")).unwrap() {
+        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out
+}
+
+fn only_file(dir: &Path) -> PathBuf {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(v.len(), 1, "{v:?}");
+    v.pop().unwrap()
+}
+
+#[test]
+fn flipped_bit_in_pack_makes_verify_exit_3_naming_the_snapshot() {
+    let s = setup();
+    let img = s.root.join("d.img");
+    make_image(&img, 8 << 20, 6);
+    let b = json(&["backup", &s.pool, "--vm", "vm", &p(&img), "--json"]);
+    let id = b["snapshot"].as_str().unwrap().to_string();
+    let pack = only_file(
+        &Path::new(&s.pool)
+            .join("packs")
+            .join(only_file(&Path::new(&s.pool).join("packs"))),
+    );
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[5000] ^= 0x08;
+    std::fs::write(&pack, &bytes).unwrap();
+
+    let out = cairn(&["verify", &s.pool, "--read-data"]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&id),
+        "verify output does not name snapshot {id}: {text}"
+    );
+    let pack_name = pack.file_name().unwrap().to_string_lossy().to_string();
+    assert!(text.contains(&pack_name));
+
+    let out = cairn(&["verify", &s.pool, "--read-data", "--json"]);
+    assert_eq!(code(&out), 3);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["damaged_snapshots"][0], id.as_str());
+    assert_eq!(v["damage"][0]["kind"], "chunk-corrupt");
+    assert_eq!(v["damage"][0]["pack"], pack_name.as_str());
+    assert!(v["damage"][0]["chunk"].as_str().unwrap().len() == 64);
+
+    let out = cairn(&["restore", &s.pool, &id, "--to", &p(&s.root.join("r"))]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains(&pack_name), "{}", stderr(&out));
+}
+
+#[test]
+fn damaged_objects_give_clear_errors_never_panics() {
+    // (what to damage, how) → the CLI exits 1 or 3 with a message naming it.
+    for (target, how) in [
+        ("pack", "truncate"),
+        ("pack", "empty"),
+        ("pack", "missing"),
+        ("index", "truncate"),
+        ("index", "empty"),
+        ("index", "missing"),
+        ("snapshot", "truncate"),
+        ("snapshot", "empty"),
+        ("snapshot", "missing"),
+    ] {
+        let s = setup();
+        let img = s.root.join("d.img");
+        make_image(&img, 8 << 20, 7);
+        let b = json(&["backup", &s.pool, "--vm", "vm", &p(&img), "--json"]);
+        let id = b["snapshot"].as_str().unwrap().to_string();
+        let file = match target {
+            "pack" => packs(&s.pool).pop().unwrap(),
+            "index" => only_file(&Path::new(&s.pool).join("index")),
+            _ => Path::new(&s.pool).join("snapshots").join(&id),
+        };
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        match how {
+            "truncate" => {
+                let bytes = std::fs::read(&file).unwrap();
+                std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+            }
+            "empty" => std::fs::write(&file, b"").unwrap(),
+            _ => std::fs::remove_file(&file).unwrap(),
+        }
+        let case = format!("{target}/{how}");
+        for args in [
+            vec!["verify", s.pool.as_str()],
+            vec!["verify", s.pool.as_str(), "--read-data"],
+            vec!["restore", s.pool.as_str(), id.as_str(), "--to"],
+            vec!["snapshots", s.pool.as_str()],
+        ] {
+            let mut args: Vec<String> = args.into_iter().map(String::from).collect();
+            if args[0] == "restore" {
+                args.push(p(&s.root.join(format!("r-{target}-{how}"))));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = cairn(&args);
+            let c = code(&out);
+            let err = stderr(&out);
+            assert!(!err.contains("panicked"), "{case} {args:?}: panic: {err}");
+            // Expected outcomes per case.
+            let expect_ok = matches!(
+                (target, how, args[0]),
+                ("index", "missing", _) // packs are indexed from their tables
+                    | ("pack", _, "snapshots")
+                    | ("snapshot", "missing", "snapshots")
+                    | ("snapshot", "missing", "verify")
+            );
+            if expect_ok {
+                assert_eq!(c, 0, "{case} {args:?}: {err}");
+                continue;
+            }
+            assert!(c == 1 || c == 3, "{case} {args:?}: exit {c}: {err}");
+            let all = format!("{err}{}", String::from_utf8_lossy(&out.stdout));
+            let named = all.contains(&name)
+                || (how == "missing" && target == "snapshot" && all.contains("no snapshot"));
+            assert!(named, "{case} {args:?}: output does not name {name}: {all}");
+        }
+        // After a damaged index, repair brings everything back.
+        if target == "index" {
+            ok(&["repair", &s.pool, "--index"]);
+            let out = s.root.join("after-repair");
+            ok(&["restore", &s.pool, &id, "--to", &p(&out)]);
+            assert!(std::fs::read(out.join("d.img")).unwrap() == std::fs::read(&img).unwrap());
+            ok(&["verify", &s.pool, "--read-data"]);
+        }
+    }
+}
+
+/// Peak RSS (`VmHWM`) of a backup and a restore must not grow with disk size.
+#[test]
+fn memory_does_not_grow_with_disk_size() {
+    let s = setup();
+    let peak = |args: &[&str]| -> u64 {
+        let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(args)
+            .env("CAIRN_PRINT_PEAK_RSS", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(out.status.success(), "{args:?}: {err}");
+        err.lines()
+            .find_map(|l| l.strip_prefix("cairn: peak-rss-kib "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("peak RSS line")
+            * 1024
+    };
+    let mut results = Vec::new();
+    for (name, size) in [("small.img", 64u64 << 20), ("large.img", 2u64 << 30)] {
+        let img = s.root.join(name);
+        // Data-filled: every 64 KiB chunk is unique (stamped with its
+        // offset), so the index, the manifest and the packs all grow with
+        // the disk; cheap to generate and to compress.
+        write_stamped_image(&img, size);
+        let b = peak(&["backup", &s.pool, "--vm", name, &p(&img), "--json"]);
+        let out = s.root.join(format!("restore-{name}"));
+        let r = peak(&["restore", &s.pool, "latest", "--vm", name, "--to", &p(&out)]);
+        assert_eq!(std::fs::metadata(out.join(name)).unwrap().len(), size);
+        std::fs::remove_file(out.join(name)).unwrap();
+        std::fs::remove_file(&img).unwrap();
+        results.push((b, r));
+    }
+    let (small, large) = (results[0], results[1]);
+    eprintln!("peak RSS (backup, restore): 64 MiB image {small:?}, 2 GiB image {large:?}");
+    let limit = 32 << 20;
+    assert!(
+        large.0.saturating_sub(small.0) < limit,
+        "backup peak RSS grew from {} to {} bytes",
+        small.0,
+        large.0
+    );
+    assert!(
+        large.1.saturating_sub(small.1) < limit,
+        "restore peak RSS grew from {} to {} bytes",
+        small.1,
+        large.1
+    );
+}
+
+fn write_stamped_image(path: &Path, size: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path).unwrap());
+    let mut block = vec![0u8; 65536];
+    fill_text(&mut SampleRng::new(9), &mut block);
+    let mut off = 0u64;
+    while off < size {
+        block[..8].copy_from_slice(&off.to_le_bytes());
+        f.write_all(&block).unwrap();
+        off += block.len() as u64;
+    }
+    f.flush().unwrap();
+}
