@@ -48,6 +48,7 @@ pub mod source;
 pub mod verify;
 
 pub use backup::{backup, BackupDisk, BackupOptions, BackupStats, DiskInput};
+pub use platform::{Platform, PlatformSnapshot, VmDisk, VmInfo};
 pub use progress::{NoProgress, Progress};
 pub use repo::{PoolConfig, Repository};
 pub use restore::{
@@ -55,4 +56,5 @@ pub use restore::{
 };
 pub use source::{DiskSource, RawFileSource};
 pub use verify::{verify, Damage, DamageKind, VerifyOptions, VerifyReport};
+pub mod platform;
 pub mod sample;

@@ -1,0 +1,171 @@
+//! criterion benchmarks of the engine's stages and the end-to-end pipelines
+//! on a 64 MiB mixed in-memory image (the quick group; the 4 GiB runs belong
+//! to the performance issue's bench binary).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cairn_benches::mixed_data;
+use cairn_engine::index::{Segment, SegmentBuilder};
+use cairn_engine::{
+    backup, restore_to_dir, BackupDisk, BackupOptions, BlobCodec, ChunkId, ChunkingParams,
+    Compression, DiskInput, DiskSource, DynPool, NoProgress, PackEntry, PackId, Repository,
+    RestoreOptions,
+};
+use cairn_pools::{LocalPool, MemoryPool};
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+const SIZE: usize = 64 << 20;
+
+struct MemDisk(Arc<Vec<u8>>);
+
+impl DiskSource for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> cairn_engine::Result<()> {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.0[o..o + buf.len()]);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "bench image".into()
+    }
+}
+
+fn stages(c: &mut Criterion) {
+    let data = mixed_data(SIZE, 1);
+    let mut g = c.benchmark_group("stages");
+    g.throughput(Throughput::Bytes(SIZE as u64));
+    g.sample_size(10);
+    g.bench_function("chunk_fastcdc_default", |b| {
+        let p = ChunkingParams::cdc();
+        b.iter(|| black_box(p.cut_all(&data).len()))
+    });
+    g.bench_function("hash_blake3_64k", |b| {
+        b.iter(|| {
+            for c in data.chunks(64 << 10) {
+                black_box(ChunkId::of(c));
+            }
+        })
+    });
+    g.bench_function("compress_zstd1_64k", |b| {
+        let mut codec = BlobCodec::new(Compression::default());
+        let mut out = Vec::with_capacity(SIZE);
+        b.iter(|| {
+            out.clear();
+            for c in data.chunks(64 << 10) {
+                codec.encode_into(c, &mut out).ok();
+            }
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+fn index_lookup(c: &mut Criterion) {
+    let n = 1_000_000u32;
+    let entries: Vec<PackEntry> = (0..n)
+        .map(|i| PackEntry {
+            id: ChunkId::of(&i.to_le_bytes()),
+            offset: i as u64 * 100,
+            length: 100,
+            raw_length: 65536,
+        })
+        .collect();
+    let mut b = SegmentBuilder::new();
+    b.add_entries(PackId([1; 16]), &entries);
+    let seg = Segment::decode(bytes::Bytes::from(b.encode())).expect("valid segment");
+    let misses: Vec<ChunkId> = (0..10_000u32)
+        .map(|i| ChunkId::of(&(i + n).to_le_bytes()))
+        .collect();
+    let mut g = c.benchmark_group("index_1M");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("hits", |bch| {
+        bch.iter(|| {
+            entries[..10_000]
+                .iter()
+                .filter(|e| seg.lookup(&e.id).is_some())
+                .count()
+        })
+    });
+    g.bench_function("misses", |bch| {
+        bch.iter(|| misses.iter().filter(|id| seg.lookup(id).is_some()).count())
+    });
+    g.finish();
+}
+
+fn pipelines(c: &mut Criterion) {
+    let data = Arc::new(mixed_data(SIZE, 2));
+    let mut g = c.benchmark_group("pipeline_64MiB");
+    g.throughput(Throughput::Bytes(SIZE as u64));
+    g.sample_size(10);
+    let disk = |d: &Arc<Vec<u8>>| BackupDisk {
+        name: "d".into(),
+        input: DiskInput::Image(Box::new(MemDisk(d.clone()))),
+        properties: BTreeMap::new(),
+    };
+    g.bench_function("backup_full_local_pool", |b| {
+        b.iter_batched(
+            || {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let pool: DynPool = Arc::new(LocalPool::create(dir.path()).expect("pool"));
+                Repository::init(pool.clone()).expect("init");
+                (dir, Repository::open(pool).expect("open"))
+            },
+            |(dir, repo)| {
+                backup(
+                    &repo,
+                    vec![disk(&data)],
+                    &BackupOptions::new("vm"),
+                    &NoProgress,
+                )
+                .expect("backup");
+                dir
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    let pool: DynPool = Arc::new(MemoryPool::new());
+    Repository::init(pool.clone()).expect("init");
+    let repo = Repository::open(pool).expect("open");
+    let first = backup(
+        &repo,
+        vec![disk(&data)],
+        &BackupOptions::new("vm"),
+        &NoProgress,
+    )
+    .expect("backup");
+    g.bench_function("rebackup_unchanged", |b| {
+        b.iter(|| {
+            backup(
+                &repo,
+                vec![disk(&data)],
+                &BackupOptions::new("vm"),
+                &NoProgress,
+            )
+            .expect("backup")
+        })
+    });
+    g.bench_function("restore_sparse_file", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().expect("tempdir"),
+            |dir| {
+                restore_to_dir(
+                    &repo,
+                    &first.snapshot,
+                    dir.path(),
+                    &RestoreOptions::default(),
+                    &NoProgress,
+                )
+                .expect("restore");
+                dir
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages, index_lookup, pipelines);
+criterion_main!(benches);
