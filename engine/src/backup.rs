@@ -40,7 +40,7 @@ pub const DEFAULT_PACK_MAX_INPUT: u64 = 64 << 20;
 /// Seal a pack once it holds this many stored bytes.
 pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
 /// Flush an index segment once the backup has this many unflushed entries.
-pub const SEGMENT_FLUSH_ENTRIES: usize = 1 << 20;
+pub const SEGMENT_FLUSH_ENTRIES: usize = 1 << 18;
 
 /// What to read for one disk.
 pub enum DiskInput {
