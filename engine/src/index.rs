@@ -44,6 +44,15 @@ pub struct BlobLocation {
     pub length: u32,
 }
 
+/// Bytes 1..9 of an id (or entry) as a big-endian integer: the interpolation key.
+fn key64(id: &[u8]) -> u64 {
+    let mut k = [0u8; 8];
+    if let Some(b) = id.get(1..9) {
+        k.copy_from_slice(b);
+    }
+    u64::from_be_bytes(k)
+}
+
 /// One decoded, validated, immutable index segment.
 pub struct Segment {
     data: Bytes,
@@ -158,25 +167,54 @@ impl Segment {
         })
     }
 
-    /// Finds a chunk: fan-out on the first byte, then binary search.
+    /// Finds a chunk: fan-out on the first byte, then interpolation search on
+    /// the next 8 bytes (ids are uniform BLAKE3 output, so each probe lands
+    /// close: O(log log n) probes), at most 6 rounds, then binary search for
+    /// what remains (which also bounds the cost for skewed ids).
     pub fn lookup(&self, id: &ChunkId) -> Option<BlobLocation> {
         let first = id.0[0] as usize;
-        let mut lo = if first == 0 {
-            0
-        } else {
-            self.fanout[first - 1] as usize
+        let mut lo = match first {
+            0 => 0,
+            _ => *self.fanout.get(first - 1)? as usize,
         };
-        let mut hi = self.fanout[first] as usize;
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let e = self.entry_bytes(mid)?;
-            match e[..32].cmp(&id.0[..]) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
+        let mut hi = *self.fanout.get(first)? as usize;
+        let key = key64(&id.0);
+        // Keys just outside [lo, hi): the bucket spans the whole u64 range.
+        let (mut lo_key, mut hi_key) = (0u128, 1u128 << 64);
+        for _ in 0..6 {
+            if hi - lo <= 16 {
+                break;
+            }
+            let span = hi_key.saturating_sub(lo_key).max(1);
+            let offset = (key as u128).saturating_sub(lo_key);
+            let pos = (lo + ((offset * (hi - lo) as u128) / span) as usize).clamp(lo, hi - 1);
+            let e = self.entry_bytes(pos)?;
+            match e.get(..32)?.cmp(&id.0[..]) {
+                std::cmp::Ordering::Less => {
+                    lo = pos + 1;
+                    lo_key = key64(e) as u128;
+                }
+                std::cmp::Ordering::Greater => {
+                    hi = pos;
+                    hi_key = key64(e) as u128 + 1;
+                }
                 std::cmp::Ordering::Equal => return self.decode_entry(e),
             }
         }
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.compare(mid, id)? {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return self.decode_entry(self.entry_bytes(mid)?),
+            }
+        }
         None
+    }
+
+    /// Orders entry `i`'s id against `id`.
+    fn compare(&self, i: usize, id: &ChunkId) -> Option<std::cmp::Ordering> {
+        Some(self.entry_bytes(i)?.get(..32)?.cmp(&id.0[..]))
     }
 
     pub fn len(&self) -> usize {
@@ -457,6 +495,38 @@ mod tests {
             );
         }
         assert_eq!(seg.lookup(&ChunkId::of(b"absent")), None);
+    }
+
+    #[test]
+    fn lookup_in_large_segment_with_skewed_keys() {
+        // Ids that are not uniform (all share byte 1..9) exercise the
+        // fallback from a wrong interpolation guess.
+        let pack = PackId([9; 16]);
+        let mut es = Vec::new();
+        for i in 0..5000u32 {
+            let mut id = [0u8; 32];
+            id[0] = (i % 3) as u8;
+            id[1..9].copy_from_slice(&[0xff; 8]);
+            id[28..32].copy_from_slice(&i.to_be_bytes());
+            es.push(PackEntry {
+                id: ChunkId(id),
+                offset: 16 + i as u64,
+                length: 20,
+                raw_length: 1,
+            });
+        }
+        let (_, uniform) = entries(5000, 2);
+        let mut b = SegmentBuilder::new();
+        b.add_entries(pack, &es);
+        b.add_entries(PackId([2; 16]), &uniform);
+        let seg = Segment::decode(Bytes::from(b.encode())).unwrap();
+        for e in es.iter().chain(&uniform) {
+            assert_eq!(seg.lookup(&e.id).map(|l| l.offset), Some(e.offset));
+            let mut miss = e.id;
+            miss.0[31] ^= 0x80;
+            miss.0[27] ^= 0x01;
+            assert_eq!(seg.lookup(&miss), None);
+        }
     }
 
     #[test]

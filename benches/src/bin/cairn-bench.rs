@@ -1,0 +1,308 @@
+//! `cairn-bench`: the whole-pipeline benchmark on the generated mixed image
+//! (default 4 GiB). Prints, per phase, wall time, MB/s of logical input, CPU
+//! seconds (user + system) and peak RSS (`VmHWM`, reset between phases via
+//! `/proc/self/clear_refs`).
+//!
+//! ```text
+//! cargo run --release -p cairn-benches --bin cairn-bench -- [--size-gib 4] [--dir target/bench-data]
+//!                                                          [--threads 0] [--index-chunks 10000000]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cairn_benches::{generate_image, generate_rewrite};
+use cairn_engine::index::{Segment, SegmentBuilder};
+use cairn_engine::{
+    backup, restore_to_dir, BackupDisk, BackupOptions, BackupStats, ChunkId, DiskInput, DynPool,
+    NoProgress, PackEntry, PackId, RawFileSource, Repository, RestoreOptions,
+};
+use cairn_pools::LocalPool;
+
+struct Args {
+    size_gib: f64,
+    dir: PathBuf,
+    threads: usize,
+    index_chunks: u32,
+    only: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        size_gib: 4.0,
+        dir: PathBuf::from("target/bench-data"),
+        threads: 0,
+        index_chunks: 10_000_000,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--size-gib" => a.size_gib = val()?.parse().map_err(|e| format!("--size-gib: {e}"))?,
+            "--dir" => a.dir = PathBuf::from(val()?),
+            "--threads" => a.threads = val()?.parse().map_err(|e| format!("--threads: {e}"))?,
+            "--index-chunks" => {
+                a.index_chunks = val()?.parse().map_err(|e| format!("--index-chunks: {e}"))?
+            }
+            "--only" => a.only = Some(val()?),
+            "-h" | "--help" => {
+                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(a)
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; no other memory is touched.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+struct Row {
+    phase: String,
+    bytes: u64,
+    wall: f64,
+    cpu: f64,
+    rss: f64,
+    note: String,
+}
+
+fn measure<T>(phase: &str, f: impl FnOnce() -> (u64, T, String)) -> (Row, T) {
+    reset_peak_rss();
+    let (c0, t0) = (cpu_seconds(), Instant::now());
+    let (bytes, out, note) = f();
+    let wall = t0.elapsed().as_secs_f64();
+    let row = Row {
+        phase: phase.to_string(),
+        bytes,
+        wall,
+        cpu: cpu_seconds() - c0,
+        rss: peak_rss_mib(),
+        note,
+    };
+    eprintln!(
+        "{:<28} {:>9.0} MB/s  {:>7.2} s  cpu {:>6.2} s  peak RSS {:>6.1} MiB  {}",
+        row.phase,
+        row.bytes as f64 / row.wall / 1e6,
+        row.wall,
+        row.cpu,
+        row.rss,
+        row.note
+    );
+    (row, out)
+}
+
+fn disk(path: &Path) -> BackupDisk {
+    BackupDisk {
+        name: "disk.img".into(),
+        input: DiskInput::Image(Box::new(RawFileSource::open(path).expect("open image"))),
+        properties: BTreeMap::new(),
+    }
+}
+
+fn warm(path: &Path) {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).expect("open image");
+    let mut buf = vec![0u8; 8 << 20];
+    while f.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+}
+
+fn run_backup(repo: &Repository, path: &Path, threads: usize) -> BackupStats {
+    let mut opts = BackupOptions::new("bench");
+    opts.threads = threads;
+    backup(repo, vec![disk(path)], &opts, &NoProgress).expect("backup")
+}
+
+fn note(s: &BackupStats) -> String {
+    format!(
+        "read {:.0} MB, new {} chunks, +{:.1} MB to pool",
+        s.bytes_read as f64 / 1e6,
+        s.chunks_new,
+        s.bytes_new as f64 / 1e6
+    )
+}
+
+fn pipeline(a: &Args, rows: &mut Vec<Row>) {
+    std::fs::create_dir_all(&a.dir).expect("bench dir");
+    let size = (a.size_gib * (1u64 << 30) as f64) as u64;
+    let base = a.dir.join(format!("mixed-{size}.img"));
+    let rewrite = a.dir.join(format!("mixed-{size}-rewrite.img"));
+    if !base.exists() || !rewrite.exists() {
+        let (r, ()) = measure("generate images", || {
+            generate_image(&base, size, 1).expect("generate");
+            let plan = generate_rewrite(&base, &rewrite, 0.02, 1).expect("rewrite");
+            let dirty: u64 = plan.iter().map(|r| r.end - r.start).sum();
+            (
+                2 * size,
+                (),
+                format!(
+                    "2 % rewrite: {} writes, {:.1} MB",
+                    plan.len(),
+                    dirty as f64 / 1e6
+                ),
+            )
+        });
+        rows.push(r);
+    }
+    warm(&base);
+    warm(&rewrite);
+    let pool_dir = a.dir.join("pool");
+    let _ = std::fs::remove_dir_all(&pool_dir);
+    let pool: DynPool = Arc::new(LocalPool::create(&pool_dir).expect("pool"));
+    Repository::init(pool.clone()).expect("init");
+    let repo = Repository::open(pool.clone()).expect("open");
+
+    let (r, full) = measure("full backup", || {
+        let s = run_backup(&repo, &base, a.threads);
+        (s.bytes_logical, s.clone(), note(&s))
+    });
+    rows.push(r);
+    let (r, _) = measure("unchanged re-backup", || {
+        let s = run_backup(&repo, &base, a.threads);
+        (s.bytes_logical, (), note(&s))
+    });
+    rows.push(r);
+    let (r, _) = measure("2 % rewrite, full re-read", || {
+        let s = run_backup(&repo, &rewrite, a.threads);
+        (s.bytes_logical, (), note(&s))
+    });
+    rows.push(r);
+    let out = a.dir.join("restore");
+    let _ = std::fs::remove_dir_all(&out);
+    let (r, _) = measure("restore (sparse file)", || {
+        let opts = RestoreOptions {
+            threads: a.threads,
+            overwrite: true,
+        };
+        let s = restore_to_dir(&repo, &full.snapshot, &out, &opts, &NoProgress).expect("restore");
+        (
+            s.bytes_logical,
+            (),
+            format!("wrote {:.0} MB of data", s.bytes_written as f64 / 1e6),
+        )
+    });
+    rows.push(r);
+    let restored = cairn_engine::sample::hash_file(&out.join("disk.img")).expect("hash");
+    let original = cairn_engine::sample::hash_file(&base).expect("hash");
+    assert_eq!(restored, original, "restore is not bit-identical");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+fn index(a: &Args, rows: &mut Vec<Row>) {
+    let n = a.index_chunks;
+    let (r, seg) = measure("index: build segment", || {
+        let entries: Vec<PackEntry> = (0..n)
+            .map(|i| PackEntry {
+                id: ChunkId::of(&i.to_le_bytes()),
+                offset: 16 + (i as u64 % 1000) * 40_000,
+                length: 40_000,
+                raw_length: 65536,
+            })
+            .collect();
+        let mut b = SegmentBuilder::new();
+        for (p, chunk) in entries.chunks(1000).enumerate() {
+            b.add_entries(
+                PackId([(p % 251) as u8; 16].map(|x| x ^ (p >> 8) as u8)),
+                chunk,
+            );
+        }
+        let bytes = b.encode();
+        let len = bytes.len();
+        let seg = Segment::decode(bytes::Bytes::from(bytes)).expect("segment");
+        (
+            len as u64,
+            seg,
+            format!("{n} chunks, {} B per chunk", len as u64 / n as u64),
+        )
+    });
+    rows.push(r);
+    let threads = if a.threads == 0 { 2 } else { a.threads };
+    let per_thread = 2_000_000u32;
+    for hits in [true, false] {
+        let phase = if hits {
+            "index: lookups (hits)"
+        } else {
+            "index: lookups (misses)"
+        };
+        let (mut r, found) = measure(phase, || {
+            let found: usize = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads as u32)
+                    .map(|t| {
+                        let seg = &seg;
+                        s.spawn(move || {
+                            let mut found = 0;
+                            for i in 0..per_thread {
+                                let k = (i.wrapping_mul(2_654_435_761) ^ t) % n;
+                                let k = if hits { k } else { n + k };
+                                found +=
+                                    seg.lookup(&ChunkId::of(&k.to_le_bytes())).is_some() as usize;
+                            }
+                            found
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+            });
+            (0, found, String::new())
+        });
+        let lookups = per_thread as f64 * threads as f64;
+        r.note = format!(
+            "{:.1} M lookups/s ({} threads, {found} found; id hashing included)",
+            lookups / r.wall / 1e6,
+            threads
+        );
+        eprintln!("    {}", r.note);
+        rows.push(r);
+    }
+}
+
+fn main() {
+    let a = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("cairn-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut rows = Vec::new();
+    if a.only.as_deref() != Some("index") {
+        pipeline(&a, &mut rows);
+    }
+    if a.only.as_deref() != Some("pipeline") {
+        index(&a, &mut rows);
+    }
+    println!("| phase | MB/s | wall s | CPU s | peak RSS MiB | notes |");
+    println!("|---|---:|---:|---:|---:|---|");
+    for r in rows {
+        let mbps = if r.bytes > 0 {
+            format!("{:.0}", r.bytes as f64 / r.wall / 1e6)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.1} | {} |",
+            r.phase, mbps, r.wall, r.cpu, r.rss, r.note
+        );
+    }
+}
