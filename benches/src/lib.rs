@@ -48,6 +48,7 @@ pub enum BlockKind {
 }
 
 /// Produces the block sequence of the mix.
+#[derive(Debug)]
 pub struct BlockGen {
     rng: SampleRng,
     text_pool: Vec<u8>,

@@ -26,10 +26,11 @@ use parking_lot::Mutex;
 use crate::chunker::ChunkingParams;
 use crate::codec::{BlobCodec, Compression};
 use crate::error::{Error, Result};
+use crate::id::PackId;
 use crate::id::{ChunkId, IdScheme, SnapshotId};
 use crate::index::{Index, SegmentBuilder};
 use crate::manifest::{DiskManifest, Snapshot, MAX_STRING};
-use crate::pack::PackWriter;
+use crate::pack::{PackEntry, PackWriter};
 use crate::pool::{FileKind, Pool};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -175,9 +176,10 @@ impl Claims {
     fn claim(&self, id: &ChunkId) -> bool {
         self.shards[(id.0[1] & 63) as usize].lock().insert(*id)
     }
-    fn clear(&self) {
-        for s in &self.shards {
-            s.lock().clear();
+    /// Forgets claims whose chunks are now in the index.
+    fn release(&self, ids: &[ChunkId]) {
+        for id in ids {
+            self.shards[(id.0[1] & 63) as usize].lock().remove(id);
         }
     }
 }
@@ -696,80 +698,138 @@ fn assemble(
     let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
     let mut next = 0u64;
 
-    let seal =
-        |pack: PackWriter, segment: &mut SegmentBuilder, stats: &mut BackupStats| -> Result<()> {
-            let (id, entries, size) = pack.finish()?;
-            segment.add_entries(id, &entries);
-            stats.bytes_new += size;
-            stats.packs_written += 1;
-            Ok(())
-        };
-
-    // On a reader or worker failure the assembler still consumes every batch
-    // already processed, in order, and seals it: the work is durable and the
-    // next backup reuses it (its packs are indexed from their tables).
-    for done in done_rx.iter() {
-        pending.insert(done.seq, done);
-        while let Some(done) = pending.remove(&next) {
-            next += 1;
-            let disk = disks
-                .get_mut(done.disk)
-                .ok_or_else(|| Error::Internal("batch for unknown disk".into()))?;
-            match done.body {
-                DoneBody::Hole(n) => {
-                    disk.push(n, None);
-                    progress.advance(n);
-                }
-                DoneBody::Data {
-                    buffers,
-                    chunks,
-                    new_blobs,
-                    bytes_read,
-                } => {
-                    stats.bytes_read += bytes_read;
-                    for (id, raw_len, range) in new_blobs {
-                        let writer = match &mut pack {
-                            Some(p) => p,
-                            None => pack.insert(PackWriter::create(pool)?),
-                        };
-                        writer.add(id, raw_len, &buffers.output[range])?;
-                        stats.chunks_new += 1;
-                        stats.bytes_new_raw += raw_len as u64;
-                        if writer.raw_bytes() >= opts.pack_max_input
-                            || writer.stored_bytes() >= opts.pack_target
-                        {
-                            if let Some(p) = pack.take() {
-                                seal(p, &mut segment, &mut stats)?;
-                            }
-                            if segment.len() >= opts.segment_flush_entries {
-                                let full = std::mem::take(&mut segment);
-                                let (_, seg, len) = full.write(pool)?;
-                                stats.bytes_new += len;
-                                index.push(seg);
-                                // Everything claimed so far is sealed and now
-                                // indexed (a worker racing this may store a
-                                // duplicate blob: harmless, only space).
-                                claims.clear();
-                            }
-                        }
-                    }
-                    let mut advanced = 0;
-                    for (len, id) in chunks {
-                        disk.push(len as u64, id);
-                        advanced += len as u64;
-                        if id.is_some() {
-                            stats.chunks_total += 1;
-                        }
-                    }
-                    progress.advance(advanced);
-                    let _ = free_tx.send(buffers);
+    // Sealing (table, fsync, link, directory fsync) runs on its own thread so
+    // the pipeline keeps chunking while a pack is made durable. At most one
+    // full pack waits while another seals.
+    let (seal_tx, seal_rx) = bounded::<PackWriter>(1);
+    let (sealed_tx, sealed_rx) =
+        crossbeam_channel::unbounded::<Result<(PackId, Vec<PackEntry>, u64)>>();
+    let outcome: Result<()> = std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for p in seal_rx.iter() {
+                let result = p.finish();
+                let failed = result.is_err();
+                let _ = sealed_tx.send(result);
+                if failed {
+                    break;
                 }
             }
+        });
+        // Takes finished seals into the pending segment; flushes it when large.
+        let absorb =
+            |segment: &mut SegmentBuilder, stats: &mut BackupStats, wait: bool| -> Result<()> {
+                loop {
+                    let next = if wait {
+                        match sealed_rx.recv() {
+                            Ok(r) => r,
+                            Err(_) => break,
+                        }
+                    } else {
+                        match sealed_rx.try_recv() {
+                            Ok(r) => r,
+                            Err(_) => break,
+                        }
+                    };
+                    let (id, entries, size) = next?;
+                    segment.add_entries(id, &entries);
+                    stats.bytes_new += size;
+                    stats.packs_written += 1;
+                }
+                if segment.len() >= opts.segment_flush_entries {
+                    let full = std::mem::take(segment);
+                    let flushed: Vec<ChunkId> = full.ids().collect();
+                    let (_, seg, len) = full.write(pool)?;
+                    stats.bytes_new += len;
+                    index.push(seg);
+                    // These chunks are now found by index lookups.
+                    claims.release(&flushed);
+                }
+                Ok(())
+            };
+        let mut seal_tx = Some(seal_tx);
+        let seal = |p: PackWriter| -> Result<()> {
+            match seal_tx.as_ref().map(|tx| tx.send(p)) {
+                Some(Ok(())) => Ok(()),
+                // The sealer stopped on an error: it is in `sealed_rx`.
+                _ => Err(Error::Internal("pack sealer stopped".into())),
+            }
+        };
+
+        // On a reader or worker failure the assembler still consumes every
+        // batch already processed, in order, and seals it: the work is
+        // durable and the next backup reuses it (its packs are indexed from
+        // their tables).
+        let mut run = || -> Result<()> {
+            for done in done_rx.iter() {
+                pending.insert(done.seq, done);
+                while let Some(done) = pending.remove(&next) {
+                    next += 1;
+                    let disk = disks
+                        .get_mut(done.disk)
+                        .ok_or_else(|| Error::Internal("batch for unknown disk".into()))?;
+                    match done.body {
+                        DoneBody::Hole(n) => {
+                            disk.push(n, None);
+                            progress.advance(n);
+                        }
+                        DoneBody::Data {
+                            buffers,
+                            chunks,
+                            new_blobs,
+                            bytes_read,
+                        } => {
+                            stats.bytes_read += bytes_read;
+                            for (id, raw_len, range) in new_blobs {
+                                let writer = match &mut pack {
+                                    Some(p) => p,
+                                    None => pack.insert(PackWriter::create(pool)?),
+                                };
+                                writer.add(id, raw_len, &buffers.output[range])?;
+                                stats.chunks_new += 1;
+                                stats.bytes_new_raw += raw_len as u64;
+                                if writer.raw_bytes() >= opts.pack_max_input
+                                    || writer.stored_bytes() >= opts.pack_target
+                                {
+                                    if let Some(p) = pack.take() {
+                                        seal(p)?;
+                                    }
+                                    absorb(&mut segment, &mut stats, false)?;
+                                }
+                            }
+                            let mut advanced = 0;
+                            for (len, id) in chunks {
+                                disk.push(len as u64, id);
+                                advanced += len as u64;
+                                if id.is_some() {
+                                    stats.chunks_total += 1;
+                                }
+                            }
+                            progress.advance(advanced);
+                            let _ = free_tx.send(buffers);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        let mut result = run();
+        // Whatever happened, seal what was written so far.
+        if let Some(p) = pack.take() {
+            let sealed = seal(p);
+            if result.is_ok() {
+                result = sealed;
+            }
         }
-    }
-    if let Some(p) = pack.take() {
-        seal(p, &mut segment, &mut stats)?;
-    }
+        // Closing the queue lets the sealer finish and exit.
+        seal_tx = None;
+        debug_assert!(seal_tx.is_none());
+        match (result, absorb(&mut segment, &mut stats, true)) {
+            // A sealing error is the more precise one (it names the pack).
+            (_, Err(e)) => Err(e),
+            (r, Ok(())) => r,
+        }
+    });
+    outcome?;
     if failure.aborted() {
         return Err(failure
             .take()

@@ -150,20 +150,43 @@ impl BlobCodec {
         expected: &ChunkId,
         out: &mut Vec<u8>,
     ) -> Result<(), DecodeError> {
-        self.decode_into(blob, out)?;
-        let got = ChunkId::of(out);
-        if &got != expected {
-            return Err(DecodeError::ChecksumMismatch {
-                expected: expected.to_hex(),
-                got: got.to_hex(),
-            });
+        out.clear();
+        self.decode_verified_append(blob, expected, out)
+    }
+
+    /// Like [`decode_verified`](Self::decode_verified) but appends the chunk
+    /// to `out`. On error `out` is left at its previous length.
+    pub fn decode_verified_append(
+        &mut self,
+        blob: &[u8],
+        expected: &ChunkId,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DecodeError> {
+        let start = out.len();
+        let result = self.decode_append(blob, out).and_then(|()| {
+            let got = ChunkId::of(&out[start..]);
+            if &got != expected {
+                return Err(DecodeError::ChecksumMismatch {
+                    expected: expected.to_hex(),
+                    got: got.to_hex(),
+                });
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            out.truncate(start);
         }
-        Ok(())
+        result
     }
 
     /// Decodes a whole blob (header + body, nothing else) into `out`
     /// (cleared first). Checks every header field and the plaintext length.
     pub fn decode_into(&mut self, blob: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        out.clear();
+        self.decode_append(blob, out)
+    }
+
+    fn decode_append(&mut self, blob: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
         let header = BlobHeader::decode(blob)?;
         let body = blob.get(BLOB_HEADER_LEN..).unwrap_or_default();
         if body.len() != header.body_len as usize {
@@ -173,7 +196,7 @@ impl BlobCodec {
                 header.body_len
             )));
         }
-        out.clear();
+        let start = out.len();
         match header.compression {
             COMPRESSION_NONE => {
                 if body.len() != header.raw_len as usize {
@@ -184,7 +207,7 @@ impl BlobCodec {
                 out.extend_from_slice(body);
             }
             _ => {
-                out.resize(header.raw_len as usize, 0);
+                out.resize(start + header.raw_len as usize, 0);
                 let decompressor = match &mut self.decompressor {
                     Some(d) => d,
                     None => self.decompressor.insert(
@@ -192,10 +215,15 @@ impl BlobCodec {
                             .map_err(|e| DecodeError::Invalid(format!("zstd: {e}")))?,
                     ),
                 };
-                let n = decompressor
-                    .decompress_to_buffer(body, &mut out[..])
-                    .map_err(|e| DecodeError::Invalid(format!("zstd body: {e}")))?;
+                let n = match decompressor.decompress_to_buffer(body, &mut out[start..]) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        out.truncate(start);
+                        return Err(DecodeError::Invalid(format!("zstd body: {e}")));
+                    }
+                };
                 if n != header.raw_len as usize {
+                    out.truncate(start);
                     return Err(DecodeError::Invalid(format!(
                         "zstd body decompressed to {n} bytes, header says {}",
                         header.raw_len

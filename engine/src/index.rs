@@ -282,6 +282,11 @@ impl SegmentBuilder {
         self.packs.len()
     }
 
+    /// Ids of the entries added so far (unsorted, with duplicates).
+    pub fn ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.entries.iter().map(|e| ChunkId(e.0))
+    }
+
     /// Encodes the segment: sorted by id, duplicates dropped (first kept).
     pub fn encode(mut self) -> Vec<u8> {
         self.entries.sort_by_key(|e| e.0);

@@ -9,6 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
@@ -17,7 +18,7 @@ use crate::backup::validate_disk_name;
 use crate::codec::{BlobCodec, Compression};
 use crate::coding::DecodeError;
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, SnapshotId};
+use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::manifest::DiskManifest;
 use crate::pool::FileKind;
 use crate::progress::Progress;
@@ -230,6 +231,97 @@ pub fn read_chunk(
     }
 }
 
+/// Most decoded bytes one read run covers.
+const RUN_MAX: u64 = 4 << 20;
+
+/// Chunks whose blobs lie back to back in one pack and whose extents lie back
+/// to back on the disk: read with one range read, written with one `pwrite`.
+struct Run {
+    pack: PackId,
+    pack_offset: u64,
+    pack_len: u64,
+    disk_offset: u64,
+    disk_len: u64,
+    /// (chunk id, blob length, extent length)
+    chunks: Vec<(ChunkId, u32, u64)>,
+}
+
+/// First failure of a restore thread.
+struct FirstError {
+    failed: AtomicBool,
+    error: parking_lot::Mutex<Option<Error>>,
+}
+
+impl FirstError {
+    fn set(&self, e: Error) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.error.lock().get_or_insert(e);
+    }
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads and verifies one run into `out` (cleared first).
+fn read_run(
+    repo: &Repository,
+    codec: &mut BlobCodec,
+    snapshot: &SnapshotId,
+    disk: &DiskManifest,
+    run: &Run,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let blobs = repo.pool().read_range(
+        FileKind::Pack,
+        &run.pack.to_hex(),
+        run.pack_offset,
+        run.pack_len as usize,
+    )?;
+    out.clear();
+    let mut at = 0usize;
+    let mut disk_at = run.disk_offset;
+    for (id, blob_len, extent_len) in &run.chunks {
+        let blob = blobs.get(at..at + *blob_len as usize).unwrap_or_default();
+        let before = out.len();
+        match codec.decode_verified_append(blob, id, out) {
+            Ok(()) => {}
+            Err(DecodeError::ChecksumMismatch { got, .. }) => {
+                return Err(Error::ChunkHashMismatch {
+                    chunk: *id,
+                    pack: run.pack,
+                    got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
+                })
+            }
+            Err(e) => {
+                return Err(Error::corrupt(
+                    format!(
+                        "chunk {id} at offset {} of pack {}",
+                        run.pack_offset + at as u64,
+                        run.pack
+                    ),
+                    e,
+                ))
+            }
+        }
+        if (out.len() - before) as u64 != *extent_len {
+            return Err(Error::corrupt(
+                format!("snapshot {snapshot}"),
+                DecodeError::Invalid(format!(
+                    "disk {:?}: extent at {disk_at} is {extent_len} bytes but chunk {id} holds {}",
+                    disk.name,
+                    out.len() - before
+                )),
+            ));
+        }
+        at += *blob_len as usize;
+        disk_at += extent_len;
+    }
+    Ok(())
+}
+
+/// Restores one disk: the caller's thread groups extents into runs, workers
+/// read, decode and verify runs, and one writer thread `pwrite`s them (one
+/// writer: parallel writes to one file only contend on its inode lock).
 fn restore_disk(
     repo: &Repository,
     snapshot: &SnapshotId,
@@ -238,61 +330,112 @@ fn restore_disk(
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let (tx, rx) = bounded::<(u64, u64, ChunkId)>(threads * 64);
-    let failure = parking_lot::Mutex::new(None::<Error>);
-    let failed = std::sync::atomic::AtomicBool::new(false);
+    let (run_tx, run_rx) = bounded::<Run>(threads * 4);
+    let (write_tx, write_rx) = bounded::<(u64, Vec<u8>)>(threads + 1);
+    let buffers = threads + 3;
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(buffers);
+    for _ in 0..buffers {
+        let _ = free_tx.send(Vec::with_capacity(RUN_MAX as usize + (1 << 20)));
+    }
+    let first = FirstError {
+        failed: AtomicBool::new(false),
+        error: parking_lot::Mutex::new(None),
+    };
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            let rx = rx.clone();
-            let (failure, failed) = (&failure, &failed);
+            let (run_rx, write_tx, free_rx, first) =
+                (run_rx.clone(), write_tx.clone(), free_rx.clone(), &first);
             scope.spawn(move || {
                 let mut codec = BlobCodec::new(Compression::None);
-                let mut buf = Vec::new();
-                for (offset, length, id) in rx.iter() {
-                    let needed_by = || {
-                        format!("snapshot {snapshot}, disk {:?} at offset {offset}", disk.name)
-                    };
-                    let result = read_chunk(repo, &mut codec, &id, &needed_by, &mut buf).and_then(|()| {
-                        if buf.len() as u64 != length {
-                            return Err(Error::corrupt(
-                                format!("snapshot {snapshot}"),
-                                DecodeError::Invalid(format!(
-                                    "disk {:?}: extent at {offset} is {length} bytes but chunk {id} holds {}",
-                                    disk.name,
-                                    buf.len()
-                                )),
-                            ));
+                for run in run_rx.iter() {
+                    if first.failed() {
+                        break;
+                    }
+                    let Ok(mut buf) = free_rx.recv() else { break };
+                    match read_run(repo, &mut codec, snapshot, disk, &run, &mut buf) {
+                        Ok(()) => {
+                            if write_tx.send((run.disk_offset, buf)).is_err() {
+                                break;
+                            }
                         }
-                        target.write_at(offset, &buf)
-                    });
-                    match result {
-                        Ok(()) => progress.advance(length),
                         Err(e) => {
-                            failed.store(true, std::sync::atomic::Ordering::SeqCst);
-                            failure.lock().get_or_insert(e);
+                            first.set(e);
                             break;
                         }
                     }
                 }
             });
         }
-        drop(rx);
+        drop(run_rx);
+        drop(write_tx);
+        {
+            let (first, free_tx) = (&first, free_tx.clone());
+            scope.spawn(move || {
+                for (offset, buf) in write_rx.iter() {
+                    if !first.failed() {
+                        match target.write_at(offset, &buf) {
+                            Ok(()) => progress.advance(buf.len() as u64),
+                            Err(e) => first.set(e),
+                        }
+                    }
+                    let _ = free_tx.send(buf);
+                }
+            });
+        }
+        let mut current: Option<Run> = None;
+        let send = |run: Option<Run>| -> bool { run.is_none_or(|r| run_tx.send(r).is_ok()) };
         for e in &disk.extents {
-            if failed.load(std::sync::atomic::Ordering::SeqCst) {
+            if first.failed() {
                 break;
             }
-            match e.chunk {
-                Some(id) => {
-                    if tx.send((e.offset, e.length, id)).is_err() {
-                        break;
-                    }
+            let Some(id) = e.chunk else {
+                progress.advance(e.length);
+                if !send(current.take()) {
+                    break;
                 }
-                None => progress.advance(e.length),
+                continue;
+            };
+            let Some(loc) = repo.index().lookup(&id) else {
+                first.set(Error::ChunkMissing {
+                    chunk: id,
+                    needed_by: format!(
+                        "snapshot {snapshot}, disk {:?} at offset {}",
+                        disk.name, e.offset
+                    ),
+                });
+                break;
+            };
+            if let Some(run) = &mut current {
+                let joins = run.pack == loc.pack
+                    && run.pack_offset + run.pack_len == loc.offset
+                    && run.disk_offset + run.disk_len == e.offset
+                    && run.disk_len + e.length <= RUN_MAX;
+                if joins {
+                    run.pack_len += loc.length as u64;
+                    run.disk_len += e.length;
+                    run.chunks.push((id, loc.length, e.length));
+                    continue;
+                }
+            }
+            let next = Run {
+                pack: loc.pack,
+                pack_offset: loc.offset,
+                pack_len: loc.length as u64,
+                disk_offset: e.offset,
+                disk_len: e.length,
+                chunks: vec![(id, loc.length, e.length)],
+            };
+            if !send(current.replace(next)) {
+                break;
             }
         }
-        drop(tx);
+        if !first.failed() {
+            send(current.take());
+        }
+        drop(run_tx);
+        drop(free_tx);
     });
-    match failure.into_inner() {
+    match first.error.into_inner() {
         Some(e) => Err(e),
         None => Ok(()),
     }
