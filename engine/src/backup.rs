@@ -34,7 +34,7 @@ use crate::pack::{PackEntry, PackWriter};
 use crate::pool::{FileKind, Pool};
 use crate::progress::Progress;
 use crate::repo::Repository;
-use crate::source::{align_extents, DiskSource};
+use crate::source::{align_extents, DiskSource, MappedDisk};
 
 /// Seal a pack once this much chunk data (before compression) went into it.
 pub const DEFAULT_PACK_MAX_INPUT: u64 = 64 << 20;
@@ -194,11 +194,13 @@ struct Batch {
 enum BatchBody {
     /// A run of zeros that was not read.
     Hole(u64),
-    /// Bytes read, with the chunk lengths that tile them.
+    /// Bytes read, with the chunk lengths that tile them. The bytes are in
+    /// `buffers.input`, or, for a memory-mapped source, in `mapped`.
     Data {
         buffers: Buffers,
         cuts: Vec<u32>,
         bytes_read: u64,
+        mapped: Option<(MappedDisk, Range<usize>)>,
     },
 }
 
@@ -455,6 +457,23 @@ fn read_disks(
                         }
                         seq += 1;
                     }
+                    if let Some(map) = src.mapped() {
+                        if !chunk_mapped(
+                            &map,
+                            region.clone(),
+                            chunking,
+                            batch_size,
+                            disk,
+                            &mut seq,
+                            free_rx,
+                            &mut send,
+                            failure,
+                        ) {
+                            return Ok(());
+                        }
+                        pos = region.end;
+                        continue;
+                    }
                     let mut offset = region.start;
                     let mut reader = |buf: &mut [u8]| -> Result<usize> {
                         let n = buf.len().min((region.end - offset) as usize);
@@ -553,29 +572,31 @@ fn chunk_stream(
                 Err(_) => return Ok(false),
             }
         };
+        // The input buffer keeps its full length between batches (zeroed
+        // once), so refilling it costs no memset.
         let input = &mut buffers.input;
-        input.clear();
-        input.extend_from_slice(&carry);
+        if input.len() < batch_size {
+            input.resize(batch_size, 0);
+        }
+        input[..carry.len()].copy_from_slice(&carry);
+        let mut filled = carry.len();
         carry.clear();
         let mut bytes_read = 0u64;
-        while !eof && input.len() < batch_size {
-            let start = input.len();
-            input.resize(batch_size, 0);
-            let n = read(&mut input[start..])?;
-            input.truncate(start + n);
+        while !eof && filled < batch_size {
+            let n = read(&mut input[filled..batch_size])?;
+            filled += n;
             bytes_read += n as u64;
             if n == 0 {
                 eof = true;
             }
         }
-        let mut cuts = Vec::with_capacity(input.len() / 4096 + 1);
+        let mut cuts = Vec::with_capacity(filled / 4096 + 1);
         let mut pos = 0usize;
-        while let Some(c) = chunking.next_cut(&input[pos..], eof) {
+        while let Some(c) = chunking.next_cut(&input[pos..filled], eof) {
             cuts.push(c as u32);
             pos += c;
         }
-        carry.extend_from_slice(&input[pos..]);
-        input.truncate(pos);
+        carry.extend_from_slice(&input[pos..filled]);
         if cuts.is_empty() {
             // Nothing to send (the region ended exactly at the previous
             // batch): hand the buffers back for the next batch.
@@ -589,6 +610,7 @@ fn chunk_stream(
                 buffers,
                 cuts,
                 bytes_read,
+                mapped: None,
             },
         });
         *seq += 1;
@@ -597,6 +619,62 @@ fn chunk_stream(
         }
     }
     Ok(true)
+}
+
+/// Cuts one region of a memory-mapped disk into batches without copying:
+/// batches refer to the mapping. Returns `false` when the pipeline shut down.
+#[allow(clippy::too_many_arguments)]
+fn chunk_mapped(
+    map: &MappedDisk,
+    region: Range<u64>,
+    chunking: ChunkingParams,
+    batch_size: usize,
+    disk: usize,
+    seq: &mut u64,
+    free_rx: &Receiver<Buffers>,
+    send: &mut dyn FnMut(Batch) -> bool,
+    failure: &Failure,
+) -> bool {
+    let bytes: &[u8] = (**map).as_ref();
+    let end = (region.end as usize).min(bytes.len());
+    let mut pos = region.start as usize;
+    let max_chunk = chunking.max_chunk();
+    while pos < end {
+        let buffers = loop {
+            match free_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(b) => break b,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !failure.aborted() => {}
+                Err(_) => return false,
+            }
+        };
+        let start = pos;
+        let mut cuts = Vec::with_capacity(batch_size / 4096 + 1);
+        // The whole region is available, so every cut is final.
+        while pos < end && pos - start + max_chunk <= batch_size {
+            match chunking.next_cut(&bytes[pos..end], true) {
+                Some(c) => {
+                    cuts.push(c as u32);
+                    pos += c;
+                }
+                None => break,
+            }
+        }
+        let batch = Batch {
+            seq: *seq,
+            disk,
+            body: BatchBody::Data {
+                buffers,
+                cuts,
+                bytes_read: (pos - start) as u64,
+                mapped: Some((map.clone(), start..pos)),
+            },
+        };
+        *seq += 1;
+        if !send(batch) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Worker thread: zero check, hash, dedup, compress.
@@ -608,6 +686,8 @@ fn work(
     compression: Compression,
 ) -> Result<()> {
     let mut codec = BlobCodec::new(compression);
+    let mut ids: Vec<ChunkId> = Vec::new();
+    let mut found = Vec::new();
     for batch in work_rx.iter() {
         let body = match batch.body {
             BatchBody::Hole(n) => DoneBody::Hole(n),
@@ -615,23 +695,44 @@ fn work(
                 mut buffers,
                 cuts,
                 bytes_read,
+                mapped,
             } => {
+                let input: &[u8] = match &mapped {
+                    Some((map, range)) => (**map).as_ref().get(range.clone()).unwrap_or_default(),
+                    None => &buffers.input,
+                };
+                // Pass 1: zero check and hash every chunk (data hot in cache).
                 let mut chunks = Vec::with_capacity(cuts.len());
-                let mut new_blobs = Vec::new();
-                buffers.output.clear();
                 let mut pos = 0usize;
+                ids.clear();
                 for len in cuts {
-                    let data = &buffers.input[pos..pos + len as usize];
+                    let data = &input[pos..pos + len as usize];
                     pos += len as usize;
                     if is_zero(data) {
                         chunks.push((len, None));
+                    } else {
+                        let id = ChunkId::of(data);
+                        ids.push(id);
+                        chunks.push((len, Some(id)));
+                    }
+                }
+                // Pass 2: one batched index lookup (overlapping memory accesses).
+                index.lookup_many(&ids, &mut found);
+                // Pass 3: compress chunks that are new and claimed by us.
+                let mut new_blobs = Vec::new();
+                buffers.output.clear();
+                let mut pos = 0usize;
+                let mut k = 0usize;
+                for &(len, id) in &chunks {
+                    let start_in = pos;
+                    pos += len as usize;
+                    let Some(id) = id else { continue };
+                    let known = found.get(k).is_some_and(Option::is_some);
+                    k += 1;
+                    if known || !claims.claim(&id) {
                         continue;
                     }
-                    let id = ChunkId::of(data);
-                    chunks.push((len, Some(id)));
-                    if index.contains(&id) || !claims.claim(&id) {
-                        continue;
-                    }
+                    let data = &input[start_in..pos];
                     let start = buffers.output.len();
                     codec
                         .encode_into(data, &mut buffers.output)

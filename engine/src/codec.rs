@@ -89,6 +89,7 @@ pub struct BlobCodec {
     compression: Compression,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    scratch: Vec<u8>,
 }
 
 impl fmt::Debug for BlobCodec {
@@ -105,6 +106,7 @@ impl BlobCodec {
             compression,
             compressor: None,
             decompressor: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -118,18 +120,19 @@ impl BlobCodec {
         let body_start = out.len();
         let mut compressed = false;
         if let Compression::Zstd { level } = self.compression {
-            let bound = zstd::zstd_safe::compress_bound(chunk.len());
-            out.resize(body_start + bound, 0);
             let compressor = match &mut self.compressor {
                 Some(c) => c,
                 None => self.compressor.insert(zstd::bulk::Compressor::new(level)?),
             };
-            let n = compressor.compress_to_buffer(chunk, &mut out[body_start..])?;
+            // zstd writes into the scratch vector's spare capacity (no
+            // zero-fill), then the body is appended if it is smaller.
+            let scratch = &mut self.scratch;
+            scratch.clear();
+            scratch.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+            let n = compressor.compress_to_buffer(chunk, scratch)?;
             if n < chunk.len() {
-                out.truncate(body_start + n);
+                out.extend_from_slice(&scratch[..n]);
                 compressed = true;
-            } else {
-                out.truncate(body_start);
             }
         }
         if compressed {

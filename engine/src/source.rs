@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -33,14 +34,34 @@ pub trait DiskSource: Send + Sync {
 
     /// What this source is, for messages (a path, an NBD URI).
     fn describe(&self) -> String;
+
+    /// The whole disk mapped into memory, when the source was opened that
+    /// way ([`RawFileSource::open_mapped`]): the pipeline then hashes and
+    /// compresses straight from the mapping instead of copying into buffers.
+    fn mapped(&self) -> Option<MappedDisk> {
+        None
+    }
 }
 
+/// A disk's bytes mapped into memory.
+pub type MappedDisk = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// A raw image file or block device.
-#[derive(Debug)]
 pub struct RawFileSource {
     file: File,
     path: PathBuf,
     size: u64,
+    map: Option<MappedDisk>,
+}
+
+impl std::fmt::Debug for RawFileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawFileSource")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("mapped", &self.map.is_some())
+            .finish()
+    }
 }
 
 impl RawFileSource {
@@ -52,7 +73,34 @@ impl RawFileSource {
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(format!("sizing disk {}", path.display()), e))?;
-        Ok(RawFileSource { file, path, size })
+        Ok(RawFileSource {
+            file,
+            path,
+            size,
+            map: None,
+        })
+    }
+
+    /// Opens the disk and maps it into memory (explicit opt-in).
+    ///
+    /// Saves the copy from the page cache into read buffers (≈ 15 % of a
+    /// full backup's CPU). Only for images nothing truncates while the backup
+    /// runs (a snapshot, a stopped VM's disk): if the file shrinks under the
+    /// mapping, the process gets SIGBUS. Block devices and empty files are
+    /// read normally.
+    pub fn open_mapped(path: impl AsRef<Path>) -> Result<Self> {
+        let mut src = Self::open(path)?;
+        let is_file = src.file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        if is_file && src.size > 0 {
+            // SAFETY: the caller opted in to mapping a file that is not
+            // truncated during the backup (documented above); the mapping is
+            // read-only.
+            let map = unsafe { memmap2::Mmap::map(&src.file) }
+                .map_err(|e| Error::io(format!("mapping {}", src.path.display()), e))?;
+            let _ = map.advise(memmap2::Advice::Sequential);
+            src.map = Some(Arc::new(map));
+        }
+        Ok(src)
     }
 
     pub fn path(&self) -> &Path {
@@ -125,6 +173,10 @@ impl DiskSource for RawFileSource {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn mapped(&self) -> Option<MappedDisk> {
+        self.map.clone()
     }
 }
 

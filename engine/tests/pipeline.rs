@@ -229,6 +229,25 @@ fn sparse_file_holes_are_skipped_and_restored_as_holes() {
     let pool: DynPool = Arc::new(LocalPool::create(&pool_dir).unwrap());
     Repository::init(pool.clone()).unwrap();
     let repo = Repository::open(pool).unwrap();
+    // The memory-mapped source gives the same snapshot as the read path.
+    let mut ids = Vec::new();
+    for mapped in [false, true] {
+        let src = if mapped {
+            RawFileSource::open_mapped(&img)
+        } else {
+            RawFileSource::open(&img)
+        };
+        assert_eq!(src.as_ref().unwrap().mapped().is_some(), mapped);
+        let disk = BackupDisk {
+            name: "sparse.img".into(),
+            input: DiskInput::Image(Box::new(src.unwrap())),
+            properties: BTreeMap::new(),
+        };
+        let s = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap();
+        let snap = repo.load_snapshot(&s.snapshot).unwrap();
+        ids.push((snap.disks[0].extents.clone(), s.bytes_read));
+    }
+    assert_eq!(ids[0], ids[1]);
     let disk = BackupDisk {
         name: "sparse.img".into(),
         input: DiskInput::Image(Box::new(RawFileSource::open(&img).unwrap())),

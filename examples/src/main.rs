@@ -62,6 +62,11 @@ enum Command {
         /// Worker threads (default: one per CPU).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Memory-map image files instead of reading them (faster; only for
+        /// images nothing truncates during the backup: a shrinking file
+        /// kills the process with SIGBUS).
+        #[arg(long)]
+        mmap: bool,
         #[arg(long)]
         json: bool,
     },
@@ -306,6 +311,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             chunking,
             compression,
             threads,
+            mmap,
             json,
         } => {
             if disks.is_empty() && stdin.is_none() {
@@ -315,7 +321,11 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let mut inputs = Vec::new();
             let names = disk_names(&disks, &names)?;
             for (path, name) in disks.iter().zip(names) {
-                let src = RawFileSource::open(path)?;
+                let src = if mmap {
+                    RawFileSource::open_mapped(path)?
+                } else {
+                    RawFileSource::open(path)?
+                };
                 let mut properties = BTreeMap::new();
                 properties.insert("source".to_string(), path.display().to_string());
                 inputs.push(BackupDisk {
