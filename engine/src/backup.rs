@@ -221,6 +221,8 @@ enum DoneBody {
     Hole(u64),
     Data {
         buffers: Buffers,
+        /// The mapped range the batch came from, released once assembled.
+        mapped: Option<(MappedDisk, Range<usize>)>,
         /// (length, chunk id or zero)
         chunks: Vec<(u32, Option<ChunkId>)>,
         /// (id, raw length, range in `buffers.output`)
@@ -635,7 +637,7 @@ fn chunk_mapped(
     send: &mut dyn FnMut(Batch) -> bool,
     failure: &Failure,
 ) -> bool {
-    let bytes: &[u8] = (**map).as_ref();
+    let bytes: &[u8] = map.bytes();
     let end = (region.end as usize).min(bytes.len());
     let mut pos = region.start as usize;
     let max_chunk = chunking.max_chunk();
@@ -698,7 +700,7 @@ fn work(
                 mapped,
             } => {
                 let input: &[u8] = match &mapped {
-                    Some((map, range)) => (**map).as_ref().get(range.clone()).unwrap_or_default(),
+                    Some((map, range)) => map.bytes().get(range.clone()).unwrap_or_default(),
                     None => &buffers.input,
                 };
                 // Pass 1: zero check and hash every chunk (data hot in cache).
@@ -741,6 +743,7 @@ fn work(
                 }
                 DoneBody::Data {
                     buffers,
+                    mapped,
                     chunks,
                     new_blobs,
                     bytes_read,
@@ -875,10 +878,15 @@ fn assemble(
                         }
                         DoneBody::Data {
                             buffers,
+                            mapped,
                             chunks,
                             new_blobs,
                             bytes_read,
                         } => {
+                            // Keep the resident set flat on mapped sources.
+                            if let Some((map, range)) = mapped {
+                                map.release(range);
+                            }
                             stats.bytes_read += bytes_read;
                             for (id, raw_len, range) in new_blobs {
                                 let writer = match &mut pack {

@@ -44,7 +44,39 @@ pub trait DiskSource: Send + Sync {
 }
 
 /// A disk's bytes mapped into memory.
-pub type MappedDisk = Arc<dyn AsRef<[u8]> + Send + Sync>;
+pub trait MappedBytes: Send + Sync {
+    /// The whole disk.
+    fn bytes(&self) -> &[u8];
+    /// The pipeline is done with `range`: drop it from this process's
+    /// resident set (the data stays in the page cache).
+    fn release(&self, _range: Range<usize>) {}
+}
+
+/// A shared handle to a mapped disk.
+pub type MappedDisk = Arc<dyn MappedBytes>;
+
+/// A read-only, shared file mapping.
+struct FileMapping(memmap2::Mmap);
+
+impl MappedBytes for FileMapping {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn release(&self, range: Range<usize>) {
+        // SAFETY: a shared, read-only file mapping: MADV_DONTNEED only unmaps
+        // the pages; the next access faults them in again from the page
+        // cache with the same content. No reference into the range is used
+        // after release (the pipeline releases a batch after its last use).
+        let _ = unsafe {
+            self.0.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.end - range.start,
+            )
+        };
+    }
+}
 
 /// A raw image file or block device.
 pub struct RawFileSource {
@@ -98,7 +130,7 @@ impl RawFileSource {
             let map = unsafe { memmap2::Mmap::map(&src.file) }
                 .map_err(|e| Error::io(format!("mapping {}", src.path.display()), e))?;
             let _ = map.advise(memmap2::Advice::Sequential);
-            src.map = Some(Arc::new(map));
+            src.map = Some(Arc::new(FileMapping(map)));
         }
         Ok(src)
     }
