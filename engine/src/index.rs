@@ -172,44 +172,9 @@ impl Segment {
     /// close: O(log log n) probes), at most 6 rounds, then binary search for
     /// what remains (which also bounds the cost for skewed ids).
     pub fn lookup(&self, id: &ChunkId) -> Option<BlobLocation> {
-        let first = id.0[0] as usize;
-        let mut lo = match first {
-            0 => 0,
-            _ => *self.fanout.get(first - 1)? as usize,
-        };
-        let mut hi = *self.fanout.get(first)? as usize;
-        let key = key64(&id.0);
-        // Keys just outside [lo, hi): the bucket spans the whole u64 range.
-        let (mut lo_key, mut hi_key) = (0u128, 1u128 << 64);
-        for _ in 0..6 {
-            if hi - lo <= 16 {
-                break;
-            }
-            let span = hi_key.saturating_sub(lo_key).max(1);
-            let offset = (key as u128).saturating_sub(lo_key);
-            let pos = (lo + ((offset * (hi - lo) as u128) / span) as usize).clamp(lo, hi - 1);
-            let e = self.entry_bytes(pos)?;
-            match e.get(..32)?.cmp(&id.0[..]) {
-                std::cmp::Ordering::Less => {
-                    lo = pos + 1;
-                    lo_key = key64(e) as u128;
-                }
-                std::cmp::Ordering::Greater => {
-                    hi = pos;
-                    hi_key = key64(e) as u128 + 1;
-                }
-                std::cmp::Ordering::Equal => return self.decode_entry(e),
-            }
-        }
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.compare(mid, id)? {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return self.decode_entry(self.entry_bytes(mid)?),
-            }
-        }
-        None
+        let mut out = [None];
+        self.lookup_many(std::slice::from_ref(id), &mut out);
+        out[0]
     }
 
     /// Looks up many ids at once: `out[i]` is the location of `ids[i]`.

@@ -34,6 +34,7 @@ struct Args {
     repeat: usize,
     huge_pages: bool,
     mmap: bool,
+    pool_dir: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -46,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
         repeat: 3,
         huge_pages: false,
         mmap: false,
+        pool_dir: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
             "--only" => a.only = Some(val()?),
             "--huge-pages" => a.huge_pages = true,
             "--mmap" => a.mmap = true,
+            "--pool-dir" => a.pool_dir = Some(PathBuf::from(val()?)),
             "--repeat" => {
                 a.repeat = val()?
                     .parse::<usize>()
@@ -67,7 +70,7 @@ fn parse_args() -> Result<Args, String> {
                     .max(1)
             }
             "-h" | "--help" => {
-                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index] [--repeat N] [--huge-pages] [--mmap]");
+                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -203,11 +206,20 @@ fn pipeline(a: &Args, rows: &mut Vec<Row>) {
     }
     warm(&base);
     warm(&rewrite);
+    // Pools and restores go to --pool-dir (default: the data directory).
+    let work = a.pool_dir.clone().unwrap_or_else(|| a.dir.clone());
+    std::fs::create_dir_all(&work).expect("pool dir");
+    // Each run backs up into a fresh pool, deleted after the run except for
+    // the last one, which the later phases use (keeping several multi-GiB
+    // pools around skews later runs).
+    let mut kept: Option<(BackupStats, Repository)> = None;
     let mut attempt = 0;
-    let (r, (full, repo)) = median(a.repeat, || {
-        // A fresh pool per run; the median run's pool is used afterwards.
-        let pool_dir = a.dir.join(format!("pool-{attempt}"));
+    let (r, ()) = median(a.repeat, || {
+        let pool_dir = work.join(format!("pool-{attempt}"));
         attempt += 1;
+        if let Some((_, old)) = kept.take() {
+            let _ = std::fs::remove_dir_all(old.pool().location());
+        }
         let _ = std::fs::remove_dir_all(&pool_dir);
         let pool: DynPool = Arc::new(LocalPool::create(&pool_dir).expect("pool"));
         Repository::init(pool.clone()).expect("init");
@@ -216,16 +228,11 @@ fn pipeline(a: &Args, rows: &mut Vec<Row>) {
             let s = run_backup(&repo, &base, a);
             (s.bytes_logical, s.clone(), note(&s))
         });
-        (row, (stats, repo))
+        kept = Some((stats, repo));
+        (row, ())
     });
     rows.push(r);
-    // Only the median run's pool is kept (memory and disk space).
-    for i in 0..attempt {
-        let dir = a.dir.join(format!("pool-{i}"));
-        if Path::new(&repo.pool().location()) != dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+    let (full, repo) = kept.expect("at least one run");
     let (r, _) = median(a.repeat, || {
         measure("unchanged re-backup", || {
             let s = run_backup(&repo, &base, a);
@@ -238,7 +245,7 @@ fn pipeline(a: &Args, rows: &mut Vec<Row>) {
         (s.bytes_logical, (), note(&s))
     });
     rows.push(r);
-    let out = a.dir.join("restore");
+    let out = work.join("restore");
     let (r, _) = median(a.repeat, || {
         let _ = std::fs::remove_dir_all(&out);
         measure("restore (sparse file)", || {
