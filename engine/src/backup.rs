@@ -23,6 +23,7 @@ use std::time::{Instant, SystemTime};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
+use crate::cbt::ChangedBlocks;
 use crate::chunker::ChunkingParams;
 use crate::codec::{BlobCodec, Compression};
 use crate::error::{Error, Result};
@@ -49,6 +50,12 @@ pub enum DiskInput {
     Image(Box<dyn DiskSource>),
     /// A stream of unknown size, read once, start to end.
     Stream(Box<dyn Read + Send>),
+    /// An incremental: only `changed.dirty` is read from the source; every
+    /// other range reuses the parent snapshot's extents.
+    Incremental {
+        source: Box<dyn DiskSource>,
+        changed: ChangedBlocks,
+    },
 }
 
 impl std::fmt::Debug for DiskInput {
@@ -56,6 +63,9 @@ impl std::fmt::Debug for DiskInput {
         match self {
             DiskInput::Image(s) => write!(f, "Image({})", s.describe()),
             DiskInput::Stream(_) => f.write_str("Stream"),
+            DiskInput::Incremental { source, .. } => {
+                write!(f, "Incremental({})", source.describe())
+            }
         }
     }
 }
@@ -86,6 +96,8 @@ pub struct BackupOptions {
     pub segment_flush_entries: usize,
     /// Recorded in the manifest.
     pub properties: BTreeMap<String, String>,
+    /// The snapshot an incremental builds on (recorded as its parent).
+    pub parent: Option<SnapshotId>,
 }
 
 impl BackupOptions {
@@ -100,6 +112,7 @@ impl BackupOptions {
             pack_target: DEFAULT_PACK_TARGET,
             segment_flush_entries: SEGMENT_FLUSH_ENTRIES,
             properties: BTreeMap::new(),
+            parent: None,
         }
     }
 }
@@ -113,6 +126,8 @@ pub struct BackupStats {
     pub bytes_logical: u64,
     /// Bytes read from the sources (holes are not read).
     pub bytes_read: u64,
+    /// Dirty bytes of incremental disks, rounded out to the chunk grid.
+    pub bytes_dirty: u64,
     /// Bytes added to the pool: packs, index segments and the manifest.
     pub bytes_new: u64,
     /// Chunk references in the manifest (zero runs excluded).
@@ -192,8 +207,9 @@ struct Batch {
 }
 
 enum BatchBody {
-    /// A run of zeros that was not read.
-    Hole(u64),
+    /// Extents that were not read: zero runs (holes) or, for an incremental,
+    /// the parent's extents, as (length, chunk) pairs.
+    Reuse(Vec<(u64, Option<ChunkId>)>),
     /// Bytes read, with the chunk lengths that tile them. The bytes are in
     /// `buffers.input`, or, for a memory-mapped source, in `mapped`.
     Data {
@@ -218,7 +234,7 @@ struct Done {
 }
 
 enum DoneBody {
-    Hole(u64),
+    Reuse(Vec<(u64, Option<ChunkId>)>),
     Data {
         buffers: Buffers,
         /// The mapped range the batch came from, released once assembled.
@@ -298,6 +314,27 @@ pub fn backup(
             )));
         }
     }
+    // Incrementals: check every parent before reading anything.
+    let mut bytes_dirty = 0u64;
+    let mut incremental = false;
+    for d in &disks {
+        if let DiskInput::Incremental { source, changed } = &d.input {
+            changed.check(&d.name, source.size(), opts.chunking)?;
+            if opts.parent.is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "disk {:?} is incremental but no parent snapshot is set",
+                    d.name
+                )));
+            }
+            incremental = true;
+            let grid = opts.chunking.max_chunk() as u64;
+            bytes_dirty += align_extents(&changed.dirty, grid, source.size())
+                .iter()
+                .map(|r| r.end - r.start)
+                .sum::<u64>();
+        }
+    }
+    let mode = if incremental { "cbt" } else { "full" };
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -311,7 +348,7 @@ pub fn backup(
     let total: u64 = disks
         .iter()
         .map(|d| match &d.input {
-            DiskInput::Image(s) => s.size(),
+            DiskInput::Image(s) | DiskInput::Incremental { source: s, .. } => s.size(),
             DiskInput::Stream(_) => 0,
         })
         .sum();
@@ -336,7 +373,7 @@ pub fn backup(
         .iter()
         .map(|d| {
             let size = match &d.input {
-                DiskInput::Image(s) => Some(s.size()),
+                DiskInput::Image(s) | DiskInput::Incremental { source: s, .. } => Some(s.size()),
                 DiskInput::Stream(_) => None,
             };
             (d.name.clone(), d.properties.clone(), size)
@@ -405,8 +442,8 @@ pub fn backup(
     let snapshot = Snapshot {
         time: SystemTime::now(),
         vm: opts.vm.clone(),
-        mode: "full".into(),
-        parent: None,
+        mode: mode.into(),
+        parent: opts.parent,
         id_scheme: IdScheme::Blake3,
         chunking: opts.chunking,
         compression: opts.compression,
@@ -419,6 +456,8 @@ pub fn backup(
     pool.write(FileKind::Snapshot, &id.to_hex(), &encoded)?;
     stats.bytes_new += encoded.len() as u64;
     stats.snapshot = id;
+    stats.mode = mode.into();
+    stats.bytes_dirty = bytes_dirty;
     stats.bytes_logical = snapshot.bytes_logical();
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
@@ -439,76 +478,27 @@ fn read_disks(
     for (disk, d) in disks.into_iter().enumerate() {
         match d.input {
             DiskInput::Image(src) => {
-                let size = src.size();
-                let extents = src.data_extents()?;
-                let regions = match chunking {
-                    ChunkingParams::Fixed { size: grid } => {
-                        align_extents(&extents, grid as u64, size)
-                    }
-                    _ => align_extents(&extents, 1, size),
-                };
-                let mut pos = 0u64;
-                for region in regions {
-                    if region.start > pos {
-                        if !send(Batch {
-                            seq,
-                            disk,
-                            body: BatchBody::Hole(region.start - pos),
-                        }) {
-                            return Ok(());
-                        }
-                        seq += 1;
-                    }
-                    if let Some(map) = src.mapped() {
-                        if !chunk_mapped(
-                            &map,
-                            region.clone(),
-                            chunking,
-                            batch_size,
-                            disk,
-                            &mut seq,
-                            free_rx,
-                            &mut send,
-                            failure,
-                        ) {
-                            return Ok(());
-                        }
-                        pos = region.end;
-                        continue;
-                    }
-                    let mut offset = region.start;
-                    let mut reader = |buf: &mut [u8]| -> Result<usize> {
-                        let n = buf.len().min((region.end - offset) as usize);
-                        src.read_at(offset, &mut buf[..n])?;
-                        offset += n as u64;
-                        Ok(n)
-                    };
-                    if !chunk_stream(
-                        &mut reader,
-                        chunking,
-                        batch_size,
-                        disk,
-                        &mut seq,
-                        free_rx,
-                        free_tx,
-                        &mut send,
-                        failure,
-                    )? {
-                        return Ok(());
-                    }
-                    pos = region.end;
-                }
-                if size > pos
-                    && !send(Batch {
-                        seq,
-                        disk,
-                        body: BatchBody::Hole(size - pos),
-                    })
-                {
+                if !read_image(
+                    &*src, None, chunking, batch_size, disk, &mut seq, free_rx, free_tx, &mut send,
+                    failure,
+                )? {
                     return Ok(());
                 }
-                if size > pos {
-                    seq += 1;
+            }
+            DiskInput::Incremental { source, changed } => {
+                if !read_image(
+                    &*source,
+                    Some(&changed),
+                    chunking,
+                    batch_size,
+                    disk,
+                    &mut seq,
+                    free_rx,
+                    free_tx,
+                    &mut send,
+                    failure,
+                )? {
+                    return Ok(());
                 }
             }
             DiskInput::Stream(mut r) => {
@@ -543,6 +533,105 @@ fn read_disks(
         }
     }
     Ok(())
+}
+
+/// Reads one disk image: its data extents (or, for an incremental, its dirty
+/// ranges), aligned to the chunk grid. Ranges not read become holes, or, for
+/// an incremental, the parent's extents. Returns `Ok(false)` on shutdown.
+#[allow(clippy::too_many_arguments)]
+fn read_image(
+    src: &dyn DiskSource,
+    changed: Option<&ChangedBlocks>,
+    chunking: ChunkingParams,
+    batch_size: usize,
+    disk: usize,
+    seq: &mut u64,
+    free_rx: &Receiver<Buffers>,
+    free_tx: &Sender<Buffers>,
+    send: &mut dyn FnMut(Batch) -> bool,
+    failure: &Failure,
+) -> Result<bool> {
+    // Emits the range not read: a hole, or the parent's extents in pieces.
+    let gap =
+        |range: Range<u64>, seq: &mut u64, send: &mut dyn FnMut(Batch) -> bool| -> Result<bool> {
+            let pieces = match changed {
+                None => vec![vec![(range.end - range.start, None)]],
+                Some(c) => c.reuse(range)?.chunks(1 << 16).map(<[_]>::to_vec).collect(),
+            };
+            for piece in pieces {
+                let ok = send(Batch {
+                    seq: *seq,
+                    disk,
+                    body: BatchBody::Reuse(piece),
+                });
+                *seq += 1;
+                if !ok {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+    let size = src.size();
+    let extents = match changed {
+        Some(c) => {
+            let mut dirty = c.dirty.clone();
+            dirty.sort_by_key(|r| r.start);
+            dirty
+        }
+        None => src.data_extents()?,
+    };
+    let regions = match chunking {
+        ChunkingParams::Fixed { size: grid } => align_extents(&extents, grid as u64, size),
+        _ => align_extents(&extents, 1, size),
+    };
+    let mut pos = 0u64;
+    for region in regions {
+        if region.start > pos && !gap(pos..region.start, seq, send)? {
+            return Ok(false);
+        }
+        if let Some(map) = src.mapped() {
+            if !chunk_mapped(
+                &map,
+                region.clone(),
+                chunking,
+                batch_size,
+                disk,
+                seq,
+                free_rx,
+                send,
+                failure,
+            ) {
+                return Ok(false);
+            }
+            pos = region.end;
+            continue;
+        }
+        let mut offset = region.start;
+        let mut reader = |buf: &mut [u8]| -> Result<usize> {
+            let n = buf.len().min((region.end - offset) as usize);
+            src.read_at(offset, &mut buf[..n])?;
+            offset += n as u64;
+            Ok(n)
+        };
+        if !chunk_stream(
+            &mut reader,
+            chunking,
+            batch_size,
+            disk,
+            seq,
+            free_rx,
+            free_tx,
+            send,
+            failure,
+        )? {
+            return Ok(false);
+        }
+        pos = region.end;
+    }
+    if size > pos && !gap(pos..size, seq, send)? {
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Reads one region (or stream) to its end, cutting it into batches of whole
@@ -692,7 +781,7 @@ fn work(
     let mut found = Vec::new();
     for batch in work_rx.iter() {
         let body = match batch.body {
-            BatchBody::Hole(n) => DoneBody::Hole(n),
+            BatchBody::Reuse(v) => DoneBody::Reuse(v),
             BatchBody::Data {
                 mut buffers,
                 cuts,
@@ -790,6 +879,7 @@ fn assemble(
         mode: "full".into(),
         bytes_logical: 0,
         bytes_read: 0,
+        bytes_dirty: 0,
         bytes_new: 0,
         chunks_total: 0,
         chunks_new: 0,
@@ -872,9 +962,14 @@ fn assemble(
                         .get_mut(done.disk)
                         .ok_or_else(|| Error::Internal("batch for unknown disk".into()))?;
                     match done.body {
-                        DoneBody::Hole(n) => {
-                            disk.push(n, None);
-                            progress.advance(n);
+                        DoneBody::Reuse(extents) => {
+                            for (len, id) in extents {
+                                disk.push(len, id);
+                                progress.advance(len);
+                                if id.is_some() {
+                                    stats.chunks_total += 1;
+                                }
+                            }
                         }
                         DoneBody::Data {
                             buffers,

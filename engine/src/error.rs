@@ -80,6 +80,12 @@ pub enum Error {
     #[error("random source failed: {0}")]
     Random(String),
 
+    /// Changed-block information cannot be trusted for an incremental (disk
+    /// resized, chunking changed, bitmap missing or inconsistent …). The
+    /// caller's policy decides: fall back to a full read, or skip.
+    #[error("changed-block tracking for disk {disk:?} cannot be trusted: {reason}")]
+    CbtNotTrusted { disk: String, reason: String },
+
     /// A pipeline worker thread panicked (a bug); the operation was aborted.
     #[error("internal error: {0}")]
     Internal(String),

@@ -31,6 +31,7 @@ pub mod manifest;
 pub mod pack;
 pub mod pool;
 
+pub use cbt::{ChangedBlocks, DirtyBitmap};
 pub use chunker::ChunkingParams;
 pub use codec::{BlobCodec, Compression};
 pub use coding::DecodeError;
@@ -56,5 +57,6 @@ pub use restore::{
 };
 pub use source::{DiskSource, RawFileSource};
 pub use verify::{verify, Damage, DamageKind, VerifyOptions, VerifyReport};
+pub mod cbt;
 pub mod platform;
 pub mod sample;

@@ -29,6 +29,7 @@ pub fn backup_json(vm: &str, s: &BackupStats) -> Value {
         "mode": s.mode,
         "bytes_logical": s.bytes_logical,
         "bytes_read": s.bytes_read,
+        "bytes_dirty": s.bytes_dirty,
         "bytes_new": s.bytes_new,
         "bytes_new_raw": s.bytes_new_raw,
         "chunks_total": s.chunks_total,
