@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-# qemu-img is used by the CBT tests as they land; install it when missing.
-command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+# The NBD/CBT tests use real parts: qemu-img, qemu-io and qemu-nbd make and
+# export qcow2 images with dirty bitmaps; nbdinfo is the reference client.
+for tool in qemu-img qemu-io qemu-nbd; do
+  command -v "$tool" >/dev/null 2>&1 || { need_apt+=(qemu-utils); break; }
+done
+command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update

@@ -86,6 +86,10 @@ pub enum Error {
     #[error("changed-block tracking for disk {disk:?} cannot be trusted: {reason}")]
     CbtNotTrusted { disk: String, reason: String },
 
+    /// A network peer (an NBD server) broke the protocol or reported an error.
+    #[error("{peer}: {detail}")]
+    Protocol { peer: String, detail: String },
+
     /// A pipeline worker thread panicked (a bug); the operation was aborted.
     #[error("internal error: {0}")]
     Internal(String),

@@ -49,6 +49,7 @@ pub mod source;
 pub mod verify;
 
 pub use backup::{backup, BackupDisk, BackupOptions, BackupStats, DiskInput};
+pub use nbd::NbdSource;
 pub use platform::{Platform, PlatformSnapshot, VmDisk, VmInfo};
 pub use progress::{NoProgress, Progress};
 pub use repo::{PoolConfig, Repository};
@@ -58,5 +59,6 @@ pub use restore::{
 pub use source::{DiskSource, RawFileSource};
 pub use verify::{verify, Damage, DamageKind, VerifyOptions, VerifyReport};
 pub mod cbt;
+pub mod nbd;
 pub mod platform;
 pub mod sample;

@@ -1,0 +1,243 @@
+//! The NBD client against real parts: qcow2 images made with qemu-img and
+//! written with qemu-io (into a persistent dirty bitmap), exported by
+//! qemu-nbd, and compared with the reference client `nbdinfo` (libnbd-bin).
+//! `scripts/test.sh` installs what is missing.
+#![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_engine::nbd::NbdConnection;
+use cairn_engine::{
+    backup, restore_to_dir, BackupDisk, BackupOptions, ChangedBlocks, DiskInput, DiskSource,
+    DynPool, NbdSource, NoProgress, Repository, RestoreOptions,
+};
+use cairn_pools::MemoryPool;
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (run scripts/test.sh to install it)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A qemu-nbd export of a qcow2 image with bitmap `b0`, stopped on drop.
+struct Export {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Export {
+    fn start(image: &Path, socket: &Path) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new("qemu-nbd")
+            .args(["-r", "-f", "qcow2", "-t", "-e", "4", "-B", "b0", "-k"])
+            .arg(socket)
+            .arg(image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd (qemu-utils) is installed");
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Export {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `nbdinfo --map[=CONTEXT]` ranges whose type satisfies `pick`.
+fn nbdinfo_map(uri: &str, context: Option<&str>, pick: impl Fn(u32) -> bool) -> Vec<Range<u64>> {
+    let arg = match context {
+        Some(c) => format!("--map={c}"),
+        None => "--map".to_string(),
+    };
+    let text = run("nbdinfo", &[&arg, uri]);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (off, len, ty): (u64, u64, u32) = (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        );
+        if pick(ty) {
+            match out.last_mut() {
+                Some(last) if last.end == off => last.end = off + len,
+                _ => out.push(off..off + len),
+            }
+        }
+    }
+    out
+}
+
+fn qemu_io(image: &Path, cmds: &[&str]) {
+    let mut args = Vec::new();
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    let image = image.display().to_string();
+    args.push(&image);
+    run("qemu-io", &args);
+}
+
+fn raw_copy(image: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join("raw.img");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &image.display().to_string(),
+            &out.display().to_string(),
+        ],
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.qcow2");
+    let img = image.display().to_string();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "48M"]);
+    run("qemu-img", &["bitmap", "--add", &img, "b0"]);
+    (dir, image)
+}
+
+#[test]
+fn extents_and_reads_match_the_reference_client() {
+    let (dir, image) = setup();
+    qemu_io(
+        &image,
+        &[
+            "write -P 7 1M 64k",
+            "write -P 9 5M 4k",
+            "write -z 6M 64k",
+            "write -P 3 40M 3M",
+            "write -P 5 48892k 4k",
+        ],
+    );
+    let export = Export::start(&image, &dir.path().join("s.sock"));
+    let uri = export.uri();
+    let src = NbdSource::connect(&uri, Some("b0")).unwrap();
+    assert_eq!(src.size(), 48 << 20);
+    let data = src.data_extents().unwrap();
+    let reference = nbdinfo_map(&uri, None, |t| t & 3 == 0);
+    assert_eq!(data, reference, "base:allocation differs from nbdinfo");
+    let dirty = src.dirty_extents("b0").unwrap();
+    let reference = nbdinfo_map(&uri, Some("qemu:dirty-bitmap:b0"), |t| t & 1 == 1);
+    assert_eq!(dirty, reference, "dirty bitmap differs from nbdinfo");
+    assert!(!dirty.is_empty());
+    // Whole-disk read (several 32 MiB-capped requests) equals qemu-img's.
+    let mut all = vec![0u8; src.size() as usize];
+    src.read_at(0, &mut all).unwrap();
+    assert!(all == raw_copy(&image, dir.path()));
+    // A bitmap the export does not have is reported, not trusted.
+    assert!(src.dirty_extents("nope").is_err());
+    // Reads past the end are refused.
+    assert!(src.read_at((48 << 20) - 10, &mut [0u8; 20]).is_err());
+}
+
+#[test]
+fn full_then_incremental_over_nbd_restores_bit_identical() {
+    let (dir, image) = setup();
+    qemu_io(&image, &["write -P 1 0 8M", "write -P 2 20M 4M"]);
+    let pool: DynPool = Arc::new(MemoryPool::new());
+    Repository::init(pool.clone()).unwrap();
+    let repo = Repository::open(pool).unwrap();
+    let sock = dir.path().join("s.sock");
+
+    let export = Export::start(&image, &sock);
+    let disk = BackupDisk {
+        name: "vda".into(),
+        input: DiskInput::Image(Box::new(NbdSource::connect(&export.uri(), None).unwrap())),
+        properties: BTreeMap::new(),
+    };
+    let full = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap();
+    assert_eq!(full.bytes_read, 12 << 20, "only allocated data is read");
+    drop(export);
+    // The bitmap (b0, enabled) now records everything written since its
+    // creation; write more and back up incrementally from it.
+    qemu_io(&image, &["write -P 8 3M 4k", "write -P 9 30M 128k"]);
+    let expected = raw_copy(&image, dir.path());
+    let export = Export::start(&image, &sock);
+    let src = NbdSource::connect(&export.uri(), Some("b0")).unwrap();
+    let dirty = src.dirty_extents("b0").unwrap();
+    let dirty_bytes: u64 = dirty.iter().map(|r| r.end - r.start).sum();
+    let parent = repo.load_snapshot(&full.snapshot).unwrap();
+    let mut opts = BackupOptions::new("vm");
+    opts.parent = Some(full.snapshot);
+    let disk = BackupDisk {
+        name: "vda".into(),
+        input: DiskInput::Incremental {
+            source: Box::new(src),
+            changed: ChangedBlocks {
+                parent: parent.disks[0].clone(),
+                parent_chunking: parent.chunking,
+                dirty,
+            },
+        },
+        properties: BTreeMap::new(),
+    };
+    let inc = backup(&repo, vec![disk], &opts, &NoProgress).unwrap();
+    assert_eq!(inc.mode, "cbt");
+    assert!(
+        inc.bytes_read <= dirty_bytes.div_ceil(65536) * 65536,
+        "{inc:?}"
+    );
+    let out = dir.path().join("restore");
+    restore_to_dir(
+        &repo,
+        &inc.snapshot,
+        &out,
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(std::fs::read(out.join("vda")).unwrap() == expected);
+}
+
+#[test]
+fn dropped_connection_fails_cleanly() {
+    let (dir, image) = setup();
+    qemu_io(&image, &["write -P 1 0 16M"]);
+    let mut export = Export::start(&image, &dir.path().join("s.sock"));
+    let mut conn = NbdConnection::connect(&export.uri(), &["base:allocation"]).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    conn.read_at(0, &mut buf).unwrap();
+    export.child.kill().unwrap();
+    export.child.wait().unwrap();
+    let err = conn.read_at(0, &mut buf).unwrap_err();
+    assert!(err.to_string().contains("NBD"), "{err}");
+    // No server at all: a clear connection error naming the socket.
+    let err = NbdConnection::connect(&export.uri(), &[]).unwrap_err();
+    assert!(err.to_string().contains("s.sock"), "{err}");
+}
