@@ -476,31 +476,9 @@ fn read_disks(
     let mut seq = 0u64;
     let mut send = |batch: Batch| -> bool { work_tx.send(batch).is_ok() };
     for (disk, d) in disks.into_iter().enumerate() {
-        match d.input {
-            DiskInput::Image(src) => {
-                if !read_image(
-                    &*src, None, chunking, batch_size, disk, &mut seq, free_rx, free_tx, &mut send,
-                    failure,
-                )? {
-                    return Ok(());
-                }
-            }
-            DiskInput::Incremental { source, changed } => {
-                if !read_image(
-                    &*source,
-                    Some(&changed),
-                    chunking,
-                    batch_size,
-                    disk,
-                    &mut seq,
-                    free_rx,
-                    free_tx,
-                    &mut send,
-                    failure,
-                )? {
-                    return Ok(());
-                }
-            }
+        let (src, changed) = match d.input {
+            DiskInput::Image(src) => (src, None),
+            DiskInput::Incremental { source, changed } => (source, Some(changed)),
             DiskInput::Stream(mut r) => {
                 let mut reader = |buf: &mut [u8]| -> Result<usize> {
                     loop {
@@ -529,7 +507,22 @@ fn read_disks(
                 )? {
                     return Ok(());
                 }
+                continue;
             }
+        };
+        if !read_image(
+            &*src,
+            changed.as_ref(),
+            chunking,
+            batch_size,
+            disk,
+            &mut seq,
+            free_rx,
+            free_tx,
+            &mut send,
+            failure,
+        )? {
+            return Ok(());
         }
     }
     Ok(())

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cairn_engine::sample::{hash_file, scribble, write_sample_image};
+use cairn_engine::sample::{generate_image, hash_file, scribble};
 use cairn_engine::{
     backup, restore_to_dir, verify, BackupDisk, BackupOptions, DiskInput, NoProgress,
     RawFileSource, Repository, RestoreOptions, VerifyOptions,
@@ -65,9 +65,9 @@ fn steps(work: &Path, size_mib: u64) -> Result<u8, Failure> {
     let pool_dir = work.join("pool");
     println!("Cairn demo in {}", work.display());
 
-    write_sample_image(&disk, size_mib << 20, 42).map_err(io("writing the sample disk"))?;
+    generate_image(&disk, size_mib << 20, 42).map_err(io("writing the sample disk"))?;
     println!(
-        "1. sample disk: {} MiB (holes, log text, random data, duplicated blocks)",
+        "1. sample disk: {} MiB (holes, zeros, log text, random data, duplicated blocks)",
         size_mib
     );
     let hash_v1 = hash_file(&disk).map_err(io("hashing the disk"))?;
