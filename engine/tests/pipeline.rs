@@ -95,6 +95,17 @@ fn image_disk(name: &str, data: Vec<u8>) -> BackupDisk {
     }
 }
 
+/// A full backup of one in-memory disk for VM "vm".
+fn backup_image(repo: &Repository, name: &str, data: Vec<u8>) -> cairn_engine::BackupStats {
+    backup(
+        repo,
+        vec![image_disk(name, data)],
+        &BackupOptions::new("vm"),
+        &NoProgress,
+    )
+    .unwrap()
+}
+
 fn restore_bytes(
     repo: &Repository,
     id: &cairn_engine::SnapshotId,
@@ -293,13 +304,7 @@ fn sparse_file_holes_are_skipped_and_restored_as_holes() {
 fn interrupted_backup_keeps_earlier_snapshots_and_its_packs_are_reused() {
     let (pool, repo) = memory_repo();
     let first = mixed_image(2 << 20, 3);
-    let s1 = backup(
-        &repo,
-        vec![image_disk("d", first.clone())],
-        &BackupOptions::new("vm"),
-        &NoProgress,
-    )
-    .unwrap();
+    let s1 = backup_image(&repo, "d", first.clone());
 
     let big = mixed_image(8 << 20, 4);
     let mut opts = BackupOptions::new("vm");
@@ -382,13 +387,7 @@ fn first_pack(pool: &MemoryPool) -> (String, Vec<u8>) {
 fn flipped_bit_in_pack_is_found_by_verify_and_refused_by_restore() {
     let (pool, repo) = memory_repo();
     let data = mixed_image(1 << 20, 21);
-    let s = backup(
-        &repo,
-        vec![image_disk("d", data)],
-        &BackupOptions::new("vm"),
-        &NoProgress,
-    )
-    .unwrap();
+    let s = backup_image(&repo, "d", data);
     let (name, mut bytes) = first_pack(&pool);
     bytes[100] ^= 0x01; // inside the first blob
     pool.tamper(FileKind::Pack, &name, bytes);
@@ -434,13 +433,7 @@ fn flipped_bit_in_pack_is_found_by_verify_and_refused_by_restore() {
 fn damaged_missing_truncated_packs_are_reported() {
     for case in ["truncate", "empty", "missing", "table"] {
         let (pool, repo) = memory_repo();
-        let s = backup(
-            &repo,
-            vec![image_disk("d", mixed_image(1 << 20, 5))],
-            &BackupOptions::new("vm"),
-            &NoProgress,
-        )
-        .unwrap();
+        let s = backup_image(&repo, "d", mixed_image(1 << 20, 5));
         let (name, bytes) = first_pack(&pool);
         match case {
             "truncate" => pool.tamper(FileKind::Pack, &name, bytes[..bytes.len() / 2].to_vec()),
@@ -500,13 +493,7 @@ fn damaged_index_segment_is_a_clear_error_and_rebuild_repairs_it() {
     for case in ["truncate", "empty", "flip"] {
         let (pool, repo) = memory_repo();
         let data = mixed_image(1 << 20, 8);
-        let s = backup(
-            &repo,
-            vec![image_disk("d", data.clone())],
-            &BackupOptions::new("vm"),
-            &NoProgress,
-        )
-        .unwrap();
+        let s = backup_image(&repo, "d", data.clone());
         let name = pool.list(FileKind::Index).unwrap().pop().unwrap();
         let bytes = pool.read(FileKind::Index, &name).unwrap().to_vec();
         let bad = match case {
@@ -542,20 +529,8 @@ fn damaged_index_segment_is_a_clear_error_and_rebuild_repairs_it() {
 fn damaged_or_missing_manifest_is_reported() {
     for case in ["truncate", "empty", "flip"] {
         let (pool, repo) = memory_repo();
-        let keep = backup(
-            &repo,
-            vec![image_disk("d", mixed_image(1 << 20, 1))],
-            &BackupOptions::new("vm"),
-            &NoProgress,
-        )
-        .unwrap();
-        let s = backup(
-            &repo,
-            vec![image_disk("d", mixed_image(1 << 20, 2))],
-            &BackupOptions::new("vm"),
-            &NoProgress,
-        )
-        .unwrap();
+        let keep = backup_image(&repo, "d", mixed_image(1 << 20, 1));
+        let s = backup_image(&repo, "d", mixed_image(1 << 20, 2));
         let name = s.snapshot.to_hex();
         let bytes = pool.read(FileKind::Snapshot, &name).unwrap().to_vec();
         let bad = match case {
@@ -805,13 +780,7 @@ fn pool_write_failure_fails_the_backup_cleanly() {
     Repository::init(pool.clone()).unwrap();
     let repo = Repository::open(pool).unwrap();
     let first = mixed_image(1 << 20, 1);
-    let s1 = backup(
-        &repo,
-        vec![image_disk("d", first.clone())],
-        &BackupOptions::new("vm"),
-        &NoProgress,
-    )
-    .unwrap();
+    let s1 = backup_image(&repo, "d", first.clone());
     budget.store(300_000, Ordering::SeqCst);
     let mut opts = BackupOptions::new("vm");
     opts.threads = 2;
@@ -866,13 +835,7 @@ mod incremental {
     fn chain_of_incrementals_reads_only_dirty_blocks_and_every_point_restores() {
         let (pool, repo) = memory_repo();
         let mut data = mixed_image(8 << 20, 31);
-        let full = backup(
-            &repo,
-            vec![image_disk("d", data.clone())],
-            &BackupOptions::new("vm"),
-            &NoProgress,
-        )
-        .unwrap();
+        let full = backup_image(&repo, "d", data.clone());
         let mut points = vec![(full.snapshot, data.clone())];
         let mut rng = SampleRng::new(77);
         for _ in 0..10 {
@@ -916,13 +879,7 @@ mod incremental {
     fn untrusted_change_information_is_refused_before_reading() {
         let (_pool, repo) = memory_repo();
         let data = mixed_image(2 << 20, 3);
-        let full = backup(
-            &repo,
-            vec![image_disk("d", data.clone())],
-            &BackupOptions::new("vm"),
-            &NoProgress,
-        )
-        .unwrap();
+        let full = backup_image(&repo, "d", data.clone());
         let bitmap = DirtyBitmap::new(data.len() as u64, 65536).unwrap();
         // Resized disk.
         let mut bigger = data.clone();
