@@ -387,9 +387,17 @@ pub fn backup(
             let (free_rx, free_tx) = (free_rx.clone(), free_tx.clone());
             let chunking = opts.chunking;
             scope.spawn(move || {
-                if let Err(e) = read_disks(
-                    disks, chunking, batch_size, &free_rx, &free_tx, &work_tx, failure,
-                ) {
+                let feed = Feed {
+                    chunking,
+                    batch_size,
+                    disk: 0,
+                    seq: 0,
+                    free_rx: &free_rx,
+                    free_tx: &free_tx,
+                    work_tx: &work_tx,
+                    failure,
+                };
+                if let Err(e) = read_disks(disks, feed) {
                     failure.set(e);
                 }
             });
@@ -463,23 +471,61 @@ pub fn backup(
     Ok(stats)
 }
 
-/// Reader thread: turns disks into batches.
-fn read_disks(
-    disks: Vec<BackupDisk>,
+/// The reader's side of the pipeline: numbers batches, hands them to the
+/// workers, and takes free buffer pairs (noticing an abort while waiting).
+struct Feed<'a> {
     chunking: ChunkingParams,
     batch_size: usize,
-    free_rx: &Receiver<Buffers>,
-    free_tx: &Sender<Buffers>,
-    work_tx: &Sender<Batch>,
-    failure: &Failure,
-) -> Result<()> {
-    let mut seq = 0u64;
-    let mut send = |batch: Batch| -> bool { work_tx.send(batch).is_ok() };
+    disk: usize,
+    seq: u64,
+    free_rx: &'a Receiver<Buffers>,
+    free_tx: &'a Sender<Buffers>,
+    work_tx: &'a Sender<Batch>,
+    failure: &'a Failure,
+}
+
+impl Feed<'_> {
+    /// Sends a batch of the current disk; `false` when the pipeline shut down.
+    fn send(&mut self, body: BatchBody) -> bool {
+        let batch = Batch {
+            seq: self.seq,
+            disk: self.disk,
+            body,
+        };
+        self.seq += 1;
+        self.work_tx.send(batch).is_ok()
+    }
+
+    /// Waits for a free buffer pair; `None` on abort (the assembler failed
+    /// and will not hand buffers back) or shutdown.
+    fn buffers(&self) -> Option<Buffers> {
+        loop {
+            if self.failure.aborted() {
+                return None;
+            }
+            match self
+                .free_rx
+                .recv_timeout(std::time::Duration::from_millis(50))
+            {
+                Ok(b) => return Some(b),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Reader thread: turns disks into batches.
+fn read_disks(disks: Vec<BackupDisk>, mut feed: Feed<'_>) -> Result<()> {
     for (disk, d) in disks.into_iter().enumerate() {
-        let (src, changed) = match d.input {
-            DiskInput::Image(src) => (src, None),
-            DiskInput::Incremental { source, changed } => (source, Some(changed)),
+        feed.disk = disk;
+        let running = match d.input {
+            DiskInput::Image(src) => read_image(&mut feed, &*src, None)?,
+            DiskInput::Incremental { source, changed } => {
+                read_image(&mut feed, &*source, Some(&changed))?
+            }
             DiskInput::Stream(mut r) => {
+                let name = d.name;
                 let mut reader = |buf: &mut [u8]| -> Result<usize> {
                     loop {
                         match r.read(buf) {
@@ -487,41 +533,17 @@ fn read_disks(
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                             Err(e) => {
                                 return Err(Error::io(
-                                    format!("reading stream for disk {:?}", d.name),
+                                    format!("reading stream for disk {name:?}"),
                                     e,
                                 ))
                             }
                         }
                     }
                 };
-                if !chunk_stream(
-                    &mut reader,
-                    chunking,
-                    batch_size,
-                    disk,
-                    &mut seq,
-                    free_rx,
-                    free_tx,
-                    &mut send,
-                    failure,
-                )? {
-                    return Ok(());
-                }
-                continue;
+                chunk_stream(&mut feed, &mut reader)?
             }
         };
-        if !read_image(
-            &*src,
-            changed.as_ref(),
-            chunking,
-            batch_size,
-            disk,
-            &mut seq,
-            free_rx,
-            free_tx,
-            &mut send,
-            failure,
-        )? {
+        if !running {
             return Ok(());
         }
     }
@@ -531,39 +553,21 @@ fn read_disks(
 /// Reads one disk image: its data extents (or, for an incremental, its dirty
 /// ranges), aligned to the chunk grid. Ranges not read become holes, or, for
 /// an incremental, the parent's extents. Returns `Ok(false)` on shutdown.
-#[allow(clippy::too_many_arguments)]
 fn read_image(
+    feed: &mut Feed<'_>,
     src: &dyn DiskSource,
     changed: Option<&ChangedBlocks>,
-    chunking: ChunkingParams,
-    batch_size: usize,
-    disk: usize,
-    seq: &mut u64,
-    free_rx: &Receiver<Buffers>,
-    free_tx: &Sender<Buffers>,
-    send: &mut dyn FnMut(Batch) -> bool,
-    failure: &Failure,
 ) -> Result<bool> {
-    // Emits the range not read: a hole, or the parent's extents in pieces.
-    let gap =
-        |range: Range<u64>, seq: &mut u64, send: &mut dyn FnMut(Batch) -> bool| -> Result<bool> {
-            let pieces = match changed {
-                None => vec![vec![(range.end - range.start, None)]],
-                Some(c) => c.reuse(range)?.chunks(1 << 16).map(<[_]>::to_vec).collect(),
-            };
-            for piece in pieces {
-                let ok = send(Batch {
-                    seq: *seq,
-                    disk,
-                    body: BatchBody::Reuse(piece),
-                });
-                *seq += 1;
-                if !ok {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
+    // Emits a range not read: a hole, or the parent's extents in pieces.
+    let gap = |feed: &mut Feed<'_>, range: Range<u64>| -> Result<bool> {
+        let pieces = match changed {
+            None => vec![vec![(range.end - range.start, None)]],
+            Some(c) => c.reuse(range)?.chunks(1 << 16).map(<[_]>::to_vec).collect(),
         };
+        Ok(pieces
+            .into_iter()
+            .all(|piece| feed.send(BatchBody::Reuse(piece))))
+    };
     let size = src.size();
     let extents = match changed {
         Some(c) => {
@@ -573,55 +577,35 @@ fn read_image(
         }
         None => src.data_extents()?,
     };
-    let regions = match chunking {
-        ChunkingParams::Fixed { size: grid } => align_extents(&extents, grid as u64, size),
-        _ => align_extents(&extents, 1, size),
+    let grid = match feed.chunking {
+        ChunkingParams::Fixed { size: grid } => grid as u64,
+        _ => 1,
     };
+    let map = src.mapped();
     let mut pos = 0u64;
-    for region in regions {
-        if region.start > pos && !gap(pos..region.start, seq, send)? {
+    for region in align_extents(&extents, grid, size) {
+        if region.start > pos && !gap(feed, pos..region.start)? {
             return Ok(false);
         }
-        if let Some(map) = src.mapped() {
-            if !chunk_mapped(
-                &map,
-                region.clone(),
-                chunking,
-                batch_size,
-                disk,
-                seq,
-                free_rx,
-                send,
-                failure,
-            ) {
-                return Ok(false);
+        let running = match &map {
+            Some(map) => chunk_mapped(feed, map, region.clone()),
+            None => {
+                let mut offset = region.start;
+                let mut reader = |buf: &mut [u8]| -> Result<usize> {
+                    let n = buf.len().min((region.end - offset) as usize);
+                    src.read_at(offset, &mut buf[..n])?;
+                    offset += n as u64;
+                    Ok(n)
+                };
+                chunk_stream(feed, &mut reader)?
             }
-            pos = region.end;
-            continue;
-        }
-        let mut offset = region.start;
-        let mut reader = |buf: &mut [u8]| -> Result<usize> {
-            let n = buf.len().min((region.end - offset) as usize);
-            src.read_at(offset, &mut buf[..n])?;
-            offset += n as u64;
-            Ok(n)
         };
-        if !chunk_stream(
-            &mut reader,
-            chunking,
-            batch_size,
-            disk,
-            seq,
-            free_rx,
-            free_tx,
-            send,
-            failure,
-        )? {
+        if !running {
             return Ok(false);
         }
         pos = region.end;
     }
-    if size > pos && !gap(pos..size, seq, send)? {
+    if size > pos && !gap(feed, pos..size)? {
         return Ok(false);
     }
     Ok(true)
@@ -629,32 +613,16 @@ fn read_image(
 
 /// Reads one region (or stream) to its end, cutting it into batches of whole
 /// chunks. Returns `Ok(false)` when the pipeline shut down.
-#[allow(clippy::too_many_arguments)]
 fn chunk_stream(
+    feed: &mut Feed<'_>,
     read: &mut dyn FnMut(&mut [u8]) -> Result<usize>,
-    chunking: ChunkingParams,
-    batch_size: usize,
-    disk: usize,
-    seq: &mut u64,
-    free_rx: &Receiver<Buffers>,
-    free_tx: &Sender<Buffers>,
-    send: &mut dyn FnMut(Batch) -> bool,
-    failure: &Failure,
 ) -> Result<bool> {
+    let (chunking, batch_size) = (feed.chunking, feed.batch_size);
     let mut carry: Vec<u8> = Vec::new();
     let mut eof = false;
     while !eof || !carry.is_empty() {
-        if failure.aborted() {
+        let Some(mut buffers) = feed.buffers() else {
             return Ok(false);
-        }
-        // Wait for a free buffer pair, but notice an abort (the assembler
-        // failed and will not hand buffers back).
-        let mut buffers = loop {
-            match free_rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                Ok(b) => break b,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !failure.aborted() => {}
-                Err(_) => return Ok(false),
-            }
         };
         // The input buffer keeps its full length between batches (zeroed
         // once), so refilling it costs no memset.
@@ -684,21 +652,16 @@ fn chunk_stream(
         if cuts.is_empty() {
             // Nothing to send (the region ended exactly at the previous
             // batch): hand the buffers back for the next batch.
-            let _ = free_tx.send(buffers);
+            let _ = feed.free_tx.send(buffers);
             continue;
         }
-        let ok = send(Batch {
-            seq: *seq,
-            disk,
-            body: BatchBody::Data {
-                buffers,
-                cuts,
-                bytes_read,
-                mapped: None,
-            },
-        });
-        *seq += 1;
-        if !ok {
+        let body = BatchBody::Data {
+            buffers,
+            cuts,
+            bytes_read,
+            mapped: None,
+        };
+        if !feed.send(body) {
             return Ok(false);
         }
     }
@@ -707,35 +670,20 @@ fn chunk_stream(
 
 /// Cuts one region of a memory-mapped disk into batches without copying:
 /// batches refer to the mapping. Returns `false` when the pipeline shut down.
-#[allow(clippy::too_many_arguments)]
-fn chunk_mapped(
-    map: &MappedDisk,
-    region: Range<u64>,
-    chunking: ChunkingParams,
-    batch_size: usize,
-    disk: usize,
-    seq: &mut u64,
-    free_rx: &Receiver<Buffers>,
-    send: &mut dyn FnMut(Batch) -> bool,
-    failure: &Failure,
-) -> bool {
+fn chunk_mapped(feed: &mut Feed<'_>, map: &MappedDisk, region: Range<u64>) -> bool {
     let bytes: &[u8] = map.bytes();
     let end = (region.end as usize).min(bytes.len());
     let mut pos = region.start as usize;
-    let max_chunk = chunking.max_chunk();
+    let max_chunk = feed.chunking.max_chunk();
     while pos < end {
-        let buffers = loop {
-            match free_rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                Ok(b) => break b,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !failure.aborted() => {}
-                Err(_) => return false,
-            }
+        let Some(buffers) = feed.buffers() else {
+            return false;
         };
         let start = pos;
-        let mut cuts = Vec::with_capacity(batch_size / 4096 + 1);
+        let mut cuts = Vec::with_capacity(feed.batch_size / 4096 + 1);
         // The whole region is available, so every cut is final.
-        while pos < end && pos - start + max_chunk <= batch_size {
-            match chunking.next_cut(&bytes[pos..end], true) {
+        while pos < end && pos - start + max_chunk <= feed.batch_size {
+            match feed.chunking.next_cut(&bytes[pos..end], true) {
                 Some(c) => {
                     cuts.push(c as u32);
                     pos += c;
@@ -743,18 +691,13 @@ fn chunk_mapped(
                 None => break,
             }
         }
-        let batch = Batch {
-            seq: *seq,
-            disk,
-            body: BatchBody::Data {
-                buffers,
-                cuts,
-                bytes_read: (pos - start) as u64,
-                mapped: Some((map.clone(), start..pos)),
-            },
+        let body = BatchBody::Data {
+            buffers,
+            cuts,
+            bytes_read: (pos - start) as u64,
+            mapped: Some((map.clone(), start..pos)),
         };
-        *seq += 1;
-        if !send(batch) {
+        if !feed.send(body) {
             return false;
         }
     }
