@@ -1,6 +1,6 @@
-//! criterion benchmarks of the engine's stages and the end-to-end pipelines
-//! on a 64 MiB mixed in-memory image (the quick group; the 4 GiB runs belong
-//! to the performance issue's bench binary).
+//! criterion benchmarks of the engine's stages (64 MiB of the mix), index
+//! lookups, pack writing, and the end-to-end pipelines on a 1 GiB in-memory
+//! image (the quick group; the 4 GiB case is the `cairn-bench` binary).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,13 +9,15 @@ use cairn_benches::mixed_data;
 use cairn_engine::index::{Segment, SegmentBuilder};
 use cairn_engine::{
     backup, restore_to_dir, BackupDisk, BackupOptions, BlobCodec, ChunkId, ChunkingParams,
-    Compression, DiskInput, DiskSource, DynPool, NoProgress, PackEntry, PackId, Repository,
-    RestoreOptions,
+    Compression, DiskInput, DiskSource, DynPool, NoProgress, PackEntry, PackId, PackWriter,
+    Repository, RestoreOptions,
 };
 use cairn_pools::{LocalPool, MemoryPool};
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 const SIZE: usize = 64 << 20;
+/// Image size of the end-to-end group.
+const PIPELINE_SIZE: usize = 1 << 30;
 
 struct MemDisk(Arc<Vec<u8>>);
 
@@ -96,9 +98,9 @@ fn index_lookup(c: &mut Criterion) {
 }
 
 fn pipelines(c: &mut Criterion) {
-    let data = Arc::new(mixed_data(SIZE, 2));
-    let mut g = c.benchmark_group("pipeline_64MiB");
-    g.throughput(Throughput::Bytes(SIZE as u64));
+    let data = Arc::new(mixed_data(PIPELINE_SIZE, 2));
+    let mut g = c.benchmark_group("pipeline_1GiB");
+    g.throughput(Throughput::Bytes(PIPELINE_SIZE as u64));
     g.sample_size(10);
     let disk = |d: &Arc<Vec<u8>>| BackupDisk {
         name: "d".into(),
@@ -167,5 +169,38 @@ fn pipelines(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stages, index_lookup, pipelines);
+fn pack_writing(c: &mut Criterion) {
+    // 64 MiB of encoded blobs of the mix, appended to packs in a memory pool
+    // (framing, table, checksum and commit; no compression in the loop).
+    let data = mixed_data(SIZE, 3);
+    let mut codec = BlobCodec::new(Compression::default());
+    let blobs: Vec<(ChunkId, u32, Vec<u8>)> = data
+        .chunks(64 << 10)
+        .map(|c| {
+            let mut out = Vec::new();
+            codec.encode_into(c, &mut out).expect("encode");
+            (ChunkId::of(c), c.len() as u32, out)
+        })
+        .collect();
+    let stored: usize = blobs.iter().map(|b| b.2.len()).sum();
+    let mut g = c.benchmark_group("pack_writing");
+    g.throughput(Throughput::Bytes(stored as u64));
+    g.sample_size(20);
+    g.bench_function("64MiB_into_memory_pool", |b| {
+        b.iter_batched(
+            MemoryPool::new,
+            |pool| {
+                let mut w = PackWriter::create(&pool).expect("pack");
+                for (id, raw, blob) in &blobs {
+                    w.add(*id, *raw, blob).expect("add");
+                }
+                w.finish().expect("seal")
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages, index_lookup, pack_writing, pipelines);
 criterion_main!(benches);
