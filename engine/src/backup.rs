@@ -248,29 +248,31 @@ enum DoneBody {
 }
 
 /// First error of any pipeline thread, plus an abort flag.
-struct Failure {
+/// Shared by the backup and restore pipelines.
+pub(crate) struct Failure {
     abort: AtomicBool,
     error: Mutex<Option<Error>>,
 }
 
 impl Failure {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Failure {
             abort: AtomicBool::new(false),
             error: Mutex::new(None),
         }
     }
-    fn set(&self, e: Error) {
+    /// Records `e` unless an earlier error is recorded, and aborts.
+    pub(crate) fn set(&self, e: Error) {
         self.abort.store(true, Ordering::SeqCst);
         let mut slot = self.error.lock();
         if slot.is_none() {
             *slot = Some(e);
         }
     }
-    fn aborted(&self) -> bool {
+    pub(crate) fn aborted(&self) -> bool {
         self.abort.load(Ordering::SeqCst)
     }
-    fn take(&self) -> Option<Error> {
+    pub(crate) fn take(&self) -> Option<Error> {
         self.error.lock().take()
     }
 }

@@ -9,12 +9,11 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
-use crate::backup::validate_disk_name;
+use crate::backup::{validate_disk_name, Failure};
 use crate::codec::{BlobCodec, Compression};
 use crate::coding::DecodeError;
 use crate::error::{Error, Result};
@@ -246,22 +245,6 @@ struct Run {
     chunks: Vec<(ChunkId, u32, u64)>,
 }
 
-/// First failure of a restore thread.
-struct FirstError {
-    failed: AtomicBool,
-    error: parking_lot::Mutex<Option<Error>>,
-}
-
-impl FirstError {
-    fn set(&self, e: Error) {
-        self.failed.store(true, Ordering::SeqCst);
-        self.error.lock().get_or_insert(e);
-    }
-    fn failed(&self) -> bool {
-        self.failed.load(Ordering::SeqCst)
-    }
-}
-
 /// Reads and verifies one run into `out` (cleared first).
 fn read_run(
     repo: &Repository,
@@ -337,10 +320,7 @@ fn restore_disk(
     for _ in 0..buffers {
         let _ = free_tx.send(Vec::with_capacity(RUN_MAX as usize + (1 << 20)));
     }
-    let first = FirstError {
-        failed: AtomicBool::new(false),
-        error: parking_lot::Mutex::new(None),
-    };
+    let first = Failure::new();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             let (run_rx, write_tx, free_rx, first) =
@@ -348,7 +328,7 @@ fn restore_disk(
             scope.spawn(move || {
                 let mut codec = BlobCodec::new(Compression::None);
                 for run in run_rx.iter() {
-                    if first.failed() {
+                    if first.aborted() {
                         break;
                     }
                     let Ok(mut buf) = free_rx.recv() else { break };
@@ -372,7 +352,7 @@ fn restore_disk(
             let (first, free_tx) = (&first, free_tx.clone());
             scope.spawn(move || {
                 for (offset, buf) in write_rx.iter() {
-                    if !first.failed() {
+                    if !first.aborted() {
                         match target.write_at(offset, &buf) {
                             Ok(()) => progress.advance(buf.len() as u64),
                             Err(e) => first.set(e),
@@ -385,7 +365,7 @@ fn restore_disk(
         let mut current: Option<Run> = None;
         let send = |run: Option<Run>| -> bool { run.is_none_or(|r| run_tx.send(r).is_ok()) };
         for e in &disk.extents {
-            if first.failed() {
+            if first.aborted() {
                 break;
             }
             let Some(id) = e.chunk else {
@@ -429,13 +409,13 @@ fn restore_disk(
                 break;
             }
         }
-        if !first.failed() {
+        if !first.aborted() {
             send(current.take());
         }
         drop(run_tx);
         drop(free_tx);
     });
-    match first.error.into_inner() {
+    match first.take() {
         Some(e) => Err(e),
         None => Ok(()),
     }
