@@ -216,15 +216,30 @@ pub fn read_chunk(
         loc.offset,
         loc.length as usize,
     )?;
-    match codec.decode_verified(&blob, id, out) {
+    out.clear();
+    decode_chunk(codec, &blob, id, loc.pack, loc.offset, out)
+}
+
+/// Decodes the blob of chunk `id` (at `offset` in `pack`), appends the
+/// verified plaintext to `out`, and names the chunk and pack on failure.
+fn decode_chunk(
+    codec: &mut BlobCodec,
+    blob: &[u8],
+    id: &ChunkId,
+    pack: PackId,
+    offset: u64,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    match codec.decode_verified_append(blob, id, out) {
         Ok(()) => Ok(()),
-        Err(DecodeError::ChecksumMismatch { .. }) => Err(Error::ChunkHashMismatch {
+        Err(DecodeError::ChecksumMismatch { got, .. }) => Err(Error::ChunkHashMismatch {
             chunk: *id,
-            pack: loc.pack,
-            got: ChunkId::of(out),
+            pack,
+            // `got` is the hex of the content's id, made by the codec.
+            got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
         }),
         Err(e) => Err(Error::corrupt(
-            format!("chunk {id} at offset {} of pack {}", loc.offset, loc.pack),
+            format!("chunk {id} at offset {offset} of pack {pack}"),
             e,
         )),
     }
@@ -266,26 +281,7 @@ fn read_run(
     for (id, blob_len, extent_len) in &run.chunks {
         let blob = blobs.get(at..at + *blob_len as usize).unwrap_or_default();
         let before = out.len();
-        match codec.decode_verified_append(blob, id, out) {
-            Ok(()) => {}
-            Err(DecodeError::ChecksumMismatch { got, .. }) => {
-                return Err(Error::ChunkHashMismatch {
-                    chunk: *id,
-                    pack: run.pack,
-                    got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
-                })
-            }
-            Err(e) => {
-                return Err(Error::corrupt(
-                    format!(
-                        "chunk {id} at offset {} of pack {}",
-                        run.pack_offset + at as u64,
-                        run.pack
-                    ),
-                    e,
-                ))
-            }
-        }
+        decode_chunk(codec, blob, id, run.pack, run.pack_offset + at as u64, out)?;
         if (out.len() - before) as u64 != *extent_len {
             return Err(Error::corrupt(
                 format!("snapshot {snapshot}"),

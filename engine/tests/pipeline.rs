@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use cairn_engine::sample::{fill_text, SampleRng};
 use cairn_engine::{
-    backup, restore_to_dir, verify, BackupDisk, BackupOptions, ChunkingParams, DamageKind,
+    backup, restore_to_dir, verify, BackupDisk, BackupOptions, ChunkId, ChunkingParams, DamageKind,
     DiskInput, DiskSource, DynPool, Error, FileKind, NoProgress, PackId, PoolDelete, PoolList,
     PoolRead, RawFileSource, Repository, RestoreOptions, VerifyOptions,
 };
@@ -905,5 +905,43 @@ mod incremental {
         assert_eq!(s.chunks_new, 0);
         let dir = tempfile::tempdir().unwrap();
         assert!(restore_bytes(&repo, &s.snapshot, dir.path())["d"] == data);
+    }
+}
+
+#[test]
+fn hash_mismatch_names_chunk_pack_and_the_damaged_content_id() {
+    let (pool, repo) = memory_repo();
+    let mut opts = BackupOptions::new("vm");
+    opts.compression = cairn_engine::Compression::None;
+    backup(
+        &repo,
+        vec![image_disk("d", mixed_image(1 << 20, 9))],
+        &opts,
+        &NoProgress,
+    )
+    .unwrap();
+    let (name, mut bytes) = first_pack(&pool);
+    let entry = cairn_engine::pack::parse_pack(&bytes).unwrap()[0];
+    let body = entry.offset as usize + 12..(entry.offset + entry.length as u64) as usize;
+    bytes[body.start] ^= 0x40; // raw blob: the content changes, the header does not
+    let damaged = ChunkId::of(&bytes[body]);
+    pool.tamper(FileKind::Pack, &name, bytes);
+    let mut codec = cairn_engine::BlobCodec::new(cairn_engine::Compression::None);
+    let mut out = Vec::new();
+    let err = cairn_engine::restore::read_chunk(
+        &repo,
+        &mut codec,
+        &entry.id,
+        &|| "test".into(),
+        &mut out,
+    )
+    .unwrap_err();
+    match err {
+        Error::ChunkHashMismatch { chunk, pack, got } => {
+            assert_eq!(chunk, entry.id);
+            assert_eq!(pack.to_hex(), name);
+            assert_eq!(got, damaged);
+        }
+        other => panic!("expected a hash mismatch, got {other}"),
     }
 }
