@@ -11,6 +11,8 @@
 //! targets arrive with the CAS adapter issues (see `docs/DESIGN.md`). A CVM
 //! simulator for tests will live beside it and never on the production path.
 
+pub mod qemu;
+
 use cairn_engine::{DiskTarget, Error, Platform, PlatformSnapshot, Result, VmDisk, VmInfo};
 
 /// How to reach a CVM (spec "Platform facts": name, address, SSL, port, user,

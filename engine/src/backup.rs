@@ -138,6 +138,10 @@ pub struct BackupStats {
     pub bytes_new_raw: u64,
     pub packs_written: u64,
     pub seconds: f64,
+    /// Disks whose changed-block tracking was asked for but not trusted,
+    /// with the reason (their [`PROP_FALLBACK`](crate::cbt::PROP_FALLBACK)
+    /// property); they were read in full against the parent.
+    pub cbt_fallback: BTreeMap<String, String>,
 }
 
 /// Checks a disk name: non-empty, no path separators, no `.`/`..`, no NUL.
@@ -448,6 +452,9 @@ pub fn backup(
     }
     for d in &mut manifest_disks {
         d.extents.shrink_to_fit();
+        if let Some(reason) = d.properties.get(crate::cbt::PROP_FALLBACK) {
+            stats.cbt_fallback.insert(d.name.clone(), reason.clone());
+        }
     }
     let snapshot = Snapshot {
         time: SystemTime::now(),
@@ -818,6 +825,7 @@ fn assemble(
         bytes_logical: 0,
         bytes_read: 0,
         bytes_dirty: 0,
+        cbt_fallback: BTreeMap::new(),
         bytes_new: 0,
         chunks_total: 0,
         chunks_new: 0,

@@ -3,6 +3,17 @@
 //! into an incremental: only dirty ranges are read; every other range reuses
 //! the parent snapshot's extents, so the new manifest is complete on its own.
 //!
+//! [`decide`] is the trust check of spec B4: given the previous snapshot of a
+//! disk, the bitmap the caller is about to consume and what the source said
+//! about it, it returns an incremental only when every link holds (the
+//! bitmap exists and is consistent, it is the one the previous snapshot
+//! started, the disk kept its size and chunk grid); otherwise the job's
+//! [`CbtPolicy`] picks a full read against the parent (stores only changed
+//! chunks, so always correct) or skipping the disk. Each snapshot records in
+//! its disk properties the bitmap it consumed ([`PROP_BITMAP`]), the bitmap
+//! that tracks changes since it ([`PROP_NEXT_BITMAP`]) and, when CBT was asked
+//! for but not trusted, why ([`PROP_FALLBACK`]).
+//!
 //! Bitmap encoding (`DirtyBitmap::encode`):
 //! ```text
 //! magic "CAIRNBM1" | version u16 = 1 | reserved u16 = 0 | reserved u32 = 0
@@ -10,12 +21,24 @@
 //! BLAKE3-256 of everything above [32]
 //! ```
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
+use crate::backup::DiskInput;
 use crate::chunker::ChunkingParams;
 use crate::coding::{split_checksummed, DecodeError, Decoder, Encoder};
 use crate::error::{Error, Result};
-use crate::manifest::DiskManifest;
+use crate::id::SnapshotId;
+use crate::manifest::{DiskManifest, Snapshot};
+use crate::source::DiskSource;
+
+/// Disk property: the dirty bitmap this snapshot's incremental consumed.
+pub const PROP_BITMAP: &str = "cbt.bitmap";
+/// Disk property: the bitmap that records changes since this snapshot; the
+/// next incremental of the disk must consume exactly this one.
+pub const PROP_NEXT_BITMAP: &str = "cbt.next-bitmap";
+/// Disk property: why CBT was asked for but not used (the fallback reason).
+pub const PROP_FALLBACK: &str = "cbt.fallback";
 
 const BITMAP_MAGIC_V1: [u8; 8] = *b"CAIRNBM1";
 const BITMAP_VERSION_V1: u16 = 1;
@@ -243,6 +266,259 @@ impl ChangedBlocks {
             out.push((end - start, e.chunk));
         }
         Ok(out)
+    }
+}
+
+/// What a job does when changed-block tracking cannot be trusted (spec B4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CbtPolicy {
+    /// Read the whole disk (its allocated extents) against the previous
+    /// snapshot: only changed chunks are stored. The default.
+    #[default]
+    Full,
+    /// Leave the disk out of this run and raise an alert.
+    SkipAlert,
+    /// Leave the disk out of this run silently.
+    Skip,
+}
+
+impl std::fmt::Display for CbtPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CbtPolicy::Full => "full",
+            CbtPolicy::SkipAlert => "skip-alert",
+            CbtPolicy::Skip => "skip",
+        })
+    }
+}
+
+impl std::str::FromStr for CbtPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "full" => Ok(CbtPolicy::Full),
+            "skip-alert" => Ok(CbtPolicy::SkipAlert),
+            "skip" => Ok(CbtPolicy::Skip),
+            _ => Err(format!(
+                "CBT policy {s:?}: expected full, skip-alert or skip"
+            )),
+        }
+    }
+}
+
+/// What the caller knows about one disk before an incremental.
+#[derive(Clone, Copy, Debug)]
+pub struct CbtRequest<'a> {
+    pub disk: &'a str,
+    /// The newest snapshot of the VM holding this disk, if any
+    /// ([`Repository::latest_with_disk`](crate::repo::Repository::latest_with_disk)).
+    pub parent: Option<(&'a SnapshotId, &'a Snapshot)>,
+    /// The bitmap the caller is about to consume.
+    pub bitmap: &'a str,
+    /// Its dirty ranges, or why they are unavailable (missing, inconsistent,
+    /// in use …).
+    pub dirty: std::result::Result<&'a [Range<u64>], &'a str>,
+    /// The disk's size now.
+    pub size: u64,
+    /// This backup's chunking.
+    pub chunking: ChunkingParams,
+}
+
+/// The outcome of [`decide`].
+#[derive(Clone, Debug)]
+pub enum CbtDecision {
+    /// Trusted: read only the dirty ranges against the parent.
+    Incremental {
+        parent: SnapshotId,
+        changed: ChangedBlocks,
+    },
+    /// No earlier copy of the disk: a plain full backup, nothing to fall
+    /// back from.
+    Full,
+    /// Not trusted, policy `full`: read the whole disk, deduplicated against
+    /// the parent (recorded), and record `reason`.
+    Fallback { parent: SnapshotId, reason: String },
+    /// Not trusted, policy `skip`/`skip-alert`: leave the disk out.
+    Skip { reason: String, alert: bool },
+}
+
+impl CbtDecision {
+    /// The reason CBT was not used, when it was asked for.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        match self {
+            CbtDecision::Fallback { reason, .. } | CbtDecision::Skip { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+impl CbtDecision {
+    /// Turns the decision into the disk's backup input and the parent to
+    /// record, noting in `properties` the bitmap consumed (incrementals) or
+    /// the fallback reason. `Err((reason, alert))`: the policy skips the disk.
+    #[allow(clippy::type_complexity)]
+    pub fn into_input(
+        self,
+        source: Box<dyn DiskSource>,
+        consumed: Option<&str>,
+        properties: &mut BTreeMap<String, String>,
+    ) -> std::result::Result<(DiskInput, Option<SnapshotId>), (String, bool)> {
+        match self {
+            CbtDecision::Incremental { parent, changed } => {
+                if let Some(b) = consumed {
+                    properties.insert(PROP_BITMAP.to_string(), b.to_string());
+                }
+                Ok((DiskInput::Incremental { source, changed }, Some(parent)))
+            }
+            CbtDecision::Full => Ok((DiskInput::Image(source), None)),
+            CbtDecision::Fallback { parent, reason } => {
+                properties.insert(PROP_FALLBACK.to_string(), reason);
+                Ok((DiskInput::Image(source), Some(parent)))
+            }
+            CbtDecision::Skip { reason, alert } => Err((reason, alert)),
+        }
+    }
+}
+
+/// One disk whose backup may use a dirty bitmap.
+pub struct CbtDisk {
+    pub name: String,
+    pub source: Box<dyn DiskSource>,
+    /// The bitmap to consume.
+    pub bitmap: String,
+    /// Its dirty ranges, or why they are unavailable.
+    pub dirty: std::result::Result<Vec<Range<u64>>, String>,
+    /// The bitmap recording changes from this backup on (recorded as
+    /// [`PROP_NEXT_BITMAP`]).
+    pub next_bitmap: String,
+    /// Other facts to record in the disk's manifest entry.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for CbtDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CbtDisk")
+            .field("name", &self.name)
+            .field("source", &self.source.describe())
+            .field("bitmap", &self.bitmap)
+            .field("next_bitmap", &self.next_bitmap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A disk ready for [`backup`](crate::backup::backup), or skipped by the policy.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per disk, moved once
+pub enum PreparedDisk {
+    Backup {
+        disk: crate::backup::BackupDisk,
+        /// The parent to set in [`BackupOptions`](crate::backup::BackupOptions).
+        parent: Option<SnapshotId>,
+        /// Set when CBT was not trusted and the disk is read in full.
+        fallback: Option<String>,
+    },
+    Skip {
+        reason: String,
+        alert: bool,
+    },
+}
+
+/// Finds the disk's parent in `repo` (the newest snapshot of `vm` holding
+/// it), [`decide`]s and builds the backup input.
+pub fn prepare_disk(
+    repo: &crate::repo::Repository,
+    vm: &str,
+    disk: CbtDisk,
+    chunking: ChunkingParams,
+    policy: CbtPolicy,
+) -> Result<PreparedDisk> {
+    let parent = repo.latest_with_disk(vm, &disk.name)?;
+    let request = CbtRequest {
+        disk: &disk.name,
+        parent: parent.as_ref().map(|(id, s)| (id, s)),
+        bitmap: &disk.bitmap,
+        dirty: disk.dirty.as_deref().map_err(String::as_str),
+        size: disk.source.size(),
+        chunking,
+    };
+    let decision = decide(&request, policy);
+    let fallback = decision.fallback_reason().map(str::to_string);
+    let mut properties = disk.properties;
+    properties.insert(PROP_NEXT_BITMAP.to_string(), disk.next_bitmap);
+    Ok(
+        match decision.into_input(disk.source, Some(&disk.bitmap), &mut properties) {
+            Ok((input, parent)) => PreparedDisk::Backup {
+                disk: crate::backup::BackupDisk {
+                    name: disk.name,
+                    input,
+                    properties,
+                },
+                parent,
+                fallback,
+            },
+            Err((reason, alert)) => PreparedDisk::Skip { reason, alert },
+        },
+    )
+}
+
+/// Decides whether the caller's bitmap can drive an incremental of
+/// `req.disk`, and applies `policy` when it cannot. Never trusts a bitmap
+/// that is missing or inconsistent, that is not the one the previous snapshot
+/// started, or a disk whose size or chunk grid changed.
+pub fn decide(req: &CbtRequest<'_>, policy: CbtPolicy) -> CbtDecision {
+    let Some((parent_id, parent)) = req.parent else {
+        return CbtDecision::Full;
+    };
+    let Some(parent_disk) = parent.disks.iter().find(|d| d.name == req.disk) else {
+        return CbtDecision::Full;
+    };
+    match trust(req, parent_id, parent, parent_disk) {
+        Ok(changed) => CbtDecision::Incremental {
+            parent: *parent_id,
+            changed,
+        },
+        Err(reason) => match policy {
+            CbtPolicy::Full => CbtDecision::Fallback {
+                parent: *parent_id,
+                reason,
+            },
+            CbtPolicy::SkipAlert | CbtPolicy::Skip => CbtDecision::Skip {
+                reason,
+                alert: policy == CbtPolicy::SkipAlert,
+            },
+        },
+    }
+}
+
+fn trust(
+    req: &CbtRequest<'_>,
+    parent_id: &SnapshotId,
+    parent: &Snapshot,
+    parent_disk: &DiskManifest,
+) -> std::result::Result<ChangedBlocks, String> {
+    let short = &parent_id.to_hex()[..16];
+    match parent_disk.properties.get(PROP_NEXT_BITMAP) {
+        None => {
+            return Err(format!(
+                "the previous snapshot {short} started no dirty bitmap for this disk"
+            ))
+        }
+        Some(next) if next != req.bitmap => return Err(format!(
+            "bitmap {:?} does not belong to the previous snapshot {short}, which started {next:?}",
+            req.bitmap
+        )),
+        Some(_) => {}
+    }
+    let dirty = req.dirty.map_err(|why| why.to_string())?;
+    let changed = ChangedBlocks {
+        parent: parent_disk.clone(),
+        parent_chunking: parent.chunking,
+        dirty: dirty.to_vec(),
+    };
+    match changed.check(req.disk, req.size, req.chunking) {
+        Ok(()) => Ok(changed),
+        Err(Error::CbtNotTrusted { reason, .. }) => Err(reason),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -6,18 +6,27 @@
 //! may cover less; requests are capped at 32 MiB). Unix sockets and TCP.
 //!
 //! [`NbdSource`] is a [`DiskSource`]: allocated extents come from
-//! `base:allocation`, and [`NbdSource::dirty_extents`] reads a dirty bitmap.
+//! `base:allocation`, [`NbdSource::dirty_extents`] reads a dirty bitmap, and
+//! reads are spread over several connections to the same export (spec B8
+//! "streams per disk"; qemu-nbd accepts them with `-e N`). [`NbdTarget`] is a
+//! [`DiskTarget`] writing a restore into a blank writable export
+//! (`NBD_CMD_WRITE`, `NBD_CMD_FLUSH`).
 //! Reference client for the tests: `nbdinfo --map` from libnbd-bin.
+//!
+//! Every socket has a read/write timeout: a server that stops answering
+//! fails the job with an error naming it instead of hanging it.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::restore::DiskTarget;
 use crate::source::DiskSource;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -40,8 +49,28 @@ const REP_META_CONTEXT: u32 = 4;
 const INFO_EXPORT: u16 = 0;
 
 const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
 const CMD_BLOCK_STATUS: u16 = 7;
+
+/// Transmission flag: the export is read-only.
+pub const TRANSMIT_READ_ONLY: u16 = 1 << 1;
+/// Transmission flag: the server accepts `NBD_CMD_FLUSH`.
+pub const TRANSMIT_SEND_FLUSH: u16 = 1 << 2;
+/// Transmission flag: several connections see one consistent export.
+pub const TRANSMIT_CAN_MULTI_CONN: u16 = 1 << 8;
+
+/// How long a socket may stay silent before the operation fails.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Handshake timeout for the extra read connections of an [`NbdSource`]: a
+/// server that accepts one client at a time (qemu-nbd without `-e`) never
+/// greets them, and the source then reads over the connections it has.
+pub const EXTRA_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most connections an [`NbdSource`] opens to one export.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Reads smaller than this are not split across connections.
+const MIN_SPLIT_PIECE: usize = 512 << 10;
 
 const REPLY_FLAG_DONE: u16 = 1;
 const REPLY_NONE: u16 = 0;
@@ -118,14 +147,54 @@ impl NbdAddress {
     }
 }
 
-trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
+/// A byte stream to a server; sockets can bound how long a call waits.
+trait Stream: Read + Write + Send {
+    fn set_timeout(&self, _timeout: Duration) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream for UnixStream {
+    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+impl Stream for TcpStream {
+    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+/// Any other byte stream (tests, fuzzing): no timeouts.
+struct Plain<S>(S);
+
+impl<S: Read> Read for Plain<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<S: Write> Write for Plain<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<S: Read + Write + Send> Stream for Plain<S> {}
 
 /// One connection to an export, after the handshake.
 pub struct NbdConnection {
     stream: Box<dyn Stream>,
     peer: String,
     size: u64,
+    /// Transmission flags from the server (`TRANSMIT_*`).
+    flags: u16,
     contexts: HashMap<String, u32>,
     cookie: u64,
 }
@@ -135,6 +204,7 @@ impl std::fmt::Debug for NbdConnection {
         f.debug_struct("NbdConnection")
             .field("peer", &self.peer)
             .field("size", &self.size)
+            .field("flags", &self.flags)
             .field("contexts", &self.contexts)
             .finish()
     }
@@ -143,7 +213,19 @@ impl std::fmt::Debug for NbdConnection {
 impl NbdConnection {
     /// Connects, negotiates structured replies and the given metadata
     /// contexts (unknown ones are simply absent), and enters transmission.
+    /// Socket calls time out after [`DEFAULT_TIMEOUT`].
     pub fn connect(uri: &str, contexts: &[&str]) -> Result<Self> {
+        Self::connect_with(uri, contexts, DEFAULT_TIMEOUT, DEFAULT_TIMEOUT)
+    }
+
+    /// [`connect`](Self::connect) with explicit timeouts for the handshake
+    /// and for every later socket call.
+    pub fn connect_with(
+        uri: &str,
+        contexts: &[&str],
+        handshake_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self> {
         let addr = NbdAddress::parse(uri)?;
         let stream: Box<dyn Stream> = match &addr {
             NbdAddress::Unix { socket, .. } => Box::new(
@@ -157,7 +239,14 @@ impl NbdConnection {
                 Box::new(s)
             }
         };
-        Self::over(stream, uri, addr.export(), contexts)
+        stream
+            .set_timeout(handshake_timeout)
+            .map_err(|e| Error::io(format!("setting timeouts on {uri}"), e))?;
+        let c = Self::handshake_over(stream, uri, addr.export(), contexts)?;
+        c.stream
+            .set_timeout(timeout)
+            .map_err(|e| Error::io(format!("setting timeouts on {uri}"), e))?;
+        Ok(c)
     }
 
     /// Runs the handshake over any byte stream (tests and fuzzing feed
@@ -168,10 +257,20 @@ impl NbdConnection {
         export: &str,
         contexts: &[&str],
     ) -> Result<Self> {
+        Self::handshake_over(Box::new(Plain(stream)), peer, export, contexts)
+    }
+
+    fn handshake_over(
+        stream: Box<dyn Stream>,
+        peer: &str,
+        export: &str,
+        contexts: &[&str],
+    ) -> Result<Self> {
         let mut c = NbdConnection {
-            stream: Box::new(stream),
+            stream,
             peer: peer.to_string(),
             size: 0,
+            flags: 0,
             contexts: HashMap::new(),
             cookie: 1,
         };
@@ -314,6 +413,7 @@ impl NbdConnection {
                     let mut s = [0u8; 8];
                     s.copy_from_slice(&data[2..10]);
                     size = Some(u64::from_be_bytes(s));
+                    self.flags = u16::from_be_bytes([data[10], data[11]]);
                 }
                 REP_INFO => {}
                 k if k & (1 << 31) != 0 => {
@@ -334,23 +434,98 @@ impl NbdConnection {
         self.size
     }
 
+    /// The server's transmission flags (`TRANSMIT_*`).
+    pub fn transmission_flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// Whether the export refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.flags & TRANSMIT_READ_ONLY != 0
+    }
+
     /// Whether the server agreed to a metadata context.
     pub fn has_context(&self, name: &str) -> bool {
         self.contexts.contains_key(name)
     }
 
     fn request(&mut self, kind: u16, offset: u64, len: u32) -> Result<u64> {
+        self.request_with(kind, offset, len, &[])
+    }
+
+    /// Sends one request header followed by `payload` (a write's data).
+    fn request_with(&mut self, kind: u16, offset: u64, len: u32, payload: &[u8]) -> Result<u64> {
         let cookie = self.cookie;
         self.cookie += 1;
-        let mut m = Vec::with_capacity(28);
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m.extend_from_slice(&0u16.to_be_bytes());
-        m.extend_from_slice(&kind.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        self.send(&m)?;
+        let mut m = [0u8; 28];
+        m[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        m[6..8].copy_from_slice(&kind.to_be_bytes());
+        m[8..16].copy_from_slice(&cookie.to_be_bytes());
+        m[16..24].copy_from_slice(&offset.to_be_bytes());
+        m[24..28].copy_from_slice(&len.to_be_bytes());
+        let r = self
+            .stream
+            .write_all(&m)
+            .and_then(|()| self.stream.write_all(payload))
+            .and_then(|()| self.stream.flush());
+        r.map_err(|e| self.io("write", e))?;
         Ok(cookie)
+    }
+
+    /// Waits for the reply to a command that returns no data.
+    fn expect_done(&mut self, cookie: u64, what: &str) -> Result<()> {
+        loop {
+            let (flags, kind, len) = self.chunk_header(cookie)?;
+            match kind {
+                REPLY_NONE if len == 0 => {}
+                k if k & REPLY_ERROR_BIT != 0 => return Err(self.error_chunk(len)?),
+                k => {
+                    return Err(self.protocol(format!("unexpected reply chunk type {k} to {what}")))
+                }
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes `data` at `offset`, splitting into requests of ≤ 32 MiB.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.read_only() {
+            return Err(self.protocol("the export is read-only"));
+        }
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(self.protocol(format!(
+                "write of {} bytes at {offset} past the export's end ({})",
+                data.len(),
+                self.size
+            )));
+        }
+        for (i, piece) in data.chunks(MAX_REQUEST as usize).enumerate() {
+            let at = offset + i as u64 * MAX_REQUEST as u64;
+            let cookie = self.request_with(CMD_WRITE, at, piece.len() as u32, piece)?;
+            self.expect_done(cookie, "WRITE").map_err(|e| match e {
+                Error::Protocol { peer, detail } => Error::Protocol {
+                    peer,
+                    detail: format!("writing {} bytes at {at}: {detail}", piece.len()),
+                },
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Asks the server to make every completed write durable (a no-op when
+    /// the server does not offer flushes).
+    pub fn flush(&mut self) -> Result<()> {
+        if self.flags & TRANSMIT_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        let cookie = self.request(CMD_FLUSH, 0, 0)?;
+        self.expect_done(cookie, "FLUSH")
     }
 
     /// Reads one reply chunk header: (flags, type, payload length), or an
@@ -560,36 +735,84 @@ impl Drop for NbdConnection {
     }
 }
 
-/// A disk read over NBD.
+/// A disk read over NBD, over one or more connections to the same export.
 #[derive(Debug)]
 pub struct NbdSource {
     uri: String,
     size: u64,
-    connection: Mutex<NbdConnection>,
+    /// The first connection carries the metadata contexts; reads use all.
+    connections: Vec<Mutex<NbdConnection>>,
 }
 
 impl NbdSource {
     /// Connects and negotiates `base:allocation` and, if given, the dirty
     /// bitmap context `qemu:dirty-bitmap:<bitmap>`.
     pub fn connect(uri: &str, bitmap: Option<&str>) -> Result<Self> {
+        Self::connect_many(uri, bitmap, 1)
+    }
+
+    /// Like [`connect`](Self::connect), then opens up to `connections - 1`
+    /// more connections for parallel reads. A server that accepts fewer
+    /// clients (qemu-nbd's `-e`/`--shared` limit) leaves the source with
+    /// the connections it got; [`connections`](Self::connections) says how many.
+    pub fn connect_many(uri: &str, bitmap: Option<&str>, connections: usize) -> Result<Self> {
+        if connections == 0 || connections > MAX_CONNECTIONS {
+            return Err(Error::InvalidArgument(format!(
+                "NBD connections per disk must be 1–{MAX_CONNECTIONS}, not {connections}"
+            )));
+        }
         let dirty = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
         let mut contexts = vec!["base:allocation"];
         if let Some(d) = &dirty {
             contexts.push(d);
         }
-        let connection = NbdConnection::connect(uri, &contexts)?;
+        let first = NbdConnection::connect(uri, &contexts)?;
+        let size = first.size();
+        let mut all = vec![Mutex::new(first)];
+        while all.len() < connections {
+            match NbdConnection::connect_with(uri, &[], EXTRA_CONNECTION_TIMEOUT, DEFAULT_TIMEOUT) {
+                Ok(c) if c.size() == size => all.push(Mutex::new(c)),
+                Ok(c) => {
+                    return Err(Error::Protocol {
+                        peer: uri.to_string(),
+                        detail: format!(
+                            "a second connection reports {} bytes, the first {size}",
+                            c.size()
+                        ),
+                    })
+                }
+                Err(_) => break,
+            }
+        }
         Ok(NbdSource {
             uri: uri.to_string(),
-            size: connection.size(),
-            connection: Mutex::new(connection),
+            size,
+            connections: all,
         })
+    }
+
+    /// Connections open to the export.
+    pub fn connections(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Whether the server offers the dirty bitmap `bitmap`.
+    pub fn has_bitmap(&self, bitmap: &str) -> bool {
+        self.primary()
+            .lock()
+            .has_context(&format!("qemu:dirty-bitmap:{bitmap}"))
+    }
+
+    fn primary(&self) -> &Mutex<NbdConnection> {
+        // `connect_many` always opens at least one connection.
+        &self.connections[0]
     }
 
     /// Dirty ranges of `qemu:dirty-bitmap:<bitmap>`; an error if the server
     /// does not offer that bitmap.
     pub fn dirty_extents(&self, bitmap: &str) -> Result<Vec<Range<u64>>> {
         let ctx = format!("qemu:dirty-bitmap:{bitmap}");
-        let mut c = self.connection.lock();
+        let mut c = self.primary().lock();
         if !c.has_context(&ctx) {
             return Err(Error::CbtNotTrusted {
                 disk: self.uri.clone(),
@@ -606,7 +829,7 @@ impl DiskSource for NbdSource {
     }
 
     fn data_extents(&self) -> Result<Vec<Range<u64>>> {
-        let mut c = self.connection.lock();
+        let mut c = self.primary().lock();
         if !c.has_context("base:allocation") {
             return Ok(if self.size == 0 {
                 Vec::new()
@@ -619,11 +842,107 @@ impl DiskSource for NbdSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.connection.lock().read_at(offset, buf)
+        let n = self
+            .connections
+            .len()
+            .min(buf.len() / MIN_SPLIT_PIECE)
+            .max(1);
+        if n == 1 {
+            return self.primary().lock().read_at(offset, buf);
+        }
+        // One piece per connection, each a multiple of 64 KiB but the last.
+        let piece = buf.len().div_ceil(n).div_ceil(1 << 16) << 16;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = buf
+                .chunks_mut(piece)
+                .zip(&self.connections)
+                .enumerate()
+                .map(|(i, (part, conn))| {
+                    let at = offset + (i * piece) as u64;
+                    scope.spawn(move || conn.lock().read_at(at, part))
+                })
+                .collect();
+            let mut result = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Internal("an NBD reader panicked".into())));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        })
     }
 
     fn describe(&self) -> String {
         self.uri.clone()
+    }
+}
+
+/// A restore target: a blank, writable NBD export (a fresh qcow2 or raw
+/// image served by qemu-nbd, or a hypervisor's new disk). Zero extents are
+/// never written, so the export must read as zeros where nothing is written:
+/// [`NbdTarget::connect`] checks that with `base:allocation`.
+#[derive(Debug)]
+pub struct NbdTarget {
+    uri: String,
+    connection: Mutex<NbdConnection>,
+}
+
+impl NbdTarget {
+    /// Connects to `uri`, which must be writable, exactly `size` bytes and
+    /// read as zeros throughout.
+    pub fn connect(uri: &str, size: u64) -> Result<Self> {
+        let mut c = NbdConnection::connect(uri, &["base:allocation"])?;
+        let refuse = |detail: String| Error::Protocol {
+            peer: uri.to_string(),
+            detail,
+        };
+        if c.read_only() {
+            return Err(refuse("the restore target export is read-only".into()));
+        }
+        if c.size() != size {
+            return Err(refuse(format!(
+                "the restore target is {} bytes, the disk {size}",
+                c.size()
+            )));
+        }
+        if c.has_context("base:allocation") {
+            let data = c.extents_where("base:allocation", |f| f & STATE_ZERO == 0)?;
+            if let Some(r) = data.first() {
+                return Err(refuse(format!(
+                    "the restore target is not blank: bytes {}..{} may hold data",
+                    r.start, r.end
+                )));
+            }
+        } else {
+            return Err(refuse(
+                "the restore target does not report allocation (base:allocation), so it \
+                 cannot be checked for blankness"
+                    .into(),
+            ));
+        }
+        Ok(NbdTarget {
+            uri: uri.to_string(),
+            connection: Mutex::new(c),
+        })
+    }
+
+    /// The export's URI.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+}
+
+impl DiskTarget for NbdTarget {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.connection.lock().write_at(offset, data)
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        // Dropping the connection disconnects it after the flush.
+        self.connection.lock().flush()
     }
 }
 

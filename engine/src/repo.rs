@@ -190,6 +190,28 @@ impl Repository {
         Ok(out)
     }
 
+    /// The newest snapshot of `vm` that holds a disk named `disk`: the parent
+    /// of that disk's next incremental. Manifests that fail to load are
+    /// passed over (an older parent only makes CBT fall back, never wrong).
+    pub fn latest_with_disk(&self, vm: &str, disk: &str) -> Result<Option<(SnapshotId, Snapshot)>> {
+        let mut best: Option<(SnapshotId, Snapshot)> = None;
+        for id in self.snapshot_ids()? {
+            let Ok(s) = self.load_snapshot(&id) else {
+                continue;
+            };
+            if s.vm != vm || !s.disks.iter().any(|d| d.name == disk) {
+                continue;
+            }
+            if best
+                .as_ref()
+                .is_none_or(|(bid, b)| (s.time, id) > (b.time, *bid))
+            {
+                best = Some((id, s));
+            }
+        }
+        Ok(best)
+    }
+
     /// Resolves a full id, a unique prefix of at least 8 hex digits, or
     /// `latest` (optionally restricted to one VM).
     pub fn resolve_snapshot(&self, selector: &str, vm: Option<&str>) -> Result<SnapshotId> {

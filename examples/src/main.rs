@@ -1,7 +1,9 @@
 //! `cairn` — the example command-line tool over cairn-engine and cairn-pools.
 //!
-//! Exit codes: 0 success, 1 error, 2 usage error, 3 verify found damage.
+//! Exit codes: 0 success, 1 error, 2 usage error, 3 verify found damage,
+//! 4 backup skipped with an alert (`--on-missing-cbt skip-alert`).
 
+mod cbt_cmd;
 mod demo;
 mod output;
 
@@ -46,6 +48,32 @@ enum Command {
         vm: String,
         /// Disk images (raw files or block devices).
         disks: Vec<PathBuf>,
+        /// Read the disk from an NBD export: nbd+unix:///EXPORT?socket=PATH
+        /// or nbd://HOST[:PORT]/EXPORT.
+        #[arg(long, value_name = "URI", conflicts_with_all = ["disks", "stdin", "qcow2"])]
+        nbd: Option<String>,
+        /// Back up a qcow2 file with CBT: runs qemu-nbd on it and rotates
+        /// its dirty bitmaps with qemu-img (the file must not be open in a
+        /// running VM).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["disks", "stdin"])]
+        qcow2: Option<PathBuf>,
+        /// With --nbd: the export's dirty bitmap holding the changes since the
+        /// previous snapshot. With --qcow2: the name of the bitmap chain
+        /// (bitmaps NAME.<token>, rotated each run and tracked by the pool;
+        /// default "cairn").
+        #[arg(long, value_name = "NAME")]
+        bitmap: Option<String>,
+        /// With --nbd: the bitmap that records changes from this backup on
+        /// (default: the --bitmap itself keeps recording).
+        #[arg(long, value_name = "NAME", requires = "nbd")]
+        next_bitmap: Option<String>,
+        /// When CBT cannot be trusted: full (read the whole disk, store only
+        /// what changed), skip-alert (no snapshot, exit 4), skip (no snapshot).
+        #[arg(long, value_name = "POLICY", default_value = "full")]
+        on_missing_cbt: cairn_engine::cbt::CbtPolicy,
+        /// NBD connections (streams) per disk for --nbd and --qcow2, 1–5.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
         /// Read one disk as a stream from standard input, named NAME.
         #[arg(long, value_name = "NAME")]
         stdin: Option<String>,
@@ -92,6 +120,9 @@ enum Command {
         /// Replace existing files in the target directory.
         #[arg(long)]
         force: bool,
+        /// raw (sparse, default) or qcow2 (thin, written through qemu-nbd).
+        #[arg(long, default_value = "raw")]
+        format: cbt_cmd::RestoreFormat,
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[arg(long)]
@@ -208,10 +239,11 @@ pub fn open_repo(spec: &str) -> Result<Repository, Failure> {
 }
 
 /// A terminal progress bar, or nothing.
-struct Bar(Option<indicatif::ProgressBar>);
+#[derive(Debug)]
+pub struct Bar(Option<indicatif::ProgressBar>);
 
 impl Bar {
-    fn new(enabled: bool) -> Self {
+    pub fn new(enabled: bool) -> Self {
         if enabled && std::io::stderr().is_terminal() {
             let pb = indicatif::ProgressBar::new(0);
             pb.set_style(
@@ -226,7 +258,7 @@ impl Bar {
             Bar(None)
         }
     }
-    fn finish(&self) {
+    pub fn finish(&self) {
         if let Some(pb) = &self.0 {
             pb.finish_and_clear();
         }
@@ -306,6 +338,12 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             pool,
             vm,
             disks,
+            nbd,
+            qcow2,
+            bitmap,
+            next_bitmap,
+            on_missing_cbt,
+            connections,
             stdin,
             disk_names: names,
             chunking,
@@ -314,8 +352,32 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             mmap,
             json,
         } => {
+            if nbd.is_some() || qcow2.is_some() {
+                let mut opts = BackupOptions::new(vm.clone());
+                opts.chunking = chunking.unwrap_or_default();
+                opts.compression = compression;
+                opts.threads = threads;
+                let run = cbt_cmd::CbtRun {
+                    pool,
+                    nbd,
+                    qcow2,
+                    bitmap,
+                    next_bitmap,
+                    policy: on_missing_cbt,
+                    connections,
+                    disk_name: names.first().cloned(),
+                    extra_names: names.len(),
+                    json,
+                };
+                return cbt_cmd::run_backup(run, opts, &Bar::new(!json));
+            }
+            if bitmap.is_some() {
+                return Err(Failure::usage("--bitmap needs --nbd or --qcow2"));
+            }
             if disks.is_empty() && stdin.is_none() {
-                return Err(Failure::usage("give at least one DISK or --stdin NAME"));
+                return Err(Failure::usage(
+                    "give at least one DISK, --stdin NAME, --nbd URI or --qcow2 FILE",
+                ));
             }
             let repo = open_repo(&pool)?;
             let mut inputs = Vec::new();
@@ -419,6 +481,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             to,
             vm,
             force,
+            format,
             threads,
             json,
         } => {
@@ -429,13 +492,19 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 threads,
                 overwrite: force,
             };
-            let stats = restore_to_dir(&repo, &id, &to, &opts, &bar);
+            let stats = match format {
+                cbt_cmd::RestoreFormat::Raw => restore_to_dir(&repo, &id, &to, &opts, &bar),
+                cbt_cmd::RestoreFormat::Qcow2 => {
+                    cbt_cmd::restore_qcow2(&repo, &id, &to, &opts, &bar)
+                }
+            };
             bar.finish();
             let stats = stats?;
             if json {
                 output::print_json(&serde_json::json!({
                     "snapshot": id.to_hex(),
                     "to": to.display().to_string(),
+                    "format": format.to_string(),
                     "disks": stats.disks,
                     "bytes_logical": stats.bytes_logical,
                     "bytes_written": stats.bytes_written,

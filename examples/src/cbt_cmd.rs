@@ -1,0 +1,287 @@
+//! `cairn backup --nbd/--qcow2` (CBT incrementals with the B4 policy) and
+//! `cairn restore --format qcow2`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cairn_cas::qemu::{backup_qcow2, Qcow2BackupOptions, Qcow2Image, Qcow2Outcome, Qcow2Target};
+use cairn_engine::cbt::{self, CbtDisk, CbtPolicy, PreparedDisk};
+use cairn_engine::nbd::NbdAddress;
+use cairn_engine::{
+    backup, restore, BackupOptions, BackupStats, DiskManifest, DiskTarget, NbdSource, Progress,
+    Repository, RestoreOptions, RestoreStats, SnapshotId,
+};
+
+use crate::{open_repo, output, Bar, Failure};
+
+/// Spec B8: at most 5 connections per disk.
+const MAX_CONNECTIONS: usize = 5;
+
+/// Restore file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreFormat {
+    Raw,
+    Qcow2,
+}
+
+impl std::str::FromStr for RestoreFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(RestoreFormat::Raw),
+            "qcow2" => Ok(RestoreFormat::Qcow2),
+            _ => Err(format!("format {s:?}: expected raw or qcow2")),
+        }
+    }
+}
+
+impl std::fmt::Display for RestoreFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RestoreFormat::Raw => "raw",
+            RestoreFormat::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// Command-line settings of one CBT backup.
+#[derive(Debug)]
+pub struct CbtRun {
+    pub pool: String,
+    pub nbd: Option<String>,
+    pub qcow2: Option<PathBuf>,
+    pub bitmap: Option<String>,
+    pub next_bitmap: Option<String>,
+    pub policy: CbtPolicy,
+    pub connections: usize,
+    pub disk_name: Option<String>,
+    pub extra_names: usize,
+    pub json: bool,
+}
+
+/// What happened, for printing.
+enum Ran {
+    Done {
+        stats: BackupStats,
+        next_bitmap: Option<String>,
+        connections: usize,
+        warnings: Vec<String>,
+    },
+    Skipped {
+        reason: String,
+        alert: bool,
+    },
+}
+
+pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Failure> {
+    if !(1..=MAX_CONNECTIONS).contains(&run.connections) {
+        return Err(Failure::usage(format!(
+            "--connections {}: must be 1–{MAX_CONNECTIONS}",
+            run.connections
+        )));
+    }
+    if run.extra_names > 1 {
+        return Err(Failure::usage("one --disk-name for the --nbd/--qcow2 disk"));
+    }
+    let repo = open_repo(&run.pool)?;
+    let vm = opts.vm.clone();
+    let ran = if let Some(uri) = &run.nbd {
+        backup_nbd(&repo, uri, &run, &opts, bar)
+    } else if let Some(file) = &run.qcow2 {
+        let disk = match &run.disk_name {
+            Some(n) => n.clone(),
+            None => file
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .ok_or_else(|| Failure::usage(format!("{} has no file name", file.display())))?,
+        };
+        let q = Qcow2BackupOptions {
+            chain: run.bitmap.clone().unwrap_or_else(|| "cairn".into()),
+            policy: run.policy,
+            connections: run.connections,
+        };
+        let outcome = backup_qcow2(&repo, &Qcow2Image::new(file), &disk, &opts, &q, bar);
+        bar.finish();
+        match outcome? {
+            Qcow2Outcome::Done {
+                stats,
+                next_bitmap,
+                warnings,
+            } => Ok(Ran::Done {
+                stats,
+                next_bitmap: Some(next_bitmap),
+                connections: run.connections,
+                warnings,
+            }),
+            Qcow2Outcome::Skipped { reason, alert } => Ok(Ran::Skipped { reason, alert }),
+        }
+    } else {
+        Err(Failure::usage("give --nbd URI or --qcow2 FILE"))
+    }?;
+    report(&vm, ran, run.json)
+}
+
+fn backup_nbd(
+    repo: &Repository,
+    uri: &str,
+    run: &CbtRun,
+    opts: &BackupOptions,
+    bar: &Bar,
+) -> Result<Ran, Failure> {
+    let address = NbdAddress::parse(uri)?;
+    let disk = match (&run.disk_name, &address) {
+        (Some(n), _) => n.clone(),
+        (None, NbdAddress::Unix { export, .. } | NbdAddress::Tcp { export, .. })
+            if !export.is_empty() =>
+        {
+            export.clone()
+        }
+        _ => "disk0".to_string(),
+    };
+    let source = NbdSource::connect_many(uri, run.bitmap.as_deref(), run.connections)?;
+    let connections = source.connections();
+    let mut properties = BTreeMap::new();
+    properties.insert("source".to_string(), uri.to_string());
+    let mut opts = opts.clone();
+    let disk = match &run.bitmap {
+        // No bitmap asked for: a full read, deduplicated against the
+        // newest copy of the disk.
+        None => {
+            opts.parent = repo.latest_with_disk(&opts.vm, &disk)?.map(|(id, _)| id);
+            cairn_engine::BackupDisk {
+                name: disk,
+                input: cairn_engine::DiskInput::Image(Box::new(source)),
+                properties,
+            }
+        }
+        Some(bitmap) => {
+            let dirty = source.dirty_extents(bitmap).map_err(|e| match e {
+                cairn_engine::Error::CbtNotTrusted { reason, .. } => reason,
+                e => e.to_string(),
+            });
+            let cbt_disk = CbtDisk {
+                name: disk,
+                source: Box::new(source),
+                bitmap: bitmap.clone(),
+                dirty,
+                next_bitmap: run.next_bitmap.clone().unwrap_or_else(|| bitmap.clone()),
+                properties,
+            };
+            match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, run.policy)? {
+                PreparedDisk::Backup { disk, parent, .. } => {
+                    opts.parent = parent;
+                    disk
+                }
+                PreparedDisk::Skip { reason, alert } => return Ok(Ran::Skipped { reason, alert }),
+            }
+        }
+    };
+    let stats = backup(repo, vec![disk], &opts, bar);
+    bar.finish();
+    Ok(Ran::Done {
+        stats: stats?,
+        next_bitmap: run.next_bitmap.clone().or_else(|| run.bitmap.clone()),
+        connections,
+        warnings: Vec::new(),
+    })
+}
+
+fn report(vm: &str, ran: Ran, json: bool) -> Result<u8, Failure> {
+    match ran {
+        Ran::Done {
+            stats,
+            next_bitmap,
+            connections,
+            warnings,
+        } => {
+            for w in &warnings {
+                eprintln!("cairn: warning: {w}");
+            }
+            let fallback = fallback_text(&stats);
+            if json {
+                let mut v = output::backup_json(vm, &stats);
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("cbt_fallback".into(), fallback.clone().into());
+                    o.insert("next_bitmap".into(), next_bitmap.into());
+                    o.insert("connections".into(), connections.into());
+                    o.insert("warnings".into(), warnings.into());
+                }
+                output::print_json(&v);
+            } else {
+                if let Some(f) = &fallback {
+                    eprintln!("cairn: CBT not used, read the whole disk: {f}");
+                }
+                println!(
+                    "snapshot {} of {vm} ({}): {} logical, {} dirty, {} read, {} new in pool in {:.2}s",
+                    stats.snapshot,
+                    stats.mode,
+                    output::human(stats.bytes_logical),
+                    output::human(stats.bytes_dirty),
+                    output::human(stats.bytes_read),
+                    output::human(stats.bytes_new),
+                    stats.seconds
+                );
+            }
+            Ok(0)
+        }
+        Ran::Skipped { reason, alert } => {
+            if json {
+                output::print_json(&serde_json::json!({
+                    "vm": vm, "skipped": true, "alert": alert, "snapshot": null,
+                    "mode": null, "cbt_fallback": reason,
+                }));
+            }
+            if alert {
+                eprintln!("cairn: ALERT: backup of {vm} skipped: CBT cannot be trusted: {reason}");
+                Ok(4)
+            } else {
+                if !json {
+                    println!("backup of {vm} skipped: CBT cannot be trusted: {reason}");
+                }
+                Ok(0)
+            }
+        }
+    }
+}
+
+/// The fallback reason(s) of a backup: one disk's reason, or
+/// "disk: reason; …" for several.
+fn fallback_text(stats: &BackupStats) -> Option<String> {
+    match stats.cbt_fallback.len() {
+        0 => None,
+        1 => stats.cbt_fallback.values().next().cloned(),
+        _ => Some(
+            stats
+                .cbt_fallback
+                .iter()
+                .map(|(d, r)| format!("{d}: {r}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    }
+}
+
+/// Restores every disk of a snapshot as thin qcow2 files `dir/<disk name>`.
+pub fn restore_qcow2(
+    repo: &Repository,
+    id: &SnapshotId,
+    dir: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> cairn_engine::Result<RestoreStats> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        cairn_engine::Error::io(format!("creating restore directory {}", dir.display()), e)
+    })?;
+    let overwrite = opts.overwrite;
+    restore(
+        repo,
+        id,
+        &|disk: &DiskManifest| {
+            cairn_engine::backup::validate_disk_name(&disk.name)?;
+            let t = Qcow2Target::create(&dir.join(&disk.name), disk.size, overwrite)?;
+            Ok(Box::new(t) as Box<dyn DiskTarget>)
+        },
+        opts,
+        progress,
+    )
+}
