@@ -503,10 +503,12 @@ fn trust(
                 "the previous snapshot {short} started no dirty bitmap for this disk"
             ))
         }
-        Some(next) if next != req.bitmap => return Err(format!(
+        Some(next) if next != req.bitmap => {
+            return Err(format!(
             "bitmap {:?} does not belong to the previous snapshot {short}, which started {next:?}",
             req.bitmap
-        )),
+        ))
+        }
         Some(_) => {}
     }
     let dirty = req.dirty.map_err(|why| why.to_string())?;

@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_engine::nbd::NbdConnection;
+use cairn_engine::nbd::{NbdConnection, NbdTarget};
 use cairn_engine::{
     backup, restore_to_dir, BackupDisk, BackupOptions, ChangedBlocks, DiskInput, DiskSource,
-    DynPool, NbdSource, NoProgress, Repository, RestoreOptions,
+    DiskTarget, DynPool, NbdSource, NoProgress, Repository, RestoreOptions,
 };
 use cairn_pools::MemoryPool;
 
@@ -39,9 +39,15 @@ struct Export {
 
 impl Export {
     fn start(image: &Path, socket: &Path) -> Self {
+        Self::start_with(image, socket, &["-r", "-e", "4", "-B", "b0"])
+    }
+
+    fn start_with(image: &Path, socket: &Path, args: &[&str]) -> Self {
         let _ = std::fs::remove_file(socket);
         let child = Command::new("qemu-nbd")
-            .args(["-r", "-f", "qcow2", "-t", "-e", "4", "-B", "b0", "-k"])
+            .args(["-f", "qcow2", "-t"])
+            .args(args)
+            .arg("-k")
             .arg(socket)
             .arg(image)
             .stdout(Stdio::null())
@@ -240,4 +246,64 @@ fn dropped_connection_fails_cleanly() {
     // No server at all: a clear connection error naming the socket.
     let err = NbdConnection::connect(&export.uri(), &[]).unwrap_err();
     assert!(err.to_string().contains("s.sock"), "{err}");
+}
+
+#[test]
+fn several_connections_read_one_export() {
+    let (dir, image) = setup();
+    qemu_io(&image, &["write -P 4 0 20M", "write -P 6 33M 5M"]);
+    let expected = raw_copy(&image, dir.path());
+    let export = Export::start(&image, &dir.path().join("s.sock"));
+    let src = NbdSource::connect_many(&export.uri(), Some("b0"), 4).unwrap();
+    assert_eq!(src.connections(), 4);
+    let mut all = vec![0u8; src.size() as usize];
+    src.read_at(0, &mut all).unwrap();
+    assert!(all == expected);
+    // Unaligned reads split across connections land in the right place.
+    let mut part = vec![0u8; 3 << 20];
+    src.read_at(19 << 20 | 12345, &mut part).unwrap();
+    let at = (19 << 20 | 12345) as usize;
+    assert!(part[..] == expected[at..at + (3 << 20)]);
+    assert!(NbdSource::connect_many(&export.uri(), None, 0).is_err());
+    drop(src);
+    drop(export);
+    // A server taking one client at a time leaves the source with one.
+    let export = Export::start_with(&image, &dir.path().join("t.sock"), &["-r", "-e", "1"]);
+    let src = NbdSource::connect_many(&export.uri(), None, 3).unwrap();
+    assert_eq!(src.connections(), 1);
+    src.read_at(0, &mut all).unwrap();
+    assert!(all == expected);
+}
+
+#[test]
+fn nbd_target_writes_a_blank_export_and_refuses_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("t.qcow2");
+    let img = image.display().to_string();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "8M"]);
+    let export = Export::start_with(&image, &dir.path().join("w.sock"), &["-e", "1"]);
+    assert!(
+        NbdTarget::connect(&export.uri(), 4 << 20).is_err(),
+        "size must match"
+    );
+    let target = Box::new(NbdTarget::connect(&export.uri(), 8 << 20).unwrap());
+    let data: Vec<u8> = (0..(1 << 20) + 4096).map(|i| (i % 251) as u8).collect();
+    target.write_at(3 << 20, &data).unwrap();
+    assert!(
+        target.write_at((8 << 20) - 10, &[1; 20]).is_err(),
+        "past the end"
+    );
+    target.finish().unwrap();
+    drop(export);
+    let raw = raw_copy(&image, dir.path());
+    assert!(raw[3 << 20..(3 << 20) + data.len()] == data[..]);
+    assert!(raw[..3 << 20].iter().all(|&b| b == 0));
+    // Not blank any more: refused, naming where data was found.
+    let export = Export::start_with(&image, &dir.path().join("w.sock"), &["-e", "1"]);
+    let err = NbdTarget::connect(&export.uri(), 8 << 20).unwrap_err();
+    assert!(err.to_string().contains("not blank"), "{err}");
+    drop(export);
+    let export = Export::start_with(&image, &dir.path().join("r.sock"), &["-r"]);
+    let err = NbdTarget::connect(&export.uri(), 8 << 20).unwrap_err();
+    assert!(err.to_string().contains("read-only"), "{err}");
 }

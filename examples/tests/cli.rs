@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use cairn_engine::sample::{fill_text, SampleRng};
 use serde_json::Value;
 
-fn cairn(args: &[&str]) -> Output {
+fn cairn<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cairn"))
         .args(args)
         .stdin(Stdio::null())
@@ -18,7 +18,7 @@ fn cairn(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(args: &[&str]) -> String {
+fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let out = cairn(args);
     assert!(
         out.status.success(),
@@ -28,7 +28,7 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn json(args: &[&str]) -> Value {
+fn json<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Value {
     serde_json::from_str(&ok(args)).unwrap()
 }
 
@@ -485,4 +485,215 @@ fn write_stamped_image(path: &Path, size: u64) {
         off += block.len() as u64;
     }
     f.flush().unwrap();
+}
+
+fn tool(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (run scripts/test.sh to install it)"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", stderr(&out));
+}
+
+fn raw_of(qcow2: &Path, out: &Path) -> Vec<u8> {
+    tool(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", &p(qcow2), &p(out)],
+    );
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn qcow2_cbt_backups_policies_and_qcow2_restore() {
+    let s = setup();
+    let img = s.root.join("vda.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &p(&img), "32M"],
+    );
+    tool("qemu-io", &["-c", "write -P 1 0 6M", &p(&img)]);
+    let base = ["backup", &s.pool, "--vm", "web", "--json"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|x| x.to_string()).collect()
+    };
+    let full = json(&with(&["--qcow2", &p(&img), "--bitmap", "nightly"]));
+    assert_eq!(full["mode"], "full");
+    assert_eq!(full["cbt_fallback"], Value::Null);
+    assert!(full["next_bitmap"]
+        .as_str()
+        .unwrap()
+        .starts_with("nightly."));
+
+    tool(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 2 1M 4k",
+            "-c",
+            "write -P 3 20M 64k",
+            &p(&img),
+        ],
+    );
+    let inc = json(&with(&[
+        "--qcow2",
+        &p(&img),
+        "--bitmap",
+        "nightly",
+        "--connections",
+        "3",
+    ]));
+    assert_eq!(inc["mode"], "cbt");
+    assert_eq!(inc["bytes_dirty"], 2 * 65536);
+    assert_eq!(inc["bytes_read"], 2 * 65536);
+    assert_eq!(inc["connections"], 3);
+    let expected = raw_of(&img, &s.root.join("expected.raw"));
+
+    // Restore as raw and as a thin qcow2.
+    let out = s.root.join("out");
+    ok(&["restore", &s.pool, "latest", "--to", &p(&out)]);
+    assert!(std::fs::read(out.join("vda.qcow2")).unwrap() == expected);
+    let thin = s.root.join("thin");
+    let r = json(&[
+        "restore",
+        &s.pool,
+        "latest",
+        "--to",
+        &p(&thin),
+        "--format",
+        "qcow2",
+        "--json",
+    ]);
+    assert_eq!(r["format"], "qcow2");
+    assert!(raw_of(&thin.join("vda.qcow2"), &s.root.join("thin.raw")) == expected);
+
+    // The bitmap vanishes: skip-alert exits 4 with no snapshot, skip exits 0,
+    // full falls back and says why.
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", &p(&img)])
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    let name = info["format-specific"]["data"]["bitmaps"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tool("qemu-img", &["bitmap", "--remove", &p(&img), &name]);
+    let before = json(&["snapshots", &s.pool, "--json"])
+        .as_array()
+        .unwrap()
+        .len();
+    let out = cairn(&with(&[
+        "--qcow2",
+        &p(&img),
+        "--bitmap",
+        "nightly",
+        "--on-missing-cbt",
+        "skip-alert",
+    ]));
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("ALERT"), "{}", stderr(&out));
+    let skipped: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(skipped["skipped"], true);
+    assert!(skipped["cbt_fallback"]
+        .as_str()
+        .unwrap()
+        .contains("missing"));
+    let out = cairn(&with(&[
+        "--qcow2",
+        &p(&img),
+        "--bitmap",
+        "nightly",
+        "--on-missing-cbt",
+        "skip",
+    ]));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        json(&["snapshots", &s.pool, "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        before
+    );
+    let fb = json(&with(&["--qcow2", &p(&img), "--bitmap", "nightly"]));
+    assert_eq!(fb["mode"], "full");
+    assert!(fb["cbt_fallback"].as_str().unwrap().contains(&name));
+    assert_eq!(
+        fb["chunks_new"], 0,
+        "nothing changed since the last snapshot"
+    );
+
+    // Bad option values are usage errors.
+    for bad in [
+        &["--on-missing-cbt", "maybe"][..],
+        &["--connections", "6"][..],
+        &["--bitmap", "bad name"][..],
+    ] {
+        let out = cairn(&with(&[&["--qcow2", &p(&img)][..], bad].concat()));
+        assert_eq!(code(&out), 2, "{bad:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn nbd_backup_with_a_caller_managed_bitmap() {
+    let s = setup();
+    let img = s.root.join("d.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &p(&img), "16M"],
+    );
+    tool("qemu-img", &["bitmap", "--add", &p(&img), "b0"]);
+    tool("qemu-io", &["-c", "write -P 1 0 2M", &p(&img)]);
+    let sock = s.root.join("nbd.sock");
+    let export = |bitmaps: &[&str]| {
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["-r", "-f", "qcow2", "-t", "-e", "2", "-x", "vda"]);
+        for b in bitmaps {
+            cmd.args(["-B", b]);
+        }
+        let child = cmd.arg("-k").arg(&sock).arg(&img).spawn().unwrap();
+        for _ in 0..500 {
+            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
+    };
+    let uri = format!("nbd+unix:///vda?socket={}", p(&sock));
+    let base = ["backup", &s.pool, "--vm", "db", "--json", "--nbd", &uri];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|x| x.to_string()).collect()
+    };
+
+    let mut server = export(&["b0"]);
+    let full = json(&with(&["--bitmap", "b0"]));
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(full["mode"], "full");
+    assert_eq!(full["bytes_read"], 2 << 20);
+
+    tool("qemu-io", &["-c", "write -P 2 8M 4k", &p(&img)]);
+    let mut server = export(&["b0"]);
+    // b0 has recorded everything since it was added: a superset, correct.
+    let inc = json(&with(&["--bitmap", "b0", "--connections", "2"]));
+    assert_eq!(inc["mode"], "cbt");
+    assert_eq!(inc["bytes_dirty"], (2 << 20) + 65536);
+    assert_eq!(inc["connections"], 2);
+    let snaps = json(&["snapshots", &s.pool, "--json"]);
+    assert_eq!(snaps[1]["disks"][0]["name"], "vda");
+    // A bitmap the previous snapshot did not start is refused.
+    let out = cairn(&with(&[
+        "--bitmap",
+        "nope",
+        "--on-missing-cbt",
+        "skip-alert",
+    ]));
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not belong"), "{}", stderr(&out));
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let out = s.root.join("out");
+    ok(&["restore", &s.pool, "latest", "--to", &p(&out)]);
+    assert!(std::fs::read(out.join("vda")).unwrap() == raw_of(&img, &s.root.join("e.raw")));
 }

@@ -1,0 +1,435 @@
+//! CBT backups of qcow2 files with real parts: images made with qemu-img,
+//! guest writes made with qemu-io (recorded by the persistent bitmaps),
+//! exports served by qemu-nbd, reference copies by `qemu-img convert`.
+//! `scripts/test.sh` installs qemu-utils when missing.
+#![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_cas::qemu::{backup_qcow2, Qcow2BackupOptions, Qcow2Image, Qcow2Outcome, Qcow2Target};
+use cairn_engine::cbt::{CbtPolicy, PROP_BITMAP, PROP_FALLBACK, PROP_NEXT_BITMAP};
+use cairn_engine::sample::SampleRng;
+use cairn_engine::{
+    restore, restore_to_dir, BackupOptions, BackupStats, DiskManifest, DiskTarget, DynPool,
+    FileKind, NoProgress, Repository, RestoreOptions, SnapshotId,
+};
+use cairn_pools::MemoryPool;
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (run scripts/test.sh to install it)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    repo: Repository,
+    pool: DynPool,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl Fixture {
+    fn new(size_mib: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vda.qcow2");
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                &s(&image),
+                &format!("{size_mib}M"),
+            ],
+        );
+        let pool: DynPool = Arc::new(MemoryPool::new());
+        Repository::init(pool.clone()).unwrap();
+        let repo = Repository::open(pool.clone()).unwrap();
+        Fixture {
+            dir,
+            image,
+            repo,
+            pool,
+        }
+    }
+
+    fn write(&self, cmds: &[String]) {
+        let mut args = Vec::new();
+        for c in cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        let img = s(&self.image);
+        args.push(&img);
+        run("qemu-io", &args);
+    }
+
+    fn backup(&self, chain: &str, policy: CbtPolicy) -> Qcow2Outcome {
+        let q = Qcow2BackupOptions {
+            chain: chain.into(),
+            policy,
+            connections: 2,
+        };
+        backup_qcow2(
+            &self.repo,
+            &Qcow2Image::new(&self.image),
+            "vda",
+            &BackupOptions::new("vm"),
+            &q,
+            &NoProgress,
+        )
+        .unwrap()
+    }
+
+    fn done(&self, chain: &str) -> (BackupStats, String) {
+        match self.backup(chain, CbtPolicy::Full) {
+            Qcow2Outcome::Done {
+                stats,
+                next_bitmap,
+                warnings,
+            } => {
+                assert!(warnings.is_empty(), "{warnings:?}");
+                (stats, next_bitmap)
+            }
+            o => panic!("expected a snapshot, got {o:?}"),
+        }
+    }
+
+    /// The image's raw content now, per `qemu-img convert`.
+    fn reference(&self) -> blake3::Hash {
+        let out = self.dir.path().join("reference.raw");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                &s(&self.image),
+                &s(&out),
+            ],
+        );
+        let h = blake3::hash(&std::fs::read(&out).unwrap());
+        std::fs::remove_file(out).unwrap();
+        h
+    }
+
+    fn restored(&self, id: &SnapshotId) -> blake3::Hash {
+        let out = self.dir.path().join("restore");
+        let _ = std::fs::remove_dir_all(&out);
+        restore_to_dir(
+            &self.repo,
+            id,
+            &out,
+            &RestoreOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+        let h = blake3::hash(&std::fs::read(out.join("vda")).unwrap());
+        std::fs::remove_dir_all(out).unwrap();
+        h
+    }
+
+    fn bitmaps(&self) -> Vec<String> {
+        Qcow2Image::new(&self.image)
+            .info()
+            .unwrap()
+            .bitmaps
+            .into_iter()
+            .map(|b| b.name)
+            .collect()
+    }
+
+    fn disk(&self, id: &SnapshotId) -> DiskManifest {
+        self.repo.load_snapshot(id).unwrap().disks[0].clone()
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Dirty bytes of `writes` (offset, length) rounded out to the 64 KiB grid.
+fn grid_bytes(writes: &[(u64, u64)]) -> u64 {
+    let mut blocks = std::collections::BTreeSet::new();
+    for &(o, l) in writes {
+        for b in o / 65536..(o + l).div_ceil(65536) {
+            blocks.insert(b);
+        }
+    }
+    blocks.len() as u64 * 65536
+}
+
+fn writes_cmds(writes: &[(u64, u64)], pattern: u8) -> Vec<String> {
+    writes
+        .iter()
+        .map(|(o, l)| format!("write -P {pattern} {o} {l}"))
+        .collect()
+}
+
+#[test]
+fn incremental_reads_only_written_ranges_and_rotates_bitmaps() {
+    let f = Fixture::new(64);
+    f.write(&writes_cmds(&[(0, 8 * MIB), (30 * MIB, 3 * MIB)], 0x11));
+    let (full, first) = f.done("daily");
+    assert_eq!(full.mode, "full");
+    assert_eq!(full.bytes_read, 11 * MIB, "only allocated data is read");
+    assert!(
+        full.cbt_fallback.is_empty(),
+        "a first backup is no fallback"
+    );
+    assert!(first.starts_with("daily.") && first.len() == "daily.".len() + 16);
+    assert_eq!(f.bitmaps(), vec![first.clone()]);
+    assert_eq!(f.restored(&full.snapshot), f.reference());
+
+    // Guest writes: a 4 KiB write costs one 64 KiB chunk, not megabytes.
+    let writes = [
+        (4 * MIB + 512, 4096),
+        (20 * MIB - 100, 300),
+        (40 * MIB, 200 * 1024),
+        (63 * MIB, MIB),
+    ];
+    f.write(&writes_cmds(&writes, 0x5a));
+    let (inc, second) = f.done("daily");
+    assert_eq!(inc.mode, "cbt");
+    let expected = grid_bytes(&writes);
+    assert_eq!(inc.bytes_dirty, expected);
+    assert!(inc.bytes_read <= expected, "{inc:?}");
+    assert_eq!(f.restored(&inc.snapshot), f.reference());
+    // The consumed bitmap is retired, the next one records from here.
+    assert_eq!(f.bitmaps(), vec![second.clone()]);
+    let disk = f.disk(&inc.snapshot);
+    assert_eq!(disk.properties.get(PROP_BITMAP), Some(&first));
+    assert_eq!(disk.properties.get(PROP_NEXT_BITMAP), Some(&second));
+    assert_eq!(
+        f.repo.load_snapshot(&inc.snapshot).unwrap().parent,
+        Some(full.snapshot)
+    );
+
+    // Nothing written: nothing read, nothing but metadata stored.
+    let (idle, _) = f.done("daily");
+    assert_eq!(
+        (idle.mode.as_str(), idle.bytes_read, idle.chunks_new),
+        ("cbt", 0, 0)
+    );
+
+    // A thin qcow2 restore holds exactly the snapshot's content.
+    let out = f.dir.path().join("thin.qcow2");
+    let snap = f.repo.load_snapshot(&inc.snapshot).unwrap();
+    restore(
+        &f.repo,
+        &inc.snapshot,
+        &|d: &DiskManifest| {
+            Ok(Box::new(Qcow2Target::create(&out, d.size, false)?) as Box<dyn DiskTarget>)
+        },
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            &s(&out),
+            &s(&f.image),
+        ],
+    );
+    let info = Qcow2Image::new(&out).info().unwrap();
+    assert_eq!(info.virtual_size, snap.disks[0].size);
+    let map = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", &s(&out)],
+    );
+    let allocated: u64 = serde_json::from_str::<serde_json::Value>(&map)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        allocated,
+        snap.disks[0].data_bytes(),
+        "zero extents stay unallocated"
+    );
+}
+
+#[test]
+fn chain_of_ten_incrementals_with_random_writes() {
+    let f = Fixture::new(32);
+    f.write(&writes_cmds(&[(0, 32 * MIB)], 0x01));
+    let mut rng = SampleRng::new(42);
+    let mut points = Vec::new();
+    let (full, _) = f.done("c");
+    points.push((full.snapshot, f.reference()));
+    for round in 0..10u8 {
+        let writes: Vec<(u64, u64)> = (0..1 + rng.below(6))
+            .map(|_| {
+                let len = 512 * (1 + rng.below(600));
+                let off = 512 * rng.below((32 * MIB - len) / 512);
+                (off, len)
+            })
+            .collect();
+        let mut cmds = writes_cmds(&writes, 0x20 + round);
+        if round % 3 == 0 {
+            // Some zeroed ranges too (qemu-io's write -z).
+            cmds.push(format!("write -z {} 65536", 65536 * rng.below(500)));
+        }
+        f.write(&cmds);
+        let (inc, _) = f.done("c");
+        assert_eq!(inc.mode, "cbt", "round {round}");
+        assert!(inc.bytes_read <= inc.bytes_dirty);
+        assert!(
+            inc.bytes_dirty <= grid_bytes(&writes) + 65536,
+            "round {round}"
+        );
+        points.push((inc.snapshot, f.reference()));
+    }
+    assert_eq!(
+        f.bitmaps().len(),
+        1,
+        "one bitmap per chain, whatever its length"
+    );
+    // Every point restores bit-identical, also with a middle manifest gone.
+    f.pool
+        .delete(FileKind::Snapshot, &points[5].0.to_hex())
+        .unwrap();
+    let repo = Repository::open(f.pool.clone()).unwrap();
+    for (i, (id, hash)) in points.iter().enumerate() {
+        if i == 5 {
+            assert!(repo.load_snapshot(id).is_err());
+            continue;
+        }
+        assert_eq!(&f.restored(id), hash, "point {i}");
+    }
+}
+
+/// Kills a qemu-io that holds the image open with its bitmaps enabled, so
+/// qemu leaves them flagged `in-use` (inconsistent).
+fn unclean_exit_while_writing(image: &Path) {
+    let mut child = Command::new("qemu-io")
+        .args(["-c", "write -P 0x77 1M 64k", "-c", "sleep 60000"])
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the write is done (the bitmap is marked in use on open).
+    let info = Qcow2Image::new(image);
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(25));
+        let out = Command::new("qemu-img")
+            .args(["map", "--output=json", "-U", "-f", "qcow2"])
+            .arg(image)
+            .output()
+            .unwrap();
+        let map = String::from_utf8_lossy(&out.stdout);
+        if map.contains("\"start\": 1048576, \"length\": 65536") {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to save the bitmaps
+    child.wait().unwrap();
+    let b = info.info().unwrap().bitmaps;
+    assert!(b.iter().all(|b| b.inconsistent()), "{b:?}");
+}
+
+#[test]
+fn untrusted_bitmaps_apply_the_policy_and_restores_stay_correct() {
+    let f = Fixture::new(16);
+    f.write(&writes_cmds(&[(0, 4 * MIB)], 0x01));
+    let (_, first) = f.done("c");
+
+    // 1. Bitmap removed.
+    f.write(&writes_cmds(&[(2 * MIB, 4096)], 0x02));
+    run("qemu-img", &["bitmap", "--remove", &s(&f.image), &first]);
+    let before = f.repo.snapshot_ids().unwrap().len();
+    // skip-alert: no snapshot, an alert, and the image keeps no new bitmap.
+    match f.backup("c", CbtPolicy::SkipAlert) {
+        Qcow2Outcome::Skipped { reason, alert } => {
+            assert!(alert);
+            assert!(reason.contains("missing"), "{reason}");
+        }
+        o => panic!("{o:?}"),
+    }
+    match f.backup("c", CbtPolicy::Skip) {
+        Qcow2Outcome::Skipped { alert, .. } => assert!(!alert),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(f.repo.snapshot_ids().unwrap().len(), before);
+    assert!(f.bitmaps().is_empty(), "{:?}", f.bitmaps());
+    // full (default): a full read, deduplicated, with the reason recorded.
+    let (fb, _) = f.done("c");
+    assert_eq!(fb.mode, "full");
+    assert_eq!(fb.bytes_read, 4 * MIB);
+    assert_eq!(fb.chunks_new, 1, "only the changed chunk is stored");
+    let reason = fb.cbt_fallback.get("vda").unwrap();
+    assert!(
+        reason.contains(&format!("{first:?} is missing")),
+        "{reason}"
+    );
+    assert_eq!(
+        f.disk(&fb.snapshot).properties.get(PROP_FALLBACK),
+        Some(reason)
+    );
+    assert_eq!(f.restored(&fb.snapshot), f.reference());
+    // The chain heals: the next run is an incremental again.
+    f.write(&writes_cmds(&[(MIB, 4096)], 0x03));
+    let (healed, _) = f.done("c");
+    assert_eq!((healed.mode.as_str(), healed.bytes_read), ("cbt", 65536));
+
+    // 2. Inconsistent bitmap (unclean exit of the process holding it).
+    unclean_exit_while_writing(&f.image);
+    let (fb, _) = f.done("c");
+    assert_eq!(fb.mode, "full");
+    assert!(fb.cbt_fallback["vda"].contains("inconsistent"), "{fb:?}");
+    assert_eq!(f.restored(&fb.snapshot), f.reference());
+    assert_eq!(f.bitmaps().len(), 1, "the inconsistent bitmap was retired");
+
+    // 3. Disk resized.
+    run(
+        "qemu-img",
+        &["resize", "-q", "-f", "qcow2", &s(&f.image), "20M"],
+    );
+    f.write(&writes_cmds(&[(18 * MIB, 4096)], 0x04));
+    let (fb, _) = f.done("c");
+    assert_eq!(fb.mode, "full");
+    assert!(fb.cbt_fallback["vda"].contains("resized"), "{fb:?}");
+    assert_eq!(fb.bytes_logical, 20 * MIB);
+    assert_eq!(f.restored(&fb.snapshot), f.reference());
+
+    // 4. A bitmap of another chain: never consumed for this one, never removed.
+    let (_, other) = f.done("other");
+    f.write(&writes_cmds(&[(5 * MIB, 4096)], 0x05));
+    let (fb, _) = f.done("c");
+    assert_eq!(fb.mode, "full");
+    assert!(
+        fb.cbt_fallback["vda"].contains("does not belong to the previous snapshot"),
+        "{fb:?}"
+    );
+    assert_eq!(f.restored(&fb.snapshot), f.reference());
+    assert!(
+        f.bitmaps().contains(&other),
+        "another chain's bitmap is left alone"
+    );
+}
