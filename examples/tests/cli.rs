@@ -693,6 +693,17 @@ fn nbd_backup_with_a_caller_managed_bitmap() {
     assert!(stderr(&out).contains("does not belong"), "{}", stderr(&out));
     server.kill().unwrap();
     server.wait().unwrap();
+    // The export no longer offers the bitmap: a full read, reason recorded.
+    let mut server = export(&[]);
+    let fb = json(&with(&["--bitmap", "b0"]));
+    assert_eq!(fb["mode"], "full");
+    assert!(
+        fb["cbt_fallback"].as_str().unwrap().contains("no dirty bitmap \"b0\""),
+        "{fb}"
+    );
+    assert_eq!(fb["chunks_new"], 0);
+    server.kill().unwrap();
+    server.wait().unwrap();
     let out = s.root.join("out");
     ok(&["restore", &s.pool, "latest", "--to", &p(&out)]);
     assert!(std::fs::read(out.join("vda")).unwrap() == raw_of(&img, &s.root.join("e.raw")));
