@@ -613,6 +613,13 @@ impl Qcow2Target {
     /// Creates `path` (a qcow2 of `size` bytes). Refuses to replace an
     /// existing file unless `overwrite`.
     pub fn create(path: &Path, size: u64, overwrite: bool) -> Result<Self> {
+        if size % 512 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a qcow2 image's size is a multiple of 512 bytes, this disk is {size}; \
+                 restore it as raw",
+                path.display()
+            )));
+        }
         if !overwrite && path.exists() {
             return Err(Error::InvalidArgument(format!(
                 "restore target {} already exists (pass --force to overwrite)",
@@ -646,7 +653,11 @@ impl Qcow2Target {
         let export = QemuNbdExport::start(
             &target.tmp,
             "qcow2",
-            vec!["--cache=writeback".into(), "--shared=1".into()],
+            vec![
+                "--persistent".into(),
+                "--cache=writeback".into(),
+                "--shared=1".into(),
+            ],
         )?;
         let inner = NbdTarget::connect(&export.uri(), size)?;
         target.export = Some(export);

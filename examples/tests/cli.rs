@@ -698,7 +698,10 @@ fn nbd_backup_with_a_caller_managed_bitmap() {
     let fb = json(&with(&["--bitmap", "b0"]));
     assert_eq!(fb["mode"], "full");
     assert!(
-        fb["cbt_fallback"].as_str().unwrap().contains("no dirty bitmap \"b0\""),
+        fb["cbt_fallback"]
+            .as_str()
+            .unwrap()
+            .contains("no dirty bitmap \"b0\""),
         "{fb}"
     );
     assert_eq!(fb["chunks_new"], 0);

@@ -271,8 +271,12 @@ fn cbt(a: &Args, rows: &mut Vec<Row>) {
     let plan = cairn_benches::rewrite_plan(size, 0.02, 1);
     let plan_bytes: u64 = plan.iter().map(|r| r.end - r.start).sum();
     {
-        let export = QemuNbdExport::start(&qcow2, "qcow2", vec!["--shared=1".into()])
-            .expect("writable export");
+        let export = QemuNbdExport::start(
+            &qcow2,
+            "qcow2",
+            vec!["--persistent".into(), "--shared=1".into()],
+        )
+        .expect("writable export");
         let mut c = cairn_engine::nbd::NbdConnection::connect(&export.uri(), &[]).expect("connect");
         let mut rng = cairn_engine::sample::SampleRng::new(1 ^ 0x5eed);
         let mut buf = Vec::new();
