@@ -53,6 +53,7 @@ pub fn snapshot_json(id: &SnapshotId, s: &Snapshot) -> Value {
             "name": d.name,
             "size": d.size,
             "bytes_data": d.data_bytes(),
+            "properties": d.properties,
         })).collect::<Vec<_>>(),
     })
 }

@@ -682,6 +682,8 @@ fn nbd_backup_with_a_caller_managed_bitmap() {
     assert_eq!(inc["connections"], 2);
     let snaps = json(&["snapshots", &s.pool, "--json"]);
     assert_eq!(snaps[1]["disks"][0]["name"], "vda");
+    assert_eq!(snaps[1]["disks"][0]["properties"]["cbt.bitmap"], "b0");
+    assert_eq!(snaps[1]["disks"][0]["properties"]["cbt.next-bitmap"], "b0");
     // A bitmap the previous snapshot did not start is refused.
     let out = cairn(&with(&[
         "--bitmap",
