@@ -1,5 +1,6 @@
-//! NBD client against arbitrary server bytes: handshake, then a read and a
-//! block-status request. Never panics, never allocates without bound.
+//! NBD client against arbitrary server bytes: handshake, then a read, a
+//! block-status request, a write and a flush. Never panics, never allocates
+//! without bound.
 #![no_main]
 use std::io::{Cursor, Read, Write};
 
@@ -29,5 +30,7 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = vec![0u8; (c.size().min(1 << 16)) as usize];
         let _ = c.read_at(0, &mut buf);
         let _ = c.block_status("base:allocation", 0, 4096);
+        let _ = c.write_at(0, &[7u8; 512]);
+        let _ = c.flush();
     }
 });
