@@ -520,8 +520,11 @@ pub fn backup_qcow2(
         progress,
     );
     match result {
-        Ok(Qcow2Outcome::Done { stats, .. }) => {
-            let mut warnings = Vec::new();
+        Ok(Qcow2Outcome::Done {
+            stats,
+            mut warnings,
+            ..
+        }) => {
             // Retire the bitmap the previous snapshot started: `next`
             // supersedes it. Never touch bitmaps of other chains.
             if let Some(old) = recorded.filter(|r| r.starts_with(&prefix)) {
@@ -588,11 +591,16 @@ fn backup_with_export(
     let mut opts = opts.clone();
     opts.parent = parent_id;
     let stats = backup(repo, vec![disk], &opts, progress)?;
-    export.stop()?;
+    // The snapshot is committed and names `next`: from here on a problem is
+    // a warning, never a reason to drop `next`.
+    let mut warnings = Vec::new();
+    if let Err(e) = export.stop() {
+        warnings.push(format!("stopping qemu-nbd: {e}"));
+    }
     Ok(Qcow2Outcome::Done {
         stats,
         next_bitmap: next.to_string(),
-        warnings: Vec::new(),
+        warnings,
     })
 }
 

@@ -69,6 +69,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const EXTRA_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most connections an [`NbdSource`] opens to one export.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Largest block-status reply chunk accepted (8 Mi extents): bounds the
+/// memory a misbehaving server can make the client allocate.
+const MAX_BLOCK_STATUS_PAYLOAD: u32 = 64 << 20;
 /// Reads smaller than this are not split across connections.
 const MIN_SPLIT_PIECE: usize = 512 << 10;
 
@@ -601,38 +604,40 @@ impl NbdConnection {
 
     fn read_piece(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let cookie = self.request(CMD_READ, offset, buf.len() as u32)?;
-        let mut covered = 0u64;
+        // Every byte must be covered exactly once: the buffer is reused, so
+        // a gap or an overlap would pass stale bytes off as disk content.
+        let mut pieces: Vec<(usize, usize)> = Vec::new();
         loop {
             let (flags, kind, len) = self.chunk_header(cookie)?;
             match kind {
-                REPLY_OFFSET_DATA => {
+                REPLY_OFFSET_DATA | REPLY_OFFSET_HOLE => {
                     let at = self.u64()?;
-                    let n = len
-                        .checked_sub(8)
-                        .ok_or_else(|| self.protocol("short data chunk"))?
-                        as usize;
-                    let start = at.checked_sub(offset).map(|s| s as usize);
-                    match start {
-                        Some(s) if s + n <= buf.len() => self.read_exact(&mut buf[s..s + n])?,
-                        _ => {
-                            return Err(self
-                                .protocol(format!("data chunk at {at}+{n} outside the request")))
+                    let n = if kind == REPLY_OFFSET_DATA {
+                        len.checked_sub(8)
+                            .ok_or_else(|| self.protocol("short data chunk"))?
+                            as usize
+                    } else {
+                        if len != 12 {
+                            return Err(self.protocol(format!("hole chunk of {len} bytes")));
                         }
+                        self.u32()? as usize
+                    };
+                    let range = at
+                        .checked_sub(offset)
+                        .and_then(|s| usize::try_from(s).ok())
+                        .and_then(|s| Some(s..s.checked_add(n)?))
+                        .filter(|r| r.end <= buf.len());
+                    let Some(range) = range else {
+                        return Err(
+                            self.protocol(format!("reply chunk at {at}+{n} outside the request"))
+                        );
+                    };
+                    match buf.get_mut(range.clone()) {
+                        Some(part) if kind == REPLY_OFFSET_DATA => self.read_exact(part)?,
+                        Some(part) => part.fill(0),
+                        None => return Err(Error::Internal("checked range out of bounds".into())),
                     }
-                    covered += n as u64;
-                }
-                REPLY_OFFSET_HOLE => {
-                    let at = self.u64()?;
-                    let n = self.u32()? as usize;
-                    let start = at.checked_sub(offset).map(|s| s as usize);
-                    match start {
-                        Some(s) if s + n <= buf.len() => buf[s..s + n].fill(0),
-                        _ => {
-                            return Err(self
-                                .protocol(format!("hole chunk at {at}+{n} outside the request")))
-                        }
-                    }
-                    covered += n as u64;
+                    pieces.push((range.start, range.end));
                 }
                 REPLY_NONE if len == 0 => {}
                 k if k & REPLY_ERROR_BIT != 0 => return Err(self.error_chunk(len)?),
@@ -642,7 +647,23 @@ impl NbdConnection {
                 break;
             }
         }
-        if covered != buf.len() as u64 {
+        pieces.sort_unstable();
+        let mut covered = 0usize;
+        for (start, end) in pieces {
+            if start != covered {
+                return Err(self.protocol(format!(
+                    "read at {offset}: reply chunks {} at byte {}",
+                    if start < covered {
+                        "overlap"
+                    } else {
+                        "leave a gap"
+                    },
+                    start.min(covered)
+                )));
+            }
+            covered = end;
+        }
+        if covered != buf.len() {
             return Err(self.protocol(format!(
                 "read at {offset}: server covered {covered} of {} bytes",
                 buf.len()
@@ -668,7 +689,7 @@ impl NbdConnection {
             let (flags, kind, plen) = self.chunk_header(cookie)?;
             match kind {
                 REPLY_BLOCK_STATUS => {
-                    if plen < 4 || (plen - 4) % 8 != 0 {
+                    if plen < 4 || (plen - 4) % 8 != 0 || plen > MAX_BLOCK_STATUS_PAYLOAD {
                         return Err(self.protocol(format!("block status payload of {plen} bytes")));
                     }
                     let ctx = self.u32()?;
@@ -949,6 +970,86 @@ impl DiskTarget for NbdTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Server bytes: a handshake for an export of `size` bytes, then `replies`.
+    fn scripted(size: u64, replies: &[u8]) -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        s.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        s.extend_from_slice(&3u16.to_be_bytes());
+        let reply = |s: &mut Vec<u8>, opt: u32, kind: u32, data: &[u8]| {
+            s.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+            s.extend_from_slice(&opt.to_be_bytes());
+            s.extend_from_slice(&kind.to_be_bytes());
+            s.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            s.extend_from_slice(data);
+        };
+        reply(&mut s, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+        let mut info = vec![0u8, 0];
+        info.extend_from_slice(&size.to_be_bytes());
+        info.extend_from_slice(&0u16.to_be_bytes());
+        reply(&mut s, OPT_GO, REP_INFO, &info);
+        reply(&mut s, OPT_GO, REP_ACK, &[]);
+        s.extend_from_slice(replies);
+        s
+    }
+
+    /// One structured data chunk answering request `cookie`.
+    fn data_chunk(cookie: u64, done: bool, at: u64, data: &[u8]) -> Vec<u8> {
+        let mut c = Vec::new();
+        c.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        c.extend_from_slice(&u16::from(done).to_be_bytes());
+        c.extend_from_slice(&REPLY_OFFSET_DATA.to_be_bytes());
+        c.extend_from_slice(&cookie.to_be_bytes());
+        c.extend_from_slice(&(data.len() as u32 + 8).to_be_bytes());
+        c.extend_from_slice(&at.to_be_bytes());
+        c.extend_from_slice(data);
+        c
+    }
+
+    struct Script(std::io::Cursor<Vec<u8>>);
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl Write for Script {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn read_with(replies: Vec<u8>) -> Result<Vec<u8>> {
+        let bytes = scripted(4096, &replies);
+        let mut c = NbdConnection::over(Script(std::io::Cursor::new(bytes)), "t", "", &[])?;
+        let mut buf = vec![0xeeu8; 16];
+        c.read_at(0, &mut buf)?;
+        Ok(buf)
+    }
+
+    #[test]
+    fn read_replies_must_tile_the_request_exactly() {
+        // Out of order but exact: accepted.
+        let mut r = data_chunk(1, false, 8, &[2; 8]);
+        r.extend(data_chunk(1, true, 0, &[1; 8]));
+        assert_eq!(read_with(r).unwrap(), [[1u8; 8], [2; 8]].concat());
+        // Twice the same half: 16 bytes "covered", half the buffer stale.
+        let mut r = data_chunk(1, false, 0, &[1; 8]);
+        r.extend(data_chunk(1, true, 0, &[1; 8]));
+        assert!(read_with(r).unwrap_err().to_string().contains("overlap"));
+        // Offsets far outside the request (once an overflow panic, found by fuzzing).
+        let r = data_chunk(1, true, u64::MAX - 3, &[1; 16]);
+        assert!(read_with(r).unwrap_err().to_string().contains("outside"));
+        // Short coverage.
+        let r = data_chunk(1, true, 0, &[1; 8]);
+        assert!(read_with(r)
+            .unwrap_err()
+            .to_string()
+            .contains("covered 8 of 16"));
+    }
 
     #[test]
     fn uri_forms() {
