@@ -13,9 +13,10 @@
 //!
 //! ## Bitmap lifecycle
 //! A chain is named by the caller (`--bitmap NAME`); every bitmap Cairn
-//! creates for it is `NAME.<16 hex digits>`, unique per backup, so a bitmap
-//! is identified by its name alone and two pools (or two chains) backing up
-//! one image never consume each other's bitmaps. One run:
+//! creates for it is `NAME.<8 hex digits of the pool id><8 random hex
+//! digits>`, unique per backup, so a bitmap is identified by its name alone
+//! and two pools (or two chains) backing up one image never consume or
+//! remove each other's bitmaps. One run:
 //! 1. read the image's bitmaps (`qemu-img info`); the previous snapshot of
 //!    the disk names the bitmap it started (`cbt.next-bitmap`);
 //! 2. add the next bitmap, enabled (it records every write from now on);
@@ -25,9 +26,10 @@
 //!    bitmap, one from another chain, or a resized disk is not trusted and
 //!    the job's policy applies (full read against the parent, or skip);
 //! 4. back up, stop the export;
-//! 5. on success remove the consumed bitmap (only ever one this pool's chain
-//!    recorded); on failure or skip remove the new one, so the previous
-//!    bitmap keeps recording and the next run retries from it.
+//! 5. on success remove the consumed bitmap and any other bitmap of this
+//!    chain and pool (left by a run that was killed); on failure or skip
+//!    remove the new one, so the previous bitmap keeps recording and the
+//!    next run retries from it.
 //!
 //! Between steps 2 and 4 the image is either unlocked for a moment or held
 //! read-only by the export; a write in that moment lands in both bitmaps and
@@ -419,12 +421,20 @@ pub enum Qcow2Outcome {
     Skipped { reason: String, alert: bool },
 }
 
-/// A chain's bitmap name for a new backup.
-fn new_bitmap_name(chain: &str) -> Result<String> {
-    let mut b = [0u8; 8];
+/// The part of this pool's bitmap names that says they are this pool's:
+/// `CHAIN.` + the first 8 hex digits of the pool id.
+fn pool_prefix(chain: &str, pool_id: &str) -> String {
+    let id: String = pool_id.chars().take(8).collect();
+    format!("{chain}.{id}")
+}
+
+/// A chain's bitmap name for a new backup into the pool `pool_id`:
+/// [`pool_prefix`] + 8 random hex digits.
+fn new_bitmap_name(chain: &str, pool_id: &str) -> Result<String> {
+    let mut b = [0u8; 4];
     getrandom::getrandom(&mut b).map_err(|e| Error::Random(e.to_string()))?;
     let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!("{chain}.{token}"))
+    Ok(format!("{}{token}", pool_prefix(chain, pool_id)))
 }
 
 fn validate_chain(chain: &str) -> Result<()> {
@@ -506,7 +516,8 @@ pub fn backup_qcow2(
         },
     };
 
-    let next = new_bitmap_name(&qcow2.chain)?;
+    let pool_id = repo.config().pool_id.clone();
+    let next = new_bitmap_name(&qcow2.chain, &pool_id)?;
     image.add_bitmap(&next, grid as u64)?;
     let result = backup_with_export(
         repo,
@@ -525,12 +536,16 @@ pub fn backup_qcow2(
             mut warnings,
             ..
         }) => {
-            // Retire the bitmap the previous snapshot started: `next`
-            // supersedes it. Never touch bitmaps of other chains.
-            if let Some(old) = recorded.filter(|r| r.starts_with(&prefix)) {
-                if info.bitmap(&old).is_some() {
-                    if let Err(e) = image.remove_bitmap(&old) {
-                        warnings.push(format!("could not remove the consumed bitmap: {e}"));
+            // Retire the bitmap the previous snapshot started (`next`
+            // supersedes it) and any this pool's runs left behind when they
+            // were killed. Bitmaps of other chains and other pools are left
+            // alone.
+            let ours = pool_prefix(&qcow2.chain, &pool_id);
+            for b in &info.bitmaps {
+                let stale = b.name.starts_with(&ours) || Some(&b.name) == recorded.as_ref();
+                if stale && b.name != next && b.name.starts_with(&prefix) {
+                    if let Err(e) = image.remove_bitmap(&b.name) {
+                        warnings.push(format!("could not remove bitmap {:?}: {e}", b.name));
                     }
                 }
             }
@@ -761,7 +776,8 @@ mod tests {
         for bad in ["", "a.b", "a b", &"x".repeat(65)] {
             assert!(validate_chain(bad).is_err(), "{bad}");
         }
-        let n = new_bitmap_name("c").unwrap();
-        assert!(n.starts_with("c.") && n.len() == 18);
+        let n = new_bitmap_name("c", "0123456789abcdef0123456789abcdef").unwrap();
+        assert!(n.starts_with("c.01234567") && n.len() == 18, "{n}");
+        assert_ne!(n, new_bitmap_name("c", "0123456789abcdef").unwrap());
     }
 }

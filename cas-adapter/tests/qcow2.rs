@@ -192,7 +192,8 @@ fn incremental_reads_only_written_ranges_and_rotates_bitmaps() {
         full.cbt_fallback.is_empty(),
         "a first backup is no fallback"
     );
-    assert!(first.starts_with("daily.") && first.len() == "daily.".len() + 16);
+    assert!(first.starts_with(&format!("daily.{}", &f.repo.config().pool_id[..8])));
+    assert_eq!(first.len(), "daily.".len() + 16);
     assert_eq!(f.bitmaps(), vec![first.clone()]);
     assert_eq!(f.restored(&full.snapshot), f.reference());
 
@@ -220,12 +221,26 @@ fn incremental_reads_only_written_ranges_and_rotates_bitmaps() {
         Some(full.snapshot)
     );
 
-    // Nothing written: nothing read, nothing but metadata stored.
-    let (idle, _) = f.done("daily");
+    // A run of this pool killed mid-backup left its new bitmap behind;
+    // another pool backs the same image up under the same chain name.
+    let pool_id = f.repo.config().pool_id.clone();
+    let leaked = format!("daily.{}deadbeef", &pool_id[..8]);
+    let foreign = "daily.ffffffff00000000".to_string();
+    for b in [&leaked, &foreign] {
+        run("qemu-img", &["bitmap", "--add", &s(&f.image), b]);
+    }
+    // Nothing written: nothing read, nothing but metadata stored; the leaked
+    // bitmap is cleaned up, the other pool's is left alone.
+    let (idle, third) = f.done("daily");
     assert_eq!(
         (idle.mode.as_str(), idle.bytes_read, idle.chunks_new),
         ("cbt", 0, 0)
     );
+    let mut left = f.bitmaps();
+    left.sort();
+    let mut expected_left = vec![third, foreign];
+    expected_left.sort();
+    assert_eq!(left, expected_left);
 
     // A thin qcow2 restore holds exactly the snapshot's content.
     let out = f.dir.path().join("thin.qcow2");
