@@ -106,22 +106,23 @@ pub fn fill_text(rng: &mut SampleRng, buf: &mut [u8]) {
 }
 
 /// Overwrites `count` scattered regions of 4 KiB–64 KiB with random bytes,
-/// as a guest would between two backups. Returns the bytes changed.
-pub fn scribble(path: &Path, count: usize, seed: u64) -> io::Result<u64> {
+/// as a guest would between two backups. Returns the ranges written (what a
+/// hypervisor's dirty bitmap would record).
+pub fn scribble(path: &Path, count: usize, seed: u64) -> io::Result<Vec<Range<u64>>> {
     let file = OpenOptions::new().write(true).open(path)?;
     let size = file.metadata()?.len();
     let mut rng = SampleRng::new(seed);
-    let mut total = 0;
+    let mut written = Vec::with_capacity(count);
     for _ in 0..count {
         let len = (4096 * (1 + rng.below(16))).min(size);
         let at = rng.below(size - len + 1) / 4096 * 4096;
         let mut data = vec![0u8; len as usize];
         rng.fill(&mut data);
         file.write_all_at(&data, at)?;
-        total += len;
+        written.push(at..at + len);
     }
     file.sync_all()?;
-    Ok(total)
+    Ok(written)
 }
 
 /// BLAKE3 of a whole file's content, read in a stream.
