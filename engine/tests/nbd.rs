@@ -407,3 +407,46 @@ fn connection_dropped_mid_backup_fails_the_snapshot_and_keeps_earlier_ones() {
     .unwrap();
     assert!(report.is_ok(), "{report:?}");
 }
+
+#[test]
+fn tcp_exports_read_like_unix_ones() {
+    let (dir, image) = setup();
+    qemu_io(&image, &["write -P 5 1M 3M"]);
+    let expected = raw_copy(&image, dir.path());
+    // A free port: bind, note it, release it for qemu-nbd.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new("qemu-nbd")
+        .args([
+            "-r", "-f", "qcow2", "-t", "-e", "3", "-B", "b0", "-x", "vda",
+        ])
+        .args(["-b", "127.0.0.1", "-p", &port.to_string()])
+        .arg(&image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let uri = format!("nbd://127.0.0.1:{port}/vda");
+    let src = NbdSource::connect_many(&uri, Some("b0"), 2).unwrap();
+    assert_eq!(src.connections(), 2);
+    assert_eq!(src.data_extents().unwrap(), vec![(1 << 20)..(4 << 20)]);
+    assert_eq!(
+        src.dirty_extents("b0").unwrap(),
+        nbdinfo_map(&uri, Some("qemu:dirty-bitmap:b0"), |t| t & 1 == 1)
+    );
+    let mut all = vec![0u8; src.size() as usize];
+    src.read_at(0, &mut all).unwrap();
+    assert!(all == expected);
+    drop(src);
+    let _ = child.kill();
+    let _ = child.wait();
+}
