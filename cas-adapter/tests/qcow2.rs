@@ -325,18 +325,34 @@ fn chain_of_ten_incrementals_with_random_writes() {
         1,
         "one bitmap per chain, whatever its length"
     );
-    // Every point restores bit-identical, also with a middle manifest gone.
-    f.pool
-        .delete(FileKind::Snapshot, &points[5].0.to_hex())
-        .unwrap();
+    // Every point restores bit-identical, each from its own manifest: before
+    // and after deleting middle manifests (any subset: each stands alone).
+    for (i, (id, hash)) in points.iter().enumerate() {
+        assert_eq!(&f.restored(id), hash, "point {i}");
+    }
+    let deleted = [2usize, 5, 6, 9];
+    for &i in &deleted {
+        f.pool
+            .delete(FileKind::Snapshot, &points[i].0.to_hex())
+            .unwrap();
+    }
     let repo = Repository::open(f.pool.clone()).unwrap();
     for (i, (id, hash)) in points.iter().enumerate() {
-        if i == 5 {
+        if deleted.contains(&i) {
             assert!(repo.load_snapshot(id).is_err());
             continue;
         }
-        assert_eq!(&f.restored(id), hash, "point {i}");
+        assert_eq!(
+            &f.restored(id),
+            hash,
+            "point {i} with middle manifests gone"
+        );
     }
+    // The chain goes on from the newest remaining snapshot.
+    f.write(&writes_cmds(&[(MIB, 4096)], 0x7f));
+    let (next, _) = f.done("c");
+    assert_eq!((next.mode.as_str(), next.bytes_read), ("cbt", 65536));
+    assert_eq!(f.restored(&next.snapshot), f.reference());
 }
 
 /// Kills a qemu-io that holds the image open with its bitmaps enabled, so
