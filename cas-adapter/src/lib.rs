@@ -5,11 +5,14 @@
 //! JSON, asynchronous `msgId` tasks) and CVK hosts whose disks are reached
 //! over NBD exports with `qemu:dirty-bitmap:NAME` contexts for CBT.
 //!
-//! Status: only the connection settings and their validation exist. Every
+//! Status: the host side is in place — [`qemu`] drives qemu-img and qemu-nbd
+//! on a qcow2 file: the dirty-bitmap lifecycle of a CBT chain, read-only
+//! exports with several connections, and thin qcow2 restore targets. The
+//! CVM side has only the connection settings and their validation: every
 //! platform call returns [`cairn_engine::Error::Unsupported`] naming what is
-//! missing; the REST client, snapshot lifecycle, NBD disk access and restore
-//! targets arrive with the CAS adapter issues (see `docs/DESIGN.md`). A CVM
-//! simulator for tests will live beside it and never on the production path.
+//! missing; the REST client and the snapshot lifecycle arrive with the CAS
+//! adapter issues (see `docs/DESIGN.md`). A CVM simulator for tests will live
+//! beside it and never on the production path.
 
 pub mod qemu;
 
