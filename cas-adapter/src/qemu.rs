@@ -411,14 +411,22 @@ pub enum Qcow2Outcome {
     /// A snapshot was written.
     Done {
         stats: BackupStats,
-        /// The bitmap now recording changes since this snapshot.
-        next_bitmap: String,
+        /// Per disk, the bitmap now recording changes since this snapshot.
+        next_bitmaps: BTreeMap<String, String>,
         /// Non-fatal problems after the snapshot was committed (a bitmap
         /// that could not be removed).
         warnings: Vec<String>,
     },
-    /// CBT was not trusted and the policy said skip: no snapshot.
+    /// CBT was not trusted for a disk and the policy said skip: no snapshot
+    /// (spec B4 skips the whole VM). `reason` names the disk(s).
     Skipped { reason: String, alert: bool },
+}
+
+/// One qcow2 file of a VM and its disk name in the snapshot.
+#[derive(Clone, Debug)]
+pub struct Qcow2Disk {
+    pub image: Qcow2Image,
+    pub name: String,
 }
 
 /// The part of this pool's bitmap names that says they are this pool's:
@@ -452,32 +460,35 @@ fn validate_chain(chain: &str) -> Result<()> {
     }
 }
 
-/// Backs up the qcow2 file `image` as disk `disk` of `opts.vm`, as a CBT
-/// incremental against the disk's newest snapshot when its bitmap can be
-/// trusted (see the module documentation for the bitmap lifecycle).
-pub fn backup_qcow2(
+/// What one disk's run knows before its export starts.
+struct DiskPlan<'a> {
+    disk: &'a Qcow2Disk,
+    info: ImageInfo,
+    /// The bitmap the disk's previous snapshot started.
+    recorded: Option<String>,
+    /// The bitmap this run consumes (see [`plan_disk`]).
+    consume: Option<String>,
+    /// `consume` when it can be exported, else why not.
+    usable: std::result::Result<String, String>,
+    /// The bitmap this run starts.
+    next: String,
+}
+
+fn plan_disk<'a>(
     repo: &Repository,
-    image: &Qcow2Image,
-    disk: &str,
-    opts: &BackupOptions,
-    qcow2: &Qcow2BackupOptions,
-    progress: &dyn Progress,
-) -> Result<Qcow2Outcome> {
-    validate_chain(&qcow2.chain)?;
-    let ChunkingParams::Fixed { size: grid } = opts.chunking else {
-        return Err(Error::InvalidArgument(
-            "qcow2 backups use fixed-size chunking (the CBT grid)".into(),
-        ));
-    };
-    let info = image.info()?;
-    let parent = repo.latest_with_disk(&opts.vm, disk)?;
-    let recorded = parent.as_ref().and_then(|(_, s)| {
+    vm: &str,
+    disk: &'a Qcow2Disk,
+    chain: &str,
+    pool_id: &str,
+) -> Result<DiskPlan<'a>> {
+    let info = disk.image.info()?;
+    let recorded = repo.latest_with_disk(vm, &disk.name)?.and_then(|(_, s)| {
         s.disks
             .iter()
-            .find(|d| d.name == disk)
+            .find(|d| d.name == disk.name)
             .and_then(|d| d.properties.get(cbt::PROP_NEXT_BITMAP).cloned())
     });
-    let prefix = format!("{}.", qcow2.chain);
+    let prefix = format!("{chain}.");
     // The bitmap this run consumes: the one the previous snapshot started,
     // when it belongs to this chain; otherwise this chain's newest bitmap in
     // the image (which `decide` will refuse as not the parent's).
@@ -490,18 +501,14 @@ pub fn backup_qcow2(
             .find(|b| b.name.starts_with(&prefix))
             .map(|b| b.name.clone()),
     };
-    // Whether the bitmap can be exported, or why not.
-    let usable: std::result::Result<String, String> = match &consume {
-        None => Err(format!(
-            "the image has no bitmap of chain {:?}",
-            qcow2.chain
-        )),
+    let usable = match &consume {
+        None => Err(format!("the image has no bitmap of chain {chain:?}")),
         Some(name) => match info.bitmap(name) {
             None => {
                 let others: Vec<&str> = info.bitmaps.iter().map(|b| b.name.as_str()).collect();
                 Err(format!(
                     "bitmap {name:?} is missing from {} (it holds: {})",
-                    image.path().display(),
+                    disk.image.path().display(),
                     if others.is_empty() {
                         "none".to_string()
                     } else {
@@ -515,50 +522,112 @@ pub fn backup_qcow2(
             },
         },
     };
-
-    let pool_id = repo.config().pool_id.clone();
-    let next = new_bitmap_name(&qcow2.chain, &pool_id)?;
-    image.add_bitmap(&next, grid as u64)?;
-    let result = backup_with_export(
-        repo,
-        image,
+    Ok(DiskPlan {
         disk,
-        opts,
-        qcow2,
-        consume.as_deref(),
+        info,
+        recorded,
+        consume,
         usable,
-        &next,
-        progress,
-    );
+        next: new_bitmap_name(chain, pool_id)?,
+    })
+}
+
+/// Backs up the qcow2 file `image` as disk `disk` of `opts.vm`: one disk of
+/// [`backup_qcow2_vm`].
+pub fn backup_qcow2(
+    repo: &Repository,
+    image: &Qcow2Image,
+    disk: &str,
+    opts: &BackupOptions,
+    qcow2: &Qcow2BackupOptions,
+    progress: &dyn Progress,
+) -> Result<Qcow2Outcome> {
+    let disks = [Qcow2Disk {
+        image: image.clone(),
+        name: disk.to_string(),
+    }];
+    backup_qcow2_vm(repo, &disks, opts, qcow2, progress)
+}
+
+/// Backs up the qcow2 files of one VM as one snapshot of `opts.vm`, each
+/// disk a CBT incremental against its newest snapshot when its bitmap can be
+/// trusted (see the module documentation for the bitmap lifecycle, which
+/// runs per disk). Under a skip policy one untrusted disk skips the VM.
+pub fn backup_qcow2_vm(
+    repo: &Repository,
+    disks: &[Qcow2Disk],
+    opts: &BackupOptions,
+    qcow2: &Qcow2BackupOptions,
+    progress: &dyn Progress,
+) -> Result<Qcow2Outcome> {
+    validate_chain(&qcow2.chain)?;
+    let ChunkingParams::Fixed { size: grid } = opts.chunking else {
+        return Err(Error::InvalidArgument(
+            "qcow2 backups use fixed-size chunking (the CBT grid)".into(),
+        ));
+    };
+    if disks.is_empty() {
+        return Err(Error::InvalidArgument("no qcow2 disk given".into()));
+    }
+    let pool_id = repo.config().pool_id.clone();
+    let plans = disks
+        .iter()
+        .map(|d| plan_disk(repo, &opts.vm, d, &qcow2.chain, &pool_id))
+        .collect::<Result<Vec<_>>>()?;
+    // Start every next bitmap; undo them all if one fails.
+    let mut added: Vec<&DiskPlan<'_>> = Vec::new();
+    for plan in &plans {
+        if let Err(e) = plan.disk.image.add_bitmap(&plan.next, grid as u64) {
+            for p in added {
+                let _ = p.disk.image.remove_bitmap(&p.next);
+            }
+            return Err(e);
+        }
+        added.push(plan);
+    }
+    let result = backup_with_exports(repo, &plans, opts, qcow2, progress);
+    let prefix = format!("{}.", qcow2.chain);
+    let ours = pool_prefix(&qcow2.chain, &pool_id);
     match result {
         Ok(Qcow2Outcome::Done {
             stats,
             mut warnings,
-            ..
+            next_bitmaps,
         }) => {
-            // Retire the bitmap the previous snapshot started (`next`
-            // supersedes it) and any this pool's runs left behind when they
-            // were killed. Bitmaps of other chains and other pools are left
-            // alone.
-            let ours = pool_prefix(&qcow2.chain, &pool_id);
-            for b in &info.bitmaps {
-                let stale = b.name.starts_with(&ours) || Some(&b.name) == recorded.as_ref();
-                if stale && b.name != next && b.name.starts_with(&prefix) {
-                    if let Err(e) = image.remove_bitmap(&b.name) {
-                        warnings.push(format!("could not remove bitmap {:?}: {e}", b.name));
+            // Per disk, retire the bitmap the previous snapshot started
+            // (`next` supersedes it) and any this pool's runs left behind
+            // when they were killed. Bitmaps of other chains and other pools
+            // are left alone.
+            for plan in &plans {
+                for b in &plan.info.bitmaps {
+                    let stale =
+                        b.name.starts_with(&ours) || Some(&b.name) == plan.recorded.as_ref();
+                    if stale && b.name != plan.next && b.name.starts_with(&prefix) {
+                        if let Err(e) = plan.disk.image.remove_bitmap(&b.name) {
+                            warnings.push(format!(
+                                "{}: could not remove bitmap {:?}: {e}",
+                                plan.disk.name, b.name
+                            ));
+                        }
                     }
                 }
             }
             Ok(Qcow2Outcome::Done {
                 stats,
-                next_bitmap: next,
+                next_bitmaps,
                 warnings,
             })
         }
         other => {
-            // No snapshot: the new bitmap starts nothing; the previous one
-            // keeps recording for the next attempt.
-            let cleanup = image.remove_bitmap(&next);
+            // No snapshot: the new bitmaps start nothing; the previous ones
+            // keep recording for the next attempt.
+            let mut cleanup = Ok(());
+            for plan in &plans {
+                let r = plan.disk.image.remove_bitmap(&plan.next);
+                if cleanup.is_ok() {
+                    cleanup = r;
+                }
+            }
             let outcome = other?;
             cleanup?;
             Ok(outcome)
@@ -566,55 +635,88 @@ pub fn backup_qcow2(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn backup_with_export(
+fn backup_with_exports(
     repo: &Repository,
-    image: &Qcow2Image,
-    disk: &str,
+    plans: &[DiskPlan<'_>],
     opts: &BackupOptions,
     qcow2: &Qcow2BackupOptions,
-    consume: Option<&str>,
-    usable: std::result::Result<String, String>,
-    next: &str,
     progress: &dyn Progress,
 ) -> Result<Qcow2Outcome> {
-    let export = image.export_read_only(usable.as_deref().ok(), qcow2.connections)?;
-    let source = NbdSource::connect_many(&export.uri(), usable.as_deref().ok(), qcow2.connections)?;
-    let dirty = match &usable {
-        Ok(name) => source.dirty_extents(name).map_err(|e| e.to_string()),
-        Err(why) => Err(why.clone()),
-    };
-    let mut properties = BTreeMap::new();
-    properties.insert("source".to_string(), image.path().display().to_string());
-    properties.insert("format".to_string(), "qcow2".to_string());
-    let cbt_disk = CbtDisk {
-        name: disk.to_string(),
-        source: Box::new(source),
-        bitmap: consume.map_or_else(|| format!("{}.*", qcow2.chain), str::to_string),
-        dirty,
-        next_bitmap: next.to_string(),
-        properties,
-    };
-    let (disk, parent_id) =
-        match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, qcow2.policy)? {
-            PreparedDisk::Backup { disk, parent, .. } => (disk, parent),
-            PreparedDisk::Skip { reason, alert } => {
-                export.stop()?;
-                return Ok(Qcow2Outcome::Skipped { reason, alert });
-            }
+    let mut exports = Vec::new();
+    let mut inputs = Vec::new();
+    let mut skips = Vec::new();
+    let mut alert = false;
+    let mut parent_id = None;
+    for plan in plans {
+        let export = plan
+            .disk
+            .image
+            .export_read_only(plan.usable.as_deref().ok(), qcow2.connections)?;
+        let source = NbdSource::connect_many(
+            &export.uri(),
+            plan.usable.as_deref().ok(),
+            qcow2.connections,
+        )?;
+        exports.push(export);
+        let dirty = match &plan.usable {
+            Ok(name) => source.dirty_extents(name).map_err(|e| e.to_string()),
+            Err(why) => Err(why.clone()),
         };
+        let mut properties = BTreeMap::new();
+        properties.insert(
+            "source".to_string(),
+            plan.disk.image.path().display().to_string(),
+        );
+        properties.insert("format".to_string(), "qcow2".to_string());
+        let cbt_disk = CbtDisk {
+            name: plan.disk.name.clone(),
+            source: Box::new(source),
+            bitmap: plan
+                .consume
+                .clone()
+                .unwrap_or_else(|| format!("{}.*", qcow2.chain)),
+            dirty,
+            next_bitmap: plan.next.clone(),
+            properties,
+        };
+        match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, qcow2.policy)? {
+            PreparedDisk::Backup { disk, parent, .. } => {
+                parent_id = parent_id.or(parent);
+                inputs.push(disk);
+            }
+            PreparedDisk::Skip { reason, alert: a } => {
+                alert |= a;
+                skips.push(format!("{}: {reason}", plan.disk.name));
+            }
+        }
+    }
+    if !skips.is_empty() {
+        drop(inputs);
+        for export in exports {
+            export.stop()?;
+        }
+        return Ok(Qcow2Outcome::Skipped {
+            reason: skips.join("; "),
+            alert,
+        });
+    }
     let mut opts = opts.clone();
     opts.parent = parent_id;
-    let stats = backup(repo, vec![disk], &opts, progress)?;
-    // The snapshot is committed and names `next`: from here on a problem is
-    // a warning, never a reason to drop `next`.
+    let stats = backup(repo, inputs, &opts, progress)?;
+    // The snapshot is committed and names the next bitmaps: from here on a
+    // problem is a warning, never a reason to drop them.
     let mut warnings = Vec::new();
-    if let Err(e) = export.stop() {
-        warnings.push(format!("stopping qemu-nbd: {e}"));
+    for export in exports {
+        if let Err(e) = export.stop() {
+            warnings.push(format!("stopping qemu-nbd: {e}"));
+        }
     }
     Ok(Qcow2Outcome::Done {
         stats,
-        next_bitmap: next.to_string(),
+        next_bitmaps: plans
+            .iter()
+            .map(|p| (p.disk.name.clone(), p.next.clone()))
+            .collect(),
         warnings,
     })
 }

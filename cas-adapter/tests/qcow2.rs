@@ -9,7 +9,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_cas::qemu::{backup_qcow2, Qcow2BackupOptions, Qcow2Image, Qcow2Outcome, Qcow2Target};
+use cairn_cas::qemu::{
+    backup_qcow2, backup_qcow2_vm, Qcow2BackupOptions, Qcow2Disk, Qcow2Image, Qcow2Outcome,
+    Qcow2Target,
+};
 use cairn_engine::cbt::{CbtPolicy, PROP_BITMAP, PROP_FALLBACK, PROP_NEXT_BITMAP};
 use cairn_engine::sample::SampleRng;
 use cairn_engine::{
@@ -98,11 +101,11 @@ impl Fixture {
         match self.backup(chain, CbtPolicy::Full) {
             Qcow2Outcome::Done {
                 stats,
-                next_bitmap,
+                next_bitmaps,
                 warnings,
             } => {
                 assert!(warnings.is_empty(), "{warnings:?}");
-                (stats, next_bitmap)
+                (stats, next_bitmaps["vda"].clone())
             }
             o => panic!("expected a snapshot, got {o:?}"),
         }
@@ -463,4 +466,93 @@ fn untrusted_bitmaps_apply_the_policy_and_restores_stay_correct() {
         f.bitmaps().contains(&other),
         "another chain's bitmap is left alone"
     );
+}
+
+#[test]
+fn a_vm_with_two_disks_is_one_snapshot_and_one_untrusted_disk_decides_alone() {
+    let f = Fixture::new(16);
+    let second = f.dir.path().join("vdb.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &s(&second), "8M"],
+    );
+    f.write(&writes_cmds(&[(0, 2 * MIB)], 0x01));
+    run("qemu-io", &["-c", "write -P 2 1M 1M", &s(&second)]);
+    let disks = [
+        Qcow2Disk {
+            image: Qcow2Image::new(&f.image),
+            name: "vda".into(),
+        },
+        Qcow2Disk {
+            image: Qcow2Image::new(&second),
+            name: "vdb".into(),
+        },
+    ];
+    let q = |policy| Qcow2BackupOptions {
+        chain: "c".into(),
+        policy,
+        connections: 1,
+    };
+    let go = |policy| {
+        backup_qcow2_vm(
+            &f.repo,
+            &disks,
+            &BackupOptions::new("vm"),
+            &q(policy),
+            &NoProgress,
+        )
+        .unwrap()
+    };
+    let Qcow2Outcome::Done {
+        stats: full,
+        next_bitmaps,
+        ..
+    } = go(CbtPolicy::Full)
+    else {
+        panic!("no snapshot")
+    };
+    assert_eq!(next_bitmaps.len(), 2);
+    assert_eq!(f.repo.load_snapshot(&full.snapshot).unwrap().disks.len(), 2);
+    // Writes on both; vdb's bitmap is lost.
+    f.write(&writes_cmds(&[(5 * MIB, 4096)], 0x03));
+    run("qemu-io", &["-c", "write -P 4 6M 4k", &s(&second)]);
+    run(
+        "qemu-img",
+        &["bitmap", "--remove", &s(&second), &next_bitmaps["vdb"]],
+    );
+    // skip-alert skips the whole VM, naming the disk.
+    let Qcow2Outcome::Skipped { reason, alert } = go(CbtPolicy::SkipAlert) else {
+        panic!("not skipped")
+    };
+    assert!(
+        alert && reason.starts_with("vdb: ") && reason.contains("missing"),
+        "{reason}"
+    );
+    // full: vda stays incremental, vdb is read in full; both restore right.
+    let Qcow2Outcome::Done { stats, .. } = go(CbtPolicy::Full) else {
+        panic!("no snapshot")
+    };
+    assert_eq!(stats.mode, "cbt");
+    assert_eq!(stats.cbt_fallback.keys().collect::<Vec<_>>(), ["vdb"]);
+    assert_eq!(
+        stats.bytes_read,
+        65536 + (MIB + 65536),
+        "vda's dirty chunk + vdb's allocated data (1 MiB + one 64 KiB cluster)"
+    );
+    let out = f.dir.path().join("both");
+    restore_to_dir(
+        &f.repo,
+        &stats.snapshot,
+        &out,
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(
+        blake3::hash(&std::fs::read(out.join("vda")).unwrap()),
+        f.reference()
+    );
+    let raw = f.dir.path().join("vdb.raw");
+    run("qemu-img", &["convert", "-O", "raw", &s(&second), &s(&raw)]);
+    assert!(std::fs::read(out.join("vdb")).unwrap() == std::fs::read(raw).unwrap());
 }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use cairn_cas::qemu::{backup_qcow2, Qcow2BackupOptions, Qcow2Image, Qcow2Outcome, Qcow2Target};
+use cairn_cas::qemu::{
+    backup_qcow2_vm, Qcow2BackupOptions, Qcow2Disk, Qcow2Image, Qcow2Outcome, Qcow2Target,
+};
 use cairn_engine::cbt::{self, CbtDisk, CbtPolicy, PreparedDisk};
 use cairn_engine::nbd::NbdAddress;
 use cairn_engine::{
@@ -48,14 +50,13 @@ impl std::fmt::Display for RestoreFormat {
 #[derive(Debug)]
 pub struct CbtRun {
     pub pool: String,
-    pub nbd: Option<String>,
-    pub qcow2: Option<PathBuf>,
+    pub nbd: Vec<String>,
+    pub qcow2: Vec<PathBuf>,
     pub bitmap: Option<String>,
     pub next_bitmap: Option<String>,
     pub policy: CbtPolicy,
     pub connections: usize,
-    pub disk_name: Option<String>,
-    pub extra_names: usize,
+    pub disk_names: Vec<String>,
     pub json: bool,
 }
 
@@ -63,7 +64,7 @@ pub struct CbtRun {
 enum Ran {
     Done {
         stats: BackupStats,
-        next_bitmap: Option<String>,
+        next_bitmaps: BTreeMap<String, String>,
         connections: usize,
         warnings: Vec<String>,
     },
@@ -80,107 +81,151 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
             run.connections
         )));
     }
-    if run.extra_names > 1 {
-        return Err(Failure::usage("one --disk-name for the --nbd/--qcow2 disk"));
+    let count = run.nbd.len() + run.qcow2.len();
+    if run.disk_names.len() > count {
+        return Err(Failure::usage(format!(
+            "{} --disk-name values for {count} disks",
+            run.disk_names.len()
+        )));
     }
     let repo = open_repo(&run.pool)?;
     let vm = opts.vm.clone();
-    let ran = if let Some(uri) = &run.nbd {
-        backup_nbd(&repo, uri, &run, &opts, bar)
-    } else if let Some(file) = &run.qcow2 {
-        let disk = match &run.disk_name {
-            Some(n) => n.clone(),
-            None => file
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .ok_or_else(|| Failure::usage(format!("{} has no file name", file.display())))?,
-        };
+    let ran = if !run.nbd.is_empty() {
+        backup_nbd(&repo, &run, &opts, bar)
+    } else {
+        let names = crate::disk_names(&run.qcow2, &run.disk_names)?;
+        let disks: Vec<Qcow2Disk> = run
+            .qcow2
+            .iter()
+            .zip(names)
+            .map(|(file, name)| Qcow2Disk {
+                image: Qcow2Image::new(file),
+                name,
+            })
+            .collect();
         let q = Qcow2BackupOptions {
             chain: run.bitmap.clone().unwrap_or_else(|| "cairn".into()),
             policy: run.policy,
             connections: run.connections,
         };
-        let outcome = backup_qcow2(&repo, &Qcow2Image::new(file), &disk, &opts, &q, bar);
+        let outcome = backup_qcow2_vm(&repo, &disks, &opts, &q, bar);
         bar.finish();
         match outcome? {
             Qcow2Outcome::Done {
                 stats,
-                next_bitmap,
+                next_bitmaps,
                 warnings,
             } => Ok(Ran::Done {
                 stats,
-                next_bitmap: Some(next_bitmap),
+                next_bitmaps,
                 connections: run.connections,
                 warnings,
             }),
             Qcow2Outcome::Skipped { reason, alert } => Ok(Ran::Skipped { reason, alert }),
         }
-    } else {
-        Err(Failure::usage("give --nbd URI or --qcow2 FILE"))
     }?;
     report(&vm, ran, run.json)
 }
 
+/// Disk names for NBD exports: `--disk-name` by position, else the export
+/// name, else `diskN`; repeats get `-1`, `-2`, … suffixes.
+fn nbd_disk_names(uris: &[String], overrides: &[String]) -> Result<Vec<String>, Failure> {
+    let mut used = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, uri) in uris.iter().enumerate() {
+        let base = match (overrides.get(i), NbdAddress::parse(uri)?) {
+            (Some(n), _) => n.clone(),
+            (None, NbdAddress::Unix { export, .. } | NbdAddress::Tcp { export, .. })
+                if !export.is_empty() =>
+            {
+                export
+            }
+            _ => format!("disk{i}"),
+        };
+        let mut name = base.clone();
+        let mut n = 0;
+        while used.contains(&name) {
+            n += 1;
+            name = format!("{base}-{n}");
+        }
+        used.insert(name.clone());
+        out.push(name);
+    }
+    Ok(out)
+}
+
 fn backup_nbd(
     repo: &Repository,
-    uri: &str,
     run: &CbtRun,
     opts: &BackupOptions,
     bar: &Bar,
 ) -> Result<Ran, Failure> {
-    let address = NbdAddress::parse(uri)?;
-    let disk = match (&run.disk_name, &address) {
-        (Some(n), _) => n.clone(),
-        (None, NbdAddress::Unix { export, .. } | NbdAddress::Tcp { export, .. })
-            if !export.is_empty() =>
-        {
-            export.clone()
-        }
-        _ => "disk0".to_string(),
-    };
-    let source = NbdSource::connect_many(uri, run.bitmap.as_deref(), run.connections)?;
-    let connections = source.connections();
-    let mut properties = BTreeMap::new();
-    properties.insert("source".to_string(), uri.to_string());
+    let names = nbd_disk_names(&run.nbd, &run.disk_names)?;
     let mut opts = opts.clone();
-    let disk = match &run.bitmap {
-        // No bitmap asked for: a full read, deduplicated against the
-        // newest copy of the disk.
-        None => {
-            opts.parent = repo.latest_with_disk(&opts.vm, &disk)?.map(|(id, _)| id);
-            cairn_engine::BackupDisk {
-                name: disk,
-                input: cairn_engine::DiskInput::Image(Box::new(source)),
-                properties,
-            }
-        }
-        Some(bitmap) => {
-            let dirty = source.dirty_extents(bitmap).map_err(|e| match e {
-                cairn_engine::Error::CbtNotTrusted { reason, .. } => reason,
-                e => e.to_string(),
-            });
-            let cbt_disk = CbtDisk {
-                name: disk,
-                source: Box::new(source),
-                bitmap: bitmap.clone(),
-                dirty,
-                next_bitmap: run.next_bitmap.clone().unwrap_or_else(|| bitmap.clone()),
-                properties,
-            };
-            match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, run.policy)? {
-                PreparedDisk::Backup { disk, parent, .. } => {
-                    opts.parent = parent;
-                    disk
+    let mut disks = Vec::new();
+    let mut connections = usize::MAX;
+    let mut skips = Vec::new();
+    let mut alert = false;
+    for (uri, name) in run.nbd.iter().zip(names) {
+        let source = NbdSource::connect_many(uri, run.bitmap.as_deref(), run.connections)?;
+        connections = connections.min(source.connections());
+        let mut properties = BTreeMap::new();
+        properties.insert("source".to_string(), uri.to_string());
+        match &run.bitmap {
+            // No bitmap asked for: a full read, deduplicated against the
+            // newest copy of the disk.
+            None => {
+                if opts.parent.is_none() {
+                    opts.parent = repo.latest_with_disk(&opts.vm, &name)?.map(|(id, _)| id);
                 }
-                PreparedDisk::Skip { reason, alert } => return Ok(Ran::Skipped { reason, alert }),
+                disks.push(cairn_engine::BackupDisk {
+                    name,
+                    input: cairn_engine::DiskInput::Image(Box::new(source)),
+                    properties,
+                });
+            }
+            Some(bitmap) => {
+                let dirty = source.dirty_extents(bitmap).map_err(|e| match e {
+                    cairn_engine::Error::CbtNotTrusted { reason, .. } => reason,
+                    e => e.to_string(),
+                });
+                let cbt_disk = CbtDisk {
+                    name: name.clone(),
+                    source: Box::new(source),
+                    bitmap: bitmap.clone(),
+                    dirty,
+                    next_bitmap: run.next_bitmap.clone().unwrap_or_else(|| bitmap.clone()),
+                    properties,
+                };
+                match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, run.policy)? {
+                    PreparedDisk::Backup { disk, parent, .. } => {
+                        opts.parent = opts.parent.or(parent);
+                        disks.push(disk);
+                    }
+                    PreparedDisk::Skip { reason, alert: a } => {
+                        alert |= a;
+                        skips.push(format!("{name}: {reason}"));
+                    }
+                }
             }
         }
+    }
+    if !skips.is_empty() {
+        // Spec B4: an untrusted disk under a skip policy skips the VM.
+        return Ok(Ran::Skipped {
+            reason: skips.join("; "),
+            alert,
+        });
+    }
+    let next_bitmaps = match run.next_bitmap.as_ref().or(run.bitmap.as_ref()) {
+        Some(b) => disks.iter().map(|d| (d.name.clone(), b.clone())).collect(),
+        None => BTreeMap::new(),
     };
-    let stats = backup(repo, vec![disk], &opts, bar);
+    let stats = backup(repo, disks, &opts, bar);
     bar.finish();
     Ok(Ran::Done {
         stats: stats?,
-        next_bitmap: run.next_bitmap.clone().or_else(|| run.bitmap.clone()),
+        next_bitmaps,
         connections,
         warnings: Vec::new(),
     })
@@ -190,7 +235,7 @@ fn report(vm: &str, ran: Ran, json: bool) -> Result<u8, Failure> {
     match ran {
         Ran::Done {
             stats,
-            next_bitmap,
+            next_bitmaps,
             connections,
             warnings,
         } => {
@@ -202,7 +247,7 @@ fn report(vm: &str, ran: Ran, json: bool) -> Result<u8, Failure> {
                 let mut v = output::backup_json(vm, &stats);
                 if let Some(o) = v.as_object_mut() {
                     o.insert("cbt_fallback".into(), fallback.clone().into());
-                    o.insert("next_bitmap".into(), next_bitmap.into());
+                    o.insert("next_bitmaps".into(), serde_json::json!(next_bitmaps));
                     o.insert("connections".into(), connections.into());
                     o.insert("warnings".into(), warnings.into());
                 }

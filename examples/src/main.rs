@@ -48,15 +48,15 @@ enum Command {
         vm: String,
         /// Disk images (raw files or block devices).
         disks: Vec<PathBuf>,
-        /// Read the disk from an NBD export: nbd+unix:///EXPORT?socket=PATH
-        /// or nbd://HOST[:PORT]/EXPORT.
+        /// Read a disk from an NBD export: nbd+unix:///EXPORT?socket=PATH
+        /// or nbd://HOST[:PORT]/EXPORT. Repeat for each disk of the VM.
         #[arg(long, value_name = "URI", conflicts_with_all = ["disks", "stdin", "qcow2"])]
-        nbd: Option<String>,
+        nbd: Vec<String>,
         /// Back up a qcow2 file with CBT: runs qemu-nbd on it and rotates
         /// its dirty bitmaps with qemu-img (the file must not be open in a
-        /// running VM).
+        /// running VM). Repeat for each disk of the VM.
         #[arg(long, value_name = "FILE", conflicts_with_all = ["disks", "stdin"])]
-        qcow2: Option<PathBuf>,
+        qcow2: Vec<PathBuf>,
         /// With --nbd: the export's dirty bitmap holding the changes since the
         /// previous snapshot. With --qcow2: the name of the bitmap chain
         /// (bitmaps NAME.<token>, rotated each run and tracked by the pool;
@@ -352,7 +352,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             mmap,
             json,
         } => {
-            if nbd.is_some() || qcow2.is_some() {
+            if !nbd.is_empty() || !qcow2.is_empty() {
                 let mut opts = BackupOptions::new(vm.clone());
                 opts.chunking = chunking.unwrap_or_default();
                 opts.compression = compression;
@@ -365,8 +365,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     next_bitmap,
                     policy: on_missing_cbt,
                     connections,
-                    disk_name: names.first().cloned(),
-                    extra_names: names.len(),
+                    disk_names: names,
                     json,
                 };
                 return cbt_cmd::run_backup(run, opts, &Bar::new(!json));

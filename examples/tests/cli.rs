@@ -519,7 +519,7 @@ fn qcow2_cbt_backups_policies_and_qcow2_restore() {
     let full = json(&with(&["--qcow2", &p(&img), "--bitmap", "nightly"]));
     assert_eq!(full["mode"], "full");
     assert_eq!(full["cbt_fallback"], Value::Null);
-    assert!(full["next_bitmap"]
+    assert!(full["next_bitmaps"]["vda.qcow2"]
         .as_str()
         .unwrap()
         .starts_with("nightly."));
@@ -712,4 +712,45 @@ fn nbd_backup_with_a_caller_managed_bitmap() {
     let out = s.root.join("out");
     ok(&["restore", &s.pool, "latest", "--to", &p(&out)]);
     assert!(std::fs::read(out.join("vda")).unwrap() == raw_of(&img, &s.root.join("e.raw")));
+}
+
+#[test]
+fn several_qcow2_disks_make_one_snapshot() {
+    let s = setup();
+    let (a, b) = (s.root.join("a.qcow2"), s.root.join("b.qcow2"));
+    for (img, pattern) in [(&a, "1"), (&b, "2")] {
+        tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(img), "4M"]);
+        tool(
+            "qemu-io",
+            &["-c", &format!("write -P {pattern} 0 1M"), &p(img)],
+        );
+    }
+    let args = [
+        "backup",
+        &s.pool,
+        "--vm",
+        "two",
+        "--json",
+        "--qcow2",
+        &p(&a),
+        "--qcow2",
+        &p(&b),
+        "--disk-name",
+        "vda",
+        "--disk-name",
+        "vdb",
+    ];
+    let full = json(&args);
+    assert_eq!(full["next_bitmaps"].as_object().unwrap().len(), 2);
+    tool("qemu-io", &["-c", "write -P 3 2M 4k", &p(&b)]);
+    let inc = json(&args);
+    assert_eq!(inc["mode"], "cbt");
+    assert_eq!(inc["bytes_read"], 65536);
+    let snaps = json(&["snapshots", &s.pool, "--json"]);
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+    assert_eq!(snaps[1]["disks"].as_array().unwrap().len(), 2);
+    let out = s.root.join("out");
+    ok(&["restore", &s.pool, "latest", "--to", &p(&out)]);
+    assert!(std::fs::read(out.join("vdb")).unwrap() == raw_of(&b, &s.root.join("b.raw")));
+    assert!(std::fs::read(out.join("vda")).unwrap() == raw_of(&a, &s.root.join("a.raw")));
 }
