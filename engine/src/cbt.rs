@@ -527,6 +527,150 @@ fn trust(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::Compression;
+    use crate::id::{ChunkId, IdScheme};
+
+    /// A parent snapshot with one 1 MiB disk "vda" on the 64 KiB grid.
+    fn parent(next: Option<&str>) -> Snapshot {
+        let mut disk = DiskManifest::new("vda");
+        for i in 0..16u8 {
+            disk.push(65536, Some(ChunkId([i; 32])));
+        }
+        if let Some(n) = next {
+            disk.properties
+                .insert(PROP_NEXT_BITMAP.to_string(), n.to_string());
+        }
+        Snapshot {
+            time: std::time::UNIX_EPOCH,
+            vm: "vm".into(),
+            mode: "full".into(),
+            parent: None,
+            id_scheme: IdScheme::Blake3,
+            chunking: ChunkingParams::default(),
+            compression: Compression::default(),
+            properties: BTreeMap::new(),
+            disks: vec![disk],
+        }
+    }
+
+    fn request<'a>(
+        parent: Option<(&'a SnapshotId, &'a Snapshot)>,
+        bitmap: &'a str,
+        dirty: std::result::Result<&'a [Range<u64>], &'a str>,
+        size: u64,
+    ) -> CbtRequest<'a> {
+        CbtRequest {
+            disk: "vda",
+            parent,
+            bitmap,
+            dirty,
+            size,
+            chunking: ChunkingParams::default(),
+        }
+    }
+
+    fn reason(d: CbtDecision) -> String {
+        match d {
+            CbtDecision::Fallback { reason, .. } => reason,
+            other => panic!("expected a fallback, got {other:?}"),
+        }
+    }
+
+    /// parent, bitmap consumed, its dirty ranges (or why not), disk size, expected reason
+    type Case<'a> = (
+        Snapshot,
+        &'a str,
+        std::result::Result<&'a [Range<u64>], &'a str>,
+        u64,
+        &'a str,
+    );
+
+    #[test]
+    fn decide_trusts_only_an_unbroken_link() {
+        let id = SnapshotId([7; 32]);
+        let p = parent(Some("c.1"));
+        let dirty = [65536..70000, 300_000..300_001];
+        let ok = decide(
+            &request(Some((&id, &p)), "c.1", Ok(&dirty), 1 << 20),
+            CbtPolicy::Full,
+        );
+        match ok {
+            CbtDecision::Incremental { parent, changed } => {
+                assert_eq!(parent, id);
+                assert_eq!(changed.dirty, dirty);
+            }
+            other => panic!("{other:?}"),
+        }
+        // No parent, or a parent without this disk: a plain full backup.
+        let d = decide(&request(None, "c.1", Ok(&dirty), 1 << 20), CbtPolicy::Skip);
+        assert!(matches!(d, CbtDecision::Full));
+        let mut other_disk = p.clone();
+        other_disk.disks[0].name = "vdb".into();
+        let d = decide(
+            &request(Some((&id, &other_disk)), "c.1", Ok(&dirty), 1 << 20),
+            CbtPolicy::Skip,
+        );
+        assert!(matches!(d, CbtDecision::Full));
+        // Every broken link is named.
+        let cases: [Case<'_>; 4] = [
+            (
+                parent(None),
+                "c.1",
+                Ok(&dirty),
+                1 << 20,
+                "started no dirty bitmap",
+            ),
+            (
+                parent(Some("c.1")),
+                "c.2",
+                Ok(&dirty),
+                1 << 20,
+                "does not belong",
+            ),
+            (
+                parent(Some("c.1")),
+                "c.1",
+                Err("bitmap is inconsistent"),
+                1 << 20,
+                "inconsistent",
+            ),
+            (parent(Some("c.1")), "c.1", Ok(&dirty), 2 << 20, "resized"),
+        ];
+        for (p, bitmap, dirty, size, expect) in cases {
+            let r = reason(decide(
+                &request(Some((&id, &p)), bitmap, dirty, size),
+                CbtPolicy::Full,
+            ));
+            assert!(r.contains(expect), "{r:?} should say {expect:?}");
+            let skip = decide(
+                &request(Some((&id, &p)), bitmap, dirty, size),
+                CbtPolicy::SkipAlert,
+            );
+            assert!(matches!(skip, CbtDecision::Skip { alert: true, .. }));
+            let skip = decide(
+                &request(Some((&id, &p)), bitmap, dirty, size),
+                CbtPolicy::Skip,
+            );
+            assert!(matches!(skip, CbtDecision::Skip { alert: false, .. }));
+        }
+        // A parent cut with other chunking.
+        let mut cdc = parent(Some("c.1"));
+        cdc.chunking = ChunkingParams::cdc();
+        let r = reason(decide(
+            &request(Some((&id, &cdc)), "c.1", Ok(&dirty), 1 << 20),
+            CbtPolicy::Full,
+        ));
+        assert!(r.contains("chunked"), "{r}");
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for p in [CbtPolicy::Full, CbtPolicy::SkipAlert, CbtPolicy::Skip] {
+            assert_eq!(p.to_string().parse::<CbtPolicy>().unwrap(), p);
+        }
+        assert!("maybe".parse::<CbtPolicy>().is_err());
+        assert_eq!(CbtPolicy::default(), CbtPolicy::Full);
+    }
 
     #[test]
     fn set_test_extents_merge() {
