@@ -236,8 +236,26 @@ impl NbdConnection {
                     .map_err(|e| Error::io(format!("connecting to NBD socket {socket}"), e))?,
             ),
             NbdAddress::Tcp { host, port, .. } => {
-                let s = TcpStream::connect((host.as_str(), *port))
-                    .map_err(|e| Error::io(format!("connecting to NBD server {host}:{port}"), e))?;
+                let what = || format!("connecting to NBD server {host}:{port}");
+                let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), *port))
+                    .map_err(|e| Error::io(what(), e))?;
+                // Each address in turn, each bounded by the handshake
+                // timeout (an unreachable host fails in seconds, not minutes).
+                let mut last = std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the host name resolves to no address",
+                );
+                let mut stream = None;
+                for addr in addrs {
+                    match TcpStream::connect_timeout(&addr, handshake_timeout) {
+                        Ok(s) => {
+                            stream = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = stream.ok_or_else(|| Error::io(what(), last))?;
                 let _ = s.set_nodelay(true);
                 Box::new(s)
             }

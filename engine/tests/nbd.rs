@@ -449,4 +449,10 @@ fn tcp_exports_read_like_unix_ones() {
     drop(src);
     let _ = child.kill();
     let _ = child.wait();
+    // Nobody listening: a clear error naming the server, at once.
+    let err = NbdSource::connect(&uri, None).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
 }
