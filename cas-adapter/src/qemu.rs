@@ -56,7 +56,10 @@ use cairn_engine::{
 const EXPORT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn tool_error(tool: &str, args: &[String], detail: impl std::fmt::Display) -> Error {
-    Error::Unsupported(format!("{tool} {}: {detail}", args.join(" ")))
+    Error::External {
+        program: tool.to_string(),
+        detail: format!("{}: {detail}", args.join(" ")),
+    }
 }
 
 /// Runs a qemu tool to completion; a failure carries its stderr.
@@ -370,9 +373,10 @@ impl QemuNbdExport {
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(Error::Unsupported(
-                        "qemu-nbd did not stop within 30 s of SIGTERM; killed".into(),
-                    ));
+                    return Err(Error::External {
+                        program: "qemu-nbd".into(),
+                        detail: "did not stop within 30 s of SIGTERM; killed".into(),
+                    });
                 }
                 Err(e) => return Err(Error::io("waiting for qemu-nbd", e)),
             }
@@ -382,7 +386,10 @@ impl QemuNbdExport {
         if status.success() || status.code().is_none() {
             Ok(())
         } else {
-            Err(Error::Unsupported(format!("qemu-nbd exited with {status}")))
+            Err(Error::External {
+                program: "qemu-nbd".into(),
+                detail: format!("exited with {status}"),
+            })
         }
     }
 }

@@ -90,6 +90,11 @@ pub enum Error {
     #[error("{peer}: {detail}")]
     Protocol { peer: String, detail: String },
 
+    /// An external program the platform layer drives (qemu-img, qemu-nbd)
+    /// failed; `detail` carries its command line and error output.
+    #[error("{program}: {detail}")]
+    External { program: String, detail: String },
+
     /// A pipeline worker thread panicked (a bug); the operation was aborted.
     #[error("internal error: {0}")]
     Internal(String),
