@@ -410,6 +410,9 @@ pub struct Qcow2BackupOptions {
     pub policy: CbtPolicy,
     /// NBD connections used to read the disk (1–5 in the spec).
     pub connections: usize,
+    /// Clean extents per disk to read back and compare with the parent
+    /// before trusting a bitmap ([`cbt::spot_check`]); 0 = none.
+    pub spot_check: u32,
 }
 
 /// What [`backup_qcow2`] did.
@@ -685,6 +688,7 @@ fn backup_with_exports(
             dirty,
             next_bitmap: plan.next.clone(),
             properties,
+            spot_check: qcow2.spot_check,
         };
         match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, qcow2.policy)? {
             PreparedDisk::Backup { disk, parent, .. } => {

@@ -85,6 +85,7 @@ impl Fixture {
             chain: chain.into(),
             policy,
             connections: 2,
+            spot_check: 0,
         };
         backup_qcow2(
             &self.repo,
@@ -492,6 +493,7 @@ fn a_vm_with_two_disks_is_one_snapshot_and_one_untrusted_disk_decides_alone() {
         chain: "c".into(),
         policy,
         connections: 1,
+        spot_check: 0,
     };
     let go = |policy| {
         backup_qcow2_vm(
@@ -555,4 +557,64 @@ fn a_vm_with_two_disks_is_one_snapshot_and_one_untrusted_disk_decides_alone() {
     let raw = f.dir.path().join("vdb.raw");
     run("qemu-img", &["convert", "-O", "raw", &s(&second), &s(&raw)]);
     assert!(std::fs::read(out.join("vdb")).unwrap() == std::fs::read(raw).unwrap());
+}
+
+#[test]
+fn spot_check_catches_a_bitmap_recreated_under_its_name() {
+    let f = Fixture::new(8);
+    f.write(&writes_cmds(&[(0, 2 * MIB)], 0x01));
+    let (_, first) = f.done("c");
+    // Writes, then the bitmap is dropped and re-created empty under the
+    // same name: the name check cannot see it.
+    f.write(&writes_cmds(&[(MIB + 8192, 4096)], 0x09));
+    run("qemu-img", &["bitmap", "--remove", &s(&f.image), &first]);
+    run("qemu-img", &["bitmap", "--add", &s(&f.image), &first]);
+    let q = Qcow2BackupOptions {
+        chain: "c".into(),
+        policy: CbtPolicy::Full,
+        connections: 1,
+        spot_check: 4096, // every clean extent: deterministic
+    };
+    let out = backup_qcow2(
+        &f.repo,
+        &Qcow2Image::new(&f.image),
+        "vda",
+        &BackupOptions::new("vm"),
+        &q,
+        &NoProgress,
+    )
+    .unwrap();
+    let Qcow2Outcome::Done { stats, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(stats.mode, "full");
+    let reason = &stats.cbt_fallback["vda"];
+    assert!(
+        reason.contains("spot check") && reason.contains("1048576.."),
+        "{reason}"
+    );
+    assert_eq!(f.restored(&stats.snapshot), f.reference());
+    // A sound bitmap passes the check and is recorded as checked.
+    f.write(&writes_cmds(&[(3 * MIB, 4096)], 0x0a));
+    let out = backup_qcow2(
+        &f.repo,
+        &Qcow2Image::new(&f.image),
+        "vda",
+        &BackupOptions::new("vm"),
+        &q,
+        &NoProgress,
+    )
+    .unwrap();
+    let Qcow2Outcome::Done { stats, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(stats.mode, "cbt");
+    let disk = f.disk(&stats.snapshot);
+    assert_eq!(
+        disk.properties
+            .get(cairn_engine::cbt::PROP_SPOT_CHECK)
+            .map(String::as_str),
+        Some("127 clean extents match the parent")
+    );
+    assert_eq!(f.restored(&stats.snapshot), f.reference());
 }

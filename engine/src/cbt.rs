@@ -39,6 +39,8 @@ pub const PROP_BITMAP: &str = "cbt.bitmap";
 pub const PROP_NEXT_BITMAP: &str = "cbt.next-bitmap";
 /// Disk property: why CBT was asked for but not used (the fallback reason).
 pub const PROP_FALLBACK: &str = "cbt.fallback";
+/// Disk property: what the optional [`spot_check`] verified.
+pub const PROP_SPOT_CHECK: &str = "cbt.spot-check";
 
 const BITMAP_MAGIC_V1: [u8; 8] = *b"CAIRNBM1";
 const BITMAP_VERSION_V1: u16 = 1;
@@ -393,6 +395,9 @@ pub struct CbtDisk {
     pub next_bitmap: String,
     /// Other facts to record in the disk's manifest entry.
     pub properties: BTreeMap<String, String>,
+    /// Extents the bitmap marks clean to read back and compare with the
+    /// parent before trusting it ([`spot_check`]); 0 = none.
+    pub spot_check: u32,
 }
 
 impl std::fmt::Debug for CbtDisk {
@@ -441,9 +446,25 @@ pub fn prepare_disk(
         size: disk.source.size(),
         chunking,
     };
-    let decision = decide(&request, policy);
-    let fallback = decision.fallback_reason().map(str::to_string);
+    let mut decision = decide(&request, policy);
     let mut properties = disk.properties;
+    if let CbtDecision::Incremental { parent, changed } = &decision {
+        if disk.spot_check > 0 {
+            let grid = chunking.max_chunk() as u64;
+            match spot_check(&*disk.source, changed, grid, disk.spot_check)? {
+                Ok(checked) => {
+                    properties.insert(
+                        PROP_SPOT_CHECK.to_string(),
+                        format!("{checked} clean extents match the parent"),
+                    );
+                }
+                Err(reason) => {
+                    decision = apply_policy(*parent, reason, policy);
+                }
+            }
+        }
+    }
+    let fallback = decision.fallback_reason().map(str::to_string);
     properties.insert(PROP_NEXT_BITMAP.to_string(), disk.next_bitmap);
     Ok(
         match decision.into_input(disk.source, Some(&disk.bitmap), &mut properties) {
@@ -477,17 +498,84 @@ pub fn decide(req: &CbtRequest<'_>, policy: CbtPolicy) -> CbtDecision {
             parent: *parent_id,
             changed,
         },
-        Err(reason) => match policy {
-            CbtPolicy::Full => CbtDecision::Fallback {
-                parent: *parent_id,
-                reason,
-            },
-            CbtPolicy::SkipAlert | CbtPolicy::Skip => CbtDecision::Skip {
-                reason,
-                alert: policy == CbtPolicy::SkipAlert,
-            },
+        Err(reason) => apply_policy(*parent_id, reason, policy),
+    }
+}
+
+fn apply_policy(parent: SnapshotId, reason: String, policy: CbtPolicy) -> CbtDecision {
+    match policy {
+        CbtPolicy::Full => CbtDecision::Fallback { parent, reason },
+        CbtPolicy::SkipAlert | CbtPolicy::Skip => CbtDecision::Skip {
+            reason,
+            alert: policy == CbtPolicy::SkipAlert,
         },
     }
+}
+
+/// Reads back up to `samples` extents that the bitmap marks clean (spread
+/// over the disk, chosen at random) and compares them with the parent: a
+/// chunk must hash to the parent's id, a zero run must read as zeros. Catches
+/// a bitmap that was cleared or re-created after the parent snapshot, which
+/// no name check can see. `Ok(Ok(n))`: n extents matched; `Ok(Err(reason))`:
+/// a mismatch, CBT must not be trusted.
+pub fn spot_check(
+    source: &dyn DiskSource,
+    changed: &ChangedBlocks,
+    grid: u64,
+    samples: u32,
+) -> Result<std::result::Result<u32, String>> {
+    let dirty = crate::source::align_extents(&changed.dirty, grid, source.size());
+    let is_dirty = |start: u64, end: u64| {
+        let i = dirty.partition_point(|r| r.end <= start);
+        dirty.get(i).is_some_and(|r| r.start < end)
+    };
+    // Clean candidates: chunk extents, and grid-sized pieces of zero runs.
+    let mut candidates: Vec<(u64, u64, Option<crate::id::ChunkId>)> = Vec::new();
+    for e in &changed.parent.extents {
+        match e.chunk {
+            Some(id) if !is_dirty(e.offset, e.end()) => {
+                candidates.push((e.offset, e.length, Some(id)))
+            }
+            Some(_) => {}
+            None => {
+                let mut at = e.offset;
+                while at < e.end() {
+                    let len = grid.min(e.end() - at);
+                    if !is_dirty(at, at + len) {
+                        candidates.push((at, len, None));
+                    }
+                    at += len;
+                }
+            }
+        }
+    }
+    let seed = crate::id::random_16()?;
+    let mut rng = crate::sample::SampleRng::new(u64::from_le_bytes([
+        seed[0], seed[1], seed[2], seed[3], seed[4], seed[5], seed[6], seed[7],
+    ]));
+    // Partial Fisher–Yates: the first `samples` candidates, in random order.
+    let n = (samples as usize).min(candidates.len());
+    for i in 0..n {
+        let j = i + rng.below((candidates.len() - i) as u64) as usize;
+        candidates.swap(i, j);
+    }
+    let mut buf = Vec::new();
+    for &(offset, len, id) in candidates.iter().take(n) {
+        buf.resize(len as usize, 0);
+        source.read_at(offset, &mut buf)?;
+        let same = match id {
+            Some(id) => crate::id::ChunkId::of(&buf) == id,
+            None => crate::backup::is_zero(&buf),
+        };
+        if !same {
+            return Ok(Err(format!(
+                "spot check: bytes {offset}..{} changed since the previous snapshot although \
+                 the bitmap marks them clean (the bitmap was cleared or re-created after it)",
+                offset + len
+            )));
+        }
+    }
+    Ok(Ok(n as u32))
 }
 
 fn trust(
@@ -661,6 +749,63 @@ mod tests {
             CbtPolicy::Full,
         ));
         assert!(r.contains("chunked"), "{r}");
+    }
+
+    /// A disk held in memory.
+    struct Memory(Vec<u8>);
+    impl DiskSource for Memory {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let at = offset as usize;
+            buf.copy_from_slice(&self.0[at..at + buf.len()]);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one dirty range each
+    fn spot_check_catches_changes_the_bitmap_missed() {
+        // Parent: 16 chunks of 64 KiB, chunk 3 all zeros (a zero run).
+        let mut data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        data[3 << 16..4 << 16].fill(0);
+        let mut parent = DiskManifest::new("vda");
+        for c in data.chunks(65536) {
+            let zero = c.iter().all(|&b| b == 0);
+            parent.push(65536, (!zero).then(|| ChunkId::of(c)));
+        }
+        let changed = |dirty: Vec<Range<u64>>| ChangedBlocks {
+            parent: parent.clone(),
+            parent_chunking: ChunkingParams::default(),
+            dirty,
+        };
+        let same = Memory(data.clone());
+        assert_eq!(
+            spot_check(&same, &changed(vec![]), 65536, 100).unwrap(),
+            Ok(16)
+        );
+        assert_eq!(
+            spot_check(&same, &changed(vec![0..1]), 65536, 4).unwrap(),
+            Ok(4)
+        );
+        // A write the bitmap does not show, in a chunk and in a zero run.
+        for at in [5 << 16 | 100, 3 << 16 | 7] {
+            let mut d = data.clone();
+            d[at] ^= 0xff;
+            let src = Memory(d);
+            let why = spot_check(&src, &changed(vec![]), 65536, 100)
+                .unwrap()
+                .unwrap_err();
+            let block = (at as u64) >> 16 << 16;
+            assert!(why.contains(&format!("bytes {block}..")), "{why}");
+            // Marked dirty, it is not a clean extent and is not checked.
+            let dirty = changed(vec![at as u64..at as u64 + 1]);
+            assert_eq!(spot_check(&src, &dirty, 65536, 100).unwrap(), Ok(15));
+        }
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::{open_repo, output, Bar, Failure};
 
 /// Spec B8: at most 5 connections per disk.
 const MAX_CONNECTIONS: usize = 5;
+/// Most clean extents `--cbt-spot-check` reads back per disk.
+const MAX_SPOT_CHECK: u32 = 4096;
 
 /// Restore file format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +58,7 @@ pub struct CbtRun {
     pub next_bitmap: Option<String>,
     pub policy: CbtPolicy,
     pub connections: usize,
+    pub spot_check: u32,
     pub disk_names: Vec<String>,
     pub json: bool,
 }
@@ -75,6 +78,12 @@ enum Ran {
 }
 
 pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Failure> {
+    if run.spot_check > MAX_SPOT_CHECK {
+        return Err(Failure::usage(format!(
+            "--cbt-spot-check {}: must be 0–{MAX_SPOT_CHECK}",
+            run.spot_check
+        )));
+    }
     if !(1..=MAX_CONNECTIONS).contains(&run.connections) {
         return Err(Failure::usage(format!(
             "--connections {}: must be 1–{MAX_CONNECTIONS}",
@@ -107,6 +116,7 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
             chain: run.bitmap.clone().unwrap_or_else(|| "cairn".into()),
             policy: run.policy,
             connections: run.connections,
+            spot_check: run.spot_check,
         };
         let outcome = backup_qcow2_vm(&repo, &disks, &opts, &q, bar);
         bar.finish();
@@ -196,6 +206,7 @@ fn backup_nbd(
                     dirty,
                     next_bitmap: run.next_bitmap.clone().unwrap_or_else(|| bitmap.clone()),
                     properties,
+                    spot_check: run.spot_check,
                 };
                 match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, run.policy)? {
                     PreparedDisk::Backup { disk, parent, .. } => {

@@ -74,6 +74,11 @@ enum Command {
         /// NBD connections (streams) per disk for --nbd and --qcow2, 1–5.
         #[arg(long, default_value_t = 1)]
         connections: usize,
+        /// Before trusting a bitmap, read back N extents it marks clean
+        /// (random, 0–4096 per disk) and compare them with the previous
+        /// snapshot: catches a bitmap cleared or re-created after it.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        cbt_spot_check: u32,
         /// Read one disk as a stream from standard input, named NAME.
         #[arg(long, value_name = "NAME")]
         stdin: Option<String>,
@@ -344,6 +349,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             next_bitmap,
             on_missing_cbt,
             connections,
+            cbt_spot_check,
             stdin,
             disk_names: names,
             chunking,
@@ -365,6 +371,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     next_bitmap,
                     policy: on_missing_cbt,
                     connections,
+                    spot_check: cbt_spot_check,
                     disk_names: names,
                     json,
                 };

@@ -626,6 +626,7 @@ fn qcow2_cbt_backups_policies_and_qcow2_restore() {
     for bad in [
         &["--on-missing-cbt", "maybe"][..],
         &["--connections", "6"][..],
+        &["--cbt-spot-check", "5000"][..],
         &["--bitmap", "bad name"][..],
     ] {
         let out = cairn(&with(&[&["--qcow2", &p(&img)][..], bad].concat()));

@@ -249,6 +249,7 @@ fn cbt(a: &Args, rows: &mut Vec<Row>) {
         chain: "bench".into(),
         policy: Default::default(),
         connections: a.connections,
+        spot_check: 0,
     };
     let mut opts = BackupOptions::new("bench");
     opts.threads = a.threads;
