@@ -295,6 +295,13 @@ impl QemuNbdExport {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let socket = dir.join("nbd.sock");
+        // A directory left by an earlier process with the same pid.
+        let _ = std::fs::remove_file(&socket);
+        // qemu-nbd's messages go to a file, not a pipe nobody drains while
+        // it runs; they are read back if it fails to start.
+        let log_path = dir.join("qemu-nbd.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| Error::io(format!("creating {}", log_path.display()), e))?;
         let mut args = vec!["-f".to_string(), format.to_string()];
         args.extend(extra);
         args.push("-k".into());
@@ -304,7 +311,7 @@ impl QemuNbdExport {
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .map_err(|e| Error::io("running qemu-nbd (install qemu-utils to get it)", e))?;
         let mut export = QemuNbdExport {
@@ -322,10 +329,8 @@ impl QemuNbdExport {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
-                let mut stderr = String::new();
-                if let Some(mut e) = export.child.take().and_then(|mut c| c.stderr.take()) {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-                }
+                export.child = None;
+                let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
                 return Err(tool_error(
                     "qemu-nbd",
                     &args,

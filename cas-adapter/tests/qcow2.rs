@@ -618,3 +618,18 @@ fn spot_check_catches_a_bitmap_recreated_under_its_name() {
     );
     assert_eq!(f.restored(&stats.snapshot), f.reference());
 }
+
+#[test]
+fn a_failing_qemu_nbd_reports_its_own_message() {
+    let f = Fixture::new(4);
+    let err = Qcow2Image::new(&f.image)
+        .export_read_only(Some("nope"), 1)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("qemu-nbd: ") && msg.contains("nope"),
+        "{msg}"
+    );
+    // The image is usable right after (no lock left behind).
+    assert!(Qcow2Image::new(&f.image).info().unwrap().bitmaps.is_empty());
+}
