@@ -433,7 +433,8 @@ pub enum Qcow2Outcome {
         warnings: Vec<String>,
     },
     /// CBT was not trusted for a disk and the policy said skip: no snapshot
-    /// (spec B4 skips the whole VM). `reason` names the disk(s).
+    /// (spec B4 skips the whole VM). With several disks, `reason` is
+    /// `disk: reason; …`.
     Skipped { reason: String, alert: bool },
 }
 
@@ -702,7 +703,12 @@ fn backup_with_exports(
             }
             PreparedDisk::Skip { reason, alert: a } => {
                 alert |= a;
-                skips.push(format!("{}: {reason}", plan.disk.name));
+                // Several disks: say which one.
+                skips.push(if plans.len() == 1 {
+                    reason
+                } else {
+                    format!("{}: {reason}", plan.disk.name)
+                });
             }
         }
     }

@@ -215,7 +215,11 @@ fn backup_nbd(
                     }
                     PreparedDisk::Skip { reason, alert: a } => {
                         alert |= a;
-                        skips.push(format!("{name}: {reason}"));
+                        skips.push(if run.nbd.len() == 1 {
+                            reason
+                        } else {
+                            format!("{name}: {reason}")
+                        });
                     }
                 }
             }
