@@ -767,17 +767,7 @@ impl Qcow2Target {
                 path.display()
             )));
         }
-        if !overwrite && path.exists() {
-            return Err(Error::InvalidArgument(format!(
-                "restore target {} already exists (pass --force to overwrite)",
-                path.display()
-            )));
-        }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.cairn-partial"));
+        let tmp = cairn_engine::restore::partial_path(path, overwrite)?;
         let _ = std::fs::remove_file(&tmp);
         run_tool(
             "qemu-img",
@@ -828,21 +818,9 @@ impl DiskTarget for Qcow2Target {
         if let Some(export) = self.export.take() {
             export.stop()?;
         }
-        std::fs::File::open(&self.tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(format!("syncing {}", self.tmp.display()), e))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| Error::io(format!("renaming into {}", self.path.display()), e))?;
-        if let Some(dir) = self.path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))?;
-        }
+        let file = std::fs::File::open(&self.tmp)
+            .map_err(|e| Error::io(format!("opening {}", self.tmp.display()), e))?;
+        cairn_engine::restore::publish_file(&file, &self.tmp, &self.path)?;
         self.done = true;
         Ok(())
     }

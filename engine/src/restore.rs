@@ -31,6 +31,43 @@ pub trait DiskTarget: Send + Sync {
     fn finish(self: Box<Self>) -> Result<()>;
 }
 
+/// The temporary name a restore writes `path` under until it is complete
+/// (`.NAME.cairn-partial` beside it). Refuses an existing `path` unless
+/// `overwrite`.
+pub fn partial_path(path: &Path, overwrite: bool) -> Result<PathBuf> {
+    if !overwrite && path.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "restore target {} already exists (pass --force to overwrite)",
+            path.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    Ok(path.with_file_name(format!(".{name}.cairn-partial")))
+}
+
+/// Makes a finished restore file durable and visible: syncs `file` (open on
+/// `tmp`), renames `tmp` to `path` and syncs the directory.
+pub fn publish_file(file: &File, tmp: &Path, path: &Path) -> Result<()> {
+    file.sync_all()
+        .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
+    std::fs::rename(tmp, path)
+        .map_err(|e| Error::io(format!("renaming into {}", path.display()), e))?;
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
 /// A sparse raw file, written under a temporary name and renamed into place
 /// by [`DiskTarget::finish`].
 #[derive(Debug)]
@@ -45,17 +82,7 @@ impl SparseFileTarget {
     /// Creates `path` of `size` bytes (all holes). Refuses to replace an
     /// existing file unless `overwrite`.
     pub fn create(path: &Path, size: u64, overwrite: bool) -> Result<Self> {
-        if !overwrite && path.exists() {
-            return Err(Error::InvalidArgument(format!(
-                "restore target {} already exists (pass --force to overwrite)",
-                path.display()
-            )));
-        }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.cairn-partial"));
+        let tmp = partial_path(path, overwrite)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -89,21 +116,7 @@ impl DiskTarget for SparseFileTarget {
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(format!("syncing {}", self.tmp.display()), e))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| Error::io(format!("renaming into {}", self.path.display()), e))?;
-        if let Some(dir) = self.path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))?;
-        }
+        publish_file(&self.file, &self.tmp, &self.path)?;
         self.done = true;
         Ok(())
     }
