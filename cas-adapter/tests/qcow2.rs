@@ -81,25 +81,29 @@ impl Fixture {
     }
 
     fn backup(&self, chain: &str, policy: CbtPolicy) -> Qcow2Outcome {
-        let q = Qcow2BackupOptions {
+        self.backup_with(&Qcow2BackupOptions {
             chain: chain.into(),
             policy,
             connections: 2,
             spot_check: 0,
-        };
+        })
+    }
+
+    fn backup_with(&self, q: &Qcow2BackupOptions) -> Qcow2Outcome {
         backup_qcow2(
             &self.repo,
             &Qcow2Image::new(&self.image),
             "vda",
             &BackupOptions::new("vm"),
-            &q,
+            q,
             &NoProgress,
         )
         .unwrap()
     }
 
-    fn done(&self, chain: &str) -> (BackupStats, String) {
-        match self.backup(chain, CbtPolicy::Full) {
+    /// A backup that must write a snapshot: its stats and next bitmap.
+    fn expect_done(outcome: Qcow2Outcome) -> (BackupStats, String) {
+        match outcome {
             Qcow2Outcome::Done {
                 stats,
                 next_bitmaps,
@@ -110,6 +114,10 @@ impl Fixture {
             }
             o => panic!("expected a snapshot, got {o:?}"),
         }
+    }
+
+    fn done(&self, chain: &str) -> (BackupStats, String) {
+        Self::expect_done(self.backup(chain, CbtPolicy::Full))
     }
 
     /// The image's raw content now, per `qemu-img convert`.
@@ -575,18 +583,7 @@ fn spot_check_catches_a_bitmap_recreated_under_its_name() {
         connections: 1,
         spot_check: 4096, // every clean extent: deterministic
     };
-    let out = backup_qcow2(
-        &f.repo,
-        &Qcow2Image::new(&f.image),
-        "vda",
-        &BackupOptions::new("vm"),
-        &q,
-        &NoProgress,
-    )
-    .unwrap();
-    let Qcow2Outcome::Done { stats, .. } = out else {
-        panic!("{out:?}")
-    };
+    let (stats, _) = Fixture::expect_done(f.backup_with(&q));
     assert_eq!(stats.mode, "full");
     let reason = &stats.cbt_fallback["vda"];
     assert!(
@@ -596,18 +593,7 @@ fn spot_check_catches_a_bitmap_recreated_under_its_name() {
     assert_eq!(f.restored(&stats.snapshot), f.reference());
     // A sound bitmap passes the check and is recorded as checked.
     f.write(&writes_cmds(&[(3 * MIB, 4096)], 0x0a));
-    let out = backup_qcow2(
-        &f.repo,
-        &Qcow2Image::new(&f.image),
-        "vda",
-        &BackupOptions::new("vm"),
-        &q,
-        &NoProgress,
-    )
-    .unwrap();
-    let Qcow2Outcome::Done { stats, .. } = out else {
-        panic!("{out:?}")
-    };
+    let (stats, _) = Fixture::expect_done(f.backup_with(&q));
     assert_eq!(stats.mode, "cbt");
     let disk = f.disk(&stats.snapshot);
     assert_eq!(
