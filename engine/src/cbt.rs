@@ -160,13 +160,7 @@ impl DirtyBitmap {
     pub fn decode(data: &[u8]) -> Result<Self, DecodeError> {
         let body = split_checksummed(data)?;
         let mut d = Decoder::new(body);
-        if d.array::<8>()? != BITMAP_MAGIC_V1 {
-            return Err(DecodeError::BadMagic);
-        }
-        let version = d.u16()?;
-        if version != BITMAP_VERSION_V1 {
-            return Err(DecodeError::UnsupportedVersion(version as u32));
-        }
+        d.magic_version(&BITMAP_MAGIC_V1, BITMAP_VERSION_V1)?;
         let _ = (d.u16()?, d.u32()?);
         let granularity = d.u64()?;
         let size = d.u64()?;

@@ -81,6 +81,19 @@ impl<'a> Decoder<'a> {
         Ok(out)
     }
 
+    /// Reads a format's leading magic and version (the start of every
+    /// Cairn header) and checks both.
+    pub fn magic_version(&mut self, magic: &[u8; 8], version: u16) -> Result<(), DecodeError> {
+        if &self.array::<8>()? != magic {
+            return Err(DecodeError::BadMagic);
+        }
+        let got = self.u16()?;
+        if got != version {
+            return Err(DecodeError::UnsupportedVersion(got as u32));
+        }
+        Ok(())
+    }
+
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.array::<1>()?[0])
     }

@@ -77,13 +77,7 @@ impl Segment {
     pub fn decode(data: Bytes) -> Result<Self, DecodeError> {
         let body = split_checksummed(&data)?;
         let mut d = Decoder::new(body);
-        if d.array::<8>()? != INDEX_MAGIC_V1 {
-            return Err(DecodeError::BadMagic);
-        }
-        let version = d.u16()?;
-        if version != INDEX_VERSION_V1 {
-            return Err(DecodeError::UnsupportedVersion(version as u32));
-        }
+        d.magic_version(&INDEX_MAGIC_V1, INDEX_VERSION_V1)?;
         let _reserved = d.u16()?;
         let pack_count = d.u32()? as usize;
         let entry_count = d.u64()?;

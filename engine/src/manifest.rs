@@ -222,13 +222,7 @@ impl Snapshot {
         }
         let body = split_checksummed(data)?;
         let mut d = Decoder::new(body);
-        if d.array::<8>()? != MANIFEST_MAGIC_V1 {
-            return Err(DecodeError::BadMagic);
-        }
-        let version = d.u16()?;
-        if version != MANIFEST_VERSION_V1 {
-            return Err(DecodeError::UnsupportedVersion(version as u32));
-        }
+        d.magic_version(&MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1)?;
         let _ = (d.u16()?, d.u32()?);
         let secs = d.i64()?;
         let nanos = d.u32()?;

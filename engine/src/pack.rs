@@ -261,14 +261,7 @@ pub fn decode_table(table: &[u8], trailer: &PackTrailer) -> Result<Vec<PackEntry
 /// Parses a whole pack held in memory: checks the header magic and returns its table.
 pub fn parse_pack(pack: &[u8]) -> Result<Vec<PackEntry>, DecodeError> {
     let mut d = Decoder::new(pack);
-    let magic = d.array::<8>()?;
-    if magic != PACK_MAGIC_V1 {
-        return Err(DecodeError::BadMagic);
-    }
-    let version = d.u16()?;
-    if version != PACK_VERSION_V1 {
-        return Err(DecodeError::UnsupportedVersion(version as u32));
-    }
+    d.magic_version(&PACK_MAGIC_V1, PACK_VERSION_V1)?;
     let (flags, reserved) = (d.u16()?, d.u32()?);
     if flags != 0 || reserved != 0 {
         return Err(DecodeError::Invalid(format!(
