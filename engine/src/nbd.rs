@@ -515,16 +515,7 @@ impl NbdConnection {
         if self.read_only() {
             return Err(self.protocol("the export is read-only"));
         }
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
-            return Err(self.protocol(format!(
-                "write of {} bytes at {offset} past the export's end ({})",
-                data.len(),
-                self.size
-            )));
-        }
+        self.check_range("write", offset, data.len())?;
         for (i, piece) in data.chunks(MAX_REQUEST as usize).enumerate() {
             let at = offset + i as u64 * MAX_REQUEST as u64;
             let cookie = self.request_with(CMD_WRITE, at, piece.len() as u32, piece)?;
@@ -601,18 +592,21 @@ impl NbdConnection {
         Ok(self.protocol(format!("server error {errno}: {msg}")))
     }
 
-    /// Fills `buf` from `offset`, splitting into requests of ≤ 32 MiB.
-    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
+    /// Refuses a `what` ("read", "write") of `len` bytes at `offset` that
+    /// does not lie inside the export.
+    fn check_range(&self, what: &str, offset: u64, len: usize) -> Result<()> {
+        if offset.checked_add(len as u64).is_none_or(|e| e > self.size) {
             return Err(self.protocol(format!(
-                "read of {} bytes at {offset} past the export's end ({})",
-                buf.len(),
+                "{what} of {len} bytes at {offset} past the export's end ({})",
                 self.size
             )));
         }
+        Ok(())
+    }
+
+    /// Fills `buf` from `offset`, splitting into requests of ≤ 32 MiB.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range("read", offset, buf.len())?;
         for (i, piece) in buf.chunks_mut(MAX_REQUEST as usize).enumerate() {
             let at = offset + i as u64 * MAX_REQUEST as u64;
             self.read_piece(at, piece)?;
