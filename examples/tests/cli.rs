@@ -495,6 +495,10 @@ fn tool(cmd: &str, args: &[&str]) {
     assert!(out.status.success(), "{cmd} {args:?}: {}", stderr(&out));
 }
 
+fn new_qcow2(path: &Path, size: &str) {
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(path), size]);
+}
+
 fn raw_of(qcow2: &Path, out: &Path) -> Vec<u8> {
     tool(
         "qemu-img",
@@ -507,10 +511,7 @@ fn raw_of(qcow2: &Path, out: &Path) -> Vec<u8> {
 fn qcow2_cbt_backups_policies_and_qcow2_restore() {
     let s = setup();
     let img = s.root.join("vda.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &p(&img), "32M"],
-    );
+    new_qcow2(&img, "32M");
     tool("qemu-io", &["-c", "write -P 1 0 6M", &p(&img)]);
     let base = ["backup", &s.pool, "--vm", "web", "--json"];
     let with = |extra: &[&str]| -> Vec<String> {
@@ -638,10 +639,7 @@ fn qcow2_cbt_backups_policies_and_qcow2_restore() {
 fn nbd_backup_with_a_caller_managed_bitmap() {
     let s = setup();
     let img = s.root.join("d.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &p(&img), "16M"],
-    );
+    new_qcow2(&img, "16M");
     tool("qemu-img", &["bitmap", "--add", &p(&img), "b0"]);
     tool("qemu-io", &["-c", "write -P 1 0 2M", &p(&img)]);
     let sock = s.root.join("nbd.sock");
@@ -720,7 +718,7 @@ fn several_qcow2_disks_make_one_snapshot() {
     let s = setup();
     let (a, b) = (s.root.join("a.qcow2"), s.root.join("b.qcow2"));
     for (img, pattern) in [(&a, "1"), (&b, "2")] {
-        tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(img), "4M"]);
+        new_qcow2(img, "4M");
         tool(
             "qemu-io",
             &["-c", &format!("write -P {pattern} 0 1M"), &p(img)],
