@@ -49,7 +49,7 @@ use cairn_engine::cbt::{self, CbtDisk, CbtPolicy, PreparedDisk};
 use cairn_engine::nbd::NbdTarget;
 use cairn_engine::{
     backup, BackupOptions, BackupStats, ChunkingParams, DiskTarget, Error, NbdSource, Progress,
-    Repository, Result,
+    Repository, Result, Snapshot, SnapshotId,
 };
 
 /// How long `qemu-nbd` may take to create its socket.
@@ -480,7 +480,9 @@ fn validate_chain(chain: &str) -> Result<()> {
 struct DiskPlan<'a> {
     disk: &'a Qcow2Disk,
     info: ImageInfo,
-    /// The bitmap the disk's previous snapshot started.
+    /// The disk's newest snapshot.
+    parent: Option<(SnapshotId, Snapshot)>,
+    /// The bitmap that snapshot started.
     recorded: Option<String>,
     /// The bitmap this run consumes (see [`plan_disk`]).
     consume: Option<String>,
@@ -498,7 +500,8 @@ fn plan_disk<'a>(
     pool_id: &str,
 ) -> Result<DiskPlan<'a>> {
     let info = disk.image.info()?;
-    let recorded = repo.latest_with_disk(vm, &disk.name)?.and_then(|(_, s)| {
+    let parent = repo.latest_with_disk(vm, &disk.name)?;
+    let recorded = parent.as_ref().and_then(|(_, s)| {
         s.disks
             .iter()
             .find(|d| d.name == disk.name)
@@ -541,6 +544,7 @@ fn plan_disk<'a>(
     Ok(DiskPlan {
         disk,
         info,
+        parent,
         recorded,
         consume,
         usable,
@@ -696,7 +700,7 @@ fn backup_with_exports(
             properties,
             spot_check: qcow2.spot_check,
         };
-        match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, qcow2.policy)? {
+        match cbt::prepare_disk(plan.parent.as_ref(), cbt_disk, opts.chunking, qcow2.policy)? {
             PreparedDisk::Backup { disk, parent, .. } => {
                 parent_id = parent_id.or(parent);
                 inputs.push(disk);

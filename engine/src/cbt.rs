@@ -422,19 +422,18 @@ pub enum PreparedDisk {
     },
 }
 
-/// Finds the disk's parent in `repo` (the newest snapshot of `vm` holding
-/// it), [`decide`]s and builds the backup input.
+/// [`decide`]s for `disk` against its `parent` (the newest snapshot of the
+/// VM holding it: [`Repository::latest_with_disk`](crate::repo::Repository::latest_with_disk)),
+/// runs the optional [`spot_check`] and builds the backup input.
 pub fn prepare_disk(
-    repo: &crate::repo::Repository,
-    vm: &str,
+    parent: Option<&(SnapshotId, Snapshot)>,
     disk: CbtDisk,
     chunking: ChunkingParams,
     policy: CbtPolicy,
 ) -> Result<PreparedDisk> {
-    let parent = repo.latest_with_disk(vm, &disk.name)?;
     let request = CbtRequest {
         disk: &disk.name,
-        parent: parent.as_ref().map(|(id, s)| (id, s)),
+        parent: parent.map(|(id, s)| (id, s)),
         bitmap: &disk.bitmap,
         dirty: disk.dirty.as_deref().map_err(String::as_str),
         size: disk.source.size(),

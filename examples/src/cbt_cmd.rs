@@ -208,7 +208,8 @@ fn backup_nbd(
                     properties,
                     spot_check: run.spot_check,
                 };
-                match cbt::prepare_disk(repo, &opts.vm, cbt_disk, opts.chunking, run.policy)? {
+                let parent = repo.latest_with_disk(&opts.vm, &cbt_disk.name)?;
+                match cbt::prepare_disk(parent.as_ref(), cbt_disk, opts.chunking, run.policy)? {
                     PreparedDisk::Backup { disk, parent, .. } => {
                         opts.parent = opts.parent.or(parent);
                         disks.push(disk);
