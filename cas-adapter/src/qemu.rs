@@ -286,10 +286,30 @@ pub struct QemuNbdExport {
 
 static EXPORT_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Whether an NBD server on `socket` sends its greeting. A successful
+/// `connect` alone proves nothing: qemu-nbd listens before it has opened the
+/// image and its bitmap, and the kernel queues connections until it accepts
+/// them — or exits because the bitmap does not exist.
+fn greets(socket: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
+}
+
 impl QemuNbdExport {
-    /// Starts `qemu-nbd -f FORMAT ARGS -k SOCKET IMAGE` and waits for the
-    /// socket to accept connections.
-    pub fn start(image: &Path, format: &str, extra: Vec<String>) -> Result<Self> {
+    /// Starts `qemu-nbd -f FORMAT ARGS --persistent -k SOCKET IMAGE` and
+    /// waits until it greets a client (see [`greets`]); an error with its
+    /// messages if it exits instead.
+    pub fn start(image: &Path, format: &str, mut extra: Vec<String>) -> Result<Self> {
+        // The readiness probe is a client that leaves again: without
+        // --persistent, qemu-nbd would take that as its last client and exit.
+        if !extra.iter().any(|a| a == "--persistent" || a == "-t") {
+            extra.push("--persistent".into());
+        }
         let n = EXPORT_COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("cairn-nbd-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir)
@@ -321,7 +341,7 @@ impl QemuNbdExport {
         };
         let started = Instant::now();
         loop {
-            if std::os::unix::net::UnixStream::connect(&export.socket).is_ok() {
+            if greets(&export.socket) {
                 return Ok(export);
             }
             let exited = export
