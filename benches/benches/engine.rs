@@ -2,15 +2,13 @@
 //! lookups, pack writing, and the end-to-end pipelines on a 1 GiB in-memory
 //! image (the quick group; the 4 GiB case is the `cairn-bench` binary).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cairn_benches::mixed_data;
-use cairn_engine::index::{Segment, SegmentBuilder};
+use cairn_engine::internals::{BlobCodec, PackEntry, PackWriter, Segment, SegmentBuilder};
 use cairn_engine::{
-    backup, restore_to_dir, BackupDisk, BackupOptions, BlobCodec, ChunkId, ChunkingParams,
-    Compression, DiskInput, DiskSource, DynPool, NoProgress, PackEntry, PackId, PackWriter,
-    Repository, RestoreOptions,
+    BackupDisk, BackupOptions, ChunkId, ChunkingParams, Compression, DiskInput, DiskSource,
+    DynPool, PackId, Repository, RestoreOptions,
 };
 use cairn_pools::{LocalPool, MemoryPool};
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -102,11 +100,8 @@ fn pipelines(c: &mut Criterion) {
     let mut g = c.benchmark_group("pipeline_1GiB");
     g.throughput(Throughput::Bytes(PIPELINE_SIZE as u64));
     g.sample_size(10);
-    let disk = |d: &Arc<Vec<u8>>| BackupDisk {
-        name: "d".into(),
-        input: DiskInput::Image(Box::new(MemDisk(d.clone()))),
-        properties: BTreeMap::new(),
-    };
+    let disk =
+        |d: &Arc<Vec<u8>>| BackupDisk::new("d", DiskInput::Image(Box::new(MemDisk(d.clone()))));
     g.bench_function("backup_full_local_pool", |b| {
         b.iter_batched(
             || {
@@ -116,13 +111,8 @@ fn pipelines(c: &mut Criterion) {
                 (dir, Repository::open(pool).expect("open"))
             },
             |(dir, repo)| {
-                backup(
-                    &repo,
-                    vec![disk(&data)],
-                    &BackupOptions::new("vm"),
-                    &NoProgress,
-                )
-                .expect("backup");
+                repo.backup(vec![disk(&data)], &BackupOptions::new("vm"))
+                    .expect("backup");
                 dir
             },
             BatchSize::PerIteration,
@@ -131,36 +121,21 @@ fn pipelines(c: &mut Criterion) {
     let pool: DynPool = Arc::new(MemoryPool::new());
     Repository::init(pool.clone()).expect("init");
     let repo = Repository::open(pool).expect("open");
-    let first = backup(
-        &repo,
-        vec![disk(&data)],
-        &BackupOptions::new("vm"),
-        &NoProgress,
-    )
-    .expect("backup");
+    let first = repo
+        .backup(vec![disk(&data)], &BackupOptions::new("vm"))
+        .expect("backup");
     g.bench_function("rebackup_unchanged", |b| {
         b.iter(|| {
-            backup(
-                &repo,
-                vec![disk(&data)],
-                &BackupOptions::new("vm"),
-                &NoProgress,
-            )
-            .expect("backup")
+            repo.backup(vec![disk(&data)], &BackupOptions::new("vm"))
+                .expect("backup")
         })
     });
     g.bench_function("restore_sparse_file", |b| {
         b.iter_batched(
             || tempfile::tempdir().expect("tempdir"),
             |dir| {
-                restore_to_dir(
-                    &repo,
-                    &first.snapshot,
-                    dir.path(),
-                    &RestoreOptions::default(),
-                    &NoProgress,
-                )
-                .expect("restore");
+                repo.restore_to_dir(&first.snapshot, dir.path(), &RestoreOptions::default())
+                    .expect("restore");
                 dir
             },
             BatchSize::PerIteration,

@@ -14,6 +14,8 @@
 //! adapter issues (see `docs/DESIGN.md`). A CVM simulator for tests will live
 //! beside it and never on the production path.
 
+#![warn(missing_docs)]
+
 pub mod qemu;
 
 use cairn_engine::{DiskTarget, Error, Platform, PlatformSnapshot, Result, VmDisk, VmInfo};
@@ -22,12 +24,17 @@ use cairn_engine::{DiskTarget, Error, Platform, PlatformSnapshot, Result, VmDisk
 /// password).
 #[derive(Clone, PartialEq, Eq)]
 pub struct CvmConnection {
+    /// A name for the CVM (for messages).
     pub name: String,
+    /// Host name or IP address.
     pub address: String,
+    /// HTTPS instead of HTTP.
     pub ssl: bool,
     /// 8080 (HTTP) by default; 8443/443 with SSL; 80 possible.
     pub port: u16,
+    /// A CVM system-admin user.
     pub user: String,
+    /// Its password (never printed).
     pub password: String,
 }
 
@@ -48,8 +55,14 @@ impl std::fmt::Debug for CvmConnection {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CasError {
+    /// The connection settings are unusable.
     #[error("CVM {name:?}: {reason}")]
-    InvalidConnection { name: String, reason: String },
+    InvalidConnection {
+        /// The CVM's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl CvmConnection {
@@ -59,6 +72,7 @@ impl CvmConnection {
         format!("{scheme}://{}:{}/cas/casrs/", self.address, self.port)
     }
 
+    /// Checks the settings.
     pub fn validate(&self) -> Result<(), CasError> {
         let bad = |reason: &str| CasError::InvalidConnection {
             name: self.name.clone(),
@@ -84,6 +98,7 @@ pub struct CasPlatform {
 }
 
 impl CasPlatform {
+    /// A platform for the CVM `connection` (validated).
     pub fn new(connection: CvmConnection) -> Result<Self, CasError> {
         connection.validate()?;
         Ok(CasPlatform { connection })

@@ -13,11 +13,12 @@ use cairn_cas::qemu::{
     backup_qcow2, backup_qcow2_vm, Qcow2BackupOptions, Qcow2Disk, Qcow2Image, Qcow2Outcome,
     Qcow2Target,
 };
-use cairn_engine::cbt::{CbtPolicy, PROP_BITMAP, PROP_FALLBACK, PROP_NEXT_BITMAP};
+use cairn_engine::cbt::CbtPolicy;
+use cairn_engine::format::{PROP_BITMAP, PROP_FALLBACK, PROP_NEXT_BITMAP, PROP_SPOT_CHECK};
 use cairn_engine::sample::SampleRng;
 use cairn_engine::{
-    restore, restore_to_dir, BackupOptions, BackupStats, DiskManifest, DiskTarget, DynPool,
-    FileKind, NoProgress, Repository, RestoreOptions, SnapshotId,
+    BackupOptions, BackupStats, DiskManifest, DiskTarget, DynPool, FileKind, Repository,
+    RestoreOptions, SnapshotId,
 };
 use cairn_pools::MemoryPool;
 
@@ -96,7 +97,6 @@ impl Fixture {
             "vda",
             &BackupOptions::new("vm"),
             q,
-            &NoProgress,
         )
         .unwrap()
     }
@@ -143,14 +143,9 @@ impl Fixture {
     fn restored(&self, id: &SnapshotId) -> blake3::Hash {
         let out = self.dir.path().join("restore");
         let _ = std::fs::remove_dir_all(&out);
-        restore_to_dir(
-            &self.repo,
-            id,
-            &out,
-            &RestoreOptions::default(),
-            &NoProgress,
-        )
-        .unwrap();
+        self.repo
+            .restore_to_dir(id, &out, &RestoreOptions::default())
+            .unwrap();
         let h = blake3::hash(&std::fs::read(out.join("vda")).unwrap());
         std::fs::remove_dir_all(out).unwrap();
         h
@@ -198,13 +193,13 @@ fn incremental_reads_only_written_ranges_and_rotates_bitmaps() {
     let f = Fixture::new(64);
     f.write(&writes_cmds(&[(0, 8 * MIB), (30 * MIB, 3 * MIB)], 0x11));
     let (full, first) = f.done("daily");
-    assert_eq!(full.mode, "full");
+    assert_eq!(full.mode.as_str(), "full");
     assert_eq!(full.bytes_read, 11 * MIB, "only allocated data is read");
     assert!(
         full.cbt_fallback.is_empty(),
         "a first backup is no fallback"
     );
-    assert!(first.starts_with(&format!("daily.{}", &f.repo.config().pool_id[..8])));
+    assert!(first.starts_with(&format!("daily.{}", &f.repo.config().pool_id.to_hex()[..8])));
     assert_eq!(first.len(), "daily.".len() + 16);
     assert_eq!(f.bitmaps(), vec![first.clone()]);
     assert_eq!(f.restored(&full.snapshot), f.reference());
@@ -218,7 +213,7 @@ fn incremental_reads_only_written_ranges_and_rotates_bitmaps() {
     ];
     f.write(&writes_cmds(&writes, 0x5a));
     let (inc, second) = f.done("daily");
-    assert_eq!(inc.mode, "cbt");
+    assert_eq!(inc.mode.as_str(), "cbt");
     let expected = grid_bytes(&writes);
     assert_eq!(inc.bytes_dirty, expected);
     assert!(inc.bytes_read <= expected, "{inc:?}");
@@ -235,7 +230,7 @@ fn incremental_reads_only_written_ranges_and_rotates_bitmaps() {
 
     // A run of this pool killed mid-backup left its new bitmap behind;
     // another pool backs the same image up under the same chain name.
-    let pool_id = f.repo.config().pool_id.clone();
+    let pool_id = f.repo.config().pool_id.to_hex();
     let leaked = format!("daily.{}deadbeef", &pool_id[..8]);
     let foreign = "daily.ffffffff00000000".to_string();
     for b in [&leaked, &foreign] {
@@ -257,16 +252,15 @@ fn incremental_reads_only_written_ranges_and_rotates_bitmaps() {
     // A thin qcow2 restore holds exactly the snapshot's content.
     let out = f.dir.path().join("thin.qcow2");
     let snap = f.repo.load_snapshot(&inc.snapshot).unwrap();
-    restore(
-        &f.repo,
-        &inc.snapshot,
-        &|d: &DiskManifest| {
-            Ok(Box::new(Qcow2Target::create(&out, d.size, false)?) as Box<dyn DiskTarget>)
-        },
-        &RestoreOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
+    f.repo
+        .restore(
+            &inc.snapshot,
+            &|d: &DiskManifest| {
+                Ok(Box::new(Qcow2Target::create(&out, d.size, false)?) as Box<dyn DiskTarget>)
+            },
+            &RestoreOptions::default(),
+        )
+        .unwrap();
     run(
         "qemu-img",
         &[
@@ -324,7 +318,7 @@ fn chain_of_ten_incrementals_with_random_writes() {
         }
         f.write(&cmds);
         let (inc, _) = f.done("c");
-        assert_eq!(inc.mode, "cbt", "round {round}");
+        assert_eq!(inc.mode.as_str(), "cbt", "round {round}");
         assert!(inc.bytes_read <= inc.bytes_dirty);
         assert!(
             inc.bytes_dirty <= grid_bytes(&writes) + 65536,
@@ -423,7 +417,7 @@ fn untrusted_bitmaps_apply_the_policy_and_restores_stay_correct() {
     assert!(f.bitmaps().is_empty(), "{:?}", f.bitmaps());
     // full (default): a full read, deduplicated, with the reason recorded.
     let (fb, _) = f.done("c");
-    assert_eq!(fb.mode, "full");
+    assert_eq!(fb.mode.as_str(), "full");
     assert_eq!(fb.bytes_read, 4 * MIB);
     assert_eq!(fb.chunks_new, 1, "only the changed chunk is stored");
     let reason = fb.cbt_fallback.get("vda").unwrap();
@@ -444,7 +438,7 @@ fn untrusted_bitmaps_apply_the_policy_and_restores_stay_correct() {
     // 2. Inconsistent bitmap (unclean exit of the process holding it).
     unclean_exit_while_writing(&f.image);
     let (fb, _) = f.done("c");
-    assert_eq!(fb.mode, "full");
+    assert_eq!(fb.mode.as_str(), "full");
     assert!(fb.cbt_fallback["vda"].contains("inconsistent"), "{fb:?}");
     assert_eq!(f.restored(&fb.snapshot), f.reference());
     assert_eq!(f.bitmaps().len(), 1, "the inconsistent bitmap was retired");
@@ -456,7 +450,7 @@ fn untrusted_bitmaps_apply_the_policy_and_restores_stay_correct() {
     );
     f.write(&writes_cmds(&[(18 * MIB, 4096)], 0x04));
     let (fb, _) = f.done("c");
-    assert_eq!(fb.mode, "full");
+    assert_eq!(fb.mode.as_str(), "full");
     assert!(fb.cbt_fallback["vda"].contains("resized"), "{fb:?}");
     assert_eq!(fb.bytes_logical, 20 * MIB);
     assert_eq!(f.restored(&fb.snapshot), f.reference());
@@ -465,7 +459,7 @@ fn untrusted_bitmaps_apply_the_policy_and_restores_stay_correct() {
     let (_, other) = f.done("other");
     f.write(&writes_cmds(&[(5 * MIB, 4096)], 0x05));
     let (fb, _) = f.done("c");
-    assert_eq!(fb.mode, "full");
+    assert_eq!(fb.mode.as_str(), "full");
     assert!(
         fb.cbt_fallback["vda"].contains("does not belong to the previous snapshot"),
         "{fb:?}"
@@ -503,16 +497,8 @@ fn a_vm_with_two_disks_is_one_snapshot_and_one_untrusted_disk_decides_alone() {
         connections: 1,
         spot_check: 0,
     };
-    let go = |policy| {
-        backup_qcow2_vm(
-            &f.repo,
-            &disks,
-            &BackupOptions::new("vm"),
-            &q(policy),
-            &NoProgress,
-        )
-        .unwrap()
-    };
+    let go =
+        |policy| backup_qcow2_vm(&f.repo, &disks, &BackupOptions::new("vm"), &q(policy)).unwrap();
     let Qcow2Outcome::Done {
         stats: full,
         next_bitmaps,
@@ -542,7 +528,7 @@ fn a_vm_with_two_disks_is_one_snapshot_and_one_untrusted_disk_decides_alone() {
     let Qcow2Outcome::Done { stats, .. } = go(CbtPolicy::Full) else {
         panic!("no snapshot")
     };
-    assert_eq!(stats.mode, "cbt");
+    assert_eq!(stats.mode.as_str(), "cbt");
     assert_eq!(stats.cbt_fallback.keys().collect::<Vec<_>>(), ["vdb"]);
     assert_eq!(
         stats.bytes_read,
@@ -550,14 +536,9 @@ fn a_vm_with_two_disks_is_one_snapshot_and_one_untrusted_disk_decides_alone() {
         "vda's dirty chunk + vdb's allocated data (1 MiB + one 64 KiB cluster)"
     );
     let out = f.dir.path().join("both");
-    restore_to_dir(
-        &f.repo,
-        &stats.snapshot,
-        &out,
-        &RestoreOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
+    f.repo
+        .restore_to_dir(&stats.snapshot, &out, &RestoreOptions::default())
+        .unwrap();
     assert_eq!(
         blake3::hash(&std::fs::read(out.join("vda")).unwrap()),
         f.reference()
@@ -584,7 +565,7 @@ fn spot_check_catches_a_bitmap_recreated_under_its_name() {
         spot_check: 4096, // every clean extent: deterministic
     };
     let (stats, _) = Fixture::expect_done(f.backup_with(&q));
-    assert_eq!(stats.mode, "full");
+    assert_eq!(stats.mode.as_str(), "full");
     let reason = &stats.cbt_fallback["vda"];
     assert!(
         reason.contains("spot check") && reason.contains("1048576.."),
@@ -594,12 +575,10 @@ fn spot_check_catches_a_bitmap_recreated_under_its_name() {
     // A sound bitmap passes the check and is recorded as checked.
     f.write(&writes_cmds(&[(3 * MIB, 4096)], 0x0a));
     let (stats, _) = Fixture::expect_done(f.backup_with(&q));
-    assert_eq!(stats.mode, "cbt");
+    assert_eq!(stats.mode.as_str(), "cbt");
     let disk = f.disk(&stats.snapshot);
     assert_eq!(
-        disk.properties
-            .get(cairn_engine::cbt::PROP_SPOT_CHECK)
-            .map(String::as_str),
+        disk.properties.get(PROP_SPOT_CHECK).map(String::as_str),
         Some("127 clean extents match the parent")
     );
     assert_eq!(f.restored(&stats.snapshot), f.reference());

@@ -14,7 +14,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::format::MAX_CHUNK_SIZE;
+use crate::store::format::MAX_CHUNK_SIZE;
 
 /// Default fixed chunk size for disk images: 64 KiB (qcow2's bitmap granularity).
 pub const DEFAULT_FIXED_CHUNK: u32 = 64 << 10;
@@ -26,9 +26,19 @@ pub const DEFAULT_CDC: (u32, u32, u32) = (16 << 10, 64 << 10, 256 << 10);
 #[non_exhaustive]
 pub enum ChunkingParams {
     /// Fixed-size chunks of `size` bytes (a power of two, 4 KiB – 16 MiB).
-    Fixed { size: u32 },
+    Fixed {
+        /// Chunk size in bytes (a power of two, 4 KiB–16 MiB).
+        size: u32,
+    },
     /// FastCDC 2020 with normalisation level 1.
-    FastCdc { min: u32, avg: u32, max: u32 },
+    FastCdc {
+        /// Smallest chunk.
+        min: u32,
+        /// Average chunk.
+        avg: u32,
+        /// Largest chunk.
+        max: u32,
+    },
 }
 
 impl Default for ChunkingParams {
@@ -192,9 +202,28 @@ impl FromStr for ChunkingParams {
     }
 }
 
+/// True if every byte is zero. ORs 64-byte blocks so the compiler vectorises
+/// it, stopping at the first non-zero block.
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(64)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 65536]));
+        assert!(is_zero(&[]));
+        let mut v = vec![0u8; 65537];
+        v[65536] = 1;
+        assert!(!is_zero(&v));
+        v[65536] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
     use proptest::prelude::*;
 
     /// Deterministic pseudo-random bytes (xorshift64*), for golden vectors.

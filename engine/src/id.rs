@@ -4,8 +4,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::coding::{hex, parse_hex};
-
 /// How chunk ids are derived. Recorded in the pool config and every manifest so
 /// that a keyed scheme (for encrypted pools) can follow without ambiguity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -16,20 +14,24 @@ pub enum IdScheme {
 }
 
 impl IdScheme {
+    /// The code stored in manifests.
     pub fn code(self) -> u8 {
         self as u8
     }
+    /// The scheme stored as `code`.
     pub fn from_code(code: u8) -> Option<Self> {
         match code {
             1 => Some(IdScheme::Blake3),
             _ => None,
         }
     }
+    /// The name stored in the pool configuration.
     pub fn name(self) -> &'static str {
         match self {
             IdScheme::Blake3 => "blake3-256",
         }
     }
+    /// The scheme named `name`.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "blake3-256" => Some(IdScheme::Blake3),
@@ -45,10 +47,13 @@ macro_rules! hex_id {
         pub struct $name(pub [u8; $len]);
 
         impl $name {
+            /// Length in bytes.
             pub const LEN: usize = $len;
+            /// The raw bytes.
             pub fn as_bytes(&self) -> &[u8; $len] {
                 &self.0
             }
+            /// Lower-case hex, as used in object names.
             pub fn to_hex(&self) -> String {
                 hex(&self.0)
             }
@@ -67,6 +72,12 @@ macro_rules! hex_id {
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "{}({})", stringify!($name), self.to_hex())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.to_hex())
             }
         }
 
@@ -97,6 +108,10 @@ hex_id!(
     /// Identity of a snapshot: BLAKE3-256 of its encoded manifest.
     SnapshotId, 32
 );
+hex_id!(
+    /// Identity of a pool: 128 random bits chosen when it was initialised.
+    PoolId, 16
+);
 
 impl ChunkId {
     /// The id of `data` under [`IdScheme::Blake3`].
@@ -106,28 +121,36 @@ impl ChunkId {
 }
 
 impl SnapshotId {
+    /// The id of the encoded manifest `bytes`.
     pub fn of_manifest(bytes: &[u8]) -> Self {
         SnapshotId(*blake3::hash(bytes).as_bytes())
     }
 }
 
-/// 16 bytes from the operating system's random source.
-pub(crate) fn random_16() -> crate::Result<[u8; 16]> {
-    let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b).map_err(|e| crate::Error::Random(e.to_string()))?;
-    Ok(b)
+/// Lower-case hex of a byte slice.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
 }
 
-impl PackId {
-    pub fn random() -> crate::Result<Self> {
-        random_16().map(PackId)
+/// Parses lower- or upper-case hex into exactly `N` bytes.
+pub fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let b = s.as_bytes();
+    if b.len() != N * 2 {
+        return None;
     }
-}
-
-impl SegmentId {
-    pub fn random() -> crate::Result<Self> {
-        random_16().map(SegmentId)
+    let mut out = [0u8; N];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
     }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -141,6 +164,15 @@ mod tests {
             ChunkId::of(b"abc").to_hex(),
             "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
         );
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let v = [0u8, 1, 0xab, 0xff];
+        assert_eq!(hex(&v), "0001abff");
+        assert_eq!(parse_hex::<4>("0001ABff"), Some(v));
+        assert_eq!(parse_hex::<4>("0001abf"), None);
+        assert_eq!(parse_hex::<4>("0001abfg"), None);
     }
 
     #[test]

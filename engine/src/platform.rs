@@ -3,25 +3,26 @@
 //! and never names a concrete platform.
 //!
 //! This first version carries the inventory and snapshot lifecycle the
-//! backup job needs; disk access goes through [`crate::DiskSource`] and
-//! restore targets through [`crate::DiskTarget`].
+//! backup job needs; disk access goes through [`DiskSource`] and
+//! restore targets through [`DiskTarget`].
 
 use std::collections::BTreeMap;
 
 use crate::error::Result;
-use crate::restore::DiskTarget;
-use crate::source::DiskSource;
+use crate::source::{DiskSource, DiskTarget};
 
 /// A VM as the platform describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct VmInfo {
     /// The platform's id for the VM.
     pub id: String,
+    /// The VM's name.
     pub name: String,
     /// Host (hypervisor) the VM runs on.
     pub host: String,
     /// Running, shut off, paused, migrating … in the platform's words.
     pub state: String,
+    /// Its disks.
     pub disks: Vec<VmDisk>,
     /// Anything else worth recording (CPU, memory, firmware, NICs …).
     pub properties: BTreeMap<String, String>,
@@ -34,7 +35,9 @@ pub struct VmDisk {
     pub device: String,
     /// `qcow2`, `raw`, …
     pub format: String,
+    /// Where the disk lives on the platform.
     pub path: String,
+    /// Logical size in bytes.
     pub size: u64,
 }
 

@@ -1,5 +1,10 @@
-//! Progress reporting: the pipelines call a [`Progress`] the caller supplies
-//! (the CLI draws a bar; embedders log or ignore it).
+//! How a running job talks to its caller: [`Progress`] (called the same way
+//! by backup, restore and verify: `start` once, `advance` as bytes are
+//! processed, `message` for status lines) and [`CancelToken`] (the caller
+//! stops a job from any thread).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Receives progress from a running pipeline. Calls come from several threads.
 pub trait Progress: Send + Sync {
@@ -16,3 +21,37 @@ pub trait Progress: Send + Sync {
 pub struct NoProgress;
 
 impl Progress for NoProgress {}
+
+/// Stops a running job from another thread. Clones share one flag.
+///
+/// A cancelled backup stops within a fraction of a second and fails with
+/// [`Error::Cancelled`](crate::Error::Cancelled), leaving the pool as a
+/// killed backup would: packs sealed so far are kept (and reused by the next
+/// backup), no snapshot is written, every earlier snapshot is intact. A
+/// cancelled restore removes its partial targets.
+///
+/// ```
+/// let token = cairn_engine::CancelToken::new();
+/// let for_other_thread = token.clone();
+/// std::thread::spawn(move || for_other_thread.cancel()).join().unwrap();
+/// assert!(token.is_cancelled());
+/// ```
+#[derive(Debug, Default, Clone)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token not yet cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every job holding a clone of this token to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// True once [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}

@@ -1,91 +1,52 @@
-//! A repository: a pool opened with its configuration and its dedup index.
-//! Owns pool initialisation, snapshot listing, loading and selection.
-//!
-//! The pool configuration is the text object `config`:
-//! ```text
-//! cairn-pool 1
-//! id-scheme blake3-256
-//! pool-id <32 hex digits>
-//! created <RFC 3339 UTC>
-//! ```
+//! [`Repository`]: the entry point. A pool opened with its configuration,
+//! with one method per job (backup, restore, verify, list, resolve, repair,
+//! CBT preparation). The dedup index is loaded on first use, and a handle
+//! stays correct for as long as it lives: it picks up index segments and
+//! manifests that other handles or processes write.
 
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::coding::{hex, DecodeError};
+use parking_lot::Mutex;
+
+use crate::cbt::{prepare_vm, CbtDisk, CbtPolicy, PreparedVm};
+use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
-use crate::format::CONFIG_VERSION_V1;
-use crate::id::{random_16, IdScheme, SnapshotId};
-use crate::index::Index;
-use crate::manifest::Snapshot;
-use crate::pool::{DynPool, FileKind};
+use crate::id::{IdScheme, PoolId, SnapshotId};
+use crate::kind::FileKind;
+use crate::pipeline::backup::{self, BackupOptions, BackupStats};
+use crate::pipeline::input::BackupDisk;
+use crate::pipeline::restore::{self, MakeTarget, RestoreOptions, RestoreStats};
+use crate::pipeline::verify::{self, VerifyOptions, VerifyReport};
+use crate::random::random_16;
+use crate::snapshots::{SnapshotInfo, SnapshotList, SnapshotSelector};
+use crate::store::config::PoolConfig;
+use crate::store::format::CONFIG_NAME;
+use crate::store::index::{rebuild, Index, RebuildReport};
+use crate::store::manifest::{list_snapshot_ids, read_manifest, read_snapshot, Snapshot};
+use crate::store::pool::DynPool;
 
-const CONFIG_NAME: &str = "config";
-
-/// The pool-wide settings written by `init`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolConfig {
-    pub version: u32,
-    pub id_scheme: IdScheme,
-    pub pool_id: String,
-    pub created: String,
-}
-
-impl PoolConfig {
-    pub fn encode(&self) -> String {
-        format!(
-            "cairn-pool {}\nid-scheme {}\npool-id {}\ncreated {}\n",
-            self.version,
-            self.id_scheme.name(),
-            self.pool_id,
-            self.created
-        )
-    }
-
-    pub fn decode(text: &[u8]) -> Result<Self, DecodeError> {
-        let text = std::str::from_utf8(text)
-            .map_err(|_| DecodeError::Invalid("config is not UTF-8 text".into()))?;
-        let mut lines = text.lines();
-        let version = match lines.next().and_then(|l| l.strip_prefix("cairn-pool ")) {
-            Some(v) => v
-                .trim()
-                .parse::<u32>()
-                .map_err(|_| DecodeError::Invalid(format!("bad version {v:?}")))?,
-            None => return Err(DecodeError::BadMagic),
-        };
-        if version != CONFIG_VERSION_V1 {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
-        let (mut scheme, mut pool_id, mut created) = (None, None, None);
-        for line in lines {
-            match line.split_once(' ') {
-                Some(("id-scheme", v)) => {
-                    scheme =
-                        Some(IdScheme::from_name(v.trim()).ok_or_else(|| {
-                            DecodeError::Invalid(format!("unknown id scheme {v:?}"))
-                        })?)
-                }
-                Some(("pool-id", v)) => pool_id = Some(v.trim().to_string()),
-                Some(("created", v)) => created = Some(v.trim().to_string()),
-                _ if line.trim().is_empty() => {}
-                // Unknown keys are allowed: later versions add settings.
-                _ => {}
-            }
-        }
-        Ok(PoolConfig {
-            version,
-            id_scheme: scheme.ok_or_else(|| DecodeError::Invalid("no id-scheme".into()))?,
-            pool_id: pool_id.ok_or_else(|| DecodeError::Invalid("no pool-id".into()))?,
-            created: created.unwrap_or_default(),
-        })
-    }
-}
-
-/// An open pool: configuration, index, snapshots.
+/// An open pool: its configuration, its (lazily loaded) index, and every
+/// job as a method.
+///
+/// ```
+/// # fn main() -> cairn_engine::Result<()> {
+/// use std::sync::Arc;
+/// use cairn_engine::{BackupDisk, BackupOptions, MemorySource, Repository, SnapshotSelector};
+/// # let pool: cairn_engine::DynPool = Arc::new(cairn_pools::MemoryPool::new());
+/// let repo = Repository::open_or_init(pool)?;
+/// let disk = BackupDisk::image("vda", MemorySource::new("vda", vec![1u8; 1 << 20]));
+/// let stats = repo.backup(vec![disk], &BackupOptions::new("web01"))?;
+/// let latest = repo.resolve(&SnapshotSelector::latest_of("web01"))?;
+/// assert_eq!(latest, stats.snapshot);
+/// # Ok(()) }
+/// ```
 pub struct Repository {
     pool: DynPool,
     config: PoolConfig,
-    index: Arc<Index>,
+    index: Mutex<Option<Arc<Index>>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -93,24 +54,44 @@ impl std::fmt::Debug for Repository {
         f.debug_struct("Repository")
             .field("location", &self.pool.location())
             .field("config", &self.config)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Repository {
-    /// Writes a fresh configuration. Fails if the pool already has one.
+    /// Writes a fresh configuration into an empty pool. Fails with
+    /// [`Error::AlreadyExists`] if the pool has one.
     pub fn init(pool: DynPool) -> Result<PoolConfig> {
-        let config = PoolConfig {
-            version: CONFIG_VERSION_V1,
-            id_scheme: IdScheme::Blake3,
-            pool_id: hex(&random_16()?),
-            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        };
+        let now = humantime::parse_rfc3339(
+            &humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        )
+        .unwrap_or_else(|_| SystemTime::now());
+        let config = PoolConfig::new(PoolId(random_16()?), now);
         pool.write(FileKind::Config, CONFIG_NAME, config.encode().as_bytes())?;
         Ok(config)
     }
 
-    /// Opens an initialised pool and loads its index.
+    /// Initialises an empty pool and opens it.
+    pub fn create(pool: DynPool) -> Result<Self> {
+        Self::init(pool.clone())?;
+        Self::open(pool)
+    }
+
+    /// Opens an initialised pool, or initialises it first if it has no
+    /// configuration.
+    pub fn open_or_init(pool: DynPool) -> Result<Self> {
+        match Self::open(pool.clone()) {
+            Err(Error::NotInitialized { .. }) => match Self::init(pool.clone()) {
+                // Another process initialised it meanwhile: open theirs.
+                Ok(_) | Err(Error::AlreadyExists { .. }) => Self::open(pool),
+                Err(e) => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    /// Opens an initialised pool: reads and checks its configuration. The
+    /// index is loaded when a job first needs it.
     pub fn open(pool: DynPool) -> Result<Self> {
         let raw = match pool.read(FileKind::Config, CONFIG_NAME) {
             Ok(raw) => raw,
@@ -129,148 +110,215 @@ impl Repository {
                 config.id_scheme.name()
             )));
         }
-        let index = Arc::new(Index::load(&*pool)?);
         Ok(Repository {
             pool,
             config,
-            index,
+            index: Mutex::new(None),
         })
     }
 
+    /// The pool.
     pub fn pool(&self) -> &DynPool {
         &self.pool
     }
 
+    /// The pool's configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.config
     }
 
-    pub fn index(&self) -> &Arc<Index> {
-        &self.index
+    /// The dedup index, loaded on first use.
+    pub fn index(&self) -> Result<Arc<Index>> {
+        let mut slot = self.index.lock();
+        if let Some(index) = &*slot {
+            return Ok(index.clone());
+        }
+        let index = Arc::new(Index::load(&*self.pool)?);
+        *slot = Some(index.clone());
+        Ok(index)
     }
 
-    /// Ids of every snapshot manifest in the pool (names that are not snapshot
-    /// ids are ignored).
+    /// Picks up index segments and packs that others wrote since the index
+    /// was loaded (a no-op before it is). Jobs call it themselves where it
+    /// matters (before a backup, before a verify, on a lookup miss during a
+    /// restore); manifests are always listed afresh.
+    pub fn refresh(&self) -> Result<()> {
+        let loaded = self.index.lock().clone();
+        if let Some(index) = loaded {
+            index.refresh(&*self.pool)?;
+        }
+        Ok(())
+    }
+
+    /// Ids of every snapshot manifest in the pool, sorted.
     pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
-        let mut ids: Vec<SnapshotId> = self
-            .pool
-            .list(FileKind::Snapshot)?
-            .iter()
-            .filter_map(|n| SnapshotId::from_hex(n))
-            .collect();
-        ids.sort();
-        Ok(ids)
+        list_snapshot_ids(&*self.pool)
     }
 
     /// Reads, checks (content hash = name) and decodes one manifest.
     pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
-        let bytes = self.pool.read(FileKind::Snapshot, &id.to_hex())?;
-        let what = || format!("snapshot manifest {id}");
-        let got = SnapshotId::of_manifest(&bytes);
-        if &got != id {
-            return Err(Error::corrupt(
-                what(),
-                DecodeError::ChecksumMismatch {
-                    expected: id.to_hex(),
-                    got: got.to_hex(),
-                },
-            ));
-        }
-        Snapshot::decode(&bytes).map_err(|e| Error::corrupt(what(), e))
+        read_snapshot(&*self.pool, id).map_err(|e| match e {
+            Error::NotFound { .. } => Error::SnapshotNotFound(id.to_hex()),
+            e => e,
+        })
     }
 
-    /// Every snapshot, oldest first. A damaged manifest is an error naming it.
-    pub fn snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>> {
-        let mut out = Vec::new();
+    /// Every snapshot, oldest first, without their extent lists; manifests
+    /// that cannot be read are reported beside them, never failing the list.
+    pub fn snapshots(&self) -> Result<SnapshotList> {
+        let mut list = SnapshotList::default();
         for id in self.snapshot_ids()? {
-            let s = self.load_snapshot(&id)?;
-            out.push((id, s));
+            let summary = read_manifest(&*self.pool, &id).and_then(|bytes| {
+                Snapshot::decode_without_extents(&bytes)
+                    .map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
+            });
+            match summary {
+                Ok(s) => list.snapshots.push(SnapshotInfo::new(id, s)),
+                Err(e) => list.damaged.push((id, e)),
+            }
         }
-        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-        Ok(out)
+        list.snapshots
+            .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        Ok(list)
     }
 
-    /// The newest snapshot of `vm` that holds a disk named `disk`: the parent
-    /// of that disk's next incremental. Manifests that fail to load are
-    /// passed over (an older parent only makes CBT fall back, never wrong).
+    /// The newest snapshot of `vm` that holds a disk named `disk`, decoded
+    /// in full: the parent of that disk's next incremental. Manifests that
+    /// fail to load are passed over (an older parent only makes CBT fall
+    /// back, never wrong).
     pub fn latest_with_disk(&self, vm: &str, disk: &str) -> Result<Option<(SnapshotId, Snapshot)>> {
-        let mut best: Option<(SnapshotId, Snapshot)> = None;
-        for id in self.snapshot_ids()? {
-            let Ok(s) = self.load_snapshot(&id) else {
-                continue;
-            };
-            if s.vm != vm || !s.disks.iter().any(|d| d.name == disk) {
-                continue;
-            }
-            if best
-                .as_ref()
-                .is_none_or(|(bid, b)| (s.time, id) > (b.time, *bid))
-            {
-                best = Some((id, s));
+        let list = self.snapshots()?;
+        let newest = list
+            .snapshots
+            .iter()
+            .rev()
+            .filter(|s| s.vm == vm && s.disks.iter().any(|d| d.name == disk));
+        for info in newest {
+            if let Ok(s) = self.load_snapshot(&info.id) {
+                return Ok(Some((info.id, s)));
             }
         }
-        Ok(best)
+        Ok(None)
     }
 
-    /// Resolves a full id, a unique prefix of at least 8 hex digits, or
-    /// `latest` (optionally restricted to one VM).
-    pub fn resolve_snapshot(&self, selector: &str, vm: Option<&str>) -> Result<SnapshotId> {
-        if selector == "latest" {
-            let snaps = self.snapshots()?;
-            let mut candidates = snaps.iter().filter(|(_, s)| vm.is_none_or(|v| s.vm == v));
-            let vms: std::collections::BTreeSet<&str> =
-                candidates.clone().map(|(_, s)| s.vm.as_str()).collect();
-            if vm.is_none() && vms.len() > 1 {
-                return Err(Error::InvalidArgument(format!(
-                    "`latest` is ambiguous: the pool holds {} VMs ({}); add --vm NAME",
+    /// The snapshot a selector names. `latest` considers the snapshots
+    /// whose manifests can be read; without a VM it must be unambiguous.
+    pub fn resolve(&self, selector: &SnapshotSelector) -> Result<SnapshotId> {
+        match selector {
+            SnapshotSelector::Id(id) => {
+                if self.pool.size(FileKind::Snapshot, &id.to_hex()).is_err() {
+                    return Err(Error::SnapshotNotFound(id.to_hex()));
+                }
+                Ok(*id)
+            }
+            SnapshotSelector::Prefix(prefix) => {
+                let matches: Vec<SnapshotId> = self
+                    .snapshot_ids()?
+                    .into_iter()
+                    .filter(|id| id.to_hex().starts_with(prefix.as_str()))
+                    .collect();
+                match matches.as_slice() {
+                    [] => Err(Error::SnapshotNotFound(selector.to_string())),
+                    [one] => Ok(*one),
+                    many => Err(Error::AmbiguousSnapshot {
+                        selector: selector.to_string(),
+                        matches: format!("{} snapshots", many.len()),
+                    }),
+                }
+            }
+            SnapshotSelector::Latest { vm } => self.resolve_latest(selector, vm.as_deref()),
+        }
+    }
+
+    fn resolve_latest(&self, selector: &SnapshotSelector, vm: Option<&str>) -> Result<SnapshotId> {
+        let list = self.snapshots()?;
+        let candidates: Vec<&SnapshotInfo> = list
+            .snapshots
+            .iter()
+            .filter(|s| vm.is_none_or(|v| s.vm == v))
+            .collect();
+        let vms: BTreeSet<&str> = candidates.iter().map(|s| s.vm.as_str()).collect();
+        if vm.is_none() && vms.len() > 1 {
+            return Err(Error::AmbiguousSnapshot {
+                selector: selector.to_string(),
+                matches: format!(
+                    "the latest snapshots of {} VMs ({})",
                     vms.len(),
                     vms.into_iter().collect::<Vec<_>>().join(", ")
-                )));
-            }
-            return candidates
-                .next_back()
-                .map(|(id, _)| *id)
-                .ok_or_else(|| Error::SnapshotNotFound(selector.to_string()));
+                ),
+            });
         }
-        let sel = selector.to_ascii_lowercase();
-        if sel.len() < 8 || !sel.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::InvalidArgument(format!(
-                "snapshot {selector:?}: give a full id, a prefix of at least 8 hex digits, or `latest`"
-            )));
-        }
-        let matches: Vec<SnapshotId> = self
-            .snapshot_ids()?
-            .into_iter()
-            .filter(|id| id.to_hex().starts_with(&sel))
-            .collect();
-        match matches.len() {
-            0 => Err(Error::SnapshotNotFound(selector.to_string())),
-            1 => Ok(matches[0]),
-            n => Err(Error::AmbiguousSnapshot {
-                selector: selector.to_string(),
-                matches: n,
-            }),
-        }
+        candidates
+            .last()
+            .map(|s| s.id)
+            .ok_or_else(|| Error::SnapshotNotFound(selector.to_string()))
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Backs up `disks` as one snapshot. The index is refreshed first, so
+    /// chunks that other writers stored since it was loaded are reused.
+    pub fn backup(&self, disks: Vec<BackupDisk>, opts: &BackupOptions) -> Result<BackupStats> {
+        let index = self.index()?;
+        index.refresh(&*self.pool)?;
+        backup::run(&*self.pool, &index, disks, opts)
+    }
 
-    #[test]
-    fn config_round_trip_and_damage() {
-        let c = PoolConfig {
-            version: 1,
-            id_scheme: IdScheme::Blake3,
-            pool_id: "00".repeat(16),
-            created: "2026-01-01T00:00:00Z".into(),
+    /// Prepares a VM's disks for a CBT backup: per disk, finds its newest
+    /// snapshot (unless given), decides whether its bitmap can be trusted
+    /// under `policy`, and builds the backup inputs; pass them to
+    /// [`backup`](Self::backup) with the returned parent set in the options.
+    pub fn prepare_cbt(
+        &self,
+        vm: &str,
+        disks: Vec<CbtDisk>,
+        chunking: ChunkingParams,
+        policy: CbtPolicy,
+    ) -> Result<PreparedVm> {
+        prepare_vm(disks, chunking, policy, &mut |disk| {
+            self.latest_with_disk(vm, disk)
+        })
+    }
+
+    /// Restores the snapshot's disks (all, or those `opts.disks` names) into
+    /// targets made by `make_target`. Each target is finished only once
+    /// every disk is complete.
+    pub fn restore(
+        &self,
+        id: &SnapshotId,
+        make_target: &MakeTarget<'_>,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreStats> {
+        let snapshot = self.load_snapshot(id)?;
+        let index = self.index()?;
+        let store = restore::Store {
+            pool: &*self.pool,
+            index: &index,
         };
-        let text = c.encode();
-        assert_eq!(PoolConfig::decode(text.as_bytes()).unwrap(), c);
-        assert!(PoolConfig::decode(b"").is_err());
-        assert!(PoolConfig::decode(b"cairn-pool 9\n").is_err());
-        assert!(PoolConfig::decode(b"cairn-pool 1\nid-scheme md5\npool-id x\n").is_err());
-        assert!(PoolConfig::decode(&[0xff, 0xfe]).is_err());
+        restore::run(&store, id, &snapshot, make_target, opts)
+    }
+
+    /// Restores the snapshot's disks as sparse raw files `dir/<disk name>`.
+    pub fn restore_to_dir(
+        &self,
+        id: &SnapshotId,
+        dir: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreStats> {
+        let make = restore::dir_targets(dir, opts.overwrite)?;
+        self.restore(id, &*make, opts)
+    }
+
+    /// Checks the pool (see [`VerifyOptions`]).
+    pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
+        let index = self.index()?;
+        verify::run(&*self.pool, &index, opts)
+    }
+
+    /// Rebuilds the dedup index from the packs alone: one new segment
+    /// replaces every old one; damaged packs are skipped and reported.
+    pub fn repair_index(&self) -> Result<RebuildReport> {
+        let report = rebuild(&*self.pool)?;
+        // Reload on next use: the old segments are gone.
+        *self.index.lock() = None;
+        Ok(report)
     }
 }

@@ -4,19 +4,46 @@
 //! `scripts/test.sh` installs what is missing.
 #![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_engine::nbd::{NbdConnection, NbdTarget};
 use cairn_engine::{
-    backup, restore_to_dir, BackupDisk, BackupOptions, ChangedBlocks, DiskInput, DiskSource,
-    DiskTarget, DynPool, NbdSource, NoProgress, Repository, RestoreOptions,
+    BackupDisk, BackupOptions, ChangedBlocks, DiskInput, DiskSource, DiskTarget, DynPool,
+    NbdConnection, NbdSource, NbdTarget, NoProgress, Repository, RestoreOptions, VerifyOptions,
 };
 use cairn_pools::MemoryPool;
+
+// The jobs in the shape these tests were written for (free functions with a
+// progress sink); each calls the `Repository` method of the same name.
+fn backup(
+    repo: &Repository,
+    disks: Vec<BackupDisk>,
+    opts: &BackupOptions,
+    _progress: &NoProgress,
+) -> cairn_engine::Result<cairn_engine::BackupStats> {
+    repo.backup(disks, opts)
+}
+
+fn restore_to_dir(
+    repo: &Repository,
+    id: &cairn_engine::SnapshotId,
+    dir: &Path,
+    opts: &RestoreOptions,
+    _progress: &NoProgress,
+) -> cairn_engine::Result<cairn_engine::RestoreStats> {
+    repo.restore_to_dir(id, dir, opts)
+}
+
+fn verify(
+    repo: &Repository,
+    opts: &VerifyOptions,
+    _progress: &NoProgress,
+) -> cairn_engine::Result<cairn_engine::VerifyReport> {
+    repo.verify(opts)
+}
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
@@ -182,11 +209,10 @@ fn full_then_incremental_over_nbd_restores_bit_identical() {
     let sock = dir.path().join("s.sock");
 
     let export = Export::start(&image, &sock);
-    let disk = BackupDisk {
-        name: "vda".into(),
-        input: DiskInput::Image(Box::new(NbdSource::connect(&export.uri(), None).unwrap())),
-        properties: BTreeMap::new(),
-    };
+    let disk = BackupDisk::new(
+        "vda",
+        DiskInput::Image(Box::new(NbdSource::connect(&export.uri(), None).unwrap())),
+    );
     let full = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap();
     assert_eq!(full.bytes_read, 12 << 20, "only allocated data is read");
     drop(export);
@@ -199,22 +225,16 @@ fn full_then_incremental_over_nbd_restores_bit_identical() {
     let dirty = src.dirty_extents("b0").unwrap();
     let dirty_bytes: u64 = dirty.iter().map(|r| r.end - r.start).sum();
     let parent = repo.load_snapshot(&full.snapshot).unwrap();
-    let mut opts = BackupOptions::new("vm");
-    opts.parent = Some(full.snapshot);
-    let disk = BackupDisk {
-        name: "vda".into(),
-        input: DiskInput::Incremental {
+    let opts = BackupOptions::new("vm");
+    let disk = BackupDisk::new(
+        "vda",
+        DiskInput::Incremental {
             source: Box::new(src),
-            changed: ChangedBlocks {
-                parent: parent.disks[0].clone(),
-                parent_chunking: parent.chunking,
-                dirty,
-            },
+            changed: ChangedBlocks::new(full.snapshot, &parent, "vda", dirty).unwrap(),
         },
-        properties: BTreeMap::new(),
-    };
+    );
     let inc = backup(&repo, vec![disk], &opts, &NoProgress).unwrap();
-    assert_eq!(inc.mode, "cbt");
+    assert_eq!(inc.mode.as_str(), "cbt");
     assert!(
         inc.bytes_read <= dirty_bytes.div_ceil(65536) * 65536,
         "{inc:?}"
@@ -352,10 +372,11 @@ fn connection_dropped_mid_backup_fails_the_snapshot_and_keeps_earlier_ones() {
     let repo = Repository::open(pool.clone()).unwrap();
     let sock = dir.path().join("s.sock");
     let export = Export::start(&image, &sock);
-    let disk = |uri: &str| BackupDisk {
-        name: "vda".into(),
-        input: DiskInput::Image(Box::new(NbdSource::connect(uri, None).unwrap())),
-        properties: BTreeMap::new(),
+    let disk = |uri: &str| {
+        BackupDisk::new(
+            "vda",
+            DiskInput::Image(Box::new(NbdSource::connect(uri, None).unwrap())),
+        )
     };
     let first = backup(
         &repo,
@@ -396,12 +417,9 @@ fn connection_dropped_mid_backup_fails_the_snapshot_and_keeps_earlier_ones() {
     )
     .unwrap();
     assert!(std::fs::read(out.join("vda")).unwrap() == before);
-    let report = cairn_engine::verify(
+    let report = verify(
         &repo,
-        &cairn_engine::VerifyOptions {
-            read_data: true,
-            threads: 0,
-        },
+        &VerifyOptions::default().with_read_data(true),
         &NoProgress,
     )
     .unwrap();

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use cairn_cas::qemu::{
     backup_qcow2_vm, Qcow2BackupOptions, Qcow2Disk, Qcow2Image, Qcow2Outcome, Qcow2Target,
 };
-use cairn_engine::cbt::{self, CbtDisk, CbtPolicy, PreparedDisk};
-use cairn_engine::nbd::NbdAddress;
+use cairn_engine::cbt::{CbtDisk, CbtPolicy, PreparedVm};
+use cairn_engine::format::PROP_SOURCE;
 use cairn_engine::{
-    backup, restore, BackupOptions, BackupStats, DiskManifest, DiskTarget, NbdSource, Progress,
-    Repository, RestoreOptions, RestoreStats, SnapshotId,
+    validate_disk_name, BackupDisk, BackupOptions, BackupStats, DiskManifest, DiskTarget,
+    NbdAddress, NbdSource, Repository, RestoreOptions, RestoreStats, SnapshotId,
 };
 
 use crate::{open_repo, output, Bar, Failure};
@@ -118,7 +118,7 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
             connections: run.connections,
             spot_check: run.spot_check,
         };
-        let outcome = backup_qcow2_vm(&repo, &disks, &opts, &q, bar);
+        let outcome = backup_qcow2_vm(&repo, &disks, &opts, &q);
         bar.finish();
         match outcome? {
             Qcow2Outcome::Done {
@@ -172,72 +172,56 @@ fn backup_nbd(
 ) -> Result<Ran, Failure> {
     let names = nbd_disk_names(&run.nbd, &run.disk_names)?;
     let mut opts = opts.clone();
-    let mut disks = Vec::new();
     let mut connections = usize::MAX;
-    let mut skips = Vec::new();
-    let mut alert = false;
+    let mut sources = Vec::new();
     for (uri, name) in run.nbd.iter().zip(names) {
         let source = NbdSource::connect_many(uri, run.bitmap.as_deref(), run.connections)?;
         connections = connections.min(source.connections());
-        let mut properties = BTreeMap::new();
-        properties.insert("source".to_string(), uri.to_string());
-        match &run.bitmap {
-            // No bitmap asked for: a full read, deduplicated against the
-            // newest copy of the disk.
-            None => {
+        sources.push((uri, name, source));
+    }
+    let disks = match &run.bitmap {
+        // No bitmap asked for: full reads, deduplicated against the newest
+        // copy of the first disk.
+        None => {
+            let mut disks = Vec::new();
+            for (uri, name, source) in sources {
                 if opts.parent.is_none() {
                     opts.parent = repo.latest_with_disk(&opts.vm, &name)?.map(|(id, _)| id);
                 }
-                disks.push(cairn_engine::BackupDisk {
-                    name,
-                    input: cairn_engine::DiskInput::Image(Box::new(source)),
-                    properties,
-                });
+                disks
+                    .push(BackupDisk::image(name, source).with_property(PROP_SOURCE, uri.as_str()));
             }
-            Some(bitmap) => {
-                let dirty = source.dirty_extents(bitmap).map_err(|e| match e {
-                    cairn_engine::Error::CbtNotTrusted { reason, .. } => reason,
-                    e => e.to_string(),
-                });
-                let cbt_disk = CbtDisk {
-                    name: name.clone(),
-                    source: Box::new(source),
-                    bitmap: bitmap.clone(),
-                    dirty,
-                    next_bitmap: run.next_bitmap.clone().unwrap_or_else(|| bitmap.clone()),
-                    properties,
-                    spot_check: run.spot_check,
-                };
-                let parent = repo.latest_with_disk(&opts.vm, &cbt_disk.name)?;
-                match cbt::prepare_disk(parent.as_ref(), cbt_disk, opts.chunking, run.policy)? {
-                    PreparedDisk::Backup { disk, parent, .. } => {
-                        opts.parent = opts.parent.or(parent);
-                        disks.push(disk);
-                    }
-                    PreparedDisk::Skip { reason, alert: a } => {
-                        alert |= a;
-                        skips.push(if run.nbd.len() == 1 {
-                            reason
-                        } else {
-                            format!("{name}: {reason}")
-                        });
-                    }
+            disks
+        }
+        Some(bitmap) => {
+            let next = run.next_bitmap.clone().unwrap_or_else(|| bitmap.clone());
+            let cbt_disks = sources
+                .into_iter()
+                .map(|(uri, name, source)| {
+                    let dirty = source.dirty_extents(bitmap).map_err(|e| match e {
+                        cairn_engine::Error::CbtNotTrusted { reason, .. } => reason,
+                        e => e.to_string(),
+                    });
+                    CbtDisk::new(name, Box::new(source), bitmap.clone(), dirty, next.clone())
+                        .with_property(PROP_SOURCE, uri.as_str())
+                        .with_spot_check(run.spot_check)
+                })
+                .collect();
+            match repo.prepare_cbt(&opts.vm, cbt_disks, opts.chunking, run.policy)? {
+                PreparedVm::Backup { disks, parent, .. } => {
+                    opts.parent = parent;
+                    disks
                 }
+                // Spec B4: an untrusted disk under a skip policy skips the VM.
+                PreparedVm::Skip { reason, alert } => return Ok(Ran::Skipped { reason, alert }),
             }
         }
-    }
-    if !skips.is_empty() {
-        // Spec B4: an untrusted disk under a skip policy skips the VM.
-        return Ok(Ran::Skipped {
-            reason: skips.join("; "),
-            alert,
-        });
-    }
+    };
     let next_bitmaps = match run.next_bitmap.as_ref().or(run.bitmap.as_ref()) {
         Some(b) => disks.iter().map(|d| (d.name.clone(), b.clone())).collect(),
         None => BTreeMap::new(),
     };
-    let stats = backup(repo, disks, &opts, bar);
+    let stats = repo.backup(disks, &opts);
     bar.finish();
     Ok(Ran::Done {
         stats: stats?,
@@ -328,21 +312,18 @@ pub fn restore_qcow2(
     id: &SnapshotId,
     dir: &Path,
     opts: &RestoreOptions,
-    progress: &dyn Progress,
 ) -> cairn_engine::Result<RestoreStats> {
     std::fs::create_dir_all(dir).map_err(|e| {
         cairn_engine::Error::io(format!("creating restore directory {}", dir.display()), e)
     })?;
     let overwrite = opts.overwrite;
-    restore(
-        repo,
+    repo.restore(
         id,
         &|disk: &DiskManifest| {
-            cairn_engine::backup::validate_disk_name(&disk.name)?;
+            validate_disk_name(&disk.name)?;
             let t = Qcow2Target::create(&dir.join(&disk.name), disk.size, overwrite)?;
             Ok(Box::new(t) as Box<dyn DiskTarget>)
         },
         opts,
-        progress,
     )
 }

@@ -5,10 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
+use cairn_engine::cbt::DirtyBitmap;
 use cairn_engine::sample::{generate_image, hash_file, scribble};
 use cairn_engine::{
-    backup, restore_to_dir, verify, BackupDisk, BackupOptions, ChangedBlocks, DirtyBitmap,
-    DiskInput, NoProgress, RawFileSource, Repository, RestoreOptions, VerifyOptions,
+    BackupDisk, BackupOptions, ChangedBlocks, RawFileSource, Repository, RestoreOptions,
+    VerifyOptions,
 };
 
 use crate::output::human;
@@ -47,17 +48,8 @@ pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<u8, Failure> {
 
 fn backup_disk(repo: &Repository, disk: &Path) -> Result<cairn_engine::BackupStats, Failure> {
     let src = RawFileSource::open(disk)?;
-    let disks = vec![BackupDisk {
-        name: "disk0.img".into(),
-        input: DiskInput::Image(Box::new(src)),
-        properties: Default::default(),
-    }];
-    Ok(backup(
-        repo,
-        disks,
-        &BackupOptions::new("demo-vm"),
-        &NoProgress,
-    )?)
+    let disks = vec![BackupDisk::image("disk0.img", src)];
+    Ok(repo.backup(disks, &BackupOptions::new("demo-vm"))?)
 }
 
 fn steps(work: &Path, size_mib: u64) -> Result<u8, Failure> {
@@ -103,25 +95,14 @@ fn steps(work: &Path, size_mib: u64) -> Result<u8, Failure> {
 
     let repo = Repository::open(pool.clone())?;
     let parent = repo.load_snapshot(&full.snapshot)?;
-    let changed = ChangedBlocks {
-        parent: parent.disks[0].clone(),
-        parent_chunking: parent.chunking,
-        dirty: bitmap.dirty_extents(),
-    };
-    let mut opts = BackupOptions::new("demo-vm");
-    opts.parent = Some(full.snapshot);
-    let second = backup(
-        &repo,
-        vec![BackupDisk {
-            name: "disk0.img".into(),
-            input: DiskInput::Incremental {
-                source: Box::new(RawFileSource::open(&disk)?),
-                changed,
-            },
-            properties: Default::default(),
-        }],
-        &opts,
-        &NoProgress,
+    let changed = ChangedBlocks::new(full.snapshot, &parent, "disk0.img", bitmap.dirty_extents())?;
+    let second = repo.backup(
+        vec![BackupDisk::incremental(
+            "disk0.img",
+            RawFileSource::open(&disk)?,
+            changed,
+        )],
+        &BackupOptions::new("demo-vm"),
     )?;
     println!(
         "4. CBT incremental {}: read {} of {} (dirty blocks only), {} chunks new, {} added to the pool in {:.2}s",
@@ -139,13 +120,7 @@ fn steps(work: &Path, size_mib: u64) -> Result<u8, Failure> {
         .enumerate()
     {
         let to: PathBuf = work.join(format!("restore-{}", n + 1));
-        let r = restore_to_dir(
-            &repo,
-            &stats.snapshot,
-            &to,
-            &RestoreOptions::default(),
-            &NoProgress,
-        )?;
+        let r = repo.restore_to_dir(&stats.snapshot, &to, &RestoreOptions::default())?;
         let got = hash_file(&to.join("disk0.img")).map_err(io("hashing the restored disk"))?;
         let same = got == expected;
         ok &= same;
@@ -163,14 +138,7 @@ fn steps(work: &Path, size_mib: u64) -> Result<u8, Failure> {
         );
     }
 
-    let report = verify(
-        &repo,
-        &VerifyOptions {
-            read_data: true,
-            threads: 0,
-        },
-        &NoProgress,
-    )?;
+    let report = repo.verify(&VerifyOptions::default().with_read_data(true))?;
     println!(
         "7. verify --read-data: {} blobs in {} packs re-hashed, {}",
         report.blobs_read,

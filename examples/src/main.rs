@@ -3,6 +3,10 @@
 //! Exit codes: 0 success, 1 error, 2 usage error, 3 verify found damage,
 //! 4 backup skipped with an alert (`--on-missing-cbt skip-alert`).
 
+// The argument docs below are clap's --help text (URI forms, <placeholders>),
+// not rustdoc.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 mod cbt_cmd;
 mod demo;
 mod output;
@@ -13,9 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::num::NonZeroUsize;
+
+use cairn_engine::format::PROP_SOURCE;
 use cairn_engine::{
-    backup, restore_to_dir, verify, BackupDisk, BackupOptions, ChunkingParams, Compression,
-    DiskInput, DynPool, Error, Progress, RawFileSource, Repository, RestoreOptions, VerifyOptions,
+    BackupDisk, BackupOptions, ChunkingParams, Compression, DynPool, Error, Progress,
+    RawFileSource, Repository, RestoreOptions, SnapshotSelector, VerifyOptions,
 };
 use cairn_pools::LocalPool;
 use clap::{Parser, Subcommand};
@@ -171,16 +178,32 @@ pub struct Failure {
 }
 
 impl From<Error> for Failure {
+    /// Maps an engine error to an exit code and adds the command-line advice
+    /// the library's messages leave out.
     fn from(e: Error) -> Self {
         let code = match e {
-            Error::InvalidArgument(_) => 2,
+            Error::InvalidArgument(_)
+            | Error::AmbiguousSnapshot { .. }
+            | Error::TargetExists { .. } => 2,
             _ => 1,
+        };
+        let hint = match &e {
+            Error::NotInitialized { .. } => "; run `cairn init` first",
+            Error::TargetExists { .. } => " (pass --force to overwrite)",
+            Error::AmbiguousSnapshot { .. } => "; give a longer prefix, or --vm NAME",
+            e if e.is_damage() => "; run `cairn verify` (and `cairn repair --index`)",
+            _ => "",
         };
         Failure {
             code,
-            message: e.to_string(),
+            message: format!("{e}{hint}"),
         }
     }
+}
+
+/// `--threads N` (0: one per CPU).
+pub fn threads(n: usize) -> Option<NonZeroUsize> {
+    NonZeroUsize::new(n)
 }
 
 impl Failure {
@@ -359,10 +382,12 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             json,
         } => {
             if !nbd.is_empty() || !qcow2.is_empty() {
-                let mut opts = BackupOptions::new(vm.clone());
-                opts.chunking = chunking.unwrap_or_default();
-                opts.compression = compression;
-                opts.threads = threads;
+                let bar = Arc::new(Bar::new(!json));
+                let opts = BackupOptions::new(vm.clone())
+                    .with_chunking(chunking.unwrap_or_default())
+                    .with_compression(compression)
+                    .with_threads(self::threads(threads))
+                    .with_progress(bar.clone());
                 let run = cbt_cmd::CbtRun {
                     pool,
                     nbd,
@@ -375,7 +400,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     disk_names: names,
                     json,
                 };
-                return cbt_cmd::run_backup(run, opts, &Bar::new(!json));
+                return cbt_cmd::run_backup(run, opts, &bar);
             }
             if bitmap.is_some() {
                 return Err(Failure::usage("--bitmap needs --nbd or --qcow2"));
@@ -394,13 +419,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 } else {
                     RawFileSource::open(path)?
                 };
-                let mut properties = BTreeMap::new();
-                properties.insert("source".to_string(), path.display().to_string());
-                inputs.push(BackupDisk {
-                    name,
-                    input: DiskInput::Image(Box::new(src)),
-                    properties,
-                });
+                inputs.push(
+                    BackupDisk::image(name, src)
+                        .with_property(PROP_SOURCE, path.display().to_string()),
+                );
             }
             if let Some(name) = &stdin {
                 if inputs.iter().any(|d| &d.name == name) {
@@ -408,24 +430,22 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                         "--stdin name {name:?} is already a disk name"
                     )));
                 }
-                let mut properties = BTreeMap::new();
-                properties.insert("source".to_string(), "stdin".to_string());
-                inputs.push(BackupDisk {
-                    name: name.clone(),
-                    input: DiskInput::Stream(Box::new(std::io::stdin())),
-                    properties,
-                });
+                inputs.push(
+                    BackupDisk::stream(name.clone(), std::io::stdin())
+                        .with_property(PROP_SOURCE, "stdin"),
+                );
             }
-            let mut opts = BackupOptions::new(vm.clone());
-            opts.chunking = chunking.unwrap_or(if disks.is_empty() {
-                ChunkingParams::cdc()
-            } else {
-                ChunkingParams::default()
-            });
-            opts.compression = compression;
-            opts.threads = threads;
-            let bar = Bar::new(!json);
-            let stats = backup(&repo, inputs, &opts, &bar);
+            let bar = Arc::new(Bar::new(!json));
+            let opts = BackupOptions::new(vm.clone())
+                .with_chunking(chunking.unwrap_or(if disks.is_empty() {
+                    ChunkingParams::cdc()
+                } else {
+                    ChunkingParams::default()
+                }))
+                .with_compression(compression)
+                .with_threads(self::threads(threads))
+                .with_progress(bar.clone());
+            let stats = repo.backup(inputs, &opts);
             bar.finish();
             let stats = stats?;
             if json {
@@ -446,27 +466,28 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Snapshots { pool, vm, json } => {
             let repo = open_repo(&pool)?;
-            let snaps: Vec<_> = repo
-                .snapshots()?
-                .into_iter()
-                .filter(|(_, s)| vm.as_deref().is_none_or(|v| s.vm == v))
+            let list = repo.snapshots()?;
+            for (id, e) in &list.damaged {
+                eprintln!("cairn: warning: snapshot {id} cannot be read: {e}");
+            }
+            let snaps: Vec<_> = list
+                .snapshots
+                .iter()
+                .filter(|s| vm.as_deref().is_none_or(|v| s.vm == v))
                 .collect();
             if json {
                 output::print_json(&serde_json::Value::Array(
-                    snaps
-                        .iter()
-                        .map(|(id, s)| output::snapshot_json(id, s))
-                        .collect(),
+                    snaps.iter().map(|s| output::snapshot_json(s)).collect(),
                 ));
             } else {
                 println!(
                     "{:<16} {:<20} {:<20} {:>6} {:>10}  disks",
                     "id", "time", "vm", "mode", "size"
                 );
-                for (id, s) in &snaps {
+                for s in &snaps {
                     println!(
                         "{:<16} {:<20} {:<20} {:>6} {:>10}  {}",
-                        &id.to_hex()[..16],
+                        &s.id.to_hex()[..16],
                         humantime::format_rfc3339_seconds(s.time),
                         s.vm,
                         s.mode,
@@ -479,7 +500,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     );
                 }
             }
-            Ok(0)
+            // Listed what is readable; damaged manifests were named above.
+            Ok(if list.damaged.is_empty() { 0 } else { 3 })
         }
         Command::Restore {
             pool,
@@ -492,17 +514,15 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             json,
         } => {
             let repo = open_repo(&pool)?;
-            let id = repo.resolve_snapshot(&snapshot, vm.as_deref())?;
-            let bar = Bar::new(!json);
-            let opts = RestoreOptions {
-                threads,
-                overwrite: force,
-            };
+            let id = repo.resolve(&SnapshotSelector::parse(&snapshot, vm.as_deref())?)?;
+            let bar = Arc::new(Bar::new(!json));
+            let opts = RestoreOptions::default()
+                .with_threads(self::threads(threads))
+                .with_overwrite(force)
+                .with_progress(bar.clone());
             let stats = match format {
-                cbt_cmd::RestoreFormat::Raw => restore_to_dir(&repo, &id, &to, &opts, &bar),
-                cbt_cmd::RestoreFormat::Qcow2 => {
-                    cbt_cmd::restore_qcow2(&repo, &id, &to, &opts, &bar)
-                }
+                cbt_cmd::RestoreFormat::Raw => repo.restore_to_dir(&id, &to, &opts),
+                cbt_cmd::RestoreFormat::Qcow2 => cbt_cmd::restore_qcow2(&repo, &id, &to, &opts),
             };
             bar.finish();
             let stats = stats?;
@@ -535,8 +555,12 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             json,
         } => {
             let repo = open_repo(&pool)?;
-            let bar = Bar::new(!json);
-            let report = verify(&repo, &VerifyOptions { read_data, threads }, &bar);
+            let bar = Arc::new(Bar::new(!json));
+            let opts = VerifyOptions::default()
+                .with_read_data(read_data)
+                .with_threads(self::threads(threads))
+                .with_progress(bar.clone());
+            let report = repo.verify(&opts);
             bar.finish();
             let report = report?;
             if json {
@@ -551,16 +575,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             index: _,
             json,
         } => {
-            let p = open_pool(&pool, false)?;
-            // Refuse uninitialised directories, but do not load the index:
-            // it is what we are rebuilding.
-            if p.read(cairn_engine::FileKind::Config, "config").is_err() {
-                return Err(Error::NotInitialized {
-                    location: pool.clone(),
-                }
-                .into());
-            }
-            let report = cairn_engine::index::rebuild(&*p)?;
+            // Opening reads the config only: the index is what we rebuild.
+            let report = open_repo(&pool)?.repair_index()?;
             if json {
                 output::print_json(&serde_json::json!({
                     "packs": report.packs,

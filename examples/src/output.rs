@@ -1,6 +1,6 @@
 //! JSON and human-readable renderings of engine results.
 
-use cairn_engine::{BackupStats, Snapshot, SnapshotId, VerifyReport};
+use cairn_engine::{BackupStats, SnapshotInfo, VerifyReport};
 use serde_json::{json, Value};
 
 pub fn print_json(v: &Value) {
@@ -26,7 +26,7 @@ pub fn backup_json(vm: &str, s: &BackupStats) -> Value {
     json!({
         "snapshot": s.snapshot.to_hex(),
         "vm": vm,
-        "mode": s.mode,
+        "mode": s.mode.as_str(),
         "bytes_logical": s.bytes_logical,
         "bytes_read": s.bytes_read,
         "bytes_dirty": s.bytes_dirty,
@@ -39,12 +39,12 @@ pub fn backup_json(vm: &str, s: &BackupStats) -> Value {
     })
 }
 
-pub fn snapshot_json(id: &SnapshotId, s: &Snapshot) -> Value {
+pub fn snapshot_json(s: &SnapshotInfo) -> Value {
     json!({
-        "id": id.to_hex(),
+        "id": s.id.to_hex(),
         "vm": s.vm,
         "time": humantime::format_rfc3339_seconds(s.time).to_string(),
-        "mode": s.mode,
+        "mode": s.mode.as_str(),
         "parent": s.parent.map(|p| p.to_hex()),
         "bytes_logical": s.bytes_logical(),
         "chunking": s.chunking.to_string(),
@@ -52,7 +52,6 @@ pub fn snapshot_json(id: &SnapshotId, s: &Snapshot) -> Value {
         "disks": s.disks.iter().map(|d| json!({
             "name": d.name,
             "size": d.size,
-            "bytes_data": d.data_bytes(),
             "properties": d.properties,
         })).collect::<Vec<_>>(),
     })
@@ -67,7 +66,7 @@ pub fn verify_json(r: &VerifyReport, read_data: bool) -> Value {
         "chunks_referenced": r.chunks_referenced,
         "blobs_read": r.blobs_read,
         "bytes_read": r.bytes_read,
-        "damaged_snapshots": cairn_engine::verify::affected_snapshots(r)
+        "damaged_snapshots": r.affected_snapshots()
             .iter().map(|s| s.to_hex()).collect::<Vec<_>>(),
         "damage": r.damage.iter().map(|d| json!({
             "kind": d.kind.to_string(),
@@ -111,7 +110,7 @@ pub fn print_verify(r: &VerifyReport, read_data: bool) {
             println!("  affects snapshot {s}");
         }
     }
-    let affected = cairn_engine::verify::affected_snapshots(r);
+    let affected = r.affected_snapshots();
     println!(
         "{} problems; {} snapshots affected",
         r.damage.len(),

@@ -1,6 +1,7 @@
 //! Blob decoder (header + zstd body): never panics, never over-allocates.
 #![no_main]
-use cairn_engine::{BlobCodec, Compression};
+use cairn_engine::internals::BlobCodec;
+use cairn_engine::Compression;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,6 @@
 //! Dirty bitmap decoder: never panics; what decodes re-encodes identically.
 #![no_main]
-use cairn_engine::DirtyBitmap;
+use cairn_engine::cbt::DirtyBitmap;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

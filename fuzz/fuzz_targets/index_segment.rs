@@ -1,6 +1,6 @@
 //! Index segment decoder and lookups on whatever decodes.
 #![no_main]
-use cairn_engine::index::Segment;
+use cairn_engine::internals::Segment;
 use cairn_engine::ChunkId;
 use libfuzzer_sys::fuzz_target;
 

@@ -4,7 +4,7 @@
 #![no_main]
 use std::io::{Cursor, Read, Write};
 
-use cairn_engine::nbd::NbdConnection;
+use cairn_engine::NbdConnection;
 use libfuzzer_sys::fuzz_target;
 
 struct Server(Cursor<Vec<u8>>);

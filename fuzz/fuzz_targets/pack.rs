@@ -1,7 +1,8 @@
 //! Pack parser (header, trailer, blob table), then every blob it lists.
 #![no_main]
-use cairn_engine::pack::parse_pack;
-use cairn_engine::{BlobCodec, Compression};
+use cairn_engine::internals::parse_pack;
+use cairn_engine::internals::BlobCodec;
+use cairn_engine::Compression;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

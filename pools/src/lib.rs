@@ -9,6 +9,8 @@
 //! Later: the standard pool (one directory per backup set), tape (sequential
 //! media) and object (S3-compatible) pools plug in here behind the same traits.
 
+#![warn(missing_docs)]
+
 mod local;
 mod memory;
 
@@ -20,14 +22,35 @@ pub use memory::MemoryPool;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PoolOpenError {
+    /// I/O on the pool directory failed.
     #[error("pool directory {path}: {source}")]
     Io {
+        /// The directory or file.
         path: std::path::PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The pool directory does not exist.
     #[error("pool directory {0} does not exist")]
     Missing(std::path::PathBuf),
+    /// The pool's path is not a directory.
     #[error("{0} is not a directory")]
     NotADirectory(std::path::PathBuf),
+}
+
+impl From<PoolOpenError> for cairn_engine::Error {
+    fn from(e: PoolOpenError) -> Self {
+        let (location, missing) = match &e {
+            PoolOpenError::Io { path, .. } | PoolOpenError::NotADirectory(path) => {
+                (path.display().to_string(), false)
+            }
+            PoolOpenError::Missing(path) => (path.display().to_string(), true),
+        };
+        cairn_engine::Error::PoolOpen {
+            location,
+            reason: e.to_string(),
+            missing,
+        }
+    }
 }

@@ -70,6 +70,7 @@ impl LocalPool {
         })
     }
 
+    /// The pool's directory.
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -19,6 +19,7 @@ pub struct MemoryPool {
 }
 
 impl MemoryPool {
+    /// An empty pool.
     pub fn new() -> Self {
         Self::default()
     }

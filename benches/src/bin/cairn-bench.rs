@@ -19,16 +19,16 @@
 //! ```text
 //! ```
 
-use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use cairn_benches::{generate_image, generate_rewrite};
-use cairn_engine::index::{Segment, SegmentBuilder};
+use cairn_engine::internals::{PackEntry, Segment, SegmentBuilder};
 use cairn_engine::{
-    backup, restore_to_dir, BackupDisk, BackupOptions, BackupStats, ChunkId, DiskInput, DynPool,
-    NoProgress, PackEntry, PackId, RawFileSource, Repository, RestoreOptions,
+    BackupDisk, BackupOptions, BackupStats, ChunkId, DynPool, NbdConnection, PackId, RawFileSource,
+    Repository, RestoreOptions,
 };
 use cairn_pools::LocalPool;
 
@@ -165,11 +165,7 @@ fn disk(path: &Path, mmap: bool) -> BackupDisk {
     } else {
         RawFileSource::open(path)
     };
-    BackupDisk {
-        name: "disk.img".into(),
-        input: DiskInput::Image(Box::new(src.expect("open image"))),
-        properties: BTreeMap::new(),
-    }
+    BackupDisk::image("disk.img", src.expect("open image"))
 }
 
 fn warm(path: &Path) {
@@ -180,9 +176,9 @@ fn warm(path: &Path) {
 }
 
 fn run_backup(repo: &Repository, path: &Path, a: &Args) -> BackupStats {
-    let mut opts = BackupOptions::new("bench");
-    opts.threads = a.threads;
-    backup(repo, vec![disk(path, a.mmap)], &opts, &NoProgress).expect("backup")
+    let opts = BackupOptions::new("bench").with_threads(NonZeroUsize::new(a.threads));
+    repo.backup(vec![disk(path, a.mmap)], &opts)
+        .expect("backup")
 }
 
 fn note(s: &BackupStats) -> String {
@@ -251,13 +247,10 @@ fn cbt(a: &Args, rows: &mut Vec<Row>) {
         connections: a.connections,
         spot_check: 0,
     };
-    let mut opts = BackupOptions::new("bench");
-    opts.threads = a.threads;
+    let opts = BackupOptions::new("bench").with_threads(NonZeroUsize::new(a.threads));
     let run = |label: &str| {
         measure(label, || {
-            match backup_qcow2(&repo, &image, "disk.img", &opts, &q, &NoProgress)
-                .expect("qcow2 backup")
-            {
+            match backup_qcow2(&repo, &image, "disk.img", &opts, &q).expect("qcow2 backup") {
                 Qcow2Outcome::Done { stats, .. } => {
                     (stats.bytes_logical, stats.clone(), note(&stats))
                 }
@@ -278,7 +271,7 @@ fn cbt(a: &Args, rows: &mut Vec<Row>) {
             vec!["--persistent".into(), "--shared=1".into()],
         )
         .expect("writable export");
-        let mut c = cairn_engine::nbd::NbdConnection::connect(&export.uri(), &[]).expect("connect");
+        let mut c = NbdConnection::connect(&export.uri(), &[]).expect("connect");
         let mut rng = cairn_engine::sample::SampleRng::new(1 ^ 0x5eed);
         let mut buf = Vec::new();
         for r in &plan {
@@ -292,7 +285,7 @@ fn cbt(a: &Args, rows: &mut Vec<Row>) {
     }
     warm(&qcow2);
     let (mut r, inc) = run("CBT incremental (2 % rewrite)");
-    assert_eq!(inc.mode, "cbt");
+    assert_eq!(inc.mode.as_str(), "cbt");
     r.note = format!(
         "{}; wall {:.1} % of full; read {:.2}x the {:.1} MB written ({:.1} MB dirty on the 64 KiB grid)",
         r.note,
@@ -305,14 +298,8 @@ fn cbt(a: &Args, rows: &mut Vec<Row>) {
     rows.push(r);
     let out = work.join("restore-cbt");
     let _ = std::fs::remove_dir_all(&out);
-    restore_to_dir(
-        &repo,
-        &inc.snapshot,
-        &out,
-        &RestoreOptions::default(),
-        &NoProgress,
-    )
-    .expect("restore");
+    repo.restore_to_dir(&inc.snapshot, &out, &RestoreOptions::default())
+        .expect("restore");
     let restored = cairn_engine::sample::hash_file(&out.join("disk.img")).expect("hash");
     let expected = cairn_engine::sample::hash_file(&rewrite).expect("hash");
     assert_eq!(
@@ -325,23 +312,21 @@ fn cbt(a: &Args, rows: &mut Vec<Row>) {
     std::fs::create_dir_all(&out).expect("restore dir");
     let thin = out.join("disk.qcow2");
     let (r, ()) = measure("restore (thin qcow2, NBD)", || {
-        let opts = RestoreOptions {
-            threads: a.threads,
-            overwrite: true,
-        };
-        let s = cairn_engine::restore(
-            &repo,
-            &inc.snapshot,
-            &|d: &cairn_engine::DiskManifest| {
-                Ok(
-                    Box::new(cairn_cas::qemu::Qcow2Target::create(&thin, d.size, true)?)
-                        as Box<dyn cairn_engine::DiskTarget>,
-                )
-            },
-            &opts,
-            &NoProgress,
-        )
-        .expect("qcow2 restore");
+        let opts = RestoreOptions::default()
+            .with_threads(NonZeroUsize::new(a.threads))
+            .with_overwrite(true);
+        let s = repo
+            .restore(
+                &inc.snapshot,
+                &|d: &cairn_engine::DiskManifest| {
+                    Ok(
+                        Box::new(cairn_cas::qemu::Qcow2Target::create(&thin, d.size, true)?)
+                            as Box<dyn cairn_engine::DiskTarget>,
+                    )
+                },
+                &opts,
+            )
+            .expect("qcow2 restore");
         (
             s.bytes_logical,
             (),
@@ -412,12 +397,12 @@ fn pipeline(a: &Args, rows: &mut Vec<Row>) {
     let (r, _) = median(a.repeat, || {
         let _ = std::fs::remove_dir_all(&out);
         measure("restore (sparse file)", || {
-            let opts = RestoreOptions {
-                threads: a.threads,
-                overwrite: true,
-            };
-            let s =
-                restore_to_dir(&repo, &full.snapshot, &out, &opts, &NoProgress).expect("restore");
+            let opts = RestoreOptions::default()
+                .with_threads(NonZeroUsize::new(a.threads))
+                .with_overwrite(true);
+            let s = repo
+                .restore_to_dir(&full.snapshot, &out, &opts)
+                .expect("restore");
             (
                 s.bytes_logical,
                 (),

@@ -7,8 +7,8 @@
 //!
 //! [`NbdSource`] is a [`DiskSource`]: allocated extents come from
 //! `base:allocation`, [`NbdSource::dirty_extents`] reads a dirty bitmap, and
-//! reads are spread over several connections to the same export (spec B8
-//! "streams per disk"; qemu-nbd accepts them with `-e N`). [`NbdTarget`] is a
+//! reads are spread over several connections to the same export ("streams
+//! per disk"; qemu-nbd accepts them with `-e N`). [`NbdTarget`] is a
 //! [`DiskTarget`] writing a restore into a blank writable export
 //! (`NBD_CMD_WRITE`, `NBD_CMD_FLUSH`).
 //! Reference client for the tests: `nbdinfo --map` from libnbd-bin.
@@ -26,8 +26,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::restore::DiskTarget;
-use crate::source::DiskSource;
+use crate::source::{DiskSource, DiskTarget};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -58,8 +57,6 @@ const CMD_BLOCK_STATUS: u16 = 7;
 pub const TRANSMIT_READ_ONLY: u16 = 1 << 1;
 /// Transmission flag: the server accepts `NBD_CMD_FLUSH`.
 pub const TRANSMIT_SEND_FLUSH: u16 = 1 << 2;
-/// Transmission flag: several connections see one consistent export.
-pub const TRANSMIT_CAN_MULTI_CONN: u16 = 1 << 8;
 
 /// How long a socket may stay silent before the operation fails.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -95,13 +92,20 @@ pub const STATE_DIRTY: u32 = 1;
 /// Where an NBD export is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NbdAddress {
+    /// `nbd+unix:///EXPORT?socket=PATH`
     Unix {
+        /// The socket's path.
         socket: String,
+        /// The export's name.
         export: String,
     },
+    /// `nbd://HOST[:PORT]/EXPORT`
     Tcp {
+        /// Host name or address.
         host: String,
+        /// TCP port (default 10809).
         port: u16,
+        /// The export's name.
         export: String,
     },
 }
@@ -216,7 +220,7 @@ impl std::fmt::Debug for NbdConnection {
 impl NbdConnection {
     /// Connects, negotiates structured replies and the given metadata
     /// contexts (unknown ones are simply absent), and enters transmission.
-    /// Socket calls time out after [`DEFAULT_TIMEOUT`].
+    /// Socket calls time out after 60 seconds.
     pub fn connect(uri: &str, contexts: &[&str]) -> Result<Self> {
         Self::connect_with(uri, contexts, DEFAULT_TIMEOUT, DEFAULT_TIMEOUT)
     }
@@ -451,6 +455,7 @@ impl NbdConnection {
         Ok(())
     }
 
+    /// The export's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
     }

@@ -1,7 +1,7 @@
 //! The dedup index: chunk id → (pack, offset, length).
 //!
 //! The index is a set of immutable **segments**, one written per backup (and
-//! merged by `repair`/compaction), so concurrent writers never rewrite a shared
+//! replaced wholesale by `repair --index`), so concurrent writers never rewrite a shared
 //! file. Each segment is a sorted array searched in place (memory-mapped by the
 //! local pool), so a lookup costs a fan-out step and a binary search and needs
 //! no per-entry heap memory:
@@ -25,16 +25,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::RwLock;
 
-use crate::coding::{split_checksummed, DecodeError, Decoder, Encoder};
 use crate::error::{Error, Result};
-use crate::format::{INDEX_MAGIC_V1, INDEX_VERSION_V1};
 use crate::id::{ChunkId, PackId, SegmentId};
-use crate::pack::{read_pack_table, PackEntry};
-use crate::pool::{FileKind, Pool, PoolList, PoolRead, PoolWrite};
-
-const HEADER_LEN: usize = 32;
-const ENTRY_LEN: usize = 48;
-const FANOUT_LEN: usize = 256 * 4;
+use crate::kind::FileKind;
+use crate::store::format::{
+    INDEX_ENTRY_LEN as ENTRY_LEN, INDEX_FANOUT_LEN as FANOUT_LEN, INDEX_HEADER_LEN as HEADER_LEN,
+    INDEX_MAGIC_V1, INDEX_VERSION_V1,
+};
+use crate::store::pack::{read_pack_table, PackEntry};
+use crate::store::pool::{Pool, PoolList, PoolRead, PoolWrite};
+use crate::store::wire::{split_checksummed, DecodeError, Decoder, Encoder};
 
 /// Where a chunk's blob lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,10 +259,12 @@ impl Segment {
         Some(self.entry_bytes(i)?.get(..32)?.cmp(&id.0[..]))
     }
 
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.entry_count
     }
 
+    /// True when the segment holds no entry.
     pub fn is_empty(&self) -> bool {
         self.entry_count == 0
     }
@@ -292,6 +294,7 @@ pub struct SegmentBuilder {
 }
 
 impl SegmentBuilder {
+    /// An empty builder.
     pub fn new() -> Self {
         Self::default()
     }
@@ -305,6 +308,7 @@ impl SegmentBuilder {
         })
     }
 
+    /// Adds every entry of `pack`.
     pub fn add_entries(&mut self, pack: PackId, entries: &[PackEntry]) {
         let p = self.add_pack(pack);
         for e in entries {
@@ -312,14 +316,18 @@ impl SegmentBuilder {
         }
     }
 
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True when no entry was added.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // for fuzz targets and benches
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    /// Number of packs covered.
     pub fn pack_count(&self) -> usize {
         self.packs.len()
     }
@@ -378,38 +386,72 @@ impl SegmentBuilder {
 }
 
 /// The pool's whole index: every segment, plus an in-memory segment for packs
-/// no stored segment covers.
+/// no stored segment covers. [`Index::refresh`] picks up what other writers
+/// added since.
 #[derive(Debug, Default)]
 pub struct Index {
-    segments: RwLock<Vec<Arc<Segment>>>,
-    /// Packs without a stored segment when the index was loaded, until a
-    /// backup takes them into its segment.
+    state: RwLock<IndexState>,
+    /// Packs without a stored segment, until a backup takes them into its
+    /// segment.
     uncovered: parking_lot::Mutex<Vec<PackId>>,
+}
+
+#[derive(Debug, Default)]
+struct IndexState {
+    segments: Vec<Arc<Segment>>,
+    /// Names of the stored segments loaded (or written) by this handle.
+    loaded: HashSet<String>,
+    /// Packs that a loaded segment or the in-memory segment covers.
+    covered: HashSet<PackId>,
 }
 
 impl Index {
     /// Loads every segment and indexes uncovered packs from their tables.
     pub fn load<P: PoolRead + PoolList + ?Sized>(pool: &P) -> Result<Self> {
-        let mut segments = Vec::new();
-        let mut covered = HashSet::new();
-        for name in pool.list(FileKind::Index)? {
-            let data = pool.read(FileKind::Index, &name)?;
-            let seg = Segment::decode(data).map_err(|e| {
-                Error::corrupt(
-                    format!("index segment {name} (rebuild with `cairn repair --index`)"),
-                    e,
-                )
-            })?;
-            covered.extend(seg.packs().iter().copied());
-            segments.push(Arc::new(seg));
+        let index = Index::default();
+        index.refresh(pool)?;
+        Ok(index)
+    }
+
+    /// Loads the segments written since the last load or refresh, and
+    /// indexes packs that no segment covers yet (from their tables). Returns
+    /// the number of new segments and packs taken in.
+    pub fn refresh<P: PoolRead + PoolList + ?Sized>(&self, pool: &P) -> Result<usize> {
+        let names = pool.list(FileKind::Index)?;
+        let mut fresh = Vec::new();
+        {
+            let state = self.state.read();
+            for name in names {
+                if !state.loaded.contains(&name) {
+                    fresh.push(name);
+                }
+            }
         }
-        let mut uncovered = Vec::new();
+        let mut loaded = Vec::new();
+        for name in fresh {
+            let data = pool.read(FileKind::Index, &name)?;
+            let seg = Segment::decode(data)
+                .map_err(|e| Error::corrupt(format!("index segment {name}"), e))?;
+            loaded.push((name, seg));
+        }
+        let mut added = loaded.len();
+        {
+            let mut state = self.state.write();
+            for (name, seg) in loaded {
+                state.covered.extend(seg.packs().iter().copied());
+                state.loaded.insert(name);
+                state.segments.push(Arc::new(seg));
+            }
+        }
+        // Packs no segment covers: a backup interrupted after sealing them,
+        // or another writer still running.
         let mut extra = SegmentBuilder::new();
+        let mut uncovered = Vec::new();
         for name in pool.list(FileKind::Pack)? {
             let Some(pack) = PackId::from_hex(&name) else {
                 continue;
             };
-            if covered.contains(&pack) {
+            if self.state.read().covered.contains(&pack) {
                 continue;
             }
             let entries = read_pack_table(pool, &pack)?;
@@ -419,15 +461,16 @@ impl Index {
         if !uncovered.is_empty() {
             let seg = Segment::decode(Bytes::from(extra.encode()))
                 .map_err(|e| Error::corrupt("in-memory index of uncovered packs", e))?;
-            segments.push(Arc::new(seg));
+            let mut state = self.state.write();
+            state.covered.extend(uncovered.iter().copied());
+            state.segments.push(Arc::new(seg));
+            added += uncovered.len();
+            self.uncovered.lock().extend(uncovered);
         }
-        Ok(Index {
-            segments: RwLock::new(segments),
-            uncovered: parking_lot::Mutex::new(uncovered),
-        })
+        Ok(added)
     }
 
-    /// Packs that no stored segment covered at load time.
+    /// Packs that no stored segment covered when they were taken in.
     pub fn uncovered_packs(&self) -> Vec<PackId> {
         self.uncovered.lock().clone()
     }
@@ -437,20 +480,26 @@ impl Index {
         std::mem::take(&mut *self.uncovered.lock())
     }
 
+    /// Where chunk `id` is stored, if any segment holds it.
     pub fn lookup(&self, id: &ChunkId) -> Option<BlobLocation> {
         // Newest segments first: they are the most likely to hold recent data.
-        self.segments.read().iter().rev().find_map(|s| s.lookup(id))
+        self.state
+            .read()
+            .segments
+            .iter()
+            .rev()
+            .find_map(|s| s.lookup(id))
     }
 
     /// Looks up many ids: `out[i]` for `ids[i]` (newest segment wins).
     pub fn lookup_many(&self, ids: &[ChunkId], out: &mut Vec<Option<BlobLocation>>) {
         out.clear();
         out.resize(ids.len(), None);
-        let segments = self.segments.read();
+        let state = self.state.read();
         let mut missing: Vec<usize> = (0..ids.len()).collect();
         let mut found = Vec::new();
         let mut sub_ids = Vec::new();
-        for seg in segments.iter().rev() {
+        for seg in state.segments.iter().rev() {
             if missing.is_empty() {
                 break;
             }
@@ -470,31 +519,41 @@ impl Index {
         }
     }
 
+    /// True if some segment holds `id`.
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.lookup(id).is_some()
     }
 
-    /// Adds a segment (just written by this process) to the live view.
-    pub fn push(&self, seg: Segment) {
-        self.segments.write().push(Arc::new(seg));
+    /// Adds segment `name`, just written by this process, to the live view.
+    pub fn push(&self, name: SegmentId, seg: Segment) {
+        let mut state = self.state.write();
+        state.covered.extend(seg.packs().iter().copied());
+        state.loaded.insert(name.to_hex());
+        state.segments.push(Arc::new(seg));
     }
 
     /// Number of entries over all segments (duplicates counted per segment).
     pub fn entry_count(&self) -> usize {
-        self.segments.read().iter().map(|s| s.len()).sum()
+        self.state.read().segments.iter().map(|s| s.len()).sum()
     }
 
+    /// Number of segments loaded (stored ones and the in-memory one).
     pub fn segment_count(&self) -> usize {
-        self.segments.read().len()
+        self.state.read().segments.len()
     }
 }
 
-/// Outcome of [`rebuild`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Outcome of an index rebuild ([`Repository::repair_index`](crate::Repository::repair_index)).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct RebuildReport {
+    /// Packs indexed.
     pub packs: usize,
+    /// Entries in the new segment.
     pub entries: usize,
+    /// Packs whose table could not be read, with the error (skipped).
     pub damaged_packs: Vec<(PackId, String)>,
+    /// Old segments removed.
     pub segments_removed: usize,
 }
 
@@ -619,7 +678,7 @@ mod tests {
         }
         assert_eq!(out.iter().filter(|o| o.is_some()).count(), 3000);
         let index = Index::default();
-        index.push(seg);
+        index.push(SegmentId([1; 16]), seg);
         let mut out2 = Vec::new();
         index.lookup_many(&ids, &mut out2);
         assert_eq!(out, out2);

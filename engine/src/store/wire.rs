@@ -5,17 +5,29 @@
 
 use std::fmt;
 
+use crate::id::hex;
+
 /// Why a byte string could not be decoded. The caller adds the object's name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     /// Fewer bytes than the structure needs.
-    Truncated { needed: u64, available: u64 },
+    Truncated {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes there were.
+        available: u64,
+    },
     /// A magic number did not match.
     BadMagic,
     /// A version this build does not understand.
     UnsupportedVersion(u32),
     /// A checksum did not match the data.
-    ChecksumMismatch { expected: String, got: String },
+    ChecksumMismatch {
+        /// The checksum (or id) recorded.
+        expected: String,
+        /// The checksum of the data.
+        got: String,
+    },
     /// A field holds a value that is not allowed.
     Invalid(String),
 }
@@ -196,32 +208,6 @@ pub fn split_checksummed(data: &[u8]) -> Result<&[u8], DecodeError> {
     Ok(body)
 }
 
-/// Lower-case hex of a byte slice.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
-
-/// Parses lower- or upper-case hex into exactly `N` bytes.
-pub fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let b = s.as_bytes();
-    if b.len() != N * 2 {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, pair) in b.chunks_exact(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,15 +224,6 @@ mod tests {
             })
         ));
         assert!(d.bytes(usize::MAX).is_err());
-    }
-
-    #[test]
-    fn hex_round_trip() {
-        let v = [0u8, 1, 0xab, 0xff];
-        assert_eq!(hex(&v), "0001abff");
-        assert_eq!(parse_hex::<4>("0001ABff"), Some(v));
-        assert_eq!(parse_hex::<4>("0001abf"), None);
-        assert_eq!(parse_hex::<4>("0001abfg"), None);
     }
 
     #[test]

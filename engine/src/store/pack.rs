@@ -15,20 +15,20 @@
 
 use std::io::Write;
 
-use crate::codec::BLOB_HEADER_LEN;
-use crate::coding::{hex, DecodeError, Decoder, Encoder};
 use crate::error::{Error, Result};
-use crate::format::{MAX_CHUNK_SIZE, PACK_END_MAGIC_V1, PACK_MAGIC_V1, PACK_VERSION_V1};
-use crate::id::{ChunkId, PackId};
-use crate::pool::{FileKind, ObjectWriter, PoolRead, PoolWrite};
-
-pub const PACK_HEADER_LEN: usize = 16;
-pub const PACK_ENTRY_LEN: usize = 48;
-pub const PACK_TRAILER_LEN: usize = 56;
+use crate::id::{hex, ChunkId, PackId};
+use crate::kind::FileKind;
+use crate::store::format::{
+    BLOB_HEADER_LEN, MAX_CHUNK_SIZE, PACK_END_MAGIC_V1, PACK_ENTRY_LEN, PACK_HEADER_LEN,
+    PACK_MAGIC_V1, PACK_TRAILER_LEN, PACK_VERSION_V1,
+};
+use crate::store::pool::{ObjectWriter, PoolRead, PoolWrite};
+use crate::store::wire::{DecodeError, Decoder, Encoder};
 
 /// One blob's place in a pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PackEntry {
+    /// The chunk.
     pub id: ChunkId,
     /// Offset of the blob header from the start of the pack.
     pub offset: u64,
@@ -78,6 +78,8 @@ impl PackWriter {
         Ok(w)
     }
 
+    /// The pack's name.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // for fuzz targets and benches
     pub fn id(&self) -> PackId {
         self.id
     }
@@ -92,6 +94,8 @@ impl PackWriter {
         self.raw_bytes
     }
 
+    /// True when no blob was added.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // for fuzz targets and benches
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -107,7 +111,7 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Appends one encoded blob (as produced by [`crate::BlobCodec`]).
+    /// Appends one encoded blob (as produced by [`BlobCodec`](crate::store::blob::BlobCodec)).
     pub fn add(&mut self, id: ChunkId, raw_length: u32, blob: &[u8]) -> Result<PackEntry> {
         let entry = PackEntry {
             id,
@@ -326,7 +330,8 @@ mod tests {
         pack.put_u16(0);
         pack.put_u32(0);
         let mut entries = Vec::new();
-        let mut codec = crate::codec::BlobCodec::new(crate::codec::Compression::default());
+        let mut codec =
+            crate::store::blob::BlobCodec::new(crate::store::blob::Compression::default());
         for i in 0..3u8 {
             let chunk = vec![i + 1; 1000 * (i as usize + 1)];
             let offset = pack.len() as u64;

@@ -6,7 +6,7 @@
 //! header       magic "CAIRNSN1" | version u16 = 1 | reserved u16 = 0 | reserved u32 = 0
 //! time         seconds since the Unix epoch i64 | nanoseconds u32
 //! vm           str                      (str = u32 byte length + UTF-8)
-//! mode         str                      ("full", later "cbt")
+//! mode         str                      ("full" or "cbt")
 //! parent       u8 (0 none, 1 present) [+ snapshot id 32 B]
 //! id scheme    u8 (1 = BLAKE3-256 of plaintext)
 //! chunking     u8 kind (1 fixed, 2 FastCDC-2020) | u32 | u32 | u32   (fixed: size,0,0; cdc: min,avg,max)
@@ -27,24 +27,68 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::chunker::ChunkingParams;
-use crate::codec::Compression;
-use crate::coding::{split_checksummed, DecodeError, Decoder, Encoder};
-use crate::format::{MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1, MAX_CHUNK_SIZE};
+use crate::error::{Error, Result as EngineResult};
 use crate::id::{ChunkId, IdScheme, SnapshotId};
+use crate::kind::FileKind;
+use crate::store::blob::Compression;
+use crate::store::format::{
+    CHUNKING_FASTCDC, CHUNKING_FIXED, COMPRESSION_NONE, COMPRESSION_ZSTD, EXTENT_CHUNK,
+    EXTENT_ZERO, MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1, MAX_CHUNK_SIZE, MAX_STRING, MODE_CBT,
+    MODE_FULL,
+};
+use crate::store::pool::{PoolList, PoolRead};
+use crate::store::wire::{split_checksummed, DecodeError, Decoder, Encoder};
 
-/// Longest string (name, property) a manifest may hold.
-pub const MAX_STRING: usize = 4096;
+/// How a snapshot's disks were read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum SnapshotMode {
+    /// Every allocated extent was read.
+    Full,
+    /// At least one disk was read through changed-block tracking: only its
+    /// dirty ranges, reusing the parent's extents elsewhere.
+    Cbt,
+}
+
+impl SnapshotMode {
+    /// The name stored in the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotMode::Full => MODE_FULL,
+            SnapshotMode::Cbt => MODE_CBT,
+        }
+    }
+
+    /// The mode stored as `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            MODE_FULL => Some(SnapshotMode::Full),
+            MODE_CBT => Some(SnapshotMode::Cbt),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One contiguous run of a disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// Offset on the disk.
     pub offset: u64,
+    /// Length in bytes.
     pub length: u64,
     /// `None`: all zeros (a hole on restore). `Some`: the chunk holding it.
     pub chunk: Option<ChunkId>,
 }
 
 impl Extent {
+    /// The offset just past the extent.
     pub fn end(&self) -> u64 {
         self.offset + self.length
     }
@@ -53,14 +97,18 @@ impl Extent {
 /// One disk of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DiskManifest {
+    /// The disk's name (a plain file name).
     pub name: String,
+    /// Logical size in bytes.
     pub size: u64,
     /// Free-form facts about the disk (source format, bitmap consumed, …).
     pub properties: BTreeMap<String, String>,
+    /// Extents tiling the disk from offset 0, in order.
     pub extents: Vec<Extent>,
 }
 
 impl DiskManifest {
+    /// An empty disk named `name`.
     pub fn new(name: impl Into<String>) -> Self {
         DiskManifest {
             name: name.into(),
@@ -103,14 +151,23 @@ impl DiskManifest {
 /// A decoded snapshot manifest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
+    /// When the backup finished.
     pub time: SystemTime,
+    /// The VM backed up.
     pub vm: String,
-    pub mode: String,
+    /// Full read or CBT incremental.
+    pub mode: SnapshotMode,
+    /// The snapshot this one was deduplicated against or built on.
     pub parent: Option<SnapshotId>,
+    /// How chunk ids were derived.
     pub id_scheme: IdScheme,
+    /// How disks were cut into chunks.
     pub chunking: ChunkingParams,
+    /// Compression of the chunks this backup stored.
     pub compression: Compression,
+    /// Free-form facts about the snapshot.
     pub properties: BTreeMap<String, String>,
+    /// Every disk, complete.
     pub disks: Vec<DiskManifest>,
 }
 
@@ -130,8 +187,8 @@ impl Snapshot {
     /// Checks what encoding cannot represent.
     pub fn validate(&self) -> Result<(), String> {
         let long = |s: &str| s.len() > MAX_STRING;
-        if long(&self.vm) || long(&self.mode) {
-            return Err("VM name or mode longer than 4096 bytes".into());
+        if long(&self.vm) {
+            return Err("VM name longer than 4096 bytes".into());
         }
         let props_ok = |p: &BTreeMap<String, String>| p.iter().all(|(k, v)| !long(k) && !long(v));
         if !props_ok(&self.properties) {
@@ -156,7 +213,7 @@ impl Snapshot {
         out.put_i64(since.as_secs() as i64);
         out.put_u32(since.subsec_nanos());
         out.put_str(&self.vm);
-        out.put_str(&self.mode);
+        out.put_str(self.mode.as_str());
         match &self.parent {
             None => out.put_u8(0),
             Some(p) => {
@@ -167,13 +224,13 @@ impl Snapshot {
         out.put_u8(self.id_scheme.code());
         match self.chunking {
             ChunkingParams::Fixed { size } => {
-                out.put_u8(1);
+                out.put_u8(CHUNKING_FIXED);
                 out.put_u32(size);
                 out.put_u32(0);
                 out.put_u32(0);
             }
             ChunkingParams::FastCdc { min, avg, max } => {
-                out.put_u8(2);
+                out.put_u8(CHUNKING_FASTCDC);
                 out.put_u32(min);
                 out.put_u32(avg);
                 out.put_u32(max);
@@ -181,11 +238,11 @@ impl Snapshot {
         }
         match self.compression {
             Compression::None => {
-                out.put_u8(0);
+                out.put_u8(COMPRESSION_NONE);
                 out.put_i32(0);
             }
             Compression::Zstd { level } => {
-                out.put_u8(1);
+                out.put_u8(COMPRESSION_ZSTD);
                 out.put_i32(level);
             }
         }
@@ -199,11 +256,11 @@ impl Snapshot {
             for e in &d.extents {
                 match e.chunk {
                     None => {
-                        out.put_u8(0);
+                        out.put_u8(EXTENT_ZERO);
                         out.put_u64(e.length);
                     }
                     Some(id) => {
-                        out.put_u8(1);
+                        out.put_u8(EXTENT_CHUNK);
                         out.put_u32(e.length as u32);
                         out.extend_from_slice(id.as_bytes());
                     }
@@ -217,128 +274,195 @@ impl Snapshot {
 
     /// Decodes and validates a manifest. Never panics on any input.
     pub fn decode(data: &[u8]) -> Result<Self, DecodeError> {
-        if data.len() >= 8 && data[..8] != MANIFEST_MAGIC_V1 {
-            return Err(DecodeError::BadMagic);
-        }
-        let body = split_checksummed(data)?;
-        let mut d = Decoder::new(body);
-        d.magic_version(&MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1)?;
-        let _ = (d.u16()?, d.u32()?);
-        let secs = d.i64()?;
-        let nanos = d.u32()?;
-        if secs < 0 || nanos >= 1_000_000_000 {
-            return Err(DecodeError::Invalid("timestamp out of range".into()));
-        }
-        let time = UNIX_EPOCH
-            .checked_add(Duration::new(secs as u64, nanos))
-            .ok_or_else(|| DecodeError::Invalid("timestamp out of range".into()))?;
-        let vm = d.string(MAX_STRING)?;
-        let mode = d.string(MAX_STRING)?;
-        let parent = match d.u8()? {
-            0 => None,
-            1 => Some(SnapshotId(d.array()?)),
-            x => return Err(DecodeError::Invalid(format!("parent flag {x}"))),
-        };
-        let scheme = d.u8()?;
-        let id_scheme = IdScheme::from_code(scheme)
-            .ok_or_else(|| DecodeError::Invalid(format!("unknown chunk id scheme {scheme}")))?;
-        let kind = d.u8()?;
-        let (a, b, c) = (d.u32()?, d.u32()?, d.u32()?);
-        let chunking = match kind {
-            1 => ChunkingParams::Fixed { size: a },
-            2 => ChunkingParams::FastCdc {
-                min: a,
-                avg: b,
-                max: c,
-            },
-            x => return Err(DecodeError::Invalid(format!("unknown chunking kind {x}"))),
-        };
-        chunking.validate().map_err(DecodeError::Invalid)?;
-        let ckind = d.u8()?;
-        let level = d.i32()?;
-        let compression = match ckind {
-            0 => Compression::None,
-            1 => Compression::Zstd { level },
-            x => return Err(DecodeError::Invalid(format!("unknown compression {x}"))),
-        };
-        let properties = get_properties(&mut d)?;
-        let disk_count = d.u32()? as usize;
-        // Each disk takes at least 24 bytes: bound allocations by the input.
-        if disk_count > d.remaining() / 24 {
-            return Err(DecodeError::Invalid(format!(
-                "{disk_count} disks cannot fit"
-            )));
-        }
-        let mut disks = Vec::with_capacity(disk_count);
-        for _ in 0..disk_count {
-            let name = d.string(MAX_STRING)?;
-            let size = d.u64()?;
-            let properties = get_properties(&mut d)?;
-            let count = d.u64()?;
-            if count > (d.remaining() / 9) as u64 {
-                return Err(DecodeError::Invalid(format!(
-                    "disk {name:?}: {count} extents cannot fit"
-                )));
-            }
-            let mut extents = Vec::with_capacity(count as usize);
-            let mut offset = 0u64;
-            for _ in 0..count {
-                let (length, chunk) = match d.u8()? {
-                    0 => (d.u64()?, None),
-                    1 => {
-                        let len = d.u32()? as u64;
-                        if len as usize > MAX_CHUNK_SIZE {
-                            return Err(DecodeError::Invalid(format!(
-                                "disk {name:?}: chunk extent of {len} bytes"
-                            )));
-                        }
-                        (len, Some(ChunkId(d.array()?)))
-                    }
-                    x => {
-                        return Err(DecodeError::Invalid(format!(
-                            "disk {name:?}: unknown extent tag {x}"
-                        )))
-                    }
-                };
-                if length == 0 {
+        decode(data, true)
+    }
+
+    /// Decodes a manifest without keeping its extent lists (every extent
+    /// is still checked): the disks come back with empty `extents`, their
+    /// `size` set. For listings, which must not hold every extent of every
+    /// snapshot in memory.
+    pub fn decode_without_extents(data: &[u8]) -> Result<Self, DecodeError> {
+        decode(data, false)
+    }
+}
+
+fn decode(data: &[u8], keep_extents: bool) -> Result<Snapshot, DecodeError> {
+    if data.len() >= 8 && data[..8] != MANIFEST_MAGIC_V1 {
+        return Err(DecodeError::BadMagic);
+    }
+    let body = split_checksummed(data)?;
+    let mut d = Decoder::new(body);
+    let mut snapshot = decode_header(&mut d)?;
+    let disk_count = d.u32()? as usize;
+    // Each disk takes at least 24 bytes: bound allocations by the input.
+    if disk_count > d.remaining() / 24 {
+        return Err(DecodeError::Invalid(format!(
+            "{disk_count} disks cannot fit"
+        )));
+    }
+    snapshot.disks.reserve(disk_count);
+    for _ in 0..disk_count {
+        snapshot.disks.push(decode_disk(&mut d, keep_extents)?);
+    }
+    d.expect_end()?;
+    Ok(snapshot)
+}
+
+/// Everything before the disks.
+fn decode_header(d: &mut Decoder<'_>) -> Result<Snapshot, DecodeError> {
+    d.magic_version(&MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1)?;
+    let _ = (d.u16()?, d.u32()?);
+    let secs = d.i64()?;
+    let nanos = d.u32()?;
+    if secs < 0 || nanos >= 1_000_000_000 {
+        return Err(DecodeError::Invalid("timestamp out of range".into()));
+    }
+    let time = UNIX_EPOCH
+        .checked_add(Duration::new(secs as u64, nanos))
+        .ok_or_else(|| DecodeError::Invalid("timestamp out of range".into()))?;
+    let vm = d.string(MAX_STRING)?;
+    let mode_name = d.string(MAX_STRING)?;
+    let mode = SnapshotMode::from_name(&mode_name)
+        .ok_or_else(|| DecodeError::Invalid(format!("unknown snapshot mode {mode_name:?}")))?;
+    let parent = match d.u8()? {
+        0 => None,
+        1 => Some(SnapshotId(d.array()?)),
+        x => return Err(DecodeError::Invalid(format!("parent flag {x}"))),
+    };
+    let scheme = d.u8()?;
+    let id_scheme = IdScheme::from_code(scheme)
+        .ok_or_else(|| DecodeError::Invalid(format!("unknown chunk id scheme {scheme}")))?;
+    let kind = d.u8()?;
+    let (a, b, c) = (d.u32()?, d.u32()?, d.u32()?);
+    let chunking = match kind {
+        CHUNKING_FIXED => ChunkingParams::Fixed { size: a },
+        CHUNKING_FASTCDC => ChunkingParams::FastCdc {
+            min: a,
+            avg: b,
+            max: c,
+        },
+        x => return Err(DecodeError::Invalid(format!("unknown chunking kind {x}"))),
+    };
+    chunking.validate().map_err(DecodeError::Invalid)?;
+    let ckind = d.u8()?;
+    let level = d.i32()?;
+    let compression = match ckind {
+        COMPRESSION_NONE => Compression::None,
+        COMPRESSION_ZSTD => Compression::Zstd { level },
+        x => return Err(DecodeError::Invalid(format!("unknown compression {x}"))),
+    };
+    let properties = get_properties(d)?;
+    Ok(Snapshot {
+        time,
+        vm,
+        mode,
+        parent,
+        id_scheme,
+        chunking,
+        compression,
+        properties,
+        disks: Vec::new(),
+    })
+}
+
+/// One disk: name, size, properties and extents (kept or only checked).
+fn decode_disk(d: &mut Decoder<'_>, keep_extents: bool) -> Result<DiskManifest, DecodeError> {
+    let name = d.string(MAX_STRING)?;
+    let size = d.u64()?;
+    let properties = get_properties(d)?;
+    let count = d.u64()?;
+    if count > (d.remaining() / 9) as u64 {
+        return Err(DecodeError::Invalid(format!(
+            "disk {name:?}: {count} extents cannot fit"
+        )));
+    }
+    let mut extents = Vec::with_capacity(if keep_extents { count as usize } else { 0 });
+    let mut offset = 0u64;
+    for _ in 0..count {
+        let (length, chunk) = match d.u8()? {
+            EXTENT_ZERO => (d.u64()?, None),
+            EXTENT_CHUNK => {
+                let len = d.u32()? as u64;
+                if len as usize > MAX_CHUNK_SIZE {
                     return Err(DecodeError::Invalid(format!(
-                        "disk {name:?}: empty extent at {offset}"
+                        "disk {name:?}: chunk extent of {len} bytes"
                     )));
                 }
-                extents.push(Extent {
-                    offset,
-                    length,
-                    chunk,
-                });
-                offset = offset.checked_add(length).ok_or_else(|| {
-                    DecodeError::Invalid(format!("disk {name:?}: extents overflow"))
-                })?;
+                (len, Some(ChunkId(d.array()?)))
             }
-            if offset != size {
+            x => {
                 return Err(DecodeError::Invalid(format!(
-                    "disk {name:?}: extents cover {offset} bytes, size is {size}"
-                )));
+                    "disk {name:?}: unknown extent tag {x}"
+                )))
             }
-            disks.push(DiskManifest {
-                name,
-                size,
-                properties,
-                extents,
+        };
+        if length == 0 {
+            return Err(DecodeError::Invalid(format!(
+                "disk {name:?}: empty extent at {offset}"
+            )));
+        }
+        if keep_extents {
+            extents.push(Extent {
+                offset,
+                length,
+                chunk,
             });
         }
-        d.expect_end()?;
-        Ok(Snapshot {
-            time,
-            vm,
-            mode,
-            parent,
-            id_scheme,
-            chunking,
-            compression,
-            properties,
-            disks,
-        })
+        offset = offset
+            .checked_add(length)
+            .ok_or_else(|| DecodeError::Invalid(format!("disk {name:?}: extents overflow")))?;
     }
+    if offset != size {
+        return Err(DecodeError::Invalid(format!(
+            "disk {name:?}: extents cover {offset} bytes, size is {size}"
+        )));
+    }
+    Ok(DiskManifest {
+        name,
+        size,
+        properties,
+        extents,
+    })
+}
+
+/// Ids of every snapshot manifest in the pool, sorted (names that are not
+/// snapshot ids are ignored).
+pub(crate) fn list_snapshot_ids<P: PoolList + ?Sized>(pool: &P) -> EngineResult<Vec<SnapshotId>> {
+    let mut ids: Vec<SnapshotId> = pool
+        .list(FileKind::Snapshot)?
+        .iter()
+        .filter_map(|n| SnapshotId::from_hex(n))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Reads one manifest and checks that its bytes hash to its name.
+pub(crate) fn read_manifest<P: PoolRead + ?Sized>(
+    pool: &P,
+    id: &SnapshotId,
+) -> EngineResult<bytes::Bytes> {
+    let bytes = pool.read(FileKind::Snapshot, &id.to_hex())?;
+    let got = SnapshotId::of_manifest(&bytes);
+    if &got != id {
+        return Err(Error::corrupt(
+            format!("snapshot manifest {id}"),
+            DecodeError::ChecksumMismatch {
+                expected: id.to_hex(),
+                got: got.to_hex(),
+            },
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reads, checks (content hash = name) and decodes one manifest.
+pub(crate) fn read_snapshot<P: PoolRead + ?Sized>(
+    pool: &P,
+    id: &SnapshotId,
+) -> EngineResult<Snapshot> {
+    let bytes = read_manifest(pool, id)?;
+    Snapshot::decode(&bytes).map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
 }
 
 fn put_properties(out: &mut Vec<u8>, p: &BTreeMap<String, String>) {
@@ -363,11 +487,6 @@ fn get_properties(d: &mut Decoder<'_>) -> Result<BTreeMap<String, String>, Decod
     Ok(p)
 }
 
-/// The id a manifest's bytes are stored under.
-pub fn snapshot_id(encoded: &[u8]) -> SnapshotId {
-    SnapshotId::of_manifest(encoded)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,7 +502,7 @@ mod tests {
         Snapshot {
             time: UNIX_EPOCH + Duration::new(1_700_000_000, 5),
             vm: "web01".into(),
-            mode: "full".into(),
+            mode: SnapshotMode::Full,
             parent: None,
             id_scheme: IdScheme::Blake3,
             chunking: ChunkingParams::default(),
@@ -419,8 +538,8 @@ mod tests {
         // Pin the encoding: any layout change must be a new version.
         assert_eq!(bytes.len(), 236);
         assert_eq!(
-            snapshot_id(&bytes).to_hex(),
-            include_str!("../tests/golden/manifest_sample_id.txt").trim()
+            SnapshotId::of_manifest(&bytes).to_hex(),
+            include_str!("../../tests/golden/manifest_sample_id.txt").trim()
         );
     }
 
@@ -452,7 +571,11 @@ mod tests {
             s.vm = vm;
             s.time = UNIX_EPOCH + Duration::from_secs(secs as u64);
             s.disks = vec![disk];
-            prop_assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+            let bytes = s.encode();
+            prop_assert_eq!(Snapshot::decode(&bytes).unwrap(), s.clone());
+            let light = Snapshot::decode_without_extents(&bytes).unwrap();
+            prop_assert_eq!(light.disks[0].size, s.disks[0].size);
+            prop_assert!(light.disks[0].extents.is_empty());
         }
     }
 }

@@ -16,25 +16,25 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::coding::{DecodeError, Decoder};
-use crate::format::{BLOB_VERSION_V1, MAX_CHUNK_SIZE};
 use crate::id::ChunkId;
+use crate::store::format::{
+    BLOB_COMPRESSION_NONE as COMPRESSION_NONE, BLOB_COMPRESSION_ZSTD as COMPRESSION_ZSTD,
+    BLOB_ENCRYPTION_NONE as ENCRYPTION_NONE, BLOB_HEADER_LEN, BLOB_VERSION_V1, MAX_CHUNK_SIZE,
+};
+use crate::store::wire::{DecodeError, Decoder};
 
-/// Size of the blob header.
-pub const BLOB_HEADER_LEN: usize = 12;
-
-const COMPRESSION_NONE: u8 = 0;
-const COMPRESSION_ZSTD: u8 = 1;
-const ENCRYPTION_NONE: u8 = 0;
-
-/// Compression applied to new chunks (spec B7: none / fast / adjustable level).
+/// Compression applied to new chunks: none, fast (zstd level 1) or an
+/// adjustable zstd level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Compression {
     /// Store chunks raw.
     None,
     /// zstd at `level` (1–19; 1 is "fast", the default).
-    Zstd { level: i32 },
+    Zstd {
+        /// 1–19.
+        level: i32,
+    },
 }
 
 impl Default for Compression {
@@ -44,6 +44,7 @@ impl Default for Compression {
 }
 
 impl Compression {
+    /// Checks the level's range.
     pub fn validate(&self) -> Result<(), String> {
         match *self {
             Compression::None => Ok(()),
@@ -101,6 +102,7 @@ impl fmt::Debug for BlobCodec {
 }
 
 impl BlobCodec {
+    /// A codec compressing new blobs with `compression`.
     pub fn new(compression: Compression) -> Self {
         BlobCodec {
             compression,
@@ -184,6 +186,7 @@ impl BlobCodec {
 
     /// Decodes a whole blob (header + body, nothing else) into `out`
     /// (cleared first). Checks every header field and the plaintext length.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // for fuzz targets and benches
     pub fn decode_into(&mut self, blob: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
         out.clear();
         self.decode_append(blob, out)
@@ -241,12 +244,16 @@ impl BlobCodec {
 /// The fixed-size header in front of every blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlobHeader {
+    /// Compression code.
     pub compression: u8,
+    /// Plaintext length.
     pub raw_len: u32,
+    /// Stored body length.
     pub body_len: u32,
 }
 
 impl BlobHeader {
+    /// Parses and checks the header at the start of `blob`.
     pub fn decode(blob: &[u8]) -> Result<Self, DecodeError> {
         let mut d = Decoder::new(blob);
         let version = d.u8()?;

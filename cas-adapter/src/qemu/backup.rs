@@ -1,0 +1,336 @@
+//! CBT backups of qcow2 files: the per-disk dirty-bitmap lifecycle (see the
+//! module documentation of [`qemu`](super)) around one engine backup.
+
+use std::collections::BTreeMap;
+
+use cairn_engine::cbt::{CbtDisk, CbtPolicy, PreparedVm};
+use cairn_engine::format::{PROP_NEXT_BITMAP, PROP_SOURCE};
+use cairn_engine::{
+    BackupOptions, BackupStats, ChunkingParams, Error, NbdSource, Repository, Result, Snapshot,
+    SnapshotId,
+};
+
+use super::image::{ImageInfo, Qcow2Image};
+
+/// Settings of [`backup_qcow2`].
+#[derive(Clone, Debug)]
+pub struct Qcow2BackupOptions {
+    /// The chain's name: its bitmaps are `NAME.<token>`.
+    pub chain: String,
+    /// What to do when CBT cannot be trusted.
+    pub policy: CbtPolicy,
+    /// NBD connections used to read the disk (1–5 in the spec).
+    pub connections: usize,
+    /// Clean extents per disk to read back and compare with the parent
+    /// before trusting a bitmap ([`spot_check`](cairn_engine::cbt::spot_check)); 0 = none.
+    pub spot_check: u32,
+}
+
+/// What [`backup_qcow2`] did.
+#[derive(Debug)]
+pub enum Qcow2Outcome {
+    /// A snapshot was written.
+    Done {
+        /// What the backup did.
+        stats: BackupStats,
+        /// Per disk, the bitmap now recording changes since this snapshot.
+        next_bitmaps: BTreeMap<String, String>,
+        /// Non-fatal problems after the snapshot was committed (a bitmap
+        /// that could not be removed).
+        warnings: Vec<String>,
+    },
+    /// CBT was not trusted for a disk and the policy said skip: no snapshot
+    /// (one untrusted disk skips the whole VM).
+    Skipped {
+        /// Why; with several disks `disk: reason; …`.
+        reason: String,
+        /// The policy asks for an alert.
+        alert: bool,
+    },
+}
+
+/// One qcow2 file of a VM and its disk name in the snapshot.
+#[derive(Clone, Debug)]
+pub struct Qcow2Disk {
+    /// The qcow2 file.
+    pub image: Qcow2Image,
+    /// The disk's name in the snapshot.
+    pub name: String,
+}
+
+/// The part of this pool's bitmap names that says they are this pool's:
+/// `CHAIN.` + the first 8 hex digits of the pool id.
+fn pool_prefix(chain: &str, pool_id: &str) -> String {
+    let id: String = pool_id.chars().take(8).collect();
+    format!("{chain}.{id}")
+}
+
+/// A chain's bitmap name for a new backup into the pool `pool_id`:
+/// [`pool_prefix`] + 8 random hex digits.
+pub(super) fn new_bitmap_name(chain: &str, pool_id: &str) -> Result<String> {
+    let mut b = [0u8; 4];
+    getrandom::getrandom(&mut b).map_err(|e| Error::Random(e.to_string()))?;
+    let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!("{}{token}", pool_prefix(chain, pool_id)))
+}
+
+pub(super) fn validate_chain(chain: &str) -> Result<()> {
+    let ok = !chain.is_empty()
+        && chain.len() <= 64
+        && chain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "bitmap chain name {chain:?}: 1–64 characters from A–Z a–z 0–9 - _"
+        )))
+    }
+}
+
+/// What one disk's run knows before its export starts.
+struct DiskPlan<'a> {
+    disk: &'a Qcow2Disk,
+    info: ImageInfo,
+    /// The disk's newest snapshot.
+    parent: Option<(SnapshotId, Snapshot)>,
+    /// The bitmap that snapshot started.
+    recorded: Option<String>,
+    /// The bitmap this run consumes (see [`plan_disk`]).
+    consume: Option<String>,
+    /// `consume` when it can be exported, else why not.
+    usable: std::result::Result<String, String>,
+    /// The bitmap this run starts.
+    next: String,
+}
+
+fn plan_disk<'a>(
+    repo: &Repository,
+    vm: &str,
+    disk: &'a Qcow2Disk,
+    chain: &str,
+    pool_id: &str,
+) -> Result<DiskPlan<'a>> {
+    let info = disk.image.info()?;
+    let parent = repo.latest_with_disk(vm, &disk.name)?;
+    let recorded = parent.as_ref().and_then(|(_, s)| {
+        s.disks
+            .iter()
+            .find(|d| d.name == disk.name)
+            .and_then(|d| d.properties.get(PROP_NEXT_BITMAP).cloned())
+    });
+    let prefix = format!("{chain}.");
+    // The bitmap this run consumes: the one the previous snapshot started,
+    // when it belongs to this chain; otherwise this chain's newest bitmap in
+    // the image (which `decide` will refuse as not the parent's).
+    let consume: Option<String> = match &recorded {
+        Some(r) if r.starts_with(&prefix) => Some(r.clone()),
+        _ => info
+            .bitmaps
+            .iter()
+            .rev()
+            .find(|b| b.name.starts_with(&prefix))
+            .map(|b| b.name.clone()),
+    };
+    let usable = match &consume {
+        None => Err(format!("the image has no bitmap of chain {chain:?}")),
+        Some(name) => match info.bitmap(name) {
+            None => {
+                let others: Vec<&str> = info.bitmaps.iter().map(|b| b.name.as_str()).collect();
+                Err(format!(
+                    "bitmap {name:?} is missing from {} (it holds: {})",
+                    disk.image.path().display(),
+                    if others.is_empty() {
+                        "none".to_string()
+                    } else {
+                        others.join(", ")
+                    }
+                ))
+            }
+            Some(b) => match b.problem() {
+                Some(p) => Err(p),
+                None => Ok(name.clone()),
+            },
+        },
+    };
+    Ok(DiskPlan {
+        disk,
+        info,
+        parent,
+        recorded,
+        consume,
+        usable,
+        next: new_bitmap_name(chain, pool_id)?,
+    })
+}
+
+/// Backs up the qcow2 file `image` as disk `disk` of `opts.vm`: one disk of
+/// [`backup_qcow2_vm`].
+pub fn backup_qcow2(
+    repo: &Repository,
+    image: &Qcow2Image,
+    disk: &str,
+    opts: &BackupOptions,
+    qcow2: &Qcow2BackupOptions,
+) -> Result<Qcow2Outcome> {
+    let disks = [Qcow2Disk {
+        image: image.clone(),
+        name: disk.to_string(),
+    }];
+    backup_qcow2_vm(repo, &disks, opts, qcow2)
+}
+
+/// Backs up the qcow2 files of one VM as one snapshot of `opts.vm`, each
+/// disk a CBT incremental against its newest snapshot when its bitmap can be
+/// trusted (see the module documentation for the bitmap lifecycle, which
+/// runs per disk). Under a skip policy one untrusted disk skips the VM.
+pub fn backup_qcow2_vm(
+    repo: &Repository,
+    disks: &[Qcow2Disk],
+    opts: &BackupOptions,
+    qcow2: &Qcow2BackupOptions,
+) -> Result<Qcow2Outcome> {
+    validate_chain(&qcow2.chain)?;
+    let ChunkingParams::Fixed { size: grid } = opts.chunking else {
+        return Err(Error::InvalidArgument(
+            "qcow2 backups use fixed-size chunking (the CBT grid)".into(),
+        ));
+    };
+    if disks.is_empty() {
+        return Err(Error::InvalidArgument("no qcow2 disk given".into()));
+    }
+    let pool_id = repo.config().pool_id.to_hex();
+    let plans = disks
+        .iter()
+        .map(|d| plan_disk(repo, &opts.vm, d, &qcow2.chain, &pool_id))
+        .collect::<Result<Vec<_>>>()?;
+    // Start every next bitmap; undo them all if one fails.
+    let mut added: Vec<&DiskPlan<'_>> = Vec::new();
+    for plan in &plans {
+        if let Err(e) = plan.disk.image.add_bitmap(&plan.next, grid as u64) {
+            for p in added {
+                let _ = p.disk.image.remove_bitmap(&p.next);
+            }
+            return Err(e);
+        }
+        added.push(plan);
+    }
+    let result = backup_with_exports(repo, &plans, opts, qcow2);
+    let prefix = format!("{}.", qcow2.chain);
+    let ours = pool_prefix(&qcow2.chain, &pool_id);
+    match result {
+        Ok(Qcow2Outcome::Done {
+            stats,
+            mut warnings,
+            next_bitmaps,
+        }) => {
+            // Per disk, retire the bitmap the previous snapshot started
+            // (`next` supersedes it) and any this pool's runs left behind
+            // when they were killed. Bitmaps of other chains and other pools
+            // are left alone.
+            for plan in &plans {
+                for b in &plan.info.bitmaps {
+                    let stale =
+                        b.name.starts_with(&ours) || Some(&b.name) == plan.recorded.as_ref();
+                    if stale && b.name != plan.next && b.name.starts_with(&prefix) {
+                        if let Err(e) = plan.disk.image.remove_bitmap(&b.name) {
+                            warnings.push(format!(
+                                "{}: could not remove bitmap {:?}: {e}",
+                                plan.disk.name, b.name
+                            ));
+                        }
+                    }
+                }
+            }
+            Ok(Qcow2Outcome::Done {
+                stats,
+                next_bitmaps,
+                warnings,
+            })
+        }
+        other => {
+            // No snapshot: the new bitmaps start nothing; the previous ones
+            // keep recording for the next attempt.
+            let mut cleanup = Ok(());
+            for plan in &plans {
+                let r = plan.disk.image.remove_bitmap(&plan.next);
+                if cleanup.is_ok() {
+                    cleanup = r;
+                }
+            }
+            let outcome = other?;
+            cleanup?;
+            Ok(outcome)
+        }
+    }
+}
+
+fn backup_with_exports(
+    repo: &Repository,
+    plans: &[DiskPlan<'_>],
+    opts: &BackupOptions,
+    qcow2: &Qcow2BackupOptions,
+) -> Result<Qcow2Outcome> {
+    let mut exports = Vec::new();
+    let mut cbt_disks = Vec::new();
+    for plan in plans {
+        let export = plan
+            .disk
+            .image
+            .export_read_only(plan.usable.as_deref().ok(), qcow2.connections)?;
+        let source = NbdSource::connect_many(
+            &export.uri(),
+            plan.usable.as_deref().ok(),
+            qcow2.connections,
+        )?;
+        exports.push(export);
+        let dirty = match &plan.usable {
+            Ok(name) => source.dirty_extents(name).map_err(|e| e.to_string()),
+            Err(why) => Err(why.clone()),
+        };
+        let cbt_disk = CbtDisk::new(
+            plan.disk.name.clone(),
+            Box::new(source),
+            plan.consume
+                .clone()
+                .unwrap_or_else(|| format!("{}.*", qcow2.chain)),
+            dirty,
+            plan.next.clone(),
+        )
+        .with_property(PROP_SOURCE, plan.disk.image.path().display().to_string())
+        .with_property("format", "qcow2")
+        .with_spot_check(qcow2.spot_check)
+        .with_parent(plan.parent.clone());
+        cbt_disks.push(cbt_disk);
+    }
+    let prepared = repo.prepare_cbt(&opts.vm, cbt_disks, opts.chunking, qcow2.policy)?;
+    let (inputs, parent_id) = match prepared {
+        PreparedVm::Backup { disks, parent, .. } => (disks, parent),
+        PreparedVm::Skip { reason, alert } => {
+            for export in exports {
+                export.stop()?;
+            }
+            return Ok(Qcow2Outcome::Skipped { reason, alert });
+        }
+    };
+    let mut opts = opts.clone();
+    opts.parent = parent_id;
+    let stats = repo.backup(inputs, &opts)?;
+    // The snapshot is committed and names the next bitmaps: from here on a
+    // problem is a warning, never a reason to drop them.
+    let mut warnings = Vec::new();
+    for export in exports {
+        if let Err(e) = export.stop() {
+            warnings.push(format!("stopping qemu-nbd: {e}"));
+        }
+    }
+    Ok(Qcow2Outcome::Done {
+        stats,
+        next_bitmaps: plans
+            .iter()
+            .map(|p| (p.disk.name.clone(), p.next.clone()))
+            .collect(),
+        warnings,
+    })
+}

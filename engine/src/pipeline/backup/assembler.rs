@@ -1,0 +1,272 @@
+//! The assembler (the caller's thread): takes processed batches back in
+//! order, appends new blobs to the open pack, hands full packs to a sealer
+//! thread (table, fsync, commit) so chunking goes on while a pack is made
+//! durable, flushes index segments as they grow, and builds the manifest's
+//! extent lists.
+
+use std::collections::BTreeMap;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+
+use super::worker::Claims;
+use super::{BackupOptions, BackupStats, Buffers, Done, DoneBody};
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, PackId};
+use crate::pipeline::failure::Failure;
+use crate::store::index::{Index, SegmentBuilder};
+use crate::store::manifest::DiskManifest;
+use crate::store::pack::{PackEntry, PackWriter};
+use crate::store::pool::Pool;
+
+/// What the assembler needs from the pipeline.
+pub(super) struct Context<'a> {
+    pub(super) pool: &'a dyn Pool,
+    pub(super) index: &'a Index,
+    pub(super) claims: &'a Claims,
+    pub(super) failure: &'a Failure,
+    pub(super) opts: &'a BackupOptions,
+    pub(super) free_tx: &'a Sender<Buffers>,
+}
+
+/// A disk as the manifest will name it.
+pub(super) struct DiskMeta {
+    pub(super) name: String,
+    pub(super) properties: BTreeMap<String, String>,
+    /// The source's size (streams: unknown).
+    pub(super) size: Option<u64>,
+}
+
+/// The assembled backup: extent lists, counters, and the index entries of
+/// the packs sealed since the last segment flush.
+pub(super) struct Assembled {
+    pub(super) disks: Vec<DiskManifest>,
+    pub(super) stats: BackupStats,
+    pub(super) segment: SegmentBuilder,
+}
+
+type Sealed = Result<(PackId, Vec<PackEntry>, u64)>;
+
+/// The assembler's state between batches.
+struct State<'a> {
+    ctx: &'a Context<'a>,
+    out: Assembled,
+    pack: Option<PackWriter>,
+    seal_tx: Option<Sender<PackWriter>>,
+    sealed_rx: Receiver<Sealed>,
+}
+
+/// Consumes every processed batch, in order, and returns the assembled
+/// backup. On a reader or worker failure it still seals what was already
+/// processed (the work is durable: the next backup indexes those packs from
+/// their tables and reuses them), then returns the failure.
+pub(super) fn assemble(
+    ctx: &Context<'_>,
+    done_rx: Receiver<Done>,
+    meta: Vec<DiskMeta>,
+) -> Result<Assembled> {
+    let disks = meta
+        .iter()
+        .map(|m| {
+            let mut d = DiskManifest::new(m.name.clone());
+            d.properties = m.properties.clone();
+            d
+        })
+        .collect();
+    // At most one full pack waits while another seals.
+    let (seal_tx, seal_rx) = bounded::<PackWriter>(1);
+    let (sealed_tx, sealed_rx) = unbounded::<Sealed>();
+    let mut state = State {
+        ctx,
+        out: Assembled {
+            disks,
+            stats: BackupStats::empty(),
+            segment: SegmentBuilder::new(),
+        },
+        pack: None,
+        seal_tx: Some(seal_tx),
+        sealed_rx,
+    };
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(move || seal_packs(seal_rx, sealed_tx));
+        let result = state.take_batches(done_rx);
+        state.finish(result)
+    });
+    outcome?;
+    if ctx.failure.aborted() {
+        return Err(ctx
+            .failure
+            .take()
+            .unwrap_or_else(|| Error::Internal("backup aborted".into())));
+    }
+    check_sizes(&state.out.disks, &meta)?;
+    Ok(state.out)
+}
+
+/// The sealer thread: finishes packs one after another until the queue
+/// closes or one fails.
+fn seal_packs(seal_rx: Receiver<PackWriter>, sealed_tx: Sender<Sealed>) {
+    for pack in seal_rx.iter() {
+        let result = pack.finish();
+        let failed = result.is_err();
+        let _ = sealed_tx.send(result);
+        if failed {
+            break;
+        }
+    }
+}
+
+/// Every disk of known size must have been read to its end.
+fn check_sizes(disks: &[DiskManifest], meta: &[DiskMeta]) -> Result<()> {
+    for (disk, m) in disks.iter().zip(meta) {
+        if let Some(size) = m.size {
+            if disk.size != size {
+                return Err(Error::Internal(format!(
+                    "disk {:?}: read {} bytes of {size}",
+                    m.name, disk.size
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl State<'_> {
+    /// Takes batches in sequence order until the workers are done.
+    fn take_batches(&mut self, done_rx: Receiver<Done>) -> Result<()> {
+        let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+        let mut next = 0u64;
+        for done in done_rx.iter() {
+            pending.insert(done.seq, done);
+            while let Some(done) = pending.remove(&next) {
+                next += 1;
+                self.take(done)?;
+            }
+        }
+        if !pending.is_empty() && !self.ctx.failure.aborted() {
+            return Err(Error::Internal("backup pipeline lost a batch".into()));
+        }
+        Ok(())
+    }
+
+    /// Adds one batch to its disk's extent list; new blobs go to the pack.
+    fn take(&mut self, done: Done) -> Result<()> {
+        let progress = &*self.ctx.opts.progress;
+        let disk = done.disk;
+        if disk >= self.out.disks.len() {
+            return Err(Error::Internal("batch for unknown disk".into()));
+        }
+        match done.body {
+            DoneBody::Reuse(extents) => {
+                for (len, id) in extents {
+                    self.push_extent(disk, len, id);
+                    progress.advance(len);
+                }
+            }
+            DoneBody::Data {
+                buffers,
+                mapped,
+                chunks,
+                new_blobs,
+                bytes_read,
+            } => {
+                // Keep the resident set flat on mapped sources.
+                if let Some((map, range)) = mapped {
+                    map.release(range);
+                }
+                self.out.stats.bytes_read += bytes_read;
+                for (id, raw_len, range) in new_blobs {
+                    self.add_blob(id, raw_len, &buffers.output[range])?;
+                }
+                let mut advanced = 0;
+                for (len, id) in chunks {
+                    self.push_extent(disk, len as u64, id);
+                    advanced += len as u64;
+                }
+                progress.advance(advanced);
+                let _ = self.ctx.free_tx.send(buffers);
+            }
+        }
+        Ok(())
+    }
+
+    fn push_extent(&mut self, disk: usize, len: u64, id: Option<ChunkId>) {
+        if let Some(d) = self.out.disks.get_mut(disk) {
+            d.push(len, id);
+        }
+        if id.is_some() {
+            self.out.stats.chunks_total += 1;
+        }
+    }
+
+    /// Appends a new blob to the open pack, sealing it when full.
+    fn add_blob(&mut self, id: ChunkId, raw_len: u32, blob: &[u8]) -> Result<()> {
+        let writer = match &mut self.pack {
+            Some(p) => p,
+            None => self.pack.insert(PackWriter::create(self.ctx.pool)?),
+        };
+        writer.add(id, raw_len, blob)?;
+        self.out.stats.chunks_new += 1;
+        self.out.stats.bytes_new_raw += raw_len as u64;
+        let opts = self.ctx.opts;
+        if writer.raw_bytes() >= opts.pack_max_input || writer.stored_bytes() >= opts.pack_target {
+            if let Some(p) = self.pack.take() {
+                self.seal(p)?;
+            }
+            self.absorb(false)?;
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self, pack: PackWriter) -> Result<()> {
+        match self.seal_tx.as_ref().map(|tx| tx.send(pack)) {
+            Some(Ok(())) => Ok(()),
+            // The sealer stopped on an error: it is in `sealed_rx`.
+            _ => Err(Error::Internal("pack sealer stopped".into())),
+        }
+    }
+
+    /// Takes finished seals into the pending segment (waiting for all of
+    /// them when `wait`) and flushes the segment once it is large.
+    fn absorb(&mut self, wait: bool) -> Result<()> {
+        loop {
+            let next = if wait {
+                self.sealed_rx.recv().ok()
+            } else {
+                self.sealed_rx.try_recv().ok()
+            };
+            let Some(next) = next else { break };
+            let (id, entries, size) = next?;
+            self.out.segment.add_entries(id, &entries);
+            self.out.stats.bytes_new += size;
+            self.out.stats.packs_written += 1;
+        }
+        if self.out.segment.len() >= self.ctx.opts.segment_flush_entries {
+            let full = std::mem::take(&mut self.out.segment);
+            let flushed: Vec<ChunkId> = full.ids().collect();
+            let (name, seg, len) = full.write(self.ctx.pool)?;
+            self.out.stats.bytes_new += len;
+            self.ctx.index.push(name, seg);
+            // These chunks are now found by index lookups.
+            self.ctx.claims.release(&flushed);
+        }
+        Ok(())
+    }
+
+    /// Whatever happened, seals what was written so far and waits for the
+    /// sealer. A sealing error is the more precise one (it names the pack).
+    fn finish(&mut self, result: Result<()>) -> Result<()> {
+        let mut result = result;
+        if let Some(p) = self.pack.take() {
+            let sealed = self.seal(p);
+            if result.is_ok() {
+                result = sealed;
+            }
+        }
+        // Closing the queue lets the sealer finish and exit.
+        self.seal_tx = None;
+        match (result, self.absorb(true)) {
+            (_, Err(e)) => Err(e),
+            (r, Ok(())) => r,
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! The backup pipeline: disk sources → chunks → ids → index lookup → zstd for
+//! new chunks only → packs → index segment → manifest (written last).
+//!
+//! Threads and bounded queues:
+//! ```text
+//! reader ──(work, bounded)──► N workers ──(done, bounded)──► assembler (caller's thread)
+//!    ▲                                                            │
+//!    └──────────── free buffer pairs (fixed count) ◄──────────────┘   sealer thread
+//! ```
+//! The [reader](reader) reads data extents in batches into one of a fixed
+//! number of buffer pairs, skipping holes; [workers](worker) cut, zero-check,
+//! hash, dedup and compress; the [assembler](assembler) restores order,
+//! appends new blobs to the open pack, hands full packs to the sealer thread
+//! and builds the manifest. Memory is bounded by the number of buffer pairs,
+//! not by disk size (plus the manifest: ~56 B per chunk).
+
+mod assembler;
+mod reader;
+mod worker;
+
+use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crossbeam_channel::bounded;
+
+use crate::chunker::ChunkingParams;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, IdScheme, SnapshotId};
+use crate::kind::FileKind;
+use crate::pipeline::failure::Failure;
+use crate::pipeline::input::{validate_disk_name, BackupDisk, DiskInput};
+use crate::pipeline::worker_threads;
+use crate::progress::{CancelToken, NoProgress, Progress};
+use crate::source::{align_extents, MappedDisk};
+use crate::store::blob::Compression;
+use crate::store::format::{MAX_STRING, PROP_FALLBACK};
+use crate::store::index::Index;
+use crate::store::manifest::{Snapshot, SnapshotMode};
+use crate::store::pack::read_pack_table;
+use crate::store::pool::Pool;
+
+use assembler::Assembled;
+
+/// Seal a pack once this much chunk data (before compression) went into it.
+pub const DEFAULT_PACK_MAX_INPUT: u64 = 64 << 20;
+/// Seal a pack once it holds this many stored bytes.
+pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
+/// Flush an index segment once the backup has this many unflushed entries.
+pub const SEGMENT_FLUSH_ENTRIES: usize = 1 << 18;
+
+/// Settings of one backup run. Start from [`BackupOptions::new`] and change
+/// what differs, with the `with_*` setters or by assigning fields.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct BackupOptions {
+    /// VM name recorded in the snapshot (1–4096 bytes).
+    pub vm: String,
+    /// How disks are cut into chunks (default: fixed 64 KiB).
+    pub chunking: ChunkingParams,
+    /// Compression of new chunks (default: zstd level 1).
+    pub compression: Compression,
+    /// Worker threads (`None`: one per CPU).
+    pub threads: Option<NonZeroUsize>,
+    /// Bytes read from a source per batch (rounded up to a whole number of chunks).
+    pub batch_size: usize,
+    /// Seal a pack once this much chunk data (before compression) went into it.
+    pub pack_max_input: u64,
+    /// Seal a pack once it holds this many stored bytes.
+    pub pack_target: u64,
+    /// Write an index segment mid-backup once this many new entries are
+    /// pending, bounding memory on huge disks.
+    pub segment_flush_entries: usize,
+    /// Recorded in the manifest.
+    pub properties: BTreeMap<String, String>,
+    /// The snapshot recorded as the parent when no disk is an incremental
+    /// (a full read deduplicated against an earlier copy). Incremental disks
+    /// bring their parent in their [`ChangedBlocks`](crate::ChangedBlocks).
+    pub parent: Option<SnapshotId>,
+    /// Receives progress (default: none).
+    pub progress: Arc<dyn Progress>,
+    /// Stops the backup when triggered.
+    pub cancel: CancelToken,
+}
+
+impl std::fmt::Debug for BackupOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupOptions")
+            .field("vm", &self.vm)
+            .field("chunking", &self.chunking)
+            .field("compression", &self.compression)
+            .field("threads", &self.threads)
+            .field("parent", &self.parent)
+            .field("properties", &self.properties)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackupOptions {
+    /// Defaults for a backup of VM `vm`.
+    pub fn new(vm: impl Into<String>) -> Self {
+        BackupOptions {
+            vm: vm.into(),
+            chunking: ChunkingParams::default(),
+            compression: Compression::default(),
+            threads: None,
+            batch_size: 4 << 20,
+            pack_max_input: DEFAULT_PACK_MAX_INPUT,
+            pack_target: DEFAULT_PACK_TARGET,
+            segment_flush_entries: SEGMENT_FLUSH_ENTRIES,
+            properties: BTreeMap::new(),
+            parent: None,
+            progress: Arc::new(NoProgress),
+            cancel: CancelToken::new(),
+        }
+    }
+
+    /// Sets the chunking.
+    pub fn with_chunking(mut self, chunking: ChunkingParams) -> Self {
+        self.chunking = chunking;
+        self
+    }
+
+    /// Sets the compression of new chunks.
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// Sets the number of worker threads (`None`: one per CPU).
+    pub fn with_threads(mut self, threads: Option<NonZeroUsize>) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Records `key = value` in the manifest.
+    pub fn with_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the parent recorded when no disk is an incremental.
+    pub fn with_parent(mut self, parent: Option<SnapshotId>) -> Self {
+        self.parent = parent;
+        self
+    }
+
+    /// Sends progress to `progress`.
+    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Stops the backup when `cancel` is triggered.
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    /// Checks every setting; the error names the one out of range.
+    pub fn validate(&self) -> Result<()> {
+        self.chunking.validate().map_err(Error::InvalidArgument)?;
+        self.compression
+            .validate()
+            .map_err(Error::InvalidArgument)?;
+        if self.vm.is_empty() || self.vm.len() > MAX_STRING {
+            return Err(Error::InvalidArgument(
+                "VM name must be 1–4096 bytes".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a backup did.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[non_exhaustive]
+pub struct BackupStats {
+    /// The snapshot written.
+    pub snapshot: SnapshotId,
+    /// Full read or CBT incremental.
+    pub mode: SnapshotMode,
+    /// Sum of the disks' logical sizes.
+    pub bytes_logical: u64,
+    /// Bytes read from the sources (holes are not read).
+    pub bytes_read: u64,
+    /// Dirty bytes of incremental disks, rounded out to the chunk grid.
+    pub bytes_dirty: u64,
+    /// Bytes added to the pool: packs, index segments and the manifest.
+    pub bytes_new: u64,
+    /// Chunk references in the manifest (zero runs excluded).
+    pub chunks_total: u64,
+    /// Chunks stored by this backup.
+    pub chunks_new: u64,
+    /// Plaintext bytes of the new chunks.
+    pub bytes_new_raw: u64,
+    /// Packs sealed by this backup.
+    pub packs_written: u64,
+    /// Wall time of the backup.
+    pub seconds: f64,
+    /// Disks whose changed-block tracking was asked for but not trusted,
+    /// with the reason (their [`PROP_FALLBACK`](crate::format::PROP_FALLBACK)
+    /// property); they were read in full against the parent.
+    pub cbt_fallback: BTreeMap<String, String>,
+}
+
+impl BackupStats {
+    fn empty() -> Self {
+        BackupStats {
+            snapshot: SnapshotId([0; 32]),
+            mode: SnapshotMode::Full,
+            bytes_logical: 0,
+            bytes_read: 0,
+            bytes_dirty: 0,
+            bytes_new: 0,
+            chunks_total: 0,
+            chunks_new: 0,
+            bytes_new_raw: 0,
+            packs_written: 0,
+            seconds: 0.0,
+            cbt_fallback: BTreeMap::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for BackupStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "snapshot {} ({}): {} bytes logical, {} read, {} new in pool ({} of {} chunks new) in {:.2}s",
+            self.snapshot,
+            self.mode,
+            self.bytes_logical,
+            self.bytes_read,
+            self.bytes_new,
+            self.chunks_new,
+            self.chunks_total,
+            self.seconds
+        )
+    }
+}
+
+/// One batch of input.
+struct Batch {
+    seq: u64,
+    disk: usize,
+    body: BatchBody,
+}
+
+enum BatchBody {
+    /// Extents that were not read: zero runs (holes) or, for an incremental,
+    /// the parent's extents, as (length, chunk) pairs.
+    Reuse(Vec<(u64, Option<ChunkId>)>),
+    /// Bytes read, with the chunk lengths that tile them. The bytes are in
+    /// `buffers.input`, or, for a memory-mapped source, in `mapped`.
+    Data {
+        buffers: Buffers,
+        cuts: Vec<u32>,
+        bytes_read: u64,
+        mapped: Option<(MappedDisk, Range<usize>)>,
+    },
+}
+
+/// Input and output buffers, recycled through the free list.
+struct Buffers {
+    input: Vec<u8>,
+    output: Vec<u8>,
+}
+
+/// A processed batch.
+struct Done {
+    seq: u64,
+    disk: usize,
+    body: DoneBody,
+}
+
+enum DoneBody {
+    Reuse(Vec<(u64, Option<ChunkId>)>),
+    Data {
+        buffers: Buffers,
+        /// The mapped range the batch came from, released once assembled.
+        mapped: Option<(MappedDisk, Range<usize>)>,
+        /// (length, chunk id or zero)
+        chunks: Vec<(u32, Option<ChunkId>)>,
+        /// (id, raw length, range in `buffers.output`)
+        new_blobs: Vec<(ChunkId, u32, Range<usize>)>,
+        bytes_read: u64,
+    },
+}
+
+/// What the checks before a backup learned about its disks.
+struct Plan {
+    mode: SnapshotMode,
+    parent: Option<SnapshotId>,
+    bytes_dirty: u64,
+}
+
+/// Checks options and disks before anything is read: names, duplicates,
+/// and every incremental's parent against the disk it describes.
+fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
+    opts.validate()?;
+    if disks.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a backup needs at least one disk".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut plan = Plan {
+        mode: SnapshotMode::Full,
+        parent: opts.parent,
+        bytes_dirty: 0,
+    };
+    for d in disks {
+        validate_disk_name(&d.name)?;
+        if !seen.insert(d.name.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "disk name {:?} used twice",
+                d.name
+            )));
+        }
+        if let DiskInput::Incremental { source, changed } = &d.input {
+            changed.check(&d.name, source.size(), opts.chunking)?;
+            plan.mode = SnapshotMode::Cbt;
+            plan.parent = plan.parent.or(Some(changed.parent_id()));
+            let grid = opts.chunking.max_chunk() as u64;
+            plan.bytes_dirty += align_extents(changed.dirty(), grid, source.size())
+                .iter()
+                .map(|r| r.end - r.start)
+                .sum::<u64>();
+        }
+    }
+    Ok(plan)
+}
+
+/// Runs a backup of `disks` into the pool and writes its manifest.
+pub(crate) fn run(
+    pool: &dyn Pool,
+    index: &Index,
+    disks: Vec<BackupDisk>,
+    opts: &BackupOptions,
+) -> Result<BackupStats> {
+    let started = Instant::now();
+    let plan = plan(&disks, opts)?;
+    let progress: &dyn Progress = &*opts.progress;
+    progress.start(disks.iter().filter_map(BackupDisk::size).sum());
+    let assembled = run_pipeline(pool, index, disks, opts)?;
+    let stats = commit(pool, index, assembled, &plan, opts)?;
+    Ok(BackupStats {
+        seconds: started.elapsed().as_secs_f64(),
+        ..stats
+    })
+}
+
+/// Starts the reader, the workers and the assembler and waits for them.
+fn run_pipeline(
+    pool: &dyn Pool,
+    index: &Index,
+    disks: Vec<BackupDisk>,
+    opts: &BackupOptions,
+) -> Result<Assembled> {
+    let threads = worker_threads(opts.threads);
+    let max_chunk = opts.chunking.max_chunk();
+    // A batch holds whole chunks: at least two maximal ones.
+    let batch_size = opts.batch_size.max(2 * max_chunk).div_ceil(max_chunk) * max_chunk;
+    let buffer_pairs = threads + 3;
+    let claims = worker::Claims::new();
+    let failure = Failure::new();
+
+    let (free_tx, free_rx) = bounded::<Buffers>(buffer_pairs);
+    for _ in 0..buffer_pairs {
+        let _ = free_tx.send(Buffers {
+            input: Vec::with_capacity(batch_size),
+            output: Vec::new(),
+        });
+    }
+    let (work_tx, work_rx) = bounded::<Batch>(buffer_pairs);
+    let (done_tx, done_rx) = bounded::<Done>(buffer_pairs);
+    let disk_meta: Vec<assembler::DiskMeta> = disks
+        .iter()
+        .map(|d| assembler::DiskMeta {
+            name: d.name.clone(),
+            properties: d.properties.clone(),
+            size: d.size(),
+        })
+        .collect();
+
+    let assembled = std::thread::scope(|scope| {
+        {
+            let failure = &failure;
+            let (free_rx, free_tx) = (free_rx.clone(), free_tx.clone());
+            let (chunking, cancel) = (opts.chunking, &opts.cancel);
+            scope.spawn(move || {
+                let feed = reader::Feed::new(
+                    chunking, batch_size, &free_rx, &free_tx, &work_tx, failure, cancel,
+                );
+                if let Err(e) = reader::read_disks(disks, feed) {
+                    failure.set(e);
+                }
+            });
+        }
+        for _ in 0..threads {
+            let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+            let (claims, failure) = (&claims, &failure);
+            let compression = opts.compression;
+            scope.spawn(move || {
+                if let Err(e) = worker::work(&work_rx, &done_tx, index, claims, compression) {
+                    failure.set(e);
+                }
+            });
+        }
+        drop(work_rx);
+        drop(done_tx);
+        let ctx = assembler::Context {
+            pool,
+            index,
+            claims: &claims,
+            failure: &failure,
+            opts,
+            free_tx: &free_tx,
+        };
+        let result = assembler::assemble(&ctx, done_rx, disk_meta);
+        if result.is_err() {
+            // Stop the reader; workers stop when their channels close.
+            failure.abort();
+        }
+        result
+    });
+    match (assembled, failure.take()) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(e)) => Err(e),
+        (Ok(v), None) => Ok(v),
+    }
+}
+
+/// Writes the index segment (this backup's packs, plus packs an interrupted
+/// backup left uncovered), then the manifest: the snapshot exists from here.
+fn commit(
+    pool: &dyn Pool,
+    index: &Index,
+    assembled: Assembled,
+    plan: &Plan,
+    opts: &BackupOptions,
+) -> Result<BackupStats> {
+    let Assembled {
+        disks: mut manifest_disks,
+        mut stats,
+        mut segment,
+    } = assembled;
+    for pack in index.take_uncovered_packs() {
+        let entries = read_pack_table(pool, &pack)?;
+        segment.add_entries(pack, &entries);
+    }
+    if segment.pack_count() > 0 {
+        let (name, seg, len) = segment.write(pool)?;
+        stats.bytes_new += len;
+        // Keep this handle's view current for later operations.
+        index.push(name, seg);
+    }
+    for d in &mut manifest_disks {
+        d.extents.shrink_to_fit();
+        if let Some(reason) = d.properties.get(PROP_FALLBACK) {
+            stats.cbt_fallback.insert(d.name.clone(), reason.clone());
+        }
+    }
+    let snapshot = Snapshot {
+        time: SystemTime::now(),
+        vm: opts.vm.clone(),
+        mode: plan.mode,
+        parent: plan.parent,
+        id_scheme: IdScheme::Blake3,
+        chunking: opts.chunking,
+        compression: opts.compression,
+        properties: opts.properties.clone(),
+        disks: manifest_disks,
+    };
+    snapshot.validate().map_err(Error::InvalidArgument)?;
+    let encoded = snapshot.encode();
+    let id = SnapshotId::of_manifest(&encoded);
+    pool.write(FileKind::Snapshot, &id.to_hex(), &encoded)?;
+    stats.bytes_new += encoded.len() as u64;
+    stats.snapshot = id;
+    stats.mode = plan.mode;
+    stats.bytes_dirty = plan.bytes_dirty;
+    stats.bytes_logical = snapshot.bytes_logical();
+    Ok(stats)
+}

@@ -1,0 +1,267 @@
+//! What a backup reads: [`BackupDisk`] (a named disk and its
+//! [`DiskInput`]) and [`ChangedBlocks`], the input that turns a disk's
+//! backup into an incremental. The pipeline takes these as given; deciding
+//! whether changed-block information can be trusted is the `cbt` module's job.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::ops::Range;
+
+use crate::chunker::ChunkingParams;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, SnapshotId};
+use crate::source::DiskSource;
+use crate::store::format::MAX_STRING;
+use crate::store::manifest::{DiskManifest, Snapshot};
+
+/// What to read for one disk.
+#[non_exhaustive]
+pub enum DiskInput {
+    /// A random-access disk image (holes skipped).
+    Image(Box<dyn DiskSource>),
+    /// A stream of unknown size, read once, start to end.
+    Stream(Box<dyn Read + Send>),
+    /// An incremental: only `changed.dirty` is read from the source; every
+    /// other range reuses the parent snapshot's extents.
+    Incremental {
+        /// The disk now.
+        source: Box<dyn DiskSource>,
+        /// What changed since the parent.
+        changed: ChangedBlocks,
+    },
+}
+
+impl std::fmt::Debug for DiskInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskInput::Image(s) => write!(f, "Image({})", s.describe()),
+            DiskInput::Stream(_) => f.write_str("Stream"),
+            DiskInput::Incremental { source, .. } => {
+                write!(f, "Incremental({})", source.describe())
+            }
+        }
+    }
+}
+
+/// A named disk to back up.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct BackupDisk {
+    /// The disk's name in the snapshot (a plain file name).
+    pub name: String,
+    /// What to read.
+    pub input: DiskInput,
+    /// Recorded in the disk's manifest entry.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl BackupDisk {
+    /// A random-access disk image named `name` (holes are skipped).
+    pub fn image(name: impl Into<String>, source: impl DiskSource + 'static) -> Self {
+        Self::new(name, DiskInput::Image(Box::new(source)))
+    }
+
+    /// A stream of unknown size, read once from start to end (use
+    /// content-defined chunking for streams).
+    pub fn stream(name: impl Into<String>, reader: impl Read + Send + 'static) -> Self {
+        Self::new(name, DiskInput::Stream(Box::new(reader)))
+    }
+
+    /// An incremental: only `changed`'s dirty ranges are read from `source`;
+    /// everything else reuses the parent's extents.
+    pub fn incremental(
+        name: impl Into<String>,
+        source: impl DiskSource + 'static,
+        changed: ChangedBlocks,
+    ) -> Self {
+        Self::new(
+            name,
+            DiskInput::Incremental {
+                source: Box::new(source),
+                changed,
+            },
+        )
+    }
+
+    /// A disk from an already boxed input.
+    pub fn new(name: impl Into<String>, input: DiskInput) -> Self {
+        BackupDisk {
+            name: name.into(),
+            input,
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Records `key = value` in the disk's manifest entry.
+    pub fn with_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(key.into(), value.into());
+        self
+    }
+
+    /// The source's size, when the input has one (streams do not).
+    pub(crate) fn size(&self) -> Option<u64> {
+        match &self.input {
+            DiskInput::Image(s) | DiskInput::Incremental { source: s, .. } => Some(s.size()),
+            DiskInput::Stream(_) => None,
+        }
+    }
+}
+
+/// Turns a disk's backup into an incremental against its parent snapshot:
+/// the parent's copy of the disk, the parent's id (recorded as the new
+/// snapshot's parent) and the ranges that may have changed since.
+///
+/// Made from the parent snapshot itself ([`ChangedBlocks::new`]), so the
+/// extents reused and the parent recorded cannot disagree.
+#[derive(Clone, Debug)]
+pub struct ChangedBlocks {
+    parent_id: SnapshotId,
+    parent: DiskManifest,
+    parent_chunking: ChunkingParams,
+    dirty: Vec<Range<u64>>,
+}
+
+impl ChangedBlocks {
+    /// The changes of disk `disk` since snapshot `parent_id` (whose decoded
+    /// manifest is `parent`): `dirty` are the byte ranges that may differ
+    /// (from a dirty bitmap; any order). Fails when the parent has no such
+    /// disk.
+    pub fn new(
+        parent_id: SnapshotId,
+        parent: &Snapshot,
+        disk: &str,
+        dirty: Vec<Range<u64>>,
+    ) -> Result<Self> {
+        let copy = parent
+            .disks
+            .iter()
+            .find(|d| d.name == disk)
+            .ok_or_else(|| Error::CbtNotTrusted {
+                disk: disk.to_string(),
+                reason: format!("the parent snapshot {parent_id} has no disk {disk:?}"),
+            })?;
+        let mut dirty = dirty;
+        dirty.sort_by_key(|r| r.start);
+        Ok(ChangedBlocks {
+            parent_id,
+            parent: copy.clone(),
+            parent_chunking: parent.chunking,
+            dirty,
+        })
+    }
+
+    /// A value from its parts (unit tests of the pipeline and CBT).
+    #[cfg(test)]
+    pub(crate) fn from_parts(
+        parent: DiskManifest,
+        chunking: ChunkingParams,
+        dirty: Vec<Range<u64>>,
+    ) -> Self {
+        ChangedBlocks {
+            parent_id: SnapshotId([0; 32]),
+            parent,
+            parent_chunking: chunking,
+            dirty,
+        }
+    }
+
+    /// The snapshot the incremental builds on.
+    pub fn parent_id(&self) -> SnapshotId {
+        self.parent_id
+    }
+
+    /// The parent's copy of the disk.
+    pub fn parent_disk(&self) -> &DiskManifest {
+        &self.parent
+    }
+
+    /// Ranges that may differ from the parent, sorted by start.
+    pub fn dirty(&self) -> &[Range<u64>] {
+        &self.dirty
+    }
+
+    /// Checks that the parent can be reused for a disk of `size` bytes cut
+    /// with `chunking`. The error says why CBT cannot be trusted.
+    pub fn check(&self, disk: &str, size: u64, chunking: ChunkingParams) -> Result<()> {
+        let untrusted = |reason: String| Error::CbtNotTrusted {
+            disk: disk.to_string(),
+            reason,
+        };
+        let ChunkingParams::Fixed { size: grid } = chunking else {
+            return Err(untrusted("incrementals need fixed-size chunking".into()));
+        };
+        if self.parent_chunking != chunking {
+            return Err(untrusted(format!(
+                "the parent was chunked {} and this backup {}",
+                self.parent_chunking, chunking
+            )));
+        }
+        if self.parent.size != size {
+            return Err(untrusted(format!(
+                "the disk is {size} bytes, the parent's copy {} (resized)",
+                self.parent.size
+            )));
+        }
+        // Every chunk extent of the parent must sit on the grid.
+        for e in &self.parent.extents {
+            if e.chunk.is_some() && (e.offset % grid as u64 != 0 || e.length > grid as u64) {
+                return Err(untrusted(format!(
+                    "the parent's extent at {} is not on the {grid}-byte grid",
+                    e.offset
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The parent's extents covering `range` (grid-aligned), as
+    /// (length, chunk) pairs; zero runs are clipped to the range.
+    pub fn reuse(&self, range: Range<u64>) -> Result<Vec<(u64, Option<ChunkId>)>> {
+        let extents = &self.parent.extents;
+        let first = extents.partition_point(|e| e.end() <= range.start);
+        let mut out = Vec::new();
+        for e in extents.get(first..).unwrap_or_default() {
+            if e.offset >= range.end {
+                break;
+            }
+            let start = e.offset.max(range.start);
+            let end = e.end().min(range.end);
+            if e.chunk.is_some() && (start != e.offset || end != e.end()) {
+                return Err(Error::Internal(format!(
+                    "parent chunk extent at {} straddles the reused range {range:?}",
+                    e.offset
+                )));
+            }
+            out.push((end - start, e.chunk));
+        }
+        Ok(out)
+    }
+}
+
+/// Checks a disk name: non-empty, no path separators, no `.`/`..`, no NUL.
+pub fn validate_disk_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\0'])
+        || name.len() > MAX_STRING
+    {
+        return Err(Error::InvalidArgument(format!(
+            "disk name {name:?} must be a plain file name (no '/', not . or ..)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_names() {
+        assert!(validate_disk_name("vda.qcow2").is_ok());
+        for bad in ["", ".", "..", "a/b", "x\0"] {
+            assert!(validate_disk_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

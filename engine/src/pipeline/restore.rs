@@ -1,0 +1,466 @@
+//! The restore pipeline: manifest → chunk reads (verified against their ids)
+//! → writes at each extent's offset into a [`DiskTarget`]. Zero extents are
+//! never written, so a sparse file keeps them as holes.
+//!
+//! The caller's thread walks the extents and feeds a bounded queue; worker
+//! threads look chunks up, read and decode their blobs, check the BLAKE3 id,
+//! and `pwrite` the data. Memory is bounded by the queue, not the disk.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::bounded;
+
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, PackId, SnapshotId};
+use crate::kind::FileKind;
+use crate::pipeline::failure::Failure;
+use crate::pipeline::input::validate_disk_name;
+use crate::pipeline::worker_threads;
+use crate::progress::{CancelToken, NoProgress, Progress};
+use crate::source::{DiskTarget, SparseFileTarget};
+use crate::store::blob::{BlobCodec, Compression};
+use crate::store::index::{BlobLocation, Index};
+use crate::store::manifest::{DiskManifest, Snapshot};
+use crate::store::pool::Pool;
+use crate::store::wire::DecodeError;
+
+/// Restore settings. Start from [`RestoreOptions::default`] and change what
+/// differs.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RestoreOptions {
+    /// Worker threads (`None`: one per CPU).
+    pub threads: Option<NonZeroUsize>,
+    /// Replace existing target files.
+    pub overwrite: bool,
+    /// Restore only the disks with these names (`None`: every disk).
+    pub disks: Option<Vec<String>>,
+    /// Receives progress (default: none).
+    pub progress: Arc<dyn Progress>,
+    /// Stops the restore when triggered; its targets are discarded.
+    pub cancel: CancelToken,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            threads: None,
+            overwrite: false,
+            disks: None,
+            progress: Arc::new(NoProgress),
+            cancel: CancelToken::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RestoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreOptions")
+            .field("threads", &self.threads)
+            .field("overwrite", &self.overwrite)
+            .field("disks", &self.disks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RestoreOptions {
+    /// Sets the number of worker threads (`None`: one per CPU).
+    pub fn with_threads(mut self, threads: Option<NonZeroUsize>) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Allows replacing existing target files.
+    pub fn with_overwrite(mut self, overwrite: bool) -> Self {
+        self.overwrite = overwrite;
+        self
+    }
+
+    /// Restores only the named disks.
+    pub fn with_disks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, disks: I) -> Self {
+        self.disks = Some(disks.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sends progress to `progress`.
+    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Stops the restore when `cancel` is triggered.
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[non_exhaustive]
+pub struct RestoreStats {
+    /// The snapshot restored.
+    pub snapshot: SnapshotId,
+    /// Disks restored.
+    pub disks: usize,
+    /// Sum of the restored disks' logical sizes.
+    pub bytes_logical: u64,
+    /// Bytes of chunk data written (zero extents are holes).
+    pub bytes_written: u64,
+    /// Chunks read and verified.
+    pub chunks: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for RestoreStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "restored snapshot {} ({} disks, {} bytes logical, {} written) in {:.2}s",
+            self.snapshot, self.disks, self.bytes_logical, self.bytes_written, self.seconds
+        )
+    }
+}
+
+/// A function making the target for one disk of the snapshot.
+pub type MakeTarget<'a> = dyn Fn(&DiskManifest) -> Result<Box<dyn DiskTarget>> + 'a;
+
+/// A target maker writing each disk as a sparse raw file `dir/<disk name>`
+/// (the directory is created first).
+pub(crate) fn dir_targets(dir: &Path, overwrite: bool) -> Result<Box<MakeTarget<'_>>> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating restore directory {}", dir.display()), e))?;
+    Ok(Box::new(move |disk: &DiskManifest| {
+        validate_disk_name(&disk.name)?;
+        let t = SparseFileTarget::create(&dir.join(&disk.name), disk.size, overwrite)?;
+        Ok(Box::new(t) as Box<dyn DiskTarget>)
+    }))
+}
+
+/// What the restore workers read from.
+pub(crate) struct Store<'a> {
+    pub(crate) pool: &'a dyn Pool,
+    pub(crate) index: &'a Index,
+}
+
+impl Store<'_> {
+    /// Where chunk `id` lives; on a miss the index is refreshed once (another
+    /// writer may have stored it since this handle loaded its index).
+    fn locate(&self, id: &ChunkId, refreshed: &mut bool) -> Result<Option<BlobLocation>> {
+        if let Some(loc) = self.index.lookup(id) {
+            return Ok(Some(loc));
+        }
+        if !*refreshed {
+            *refreshed = true;
+            self.index.refresh(self.pool)?;
+            return Ok(self.index.lookup(id));
+        }
+        Ok(None)
+    }
+}
+
+/// Restores the disks of `snapshot` (selected by `opts.disks`) into targets
+/// made by `make_target`. A target is finished (made visible) only when its
+/// disk is complete; on any failure the unfinished ones are dropped.
+pub(crate) fn run(
+    store: &Store<'_>,
+    id: &SnapshotId,
+    snapshot: &Snapshot,
+    make_target: &MakeTarget<'_>,
+    opts: &RestoreOptions,
+) -> Result<RestoreStats> {
+    let started = Instant::now();
+    let threads = worker_threads(opts.threads);
+    let progress: &dyn Progress = &*opts.progress;
+    let disks: Vec<&DiskManifest> = match &opts.disks {
+        None => snapshot.disks.iter().collect(),
+        Some(names) => select_disks(id, snapshot, names)?,
+    };
+    let bytes_logical = disks.iter().map(|d| d.size).sum();
+    progress.start(bytes_logical);
+    let mut stats = RestoreStats {
+        snapshot: *id,
+        disks: disks.len(),
+        bytes_logical,
+        bytes_written: 0,
+        chunks: 0,
+        seconds: 0.0,
+    };
+    // Every target first, so a failure to create one leaves nothing behind.
+    let mut targets = Vec::with_capacity(disks.len());
+    for disk in &disks {
+        targets.push(make_target(disk)?);
+    }
+    for (disk, target) in disks.iter().zip(&targets) {
+        progress.message(&disk.name);
+        restore_disk(store, id, disk, &**target, threads, opts)?;
+        stats.bytes_written += disk.data_bytes();
+        stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+    }
+    // Every disk is complete: publish them.
+    for target in targets {
+        target.finish()?;
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+/// The disks named in `names`, in the snapshot's order; an unknown name is
+/// an error.
+fn select_disks<'a>(
+    id: &SnapshotId,
+    snapshot: &'a Snapshot,
+    names: &[String],
+) -> Result<Vec<&'a DiskManifest>> {
+    for n in names {
+        if !snapshot.disks.iter().any(|d| &d.name == n) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {id} has no disk {n:?} (it has: {})",
+                snapshot
+                    .disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    Ok(snapshot
+        .disks
+        .iter()
+        .filter(|d| names.contains(&d.name))
+        .collect())
+}
+
+/// Decodes the blob of chunk `id` (at `offset` in `pack`), appends the
+/// verified plaintext to `out`, and names the chunk and pack on failure.
+fn decode_chunk(
+    codec: &mut BlobCodec,
+    blob: &[u8],
+    id: &ChunkId,
+    pack: PackId,
+    offset: u64,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    match codec.decode_verified_append(blob, id, out) {
+        Ok(()) => Ok(()),
+        Err(DecodeError::ChecksumMismatch { got, .. }) => Err(Error::ChunkHashMismatch {
+            chunk: *id,
+            pack,
+            // `got` is the hex of the content's id, made by the codec.
+            got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
+        }),
+        Err(e) => Err(Error::corrupt(
+            format!("chunk {id} at offset {offset} of pack {pack}"),
+            e,
+        )),
+    }
+}
+
+/// Most decoded bytes one read run covers.
+const RUN_MAX: u64 = 4 << 20;
+
+/// Chunks whose blobs lie back to back in one pack and whose extents lie back
+/// to back on the disk: read with one range read, written with one `pwrite`.
+struct Run {
+    pack: PackId,
+    pack_offset: u64,
+    pack_len: u64,
+    disk_offset: u64,
+    disk_len: u64,
+    /// (chunk id, blob length, extent length)
+    chunks: Vec<(ChunkId, u32, u64)>,
+}
+
+/// Reads and verifies one run into `out` (cleared first).
+fn read_run(
+    store: &Store<'_>,
+    codec: &mut BlobCodec,
+    snapshot: &SnapshotId,
+    disk: &DiskManifest,
+    run: &Run,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let blobs = store
+        .pool
+        .read_range(
+            FileKind::Pack,
+            &run.pack.to_hex(),
+            run.pack_offset,
+            run.pack_len as usize,
+        )
+        .map_err(|e| match e {
+            Error::NotFound { .. } => Error::PackMissing {
+                pack: run.pack,
+                chunk: run.chunks.first().map_or(ChunkId([0; 32]), |c| c.0),
+                needed_by: format!(
+                    "snapshot {snapshot}, disk {:?} at offset {}",
+                    disk.name, run.disk_offset
+                ),
+            },
+            e => e,
+        })?;
+    out.clear();
+    let mut at = 0usize;
+    let mut disk_at = run.disk_offset;
+    for (id, blob_len, extent_len) in &run.chunks {
+        let blob = blobs.get(at..at + *blob_len as usize).unwrap_or_default();
+        let before = out.len();
+        decode_chunk(codec, blob, id, run.pack, run.pack_offset + at as u64, out)?;
+        if (out.len() - before) as u64 != *extent_len {
+            return Err(Error::corrupt(
+                format!("snapshot {snapshot}"),
+                DecodeError::Invalid(format!(
+                    "disk {:?}: extent at {disk_at} is {extent_len} bytes but chunk {id} holds {}",
+                    disk.name,
+                    out.len() - before
+                )),
+            ));
+        }
+        at += *blob_len as usize;
+        disk_at += extent_len;
+    }
+    Ok(())
+}
+
+/// Restores one disk: the caller's thread groups extents into runs, workers
+/// read, decode and verify runs, and one writer thread `pwrite`s them (one
+/// writer: parallel writes to one file only contend on its inode lock).
+fn restore_disk(
+    store: &Store<'_>,
+    snapshot: &SnapshotId,
+    disk: &DiskManifest,
+    target: &dyn DiskTarget,
+    threads: usize,
+    opts: &RestoreOptions,
+) -> Result<()> {
+    let progress: &dyn Progress = &*opts.progress;
+    let (run_tx, run_rx) = bounded::<Run>(threads * 4);
+    let (write_tx, write_rx) = bounded::<(u64, Vec<u8>)>(threads + 1);
+    let buffers = threads + 3;
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(buffers);
+    for _ in 0..buffers {
+        let _ = free_tx.send(Vec::with_capacity(RUN_MAX as usize + (1 << 20)));
+    }
+    let first = Failure::new();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (run_rx, write_tx, free_rx, first) =
+                (run_rx.clone(), write_tx.clone(), free_rx.clone(), &first);
+            scope.spawn(move || {
+                let mut codec = BlobCodec::new(Compression::None);
+                for run in run_rx.iter() {
+                    if first.aborted() {
+                        break;
+                    }
+                    let Ok(mut buf) = free_rx.recv() else { break };
+                    match read_run(store, &mut codec, snapshot, disk, &run, &mut buf) {
+                        Ok(()) => {
+                            if write_tx.send((run.disk_offset, buf)).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            first.set(e);
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        drop(run_rx);
+        drop(write_tx);
+        {
+            let (first, free_tx) = (&first, free_tx.clone());
+            scope.spawn(move || {
+                for (offset, buf) in write_rx.iter() {
+                    if !first.aborted() {
+                        match target.write_at(offset, &buf) {
+                            Ok(()) => progress.advance(buf.len() as u64),
+                            Err(e) => first.set(e),
+                        }
+                    }
+                    let _ = free_tx.send(buf);
+                }
+            });
+        }
+        if let Err(e) = send_runs(store, snapshot, disk, &run_tx, &first, opts) {
+            first.set(e);
+        }
+        drop(run_tx);
+        drop(free_tx);
+    });
+    match first.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Walks the disk's extents, grouping chunks whose blobs lie back to back in
+/// one pack into runs, and sends them to the workers. Zero extents only
+/// advance the progress. Stops early when the pipeline failed or the caller
+/// cancelled.
+fn send_runs(
+    store: &Store<'_>,
+    snapshot: &SnapshotId,
+    disk: &DiskManifest,
+    run_tx: &crossbeam_channel::Sender<Run>,
+    first: &Failure,
+    opts: &RestoreOptions,
+) -> Result<()> {
+    let mut current: Option<Run> = None;
+    let send = |run: Option<Run>| -> bool { run.is_none_or(|r| run_tx.send(r).is_ok()) };
+    let mut refreshed = false;
+    for e in &disk.extents {
+        if first.check(&opts.cancel) {
+            return Ok(());
+        }
+        let Some(id) = e.chunk else {
+            opts.progress.advance(e.length);
+            if !send(current.take()) {
+                return Ok(());
+            }
+            continue;
+        };
+        let Some(loc) = store.locate(&id, &mut refreshed)? else {
+            return Err(Error::ChunkMissing {
+                chunk: id,
+                needed_by: format!(
+                    "snapshot {snapshot}, disk {:?} at offset {}",
+                    disk.name, e.offset
+                ),
+            });
+        };
+        if let Some(run) = &mut current {
+            let joins = run.pack == loc.pack
+                && run.pack_offset + run.pack_len == loc.offset
+                && run.disk_offset + run.disk_len == e.offset
+                && run.disk_len + e.length <= RUN_MAX;
+            if joins {
+                run.pack_len += loc.length as u64;
+                run.disk_len += e.length;
+                run.chunks.push((id, loc.length, e.length));
+                continue;
+            }
+        }
+        let next = Run {
+            pack: loc.pack,
+            pack_offset: loc.offset,
+            pack_len: loc.length as u64,
+            disk_offset: e.offset,
+            disk_len: e.length,
+            chunks: vec![(id, loc.length, e.length)],
+        };
+        if !send(current.replace(next)) {
+            return Ok(());
+        }
+    }
+    if !first.check(&opts.cancel) {
+        send(current.take());
+    }
+    Ok(())
+}
