@@ -48,68 +48,7 @@ enum Command {
         json: bool,
     },
     /// Back up one VM's disks as one snapshot.
-    Backup {
-        pool: String,
-        /// VM name recorded in the snapshot.
-        #[arg(long)]
-        vm: String,
-        /// Disk images (raw files or block devices).
-        disks: Vec<PathBuf>,
-        /// Read a disk from an NBD export: nbd+unix:///EXPORT?socket=PATH
-        /// or nbd://HOST[:PORT]/EXPORT. Repeat for each disk of the VM.
-        #[arg(long, value_name = "URI", conflicts_with_all = ["disks", "stdin", "qcow2"])]
-        nbd: Vec<String>,
-        /// Back up a qcow2 file with CBT: runs qemu-nbd on it and rotates
-        /// its dirty bitmaps with qemu-img (the file must not be open in a
-        /// running VM). Repeat for each disk of the VM.
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["disks", "stdin"])]
-        qcow2: Vec<PathBuf>,
-        /// With --nbd: the export's dirty bitmap holding the changes since the
-        /// previous snapshot. With --qcow2: the name of the bitmap chain
-        /// (bitmaps NAME.<token>, rotated each run and tracked by the pool;
-        /// default "cairn").
-        #[arg(long, value_name = "NAME")]
-        bitmap: Option<String>,
-        /// With --nbd: the bitmap that records changes from this backup on
-        /// (default: the --bitmap itself keeps recording).
-        #[arg(long, value_name = "NAME", requires = "nbd")]
-        next_bitmap: Option<String>,
-        /// When CBT cannot be trusted: full (read the whole disk, store only
-        /// what changed), skip-alert (no snapshot, exit 4), skip (no snapshot).
-        #[arg(long, value_name = "POLICY", default_value = "full")]
-        on_missing_cbt: cairn_engine::cbt::CbtPolicy,
-        /// NBD connections (streams) per disk for --nbd and --qcow2, 1–5.
-        #[arg(long, default_value_t = 1)]
-        connections: usize,
-        /// Before trusting a bitmap, read back N extents it marks clean
-        /// (random, 0–4096 per disk) and compare them with the previous
-        /// snapshot: catches a bitmap cleared or re-created after it.
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        cbt_spot_check: u32,
-        /// Read one disk as a stream from standard input, named NAME.
-        #[arg(long, value_name = "NAME")]
-        stdin: Option<String>,
-        /// Name for the disk at the same position (default: its file name).
-        #[arg(long = "disk-name", value_name = "NAME")]
-        disk_names: Vec<String>,
-        /// fixed, fixed:SIZE (power of two, 4K–16M), cdc, or cdc:MIN:AVG:MAX.
-        /// Default: fixed:64K for images, cdc for --stdin.
-        #[arg(long)]
-        chunking: Option<ChunkingParams>,
-        /// none, fast (zstd:1, default), zstd, or zstd:LEVEL (1–19).
-        #[arg(long, default_value = "fast")]
-        compression: Compression,
-        /// Worker threads (default: one per CPU).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Memory-map image files instead of reading them (faster; only for
-        /// images nothing truncates during the backup: a shrinking file
-        /// kills the process with SIGBUS).
-        #[arg(long)]
-        mmap: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Backup(BackupArgs),
     /// List snapshots.
     Snapshots {
         pool: String,
@@ -168,6 +107,71 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
     },
+}
+
+/// `cairn backup` arguments.
+#[derive(clap::Args, Debug)]
+struct BackupArgs {
+    pool: String,
+    /// VM name recorded in the snapshot.
+    #[arg(long)]
+    vm: String,
+    /// Disk images (raw files or block devices).
+    disks: Vec<PathBuf>,
+    /// Read a disk from an NBD export: nbd+unix:///EXPORT?socket=PATH
+    /// or nbd://HOST[:PORT]/EXPORT. Repeat for each disk of the VM.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["disks", "stdin", "qcow2"])]
+    nbd: Vec<String>,
+    /// Back up a qcow2 file with CBT: runs qemu-nbd on it and rotates
+    /// its dirty bitmaps with qemu-img (the file must not be open in a
+    /// running VM). Repeat for each disk of the VM.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["disks", "stdin"])]
+    qcow2: Vec<PathBuf>,
+    /// With --nbd: the export's dirty bitmap holding the changes since the
+    /// previous snapshot. With --qcow2: the name of the bitmap chain
+    /// (bitmaps NAME.<token>, rotated each run and tracked by the pool;
+    /// default "cairn").
+    #[arg(long, value_name = "NAME")]
+    bitmap: Option<String>,
+    /// With --nbd: the bitmap that records changes from this backup on
+    /// (default: the --bitmap itself keeps recording).
+    #[arg(long, value_name = "NAME", requires = "nbd")]
+    next_bitmap: Option<String>,
+    /// When CBT cannot be trusted: full (read the whole disk, store only
+    /// what changed), skip-alert (no snapshot, exit 4), skip (no snapshot).
+    #[arg(long, value_name = "POLICY", default_value = "full")]
+    on_missing_cbt: cairn_engine::cbt::CbtPolicy,
+    /// NBD connections (streams) per disk for --nbd and --qcow2, 1–5.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Before trusting a bitmap, read back N extents it marks clean
+    /// (random, 0–4096 per disk) and compare them with the previous
+    /// snapshot: catches a bitmap cleared or re-created after it.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cbt_spot_check: u32,
+    /// Read one disk as a stream from standard input, named NAME.
+    #[arg(long, value_name = "NAME")]
+    stdin: Option<String>,
+    /// Name for the disk at the same position (default: its file name).
+    #[arg(long = "disk-name", value_name = "NAME")]
+    disk_names: Vec<String>,
+    /// fixed, fixed:SIZE (power of two, 4K–16M), cdc, or cdc:MIN:AVG:MAX.
+    /// Default: fixed:64K for images, cdc for --stdin.
+    #[arg(long)]
+    chunking: Option<ChunkingParams>,
+    /// none, fast (zstd:1, default), zstd, or zstd:LEVEL (1–19).
+    #[arg(long, default_value = "fast")]
+    compression: Compression,
+    /// Worker threads (default: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Memory-map image files instead of reading them (faster; only for
+    /// images nothing truncates during the backup: a shrinking file
+    /// kills the process with SIGBUS).
+    #[arg(long)]
+    mmap: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 /// A failure and the exit code it maps to.
@@ -345,164 +349,9 @@ pub fn disk_names(paths: &[PathBuf], overrides: &[String]) -> Result<Vec<String>
 
 fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
-        Command::Init { pool, json } => {
-            let p = open_pool(&pool, true)?;
-            let config = Repository::init(p).map_err(|e| match e {
-                Error::AlreadyExists { .. } => {
-                    Failure::new(format!("{pool} is already an initialised Cairn pool"))
-                }
-                e => e.into(),
-            })?;
-            if json {
-                output::print_json(&serde_json::json!({
-                    "pool": pool, "pool_id": config.pool_id, "id_scheme": config.id_scheme.name(),
-                }));
-            } else {
-                println!("initialised pool {pool} (id {})", config.pool_id);
-            }
-            Ok(0)
-        }
-        Command::Backup {
-            pool,
-            vm,
-            disks,
-            nbd,
-            qcow2,
-            bitmap,
-            next_bitmap,
-            on_missing_cbt,
-            connections,
-            cbt_spot_check,
-            stdin,
-            disk_names: names,
-            chunking,
-            compression,
-            threads,
-            mmap,
-            json,
-        } => {
-            if !nbd.is_empty() || !qcow2.is_empty() {
-                let bar = Arc::new(Bar::new(!json));
-                let opts = BackupOptions::new(vm.clone())
-                    .with_chunking(chunking.unwrap_or_default())
-                    .with_compression(compression)
-                    .with_threads(self::threads(threads))
-                    .with_progress(bar.clone());
-                let run = cbt_cmd::CbtRun {
-                    pool,
-                    nbd,
-                    qcow2,
-                    bitmap,
-                    next_bitmap,
-                    policy: on_missing_cbt,
-                    connections,
-                    spot_check: cbt_spot_check,
-                    disk_names: names,
-                    json,
-                };
-                return cbt_cmd::run_backup(run, opts, &bar);
-            }
-            if bitmap.is_some() {
-                return Err(Failure::usage("--bitmap needs --nbd or --qcow2"));
-            }
-            if disks.is_empty() && stdin.is_none() {
-                return Err(Failure::usage(
-                    "give at least one DISK, --stdin NAME, --nbd URI or --qcow2 FILE",
-                ));
-            }
-            let repo = open_repo(&pool)?;
-            let mut inputs = Vec::new();
-            let names = disk_names(&disks, &names)?;
-            for (path, name) in disks.iter().zip(names) {
-                let src = if mmap {
-                    RawFileSource::open_mapped(path)?
-                } else {
-                    RawFileSource::open(path)?
-                };
-                inputs.push(
-                    BackupDisk::image(name, src)
-                        .with_property(PROP_SOURCE, path.display().to_string()),
-                );
-            }
-            if let Some(name) = &stdin {
-                if inputs.iter().any(|d| &d.name == name) {
-                    return Err(Failure::usage(format!(
-                        "--stdin name {name:?} is already a disk name"
-                    )));
-                }
-                inputs.push(
-                    BackupDisk::stream(name.clone(), std::io::stdin())
-                        .with_property(PROP_SOURCE, "stdin"),
-                );
-            }
-            let bar = Arc::new(Bar::new(!json));
-            let opts = BackupOptions::new(vm.clone())
-                .with_chunking(chunking.unwrap_or(if disks.is_empty() {
-                    ChunkingParams::cdc()
-                } else {
-                    ChunkingParams::default()
-                }))
-                .with_compression(compression)
-                .with_threads(self::threads(threads))
-                .with_progress(bar.clone());
-            let stats = repo.backup(inputs, &opts);
-            bar.finish();
-            let stats = stats?;
-            if json {
-                output::print_json(&output::backup_json(&vm, &stats));
-            } else {
-                println!(
-                    "snapshot {} of {vm}: {} logical, {} read, {} new in pool ({} of {} chunks new) in {:.2}s",
-                    stats.snapshot,
-                    output::human(stats.bytes_logical),
-                    output::human(stats.bytes_read),
-                    output::human(stats.bytes_new),
-                    stats.chunks_new,
-                    stats.chunks_total,
-                    stats.seconds
-                );
-            }
-            Ok(0)
-        }
-        Command::Snapshots { pool, vm, json } => {
-            let repo = open_repo(&pool)?;
-            let list = repo.snapshots()?;
-            for (id, e) in &list.damaged {
-                eprintln!("cairn: warning: snapshot {id} cannot be read: {e}");
-            }
-            let snaps: Vec<_> = list
-                .snapshots
-                .iter()
-                .filter(|s| vm.as_deref().is_none_or(|v| s.vm == v))
-                .collect();
-            if json {
-                output::print_json(&serde_json::Value::Array(
-                    snaps.iter().map(|s| output::snapshot_json(s)).collect(),
-                ));
-            } else {
-                println!(
-                    "{:<16} {:<20} {:<20} {:>6} {:>10}  disks",
-                    "id", "time", "vm", "mode", "size"
-                );
-                for s in &snaps {
-                    println!(
-                        "{:<16} {:<20} {:<20} {:>6} {:>10}  {}",
-                        &s.id.to_hex()[..16],
-                        humantime::format_rfc3339_seconds(s.time),
-                        s.vm,
-                        s.mode,
-                        output::human(s.bytes_logical()),
-                        s.disks
-                            .iter()
-                            .map(|d| d.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                }
-            }
-            // Listed what is readable; damaged manifests were named above.
-            Ok(if list.damaged.is_empty() { 0 } else { 3 })
-        }
+        Command::Init { pool, json } => cmd_init(&pool, json),
+        Command::Backup(args) => cmd_backup(args),
+        Command::Snapshots { pool, vm, json } => cmd_snapshots(&pool, vm.as_deref(), json),
         Command::Restore {
             pool,
             snapshot,
@@ -512,97 +361,279 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             format,
             threads,
             json,
-        } => {
-            let repo = open_repo(&pool)?;
-            let id = repo.resolve(&SnapshotSelector::parse(&snapshot, vm.as_deref())?)?;
-            let bar = Arc::new(Bar::new(!json));
-            let opts = RestoreOptions::default()
-                .with_threads(self::threads(threads))
-                .with_overwrite(force)
-                .with_progress(bar.clone());
-            let stats = match format {
-                cbt_cmd::RestoreFormat::Raw => repo.restore_to_dir(&id, &to, &opts),
-                cbt_cmd::RestoreFormat::Qcow2 => cbt_cmd::restore_qcow2(&repo, &id, &to, &opts),
-            };
-            bar.finish();
-            let stats = stats?;
-            if json {
-                output::print_json(&serde_json::json!({
-                    "snapshot": id.to_hex(),
-                    "to": to.display().to_string(),
-                    "format": format.to_string(),
-                    "disks": stats.disks,
-                    "bytes_logical": stats.bytes_logical,
-                    "bytes_written": stats.bytes_written,
-                    "chunks": stats.chunks,
-                    "seconds": stats.seconds,
-                }));
-            } else {
-                println!(
-                    "restored snapshot {id} ({} disks, {}) into {} in {:.2}s",
-                    stats.disks,
-                    output::human(stats.bytes_logical),
-                    to.display(),
-                    stats.seconds
-                );
-            }
-            Ok(0)
-        }
+        } => cmd_restore(
+            &pool,
+            (&snapshot, vm.as_deref()),
+            &to,
+            force,
+            format,
+            threads,
+            json,
+        ),
         Command::Verify {
             pool,
             read_data,
             threads,
             json,
-        } => {
-            let repo = open_repo(&pool)?;
-            let bar = Arc::new(Bar::new(!json));
-            let opts = VerifyOptions::default()
-                .with_read_data(read_data)
-                .with_threads(self::threads(threads))
-                .with_progress(bar.clone());
-            let report = repo.verify(&opts);
-            bar.finish();
-            let report = report?;
-            if json {
-                output::print_json(&output::verify_json(&report, read_data));
-            } else {
-                output::print_verify(&report, read_data);
-            }
-            Ok(if report.is_ok() { 0 } else { 3 })
-        }
+        } => cmd_verify(&pool, read_data, threads, json),
         Command::Repair {
             pool,
             index: _,
             json,
-        } => {
-            // Opening reads the config only: the index is what we rebuild.
-            let report = open_repo(&pool)?.repair_index()?;
-            if json {
-                output::print_json(&serde_json::json!({
-                    "packs": report.packs,
-                    "entries": report.entries,
-                    "segments_removed": report.segments_removed,
-                    "damaged_packs": report.damaged_packs.iter()
-                        .map(|(p, e)| serde_json::json!({"pack": p.to_hex(), "error": e}))
-                        .collect::<Vec<_>>(),
-                }));
-            } else {
-                println!(
-                    "index rebuilt from {} packs: {} chunks, {} old segments removed",
-                    report.packs, report.entries, report.segments_removed
-                );
-                for (p, e) in &report.damaged_packs {
-                    println!("damaged pack skipped: {p}: {e}");
-                }
-            }
-            Ok(if report.damaged_packs.is_empty() {
-                0
-            } else {
-                3
-            })
-        }
+        } => cmd_repair(&pool, json),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     }
+}
+
+fn cmd_init(pool: &str, json: bool) -> Result<u8, Failure> {
+    let p = open_pool(pool, true)?;
+    let config = Repository::init(p).map_err(|e| match e {
+        Error::AlreadyExists { .. } => {
+            Failure::new(format!("{pool} is already an initialised Cairn pool"))
+        }
+        e => e.into(),
+    })?;
+    if json {
+        output::print_json(&serde_json::json!({
+            "pool": pool, "pool_id": config.pool_id, "id_scheme": config.id_scheme.name(),
+        }));
+    } else {
+        println!("initialised pool {pool} (id {})", config.pool_id);
+    }
+    Ok(0)
+}
+
+fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
+    let BackupArgs {
+        pool,
+        vm,
+        disks,
+        nbd,
+        qcow2,
+        bitmap,
+        next_bitmap,
+        on_missing_cbt,
+        connections,
+        cbt_spot_check,
+        stdin,
+        disk_names: names,
+        chunking,
+        compression,
+        threads,
+        mmap,
+        json,
+    } = args;
+    if !nbd.is_empty() || !qcow2.is_empty() {
+        let bar = Arc::new(Bar::new(!json));
+        let opts = BackupOptions::new(vm.clone())
+            .with_chunking(chunking.unwrap_or_default())
+            .with_compression(compression)
+            .with_threads(self::threads(threads))
+            .with_progress(bar.clone());
+        let run = cbt_cmd::CbtRun {
+            pool,
+            nbd,
+            qcow2,
+            bitmap,
+            next_bitmap,
+            policy: on_missing_cbt,
+            connections,
+            spot_check: cbt_spot_check,
+            disk_names: names,
+            json,
+        };
+        return cbt_cmd::run_backup(run, opts, &bar);
+    }
+    if bitmap.is_some() {
+        return Err(Failure::usage("--bitmap needs --nbd or --qcow2"));
+    }
+    if disks.is_empty() && stdin.is_none() {
+        return Err(Failure::usage(
+            "give at least one DISK, --stdin NAME, --nbd URI or --qcow2 FILE",
+        ));
+    }
+    let repo = open_repo(&pool)?;
+    let mut inputs = Vec::new();
+    let names = disk_names(&disks, &names)?;
+    for (path, name) in disks.iter().zip(names) {
+        let src = if mmap {
+            RawFileSource::open_mapped(path)?
+        } else {
+            RawFileSource::open(path)?
+        };
+        inputs.push(
+            BackupDisk::image(name, src).with_property(PROP_SOURCE, path.display().to_string()),
+        );
+    }
+    if let Some(name) = &stdin {
+        if inputs.iter().any(|d| &d.name == name) {
+            return Err(Failure::usage(format!(
+                "--stdin name {name:?} is already a disk name"
+            )));
+        }
+        inputs.push(
+            BackupDisk::stream(name.clone(), std::io::stdin()).with_property(PROP_SOURCE, "stdin"),
+        );
+    }
+    let bar = Arc::new(Bar::new(!json));
+    let opts = BackupOptions::new(vm.clone())
+        .with_chunking(chunking.unwrap_or(if disks.is_empty() {
+            ChunkingParams::cdc()
+        } else {
+            ChunkingParams::default()
+        }))
+        .with_compression(compression)
+        .with_threads(self::threads(threads))
+        .with_progress(bar.clone());
+    let stats = repo.backup(inputs, &opts);
+    bar.finish();
+    let stats = stats?;
+    if json {
+        output::print_json(&output::backup_json(&vm, &stats));
+    } else {
+        println!(
+                "snapshot {} of {vm}: {} logical, {} read, {} new in pool ({} of {} chunks new) in {:.2}s",
+                stats.snapshot,
+                output::human(stats.bytes_logical),
+                output::human(stats.bytes_read),
+                output::human(stats.bytes_new),
+                stats.chunks_new,
+                stats.chunks_total,
+                stats.seconds
+            );
+    }
+    Ok(0)
+}
+
+fn cmd_snapshots(pool: &str, vm: Option<&str>, json: bool) -> Result<u8, Failure> {
+    let repo = open_repo(pool)?;
+    let list = repo.snapshots()?;
+    for (id, e) in &list.damaged {
+        eprintln!("cairn: warning: snapshot {id} cannot be read: {e}");
+    }
+    let snaps: Vec<_> = list
+        .snapshots
+        .iter()
+        .filter(|s| vm.is_none_or(|v| s.vm == v))
+        .collect();
+    if json {
+        output::print_json(&serde_json::Value::Array(
+            snaps.iter().map(|s| output::snapshot_json(s)).collect(),
+        ));
+    } else {
+        println!(
+            "{:<16} {:<20} {:<20} {:>6} {:>10}  disks",
+            "id", "time", "vm", "mode", "size"
+        );
+        for s in &snaps {
+            println!(
+                "{:<16} {:<20} {:<20} {:>6} {:>10}  {}",
+                &s.id.to_hex()[..16],
+                humantime::format_rfc3339_seconds(s.time),
+                s.vm,
+                s.mode,
+                output::human(s.bytes_logical()),
+                s.disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    // Listed what is readable; damaged manifests were named above.
+    Ok(if list.damaged.is_empty() { 0 } else { 3 })
+}
+
+fn cmd_restore(
+    pool: &str,
+    (snapshot, vm): (&str, Option<&str>),
+    to: &Path,
+    force: bool,
+    format: cbt_cmd::RestoreFormat,
+    threads: usize,
+    json: bool,
+) -> Result<u8, Failure> {
+    let repo = open_repo(pool)?;
+    let id = repo.resolve(&SnapshotSelector::parse(snapshot, vm)?)?;
+    let bar = Arc::new(Bar::new(!json));
+    let opts = RestoreOptions::default()
+        .with_threads(self::threads(threads))
+        .with_overwrite(force)
+        .with_progress(bar.clone());
+    let stats = match format {
+        cbt_cmd::RestoreFormat::Raw => repo.restore_to_dir(&id, to, &opts),
+        cbt_cmd::RestoreFormat::Qcow2 => cbt_cmd::restore_qcow2(&repo, &id, to, &opts),
+    };
+    bar.finish();
+    let stats = stats?;
+    if json {
+        output::print_json(&serde_json::json!({
+            "snapshot": id.to_hex(),
+            "to": to.display().to_string(),
+            "format": format.to_string(),
+            "disks": stats.disks,
+            "bytes_logical": stats.bytes_logical,
+            "bytes_written": stats.bytes_written,
+            "chunks": stats.chunks,
+            "seconds": stats.seconds,
+        }));
+    } else {
+        println!(
+            "restored snapshot {id} ({} disks, {}) into {} in {:.2}s",
+            stats.disks,
+            output::human(stats.bytes_logical),
+            to.display(),
+            stats.seconds
+        );
+    }
+    Ok(0)
+}
+
+fn cmd_verify(pool: &str, read_data: bool, threads: usize, json: bool) -> Result<u8, Failure> {
+    let repo = open_repo(pool)?;
+    let bar = Arc::new(Bar::new(!json));
+    let opts = VerifyOptions::default()
+        .with_read_data(read_data)
+        .with_threads(self::threads(threads))
+        .with_progress(bar.clone());
+    let report = repo.verify(&opts);
+    bar.finish();
+    let report = report?;
+    if json {
+        output::print_json(&output::verify_json(&report, read_data));
+    } else {
+        output::print_verify(&report, read_data);
+    }
+    Ok(if report.is_ok() { 0 } else { 3 })
+}
+
+fn cmd_repair(pool: &str, json: bool) -> Result<u8, Failure> {
+    // Opening reads the config only: the index is what we rebuild.
+    let report = open_repo(pool)?.repair_index()?;
+    if json {
+        output::print_json(&serde_json::json!({
+            "packs": report.packs,
+            "entries": report.entries,
+            "segments_removed": report.segments_removed,
+            "damaged_packs": report.damaged_packs.iter()
+                .map(|(p, e)| serde_json::json!({"pack": p.to_hex(), "error": e}))
+                .collect::<Vec<_>>(),
+        }));
+    } else {
+        println!(
+            "index rebuilt from {} packs: {} chunks, {} old segments removed",
+            report.packs, report.entries, report.segments_removed
+        );
+        for (p, e) in &report.damaged_packs {
+            println!("damaged pack skipped: {p}: {e}");
+        }
+    }
+    Ok(if report.damaged_packs.is_empty() {
+        0
+    } else {
+        3
+    })
 }
 
 /// Removes a directory tree, ignoring errors (demo cleanup).

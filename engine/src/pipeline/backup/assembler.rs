@@ -53,6 +53,8 @@ struct State<'a> {
     pack: Option<PackWriter>,
     seal_tx: Option<Sender<PackWriter>>,
     sealed_rx: Receiver<Sealed>,
+    /// The disk whose batches came last (announced through the progress).
+    current_disk: Option<usize>,
 }
 
 /// Consumes every processed batch, in order, and returns the assembled
@@ -85,6 +87,7 @@ pub(super) fn assemble(
         pack: None,
         seal_tx: Some(seal_tx),
         sealed_rx,
+        current_disk: None,
     };
     let outcome = std::thread::scope(|scope| {
         scope.spawn(move || seal_packs(seal_rx, sealed_tx));
@@ -152,8 +155,12 @@ impl State<'_> {
     fn take(&mut self, done: Done) -> Result<()> {
         let progress = &*self.ctx.opts.progress;
         let disk = done.disk;
-        if disk >= self.out.disks.len() {
+        let Some(name) = self.out.disks.get(disk).map(|d| d.name.as_str()) else {
             return Err(Error::Internal("batch for unknown disk".into()));
+        };
+        if self.current_disk != Some(disk) {
+            progress.message(name);
+            self.current_disk = Some(disk);
         }
         match done.body {
             DoneBody::Reuse(extents) => {
