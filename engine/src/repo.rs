@@ -174,7 +174,11 @@ impl Repository {
             });
             match summary {
                 Ok(s) => list.snapshots.push(SnapshotInfo::new(id, s)),
-                Err(e) => list.damaged.push((id, e)),
+                // Damaged, or deleted since the listing: reported beside.
+                Err(e) if e.is_damage() || e.is_not_found() => list.damaged.push((id, e)),
+                // A read that may succeed later (a timeout …) must not make
+                // `latest` silently pick an older snapshot.
+                Err(e) => return Err(e),
             }
         }
         list.snapshots
@@ -194,8 +198,10 @@ impl Repository {
             .rev()
             .filter(|s| s.vm == vm && s.disks.iter().any(|d| d.name == disk));
         for info in newest {
-            if let Ok(s) = self.load_snapshot(&info.id) {
-                return Ok(Some((info.id, s)));
+            match self.load_snapshot(&info.id) {
+                Ok(s) => return Ok(Some((info.id, s))),
+                Err(e) if e.is_damage() || e.is_not_found() => continue,
+                Err(e) => return Err(e),
             }
         }
         Ok(None)
@@ -205,12 +211,11 @@ impl Repository {
     /// whose manifests can be read; without a VM it must be unambiguous.
     pub fn resolve(&self, selector: &SnapshotSelector) -> Result<SnapshotId> {
         match selector {
-            SnapshotSelector::Id(id) => {
-                if self.pool.size(FileKind::Snapshot, &id.to_hex()).is_err() {
-                    return Err(Error::SnapshotNotFound(id.to_hex()));
-                }
-                Ok(*id)
-            }
+            SnapshotSelector::Id(id) => match self.pool.size(FileKind::Snapshot, &id.to_hex()) {
+                Ok(_) => Ok(*id),
+                Err(e) if e.is_not_found() => Err(Error::SnapshotNotFound(id.to_hex())),
+                Err(e) => Err(e),
+            },
             SnapshotSelector::Prefix(prefix) => {
                 let matches: Vec<SnapshotId> = self
                     .snapshot_ids()?

@@ -96,6 +96,21 @@ impl SnapshotInfo {
     }
 }
 
+impl fmt::Display for SnapshotInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {} {} ({} disks, {} bytes)",
+            self.id,
+            humantime::format_rfc3339_seconds(self.time),
+            self.vm,
+            self.mode,
+            self.disks.len(),
+            self.bytes_logical()
+        )
+    }
+}
+
 /// Every snapshot of a pool, oldest first, and the manifests that could not
 /// be read (with why) beside them.
 #[derive(Debug, Default)]

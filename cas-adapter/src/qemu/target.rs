@@ -18,6 +18,7 @@ pub struct Qcow2Target {
     export: Option<QemuNbdExport>,
     tmp: PathBuf,
     path: PathBuf,
+    overwrite: bool,
     done: bool,
 }
 
@@ -33,7 +34,6 @@ impl Qcow2Target {
             )));
         }
         let tmp = partial_path(path, overwrite)?;
-        let _ = std::fs::remove_file(&tmp);
         run_tool(
             "qemu-img",
             &[
@@ -50,6 +50,7 @@ impl Qcow2Target {
             export: None,
             tmp,
             path: path.to_path_buf(),
+            overwrite,
             done: false,
         };
         let export = QemuNbdExport::start(
@@ -85,7 +86,7 @@ impl DiskTarget for Qcow2Target {
         }
         let file = std::fs::File::open(&self.tmp)
             .map_err(|e| Error::io(format!("opening {}", self.tmp.display()), e))?;
-        publish_file(&file, &self.tmp, &self.path)?;
+        publish_file(&file, &self.tmp, &self.path, self.overwrite)?;
         self.done = true;
         Ok(())
     }

@@ -294,6 +294,16 @@ fn read_run(
             run.pack_len as usize,
         )
         .map_err(|e| match e {
+            // Shorter than its table says: the pack is damaged.
+            Error::PoolIo { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Error::corrupt(
+                    format!("pack {}", run.pack),
+                    DecodeError::Invalid(format!(
+                        "{} bytes at offset {} cannot be read: {source}",
+                        run.pack_len, run.pack_offset
+                    )),
+                )
+            }
             Error::NotFound { .. } => Error::PackMissing {
                 pack: run.pack,
                 chunk: run.chunks.first().map_or(ChunkId([0; 32]), |c| c.0),

@@ -293,15 +293,30 @@ fn locate_chunks(
 /// writers stored since it was loaded is not reported as missing.
 pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Result<VerifyReport> {
     let progress: &dyn Progress = &*opts.progress;
-    index.refresh(pool)?;
     let mut report = VerifyReport::default();
+    // Manifests first, then the index and the packs: a backup writes its
+    // packs, then its segment, then its manifest, so everything a manifest
+    // listed here names is already in what is listed after it.
     let refs = collect_references(pool, &mut report)?;
+    index.refresh(pool)?;
     let listed: HashSet<PackId> = pool
         .list(FileKind::Pack)?
         .iter()
         .filter_map(|n| PackId::from_hex(n))
         .collect();
     let by_pack = locate_chunks(index, &refs, &listed, &mut report);
+    // Packs no segment covers whose table the index could not read.
+    for (pack, detail) in index.unreadable_packs() {
+        if !opts.read_data && listed.contains(&pack) {
+            report.damage.push(Damage {
+                kind: DamageKind::PackUnreadable,
+                pack: Some(pack),
+                chunk: None,
+                snapshots: Vec::new(),
+                detail,
+            });
+        }
+    }
     // Packs to examine: with `read_data` every pack, otherwise those referenced.
     let mut packs: Vec<PackId> = if opts.read_data {
         listed.iter().copied().collect()

@@ -7,11 +7,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::id::hex;
+use crate::random::random_16;
 use crate::source::DiskTarget;
 
-/// The temporary name a restore writes `path` under until it is complete
-/// (`.NAME.cairn-partial` beside it). Refuses an existing `path` unless
-/// `overwrite`.
+/// A fresh temporary name to write `path` under until it is complete
+/// (`.NAME.<random>.cairn-partial` beside it, so two restores of the same
+/// name never share it). Refuses an existing `path` unless `overwrite` (the
+/// final [`publish_file`] checks again).
 pub fn partial_path(path: &Path, overwrite: bool) -> Result<PathBuf> {
     if !overwrite && path.exists() {
         return Err(Error::TargetExists {
@@ -22,16 +25,22 @@ pub fn partial_path(path: &Path, overwrite: bool) -> Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    Ok(path.with_file_name(format!(".{name}.cairn-partial")))
+    let token = hex(&random_16()?[..4]);
+    Ok(path.with_file_name(format!(".{name}.{token}.cairn-partial")))
 }
 
 /// Makes a finished restore file durable and visible: syncs `file` (open on
-/// `tmp`), renames `tmp` to `path` and syncs the directory.
-pub fn publish_file(file: &File, tmp: &Path, path: &Path) -> Result<()> {
+/// `tmp`), renames `tmp` to `path` (without `overwrite`, never replacing a
+/// file that appeared meanwhile) and syncs the directory.
+pub fn publish_file(file: &File, tmp: &Path, path: &Path, overwrite: bool) -> Result<()> {
     file.sync_all()
         .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
-    std::fs::rename(tmp, path)
-        .map_err(|e| Error::io(format!("renaming into {}", path.display()), e))?;
+    if overwrite {
+        std::fs::rename(tmp, path)
+            .map_err(|e| Error::io(format!("renaming into {}", path.display()), e))?;
+    } else {
+        rename_no_replace(tmp, path)?;
+    }
     if let Some(dir) = path.parent() {
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")
@@ -45,6 +54,44 @@ pub fn publish_file(file: &File, tmp: &Path, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Renames `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`,
+/// or link + unlink where the file system lacks it).
+fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let exists = || Error::TargetExists {
+        path: to.to_path_buf(),
+    };
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidArgument(format!("{} holds a NUL byte", p.display())))
+    };
+    let (cf, ct) = (c(from)?, c(to)?);
+    // SAFETY: both are valid NUL-terminated paths; renameat2 reads them only.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cf.as_ptr(),
+            libc::AT_FDCWD,
+            ct.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EEXIST) => Err(exists()),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => match std::fs::hard_link(from, to) {
+            Ok(()) => std::fs::remove_file(from)
+                .map_err(|e| Error::io(format!("removing {}", from.display()), e)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
+            Err(e) => Err(Error::io(format!("linking into {}", to.display()), e)),
+        },
+        _ => Err(Error::io(format!("renaming into {}", to.display()), err)),
+    }
+}
+
 /// A sparse raw file, written under a temporary name and renamed into place
 /// by [`DiskTarget::finish`].
 #[derive(Debug)]
@@ -52,6 +99,7 @@ pub struct SparseFileTarget {
     file: File,
     tmp: PathBuf,
     path: PathBuf,
+    overwrite: bool,
     done: bool,
 }
 
@@ -63,18 +111,24 @@ impl SparseFileTarget {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-        file.set_len(size)
-            .map_err(|e| Error::io(format!("sizing {} to {size} bytes", tmp.display()), e))?;
-        Ok(SparseFileTarget {
+        // From here on, dropping the target removes the temporary file.
+        let target = SparseFileTarget {
             file,
             tmp,
             path: path.to_path_buf(),
+            overwrite,
             done: false,
-        })
+        };
+        target.file.set_len(size).map_err(|e| {
+            Error::io(
+                format!("sizing {} to {size} bytes", target.tmp.display()),
+                e,
+            )
+        })?;
+        Ok(target)
     }
 }
 
@@ -93,7 +147,7 @@ impl DiskTarget for SparseFileTarget {
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
-        publish_file(&self.file, &self.tmp, &self.path)?;
+        publish_file(&self.file, &self.tmp, &self.path, self.overwrite)?;
         self.done = true;
         Ok(())
     }

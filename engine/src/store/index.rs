@@ -391,9 +391,13 @@ impl SegmentBuilder {
 #[derive(Debug, Default)]
 pub struct Index {
     state: RwLock<IndexState>,
-    /// Packs without a stored segment, until a backup takes them into its
-    /// segment.
-    uncovered: parking_lot::Mutex<Vec<PackId>>,
+    /// Packs without a stored segment, with their tables, until a backup
+    /// takes them into its segment.
+    uncovered: parking_lot::Mutex<Vec<(PackId, Vec<PackEntry>)>>,
+    /// Uncovered packs whose table could not be read, with why.
+    unreadable: parking_lot::Mutex<Vec<(PackId, String)>>,
+    /// One refresh at a time: two would load the same segments twice.
+    refreshing: parking_lot::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -401,7 +405,8 @@ struct IndexState {
     segments: Vec<Arc<Segment>>,
     /// Names of the stored segments loaded (or written) by this handle.
     loaded: HashSet<String>,
-    /// Packs that a loaded segment or the in-memory segment covers.
+    /// Packs that a loaded segment or the in-memory segment covers, or
+    /// whose table could not be read.
     covered: HashSet<PackId>,
 }
 
@@ -416,20 +421,27 @@ impl Index {
     /// Loads the segments written since the last load or refresh, and
     /// indexes packs that no segment covers yet (from their tables). Returns
     /// the number of new segments and packs taken in.
+    ///
+    /// A segment deleted between the listing and the read (a concurrent
+    /// `repair`) is skipped; a damaged segment is an error naming it; an
+    /// uncovered pack whose table cannot be read is skipped and reported by
+    /// [`unreadable_packs`](Self::unreadable_packs).
     pub fn refresh<P: PoolRead + PoolList + ?Sized>(&self, pool: &P) -> Result<usize> {
-        let names = pool.list(FileKind::Index)?;
-        let mut fresh = Vec::new();
-        {
+        let _one_at_a_time = self.refreshing.lock();
+        let fresh: Vec<String> = {
             let state = self.state.read();
-            for name in names {
-                if !state.loaded.contains(&name) {
-                    fresh.push(name);
-                }
-            }
-        }
+            pool.list(FileKind::Index)?
+                .into_iter()
+                .filter(|name| !state.loaded.contains(name))
+                .collect()
+        };
         let mut loaded = Vec::new();
         for name in fresh {
-            let data = pool.read(FileKind::Index, &name)?;
+            let data = match pool.read(FileKind::Index, &name) {
+                Ok(data) => data,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
             let seg = Segment::decode(data)
                 .map_err(|e| Error::corrupt(format!("index segment {name}"), e))?;
             loaded.push((name, seg));
@@ -443,41 +455,65 @@ impl Index {
                 state.segments.push(Arc::new(seg));
             }
         }
-        // Packs no segment covers: a backup interrupted after sealing them,
-        // or another writer still running.
-        let mut extra = SegmentBuilder::new();
-        let mut uncovered = Vec::new();
-        for name in pool.list(FileKind::Pack)? {
-            let Some(pack) = PackId::from_hex(&name) else {
-                continue;
-            };
-            if self.state.read().covered.contains(&pack) {
-                continue;
-            }
-            let entries = read_pack_table(pool, &pack)?;
-            extra.add_entries(pack, &entries);
-            uncovered.push(pack);
-        }
-        if !uncovered.is_empty() {
-            let seg = Segment::decode(Bytes::from(extra.encode()))
-                .map_err(|e| Error::corrupt("in-memory index of uncovered packs", e))?;
-            let mut state = self.state.write();
-            state.covered.extend(uncovered.iter().copied());
-            state.segments.push(Arc::new(seg));
-            added += uncovered.len();
-            self.uncovered.lock().extend(uncovered);
-        }
+        added += self.take_in_uncovered(pool)?;
         Ok(added)
+    }
+
+    /// Indexes packs that no segment covers (a backup interrupted after
+    /// sealing them, or another writer still running) from their tables.
+    fn take_in_uncovered<P: PoolRead + PoolList + ?Sized>(&self, pool: &P) -> Result<usize> {
+        let candidates: Vec<PackId> = {
+            let state = self.state.read();
+            pool.list(FileKind::Pack)?
+                .iter()
+                .filter_map(|name| PackId::from_hex(name))
+                .filter(|p| !state.covered.contains(p))
+                .collect()
+        };
+        let mut extra = SegmentBuilder::new();
+        let mut taken = Vec::new();
+        let mut unreadable = Vec::new();
+        for pack in candidates {
+            match read_pack_table(pool, &pack) {
+                Ok(entries) => {
+                    extra.add_entries(pack, &entries);
+                    taken.push((pack, entries));
+                }
+                // Deleted since the listing.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) if e.is_damage() => unreadable.push((pack, e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut state = self.state.write();
+        state.covered.extend(unreadable.iter().map(|(p, _)| *p));
+        self.unreadable.lock().extend(unreadable);
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        let seg = Segment::decode(Bytes::from(extra.encode()))
+            .map_err(|e| Error::corrupt("in-memory index of uncovered packs", e))?;
+        state.covered.extend(taken.iter().map(|(p, _)| *p));
+        state.segments.push(Arc::new(seg));
+        let n = taken.len();
+        self.uncovered.lock().extend(taken);
+        Ok(n)
     }
 
     /// Packs that no stored segment covered when they were taken in.
     pub fn uncovered_packs(&self) -> Vec<PackId> {
-        self.uncovered.lock().clone()
+        self.uncovered.lock().iter().map(|(p, _)| *p).collect()
     }
 
-    /// Takes the uncovered packs: the caller's next segment will cover them.
-    pub fn take_uncovered_packs(&self) -> Vec<PackId> {
+    /// Takes the uncovered packs with their tables: the caller's next
+    /// segment will cover them.
+    pub fn take_uncovered_packs(&self) -> Vec<(PackId, Vec<PackEntry>)> {
         std::mem::take(&mut *self.uncovered.lock())
+    }
+
+    /// Uncovered packs whose table could not be read, with why.
+    pub fn unreadable_packs(&self) -> Vec<(PackId, String)> {
+        self.unreadable.lock().clone()
     }
 
     /// Where chunk `id` is stored, if any segment holds it.
@@ -555,6 +591,19 @@ pub struct RebuildReport {
     pub damaged_packs: Vec<(PackId, String)>,
     /// Old segments removed.
     pub segments_removed: usize,
+}
+
+impl std::fmt::Display for RebuildReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "index rebuilt from {} packs: {} chunks, {} old segments removed, {} damaged packs skipped",
+            self.packs,
+            self.entries,
+            self.segments_removed,
+            self.damaged_packs.len()
+        )
+    }
 }
 
 /// Rebuilds the index from the packs alone: one new segment replaces every

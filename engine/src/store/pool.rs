@@ -32,8 +32,15 @@ pub trait PoolRead: Send + Sync {
     /// The object's size in bytes.
     fn size(&self, kind: FileKind, name: &str) -> Result<u64>;
 
-    /// A human-readable location for messages (a path, a URL).
+    /// A human-readable location for messages (a path, a URL). Never
+    /// contains secrets.
     fn location(&self) -> String;
+
+    /// Free space where the pool is stored, when its medium can tell (a
+    /// local file system); `None` when it cannot (object storage).
+    fn free_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// A streaming, create-only, atomic write of one object.
@@ -66,6 +73,13 @@ pub trait PoolWrite: Send + Sync {
 pub trait PoolList: Send + Sync {
     /// Names of every committed object of `kind`, in no particular order.
     fn list(&self, kind: FileKind) -> Result<Vec<String>>;
+
+    /// Names and sizes of every object of `kind`, when the pool learns the
+    /// sizes with the listing (object stores do); `None` otherwise (callers
+    /// then ask [`PoolRead::size`] per object).
+    fn list_sizes(&self, _kind: FileKind) -> Result<Option<Vec<(String, u64)>>> {
+        Ok(None)
+    }
 }
 
 /// Deleting objects.
@@ -102,6 +116,9 @@ macro_rules! forward_pool {
             fn location(&self) -> String {
                 (**self).location()
             }
+            fn free_bytes(&self) -> Result<Option<u64>> {
+                (**self).free_bytes()
+            }
         }
 
         impl<P: PoolWrite + ?Sized> PoolWrite for $ty {
@@ -116,6 +133,9 @@ macro_rules! forward_pool {
         impl<P: PoolList + ?Sized> PoolList for $ty {
             fn list(&self, kind: FileKind) -> Result<Vec<String>> {
                 (**self).list(kind)
+            }
+            fn list_sizes(&self, kind: FileKind) -> Result<Option<Vec<(String, u64)>>> {
+                (**self).list_sizes(kind)
             }
         }
 
@@ -180,6 +200,10 @@ pub trait PoolWrapper: Send + Sync {
     fn location(&self) -> String {
         self.inner().location()
     }
+    /// See [`PoolRead::free_bytes`].
+    fn free_bytes(&self) -> Result<Option<u64>> {
+        self.inner().free_bytes()
+    }
     /// See [`PoolWrite::create`].
     fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
         self.inner().create(kind, name)
@@ -199,6 +223,10 @@ pub trait PoolWrapper: Send + Sync {
     /// See [`PoolList::list`].
     fn list(&self, kind: FileKind) -> Result<Vec<String>> {
         self.inner().list(kind)
+    }
+    /// See [`PoolList::list_sizes`].
+    fn list_sizes(&self, kind: FileKind) -> Result<Option<Vec<(String, u64)>>> {
+        self.inner().list_sizes(kind)
     }
     /// See [`PoolDelete::delete`].
     fn delete(&self, kind: FileKind, name: &str) -> Result<()> {
@@ -223,6 +251,9 @@ impl<W: PoolWrapper> PoolRead for WrappedPool<W> {
     fn location(&self) -> String {
         self.0.location()
     }
+    fn free_bytes(&self) -> Result<Option<u64>> {
+        self.0.free_bytes()
+    }
 }
 
 impl<W: PoolWrapper> PoolWrite for WrappedPool<W> {
@@ -237,6 +268,9 @@ impl<W: PoolWrapper> PoolWrite for WrappedPool<W> {
 impl<W: PoolWrapper> PoolList for WrappedPool<W> {
     fn list(&self, kind: FileKind) -> Result<Vec<String>> {
         self.0.list(kind)
+    }
+    fn list_sizes(&self, kind: FileKind) -> Result<Option<Vec<(String, u64)>>> {
+        self.0.list_sizes(kind)
     }
 }
 

@@ -39,7 +39,6 @@ use crate::store::blob::Compression;
 use crate::store::format::{MAX_STRING, PROP_FALLBACK};
 use crate::store::index::Index;
 use crate::store::manifest::{Snapshot, SnapshotMode};
-use crate::store::pack::read_pack_table;
 use crate::store::pool::Pool;
 
 use assembler::Assembled;
@@ -76,8 +75,9 @@ pub struct BackupOptions {
     /// Recorded in the manifest.
     pub properties: BTreeMap<String, String>,
     /// The snapshot recorded as the parent when no disk is an incremental
-    /// (a full read deduplicated against an earlier copy). Incremental disks
-    /// bring their parent in their [`ChangedBlocks`](crate::ChangedBlocks).
+    /// (a full read deduplicated against an earlier copy). When a disk is an
+    /// incremental, the parent in its [`ChangedBlocks`](crate::ChangedBlocks)
+    /// is recorded instead (the first such disk's).
     pub parent: Option<SnapshotId>,
     /// Receives progress (default: none).
     pub progress: Arc<dyn Progress>,
@@ -309,7 +309,7 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
     let mut seen = HashSet::new();
     let mut plan = Plan {
         mode: SnapshotMode::Full,
-        parent: opts.parent,
+        parent: None,
         bytes_dirty: 0,
     };
     for d in disks {
@@ -331,6 +331,7 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
                 .sum::<u64>();
         }
     }
+    plan.parent = plan.parent.or(opts.parent);
     Ok(plan)
 }
 
@@ -427,9 +428,11 @@ fn run_pipeline(
         }
         result
     });
+    // A reader or worker error (cancellation included) is the cause of
+    // whatever the assembler saw afterwards.
     match (assembled, failure.take()) {
-        (Err(e), _) => Err(e),
-        (Ok(_), Some(e)) => Err(e),
+        (_, Some(e)) => Err(e),
+        (Err(e), None) => Err(e),
         (Ok(v), None) => Ok(v),
     }
 }
@@ -448,8 +451,7 @@ fn commit(
         mut stats,
         mut segment,
     } = assembled;
-    for pack in index.take_uncovered_packs() {
-        let entries = read_pack_table(pool, &pack)?;
+    for (pack, entries) in index.take_uncovered_packs() {
         segment.add_entries(pack, &entries);
     }
     if segment.pack_count() > 0 {
@@ -463,6 +465,11 @@ fn commit(
         if let Some(reason) = d.properties.get(PROP_FALLBACK) {
             stats.cbt_fallback.insert(d.name.clone(), reason.clone());
         }
+    }
+    // Cancelled after the last batch: no snapshot (the packs stay, as
+    // after a kill, for the next backup to reuse).
+    if opts.cancel.is_cancelled() {
+        return Err(Error::Cancelled);
     }
     let snapshot = Snapshot {
         time: SystemTime::now(),

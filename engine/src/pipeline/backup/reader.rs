@@ -128,6 +128,9 @@ fn read_image(
 ) -> Result<bool> {
     // Emits a range not read: a hole, or the parent's extents in pieces.
     let gap = |feed: &mut Feed<'_>, range: Range<u64>| -> Result<bool> {
+        if feed.failure.check(feed.cancel) {
+            return Ok(false);
+        }
         let pieces = match changed {
             None => vec![vec![(range.end - range.start, None)]],
             Some(c) => c.reuse(range)?.chunks(1 << 16).map(<[_]>::to_vec).collect(),
