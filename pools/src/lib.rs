@@ -4,18 +4,28 @@
 //! bytes under the names the engine gives; it defines no format of its own.
 //!
 //! - [`LocalPool`]: a directory (the embedded default, a dedup pool).
+//! - [`ObjectPool`]: an S3-compatible bucket (`s3://BUCKET/PREFIX`).
 //! - [`MemoryPool`]: in memory, for tests and embedding experiments.
 //!
-//! Later: the standard pool (one directory per backup set), tape (sequential
-//! media) and object (S3-compatible) pools plug in here behind the same traits.
+//! [`open`] and [`create`] take a pool address (see [`PoolAddress`]) and
+//! return the engine's pool handle; the CLI and embedders parse addresses
+//! only through them. Later: the standard pool (one directory per backup
+//! set) and tape (sequential media) plug in here behind the same traits.
 
 #![warn(missing_docs)]
 
+mod address;
 mod local;
 mod memory;
+mod object;
 
+pub use address::{
+    create, open, redact, OpenedPool, PoolAddress, S3Address, ACCEPTED_FORMS,
+    DEFAULT_S3_RETRY_TIMEOUT, DEFAULT_S3_TIMEOUT,
+};
 pub use local::LocalPool;
 pub use memory::MemoryPool;
+pub use object::{ObjectPool, RequestStats, S3Settings, PARTS_IN_FLIGHT, PART_SIZE};
 
 /// Errors raised while opening or creating a pool (operations on an open pool
 /// use `cairn_engine::Error`).
@@ -37,6 +47,25 @@ pub enum PoolOpenError {
     /// The pool's path is not a directory.
     #[error("{0} is not a directory")]
     NotADirectory(std::path::PathBuf),
+    /// The address is not one of the accepted forms.
+    #[error(
+        "pool address {address:?}: {reason}; accepted forms: {}",
+        address::ACCEPTED_FORMS
+    )]
+    BadAddress {
+        /// The address as given (credentials redacted).
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pool's settings or credentials are unusable.
+    #[error("pool {address}: {reason}")]
+    Settings {
+        /// The pool's address (no secrets).
+        address: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl From<PoolOpenError> for cairn_engine::Error {
@@ -46,6 +75,9 @@ impl From<PoolOpenError> for cairn_engine::Error {
                 (path.display().to_string(), false)
             }
             PoolOpenError::Missing(path) => (path.display().to_string(), true),
+            PoolOpenError::BadAddress { address, .. } | PoolOpenError::Settings { address, .. } => {
+                (address.clone(), false)
+            }
         };
         cairn_engine::Error::PoolOpen {
             location,

@@ -181,6 +181,26 @@ impl PoolRead for LocalPool {
     fn location(&self) -> String {
         self.root.display().to_string()
     }
+
+    fn free_bytes(&self) -> Result<Option<u64>> {
+        let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::InvalidArgument("pool path holds a NUL byte".into()))?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+        // SAFETY: `path` is a NUL-terminated string and `st` points to
+        // writable memory of the right size; statvfs only writes into it.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(Error::io(
+                format!("statvfs {}", self.root.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: statvfs returned 0, so it filled the structure.
+        let st = unsafe { st.assume_init() };
+        Ok(Some(
+            st.f_bavail.saturating_mul(st.f_frsize),
+        ))
+    }
 }
 
 /// A write in progress: a temporary file in `tmp/`.

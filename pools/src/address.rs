@@ -1,0 +1,350 @@
+//! Pool addresses, parsed in one place: [`PoolAddress::parse`], and
+//! [`open`] / [`create`], which embedders call too.
+//!
+//! Accepted forms (also in [`ACCEPTED_FORMS`]):
+//! - `DIR` or `dedup:DIR` — the local directory pool (the default);
+//! - `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&timeout=D&retry_timeout=D]`
+//!   — an S3-compatible bucket; credentials come from `AWS_ACCESS_KEY_ID`,
+//!   `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, never from the address.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_engine::DynPool;
+
+use crate::object::{ObjectPool, RequestStats};
+use crate::{LocalPool, PoolOpenError};
+
+/// What a pool address may look like, for usage errors.
+pub const ACCEPTED_FORMS: &str = "DIR, dedup:DIR, or \
+s3://BUCKET[/PREFIX][?endpoint=URL&region=R&timeout=30s&retry_timeout=2m]";
+
+/// Default time one S3 request may take.
+pub const DEFAULT_S3_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time an S3 request may be retried for before it fails.
+pub const DEFAULT_S3_RETRY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A parsed pool address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolAddress {
+    /// A local directory (deduplicating pool).
+    Local(PathBuf),
+    /// An S3-compatible bucket.
+    S3(S3Address),
+}
+
+/// Where an object pool lives. Holds no secrets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct S3Address {
+    /// The bucket.
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing `/`; may be empty).
+    pub prefix: String,
+    /// The service endpoint (`http(s)://host[:port]`), when not AWS's.
+    pub endpoint: Option<String>,
+    /// The region (default: `AWS_REGION`, else `us-east-1`).
+    pub region: Option<String>,
+    /// Time one request may take.
+    pub timeout: Duration,
+    /// Time a request may be retried for before it fails.
+    pub retry_timeout: Duration,
+}
+
+impl fmt::Display for S3Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}", self.bucket)?;
+        if !self.prefix.is_empty() {
+            write!(f, "/{}", self.prefix)?;
+        }
+        let mut sep = '?';
+        if let Some(e) = &self.endpoint {
+            write!(f, "{sep}endpoint={e}")?;
+            sep = '&';
+        }
+        if let Some(r) = &self.region {
+            write!(f, "{sep}region={r}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PoolAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PoolAddress::Local(p) => write!(f, "{}", p.display()),
+            PoolAddress::S3(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl PoolAddress {
+    /// Parses an address; the error shows the accepted forms.
+    pub fn parse(address: &str) -> Result<Self, PoolOpenError> {
+        let bad = |reason: &str| PoolOpenError::BadAddress {
+            address: redact(address),
+            reason: reason.to_string(),
+        };
+        if address.is_empty() {
+            return Err(bad("empty address"));
+        }
+        if let Some(rest) = address.strip_prefix("s3://") {
+            return parse_s3(rest).map(PoolAddress::S3).map_err(|r| bad(&r));
+        }
+        if let Some(dir) = address.strip_prefix("dedup:") {
+            if dir.is_empty() {
+                return Err(bad("dedup: needs a directory"));
+            }
+            return Ok(PoolAddress::Local(PathBuf::from(dir)));
+        }
+        for kind in ["standard:", "tape:"] {
+            if address.starts_with(kind) {
+                return Err(bad(&format!(
+                    "{} pools are not supported by this version",
+                    kind.trim_end_matches(':')
+                )));
+            }
+        }
+        if let Some((scheme, _)) = address.split_once("://") {
+            return Err(bad(&format!("unknown pool kind {scheme:?}")));
+        }
+        Ok(PoolAddress::Local(PathBuf::from(address)))
+    }
+
+    /// The kind of pool, for reports: `local` or `s3`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PoolAddress::Local(_) => "local",
+            PoolAddress::S3(_) => "s3",
+        }
+    }
+}
+
+/// `address` with any `user:password@` of a URL in it replaced by `***@`.
+pub fn redact(address: &str) -> String {
+    let mut out = String::with_capacity(address.len());
+    let mut rest = address;
+    while let Some(i) = rest.find("://") {
+        out.push_str(&rest[..i + 3]);
+        rest = &rest[i + 3..];
+        let end = rest.find(['/', '?', '&']).unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            out.push_str("***");
+            rest = &rest[at..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Decodes `%XX` escapes in a query value.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
+}
+
+fn parse_s3(rest: &str) -> Result<S3Address, String> {
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let (bucket, prefix) = match path.split_once('/') {
+        Some((b, p)) => (b, p.trim_matches('/')),
+        None => (path, ""),
+    };
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-');
+    if !valid_bucket {
+        return Err(format!(
+            "bucket {bucket:?} must be 3–63 characters of a–z, 0–9, '.' and '-'"
+        ));
+    }
+    if prefix.split('/').any(|seg| seg == "." || seg == "..") || prefix.contains("//") {
+        return Err(format!("prefix {prefix:?} has empty, . or .. segments"));
+    }
+    let mut addr = S3Address {
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+        endpoint: None,
+        region: None,
+        timeout: DEFAULT_S3_TIMEOUT,
+        retry_timeout: DEFAULT_S3_RETRY_TIMEOUT,
+    };
+    for pair in query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("query item {pair:?} is not KEY=VALUE"))?;
+        let value = percent_decode(value)?;
+        let duration = |v: &str| {
+            humantime::parse_duration(v)
+                .ok()
+                .filter(|d| !d.is_zero() && *d <= Duration::from_secs(3600))
+                .ok_or_else(|| format!("{key}={v:?}: give a duration from 1ms to 1h, like 30s"))
+        };
+        match key {
+            "endpoint" => addr.endpoint = Some(parse_endpoint(&value)?),
+            "region" if !value.is_empty() => addr.region = Some(value),
+            "timeout" => addr.timeout = duration(&value)?,
+            "retry_timeout" => addr.retry_timeout = duration(&value)?,
+            other => return Err(format!("unknown setting {other:?}")),
+        }
+    }
+    Ok(addr)
+}
+
+/// Checks an endpoint URL: `http(s)://host[:port]`, no credentials in it.
+fn parse_endpoint(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("endpoint {url:?} must start with http:// or https://"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.contains('@') {
+        return Err(
+            "the endpoint must not carry credentials; set AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY"
+                .into(),
+        );
+    }
+    if host.is_empty() {
+        return Err(format!("endpoint {url:?} has no host"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// An opened pool and what the caller may want to know about it.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct OpenedPool {
+    /// The pool.
+    pub pool: DynPool,
+    /// Where it is.
+    pub address: PoolAddress,
+    /// Requests made, for pools that pay per request (object storage).
+    pub requests: Option<Arc<RequestStats>>,
+}
+
+impl fmt::Debug for OpenedPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenedPool")
+            .field("address", &self.address)
+            .field("requests", &self.requests)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the pool at `address` (which must exist).
+pub fn open(address: &str) -> Result<OpenedPool, PoolOpenError> {
+    open_parsed(PoolAddress::parse(address)?, false)
+}
+
+/// Opens the pool at `address`, creating what its medium needs first (a
+/// local directory and its layout; an S3 bucket must exist already).
+pub fn create(address: &str) -> Result<OpenedPool, PoolOpenError> {
+    open_parsed(PoolAddress::parse(address)?, true)
+}
+
+fn open_parsed(address: PoolAddress, create: bool) -> Result<OpenedPool, PoolOpenError> {
+    match &address {
+        PoolAddress::Local(dir) => {
+            let pool = if create {
+                LocalPool::create(dir)?
+            } else {
+                LocalPool::open(dir)?
+            };
+            Ok(OpenedPool {
+                pool: Arc::new(pool),
+                address,
+                requests: None,
+            })
+        }
+        PoolAddress::S3(s3) => {
+            let pool = ObjectPool::open(s3)?;
+            let requests = Some(pool.stats());
+            Ok(OpenedPool {
+                pool: Arc::new(pool),
+                address,
+                requests,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_or_say_what_is_accepted() {
+        assert_eq!(
+            PoolAddress::parse("/backup/pool").unwrap(),
+            PoolAddress::Local("/backup/pool".into())
+        );
+        assert_eq!(
+            PoolAddress::parse("dedup:rel/dir").unwrap(),
+            PoolAddress::Local("rel/dir".into())
+        );
+        let PoolAddress::S3(s) = PoolAddress::parse(
+            "s3://my-bucket/a/b/?endpoint=http%3A%2F%2F127.0.0.1%3A9000&region=eu-1&timeout=5s",
+        )
+        .unwrap() else {
+            panic!("not s3")
+        };
+        assert_eq!(s.bucket, "my-bucket");
+        assert_eq!(s.prefix, "a/b");
+        assert_eq!(s.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s.region.as_deref(), Some("eu-1"));
+        assert_eq!(s.timeout, Duration::from_secs(5));
+        assert_eq!(
+            s.to_string(),
+            "s3://my-bucket/a/b?endpoint=http://127.0.0.1:9000&region=eu-1"
+        );
+        let PoolAddress::S3(bare) = PoolAddress::parse("s3://bkt").unwrap() else {
+            panic!("not s3")
+        };
+        assert_eq!(bare.prefix, "");
+        for bad in [
+            "",
+            "s3://",
+            "s3://Upper/x",
+            "s3://ab",
+            "s3://bucket/../x",
+            "s3://bucket?colour=red",
+            "s3://bucket?timeout=forever",
+            "s3://bucket?endpoint=ftp://x",
+            "s3://bucket?endpoint=http://key:secret@host",
+            "gs://bucket",
+            "dedup:",
+            "tape:/dev/nst0",
+        ] {
+            let e = PoolAddress::parse(bad).unwrap_err();
+            assert!(matches!(e, PoolOpenError::BadAddress { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains("s3://BUCKET"), "{bad}: {e}");
+            assert!(!e.to_string().contains("secret"), "{bad}: {e}");
+        }
+    }
+}

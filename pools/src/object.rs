@@ -1,0 +1,578 @@
+//! The object pool: S3-compatible object storage (AWS, Ceph RGW, MinIO, any
+//! S3 service) through the `object_store` crate.
+//!
+//! Layout under the bucket and prefix, one object per pool object:
+//! ```text
+//! PREFIX/config
+//! PREFIX/packs/<name>
+//! PREFIX/index/<name>
+//! PREFIX/snapshots/<name>
+//! ```
+//!
+//! - Small objects are one conditional PUT (`If-None-Match: *`): nothing is
+//!   ever overwritten. Packs larger than one part stream up as multipart
+//!   uploads with a bounded number of parts in flight, so memory stays flat;
+//!   a multipart completion is not conditional in S3's API, which is why
+//!   every writer picks fresh random names (packs, segments) or names that
+//!   are the hash of their content (manifests). Some servers check-then-write
+//!   instead of putting atomically; unique names make that harmless too.
+//! - A create retried after a timeout can find its own first attempt already
+//!   stored: the object is read back and accepted when its bytes are the
+//!   ones being written, refused otherwise.
+//! - Requests are retried with exponential backoff and jitter on 5xx,
+//!   429/SlowDown, timeouts and dropped connections (`object_store`'s retry
+//!   layer), for a bounded total time, then fail with an error naming the
+//!   object.
+//!
+//! ## Threads and async
+//! `object_store` is async. The pool owns a private tokio runtime and every
+//! call blocks its calling thread until the requests it makes are done. It
+//! works from any thread: a plain thread, a rayon worker, or, inside an
+//! async program, a `tokio::task::spawn_blocking` closure (calling it from an
+//! async task directly would block that task's executor thread).
+
+use std::future::Future;
+use std::io::Write;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_engine::{
+    Error, FileKind, ObjectWriter, PoolDelete, PoolList, PoolRead, PoolWrite, Result,
+};
+use futures::StreamExt;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ClientOptions, MultipartUpload, ObjectStore, PutMode, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
+};
+
+use crate::address::S3Address;
+use crate::PoolOpenError;
+
+/// Size of one multipart part (and the largest object sent as one PUT).
+pub const PART_SIZE: usize = 16 << 20;
+/// Most parts of one upload in flight at once.
+pub const PARTS_IN_FLIGHT: usize = 4;
+
+/// Counts the requests a pool makes (one per GET, range GET, HEAD, PUT,
+/// DELETE, list page, multipart create/part/complete; retries inside a
+/// request are not counted).
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    requests: AtomicU64,
+}
+
+impl RequestStats {
+    /// Requests made so far.
+    pub fn total(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: u64) {
+        self.requests.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A pool in an S3 bucket (see the module documentation).
+pub struct ObjectPool {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    location: String,
+    runtime: Arc<tokio::runtime::Runtime>,
+    stats: Arc<RequestStats>,
+}
+
+impl std::fmt::Debug for ObjectPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The store's own Debug would show its configuration, credentials
+        // included: never print it.
+        f.debug_struct("ObjectPool")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads an environment variable, treating an empty value as unset.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Credentials and client settings of an object pool. `Debug` never shows
+/// the secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct S3Settings {
+    /// `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: String,
+    /// `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: String,
+    /// `AWS_SESSION_TOKEN`, for temporary credentials.
+    pub session_token: Option<String>,
+    /// `AWS_REGION` (the address's `region` wins).
+    pub region: Option<String>,
+    /// `AWS_ENDPOINT_URL` / `AWS_ENDPOINT` (the address's `endpoint` wins).
+    pub endpoint: Option<String>,
+    /// `AWS_ALLOW_HTTP`: plain-http endpoints are allowed.
+    pub allow_http: bool,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+impl S3Settings {
+    /// Credentials and settings with the given key pair, nothing else set.
+    pub fn new(access_key_id: impl Into<String>, secret_access_key: impl Into<String>) -> Self {
+        S3Settings {
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret_access_key.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Reads the usual variables: `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` (or
+    /// `AWS_DEFAULT_REGION`), `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`),
+    /// `AWS_ALLOW_HTTP`. Missing keys are an error naming them.
+    pub fn from_env() -> std::result::Result<Self, String> {
+        let (Some(key), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
+        else {
+            return Err(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
+            );
+        };
+        Ok(S3Settings {
+            access_key_id: key,
+            secret_access_key: secret,
+            session_token: env("AWS_SESSION_TOKEN"),
+            region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")),
+            endpoint: env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT")),
+            allow_http: env("AWS_ALLOW_HTTP").is_some_and(|v| v == "true" || v == "1"),
+        })
+    }
+}
+
+impl ObjectPool {
+    /// Opens the pool at `address` with credentials and settings from the
+    /// environment ([`S3Settings::from_env`]). Requests are path-style, so
+    /// local servers work. No request is made until the pool is used.
+    pub fn open(address: &S3Address) -> std::result::Result<Self, PoolOpenError> {
+        let settings = S3Settings::from_env().map_err(|reason| PoolOpenError::Settings {
+            address: address.to_string(),
+            reason,
+        })?;
+        Self::open_with(address, &settings)
+    }
+
+    /// Opens the pool at `address` with explicit credentials and settings.
+    pub fn open_with(
+        address: &S3Address,
+        settings: &S3Settings,
+    ) -> std::result::Result<Self, PoolOpenError> {
+        let bad = |reason: String| PoolOpenError::Settings {
+            address: address.to_string(),
+            reason,
+        };
+        let allow_http = settings.allow_http;
+        let endpoint = address
+            .endpoint
+            .clone()
+            .or_else(|| settings.endpoint.clone());
+        if endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"))
+            && !allow_http
+        {
+            return Err(bad(
+                "the endpoint is plain http: set AWS_ALLOW_HTTP=true to allow it".into(),
+            ));
+        }
+        let region = address
+            .region
+            .clone()
+            .or_else(|| settings.region.clone())
+            .unwrap_or_else(|| "us-east-1".into());
+        let options = ClientOptions::new()
+            .with_allow_http(allow_http)
+            .with_timeout(address.timeout)
+            .with_connect_timeout(address.timeout.min(Duration::from_secs(10)))
+            .with_pool_max_idle_per_host(16);
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: 10,
+            retry_timeout: address.retry_timeout,
+        };
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(&address.bucket)
+            .with_region(region)
+            .with_access_key_id(&settings.access_key_id)
+            .with_secret_access_key(&settings.secret_access_key)
+            .with_virtual_hosted_style_request(false)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_client_options(options)
+            .with_retry(retry);
+        if let Some(token) = &settings.session_token {
+            builder = builder.with_token(token);
+        }
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let store = builder.build().map_err(|e| bad(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cairn-s3")
+            .enable_all()
+            .build()
+            .map_err(|source| PoolOpenError::Io {
+                path: "tokio runtime".into(),
+                source,
+            })?;
+        Ok(ObjectPool {
+            store: Arc::new(store),
+            prefix: address.prefix.trim_matches('/').to_string(),
+            location: address.to_string(),
+            runtime: Arc::new(runtime),
+            stats: Arc::new(RequestStats::default()),
+        })
+    }
+
+    /// The requests this pool has made.
+    pub fn stats(&self) -> Arc<RequestStats> {
+        self.stats.clone()
+    }
+
+    /// The key of a pool object.
+    fn key(&self, kind: FileKind, name: &str) -> Result<ObjectPath> {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+            return Err(Error::InvalidArgument(format!(
+                "object name {name:?} is not a plain name"
+            )));
+        }
+        let rel = match kind {
+            FileKind::Config => name.to_string(),
+            other => format!("{}/{name}", other.dir_name()),
+        };
+        Ok(ObjectPath::from(self.with_prefix(&rel)))
+    }
+
+    fn with_prefix(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        }
+    }
+
+    /// Runs `fut` on the pool's runtime and waits for it (from any thread).
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+        block_on(&self.runtime, fut)
+    }
+}
+
+/// Runs `fut` on `runtime` and blocks the calling thread until it is done.
+/// Works on threads that run no runtime and on threads that run another one
+/// (`spawn` never nests a runtime, unlike `Runtime::block_on`).
+fn block_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Result<T> {
+    futures::executor::block_on(runtime.spawn(fut))
+        .map_err(|e| Error::Internal(format!("S3 request task failed: {e}")))
+}
+
+/// Maps an `object_store` error on object `kind`/`name` to the engine's.
+fn store_error(op: &'static str, kind: FileKind, name: &str, e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::NotFound { .. } => Error::NotFound {
+            kind,
+            name: name.to_string(),
+        },
+        object_store::Error::AlreadyExists { .. } => Error::AlreadyExists {
+            kind,
+            name: name.to_string(),
+        },
+        other => Error::PoolIo {
+            op,
+            kind,
+            name: name.to_string(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
+}
+
+impl PoolRead for ObjectPool {
+    fn read(&self, kind: FileKind, name: &str) -> Result<Bytes> {
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        self.stats.add(1);
+        self.run(async move { store.get(&key).await?.bytes().await })?
+            .map_err(|e| store_error("read", kind, name, e))
+    }
+
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Bytes> {
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        let range: Range<u64> = offset..offset + len as u64;
+        self.stats.add(1);
+        let bytes = self
+            .run(async move { store.get_range(&key, range).await })?
+            .map_err(|e| store_error("read", kind, name, e))?;
+        if bytes.len() != len {
+            return Err(Error::PoolIo {
+                op: "read",
+                kind,
+                name: name.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{len} bytes at offset {offset}: the object returned {}",
+                        bytes.len()
+                    ),
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        self.stats.add(1);
+        self.run(async move { store.head(&key).await })?
+            .map(|m| m.size)
+            .map_err(|e| store_error("stat", kind, name, e))
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+}
+
+impl PoolList for ObjectPool {
+    fn list(&self, kind: FileKind) -> Result<Vec<String>> {
+        Ok(self.listing(kind)?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    fn list_sizes(&self, kind: FileKind) -> Result<Option<Vec<(String, u64)>>> {
+        self.listing(kind).map(Some)
+    }
+}
+
+impl ObjectPool {
+    /// Names and sizes of every object of `kind` (one request per page).
+    fn listing(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
+        let dir = match kind {
+            FileKind::Config => {
+                return match self.size(kind, "config") {
+                    Ok(size) => Ok(vec![("config".to_string(), size)]),
+                    Err(Error::NotFound { .. }) => Ok(Vec::new()),
+                    Err(e) => Err(e),
+                };
+            }
+            other => ObjectPath::from(self.with_prefix(other.dir_name())),
+        };
+        let store = self.store.clone();
+        let listed = self
+            .run(async move {
+                let mut out = Vec::new();
+                let mut stream = store.list(Some(&dir));
+                while let Some(meta) = stream.next().await {
+                    let meta = meta?;
+                    if let Some(name) = meta.location.filename() {
+                        out.push((name.to_string(), meta.size));
+                    }
+                }
+                Ok::<_, object_store::Error>(out)
+            })?
+            .map_err(|e| store_error("list", kind, "*", e))?;
+        // One request per page of up to 1000 keys.
+        self.stats.add((listed.len() as u64).div_ceil(1000).max(1));
+        Ok(listed)
+    }
+}
+
+impl PoolDelete for ObjectPool {
+    fn delete(&self, kind: FileKind, name: &str) -> Result<()> {
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        self.stats.add(2);
+        // S3 deletes of missing keys succeed: check first, so a missing
+        // object is reported as the contract says.
+        self.run(async move {
+            store.head(&key).await?;
+            store.delete(&key).await
+        })?
+        .map_err(|e| store_error("delete", kind, name, e))
+    }
+}
+
+impl PoolWrite for ObjectPool {
+    fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        let key = self.key(kind, name)?;
+        Ok(Box::new(S3Writer {
+            store: self.store.clone(),
+            runtime: self.runtime.clone(),
+            stats: self.stats.clone(),
+            key,
+            kind,
+            name: name.to_string(),
+            buffer: Vec::new(),
+            upload: None,
+            uploaded: 0,
+        }))
+    }
+}
+
+/// A write in progress: buffered up to one part, then a multipart upload.
+struct S3Writer {
+    store: Arc<dyn ObjectStore>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    stats: Arc<RequestStats>,
+    key: ObjectPath,
+    kind: FileKind,
+    name: String,
+    buffer: Vec<u8>,
+    upload: Option<WriteMultipart>,
+    uploaded: u64,
+}
+
+impl S3Writer {
+    fn err(&self, op: &'static str, e: object_store::Error) -> Error {
+        store_error(op, self.kind, &self.name, e)
+    }
+
+    /// Sends the buffered part, starting the multipart upload first if needed.
+    fn flush_part(&mut self) -> Result<()> {
+        if self.upload.is_none() {
+            let store = self.store.clone();
+            let key = self.key.clone();
+            self.stats.add(1);
+            let upload: Box<dyn MultipartUpload> =
+                block_on(
+                    &self.runtime,
+                    async move { store.put_multipart(&key).await },
+                )?
+                .map_err(|e| self.err("write", e))?;
+            self.upload = Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE));
+        }
+        let part = Bytes::from(std::mem::take(&mut self.buffer));
+        self.uploaded += part.len() as u64;
+        let Some(mut upload) = self.upload.take() else {
+            return Err(Error::Internal("multipart upload vanished".into()));
+        };
+        self.stats.add(1);
+        let (upload, waited) = block_on(&self.runtime, async move {
+            // Back pressure: at most PARTS_IN_FLIGHT parts buffered or sending.
+            let waited = upload.wait_for_capacity(PARTS_IN_FLIGHT - 1).await;
+            upload.put(part);
+            (upload, waited)
+        })?;
+        self.upload = Some(upload);
+        waited.map_err(|e| self.err("write", e))
+    }
+
+    /// One conditional PUT of the whole (small) object.
+    fn put_once(&mut self) -> Result<()> {
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let data = Bytes::from(std::mem::take(&mut self.buffer));
+        let payload = PutPayload::from_bytes(data.clone());
+        self.stats.add(1);
+        let result = block_on(&self.runtime, async move {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            store.put_opts(&key, payload, opts).await
+        })?;
+        match result {
+            Ok(_) => Ok(()),
+            // A retried PUT may find its own first attempt: accept it when
+            // the stored bytes are ours.
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let store = self.store.clone();
+                let key = self.key.clone();
+                self.stats.add(1);
+                let stored = block_on(&self.runtime, async move {
+                    store.get(&key).await?.bytes().await
+                })?
+                .map_err(|e| self.err("read back", e))?;
+                if stored == data {
+                    Ok(())
+                } else {
+                    Err(Error::AlreadyExists {
+                        kind: self.kind,
+                        name: self.name.clone(),
+                    })
+                }
+            }
+            Err(e) => Err(self.err("write", e)),
+        }
+    }
+}
+
+impl Write for S3Writer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = PART_SIZE - self.buffer.len();
+        let n = data.len().min(room);
+        self.buffer.extend_from_slice(&data[..n]);
+        if self.buffer.len() == PART_SIZE {
+            self.flush_part()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for S3Writer {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.upload.is_none() {
+            return self.put_once();
+        }
+        if !self.buffer.is_empty() {
+            self.flush_part()?;
+        }
+        let Some(upload) = self.upload.take() else {
+            return Err(Error::Internal("multipart upload vanished".into()));
+        };
+        self.stats.add(1);
+        block_on(&self.runtime, async move { upload.finish().await })?
+            .map(|_| ())
+            .map_err(|e| self.err("write", e))
+    }
+}
+
+impl Drop for S3Writer {
+    fn drop(&mut self) {
+        // Not committed: abort the multipart upload so its parts are freed
+        // (a bucket lifecycle rule for incomplete uploads covers a process
+        // killed before this runs).
+        if let Some(upload) = self.upload.take() {
+            let _ = block_on(&self.runtime, async move { upload.abort().await });
+        }
+    }
+}
