@@ -21,6 +21,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# The object-pool tests run against a real S3-compatible server on
+# 127.0.0.1: s3s-fs (0.14.1: later versions need a newer rustc). About 3–4
+# minutes to build the first time.
+if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
+  cargo install s3s-fs@0.14.1 --locked --features binary
+fi
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
 # Tests create multi-GiB sparse and data files under the temp directory.
 export TMPDIR="${TMPDIR:-/tmp}"
 cargo test --workspace --locked "$@"

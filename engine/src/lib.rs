@@ -89,7 +89,7 @@ pub use store::format;
 /// Byte buffers as pools return them.
 pub use bytes;
 
-pub use chunker::{is_zero, ChunkingParams};
+pub use chunker::{is_zero, parse_size, ChunkingParams};
 pub use error::{Error, Result};
 pub use id::{ChunkId, IdScheme, PackId, PoolId, SegmentId, SnapshotId};
 pub use kind::FileKind;
@@ -100,7 +100,7 @@ pub use pipeline::verify::{Damage, DamageKind, VerifyOptions, VerifyReport};
 pub use platform::{Platform, PlatformSnapshot, VmDisk, VmInfo};
 pub use progress::{CancelToken, NoProgress, Progress};
 pub use repo::Repository;
-pub use snapshots::{DiskInfo, SnapshotInfo, SnapshotList, SnapshotSelector, MIN_PREFIX};
+pub use snapshots::{DiskInfo, PoolInfo, SnapshotInfo, SnapshotList, SnapshotSelector, MIN_PREFIX};
 pub use source::{
     align_extents, partial_path, publish_file, DiskSource, DiskTarget, MappedBytes, MappedDisk,
     MemorySource, MemoryTarget, NbdAddress, NbdConnection, NbdSource, NbdTarget, RawFileSource,

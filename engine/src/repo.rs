@@ -21,7 +21,7 @@ use crate::pipeline::input::BackupDisk;
 use crate::pipeline::restore::{self, MakeTarget, RestoreOptions, RestoreStats};
 use crate::pipeline::verify::{self, VerifyOptions, VerifyReport};
 use crate::random::random_16;
-use crate::snapshots::{SnapshotInfo, SnapshotList, SnapshotSelector};
+use crate::snapshots::{PoolInfo, SnapshotInfo, SnapshotList, SnapshotSelector};
 use crate::store::config::PoolConfig;
 use crate::store::format::CONFIG_NAME;
 use crate::store::index::{rebuild, Index, RebuildReport};
@@ -264,7 +264,16 @@ impl Repository {
     pub fn backup(&self, disks: Vec<BackupDisk>, opts: &BackupOptions) -> Result<BackupStats> {
         let index = self.index()?;
         index.refresh(&*self.pool)?;
-        backup::run(&*self.pool, &index, disks, opts)
+        match self.pool.preferred_pack_size() {
+            // The pool wants other packs and the caller kept the defaults.
+            Some(size) if opts.pack_target == backup::DEFAULT_PACK_TARGET => {
+                let mut opts = opts.clone();
+                opts.pack_target = size;
+                opts.pack_max_input = opts.pack_max_input.max(size.saturating_mul(2));
+                backup::run(&*self.pool, &index, disks, &opts)
+            }
+            _ => backup::run(&*self.pool, &index, disks, opts),
+        }
     }
 
     /// Prepares a VM's disks for a CBT backup: per disk, finds its newest
@@ -316,6 +325,39 @@ impl Repository {
     pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
         let index = self.index()?;
         verify::run(&*self.pool, &index, opts)
+    }
+
+    /// What the pool holds: snapshots, packs, stored and logical bytes.
+    pub fn info(&self) -> Result<PoolInfo> {
+        let list = self.snapshots()?;
+        let mut info = PoolInfo {
+            snapshots: list.snapshots.len(),
+            damaged_snapshots: list.damaged.len(),
+            logical_bytes: list.snapshots.iter().map(SnapshotInfo::bytes_logical).sum(),
+            ..PoolInfo::default()
+        };
+        for kind in FileKind::ALL {
+            let sizes = match self.pool.list_sizes(kind)? {
+                Some(sizes) => sizes,
+                None => {
+                    let mut sizes = Vec::new();
+                    for name in self.pool.list(kind)? {
+                        match self.pool.size(kind, &name) {
+                            Ok(size) => sizes.push((name, size)),
+                            // Deleted since the listing.
+                            Err(e) if e.is_not_found() => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    sizes
+                }
+            };
+            if kind == FileKind::Pack {
+                info.packs = sizes.len();
+            }
+            info.stored_bytes += sizes.iter().map(|(_, s)| s).sum::<u64>();
+        }
+        Ok(info)
     }
 
     /// Rebuilds the dedup index from the packs alone: one new segment

@@ -111,6 +111,30 @@ impl fmt::Display for SnapshotInfo {
     }
 }
 
+/// What a pool holds ([`Repository::info`](crate::Repository::info)).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct PoolInfo {
+    /// Snapshots whose manifests can be read.
+    pub snapshots: usize,
+    /// Manifests that cannot be read.
+    pub damaged_snapshots: usize,
+    /// Pack files.
+    pub packs: usize,
+    /// Bytes of every object in the pool (packs, index, manifests, config).
+    pub stored_bytes: u64,
+    /// Sum of the readable snapshots' logical sizes.
+    pub logical_bytes: u64,
+}
+
+impl PoolInfo {
+    /// Logical bytes per stored byte (`None` for an empty pool).
+    pub fn dedup_ratio(&self) -> Option<f64> {
+        (self.stored_bytes > 0 && self.logical_bytes > 0)
+            .then(|| self.logical_bytes as f64 / self.stored_bytes as f64)
+    }
+}
+
 /// Every snapshot of a pool, oldest first, and the manifests that could not
 /// be read (with why) beside them.
 #[derive(Debug, Default)]

@@ -134,7 +134,11 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
             Qcow2Outcome::Skipped { reason, alert } => Ok(Ran::Skipped { reason, alert }),
         }
     }?;
-    report(&vm, ran, run.json)
+    let requests = match &ran {
+        Ran::Done { stats, .. } => repo.requests_json("per_gib_stored", stats.bytes_new),
+        Ran::Skipped { .. } => repo.requests_json("per_gib_stored", 0),
+    };
+    report(&vm, ran, run.json, requests)
 }
 
 /// Disk names for NBD exports: `--disk-name` by position, else the export
@@ -231,7 +235,7 @@ fn backup_nbd(
     })
 }
 
-fn report(vm: &str, ran: Ran, json: bool) -> Result<u8, Failure> {
+fn report(vm: &str, ran: Ran, json: bool, requests: serde_json::Value) -> Result<u8, Failure> {
     match ran {
         Ran::Done {
             stats,
@@ -250,6 +254,7 @@ fn report(vm: &str, ran: Ran, json: bool) -> Result<u8, Failure> {
                     o.insert("next_bitmaps".into(), serde_json::json!(next_bitmaps));
                     o.insert("connections".into(), connections.into());
                     o.insert("warnings".into(), warnings.into());
+                    o.insert("requests".into(), requests);
                 }
                 output::print_json(&v);
             } else {

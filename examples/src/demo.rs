@@ -65,7 +65,7 @@ fn steps(work: &Path, size_mib: u64) -> Result<u8, Failure> {
     );
     let hash_v1 = hash_file(&disk).map_err(io("hashing the disk"))?;
 
-    let pool = open_pool(&pool_dir.display().to_string(), true)?;
+    let pool = open_pool(&pool_dir.display().to_string(), true)?.pool;
     Repository::init(pool.clone())?;
     let repo = Repository::open(pool.clone())?;
     let full = backup_disk(&repo, &disk)?;

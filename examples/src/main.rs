@@ -21,10 +21,10 @@ use std::num::NonZeroUsize;
 
 use cairn_engine::format::PROP_SOURCE;
 use cairn_engine::{
-    BackupDisk, BackupOptions, ChunkingParams, Compression, DynPool, Error, Progress,
-    RawFileSource, Repository, RestoreOptions, SnapshotSelector, VerifyOptions,
+    BackupDisk, BackupOptions, ChunkingParams, Compression, Error, Progress, RawFileSource,
+    Repository, RestoreOptions, SnapshotSelector, VerifyOptions,
 };
-use cairn_pools::LocalPool;
+use cairn_pools::{OpenedPool, PoolOpenError};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -40,9 +40,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Initialise a new pool (a directory, created if missing).
+    /// Initialise a new pool (a directory is created if missing; a bucket
+    /// must exist).
     Init {
-        /// Pool location: a directory path.
+        /// Pool address: DIR, dedup:DIR or s3://BUCKET/PREFIX[?endpoint=URL&region=R].
         pool: String,
         #[arg(long)]
         json: bool,
@@ -95,6 +96,13 @@ enum Command {
         /// Rebuild the dedup index from the packs alone.
         #[arg(long, required = true)]
         index: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a pool is and holds: kind, address, id, snapshots, packs,
+    /// stored and logical bytes, dedup ratio, free space.
+    PoolInfo {
+        pool: String,
         #[arg(long)]
         json: bool,
     },
@@ -250,24 +258,73 @@ fn print_peak_rss() {
     }
 }
 
-/// Opens a pool location. Only local directories exist so far.
-pub fn open_pool(spec: &str, create: bool) -> Result<DynPool, Failure> {
-    if spec.contains("://") || spec.starts_with("standard:") || spec.starts_with("tape:") {
-        return Err(Failure::usage(format!(
-            "pool {spec:?}: only local directory pools are supported in this version"
-        )));
-    }
-    let pool = if create {
-        LocalPool::create(spec)
+/// Opens (or, for `init`, creates) the pool at an address: `DIR`,
+/// `dedup:DIR` or `s3://BUCKET/PREFIX?…` (see `cairn_pools::PoolAddress`).
+pub fn open_pool(spec: &str, create: bool) -> Result<OpenedPool, Failure> {
+    let opened = if create {
+        cairn_pools::create(spec)
     } else {
-        LocalPool::open(spec)
-    }
-    .map_err(|e| Failure::new(e.to_string()))?;
-    Ok(Arc::new(pool))
+        cairn_pools::open(spec)
+    };
+    opened.map_err(|e| match e {
+        PoolOpenError::BadAddress { .. } => Failure::usage(e.to_string()),
+        e => Failure::new(e.to_string()),
+    })
 }
 
-pub fn open_repo(spec: &str) -> Result<Repository, Failure> {
-    Ok(Repository::open(open_pool(spec, false)?)?)
+/// An open repository and what its pool reports about itself.
+pub struct Opened {
+    /// The repository.
+    pub repo: Repository,
+    /// The pool as opened (address, request counter).
+    pub pool: OpenedPool,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Opened {
+    type Target = Repository;
+    fn deref(&self) -> &Repository {
+        &self.repo
+    }
+}
+
+impl Opened {
+    /// The requests the pool made so far, per GiB of `bytes` (for `--json`;
+    /// `null` for pools that do not bill per request).
+    pub fn requests_json(&self, per: &str, bytes: u64) -> serde_json::Value {
+        match &self.pool.requests {
+            None => serde_json::Value::Null,
+            Some(r) => {
+                let total = r.total();
+                let gib = bytes as f64 / (1u64 << 30) as f64;
+                let mut v = serde_json::json!({ "total": total });
+                if let Some(o) = v.as_object_mut() {
+                    o.insert(
+                        per.to_string(),
+                        if gib > 0.0 {
+                            serde_json::json!(total as f64 / gib)
+                        } else {
+                            serde_json::Value::Null
+                        },
+                    );
+                }
+                v
+            }
+        }
+    }
+}
+
+pub fn open_repo(spec: &str) -> Result<Opened, Failure> {
+    let pool = open_pool(spec, false)?;
+    let repo = Repository::open(pool.pool.clone())?;
+    Ok(Opened { repo, pool })
 }
 
 /// A terminal progress bar, or nothing.
@@ -381,12 +438,53 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             index: _,
             json,
         } => cmd_repair(&pool, json),
+        Command::PoolInfo { pool, json } => cmd_pool_info(&pool, json),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     }
 }
 
+fn cmd_pool_info(pool: &str, json: bool) -> Result<u8, Failure> {
+    let opened = open_repo(pool)?;
+    let info = opened.repo.info()?;
+    let free = opened.repo.pool().free_bytes()?;
+    if json {
+        output::print_json(&serde_json::json!({
+            "kind": opened.pool.address.kind(),
+            "address": opened.pool.address.to_string(),
+            "pool_id": opened.repo.config().pool_id,
+            "snapshots": info.snapshots,
+            "damaged_snapshots": info.damaged_snapshots,
+            "packs": info.packs,
+            "stored_bytes": info.stored_bytes,
+            "logical_bytes": info.logical_bytes,
+            "dedup_ratio": info.dedup_ratio(),
+            "free_bytes": free,
+        }));
+    } else {
+        println!("kind            {}", opened.pool.address.kind());
+        println!("address         {}", opened.pool.address);
+        println!("pool id         {}", opened.repo.config().pool_id);
+        println!(
+            "snapshots       {} ({} damaged)",
+            info.snapshots, info.damaged_snapshots
+        );
+        println!("packs           {}", info.packs);
+        println!("stored          {}", output::human(info.stored_bytes));
+        println!("logical         {}", output::human(info.logical_bytes));
+        match info.dedup_ratio() {
+            Some(r) => println!("dedup ratio     {r:.2}"),
+            None => println!("dedup ratio     -"),
+        }
+        match free {
+            Some(f) => println!("free            {}", output::human(f)),
+            None => println!("free            unknown"),
+        }
+    }
+    Ok(0)
+}
+
 fn cmd_init(pool: &str, json: bool) -> Result<u8, Failure> {
-    let p = open_pool(pool, true)?;
+    let p = open_pool(pool, true)?.pool;
     let config = Repository::init(p).map_err(|e| match e {
         Error::AlreadyExists { .. } => {
             Failure::new(format!("{pool} is already an initialised Cairn pool"))
@@ -489,7 +587,14 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
     bar.finish();
     let stats = stats?;
     if json {
-        output::print_json(&output::backup_json(&vm, &stats));
+        let mut v = output::backup_json(&vm, &stats);
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "requests".into(),
+                repo.requests_json("per_gib_stored", stats.bytes_new),
+            );
+        }
+        output::print_json(&v);
     } else {
         println!(
                 "snapshot {} of {vm}: {} logical, {} read, {} new in pool ({} of {} chunks new) in {:.2}s",
@@ -577,6 +682,7 @@ fn cmd_restore(
             "bytes_written": stats.bytes_written,
             "chunks": stats.chunks,
             "seconds": stats.seconds,
+            "requests": repo.requests_json("per_gib_restored", stats.bytes_logical),
         }));
     } else {
         println!(

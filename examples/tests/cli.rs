@@ -2,43 +2,14 @@
 //! shapes, exit codes) on generated images.
 #![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use cairn_engine::sample::{fill_text, SampleRng};
+use common::*;
 use serde_json::Value;
-
-fn cairn<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let out = cairn(args);
-    assert!(
-        out.status.success(),
-        "cairn {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Value {
-    serde_json::from_str(&ok(args)).unwrap()
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().expect("exited normally, not by a signal")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -56,31 +27,6 @@ fn setup() -> Setup {
         root,
         pool,
     }
-}
-
-/// An image with zeros, text, random data, duplicated regions and holes.
-fn make_image(path: &Path, size: u64, seed: u64) {
-    let f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .unwrap();
-    f.set_len(size).unwrap();
-    let mut rng = SampleRng::new(seed);
-    let mut text = vec![0u8; 300_000];
-    fill_text(&mut rng, &mut text);
-    let mut random = vec![0u8; 200_000];
-    rng.fill(&mut random);
-    f.write_all_at(&text, 0).unwrap();
-    f.write_all_at(&random, 1 << 20).unwrap();
-    f.write_all_at(&random, 3 << 20).unwrap(); // duplicated region, grid-aligned
-    f.write_all_at(&[0u8; 100_000], 5 << 20).unwrap(); // explicit zeros (allocated)
-    f.write_all_at(&text[..12345], size - 12345).unwrap(); // unaligned tail
-}
-
-fn p(path: &Path) -> String {
-    path.display().to_string()
 }
 
 #[test]
@@ -487,26 +433,6 @@ fn write_stamped_image(path: &Path, size: u64) {
         off += block.len() as u64;
     }
     f.flush().unwrap();
-}
-
-fn tool(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (run scripts/test.sh to install it)"));
-    assert!(out.status.success(), "{cmd} {args:?}: {}", stderr(&out));
-}
-
-fn new_qcow2(path: &Path, size: &str) {
-    tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(path), size]);
-}
-
-fn raw_of(qcow2: &Path, out: &Path) -> Vec<u8> {
-    tool(
-        "qemu-img",
-        &["convert", "-f", "qcow2", "-O", "raw", &p(qcow2), &p(out)],
-    );
-    std::fs::read(out).unwrap()
 }
 
 #[test]

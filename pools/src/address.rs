@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use cairn_engine::DynPool;
 
-use crate::object::{ObjectPool, RequestStats};
+use crate::object::{ObjectPool, RequestStats, PACK_SIZE, PART_SIZE};
 use crate::{LocalPool, PoolOpenError};
 
 /// What a pool address may look like, for usage errors.
 pub const ACCEPTED_FORMS: &str = "DIR, dedup:DIR, or \
-s3://BUCKET[/PREFIX][?endpoint=URL&region=R&timeout=30s&retry_timeout=2m]";
+s3://BUCKET[/PREFIX][?endpoint=URL&region=R&timeout=30s&retry_timeout=2m&part_size=40M&pack_size=480M]";
 
 /// Default time one S3 request may take.
 pub const DEFAULT_S3_TIMEOUT: Duration = Duration::from_secs(60);
@@ -52,6 +52,10 @@ pub struct S3Address {
     pub timeout: Duration,
     /// Time a request may be retried for before it fails.
     pub retry_timeout: Duration,
+    /// Multipart part size (5 MiB–5 GiB).
+    pub part_size: usize,
+    /// Stored size a pack grows to before it is sealed.
+    pub pack_size: u64,
 }
 
 impl fmt::Display for S3Address {
@@ -189,6 +193,8 @@ fn parse_s3(rest: &str) -> Result<S3Address, String> {
         region: None,
         timeout: DEFAULT_S3_TIMEOUT,
         retry_timeout: DEFAULT_S3_RETRY_TIMEOUT,
+        part_size: PART_SIZE,
+        pack_size: PACK_SIZE,
     };
     for pair in query
         .into_iter()
@@ -210,10 +216,26 @@ fn parse_s3(rest: &str) -> Result<S3Address, String> {
             "region" if !value.is_empty() => addr.region = Some(value),
             "timeout" => addr.timeout = duration(&value)?,
             "retry_timeout" => addr.retry_timeout = duration(&value)?,
+            "part_size" => {
+                addr.part_size = size(&value)
+                    .filter(|n| (5 << 20..=5 << 30).contains(n))
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| format!("part_size={value:?}: give 5M to 5G"))?
+            }
+            "pack_size" => {
+                addr.pack_size = size(&value)
+                    .filter(|n| (1 << 20..=64 << 30).contains(n))
+                    .ok_or_else(|| format!("pack_size={value:?}: give 1M to 64G"))?
+            }
             other => return Err(format!("unknown setting {other:?}")),
         }
     }
     Ok(addr)
+}
+
+/// A size like `40M` or `5G`.
+fn size(v: &str) -> Option<u64> {
+    cairn_engine::parse_size(v).ok()
 }
 
 /// Checks an endpoint URL: `http(s)://host[:port]`, no credentials in it.

@@ -18,6 +18,8 @@ mod address;
 mod local;
 mod memory;
 mod object;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use address::{
     create, open, redact, OpenedPool, PoolAddress, S3Address, ACCEPTED_FORMS,
@@ -25,7 +27,7 @@ pub use address::{
 };
 pub use local::LocalPool;
 pub use memory::MemoryPool;
-pub use object::{ObjectPool, RequestStats, S3Settings, PARTS_IN_FLIGHT, PART_SIZE};
+pub use object::{ObjectPool, RequestStats, S3Settings, PACK_SIZE, PARTS_IN_FLIGHT, PART_SIZE};
 
 /// Errors raised while opening or creating a pool (operations on an open pool
 /// use `cairn_engine::Error`).

@@ -197,9 +197,7 @@ impl PoolRead for LocalPool {
         }
         // SAFETY: statvfs returned 0, so it filled the structure.
         let st = unsafe { st.assume_init() };
-        Ok(Some(
-            st.f_bavail.saturating_mul(st.f_frsize),
-        ))
+        Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
     }
 }
 

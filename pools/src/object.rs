@@ -47,16 +47,21 @@ use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientOptions, MultipartUpload, ObjectStore, PutMode, PutOptions, PutPayload,
-    RetryConfig, WriteMultipart,
+    RetryConfig,
 };
 
 use crate::address::S3Address;
 use crate::PoolOpenError;
 
-/// Size of one multipart part (and the largest object sent as one PUT).
-pub const PART_SIZE: usize = 16 << 20;
-/// Most parts of one upload in flight at once.
-pub const PARTS_IN_FLIGHT: usize = 4;
+/// Default size of one multipart part (and the largest object sent as one
+/// PUT): large enough that a GiB stored costs few requests.
+pub const PART_SIZE: usize = 40 << 20;
+/// Most parts in flight at once over all writers of one pool; each holds a
+/// part's memory until it is sent.
+pub const PARTS_IN_FLIGHT: usize = 2;
+/// Default stored size of a pack on object storage: 12 parts, so a GiB
+/// stored costs about 32 requests (PUTs are billed per request).
+pub const PACK_SIZE: u64 = 12 * PART_SIZE as u64;
 
 /// Counts the requests a pool makes (one per GET, range GET, HEAD, PUT,
 /// DELETE, list page, multipart create/part/complete; retries inside a
@@ -84,6 +89,9 @@ pub struct ObjectPool {
     location: String,
     runtime: Arc<tokio::runtime::Runtime>,
     stats: Arc<RequestStats>,
+    parts: Arc<tokio::sync::Semaphore>,
+    part_size: usize,
+    pack_size: u64,
 }
 
 impl std::fmt::Debug for ObjectPool {
@@ -253,6 +261,9 @@ impl ObjectPool {
             location: address.to_string(),
             runtime: Arc::new(runtime),
             stats: Arc::new(RequestStats::default()),
+            parts: Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT)),
+            part_size: address.part_size,
+            pack_size: address.pack_size,
         })
     }
 
@@ -430,30 +441,59 @@ impl PoolWrite for ObjectPool {
     fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
         let key = self.key(kind, name)?;
         Ok(Box::new(S3Writer {
-            store: self.store.clone(),
-            runtime: self.runtime.clone(),
-            stats: self.stats.clone(),
+            pool: self.shared(),
             key,
             kind,
             name: name.to_string(),
             buffer: Vec::new(),
             upload: None,
-            uploaded: 0,
         }))
+    }
+
+    fn preferred_pack_size(&self) -> Option<u64> {
+        Some(self.pack_size)
     }
 }
 
-/// A write in progress: buffered up to one part, then a multipart upload.
-struct S3Writer {
+/// What a writer needs of its pool.
+#[derive(Clone)]
+struct Shared {
     store: Arc<dyn ObjectStore>,
     runtime: Arc<tokio::runtime::Runtime>,
     stats: Arc<RequestStats>,
+    /// Parts in flight over every writer of the pool (each holds one part's
+    /// memory until it is sent).
+    parts: Arc<tokio::sync::Semaphore>,
+    part_size: usize,
+}
+
+impl ObjectPool {
+    fn shared(&self) -> Shared {
+        Shared {
+            store: self.store.clone(),
+            runtime: self.runtime.clone(),
+            stats: self.stats.clone(),
+            parts: self.parts.clone(),
+            part_size: self.part_size,
+        }
+    }
+}
+
+/// A multipart upload in progress.
+struct Multipart {
+    upload: Box<dyn MultipartUpload>,
+    sending: Vec<tokio::task::JoinHandle<object_store::Result<()>>>,
+}
+
+/// A write in progress: buffered up to one part; larger objects become a
+/// multipart upload whose parts are sent while the next one fills.
+struct S3Writer {
+    pool: Shared,
     key: ObjectPath,
     kind: FileKind,
     name: String,
     buffer: Vec<u8>,
-    upload: Option<WriteMultipart>,
-    uploaded: u64,
+    upload: Option<Multipart>,
 }
 
 impl S3Writer {
@@ -461,44 +501,103 @@ impl S3Writer {
         store_error(op, self.kind, &self.name, e)
     }
 
-    /// Sends the buffered part, starting the multipart upload first if needed.
-    fn flush_part(&mut self) -> Result<()> {
-        if self.upload.is_none() {
-            let store = self.store.clone();
-            let key = self.key.clone();
-            self.stats.add(1);
-            let upload: Box<dyn MultipartUpload> =
-                block_on(
-                    &self.runtime,
-                    async move { store.put_multipart(&key).await },
-                )?
-                .map_err(|e| self.err("write", e))?;
-            self.upload = Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE));
+    /// Starts the multipart upload, refusing a name that is taken (a
+    /// completed multipart upload is not conditional in S3's API).
+    fn start_upload(&mut self) -> Result<Multipart> {
+        let store = self.pool.store.clone();
+        let key = self.key.clone();
+        self.pool.stats.add(2);
+        let started = block_on(&self.pool.runtime, async move {
+            match store.head(&key).await {
+                Ok(_) => return Ok(None),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            store.put_multipart(&key).await.map(Some)
+        })?
+        .map_err(|e| self.err("write", e))?;
+        match started {
+            Some(upload) => Ok(Multipart {
+                upload,
+                sending: Vec::new(),
+            }),
+            None => Err(Error::AlreadyExists {
+                kind: self.kind,
+                name: self.name.clone(),
+            }),
         }
-        let part = Bytes::from(std::mem::take(&mut self.buffer));
-        self.uploaded += part.len() as u64;
-        let Some(mut upload) = self.upload.take() else {
-            return Err(Error::Internal("multipart upload vanished".into()));
+    }
+
+    /// Sends the buffered part (waiting while the pool's parts in flight
+    /// are at their limit), starting the multipart upload first if needed.
+    fn send_part(&mut self) -> Result<()> {
+        let mut upload = match self.upload.take() {
+            Some(u) => u,
+            None => self.start_upload()?,
         };
-        self.stats.add(1);
-        let (upload, waited) = block_on(&self.runtime, async move {
-            // Back pressure: at most PARTS_IN_FLIGHT parts buffered or sending.
-            let waited = upload.wait_for_capacity(PARTS_IN_FLIGHT - 1).await;
-            upload.put(part);
-            (upload, waited)
-        })?;
+        // Errors of parts already sent surface here.
+        let done: Vec<_> = upload
+            .sending
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_finished())
+            .map(|(i, _)| i)
+            .collect();
+        for i in done.into_iter().rev() {
+            let handle = upload.sending.swap_remove(i);
+            block_on(&self.pool.runtime, handle)?
+                .map_err(|e| Error::Internal(format!("S3 part upload task failed: {e}")))?
+                .map_err(|e| self.err("write", e))?;
+        }
+        let part = PutPayload::from(Bytes::from(std::mem::take(&mut self.buffer)));
+        let permits = self.pool.parts.clone();
+        let permit = block_on(
+            &self.pool.runtime,
+            async move { permits.acquire_owned().await },
+        )?
+        .map_err(|e| Error::Internal(format!("S3 part limit closed: {e}")))?;
+        let sending = upload.upload.put_part(part);
+        self.pool.stats.add(1);
+        upload.sending.push(self.pool.runtime.spawn(async move {
+            let result = sending.await;
+            drop(permit);
+            result
+        }));
         self.upload = Some(upload);
-        waited.map_err(|e| self.err("write", e))
+        Ok(())
+    }
+
+    /// Waits for every part, then completes the upload.
+    fn finish_upload(&mut self, mut upload: Multipart) -> Result<()> {
+        for handle in std::mem::take(&mut upload.sending) {
+            let sent = block_on(&self.pool.runtime, handle)?
+                .map_err(|e| Error::Internal(format!("S3 part upload task failed: {e}")))?;
+            if let Err(e) = sent {
+                self.upload = Some(upload);
+                return Err(self.err("write", e));
+            }
+        }
+        self.pool.stats.add(1);
+        let mut upload_handle = upload.upload;
+        block_on(&self.pool.runtime, async move {
+            let result = upload_handle.complete().await;
+            if result.is_err() {
+                let _ = upload_handle.abort().await;
+            }
+            result
+        })?
+        .map(|_| ())
+        .map_err(|e| self.err("write", e))
     }
 
     /// One conditional PUT of the whole (small) object.
     fn put_once(&mut self) -> Result<()> {
-        let store = self.store.clone();
+        let store = self.pool.store.clone();
         let key = self.key.clone();
         let data = Bytes::from(std::mem::take(&mut self.buffer));
         let payload = PutPayload::from_bytes(data.clone());
-        self.stats.add(1);
-        let result = block_on(&self.runtime, async move {
+        self.pool.stats.add(1);
+        let result = block_on(&self.pool.runtime, async move {
             let opts = PutOptions {
                 mode: PutMode::Create,
                 ..Default::default()
@@ -510,20 +609,18 @@ impl S3Writer {
             // A retried PUT may find its own first attempt: accept it when
             // the stored bytes are ours.
             Err(object_store::Error::AlreadyExists { .. }) => {
-                let store = self.store.clone();
+                let store = self.pool.store.clone();
                 let key = self.key.clone();
-                self.stats.add(1);
-                let stored = block_on(&self.runtime, async move {
+                self.pool.stats.add(1);
+                let stored = block_on(&self.pool.runtime, async move {
                     store.get(&key).await?.bytes().await
-                })?
-                .map_err(|e| self.err("read back", e))?;
-                if stored == data {
-                    Ok(())
-                } else {
-                    Err(Error::AlreadyExists {
+                })?;
+                match stored {
+                    Ok(stored) if stored == data => Ok(()),
+                    _ => Err(Error::AlreadyExists {
                         kind: self.kind,
                         name: self.name.clone(),
-                    })
+                    }),
                 }
             }
             Err(e) => Err(self.err("write", e)),
@@ -533,11 +630,14 @@ impl S3Writer {
 
 impl Write for S3Writer {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let room = PART_SIZE - self.buffer.len();
+        let room = self.pool.part_size - self.buffer.len();
         let n = data.len().min(room);
+        if self.buffer.capacity() == 0 {
+            self.buffer.reserve(self.pool.part_size.min(1 << 20).max(n));
+        }
         self.buffer.extend_from_slice(&data[..n]);
-        if self.buffer.len() == PART_SIZE {
-            self.flush_part()
+        if self.buffer.len() == self.pool.part_size {
+            self.send_part()
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
         Ok(n)
@@ -554,25 +654,28 @@ impl ObjectWriter for S3Writer {
             return self.put_once();
         }
         if !self.buffer.is_empty() {
-            self.flush_part()?;
+            self.send_part()?;
         }
-        let Some(upload) = self.upload.take() else {
-            return Err(Error::Internal("multipart upload vanished".into()));
-        };
-        self.stats.add(1);
-        block_on(&self.runtime, async move { upload.finish().await })?
-            .map(|_| ())
-            .map_err(|e| self.err("write", e))
+        match self.upload.take() {
+            Some(upload) => self.finish_upload(upload),
+            None => Err(Error::Internal("multipart upload vanished".into())),
+        }
     }
 }
 
 impl Drop for S3Writer {
     fn drop(&mut self) {
-        // Not committed: abort the multipart upload so its parts are freed
-        // (a bucket lifecycle rule for incomplete uploads covers a process
-        // killed before this runs).
-        if let Some(upload) = self.upload.take() {
-            let _ = block_on(&self.runtime, async move { upload.abort().await });
+        // Not committed: stop the parts and abort the upload so its parts
+        // are freed (a bucket lifecycle rule for incomplete uploads covers a
+        // process killed before this runs).
+        if let Some(mut upload) = self.upload.take() {
+            for handle in &upload.sending {
+                handle.abort();
+            }
+            let _ = block_on(
+                &self.pool.runtime,
+                async move { upload.upload.abort().await },
+            );
         }
     }
 }

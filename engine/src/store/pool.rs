@@ -56,6 +56,13 @@ pub trait PoolWrite: Send + Sync {
     /// name is taken (now or at commit time).
     fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>>;
 
+    /// The stored size packs should grow to in this pool, when it differs
+    /// from the engine's default (object storage bills per request and
+    /// wants fewer, larger packs). `None`: the default.
+    fn preferred_pack_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Writes a whole object at once (create + write + commit).
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
         let mut w = self.create(kind, name)?;
@@ -127,6 +134,9 @@ macro_rules! forward_pool {
             }
             fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
                 (**self).write(kind, name, data)
+            }
+            fn preferred_pack_size(&self) -> Option<u64> {
+                (**self).preferred_pack_size()
             }
         }
 
@@ -208,6 +218,10 @@ pub trait PoolWrapper: Send + Sync {
     fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
         self.inner().create(kind, name)
     }
+    /// See [`PoolWrite::preferred_pack_size`].
+    fn preferred_pack_size(&self) -> Option<u64> {
+        self.inner().preferred_pack_size()
+    }
     /// See [`PoolWrite::write`]. Goes through [`create`](Self::create), so a
     /// wrapper that overrides `create` sees every write.
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
@@ -262,6 +276,9 @@ impl<W: PoolWrapper> PoolWrite for WrappedPool<W> {
     }
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
         self.0.write(kind, name, data)
+    }
+    fn preferred_pack_size(&self) -> Option<u64> {
+        self.0.preferred_pack_size()
     }
 }
 

@@ -67,7 +67,8 @@ pub struct BackupOptions {
     pub batch_size: usize,
     /// Seal a pack once this much chunk data (before compression) went into it.
     pub pack_max_input: u64,
-    /// Seal a pack once it holds this many stored bytes.
+    /// Seal a pack once it holds this many stored bytes (default 32 MiB,
+    /// or the pool's [preferred size](crate::PoolWrite::preferred_pack_size)).
     pub pack_target: u64,
     /// Write an index segment mid-backup once this many new entries are
     /// pending, bounding memory on huge disks.

@@ -1,0 +1,122 @@
+//! Helpers shared by the CLI's end-to-end tests: run `cairn`, parse its
+//! JSON, make test images.
+#![allow(dead_code, clippy::unwrap_used)] // each test file uses a subset; a failed step is a failed test
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use cairn_engine::sample::{fill_text, SampleRng};
+use serde_json::Value;
+
+/// Runs `cairn` with `args` and the extra environment `env`.
+pub fn cairn_env<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    env: &[(&str, String)],
+) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Runs `cairn` with `args` and the extra environment `env`; it must succeed.
+pub fn ok_env<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    env: &[(&str, String)],
+) -> String {
+    let out = cairn_env(args, env);
+    assert!(
+        out.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// [`ok_env`], parsed as JSON.
+pub fn json_env<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    env: &[(&str, String)],
+) -> Value {
+    serde_json::from_str(&ok_env(args, env)).unwrap()
+}
+
+pub fn cairn<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+pub fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let out = cairn(args);
+    assert!(
+        out.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn json<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Value {
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
+pub fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally, not by a signal")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// An image with zeros, text, random data, duplicated regions and holes.
+pub fn make_image(path: &Path, size: u64, seed: u64) {
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.set_len(size).unwrap();
+    let mut rng = SampleRng::new(seed);
+    let mut text = vec![0u8; 300_000];
+    fill_text(&mut rng, &mut text);
+    let mut random = vec![0u8; 200_000];
+    rng.fill(&mut random);
+    f.write_all_at(&text, 0).unwrap();
+    f.write_all_at(&random, 1 << 20).unwrap();
+    f.write_all_at(&random, 3 << 20).unwrap(); // duplicated region, grid-aligned
+    f.write_all_at(&[0u8; 100_000], 5 << 20).unwrap(); // explicit zeros (allocated)
+    f.write_all_at(&text[..12345], size - 12345).unwrap(); // unaligned tail
+}
+
+pub fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Runs a tool (qemu-img, qemu-io …); it must succeed.
+pub fn tool(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (run scripts/test.sh to install it)"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", stderr(&out));
+}
+
+pub fn new_qcow2(path: &Path, size: &str) {
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(path), size]);
+}
+
+pub fn raw_of(qcow2: &Path, out: &Path) -> Vec<u8> {
+    tool(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", &p(qcow2), &p(out)],
+    );
+    std::fs::read(out).unwrap()
+}
