@@ -220,7 +220,8 @@ fn usage_and_setup_errors_have_their_exit_codes() {
         ],
         vec!["backup", &s.pool, "--vm", "x"],
         vec!["frobnicate"],
-        vec!["backup", "s3://bucket", "--vm", "x", &p(&img)],
+        vec!["backup", "gs://bucket", "--vm", "x", &p(&img)],
+        vec!["backup", "s3://Not_A_Bucket", "--vm", "x", &p(&img)],
     ] {
         let out = cairn(&args);
         assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
