@@ -682,3 +682,57 @@ fn several_qcow2_disks_make_one_snapshot() {
     assert!(std::fs::read(out.join("vdb")).unwrap() == raw_of(&b, &s.root.join("b.raw")));
     assert!(std::fs::read(out.join("vda")).unwrap() == raw_of(&a, &s.root.join("a.raw")));
 }
+
+#[test]
+fn a_damaged_config_is_refused_by_every_command() {
+    let s = setup();
+    let img = s.root.join("d.img");
+    make_image(&img, 2 << 20, 5);
+    let id = json(&["backup", &s.pool, "--vm", "vm", &p(&img), "--json"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = Path::new(&s.pool).join("config");
+    let good = std::fs::read(&config).unwrap();
+    let cut = good[..good.len() / 2].to_vec();
+    let mut garbled = good.clone();
+    garbled[3] ^= 0x55;
+    let out_dir = s.root.join("out");
+    for (case, bytes) in [
+        ("cut in half", cut),
+        ("emptied", Vec::new()),
+        ("garbled", garbled),
+    ] {
+        std::fs::write(&config, &bytes).unwrap();
+        for args in [
+            vec![
+                "backup",
+                s.pool.as_str(),
+                "--vm",
+                "vm",
+                img.to_str().unwrap(),
+            ],
+            vec!["snapshots", s.pool.as_str()],
+            vec![
+                "restore",
+                s.pool.as_str(),
+                id.as_str(),
+                "--to",
+                out_dir.to_str().unwrap(),
+            ],
+            vec!["verify", s.pool.as_str()],
+            vec!["repair", s.pool.as_str(), "--index"],
+            vec!["pool-info", s.pool.as_str()],
+        ] {
+            let out = cairn(&args);
+            assert_eq!(code(&out), 1, "{case} {args:?}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("pool config") && stderr(&out).contains("damaged"),
+                "{case} {args:?}: {}",
+                stderr(&out)
+            );
+        }
+    }
+    std::fs::write(&config, &good).unwrap();
+    ok(&["verify", &s.pool]);
+}

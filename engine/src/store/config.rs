@@ -55,6 +55,13 @@ impl PoolConfig {
     pub fn decode(text: &[u8]) -> Result<Self, DecodeError> {
         let text = std::str::from_utf8(text)
             .map_err(|_| DecodeError::Invalid("config is not UTF-8 text".into()))?;
+        // Written whole, ending in a newline: anything else was cut short.
+        if !text.ends_with('\n') {
+            return Err(DecodeError::Truncated {
+                needed: text.len() as u64 + 1,
+                available: text.len() as u64,
+            });
+        }
         let mut lines = text.lines();
         let version = match lines.next().and_then(|l| l.strip_prefix("cairn-pool ")) {
             Some(v) => v
