@@ -92,6 +92,7 @@ pub struct ObjectPool {
     parts: Arc<tokio::sync::Semaphore>,
     part_size: usize,
     pack_size: u64,
+    retry_timeout: Duration,
 }
 
 impl std::fmt::Debug for ObjectPool {
@@ -264,6 +265,7 @@ impl ObjectPool {
             parts: Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT)),
             part_size: address.part_size,
             pack_size: address.pack_size,
+            retry_timeout: address.retry_timeout,
         })
     }
 
@@ -455,6 +457,24 @@ impl PoolWrite for ObjectPool {
     }
 }
 
+/// Waits before retry `attempt` (exponential backoff with jitter) and
+/// returns true, or returns false when the time budget or the attempts are
+/// spent.
+fn retry_pause(attempt: u32, started: std::time::Instant, budget: Duration) -> bool {
+    const MAX_ATTEMPTS: u32 = 10;
+    let mut jitter = [0u8; 1];
+    let _ = getrandom::getrandom(&mut jitter);
+    let base = Duration::from_millis(50).saturating_mul(1 << attempt.min(7));
+    let pause = base
+        .min(Duration::from_secs(5))
+        .mul_f64(0.5 + jitter[0] as f64 / 255.0);
+    if attempt >= MAX_ATTEMPTS || started.elapsed() + pause > budget {
+        return false;
+    }
+    std::thread::sleep(pause);
+    true
+}
+
 /// What a writer needs of its pool.
 #[derive(Clone)]
 struct Shared {
@@ -465,6 +485,7 @@ struct Shared {
     /// memory until it is sent).
     parts: Arc<tokio::sync::Semaphore>,
     part_size: usize,
+    retry_timeout: Duration,
 }
 
 impl ObjectPool {
@@ -475,6 +496,7 @@ impl ObjectPool {
             stats: self.stats.clone(),
             parts: self.parts.clone(),
             part_size: self.part_size,
+            retry_timeout: self.retry_timeout,
         }
     }
 }
@@ -590,20 +612,37 @@ impl S3Writer {
         .map_err(|e| self.err("write", e))
     }
 
-    /// One conditional PUT of the whole (small) object.
+    /// One conditional PUT of the whole (small) object, retried on
+    /// transport errors (a create is safe to repeat: see below).
     fn put_once(&mut self) -> Result<()> {
-        let store = self.pool.store.clone();
-        let key = self.key.clone();
         let data = Bytes::from(std::mem::take(&mut self.buffer));
-        let payload = PutPayload::from_bytes(data.clone());
-        self.pool.stats.add(1);
-        let result = block_on(&self.pool.runtime, async move {
-            let opts = PutOptions {
-                mode: PutMode::Create,
-                ..Default::default()
-            };
-            store.put_opts(&key, payload, opts).await
-        })?;
+        let started = std::time::Instant::now();
+        let mut attempt = 0u32;
+        let result = loop {
+            let store = self.pool.store.clone();
+            let key = self.key.clone();
+            let payload = PutPayload::from_bytes(data.clone());
+            self.pool.stats.add(1);
+            let result = block_on(&self.pool.runtime, async move {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                store.put_opts(&key, payload, opts).await
+            })?;
+            match result {
+                // `object_store` does not repeat a PUT whose connection
+                // dropped after the request went out (it may have landed);
+                // a conditional create may be repeated, and the read-back
+                // below tells our own landed attempt from someone else's.
+                Err(object_store::Error::Generic { .. })
+                    if retry_pause(attempt, started, self.pool.retry_timeout) =>
+                {
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        };
         match result {
             Ok(_) => Ok(()),
             // A retried PUT may find its own first attempt: accept it when

@@ -296,3 +296,264 @@ fn streamed_object(pool: &dyn cairn_engine::Pool) {
         .unwrap();
     assert!(part[..] == expected[6 << 20..7 << 20]);
 }
+
+/// What a [`FaultProxy`] does to the requests it passes.
+#[derive(Clone, Copy, Debug)]
+pub struct FaultPlan {
+    /// Share of requests that fail, in percent (0–100).
+    pub fail_percent: u32,
+    /// How long a stalled request hangs before its connection is closed
+    /// (longer than the client's timeout, so the client gives up first).
+    pub stall: Duration,
+    /// Seed of the fault sequence.
+    pub seed: u64,
+}
+
+/// Counts of what a [`FaultProxy`] did.
+#[derive(Debug, Default)]
+pub struct FaultCounts {
+    /// Requests passed through untouched.
+    pub passed: std::sync::atomic::AtomicU64,
+    /// Answered `503 SlowDown`.
+    pub slow_down: std::sync::atomic::AtomicU64,
+    /// Connection reset after the request was read.
+    pub reset: std::sync::atomic::AtomicU64,
+    /// Stalled until the client timed out.
+    pub stalled: std::sync::atomic::AtomicU64,
+    /// Upload cut halfway: half the body forwarded, then both sides closed.
+    pub cut: std::sync::atomic::AtomicU64,
+}
+
+/// An HTTP/1.1 proxy between an S3 client and a server that fails a share
+/// of the requests: `503 SlowDown` answers, connection resets, stalls past
+/// the client's timeout, and uploads cut halfway (the server sees half a
+/// body, then the connection drops). Everything else passes unchanged.
+#[derive(Debug)]
+pub struct FaultProxy {
+    port: u16,
+    counts: std::sync::Arc<FaultCounts>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on 127.0.0.1 in front of `upstream_port`.
+    pub fn start(upstream_port: u16, plan: FaultPlan) -> Self {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counts = Arc::new(FaultCounts::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (counts.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seq = plan.seed;
+            for conn in listener.incoming() {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                seq = seq.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let counts = c.clone();
+                std::thread::spawn(move || {
+                    let _ = proxy_connection(client, upstream_port, plan, seq, &counts);
+                });
+            }
+        });
+        FaultProxy { port, counts, stop }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What the proxy did so far.
+    pub fn counts(&self) -> &FaultCounts {
+        &self.counts
+    }
+
+    /// Faults injected so far (all kinds).
+    pub fn faults(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.counts;
+        c.slow_down.load(Relaxed)
+            + c.reset.load(Relaxed)
+            + c.stalled.load(Relaxed)
+            + c.cut.load(Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Reads one HTTP message head (up to the blank line); `None` at EOF.
+fn read_head(r: &mut impl std::io::BufRead) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = r.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return if head.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        head.extend_from_slice(&line);
+        if line == b"\r\n" {
+            return Ok(Some(head));
+        }
+    }
+}
+
+/// The value of header `name` (case-insensitive) in `head`.
+fn header(head: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(head).lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Reads a body: `Content-Length` bytes, or chunked (kept chunked).
+fn read_body(r: &mut impl std::io::BufRead, head: &[u8]) -> std::io::Result<Vec<u8>> {
+    if let Some(len) = header(head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        return Ok(body);
+    }
+    if header(head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            r.read_until(b'\n', &mut line)?;
+            body.extend_from_slice(&line);
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&line)
+                    .trim()
+                    .split(';')
+                    .next()
+                    .unwrap_or("0"),
+                16,
+            )
+            .unwrap_or(0);
+            let mut chunk = vec![0u8; size + 2];
+            r.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk);
+            if size == 0 {
+                return Ok(body);
+            }
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Closes a socket with a TCP reset.
+fn reset(s: TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized linger.
+    unsafe {
+        libc::setsockopt(
+            std::os::unix::io::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+fn proxy_connection(
+    client: TcpStream,
+    upstream_port: u16,
+    plan: FaultPlan,
+    seed: u64,
+    counts: &FaultCounts,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut from_client = std::io::BufReader::new(client.try_clone()?);
+    let mut to_client = client;
+    let upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
+    let mut from_upstream = std::io::BufReader::new(upstream.try_clone()?);
+    let mut to_upstream = upstream;
+    loop {
+        let Some(head) = read_head(&mut from_client)? else {
+            return Ok(());
+        };
+        let body = read_body(&mut from_client, &head)?;
+        let roll = next();
+        if (roll % 100) < plan.fail_percent as u64 {
+            match (roll >> 8) % 10 {
+                0..=3 => {
+                    counts.slow_down.fetch_add(1, Relaxed);
+                    let xml = "<?xml version=\"1.0\"?><Error><Code>SlowDown</Code>\
+                               <Message>Please reduce your request rate.</Message></Error>";
+                    write!(
+                        to_client,
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+                        xml.len()
+                    )?;
+                    return Ok(());
+                }
+                4..=6 => {
+                    counts.reset.fetch_add(1, Relaxed);
+                    reset(to_client);
+                    return Ok(());
+                }
+                7 if body.len() > 1 => {
+                    counts.cut.fetch_add(1, Relaxed);
+                    to_upstream.write_all(&head)?;
+                    to_upstream.write_all(&body[..body.len() / 2])?;
+                    reset(to_upstream);
+                    reset(to_client);
+                    return Ok(());
+                }
+                _ => {
+                    counts.stalled.fetch_add(1, Relaxed);
+                    std::thread::sleep(plan.stall);
+                    reset(to_client);
+                    return Ok(());
+                }
+            }
+        }
+        counts.passed.fetch_add(1, Relaxed);
+        to_upstream.write_all(&head)?;
+        to_upstream.write_all(&body)?;
+        let is_head = head.starts_with(b"HEAD ");
+        let Some(rhead) = read_head(&mut from_upstream)? else {
+            return Ok(());
+        };
+        let status = String::from_utf8_lossy(&rhead)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+        let rbody = if is_head || status == "204" || status == "304" {
+            Vec::new()
+        } else {
+            read_body(&mut from_upstream, &rhead)?
+        };
+        to_client.write_all(&rhead)?;
+        to_client.write_all(&rbody)?;
+        if header(&rhead, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+            return Ok(());
+        }
+    }
+}
