@@ -114,6 +114,7 @@ pub use store::pool::{
     DynPool, ObjectWriter, Pool, PoolDelete, PoolList, PoolRead, PoolWrapper, PoolWrite,
     WrappedPool,
 };
+pub use store::verify_object;
 pub use store::wire::DecodeError;
 
 /// Low-level pieces for benchmarks and fuzz targets: codecs and parsers of

@@ -34,9 +34,19 @@ use clap::{Parser, Subcommand};
     about = "Back up and restore VM disks into a deduplicating pool"
 )]
 struct Cli {
+    /// Where remote pools keep a verified local cache of index segments and
+    /// manifests (default: $XDG_CACHE_HOME/cairn or ~/.cache/cairn).
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Do not cache anything locally.
+    #[arg(long, global = true)]
+    no_cache: bool,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The cache settings given on the command line, for every pool opened.
+static CACHE: std::sync::OnceLock<(Option<PathBuf>, bool)> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -261,11 +271,12 @@ fn print_peak_rss() {
 /// Opens (or, for `init`, creates) the pool at an address: `DIR`,
 /// `dedup:DIR` or `s3://BUCKET/PREFIX?…` (see `cairn_pools::PoolAddress`).
 pub fn open_pool(spec: &str, create: bool) -> Result<OpenedPool, Failure> {
-    let opened = if create {
-        cairn_pools::create(spec)
-    } else {
-        cairn_pools::open(spec)
-    };
+    let (cache_dir, no_cache) = CACHE.get().cloned().unwrap_or_default();
+    let mut options = cairn_pools::OpenOptions::default();
+    options.cache_dir = cache_dir;
+    options.no_cache = no_cache;
+    options.create = create;
+    let opened = cairn_pools::open_with(spec, &options);
     opened.map_err(|e| match e {
         PoolOpenError::BadAddress { .. } => Failure::usage(e.to_string()),
         e => Failure::new(e.to_string()),
@@ -405,6 +416,7 @@ pub fn disk_names(paths: &[PathBuf], overrides: &[String]) -> Result<Vec<String>
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
+    let _ = CACHE.set((cli.cache_dir, cli.no_cache));
     match cli.command {
         Command::Init { pool, json } => cmd_init(&pool, json),
         Command::Backup(args) => cmd_backup(args),

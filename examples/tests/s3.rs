@@ -152,6 +152,17 @@ fn pool_info_reports_what_the_pool_holds() {
     assert!(info["dedup_ratio"].as_f64().unwrap() > 2.0, "{info}");
     assert_eq!(info["free_bytes"], Value::Null);
     assert!(!info.to_string().contains(TEST_SECRET_KEY));
+    // Listing through a cache directory leaves verified copies of the
+    // manifests and segments there, and lists the same from them.
+    let cache = s.root().join("cache");
+    let first = ok_env(&["snapshots", &s.pool, "--cache-dir", &p(&cache)], &s.env);
+    let cached: Vec<_> = walk(&cache);
+    assert!(
+        cached.iter().filter(|f| f.contains("/snapshots/")).count() == 2,
+        "{cached:?}"
+    );
+    let again = ok_env(&["snapshots", &s.pool, "--cache-dir", &p(&cache)], &s.env);
+    assert_eq!(first, again);
     // The local pool knows its free space.
     let local = s.root().join("local");
     ok(&["init", &p(&local)]);
@@ -218,4 +229,21 @@ fn bad_addresses_and_credentials_fail_clearly_without_printing_secrets() {
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+/// Every file under `dir`, as strings.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.display().to_string());
+            }
+        }
+    }
+    out
 }

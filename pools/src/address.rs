@@ -279,15 +279,57 @@ impl fmt::Debug for OpenedPool {
     }
 }
 
-/// Opens the pool at `address` (which must exist).
+/// How [`open_with`] opens a pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenOptions {
+    /// Where remote pools keep their local cache of index segments and
+    /// manifests (one sub-directory per pool address). `None`: the default
+    /// ([`default_cache_dir`](crate::default_cache_dir)).
+    pub cache_dir: Option<PathBuf>,
+    /// Use no local cache.
+    pub no_cache: bool,
+    /// Create what the medium needs first (a local directory and its layout;
+    /// an S3 bucket must exist already).
+    pub create: bool,
+}
+
+/// Opens the pool at `address` (which must exist), with the default cache.
 pub fn open(address: &str) -> Result<OpenedPool, PoolOpenError> {
-    open_parsed(PoolAddress::parse(address)?, false)
+    open_with(address, &OpenOptions::default())
 }
 
 /// Opens the pool at `address`, creating what its medium needs first (a
 /// local directory and its layout; an S3 bucket must exist already).
 pub fn create(address: &str) -> Result<OpenedPool, PoolOpenError> {
-    open_parsed(PoolAddress::parse(address)?, true)
+    open_with(
+        address,
+        &OpenOptions {
+            create: true,
+            ..OpenOptions::default()
+        },
+    )
+}
+
+/// Opens the pool at `address` as `options` say.
+pub fn open_with(address: &str, options: &OpenOptions) -> Result<OpenedPool, PoolOpenError> {
+    let mut opened = open_parsed(PoolAddress::parse(address)?, options.create)?;
+    if let PoolAddress::S3(_) = &opened.address {
+        let base = match (&options.cache_dir, options.no_cache) {
+            (_, true) => None,
+            (Some(dir), false) => Some(dir.clone()),
+            (None, false) => crate::default_cache_dir(),
+        };
+        if let Some(base) = base {
+            let key = cairn_engine::ChunkId::of(opened.address.to_string().as_bytes()).to_hex();
+            let dir = base.join(key.get(..24).unwrap_or(&key));
+            opened.pool = Arc::new(cairn_engine::WrappedPool(crate::CachedPool::new(
+                opened.pool.clone(),
+                dir,
+            )));
+        }
+    }
+    Ok(opened)
 }
 
 fn open_parsed(address: PoolAddress, create: bool) -> Result<OpenedPool, PoolOpenError> {

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 mod address;
+mod cache;
 mod local;
 mod memory;
 mod object;
@@ -22,9 +23,10 @@ mod object;
 pub mod testing;
 
 pub use address::{
-    create, open, redact, OpenedPool, PoolAddress, S3Address, ACCEPTED_FORMS,
-    DEFAULT_S3_RETRY_TIMEOUT, DEFAULT_S3_TIMEOUT,
+    create, open, open_with, redact, OpenOptions, OpenedPool, PoolAddress, S3Address,
+    ACCEPTED_FORMS, DEFAULT_S3_RETRY_TIMEOUT, DEFAULT_S3_TIMEOUT,
 };
+pub use cache::{default_cache_dir, CachedPool};
 pub use local::LocalPool;
 pub use memory::MemoryPool;
 pub use object::{ObjectPool, RequestStats, S3Settings, PACK_SIZE, PARTS_IN_FLIGHT, PART_SIZE};

@@ -169,6 +169,11 @@ impl S3Server {
             ("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY.to_string()),
             ("AWS_ALLOW_HTTP", "true".to_string()),
             ("AWS_REGION", "us-east-1".to_string()),
+            // Keep the local cache out of the user's home.
+            (
+                "XDG_CACHE_HOME",
+                self.root.join(".client-cache").display().to_string(),
+            ),
         ]
     }
 }
