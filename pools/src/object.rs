@@ -59,6 +59,9 @@ pub const PART_SIZE: usize = 40 << 20;
 /// Most parts in flight at once over all writers of one pool; each holds a
 /// part's memory until it is sent.
 pub const PARTS_IN_FLIGHT: usize = 2;
+/// Range reads a restore or verify keeps in flight: each waits on a round
+/// trip, not on CPU.
+pub const READS_IN_FLIGHT: usize = 12;
 /// Default stored size of a pack on object storage: 12 parts, so a GiB
 /// stored costs about 32 requests (PUTs are billed per request).
 pub const PACK_SIZE: u64 = 12 * PART_SIZE as u64;
@@ -378,6 +381,10 @@ impl PoolRead for ObjectPool {
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    fn preferred_read_concurrency(&self) -> Option<usize> {
+        Some(READS_IN_FLIGHT)
     }
 }
 
@@ -716,5 +723,32 @@ impl Drop for S3Writer {
                 async move { upload.upload.abort().await },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let mut s = S3Settings::new("AKIDEXAMPLE", "wJalrXUtnFEMI-secret");
+        s.session_token = Some("token-secret-part".into());
+        let shown = format!("{s:?}");
+        assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
+        assert!(!shown.contains("wJalrXUtnFEMI-secret"), "{shown}");
+        assert!(!shown.contains("token-secret-part"), "{shown}");
+        let crate::PoolAddress::S3(addr) =
+            crate::PoolAddress::parse("s3://bucket/p?endpoint=http://127.0.0.1:1").unwrap()
+        else {
+            panic!("not s3")
+        };
+        s.allow_http = true;
+        let pool = ObjectPool::open_with(&addr, &s).unwrap();
+        let shown = format!("{pool:?}");
+        assert!(
+            !shown.contains("wJalrXUtnFEMI-secret") && !shown.contains("AKID"),
+            "{shown}"
+        );
     }
 }

@@ -38,6 +38,7 @@ struct Args {
     threads: usize,
     index_chunks: u32,
     only: Option<String>,
+    s3: Option<String>,
     repeat: usize,
     huge_pages: bool,
     mmap: bool,
@@ -52,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
         threads: 0,
         index_chunks: 10_000_000,
         only: None,
+        s3: None,
         repeat: 3,
         huge_pages: false,
         mmap: false,
@@ -69,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
                 a.index_chunks = val()?.parse().map_err(|e| format!("--index-chunks: {e}"))?
             }
             "--only" => a.only = Some(val()?),
+            "--s3" => a.s3 = Some(val()?),
             "--huge-pages" => a.huge_pages = true,
             "--mmap" => a.mmap = true,
             "--pool-dir" => a.pool_dir = Some(PathBuf::from(val()?)),
@@ -82,7 +85,7 @@ fn parse_args() -> Result<Args, String> {
                     .max(1)
             }
             "-h" | "--help" => {
-                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
+                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -417,6 +420,104 @@ fn pipeline(a: &Args, rows: &mut Vec<Row>) {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// The object pool on loopback: full backup and restore of the base image
+/// into an S3 pool (an s3s-fs server started here unless `--s3 ADDRESS`
+/// names one; credentials then come from the environment), with requests
+/// per GiB stored and restored. Skipped with a message when no server can
+/// be had.
+fn s3(a: &Args, rows: &mut Vec<Row>) {
+    let (base, _, _) = images(a, rows);
+    warm(&base);
+    let work = a.pool_dir.clone().unwrap_or_else(|| a.dir.clone());
+    std::fs::create_dir_all(&work).expect("work dir");
+    let mut server = None;
+    let address = match &a.s3 {
+        Some(address) => address.clone(),
+        None => {
+            if std::process::Command::new("s3s-fs")
+                .arg("--version")
+                .output()
+                .is_err()
+                && !std::path::Path::new(&format!(
+                    "{}/.cargo/bin/s3s-fs",
+                    std::env::var("HOME").unwrap_or_default()
+                ))
+                .exists()
+            {
+                eprintln!("s3 phase skipped: no --s3 ADDRESS and no s3s-fs binary (cargo install s3s-fs@0.14.1 --locked --features binary)");
+                return;
+            }
+            let srv = cairn_pools::testing::S3Server::start();
+            srv.create_bucket("bench");
+            for (k, v) in srv.env() {
+                std::env::set_var(k, v);
+            }
+            let address = srv.address("bench", "pool", "");
+            server = Some(srv);
+            address
+        }
+    };
+    let mut attempt = 0;
+    let mut kept: Option<(BackupStats, Repository, cairn_pools::OpenedPool)> = None;
+    let (r, ()) = median(a.repeat, || {
+        // A fresh prefix per run: s3://BUCKET/PREFIX-N?…
+        let address = match address.split_once('?') {
+            Some((path, query)) => format!("{path}-run{attempt}?{query}"),
+            None => format!("{address}-run{attempt}"),
+        };
+        attempt += 1;
+        let opened = cairn_pools::create(&address).expect("open the S3 pool");
+        let repo = Repository::create(opened.pool.clone()).expect("init the S3 pool");
+        let before = opened.requests.as_ref().map_or(0, |r| r.total());
+        let server_cpu = server.as_ref().map_or(0.0, |s| s.cpu_seconds());
+        let (row, stats) = measure("S3 full backup", || {
+            let s = run_backup(&repo, &base, a);
+            let requests = opened.requests.as_ref().map_or(0, |r| r.total()) - before;
+            let per_gib = requests as f64 / (s.bytes_new as f64 / (1u64 << 30) as f64);
+            let server_cpu = server.as_ref().map_or(0.0, |s| s.cpu_seconds()) - server_cpu;
+            let n = format!(
+                "{}; {requests} requests, {per_gib:.1} per GiB stored; server cpu {server_cpu:.2} s",
+                note(&s)
+            );
+            (s.bytes_logical, s.clone(), n)
+        });
+        kept = Some((stats, repo, opened));
+        (row, ())
+    });
+    rows.push(r);
+    let (full, repo, opened) = kept.expect("at least one run");
+    let out = work.join("restore-s3");
+    let (r, _) = median(a.repeat, || {
+        let _ = std::fs::remove_dir_all(&out);
+        let before = opened.requests.as_ref().map_or(0, |r| r.total());
+        let server_cpu = server.as_ref().map_or(0.0, |s| s.cpu_seconds());
+        measure("S3 restore (sparse file)", || {
+            let opts = RestoreOptions::default()
+                .with_threads(NonZeroUsize::new(a.threads))
+                .with_overwrite(true);
+            let s = repo
+                .restore_to_dir(&full.snapshot, &out, &opts)
+                .expect("restore");
+            let requests = opened.requests.as_ref().map_or(0, |r| r.total()) - before;
+            let per_gib = requests as f64 / (s.bytes_logical as f64 / (1u64 << 30) as f64);
+            let server_cpu = server.as_ref().map_or(0.0, |s| s.cpu_seconds()) - server_cpu;
+            (
+                s.bytes_logical,
+                (),
+                format!(
+                    "{requests} requests, {per_gib:.1} per GiB restored; server cpu {server_cpu:.2} s"
+                ),
+            )
+        })
+    });
+    rows.push(r);
+    let restored = cairn_engine::sample::hash_file(&out.join("disk.img")).expect("hash");
+    let original = cairn_engine::sample::hash_file(&base).expect("hash");
+    assert_eq!(restored, original, "S3 restore is not bit-identical");
+    let _ = std::fs::remove_dir_all(&out);
+    drop(server);
+}
+
 fn index(a: &Args, rows: &mut Vec<Row>) {
     let n = a.index_chunks;
     let (r, seg) = measure("index: build segment", || {
@@ -523,6 +624,9 @@ fn main() {
     }
     if only.is_none_or(|o| o == "cbt") {
         cbt(&a, &mut rows);
+    }
+    if only.is_none_or(|o| o == "s3") {
+        s3(&a, &mut rows);
     }
     println!("| phase | MB/s | wall s | CPU s | peak RSS MiB | notes |");
     println!("|---|---:|---:|---:|---:|---|");

@@ -174,7 +174,10 @@ pub(crate) fn run(
     opts: &RestoreOptions,
 ) -> Result<RestoreStats> {
     let started = Instant::now();
-    let threads = worker_threads(opts.threads);
+    // Readers: one per worker thread, or more where each read waits on the
+    // network (the pool says how many it wants in flight).
+    let threads =
+        worker_threads(opts.threads).max(store.pool.preferred_read_concurrency().unwrap_or(0));
     let progress: &dyn Progress = &*opts.progress;
     let disks: Vec<&DiskManifest> = match &opts.disks {
         None => snapshot.disks.iter().collect(),

@@ -18,9 +18,10 @@ use crate::kind::FileKind;
 use crate::pipeline::worker_threads;
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::store::blob::{BlobCodec, Compression};
+use crate::store::format::PACK_HEADER_LEN;
 use crate::store::index::{BlobLocation, Index};
 use crate::store::manifest::{list_snapshot_ids, read_snapshot};
-use crate::store::pack::{parse_pack, read_pack_table, PackEntry};
+use crate::store::pack::{check_pack_header, read_pack_table, PackEntry};
 use crate::store::pool::Pool;
 
 /// What kind of damage was found.
@@ -289,6 +290,9 @@ fn locate_chunks(
     by_pack
 }
 
+/// Most bytes of a pack read at once with `read_data`.
+const WINDOW: u64 = 8 << 20;
+
 /// Verifies the whole pool. The index is refreshed first, so what other
 /// writers stored since it was loaded is not reported as missing.
 pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Result<VerifyReport> {
@@ -371,7 +375,8 @@ struct PackChecker<'a> {
 
 impl PackChecker<'_> {
     fn check_all(&self, packs: &[PackId]) {
-        let threads = worker_threads(self.opts.threads);
+        let threads = worker_threads(self.opts.threads)
+            .max(self.pool.preferred_read_concurrency().unwrap_or(0));
         let (tx, rx) = bounded::<PackId>(threads * 2);
         std::thread::scope(|scope| {
             for _ in 0..threads {
@@ -434,8 +439,10 @@ impl PackChecker<'_> {
         local
     }
 
-    /// Reads a whole pack and re-hashes every blob; corrupt blobs are
-    /// findings. `Err`: the pack itself cannot be read or parsed.
+    /// Reads a pack — its header, its table, then its blobs in windows of
+    /// at most [`WINDOW`] bytes, so memory does not depend on pack size —
+    /// and re-hashes every blob; corrupt blobs are findings. `Err`: the pack
+    /// itself cannot be read or parsed.
     fn read_blobs(
         &self,
         pack: PackId,
@@ -443,31 +450,50 @@ impl PackChecker<'_> {
         buf: &mut Vec<u8>,
         local: &mut Vec<Damage>,
     ) -> std::result::Result<Vec<PackEntry>, String> {
-        let bytes = self
+        let name = pack.to_hex();
+        let header = self
             .pool
-            .read(FileKind::Pack, &pack.to_hex())
+            .read_range(FileKind::Pack, &name, 0, PACK_HEADER_LEN)
             .map_err(|e| e.to_string())?;
-        self.opts.progress.advance(bytes.len() as u64);
-        let entries = parse_pack(&bytes).map_err(|e| format!("pack {pack}: {e}"))?;
-        {
-            let mut c = self.counters.lock();
-            c.0 += entries.len() as u64;
-            c.1 += bytes.len() as u64;
-        }
-        for e in &entries {
-            let start = e.offset as usize;
-            let blob = bytes
-                .get(start..start + e.length as usize)
-                .unwrap_or_default();
-            if let Err(err) = codec.decode_verified(blob, &e.id, buf) {
-                local.push(Damage {
-                    kind: DamageKind::ChunkCorrupt,
-                    pack: Some(pack),
-                    chunk: Some(e.id),
-                    snapshots: self.refs.snapshots_of(&e.id),
-                    detail: format!("blob at offset {}: {err}", e.offset),
-                });
+        check_pack_header(&header).map_err(|e| format!("pack {pack}: {e}"))?;
+        let entries = read_pack_table(self.pool, &pack).map_err(|e| e.to_string())?;
+        let mut i = 0;
+        while i < entries.len() {
+            // A window of blobs lying back to back.
+            let start = entries[i].offset;
+            let mut end = start + entries[i].length as u64;
+            let mut j = i + 1;
+            while j < entries.len()
+                && entries[j].offset == end
+                && end + entries[j].length as u64 - start <= WINDOW
+            {
+                end += entries[j].length as u64;
+                j += 1;
             }
+            let bytes = self
+                .pool
+                .read_range(FileKind::Pack, &name, start, (end - start) as usize)
+                .map_err(|e| e.to_string())?;
+            self.opts.progress.advance(bytes.len() as u64);
+            {
+                let mut c = self.counters.lock();
+                c.0 += (j - i) as u64;
+                c.1 += bytes.len() as u64;
+            }
+            for e in &entries[i..j] {
+                let at = (e.offset - start) as usize;
+                let blob = bytes.get(at..at + e.length as usize).unwrap_or_default();
+                if let Err(err) = codec.decode_verified(blob, &e.id, buf) {
+                    local.push(Damage {
+                        kind: DamageKind::ChunkCorrupt,
+                        pack: Some(pack),
+                        chunk: Some(e.id),
+                        snapshots: self.refs.snapshots_of(&e.id),
+                        detail: format!("blob at offset {}: {err}", e.offset),
+                    });
+                }
+            }
+            i = j;
         }
         Ok(entries)
     }

@@ -262,9 +262,9 @@ pub fn decode_table(table: &[u8], trailer: &PackTrailer) -> Result<Vec<PackEntry
     Ok(entries)
 }
 
-/// Parses a whole pack held in memory: checks the header magic and returns its table.
-pub fn parse_pack(pack: &[u8]) -> Result<Vec<PackEntry>, DecodeError> {
-    let mut d = Decoder::new(pack);
+/// Checks a pack header (the first [`PACK_HEADER_LEN`] bytes of a pack).
+pub fn check_pack_header(header: &[u8]) -> Result<(), DecodeError> {
+    let mut d = Decoder::new(header);
     d.magic_version(&PACK_MAGIC_V1, PACK_VERSION_V1)?;
     let (flags, reserved) = (d.u16()?, d.u32()?);
     if flags != 0 || reserved != 0 {
@@ -272,6 +272,13 @@ pub fn parse_pack(pack: &[u8]) -> Result<Vec<PackEntry>, DecodeError> {
             "pack header flags {flags:#x} / reserved {reserved:#x} must be 0"
         )));
     }
+    Ok(())
+}
+
+/// Parses a whole pack held in memory: checks the header magic and returns its table.
+#[cfg_attr(not(feature = "internals"), allow(dead_code))] // for fuzz targets and benches
+pub fn parse_pack(pack: &[u8]) -> Result<Vec<PackEntry>, DecodeError> {
+    check_pack_header(pack)?;
     if pack.len() < PACK_HEADER_LEN + PACK_TRAILER_LEN {
         return Err(DecodeError::Truncated {
             needed: (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64,

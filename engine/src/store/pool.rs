@@ -41,6 +41,12 @@ pub trait PoolRead: Send + Sync {
     fn free_bytes(&self) -> Result<Option<u64>> {
         Ok(None)
     }
+
+    /// How many reads to keep in flight at once when latency, not CPU,
+    /// bounds them (object storage); `None`: one per worker thread.
+    fn preferred_read_concurrency(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A streaming, create-only, atomic write of one object.
@@ -125,6 +131,9 @@ macro_rules! forward_pool {
             }
             fn free_bytes(&self) -> Result<Option<u64>> {
                 (**self).free_bytes()
+            }
+            fn preferred_read_concurrency(&self) -> Option<usize> {
+                (**self).preferred_read_concurrency()
             }
         }
 
@@ -214,6 +223,10 @@ pub trait PoolWrapper: Send + Sync {
     fn free_bytes(&self) -> Result<Option<u64>> {
         self.inner().free_bytes()
     }
+    /// See [`PoolRead::preferred_read_concurrency`].
+    fn preferred_read_concurrency(&self) -> Option<usize> {
+        self.inner().preferred_read_concurrency()
+    }
     /// See [`PoolWrite::create`].
     fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
         self.inner().create(kind, name)
@@ -267,6 +280,9 @@ impl<W: PoolWrapper> PoolRead for WrappedPool<W> {
     }
     fn free_bytes(&self) -> Result<Option<u64>> {
         self.0.free_bytes()
+    }
+    fn preferred_read_concurrency(&self) -> Option<usize> {
+        self.0.preferred_read_concurrency()
     }
 }
 
