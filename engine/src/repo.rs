@@ -165,6 +165,21 @@ impl Repository {
 
     /// Every snapshot, oldest first, without their extent lists; manifests
     /// that cannot be read are reported beside them, never failing the list.
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use cairn_engine::*;
+    /// # let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// # let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 249) as u8).collect();
+    /// # let disk = BackupDisk::image("vda", MemorySource::new("vda", image.clone()));
+    /// # let stats = repo.backup(vec![disk], &BackupOptions::new("web01"))?;
+    /// let list = repo.snapshots()?;
+    /// assert_eq!(list.snapshots.len(), 1);
+    /// assert_eq!(list.snapshots[0].vm, "web01");
+    /// assert!(list.damaged.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn snapshots(&self) -> Result<SnapshotList> {
         let mut list = SnapshotList::default();
         for id in self.snapshot_ids()? {
@@ -209,6 +224,21 @@ impl Repository {
 
     /// The snapshot a selector names. `latest` considers the snapshots
     /// whose manifests can be read; without a VM it must be unambiguous.
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use cairn_engine::*;
+    /// # let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// # let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 249) as u8).collect();
+    /// # let disk = BackupDisk::image("vda", MemorySource::new("vda", image.clone()));
+    /// # let stats = repo.backup(vec![disk], &BackupOptions::new("web01"))?;
+    /// let prefix = &stats.snapshot.to_hex()[..8];
+    /// assert_eq!(repo.resolve(&prefix.parse()?)?, stats.snapshot);
+    /// assert_eq!(repo.resolve(&SnapshotSelector::latest_of("web01"))?, stats.snapshot);
+    /// assert!(repo.resolve(&SnapshotSelector::latest_of("db01")).unwrap_err().is_not_found());
+    /// # Ok(()) }
+    /// ```
     pub fn resolve(&self, selector: &SnapshotSelector) -> Result<SnapshotId> {
         match selector {
             SnapshotSelector::Id(id) => match self.pool.size(FileKind::Snapshot, &id.to_hex()) {
@@ -261,6 +291,19 @@ impl Repository {
 
     /// Backs up `disks` as one snapshot. The index is refreshed first, so
     /// chunks that other writers stored since it was loaded are reused.
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// use cairn_engine::{BackupDisk, BackupOptions, Compression, MemorySource, Repository};
+    /// let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// let disk = BackupDisk::image("vda", MemorySource::new("vda", vec![5u8; 1 << 20]))
+    ///     .with_property("source", "example");
+    /// let opts = BackupOptions::new("web01").with_compression(Compression::None);
+    /// let first = repo.backup(vec![disk], &opts)?;
+    /// assert_eq!(first.chunks_new, 1); // 16 equal 64 KiB chunks, stored once
+    /// # Ok(()) }
+    /// ```
     pub fn backup(&self, disks: Vec<BackupDisk>, opts: &BackupOptions) -> Result<BackupStats> {
         let index = self.index()?;
         index.refresh(&*self.pool)?;
@@ -280,6 +323,39 @@ impl Repository {
     /// snapshot (unless given), decides whether its bitmap can be trusted
     /// under `policy`, and builds the backup inputs; pass them to
     /// [`backup`](Self::backup) with the returned parent set in the options.
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// use cairn_engine::cbt::{CbtDisk, CbtPolicy, PreparedVm};
+    /// use cairn_engine::{BackupOptions, ChunkingParams, MemorySource, Repository, SnapshotMode};
+    /// let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// let mut image = vec![1u8; 1 << 20];
+    /// let run = |image: &[u8], bitmap: &str, next: &str, dirty| -> cairn_engine::Result<_> {
+    ///     let disk = CbtDisk::new(
+    ///         "vda",
+    ///         Box::new(MemorySource::new("vda", image.to_vec())),
+    ///         bitmap,
+    ///         Ok(dirty),
+    ///         next,
+    ///     );
+    ///     let chunking = ChunkingParams::default();
+    ///     match repo.prepare_cbt("web01", vec![disk], chunking, CbtPolicy::Full)? {
+    ///         PreparedVm::Backup { disks, parent, .. } => {
+    ///             let opts = BackupOptions::new("web01").with_parent(parent);
+    ///             repo.backup(disks, &opts)
+    ///         }
+    ///         PreparedVm::Skip { reason, .. } => panic!("skipped: {reason}"),
+    ///     }
+    /// };
+    /// // No earlier snapshot: a full backup that starts bitmap "b1".
+    /// assert_eq!(run(&image, "b0", "b1", vec![])?.mode, SnapshotMode::Full);
+    /// // The guest writes; "b1" recorded it: an incremental reads only that.
+    /// image[70_000] = 9;
+    /// let inc = run(&image, "b1", "b2", vec![70_000..70_001])?;
+    /// assert_eq!((inc.mode, inc.bytes_read), (SnapshotMode::Cbt, 65536));
+    /// # Ok(()) }
+    /// ```
     pub fn prepare_cbt(
         &self,
         vm: &str,
@@ -295,6 +371,22 @@ impl Repository {
     /// Restores the snapshot's disks (all, or those `opts.disks` names) into
     /// targets made by `make_target`. Each target is finished only once
     /// every disk is complete.
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use cairn_engine::*;
+    /// # let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// # let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 249) as u8).collect();
+    /// # let disk = BackupDisk::image("vda", MemorySource::new("vda", image.clone()));
+    /// # let stats = repo.backup(vec![disk], &BackupOptions::new("web01"))?;
+    /// let target = MemoryTarget::new(image.len() as u64)?;
+    /// let keep = target.clone();
+    /// let opts = RestoreOptions::default().with_disks(["vda"]);
+    /// repo.restore(&stats.snapshot, &move |_disk| Ok(Box::new(target.clone())), &opts)?;
+    /// assert_eq!(keep.finished(), Some(image));
+    /// # Ok(()) }
+    /// ```
     pub fn restore(
         &self,
         id: &SnapshotId,
@@ -311,6 +403,20 @@ impl Repository {
     }
 
     /// Restores the snapshot's disks as sparse raw files `dir/<disk name>`.
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use cairn_engine::*;
+    /// # let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// # let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 249) as u8).collect();
+    /// # let disk = BackupDisk::image("vda", MemorySource::new("vda", image.clone()));
+    /// # let stats = repo.backup(vec![disk], &BackupOptions::new("web01"))?;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// repo.restore_to_dir(&stats.snapshot, dir.path(), &RestoreOptions::default())?;
+    /// assert_eq!(std::fs::read(dir.path().join("vda")).unwrap(), image);
+    /// # Ok(()) }
+    /// ```
     pub fn restore_to_dir(
         &self,
         id: &SnapshotId,
@@ -322,12 +428,41 @@ impl Repository {
     }
 
     /// Checks the pool (see [`VerifyOptions`]).
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use cairn_engine::*;
+    /// # let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// # let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 249) as u8).collect();
+    /// # let disk = BackupDisk::image("vda", MemorySource::new("vda", image.clone()));
+    /// # let stats = repo.backup(vec![disk], &BackupOptions::new("web01"))?;
+    /// let report = repo.verify(&VerifyOptions::default().with_read_data(true))?;
+    /// assert!(report.is_ok());
+    /// assert_eq!(report.snapshots, 1);
+    /// # Ok(()) }
+    /// ```
     pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
         let index = self.index()?;
         verify::run(&*self.pool, &index, opts)
     }
 
     /// What the pool holds: snapshots, packs, stored and logical bytes.
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use cairn_engine::*;
+    /// let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// for vm in ["a", "b"] {
+    ///     let disk = BackupDisk::image("vda", MemorySource::new("vda", vec![3u8; 4 << 20]));
+    ///     repo.backup(vec![disk], &BackupOptions::new(vm))?;
+    /// }
+    /// let info = repo.info()?;
+    /// assert_eq!((info.snapshots, info.packs, info.logical_bytes), (2, 1, 8 << 20));
+    /// assert!(info.dedup_ratio().unwrap() > 100.0);
+    /// # Ok(()) }
+    /// ```
     pub fn info(&self) -> Result<PoolInfo> {
         let list = self.snapshots()?;
         let mut info = PoolInfo {
@@ -362,6 +497,20 @@ impl Repository {
 
     /// Rebuilds the dedup index from the packs alone: one new segment
     /// replaces every old one; damaged packs are skipped and reported.
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// # use cairn_engine::*;
+    /// # let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// # let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 249) as u8).collect();
+    /// # let disk = BackupDisk::image("vda", MemorySource::new("vda", image.clone()));
+    /// # let stats = repo.backup(vec![disk], &BackupOptions::new("web01"))?;
+    /// let report = repo.repair_index()?;
+    /// assert_eq!(report.packs, 1);
+    /// assert!(report.damaged_packs.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn repair_index(&self) -> Result<RebuildReport> {
         let report = rebuild(&*self.pool)?;
         // Reload on next use: the old segments are gone.

@@ -496,6 +496,8 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
+// Long on purpose: one HTTP exchange loop with every fault kind inline,
+// so a test reader sees exactly what each fault does on the wire.
 fn proxy_connection(
     client: TcpStream,
     upstream_port: u16,

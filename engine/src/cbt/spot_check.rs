@@ -77,23 +77,8 @@ mod tests {
 
     use super::*;
     use crate::chunker::ChunkingParams;
+    use crate::source::MemorySource;
     use crate::store::manifest::DiskManifest;
-
-    /// A disk held in memory.
-    struct Memory(Vec<u8>);
-    impl DiskSource for Memory {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            let at = offset as usize;
-            buf.copy_from_slice(&self.0[at..at + buf.len()]);
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "memory".into()
-        }
-    }
 
     #[test]
     #[allow(clippy::single_range_in_vec_init)] // one dirty range each
@@ -109,7 +94,7 @@ mod tests {
         let changed = |dirty: Vec<Range<u64>>| {
             ChangedBlocks::from_parts(parent.clone(), ChunkingParams::default(), dirty)
         };
-        let same = Memory(data.clone());
+        let same = MemorySource::new("vda", data.clone());
         assert_eq!(
             spot_check(&same, &changed(vec![]), 65536, 100).unwrap(),
             Ok(16)
@@ -122,7 +107,7 @@ mod tests {
         for at in [5 << 16 | 100, 3 << 16 | 7] {
             let mut d = data.clone();
             d[at] ^= 0xff;
-            let src = Memory(d);
+            let src = MemorySource::new("vda", d);
             let why = spot_check(&src, &changed(vec![]), 65536, 100)
                 .unwrap()
                 .unwrap_err();

@@ -371,6 +371,8 @@ impl NbdConnection {
         Ok((kind, data))
     }
 
+    // Long on purpose: the fixed-newstyle handshake is one sequence of
+    // messages, read top to bottom against the protocol document.
     fn handshake(&mut self, export: &str, contexts: &[&str]) -> Result<()> {
         if self.u64()? != NBDMAGIC || self.u64()? != IHAVEOPT {
             return Err(self.protocol("not a newstyle NBD server"));
