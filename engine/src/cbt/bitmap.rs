@@ -132,7 +132,8 @@ impl DirtyBitmap {
         let body = split_checksummed(data)?;
         let mut d = Decoder::new(body);
         d.magic_version(&BITMAP_MAGIC_V1, BITMAP_VERSION_V1)?;
-        let _ = (d.u16()?, d.u32()?);
+        d.zero_u16("reserved header u16")?;
+        d.zero_u32("reserved header u32")?;
         let granularity = d.u64()?;
         let size = d.u64()?;
         let count = d.u64()?;

@@ -49,9 +49,9 @@ impl PoolConfig {
         )
     }
 
-    /// Parses a configuration. Unknown keys are allowed (later versions add
-    /// settings); the version, id scheme, pool id and creation time are
-    /// required.
+    /// Parses a configuration: exactly the lines [`encode`](Self::encode)
+    /// writes, in its order (one encoding per configuration; a later version
+    /// that adds settings gets a new version number).
     pub fn decode(text: &[u8]) -> Result<Self, DecodeError> {
         let text = std::str::from_utf8(text)
             .map_err(|_| DecodeError::Invalid("config is not UTF-8 text".into()))?;
@@ -95,12 +95,23 @@ impl PoolConfig {
                 _ => {}
             }
         }
-        Ok(PoolConfig {
+        let config = PoolConfig {
             version,
             id_scheme: scheme.ok_or_else(|| DecodeError::Invalid("no id-scheme".into()))?,
             pool_id: pool_id.ok_or_else(|| DecodeError::Invalid("no pool-id".into()))?,
             created: created.ok_or_else(|| DecodeError::Invalid("no created".into()))?,
-        })
+        };
+        // One encoding per configuration: exactly the lines `encode`
+        // writes, in its order (a later version adds settings under a new
+        // version number).
+        if config.encode() != text {
+            return Err(DecodeError::Invalid(
+                "config is not in canonical form (extra, repeated or reordered lines, or \
+                 a value written differently)"
+                    .into(),
+            ));
+        }
+        Ok(config)
     }
 }
 

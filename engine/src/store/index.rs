@@ -78,10 +78,10 @@ impl Segment {
         let body = split_checksummed(&data)?;
         let mut d = Decoder::new(body);
         d.magic_version(&INDEX_MAGIC_V1, INDEX_VERSION_V1)?;
-        let _reserved = d.u16()?;
+        d.zero_u16("reserved header u16")?;
         let pack_count = d.u32()? as usize;
         let entry_count = d.u64()?;
-        let _reserved = d.u64()?;
+        d.zero_u64("reserved header u64")?;
         let expected = (pack_count as u64)
             .checked_mul(16)
             .and_then(|p| entry_count.checked_mul(ENTRY_LEN as u64).map(|e| (p, e)))
@@ -95,8 +95,13 @@ impl Segment {
         }
         let entry_count = entry_count as usize;
         let mut packs = Vec::with_capacity(pack_count);
+        let mut seen = HashSet::with_capacity(pack_count);
         for _ in 0..pack_count {
-            packs.push(PackId(d.array()?));
+            let pack = PackId(d.array()?);
+            if !seen.insert(pack) {
+                return Err(DecodeError::Invalid(format!("pack {pack} listed twice")));
+            }
+            packs.push(pack);
         }
         let mut fanout = [0u32; 256];
         for f in fanout.iter_mut() {

@@ -311,7 +311,8 @@ fn decode(data: &[u8], keep_extents: bool) -> Result<Snapshot, DecodeError> {
 /// Everything before the disks.
 fn decode_header(d: &mut Decoder<'_>) -> Result<Snapshot, DecodeError> {
     d.magic_version(&MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1)?;
-    let _ = (d.u16()?, d.u32()?);
+    d.zero_u16("reserved header u16")?;
+    d.zero_u32("reserved header u32")?;
     let secs = d.i64()?;
     let nanos = d.u32()?;
     if secs < 0 || nanos >= 1_000_000_000 {
@@ -335,6 +336,11 @@ fn decode_header(d: &mut Decoder<'_>) -> Result<Snapshot, DecodeError> {
     let kind = d.u8()?;
     let (a, b, c) = (d.u32()?, d.u32()?, d.u32()?);
     let chunking = match kind {
+        CHUNKING_FIXED if b != 0 || c != 0 => {
+            return Err(DecodeError::Invalid(format!(
+                "fixed chunking carries unused fields {b}, {c} (must be 0)"
+            )))
+        }
         CHUNKING_FIXED => ChunkingParams::Fixed { size: a },
         CHUNKING_FASTCDC => ChunkingParams::FastCdc {
             min: a,
@@ -347,6 +353,11 @@ fn decode_header(d: &mut Decoder<'_>) -> Result<Snapshot, DecodeError> {
     let ckind = d.u8()?;
     let level = d.i32()?;
     let compression = match ckind {
+        COMPRESSION_NONE if level != 0 => {
+            return Err(DecodeError::Invalid(format!(
+                "compression none carries level {level} (must be 0)"
+            )))
+        }
         COMPRESSION_NONE => Compression::None,
         COMPRESSION_ZSTD => Compression::Zstd { level },
         x => return Err(DecodeError::Invalid(format!("unknown compression {x}"))),
@@ -482,6 +493,12 @@ fn get_properties(d: &mut Decoder<'_>) -> Result<BTreeMap<String, String>, Decod
     for _ in 0..n {
         let k = d.string(MAX_STRING)?;
         let v = d.string(MAX_STRING)?;
+        // Keys strictly ascending: one encoding per set of properties.
+        if p.last_key_value().is_some_and(|(last, _)| *last >= k) {
+            return Err(DecodeError::Invalid(format!(
+                "property {k:?} is out of order or repeated"
+            )));
+        }
         p.insert(k, v);
     }
     Ok(p)

@@ -125,6 +125,34 @@ impl<'a> Decoder<'a> {
         Ok(i32::from_le_bytes(self.array()?))
     }
 
+    /// A reserved `u16` that must be 0 (one encoding per value).
+    pub fn zero_u16(&mut self, field: &str) -> Result<(), DecodeError> {
+        match self.u16()? {
+            0 => Ok(()),
+            v => Err(DecodeError::Invalid(format!(
+                "{field} is {v:#x}, must be 0"
+            ))),
+        }
+    }
+    /// A reserved `u32` that must be 0.
+    pub fn zero_u32(&mut self, field: &str) -> Result<(), DecodeError> {
+        match self.u32()? {
+            0 => Ok(()),
+            v => Err(DecodeError::Invalid(format!(
+                "{field} is {v:#x}, must be 0"
+            ))),
+        }
+    }
+    /// A reserved `u64` that must be 0.
+    pub fn zero_u64(&mut self, field: &str) -> Result<(), DecodeError> {
+        match self.u64()? {
+            0 => Ok(()),
+            v => Err(DecodeError::Invalid(format!(
+                "{field} is {v:#x}, must be 0"
+            ))),
+        }
+    }
+
     /// A string stored as `u32` byte length + UTF-8 bytes, at most `max` bytes.
     pub fn string(&mut self, max: usize) -> Result<String, DecodeError> {
         let len = self.u32()? as usize;

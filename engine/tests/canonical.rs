@@ -1,0 +1,185 @@
+//! One encoding per value: for every structure with a checksum, random
+//! changes to a valid encoding (with the checksum fixed up, so the parser
+//! behind it is reached) either fail to decode or decode to a value that
+//! encodes back to exactly the same bytes. Plus the non-canonical cases
+//! found by hand: non-zero reserved fields, unused fields, unsorted keys.
+#![allow(clippy::unwrap_used)] // test code
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use cairn_engine::bytes::Bytes;
+use cairn_engine::cbt::DirtyBitmap;
+use cairn_engine::internals::{PackEntry, Segment, SegmentBuilder};
+use cairn_engine::{
+    ChunkId, ChunkingParams, Compression, DiskManifest, IdScheme, PackId, PoolConfig, PoolId,
+    Snapshot, SnapshotId, SnapshotMode,
+};
+use proptest::prelude::*;
+
+/// Recomputes the trailing BLAKE3-256 checksum of `bytes`.
+fn fix_checksum(bytes: &mut [u8]) {
+    let n = bytes.len() - 32;
+    let sum = *blake3_hash(&bytes[..n]);
+    bytes[n..].copy_from_slice(&sum);
+}
+
+fn blake3_hash(b: &[u8]) -> Box<[u8; 32]> {
+    Box::new(ChunkId::of(b).0)
+}
+
+fn sample_manifest() -> Vec<u8> {
+    let mut disk = DiskManifest::new("vda");
+    disk.push(65536, Some(ChunkId::of(b"a")));
+    disk.push(65536, None);
+    disk.push(1000, Some(ChunkId::of(b"b")));
+    disk.properties.insert("k1".into(), "v1".into());
+    disk.properties.insert("k2".into(), "v2".into());
+    let mut properties = BTreeMap::new();
+    properties.insert("p".into(), "q".into());
+    Snapshot {
+        time: UNIX_EPOCH + Duration::new(1_800_000_000, 7),
+        vm: "web".into(),
+        mode: SnapshotMode::Full,
+        parent: Some(SnapshotId([3; 32])),
+        id_scheme: IdScheme::Blake3,
+        chunking: ChunkingParams::default(),
+        compression: Compression::None,
+        properties,
+        disks: vec![disk],
+    }
+    .encode()
+}
+
+fn sample_segment() -> Vec<u8> {
+    let mut b = SegmentBuilder::new();
+    for p in 0..3u8 {
+        let entries: Vec<PackEntry> = (0..5u32)
+            .map(|i| PackEntry {
+                id: ChunkId::of(&[p, i as u8]),
+                offset: 16 + i as u64 * 100,
+                length: 100,
+                raw_length: 200,
+            })
+            .collect();
+        b.add_entries(PackId([p + 1; 16]), &entries);
+    }
+    b.encode()
+}
+
+fn reencode_segment(bytes: &[u8]) -> Option<Vec<u8>> {
+    let seg = Segment::decode(Bytes::copy_from_slice(bytes)).ok()?;
+    let mut b = SegmentBuilder::new();
+    for p in seg.packs() {
+        b.add_pack(*p);
+    }
+    let mut by_pack: BTreeMap<PackId, Vec<PackEntry>> = BTreeMap::new();
+    for (id, loc) in seg.iter() {
+        by_pack.entry(loc.pack).or_default().push(PackEntry {
+            id,
+            offset: loc.offset,
+            length: loc.length,
+            raw_length: 1,
+        });
+    }
+    for (p, e) in by_pack {
+        b.add_entries(p, &e);
+    }
+    Some(b.encode())
+}
+
+fn sample_bitmap() -> Vec<u8> {
+    let mut b = DirtyBitmap::new(5 << 20, 65536).unwrap();
+    b.set_range(100..70_000);
+    b.set_range(3 << 20..(3 << 20) + 1);
+    b.encode()
+}
+
+/// Applies `flips` (position, xor) to a copy of `good`, fixing the checksum.
+fn mutate(good: &[u8], flips: &[(usize, u8)], checksummed: bool) -> Vec<u8> {
+    let mut b = good.to_vec();
+    let body = if checksummed { b.len() - 32 } else { b.len() };
+    for &(at, x) in flips {
+        b[at % body] ^= x.max(1);
+    }
+    if checksummed {
+        fix_checksum(&mut b);
+    }
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn manifests_have_one_encoding(flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4)) {
+        let b = mutate(&sample_manifest(), &flips, true);
+        if let Ok(s) = Snapshot::decode(&b) {
+            prop_assert_eq!(s.encode(), b);
+        }
+    }
+
+    #[test]
+    fn segments_have_one_encoding(flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4)) {
+        let b = mutate(&sample_segment(), &flips, true);
+        if let Some(again) = reencode_segment(&b) {
+            prop_assert_eq!(again, b);
+        }
+    }
+
+    #[test]
+    fn bitmaps_have_one_encoding(flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4)) {
+        let b = mutate(&sample_bitmap(), &flips, true);
+        if let Ok(bm) = DirtyBitmap::decode(&b) {
+            prop_assert_eq!(bm.encode(), b);
+        }
+    }
+
+    #[test]
+    fn configs_have_one_encoding(flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..3)) {
+        let good = PoolConfig::new(PoolId([0xab; 16]), UNIX_EPOCH + Duration::from_secs(1_790_000_000)).encode();
+        let b = mutate(good.as_bytes(), &flips, false);
+        if let Ok(c) = PoolConfig::decode(&b) {
+            prop_assert_eq!(c.encode().into_bytes(), b);
+        }
+    }
+}
+
+#[test]
+fn the_non_canonical_cases_found_by_hand_are_refused() {
+    // Manifest: reserved header fields (offsets 10..16).
+    for at in [10usize, 12, 15] {
+        let b = mutate(&sample_manifest(), &[(at, 1)], true);
+        assert!(Snapshot::decode(&b).is_err(), "reserved byte {at}");
+    }
+    // Bitmap: reserved u16 at offset 10 and u32 at 12.
+    for at in [10usize, 11, 12, 15] {
+        let b = mutate(&sample_bitmap(), &[(at, 1)], true);
+        assert!(
+            DirtyBitmap::decode(&b).is_err(),
+            "bitmap reserved byte {at}"
+        );
+    }
+    // Segment: reserved u16 at 10, reserved u64 at 24.
+    for at in [10usize, 24, 31] {
+        let b = mutate(&sample_segment(), &[(at, 1)], true);
+        assert!(
+            Segment::decode(Bytes::from(b)).is_err(),
+            "segment reserved byte {at}"
+        );
+    }
+    // Config: an extra line, a reordered one, a repeated one.
+    let good = PoolConfig::new(
+        PoolId([1; 16]),
+        UNIX_EPOCH + Duration::from_secs(1_790_000_000),
+    )
+    .encode();
+    let lines: Vec<&str> = good.lines().collect();
+    for bad in [
+        format!("{good}extra 1\n"),
+        format!("{}\n{}\n{}\n{}\n", lines[0], lines[2], lines[1], lines[3]),
+        format!("{good}{}\n", lines[3]),
+    ] {
+        assert!(PoolConfig::decode(bad.as_bytes()).is_err(), "{bad:?}");
+    }
+}
