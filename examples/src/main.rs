@@ -271,7 +271,14 @@ fn print_peak_rss() {
 /// Opens (or, for `init`, creates) the pool at an address: `DIR`,
 /// `dedup:DIR` or `s3://BUCKET/PREFIX?…` (see `cairn_pools::PoolAddress`).
 pub fn open_pool(spec: &str, create: bool) -> Result<OpenedPool, Failure> {
+    open_pool_with(spec, create, false)
+}
+
+/// [`open_pool`]; `bypass_cache` reads everything from the pool itself
+/// (verify and repair check the pool, not a local copy of it).
+pub fn open_pool_with(spec: &str, create: bool, bypass_cache: bool) -> Result<OpenedPool, Failure> {
     let (cache_dir, no_cache) = CACHE.get().cloned().unwrap_or_default();
+    let no_cache = no_cache || bypass_cache;
     let mut options = cairn_pools::OpenOptions::default();
     options.cache_dir = cache_dir;
     options.no_cache = no_cache;
@@ -333,7 +340,13 @@ impl Opened {
 }
 
 pub fn open_repo(spec: &str) -> Result<Opened, Failure> {
-    let pool = open_pool(spec, false)?;
+    open_repo_with(spec, false)
+}
+
+/// [`open_repo`], reading everything from the pool itself when
+/// `bypass_cache` (see [`open_pool_with`]).
+pub fn open_repo_with(spec: &str, bypass_cache: bool) -> Result<Opened, Failure> {
+    let pool = open_pool_with(spec, false, bypass_cache)?;
     let repo = Repository::open(pool.pool.clone())?;
     Ok(Opened { repo, pool })
 }
@@ -709,7 +722,7 @@ fn cmd_restore(
 }
 
 fn cmd_verify(pool: &str, read_data: bool, threads: usize, json: bool) -> Result<u8, Failure> {
-    let repo = open_repo(pool)?;
+    let repo = open_repo_with(pool, true)?;
     let bar = Arc::new(Bar::new(!json));
     let opts = VerifyOptions::default()
         .with_read_data(read_data)
@@ -728,7 +741,7 @@ fn cmd_verify(pool: &str, read_data: bool, threads: usize, json: bool) -> Result
 
 fn cmd_repair(pool: &str, json: bool) -> Result<u8, Failure> {
     // Opening reads the config only: the index is what we rebuild.
-    let report = open_repo(pool)?.repair_index()?;
+    let report = open_repo_with(pool, true)?.repair_index()?;
     if json {
         output::print_json(&serde_json::json!({
             "packs": report.packs,

@@ -163,6 +163,20 @@ fn pool_info_reports_what_the_pool_holds() {
     );
     let again = ok_env(&["snapshots", &s.pool, "--cache-dir", &p(&cache)], &s.env);
     assert_eq!(first, again);
+    // verify checks the pool, not the cache: a segment damaged on the
+    // server is found although an intact copy is cached.
+    ok_env(&["verify", &s.pool, "--cache-dir", &p(&cache)], &s.env);
+    let index_dir = s.server.root().join("backups/cairn/pool1/index");
+    let segment = std::fs::read_dir(&index_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().len() == 32)
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[40] ^= 1;
+    std::fs::write(&segment, &bytes).unwrap();
+    let out = cairn_env(&["verify", &s.pool, "--cache-dir", &p(&cache)], &s.env);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
     // The local pool knows its free space.
     let local = s.root().join("local");
     ok(&["init", &p(&local)]);

@@ -116,13 +116,13 @@ fn four_writers_share_an_object_pool() {
 /// consistent.
 fn killed_writer(pool: &str, dir: &Path, env: &[(&str, String)]) {
     let big = dir.join("big.img");
-    make_image(&big, 96 << 20, 9);
+    make_image(&big, 256 << 20, 9);
     {
         // Fill it with data that does not dedup, so the backup takes a while.
         let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut buf = vec![0u8; 1 << 20];
-        for mib in 0..96u64 {
+        for mib in 0..256u64 {
             for b in buf.iter_mut() {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -132,6 +132,7 @@ fn killed_writer(pool: &str, dir: &Path, env: &[(&str, String)]) {
             std::os::unix::fs::FileExt::write_all_at(&f, &buf, mib << 20).unwrap();
         }
     }
+    let mut known = Vec::new();
     for delay_ms in [150u64, 400] {
         let mut victim = spawn_backup(pool, "victim", &big, env);
         let img = dir.join(format!("other-{delay_ms}.img"));
@@ -140,15 +141,22 @@ fn killed_writer(pool: &str, dir: &Path, env: &[(&str, String)]) {
         std::thread::sleep(Duration::from_millis(delay_ms));
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(victim.id() as libc::pid_t, libc::SIGKILL) };
-        let _ = victim.wait();
+        let status = victim.wait().unwrap();
+        // Killed mid-backup, not finished before the signal.
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
         let out = other.wait_with_output().unwrap();
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        known.push((v["snapshot"].as_str().unwrap().to_string(), img));
     }
-    check_pool(pool, dir, env, &[]);
+    // The other writer's snapshots restore bit-identical, every listed one
+    // restores, verify is clean.
+    check_pool(pool, dir, env, &known);
 }
 
 #[test]

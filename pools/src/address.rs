@@ -89,7 +89,8 @@ impl PoolAddress {
     /// Parses an address; the error shows the accepted forms.
     pub fn parse(address: &str) -> Result<Self, PoolOpenError> {
         let bad = |reason: &str| PoolOpenError::BadAddress {
-            address: redact(address),
+            // Redacted as written and once decoded (`%40` is an `@`).
+            address: redact(&percent_decode(address).unwrap_or_else(|_| address.to_string())),
             reason: reason.to_string(),
         };
         if address.is_empty() {
@@ -230,6 +231,13 @@ fn parse_s3(rest: &str) -> Result<S3Address, String> {
             other => return Err(format!("unknown setting {other:?}")),
         }
     }
+    // S3 allows 10 000 parts per upload; stay well below.
+    if addr.pack_size / addr.part_size as u64 > 1000 {
+        return Err(format!(
+            "pack_size {} / part_size {} would need more than 1000 parts per pack",
+            addr.pack_size, addr.part_size
+        ));
+    }
     Ok(addr)
 }
 
@@ -239,11 +247,16 @@ fn size(v: &str) -> Option<u64> {
 }
 
 /// Checks an endpoint URL: `http(s)://host[:port]`, no credentials in it.
-fn parse_endpoint(url: &str) -> Result<String, String> {
+pub(crate) fn parse_endpoint(url: &str) -> Result<String, String> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("endpoint {url:?} must start with http:// or https://"))?;
+        .ok_or_else(|| {
+            format!(
+                "endpoint {:?} must start with http:// or https://",
+                redact(url)
+            )
+        })?;
     let host = rest.split('/').next().unwrap_or("");
     if host.contains('@') {
         return Err(
@@ -253,7 +266,7 @@ fn parse_endpoint(url: &str) -> Result<String, String> {
         );
     }
     if host.is_empty() {
-        return Err(format!("endpoint {url:?} has no host"));
+        return Err(format!("endpoint {:?} has no host", redact(url)));
     }
     Ok(url.trim_end_matches('/').to_string())
 }
@@ -321,7 +334,14 @@ pub fn open_with(address: &str, options: &OpenOptions) -> Result<OpenedPool, Poo
             (None, false) => crate::default_cache_dir(),
         };
         if let Some(base) = base {
-            let key = cairn_engine::ChunkId::of(opened.address.to_string().as_bytes()).to_hex();
+            // The address and the endpoint from the environment (the same
+            // bucket on two services must not share a cache).
+            let endpoint = std::env::var("AWS_ENDPOINT_URL")
+                .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                .unwrap_or_default();
+            let key =
+                cairn_engine::ChunkId::of(format!("{}\n{endpoint}", opened.address).as_bytes())
+                    .to_hex();
             let dir = base.join(key.get(..24).unwrap_or(&key));
             opened.pool = Arc::new(cairn_engine::WrappedPool(crate::CachedPool::new(
                 opened.pool.clone(),
@@ -401,6 +421,9 @@ mod tests {
             "s3://bucket?timeout=forever",
             "s3://bucket?endpoint=ftp://x",
             "s3://bucket?endpoint=http://key:secret@host",
+            "s3://bucket?endpoint=http%3A%2F%2Fkey%3Asecret%40host",
+            "s3://bucket?endpoint=ftp://key:secret@host",
+            "s3://bucket?part_size=5M&pack_size=64G",
             "gs://bucket",
             "dedup:",
             "tape:/dev/nst0",

@@ -66,6 +66,28 @@ pub const READS_IN_FLIGHT: usize = 12;
 /// stored costs about 32 requests (PUTs are billed per request).
 pub const PACK_SIZE: u64 = 12 * PART_SIZE as u64;
 
+/// The pool's private runtime. Dropped without blocking, so the last
+/// handle to a pool may go away anywhere, inside async code included.
+struct PoolRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for PoolRuntime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        // Always Some until drop.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("runtime used after drop"))
+    }
+}
+
+impl Drop for PoolRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Counts the requests a pool makes (one per GET, range GET, HEAD, PUT,
 /// DELETE, list page, multipart create/part/complete; retries inside a
 /// request are not counted).
@@ -90,12 +112,14 @@ pub struct ObjectPool {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     location: String,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<PoolRuntime>,
     stats: Arc<RequestStats>,
     parts: Arc<tokio::sync::Semaphore>,
     part_size: usize,
     pack_size: u64,
     retry_timeout: Duration,
+    /// Values that must never appear in a message (secret key, token).
+    secrets: Arc<Vec<String>>,
 }
 
 impl std::fmt::Debug for ObjectPool {
@@ -202,10 +226,12 @@ impl ObjectPool {
             reason,
         };
         let allow_http = settings.allow_http;
-        let endpoint = address
-            .endpoint
-            .clone()
-            .or_else(|| settings.endpoint.clone());
+        let endpoint = match (&address.endpoint, &settings.endpoint) {
+            (Some(e), _) => Some(e.clone()),
+            // From the environment: checked like an address's endpoint.
+            (None, Some(e)) => Some(crate::address::parse_endpoint(e).map_err(&bad)?),
+            (None, None) => None,
+        };
         if endpoint
             .as_deref()
             .is_some_and(|e| e.starts_with("http://"))
@@ -263,12 +289,18 @@ impl ObjectPool {
             store: Arc::new(store),
             prefix: address.prefix.trim_matches('/').to_string(),
             location: address.to_string(),
-            runtime: Arc::new(runtime),
+            runtime: Arc::new(PoolRuntime(Some(runtime))),
             stats: Arc::new(RequestStats::default()),
             parts: Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT)),
             part_size: address.part_size,
             pack_size: address.pack_size,
             retry_timeout: address.retry_timeout,
+            secrets: Arc::new(
+                std::iter::once(settings.secret_access_key.clone())
+                    .chain(settings.session_token.clone())
+                    .filter(|v| v.len() >= 4)
+                    .collect(),
+            ),
         })
     }
 
@@ -316,9 +348,34 @@ fn block_on<T: Send + 'static>(
         .map_err(|e| Error::Internal(format!("S3 request task failed: {e}")))
 }
 
+/// `text` with every secret in `secrets` replaced by `<redacted>` (server
+/// error bodies can quote a request's token or canonical form).
+fn scrub(text: String, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .fold(text, |t, secret| t.replace(secret.as_str(), "<redacted>"))
+}
+
 /// Maps an `object_store` error on object `kind`/`name` to the engine's.
-fn store_error(op: &'static str, kind: FileKind, name: &str, e: object_store::Error) -> Error {
+fn store_error(
+    secrets: &[String],
+    op: &'static str,
+    kind: FileKind,
+    name: &str,
+    e: object_store::Error,
+) -> Error {
     match e {
+        // A missing bucket is not a missing object.
+        object_store::Error::NotFound { source, .. }
+            if source.to_string().contains("NoSuchBucket") =>
+        {
+            Error::PoolIo {
+                op,
+                kind,
+                name: name.to_string(),
+                source: std::io::Error::other("the bucket does not exist"),
+            }
+        }
         object_store::Error::NotFound { .. } => Error::NotFound {
             kind,
             name: name.to_string(),
@@ -331,7 +388,7 @@ fn store_error(op: &'static str, kind: FileKind, name: &str, e: object_store::Er
             op,
             kind,
             name: name.to_string(),
-            source: std::io::Error::other(other.to_string()),
+            source: std::io::Error::other(scrub(other.to_string(), secrets)),
         },
     }
 }
@@ -342,17 +399,22 @@ impl PoolRead for ObjectPool {
         let store = self.store.clone();
         self.stats.add(1);
         self.run(async move { store.get(&key).await?.bytes().await })?
-            .map_err(|e| store_error("read", kind, name, e))
+            .map_err(|e| store_error(&self.secrets, "read", kind, name, e))
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Bytes> {
         let key = self.key(kind, name)?;
+        if len == 0 {
+            // S3 has no empty range; an empty read needs only the object to exist.
+            self.size(kind, name)?;
+            return Ok(Bytes::new());
+        }
         let store = self.store.clone();
         let range: Range<u64> = offset..offset + len as u64;
         self.stats.add(1);
         let bytes = self
             .run(async move { store.get_range(&key, range).await })?
-            .map_err(|e| store_error("read", kind, name, e))?;
+            .map_err(|e| store_error(&self.secrets, "read", kind, name, e))?;
         if bytes.len() != len {
             return Err(Error::PoolIo {
                 op: "read",
@@ -376,7 +438,7 @@ impl PoolRead for ObjectPool {
         self.stats.add(1);
         self.run(async move { store.head(&key).await })?
             .map(|m| m.size)
-            .map_err(|e| store_error("stat", kind, name, e))
+            .map_err(|e| store_error(&self.secrets, "stat", kind, name, e))
     }
 
     fn location(&self) -> String {
@@ -424,7 +486,7 @@ impl ObjectPool {
                 }
                 Ok::<_, object_store::Error>(out)
             })?
-            .map_err(|e| store_error("list", kind, "*", e))?;
+            .map_err(|e| store_error(&self.secrets, "list", kind, "*", e))?;
         // One request per page of up to 1000 keys.
         self.stats.add((listed.len() as u64).div_ceil(1000).max(1));
         Ok(listed)
@@ -442,7 +504,7 @@ impl PoolDelete for ObjectPool {
             store.head(&key).await?;
             store.delete(&key).await
         })?
-        .map_err(|e| store_error("delete", kind, name, e))
+        .map_err(|e| store_error(&self.secrets, "delete", kind, name, e))
     }
 }
 
@@ -456,6 +518,7 @@ impl PoolWrite for ObjectPool {
             name: name.to_string(),
             buffer: Vec::new(),
             upload: None,
+            failed: false,
         }))
     }
 
@@ -486,13 +549,14 @@ fn retry_pause(attempt: u32, started: std::time::Instant, budget: Duration) -> b
 #[derive(Clone)]
 struct Shared {
     store: Arc<dyn ObjectStore>,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<PoolRuntime>,
     stats: Arc<RequestStats>,
     /// Parts in flight over every writer of the pool (each holds one part's
     /// memory until it is sent).
     parts: Arc<tokio::sync::Semaphore>,
     part_size: usize,
     retry_timeout: Duration,
+    secrets: Arc<Vec<String>>,
 }
 
 impl ObjectPool {
@@ -504,6 +568,7 @@ impl ObjectPool {
             parts: self.parts.clone(),
             part_size: self.part_size,
             retry_timeout: self.retry_timeout,
+            secrets: self.secrets.clone(),
         }
     }
 }
@@ -523,11 +588,14 @@ struct S3Writer {
     name: String,
     buffer: Vec<u8>,
     upload: Option<Multipart>,
+    /// A part failed: the upload is aborted and every later call fails
+    /// (committing the rest would store an object with parts missing).
+    failed: bool,
 }
 
 impl S3Writer {
     fn err(&self, op: &'static str, e: object_store::Error) -> Error {
-        store_error(op, self.kind, &self.name, e)
+        store_error(&self.pool.secrets, op, self.kind, &self.name, e)
     }
 
     /// Starts the multipart upload, refusing a name that is taken (a
@@ -557,9 +625,46 @@ impl S3Writer {
         }
     }
 
+    /// Sends the buffered part; on failure aborts the whole upload and
+    /// marks the writer failed.
+    fn send_part(&mut self) -> Result<()> {
+        if self.failed {
+            return Err(self.failed_error());
+        }
+        let sent = self.try_send_part();
+        if sent.is_err() {
+            self.fail();
+        }
+        sent
+    }
+
+    fn failed_error(&self) -> Error {
+        Error::PoolIo {
+            op: "write",
+            kind: self.kind,
+            name: self.name.clone(),
+            source: std::io::Error::other("an earlier part of this upload failed"),
+        }
+    }
+
+    /// Stops every part still sending and aborts the upload.
+    fn fail(&mut self) {
+        self.failed = true;
+        self.buffer = Vec::new();
+        if let Some(mut upload) = self.upload.take() {
+            for handle in &upload.sending {
+                handle.abort();
+            }
+            let _ = block_on(
+                &self.pool.runtime,
+                async move { upload.upload.abort().await },
+            );
+        }
+    }
+
     /// Sends the buffered part (waiting while the pool's parts in flight
     /// are at their limit), starting the multipart upload first if needed.
-    fn send_part(&mut self) -> Result<()> {
+    fn try_send_part(&mut self) -> Result<()> {
         let mut upload = match self.upload.take() {
             Some(u) => u,
             None => self.start_upload()?,
@@ -572,19 +677,31 @@ impl S3Writer {
             .filter(|(_, h)| h.is_finished())
             .map(|(i, _)| i)
             .collect();
+        // The upload goes back into `self` before any error returns, so
+        // `fail` can abort it.
         for i in done.into_iter().rev() {
             let handle = upload.sending.swap_remove(i);
-            block_on(&self.pool.runtime, handle)?
-                .map_err(|e| Error::Internal(format!("S3 part upload task failed: {e}")))?
-                .map_err(|e| self.err("write", e))?;
+            if let Err(e) = self.joined(handle) {
+                self.upload = Some(upload);
+                return Err(e);
+            }
         }
-        let part = PutPayload::from(Bytes::from(std::mem::take(&mut self.buffer)));
         let permits = self.pool.parts.clone();
-        let permit = block_on(
+        let permit = match block_on(
             &self.pool.runtime,
             async move { permits.acquire_owned().await },
-        )?
-        .map_err(|e| Error::Internal(format!("S3 part limit closed: {e}")))?;
+        ) {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                self.upload = Some(upload);
+                return Err(Error::Internal(format!("S3 part limit closed: {e}")));
+            }
+            Err(e) => {
+                self.upload = Some(upload);
+                return Err(e);
+            }
+        };
+        let part = PutPayload::from(Bytes::from(std::mem::take(&mut self.buffer)));
         let sending = upload.upload.put_part(part);
         self.pool.stats.add(1);
         upload.sending.push(self.pool.runtime.spawn(async move {
@@ -598,12 +715,12 @@ impl S3Writer {
 
     /// Waits for every part, then completes the upload.
     fn finish_upload(&mut self, mut upload: Multipart) -> Result<()> {
-        for handle in std::mem::take(&mut upload.sending) {
-            let sent = block_on(&self.pool.runtime, handle)?
-                .map_err(|e| Error::Internal(format!("S3 part upload task failed: {e}")))?;
-            if let Err(e) = sent {
+        while !upload.sending.is_empty() {
+            let handle = upload.sending.remove(0);
+            if let Err(e) = self.joined(handle) {
                 self.upload = Some(upload);
-                return Err(self.err("write", e));
+                self.fail();
+                return Err(e);
             }
         }
         self.pool.stats.add(1);
@@ -617,6 +734,14 @@ impl S3Writer {
         })?
         .map(|_| ())
         .map_err(|e| self.err("write", e))
+    }
+
+    /// Waits for one part's task; its outcome as the engine's error.
+    fn joined(&self, handle: tokio::task::JoinHandle<object_store::Result<()>>) -> Result<()> {
+        match block_on(&self.pool.runtime, handle)? {
+            Ok(sent) => sent.map_err(|e| self.err("write", e)),
+            Err(e) => Err(Error::Internal(format!("S3 part upload task failed: {e}"))),
+        }
     }
 
     /// One conditional PUT of the whole (small) object, retried on
@@ -652,9 +777,10 @@ impl S3Writer {
         };
         match result {
             Ok(_) => Ok(()),
-            // A retried PUT may find its own first attempt: accept it when
-            // the stored bytes are ours.
-            Err(object_store::Error::AlreadyExists { .. }) => {
+            // A repeated PUT may find its own first attempt: accept it when
+            // the stored bytes are ours. A first attempt that finds the name
+            // taken is refused outright (create-only).
+            Err(object_store::Error::AlreadyExists { .. }) if attempt > 0 => {
                 let store = self.pool.store.clone();
                 let key = self.key.clone();
                 self.pool.stats.add(1);
@@ -676,6 +802,9 @@ impl S3Writer {
 
 impl Write for S3Writer {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.failed {
+            return Err(std::io::Error::other(self.failed_error().to_string()));
+        }
         let room = self.pool.part_size - self.buffer.len();
         let n = data.len().min(room);
         if self.buffer.capacity() == 0 {
@@ -696,6 +825,9 @@ impl Write for S3Writer {
 
 impl ObjectWriter for S3Writer {
     fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.failed {
+            return Err(self.failed_error());
+        }
         if self.upload.is_none() {
             return self.put_once();
         }
@@ -729,6 +861,31 @@ impl Drop for S3Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_scrubbed_from_error_text() {
+        let secrets = vec!["s3cr3t-key".to_string(), "tok-EN-123".to_string()];
+        let text =
+            "403: <CanonicalRequest>x-amz-security-token:tok-EN-123</CanonicalRequest> s3cr3t-key"
+                .to_string();
+        let clean = scrub(text, &secrets);
+        assert!(
+            !clean.contains("tok-EN-123") && !clean.contains("s3cr3t-key"),
+            "{clean}"
+        );
+        assert!(clean.contains("<redacted>"));
+        let e = store_error(
+            &secrets,
+            "write",
+            FileKind::Pack,
+            "p",
+            object_store::Error::Generic {
+                store: "S3",
+                source: "the server said tok-EN-123".into(),
+            },
+        );
+        assert!(!e.to_string().contains("tok-EN-123"), "{e}");
+    }
 
     #[test]
     fn debug_output_never_shows_secrets() {

@@ -258,13 +258,23 @@ fn create_only(pool: &dyn cairn_engine::Pool) {
 
 fn dropped_writer_leaves_nothing(pool: &dyn cairn_engine::Pool) {
     let name = "fedcba9876543210fedcba9876543210";
-    let mut w = pool.create(FileKind::Index, name).unwrap();
-    w.write_all(&[7u8; 100_000]).unwrap();
-    drop(w);
-    assert!(pool.list(FileKind::Index).unwrap().is_empty());
-    assert!(pool.read(FileKind::Index, name).unwrap_err().is_not_found());
+    // A small object, and one past several multipart parts when the pool
+    // uses small parts.
+    for size in [100_000usize, 12 << 20] {
+        let mut w = pool.create(FileKind::Index, name).unwrap();
+        w.write_all(&vec![7u8; size]).unwrap();
+        drop(w);
+        assert!(pool.list(FileKind::Index).unwrap().is_empty(), "{size}");
+        assert!(
+            pool.read(FileKind::Index, name).unwrap_err().is_not_found(),
+            "{size}"
+        );
+    }
     // The name is still free.
     pool.write(FileKind::Index, name, b"x").unwrap();
+    // A create of a taken name fails even with identical bytes.
+    let again = pool.write(FileKind::Index, name, b"x").unwrap_err();
+    assert!(matches!(again, Error::AlreadyExists { .. }), "{again}");
 }
 
 fn missing_objects_are_not_found(pool: &dyn cairn_engine::Pool) {
@@ -346,12 +356,21 @@ pub struct FaultCounts {
     pub stalled: std::sync::atomic::AtomicU64,
     /// Upload cut halfway: half the body forwarded, then both sides closed.
     pub cut: std::sync::atomic::AtomicU64,
+    /// Request forwarded and answered by the server, the answer dropped
+    /// (the client cannot know whether its write landed).
+    pub lost_response: std::sync::atomic::AtomicU64,
+    /// Faults applied so far: picks the next kind, round robin, so every
+    /// kind occurs once enough requests fail.
+    next_kind: std::sync::atomic::AtomicU64,
 }
 
 /// An HTTP/1.1 proxy between an S3 client and a server that fails a share
 /// of the requests: `503 SlowDown` answers, connection resets, stalls past
-/// the client's timeout, and uploads cut halfway (the server sees half a
-/// body, then the connection drops). Everything else passes unchanged.
+/// the client's timeout, uploads cut halfway (the server sees half a body,
+/// then the connection drops) and answers lost after the server acted on
+/// the request. The kinds take turns, so each occurs once five requests
+/// have failed (a cut waits for a request with a body). Everything else
+/// passes unchanged.
 #[derive(Debug)]
 pub struct FaultProxy {
     port: u16,
@@ -404,6 +423,7 @@ impl FaultProxy {
             + c.reset.load(Relaxed)
             + c.stalled.load(Relaxed)
             + c.cut.load(Relaxed)
+            + c.lost_response.load(Relaxed)
     }
 }
 
@@ -506,12 +526,14 @@ fn proxy_connection(
     counts: &FaultCounts,
 ) -> std::io::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut rng = seed | 1;
+    // SplitMix64: well mixed from the first draw, whatever the seed.
+    let mut state = seed;
     let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     };
     let mut from_client = std::io::BufReader::new(client.try_clone()?);
     let mut to_client = client;
@@ -524,9 +546,13 @@ fn proxy_connection(
         };
         let body = read_body(&mut from_client, &head)?;
         let roll = next();
-        if (roll % 100) < plan.fail_percent as u64 {
-            match (roll >> 8) % 10 {
-                0..=3 => {
+        let kind = counts.next_kind.load(Relaxed) % 5;
+        // A cut needs a body: a failure due as a cut waits for one.
+        let fail = (roll % 100) < plan.fail_percent as u64 && !(kind == 3 && body.len() < 2);
+        if fail {
+            counts.next_kind.fetch_add(1, Relaxed);
+            match kind {
+                0 => {
                     counts.slow_down.fetch_add(1, Relaxed);
                     let xml = "<?xml version=\"1.0\"?><Error><Code>SlowDown</Code>\
                                <Message>Please reduce your request rate.</Message></Error>";
@@ -538,12 +564,18 @@ fn proxy_connection(
                     )?;
                     return Ok(());
                 }
-                4..=6 => {
+                1 => {
                     counts.reset.fetch_add(1, Relaxed);
                     reset(to_client);
                     return Ok(());
                 }
-                7 if body.len() > 1 => {
+                2 => {
+                    counts.stalled.fetch_add(1, Relaxed);
+                    std::thread::sleep(plan.stall);
+                    reset(to_client);
+                    return Ok(());
+                }
+                3 => {
                     counts.cut.fetch_add(1, Relaxed);
                     to_upstream.write_all(&head)?;
                     to_upstream.write_all(&body[..body.len() / 2])?;
@@ -552,8 +584,16 @@ fn proxy_connection(
                     return Ok(());
                 }
                 _ => {
-                    counts.stalled.fetch_add(1, Relaxed);
-                    std::thread::sleep(plan.stall);
+                    counts.lost_response.fetch_add(1, Relaxed);
+                    to_upstream.write_all(&head)?;
+                    to_upstream.write_all(&body)?;
+                    // Wait for the server's answer, then drop it.
+                    let is_head = head.starts_with(b"HEAD ");
+                    if let Some(rhead) = read_head(&mut from_upstream)? {
+                        if !is_head {
+                            let _ = read_body(&mut from_upstream, &rhead);
+                        }
+                    }
                     reset(to_client);
                     return Ok(());
                 }

@@ -41,6 +41,9 @@ pub enum DamageKind {
     IndexMismatch,
     /// A blob fails to decode or does not hash to its id.
     ChunkCorrupt,
+    /// An index segment is damaged (its packs are indexed from their own
+    /// tables; `repair --index` rewrites the index).
+    SegmentDamaged,
 }
 
 impl fmt::Display for DamageKind {
@@ -52,6 +55,7 @@ impl fmt::Display for DamageKind {
             DamageKind::PackUnreadable => "pack-unreadable",
             DamageKind::IndexMismatch => "index-mismatch",
             DamageKind::ChunkCorrupt => "chunk-corrupt",
+            DamageKind::SegmentDamaged => "segment-damaged",
         })
     }
 }
@@ -309,6 +313,15 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
         .filter_map(|n| PackId::from_hex(n))
         .collect();
     let by_pack = locate_chunks(index, &refs, &listed, &mut report);
+    for (segment, detail) in index.damaged_segments() {
+        report.damage.push(Damage {
+            kind: DamageKind::SegmentDamaged,
+            pack: None,
+            chunk: None,
+            snapshots: Vec::new(),
+            detail: format!("index segment {segment}: {detail}"),
+        });
+    }
     // Packs no segment covers whose table the index could not read.
     for (pack, detail) in index.unreadable_packs() {
         if !opts.read_data && listed.contains(&pack) {

@@ -401,6 +401,10 @@ pub struct Index {
     uncovered: parking_lot::Mutex<Vec<(PackId, Vec<PackEntry>)>>,
     /// Uncovered packs whose table could not be read, with why.
     unreadable: parking_lot::Mutex<Vec<(PackId, String)>>,
+    /// Stored segments that failed to decode, with why. Their packs are
+    /// indexed from their own tables instead (packs describe themselves),
+    /// so a damaged segment loses nothing.
+    damaged_segments: parking_lot::Mutex<Vec<(String, String)>>,
     /// One refresh at a time: two would load the same segments twice.
     refreshing: parking_lot::Mutex<()>,
 }
@@ -428,9 +432,10 @@ impl Index {
     /// the number of new segments and packs taken in.
     ///
     /// A segment deleted between the listing and the read (a concurrent
-    /// `repair`) is skipped; a damaged segment is an error naming it; an
-    /// uncovered pack whose table cannot be read is skipped and reported by
-    /// [`unreadable_packs`](Self::unreadable_packs).
+    /// `repair`) is skipped; a damaged segment is skipped, reported by
+    /// [`damaged_segments`](Self::damaged_segments), and its packs indexed
+    /// from their tables; an uncovered pack whose table cannot be read is
+    /// skipped and reported by [`unreadable_packs`](Self::unreadable_packs).
     pub fn refresh<P: PoolRead + PoolList + ?Sized>(&self, pool: &P) -> Result<usize> {
         let _one_at_a_time = self.refreshing.lock();
         let fresh: Vec<String> = {
@@ -447,9 +452,15 @@ impl Index {
                 Err(Error::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            let seg = Segment::decode(data)
-                .map_err(|e| Error::corrupt(format!("index segment {name}"), e))?;
-            loaded.push((name, seg));
+            match Segment::decode(data) {
+                Ok(seg) => loaded.push((name, seg)),
+                Err(e) => {
+                    let why = Error::corrupt(format!("index segment {name}"), e).to_string();
+                    self.damaged_segments.lock().push((name.clone(), why));
+                    // Not read again by later refreshes.
+                    self.state.write().loaded.insert(name);
+                }
+            }
         }
         let mut added = loaded.len();
         {
@@ -519,6 +530,12 @@ impl Index {
     /// Uncovered packs whose table could not be read, with why.
     pub fn unreadable_packs(&self) -> Vec<(PackId, String)> {
         self.unreadable.lock().clone()
+    }
+
+    /// Stored segments that failed to decode (name, why); their packs were
+    /// indexed from their tables instead.
+    pub fn damaged_segments(&self) -> Vec<(String, String)> {
+        self.damaged_segments.lock().clone()
     }
 
     /// Where chunk `id` is stored, if any segment holds it.
