@@ -4,6 +4,8 @@
 //! `scripts/test.sh` installs what is missing.
 #![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
 
+mod jobs;
+
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,35 +17,7 @@ use cairn_engine::{
     NbdConnection, NbdSource, NbdTarget, NoProgress, Repository, RestoreOptions, VerifyOptions,
 };
 use cairn_pools::MemoryPool;
-
-// The jobs in the shape these tests were written for (free functions with a
-// progress sink); each calls the `Repository` method of the same name.
-fn backup(
-    repo: &Repository,
-    disks: Vec<BackupDisk>,
-    opts: &BackupOptions,
-    _progress: &NoProgress,
-) -> cairn_engine::Result<cairn_engine::BackupStats> {
-    repo.backup(disks, opts)
-}
-
-fn restore_to_dir(
-    repo: &Repository,
-    id: &cairn_engine::SnapshotId,
-    dir: &Path,
-    opts: &RestoreOptions,
-    _progress: &NoProgress,
-) -> cairn_engine::Result<cairn_engine::RestoreStats> {
-    repo.restore_to_dir(id, dir, opts)
-}
-
-fn verify(
-    repo: &Repository,
-    opts: &VerifyOptions,
-    _progress: &NoProgress,
-) -> cairn_engine::Result<cairn_engine::VerifyReport> {
-    repo.verify(opts)
-}
+use jobs::{backup, restore_to_dir, verify};
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)

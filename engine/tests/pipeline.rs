@@ -2,6 +2,8 @@
 //! local pools, with generated images (zeros, text, random, duplicates, holes).
 #![allow(clippy::unwrap_used)] // test helpers: a failed step is a failed test
 
+mod jobs;
+
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -16,35 +18,7 @@ use cairn_engine::{
     RestoreOptions, VerifyOptions,
 };
 use cairn_pools::{LocalPool, MemoryPool};
-
-// The jobs in the shape these tests were written for (free functions with a
-// progress sink); each calls the `Repository` method of the same name.
-fn backup(
-    repo: &Repository,
-    disks: Vec<BackupDisk>,
-    opts: &BackupOptions,
-    _progress: &NoProgress,
-) -> cairn_engine::Result<cairn_engine::BackupStats> {
-    repo.backup(disks, opts)
-}
-
-fn restore_to_dir(
-    repo: &Repository,
-    id: &cairn_engine::SnapshotId,
-    dir: &Path,
-    opts: &RestoreOptions,
-    _progress: &NoProgress,
-) -> cairn_engine::Result<cairn_engine::RestoreStats> {
-    repo.restore_to_dir(id, dir, opts)
-}
-
-fn verify(
-    repo: &Repository,
-    opts: &VerifyOptions,
-    _progress: &NoProgress,
-) -> cairn_engine::Result<cairn_engine::VerifyReport> {
-    repo.verify(opts)
-}
+use jobs::{backup, restore_to_dir, verify};
 
 /// An image held in memory, with optional declared data extents.
 struct MemSource {
