@@ -807,8 +807,18 @@ impl Write for S3Writer {
         }
         let room = self.pool.part_size - self.buffer.len();
         let n = data.len().min(room);
-        if self.buffer.capacity() == 0 {
-            self.buffer.reserve(self.pool.part_size.min(1 << 20).max(n));
+        // Small objects take a small buffer; once an object outgrows 1 MiB
+        // the buffer is sized to one part exactly (doubling growth would
+        // hold up to 1.6 parts of memory per writer).
+        let need = self.buffer.len() + n;
+        if need > self.buffer.capacity() {
+            let want = if need > 1 << 20 {
+                self.pool.part_size
+            } else {
+                1 << 20
+            };
+            self.buffer
+                .reserve_exact(want.max(need) - self.buffer.len());
         }
         self.buffer.extend_from_slice(&data[..n]);
         if self.buffer.len() == self.pool.part_size {
