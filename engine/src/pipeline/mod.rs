@@ -14,6 +14,31 @@ pub(crate) mod verify;
 
 use std::num::NonZeroUsize;
 
+/// The setters every job's options share (`threads`, `progress`,
+/// `cancel` fields), written once.
+macro_rules! job_control_setters {
+    () => {
+        /// Sets the number of worker threads (`None`: one per CPU).
+        pub fn with_threads(mut self, threads: Option<std::num::NonZeroUsize>) -> Self {
+            self.threads = threads;
+            self
+        }
+
+        /// Sends progress to `progress`.
+        pub fn with_progress(mut self, progress: std::sync::Arc<dyn crate::Progress>) -> Self {
+            self.progress = progress;
+            self
+        }
+
+        /// Stops the job when `cancel` is triggered.
+        pub fn with_cancel(mut self, cancel: crate::CancelToken) -> Self {
+            self.cancel = cancel;
+            self
+        }
+    };
+}
+pub(crate) use job_control_setters;
+
 /// The number of worker threads for a `threads` option (`None`: one per CPU).
 pub(crate) fn worker_threads(threads: Option<NonZeroUsize>) -> usize {
     threads

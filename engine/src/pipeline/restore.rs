@@ -67,11 +67,7 @@ impl std::fmt::Debug for RestoreOptions {
 }
 
 impl RestoreOptions {
-    /// Sets the number of worker threads (`None`: one per CPU).
-    pub fn with_threads(mut self, threads: Option<NonZeroUsize>) -> Self {
-        self.threads = threads;
-        self
-    }
+    crate::pipeline::job_control_setters!();
 
     /// Allows replacing existing target files.
     pub fn with_overwrite(mut self, overwrite: bool) -> Self {
@@ -82,18 +78,6 @@ impl RestoreOptions {
     /// Restores only the named disks.
     pub fn with_disks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, disks: I) -> Self {
         self.disks = Some(disks.into_iter().map(Into::into).collect());
-        self
-    }
-
-    /// Sends progress to `progress`.
-    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
-        self.progress = progress;
-        self
-    }
-
-    /// Stops the restore when `cancel` is triggered.
-    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
-        self.cancel = cancel;
         self
     }
 }

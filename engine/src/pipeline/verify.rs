@@ -129,27 +129,11 @@ impl fmt::Debug for VerifyOptions {
 }
 
 impl VerifyOptions {
+    crate::pipeline::job_control_setters!();
+
     /// Also reads every blob.
     pub fn with_read_data(mut self, read_data: bool) -> Self {
         self.read_data = read_data;
-        self
-    }
-
-    /// Sets the number of worker threads (`None`: one per CPU).
-    pub fn with_threads(mut self, threads: Option<NonZeroUsize>) -> Self {
-        self.threads = threads;
-        self
-    }
-
-    /// Sends progress to `progress`.
-    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
-        self.progress = progress;
-        self
-    }
-
-    /// Stops the verify when `cancel` is triggered.
-    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
-        self.cancel = cancel;
         self
     }
 }

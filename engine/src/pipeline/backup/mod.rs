@@ -100,6 +100,8 @@ impl std::fmt::Debug for BackupOptions {
 }
 
 impl BackupOptions {
+    crate::pipeline::job_control_setters!();
+
     /// Defaults for a backup of VM `vm`.
     pub fn new(vm: impl Into<String>) -> Self {
         BackupOptions {
@@ -130,12 +132,6 @@ impl BackupOptions {
         self
     }
 
-    /// Sets the number of worker threads (`None`: one per CPU).
-    pub fn with_threads(mut self, threads: Option<NonZeroUsize>) -> Self {
-        self.threads = threads;
-        self
-    }
-
     /// Records `key = value` in the manifest.
     pub fn with_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.properties.insert(key.into(), value.into());
@@ -145,18 +141,6 @@ impl BackupOptions {
     /// Sets the parent recorded when no disk is an incremental.
     pub fn with_parent(mut self, parent: Option<SnapshotId>) -> Self {
         self.parent = parent;
-        self
-    }
-
-    /// Sends progress to `progress`.
-    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
-        self.progress = progress;
-        self
-    }
-
-    /// Stops the backup when `cancel` is triggered.
-    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
-        self.cancel = cancel;
         self
     }
 
