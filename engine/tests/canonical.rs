@@ -69,23 +69,7 @@ fn sample_segment() -> Vec<u8> {
 
 fn reencode_segment(bytes: &[u8]) -> Option<Vec<u8>> {
     let seg = Segment::decode(Bytes::copy_from_slice(bytes)).ok()?;
-    let mut b = SegmentBuilder::new();
-    for p in seg.packs() {
-        b.add_pack(*p);
-    }
-    let mut by_pack: BTreeMap<PackId, Vec<PackEntry>> = BTreeMap::new();
-    for (id, loc) in seg.iter() {
-        by_pack.entry(loc.pack).or_default().push(PackEntry {
-            id,
-            offset: loc.offset,
-            length: loc.length,
-            raw_length: 1,
-        });
-    }
-    for (p, e) in by_pack {
-        b.add_entries(p, &e);
-    }
-    Some(b.encode())
+    Some(SegmentBuilder::from_segment(&seg).encode())
 }
 
 fn sample_bitmap() -> Vec<u8> {

@@ -321,6 +321,22 @@ impl SegmentBuilder {
         }
     }
 
+    /// A builder holding exactly what `seg` holds (its packs in their order,
+    /// its entries), so `encode` reproduces a canonical segment byte for
+    /// byte: what the canonical-form tests and fuzz targets compare against.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // for tests and fuzz targets
+    pub fn from_segment(seg: &Segment) -> Self {
+        let mut b = SegmentBuilder::new();
+        for p in seg.packs() {
+            b.add_pack(*p);
+        }
+        for (id, loc) in seg.iter() {
+            let p = b.add_pack(loc.pack);
+            b.entries.push((id.0, p, loc.length, loc.offset));
+        }
+        b
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
