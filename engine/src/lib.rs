@@ -124,7 +124,9 @@ pub use store::wire::DecodeError;
 pub mod internals {
     pub use crate::store::blob::{BlobCodec, BlobHeader};
     pub use crate::store::index::{Index, Segment, SegmentBuilder};
-    pub use crate::store::pack::{parse_pack, read_pack_table, PackEntry, PackWriter};
+    pub use crate::store::pack::{
+        encode_table, pack_header, parse_pack, read_pack_table, PackEntry, PackWriter,
+    };
 }
 
 /// Sample disk images and data generators for tests, benchmarks and the

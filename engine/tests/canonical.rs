@@ -10,7 +10,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use cairn_engine::bytes::Bytes;
 use cairn_engine::cbt::DirtyBitmap;
-use cairn_engine::internals::{PackEntry, Segment, SegmentBuilder};
+use cairn_engine::internals::{
+    encode_table, pack_header, parse_pack, BlobCodec, BlobHeader, PackEntry, Segment,
+    SegmentBuilder,
+};
 use cairn_engine::{
     ChunkId, ChunkingParams, Compression, DiskManifest, IdScheme, PackId, PoolConfig, PoolId,
     Snapshot, SnapshotId, SnapshotMode,
@@ -79,6 +82,56 @@ fn sample_bitmap() -> Vec<u8> {
     b.encode()
 }
 
+/// A pack of three blobs (zstd, raw, zstd) as `PackWriter` lays it out.
+fn sample_pack() -> Vec<u8> {
+    let mut codec = BlobCodec::new(Compression::Zstd { level: 3 });
+    let mut pack = pack_header();
+    let mut entries = Vec::new();
+    for chunk in [vec![7u8; 3000], (0..=255u8).collect(), vec![9u8; 100]] {
+        let offset = pack.len() as u64;
+        let length = codec.encode_into(&chunk, &mut pack).unwrap() as u32;
+        entries.push(PackEntry {
+            id: ChunkId::of(&chunk),
+            offset,
+            length,
+            raw_length: chunk.len() as u32,
+        });
+    }
+    let table_offset = pack.len() as u64;
+    pack.extend_from_slice(&encode_table(&entries, table_offset));
+    pack
+}
+
+/// Encodes a pack again from what `parse_pack` decoded: the header, each
+/// blob's decoded header followed by its body, the table and trailer.
+fn reencode_pack(bytes: &[u8]) -> Option<Vec<u8>> {
+    let entries = parse_pack(bytes).ok()?;
+    let mut again = pack_header();
+    for e in &entries {
+        let blob = &bytes[e.offset as usize..(e.offset + e.length as u64) as usize];
+        again.extend_from_slice(&BlobHeader::decode(blob).unwrap().encode());
+        again.extend_from_slice(&blob[12..]);
+    }
+    let table_offset = again.len() as u64;
+    again.extend_from_slice(&encode_table(&entries, table_offset));
+    Some(again)
+}
+
+/// Applies `flips` to a copy of a pack (never to the table hash), then
+/// recomputes the table hash the trailer holds.
+fn mutate_pack(good: &[u8], flips: &[(usize, u8)]) -> Vec<u8> {
+    let mut b = good.to_vec();
+    let trailer = b.len() - 56;
+    let editable: Vec<usize> = (0..trailer + 16).chain(trailer + 48..b.len()).collect();
+    for &(at, x) in flips {
+        b[editable[at % editable.len()]] ^= x.max(1);
+    }
+    let table_offset = u64::from_le_bytes(good[trailer..trailer + 8].try_into().unwrap()) as usize;
+    let hash = blake3_hash(&b[table_offset..trailer]);
+    b[trailer + 16..trailer + 48].copy_from_slice(&*hash);
+    b
+}
+
 /// Applies `flips` (position, xor) to a copy of `good`, fixing the checksum.
 fn mutate(good: &[u8], flips: &[(usize, u8)], checksummed: bool) -> Vec<u8> {
     let mut b = good.to_vec();
@@ -120,6 +173,31 @@ proptest! {
     }
 
     #[test]
+    fn packs_have_one_encoding(flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4)) {
+        let b = mutate_pack(&sample_pack(), &flips);
+        if let Some(again) = reencode_pack(&b) {
+            prop_assert_eq!(again, b);
+        }
+    }
+
+    #[test]
+    fn blob_headers_have_one_encoding(
+        compressed in any::<bool>(),
+        flips in prop::collection::vec((0usize..12, any::<u8>()), 1..3),
+    ) {
+        let good = BlobHeader {
+            compression: compressed as u8,
+            raw_len: 65536,
+            body_len: if compressed { 20_000 } else { 65536 },
+        }
+        .encode();
+        let b = mutate(&good, &flips, false);
+        if let Ok(h) = BlobHeader::decode(&b) {
+            prop_assert_eq!(h.encode().to_vec(), b);
+        }
+    }
+
+    #[test]
     fn configs_have_one_encoding(flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..3)) {
         let good = PoolConfig::new(PoolId([0xab; 16]), UNIX_EPOCH + Duration::from_secs(1_790_000_000)).encode();
         let b = mutate(good.as_bytes(), &flips, false);
@@ -150,6 +228,71 @@ fn the_non_canonical_cases_found_by_hand_are_refused() {
         assert!(
             Segment::decode(Bytes::from(b)).is_err(),
             "segment reserved byte {at}"
+        );
+    }
+    // Pack: a gap between blobs, a gap before the table, flags and
+    // reserved header fields, the reserved trailer field.
+    let good = sample_pack();
+    assert!(reencode_pack(&good).is_some());
+    let trailer = good.len() - 56;
+    let entries = parse_pack(&good).unwrap();
+    let blob = |e: &PackEntry| &good[e.offset as usize..(e.offset + e.length as u64) as usize];
+    // `pad_after[i]` zero bytes follow blob i; the table's offsets are right.
+    let with_padding = |pad_after: [usize; 3]| {
+        let mut pack = pack_header();
+        let mut moved = Vec::new();
+        for (e, pad) in entries.iter().zip(pad_after) {
+            moved.push(PackEntry {
+                offset: pack.len() as u64,
+                ..*e
+            });
+            pack.extend_from_slice(blob(e));
+            pack.resize(pack.len() + pad, 0);
+        }
+        let table_offset = pack.len() as u64;
+        pack.extend_from_slice(&encode_table(&moved, table_offset));
+        pack
+    };
+    assert_eq!(with_padding([0, 0, 0]), good);
+    assert!(
+        parse_pack(&with_padding([1, 0, 0])).is_err(),
+        "gap between blobs"
+    );
+    assert!(
+        parse_pack(&with_padding([0, 0, 1])).is_err(),
+        "gap before the table"
+    );
+    for at in [10usize, 12, 15, trailer + 14] {
+        let b = mutate_pack(&good, &[(at, 1)]);
+        assert!(parse_pack(&b).is_err(), "pack byte {at}");
+    }
+    // Blob header: reserved byte, encryption, a raw body shorter than its
+    // plaintext, a zstd body that did not shrink.
+    let raw = BlobHeader {
+        compression: 0,
+        raw_len: 100,
+        body_len: 100,
+    }
+    .encode();
+    let zstd = BlobHeader {
+        compression: 1,
+        raw_len: 100,
+        body_len: 50,
+    }
+    .encode();
+    assert!(BlobHeader::decode(&raw).is_ok() && BlobHeader::decode(&zstd).is_ok());
+    for (header, at, value) in [
+        (raw, 3, 1u8),
+        (raw, 2, 1),
+        (raw, 8, 99),
+        (zstd, 8, 100),
+        (zstd, 8, 200),
+    ] {
+        let mut b = header;
+        b[at] = value;
+        assert!(
+            BlobHeader::decode(&b).is_err(),
+            "blob header byte {at} = {value}"
         );
     }
     // Config: an extra line, a reordered one, a repeated one.

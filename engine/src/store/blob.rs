@@ -116,9 +116,7 @@ impl BlobCodec {
     pub fn encode_into(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
         debug_assert!(chunk.len() <= MAX_CHUNK_SIZE);
         let start = out.len();
-        out.extend_from_slice(&[BLOB_VERSION_V1, COMPRESSION_NONE, ENCRYPTION_NONE, 0]);
-        out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-        out.extend_from_slice(&[0; 4]); // body length, patched below
+        out.extend_from_slice(&[0; BLOB_HEADER_LEN]); // patched below
         let body_start = out.len();
         let mut compressed = false;
         if let Compression::Zstd { level } = self.compression {
@@ -137,13 +135,19 @@ impl BlobCodec {
                 compressed = true;
             }
         }
-        if compressed {
-            out[start + 1] = COMPRESSION_ZSTD;
-        } else {
+        if !compressed {
             out.extend_from_slice(chunk);
         }
-        let body_len = (out.len() - body_start) as u32;
-        out[start + 8..start + 12].copy_from_slice(&body_len.to_le_bytes());
+        let header = BlobHeader {
+            compression: if compressed {
+                COMPRESSION_ZSTD
+            } else {
+                COMPRESSION_NONE
+            },
+            raw_len: chunk.len() as u32,
+            body_len: (out.len() - body_start) as u32,
+        };
+        out[start..body_start].copy_from_slice(&header.encode());
         Ok(out.len() - start)
     }
 
@@ -253,6 +257,17 @@ pub struct BlobHeader {
 }
 
 impl BlobHeader {
+    /// The header's encoding (version 1, no encryption, reserved 0).
+    pub fn encode(&self) -> [u8; BLOB_HEADER_LEN] {
+        let mut b = [0u8; BLOB_HEADER_LEN];
+        b[0] = BLOB_VERSION_V1;
+        b[1] = self.compression;
+        b[2] = ENCRYPTION_NONE;
+        b[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[8..12].copy_from_slice(&self.body_len.to_le_bytes());
+        b
+    }
+
     /// Parses and checks the header at the start of `blob`.
     pub fn decode(blob: &[u8]) -> Result<Self, DecodeError> {
         let mut d = Decoder::new(blob);
@@ -283,6 +298,18 @@ impl BlobHeader {
         if raw_len as usize > MAX_CHUNK_SIZE || raw_len == 0 {
             return Err(DecodeError::Invalid(format!(
                 "plaintext length {raw_len} out of range"
+            )));
+        }
+        // One encoding per chunk's blob header: a raw body is the plaintext;
+        // a chunk that does not shrink under zstd is stored raw.
+        if compression == COMPRESSION_NONE && body_len != raw_len {
+            return Err(DecodeError::Invalid(format!(
+                "raw blob body length {body_len} differs from plaintext length {raw_len}"
+            )));
+        }
+        if compression == COMPRESSION_ZSTD && (body_len >= raw_len || body_len == 0) {
+            return Err(DecodeError::Invalid(format!(
+                "zstd blob body length {body_len} is not below plaintext length {raw_len}"
             )));
         }
         Ok(BlobHeader {

@@ -18,6 +18,7 @@ use std::io::Write;
 use crate::error::{Error, Result};
 use crate::id::{hex, ChunkId, PackId};
 use crate::kind::FileKind;
+use crate::store::blob::BlobHeader;
 use crate::store::format::{
     BLOB_HEADER_LEN, MAX_CHUNK_SIZE, PACK_END_MAGIC_V1, PACK_ENTRY_LEN, PACK_HEADER_LEN,
     PACK_MAGIC_V1, PACK_TRAILER_LEN, PACK_VERSION_V1,
@@ -69,12 +70,7 @@ impl PackWriter {
             written: 0,
             raw_bytes: 0,
         };
-        let mut header = Vec::with_capacity(PACK_HEADER_LEN);
-        header.extend_from_slice(&PACK_MAGIC_V1);
-        header.put_u16(PACK_VERSION_V1);
-        header.put_u16(0);
-        header.put_u32(0);
-        w.write_raw(&header)?;
+        w.write_raw(&pack_header())?;
         Ok(w)
     }
 
@@ -140,6 +136,16 @@ impl PackWriter {
         out.commit()?;
         Ok((id, entries, written))
     }
+}
+
+/// The pack header: magic, version 1, flags and reserved 0.
+pub fn pack_header() -> Vec<u8> {
+    let mut header = Vec::with_capacity(PACK_HEADER_LEN);
+    header.extend_from_slice(&PACK_MAGIC_V1);
+    header.put_u16(PACK_VERSION_V1);
+    header.put_u16(0);
+    header.put_u32(0);
+    header
 }
 
 /// Encodes the blob table and trailer for a pack whose blobs end at `table_offset`.
@@ -241,7 +247,9 @@ pub fn decode_table(table: &[u8], trailer: &PackTrailer) -> Result<Vec<PackEntry
         let length = d.u32()?;
         let raw_length = d.u32()?;
         let end = offset.checked_add(length as u64);
-        let ok = offset >= next_free
+        // Blobs lie back to back from the header to the table: one
+        // encoding per pack, no gaps a reader would have to skip.
+        let ok = offset == next_free
             && end.is_some_and(|e| e <= trailer.table_offset)
             && (length as usize) > BLOB_HEADER_LEN
             && (raw_length as usize) <= MAX_CHUNK_SIZE
@@ -259,6 +267,12 @@ pub fn decode_table(table: &[u8], trailer: &PackTrailer) -> Result<Vec<PackEntry
             raw_length,
         });
     }
+    if next_free != trailer.table_offset {
+        return Err(DecodeError::Invalid(format!(
+            "blobs end at {next_free} but the table starts at {}",
+            trailer.table_offset
+        )));
+    }
     Ok(entries)
 }
 
@@ -275,7 +289,8 @@ pub fn check_pack_header(header: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Parses a whole pack held in memory: checks the header magic and returns its table.
+/// Parses a whole pack held in memory: checks the header, the trailer, the
+/// table and every blob header against its table entry; returns the table.
 #[cfg_attr(not(feature = "internals"), allow(dead_code))] // for fuzz targets and benches
 pub fn parse_pack(pack: &[u8]) -> Result<Vec<PackEntry>, DecodeError> {
     check_pack_header(pack)?;
@@ -293,7 +308,20 @@ pub fn parse_pack(pack: &[u8]) -> Result<Vec<PackEntry>, DecodeError> {
             needed: (start + trailer.table_len()) as u64,
             available: pack.len() as u64,
         })?;
-    decode_table(table, &trailer)
+    let entries = decode_table(table, &trailer)?;
+    for (i, e) in entries.iter().enumerate() {
+        let blob = &pack[e.offset as usize..(e.offset + e.length as u64) as usize];
+        let header = BlobHeader::decode(blob)?;
+        if header.raw_len != e.raw_length
+            || BLOB_HEADER_LEN + header.body_len as usize != blob.len()
+        {
+            return Err(DecodeError::Invalid(format!(
+                "table entry {i} (length {}, raw {}) disagrees with its blob header (body {}, raw {})",
+                e.length, e.raw_length, header.body_len, header.raw_len
+            )));
+        }
+    }
+    Ok(entries)
 }
 
 /// Reads just the table of a pack in a pool (two range reads).
