@@ -290,6 +290,80 @@ mod tests {
         assert!("cdc:4096:1024:65536".parse::<ChunkingParams>().is_err());
     }
 
+    #[test]
+    fn validate_needs_a_power_of_two_in_range() {
+        // In range but not a power of two; a power of two out of range.
+        for bad in [5000u32, 3 << 20, 2048, 32 << 20] {
+            assert!(
+                ChunkingParams::Fixed { size: bad }.validate().is_err(),
+                "{bad}"
+            );
+        }
+        for good in [4096u32, 65536, 16 << 20] {
+            assert!(
+                ChunkingParams::Fixed { size: good }.validate().is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_chunk_and_display() {
+        let fixed = ChunkingParams::Fixed { size: 1 << 20 };
+        assert_eq!(fixed.max_chunk(), 1 << 20);
+        assert_eq!(ChunkingParams::cdc().max_chunk(), 256 << 10);
+        assert_eq!(fixed.to_string(), "fixed:1048576");
+        assert_eq!(ChunkingParams::cdc().to_string(), "cdc:16384:65536:262144");
+        for p in [fixed, ChunkingParams::cdc()] {
+            assert_eq!(p.to_string().parse::<ChunkingParams>().unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn a_cdc_cut_inside_a_short_window_is_final_before_the_end() {
+        // Less than a maximal chunk of data, not the end of input: a cut
+        // found inside it cannot move, so it is returned now.
+        let mut rng = crate::random::Sampler::seeded(3);
+        let data: Vec<u8> = (0..25_000)
+            .flat_map(|_| rng.next_u64().to_le_bytes())
+            .collect();
+        let p = ChunkingParams::cdc();
+        let whole = p.cut_all(&data);
+        assert!(whole[0] < data.len(), "{whole:?}");
+        assert_eq!(p.next_cut(&data, false), Some(whole[0]));
+        // Cut only at the end of the window: undecided until more data.
+        assert_eq!(p.next_cut(&data[..whole[0]], false), None);
+    }
+
+    #[test]
+    fn sizes_take_every_unit() {
+        for (text, bytes) in [
+            ("512", 512u64),
+            ("512b", 512),
+            ("512B", 512),
+            ("4k", 4096),
+            ("4KB", 4096),
+            ("4KiB", 4096),
+            ("3m", 3 << 20),
+            ("2g", 2 << 30),
+            ("2GiB", 2 << 30),
+            (" 7 ", 7),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "k", "4t", "4 k", "-1", "99999999999999999999g"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            "cdc:8K:32K:128K".parse::<ChunkingParams>().unwrap(),
+            ChunkingParams::FastCdc {
+                min: 8192,
+                avg: 32768,
+                max: 131072
+            }
+        );
+    }
+
     proptest! {
         /// Feeding data in arbitrary pieces gives the same cuts as all at once,
         /// and cuts cover the input exactly within the size limits.

@@ -137,6 +137,25 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A backup's writer lease was evicted by a garbage collection (the
+    /// process was frozen or cut off longer than the lease expiry), so the
+    /// chunks it reused may have been swept: its manifest was withdrawn.
+    #[error("the backup's writer lease {lease} was lost (evicted by a garbage collection); its snapshot was withdrawn")]
+    LeaseLost {
+        /// The lease's name.
+        lease: String,
+    },
+
+    /// Another job holds the pool for what was asked (a garbage collection
+    /// running, backups still running after the allowed wait).
+    #[error("pool busy: {0}")]
+    PoolBusy(String),
+
+    /// The snapshot is protected: it cannot be forgotten or pruned until its
+    /// protection is removed.
+    #[error("snapshot {0} is protected (remove the protection first)")]
+    SnapshotProtected(String),
+
     /// No snapshot matches the given id, prefix or selector.
     #[error("no snapshot matches {0}")]
     SnapshotNotFound(String),
@@ -254,6 +273,7 @@ impl Error {
         let kind = match self {
             Error::PoolIo { source, .. } | Error::Io { source, .. } => source.kind(),
             Error::SnapshotUnreadable { source, .. } => return source.is_transient(),
+            Error::LeaseLost { .. } => return true,
             _ => return false,
         };
         matches!(

@@ -15,15 +15,31 @@ pub enum FileKind {
     Index,
     /// Snapshot manifests.
     Snapshot,
+    /// Protection marks: one small object per protected snapshot, named by
+    /// the snapshot's id. Retention never removes a protected snapshot.
+    Protection,
+    /// Pool settings that change over time (the stored retention policy):
+    /// each change is a new object, the newest name wins.
+    Setting,
+    /// Writer leases: a running backup announces itself (and renews its
+    /// lease) so a garbage collection waits for it before deleting.
+    Lease,
+    /// Sweep notices: the packs a running garbage collection will delete,
+    /// which backups starting meanwhile must not reuse.
+    Sweep,
 }
 
 impl FileKind {
     /// Every kind, in a stable order.
-    pub const ALL: [FileKind; 4] = [
+    pub const ALL: [FileKind; 8] = [
         FileKind::Config,
         FileKind::Pack,
         FileKind::Index,
         FileKind::Snapshot,
+        FileKind::Protection,
+        FileKind::Setting,
+        FileKind::Lease,
+        FileKind::Sweep,
     ];
 
     /// A short lower-case name, usable as a directory or key prefix.
@@ -33,6 +49,10 @@ impl FileKind {
             FileKind::Pack => "packs",
             FileKind::Index => "index",
             FileKind::Snapshot => "snapshots",
+            FileKind::Protection => "protected",
+            FileKind::Setting => "settings",
+            FileKind::Lease => "leases",
+            FileKind::Sweep => "sweeps",
         }
     }
 }
@@ -44,6 +64,10 @@ impl fmt::Display for FileKind {
             FileKind::Pack => "pack",
             FileKind::Index => "index segment",
             FileKind::Snapshot => "snapshot manifest",
+            FileKind::Protection => "protection mark",
+            FileKind::Setting => "pool setting",
+            FileKind::Lease => "writer lease",
+            FileKind::Sweep => "sweep notice",
         })
     }
 }

@@ -70,13 +70,18 @@
 
 mod chunker;
 mod error;
+mod failpoint;
+mod gc;
 mod id;
 mod kind;
+mod lease;
 mod pipeline;
 mod platform;
 mod progress;
+mod prune;
 mod random;
 mod repo;
+mod retention;
 mod snapshots;
 mod source;
 mod store;
@@ -91,6 +96,7 @@ pub use bytes;
 
 pub use chunker::{is_zero, parse_size, ChunkingParams};
 pub use error::{Error, Result};
+pub use gc::{GcOptions, GcReport, DEFAULT_LEASE_EXPIRY, DEFAULT_REPACK_BELOW};
 pub use id::{ChunkId, IdScheme, PackId, PoolId, SegmentId, SnapshotId};
 pub use kind::FileKind;
 pub use pipeline::backup::{BackupOptions, BackupStats};
@@ -99,7 +105,9 @@ pub use pipeline::restore::{MakeTarget, RestoreOptions, RestoreStats};
 pub use pipeline::verify::{Damage, DamageKind, VerifyOptions, VerifyReport};
 pub use platform::{Platform, PlatformSnapshot, VmDisk, VmInfo};
 pub use progress::{CancelToken, NoProgress, Progress};
+pub use prune::{PruneOptions, PruneReport};
 pub use repo::Repository;
+pub use retention::{KeepReason, Period, RetentionDecision, RetentionPolicy, MAX_KEEP};
 pub use snapshots::{DiskInfo, PoolInfo, SnapshotInfo, SnapshotList, SnapshotSelector, MIN_PREFIX};
 pub use source::{
     align_extents, partial_path, publish_file, DiskSource, DiskTarget, MappedBytes, MappedDisk,

@@ -54,4 +54,12 @@ impl CancelToken {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+
+    /// `Err(Error::Cancelled)` once cancelled.
+    pub fn check(&self) -> crate::error::Result<()> {
+        if self.is_cancelled() {
+            return Err(crate::error::Error::Cancelled);
+        }
+        Ok(())
+    }
 }

@@ -4,7 +4,7 @@
 //! stays correct for as long as it lives: it picks up index segments and
 //! manifests that other handles or processes write.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,8 +14,9 @@ use parking_lot::Mutex;
 use crate::cbt::{prepare_vm, CbtDisk, CbtPolicy, PreparedVm};
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
-use crate::id::{IdScheme, PoolId, SnapshotId};
+use crate::id::{IdScheme, PackId, PoolId, SnapshotId};
 use crate::kind::FileKind;
+use crate::lease::{condemned_packs, WriterLease};
 use crate::pipeline::backup::{self, BackupOptions, BackupStats};
 use crate::pipeline::input::BackupDisk;
 use crate::pipeline::restore::{self, MakeTarget, RestoreOptions, RestoreStats};
@@ -189,8 +190,10 @@ impl Repository {
             });
             match summary {
                 Ok(s) => list.snapshots.push(SnapshotInfo::new(id, s)),
-                // Damaged, or deleted since the listing: reported beside.
-                Err(e) if e.is_damage() || e.is_not_found() => list.damaged.push((id, e)),
+                // Deleted since the listing (forgotten or pruned): gone.
+                Err(e) if e.is_not_found() => {}
+                // Damaged: reported beside.
+                Err(e) if e.is_damage() => list.damaged.push((id, e)),
                 // A read that may succeed later (a timeout …) must not make
                 // `latest` silently pick an older snapshot.
                 Err(e) => return Err(e),
@@ -305,18 +308,53 @@ impl Repository {
     /// # Ok(()) }
     /// ```
     pub fn backup(&self, disks: Vec<BackupDisk>, opts: &BackupOptions) -> Result<BackupStats> {
-        let index = self.index()?;
-        index.refresh(&*self.pool)?;
-        match self.pool.preferred_pack_size() {
+        // The lease comes first: a garbage collection either sees it (and
+        // waits for this backup) or announced its sweep before it (and this
+        // backup reads the notice below and reuses nothing it condemns).
+        let lease = WriterLease::acquire(&self.pool, opts.lease_renewal)?;
+        let excluded: HashSet<PackId> = condemned_packs(&self.pool)?.into_iter().collect();
+        let index = self.fresh_index()?;
+        crate::failpoint::pause("backup-after-index");
+        let stats = match self.pool.preferred_pack_size() {
             // The pool wants other packs and the caller kept the defaults.
             Some(size) if opts.pack_target == backup::DEFAULT_PACK_TARGET => {
                 let mut opts = opts.clone();
                 opts.pack_target = size;
                 opts.pack_max_input = opts.pack_max_input.max(size.saturating_mul(2));
-                backup::run(&*self.pool, &index, disks, &opts)
+                backup::run(&*self.pool, &index, &excluded, disks, &opts)
             }
-            _ => backup::run(&*self.pool, &index, disks, opts),
+            _ => backup::run(&*self.pool, &index, &excluded, disks, opts),
+        }?;
+        crate::failpoint::pause("backup-after-manifest");
+        let lease_name = lease.name();
+        if !lease.finish()? {
+            // Evicted as dead: a sweep may have removed chunks this
+            // manifest reuses. Withdraw it rather than publish a snapshot
+            // that might not restore.
+            match self
+                .pool
+                .delete(FileKind::Snapshot, &stats.snapshot.to_hex())
+            {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+            return Err(Error::LeaseLost { lease: lease_name });
         }
+        Ok(stats)
+    }
+
+    /// The index, refreshed; loaded afresh when a segment it holds was
+    /// removed (a garbage collection compacted the index or deleted packs).
+    pub(crate) fn fresh_index(&self) -> Result<Arc<Index>> {
+        let index = self.index()?;
+        index.refresh(&*self.pool)?;
+        if index.is_stale() {
+            let reloaded = Arc::new(Index::load(&*self.pool)?);
+            *self.index.lock() = Some(reloaded.clone());
+            return Ok(reloaded);
+        }
+        Ok(index)
     }
 
     /// Prepares a VM's disks for a CBT backup: per disk, finds its newest
@@ -394,7 +432,7 @@ impl Repository {
         opts: &RestoreOptions,
     ) -> Result<RestoreStats> {
         let snapshot = self.load_snapshot(id)?;
-        let index = self.index()?;
+        let index = self.fresh_index()?;
         let store = restore::Store {
             pool: &*self.pool,
             index: &index,
@@ -443,7 +481,7 @@ impl Repository {
     /// # Ok(()) }
     /// ```
     pub fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
-        let index = self.index()?;
+        let index = self.fresh_index()?;
         verify::run(&*self.pool, &index, opts)
     }
 

@@ -55,7 +55,10 @@ pub struct SnapshotInfo {
     pub disks: Vec<DiskInfo>,
 }
 
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> std::result::Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: serde::Serializer>(
+    t: &SystemTime,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
 }
 

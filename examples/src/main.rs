@@ -10,6 +10,7 @@
 mod cbt_cmd;
 mod demo;
 mod output;
+mod retention_cmd;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -109,6 +110,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply a retention policy: keep what a rule keeps, remove the rest
+    /// (manifests only; `cairn gc` reclaims the space). Without --keep-*
+    /// rules, the policy stored in the pool.
+    Prune {
+        pool: String,
+        #[command(flatten)]
+        keep: retention_cmd::KeepArgs,
+        /// Only this VM's snapshots.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Print the decisions, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the named snapshots (refused for protected ones).
+    Forget {
+        pool: String,
+        /// Full ids or unique prefixes of at least 8 characters.
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Protect a snapshot from prune and forget (or, with --off, lift it).
+    Protect {
+        pool: String,
+        snapshot: String,
+        #[arg(long)]
+        off: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reclaim the space of chunks no snapshot references: delete packs
+    /// without live data, repack sparse ones, compact the index. Safe
+    /// beside running backups (it waits for those that started before it).
+    Gc(retention_cmd::GcArgs),
+    /// The retention policy stored in a pool.
+    #[command(subcommand)]
+    Policy(retention_cmd::PolicyCommand),
     /// Show what a pool is and holds: kind, address, id, snapshots, packs,
     /// stored and logical bytes, dedup ratio, free space.
     PoolInfo {
@@ -206,7 +248,9 @@ impl From<Error> for Failure {
         let code = match e {
             Error::InvalidArgument(_)
             | Error::AmbiguousSnapshot { .. }
-            | Error::TargetExists { .. } => 2,
+            | Error::TargetExists { .. }
+            | Error::SnapshotProtected(_) => 2,
+            Error::PoolBusy(_) | Error::LeaseLost { .. } => 5,
             _ => 1,
         };
         let hint = match &e {
@@ -235,7 +279,7 @@ impl Failure {
             message: message.into(),
         }
     }
-    fn usage(message: impl Into<String>) -> Self {
+    pub fn usage(message: impl Into<String>) -> Self {
         Failure {
             code: 2,
             message: message.into(),
@@ -464,6 +508,26 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             json,
         } => cmd_repair(&pool, json),
         Command::PoolInfo { pool, json } => cmd_pool_info(&pool, json),
+        Command::Prune {
+            pool,
+            keep,
+            vm,
+            dry_run,
+            json,
+        } => retention_cmd::prune(&pool, &keep, vm, dry_run, json),
+        Command::Forget {
+            pool,
+            snapshots,
+            json,
+        } => retention_cmd::forget(&pool, &snapshots, json),
+        Command::Protect {
+            pool,
+            snapshot,
+            off,
+            json,
+        } => retention_cmd::protect(&pool, &snapshot, off, json),
+        Command::Policy(command) => retention_cmd::policy(command),
+        Command::Gc(args) => retention_cmd::gc(&args),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     }
 }

@@ -101,9 +101,15 @@ fn faults_beyond_the_retry_budget_fail_cleanly_and_lose_nothing() {
     // Names the object that could not be read or written.
     let err = stderr(&out);
     assert!(
-        ["config", "pack ", "index segment", "snapshot manifest"]
-            .iter()
-            .any(|o| err.contains(o)),
+        [
+            "config",
+            "pack ",
+            "index segment",
+            "snapshot manifest",
+            "writer lease"
+        ]
+        .iter()
+        .any(|o| err.contains(o)),
         "names the object: {err}"
     );
     assert!(started.elapsed() < Duration::from_secs(60));

@@ -423,6 +423,10 @@ pub struct Index {
     damaged_segments: parking_lot::Mutex<Vec<(String, String)>>,
     /// One refresh at a time: two would load the same segments twice.
     refreshing: parking_lot::Mutex<()>,
+    /// A refresh found a segment this index holds gone from the pool (a
+    /// garbage collection or repair replaced it): its entries may name
+    /// deleted packs, so the holder should load the index afresh.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -456,7 +460,11 @@ impl Index {
         let _one_at_a_time = self.refreshing.lock();
         let fresh: Vec<String> = {
             let state = self.state.read();
-            pool.list(FileKind::Index)?
+            let listed: HashSet<String> = pool.list(FileKind::Index)?.into_iter().collect();
+            if state.loaded.iter().any(|name| !listed.contains(name)) {
+                self.stale.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            listed
                 .into_iter()
                 .filter(|name| !state.loaded.contains(name))
                 .collect()
@@ -530,6 +538,22 @@ impl Index {
         let n = taken.len();
         self.uncovered.lock().extend(taken);
         Ok(n)
+    }
+
+    /// Whether a refresh found a segment of this index removed from the
+    /// pool; load the index afresh before trusting its locations.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The segments loaded (stored ones, then the in-memory one of
+    /// uncovered packs), and the names of the stored ones.
+    pub fn segments(&self) -> (Vec<Arc<Segment>>, Vec<String>) {
+        let state = self.state.read();
+        (
+            state.segments.clone(),
+            state.loaded.iter().cloned().collect(),
+        )
     }
 
     /// Packs that no stored segment covered when they were taken in.

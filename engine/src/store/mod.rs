@@ -23,6 +23,7 @@ pub fn verify_object(kind: FileKind, name: &str, bytes: &[u8]) -> Option<bool> {
     match kind {
         FileKind::Snapshot => Some(SnapshotId::of_manifest(bytes).to_hex() == name),
         FileKind::Index => Some(wire::split_checksummed(bytes).is_ok()),
+        FileKind::Protection => Some(bytes.strip_suffix(b"\n") == Some(name.as_bytes())),
         _ => None,
     }
 }

@@ -28,7 +28,7 @@ use crossbeam_channel::bounded;
 
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, IdScheme, SnapshotId};
+use crate::id::{ChunkId, IdScheme, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::failure::Failure;
 use crate::pipeline::input::{validate_disk_name, BackupDisk, DiskInput};
@@ -84,6 +84,10 @@ pub struct BackupOptions {
     pub progress: Arc<dyn Progress>,
     /// Stops the backup when triggered.
     pub cancel: CancelToken,
+    /// How often the backup renews its writer lease (default 30 s). A
+    /// garbage collection evicts a writer whose lease it sees unrenewed for
+    /// longer than its expiry, so this must stay well below that.
+    pub lease_renewal: std::time::Duration,
 }
 
 impl std::fmt::Debug for BackupOptions {
@@ -117,7 +121,14 @@ impl BackupOptions {
             parent: None,
             progress: Arc::new(NoProgress),
             cancel: CancelToken::new(),
+            lease_renewal: crate::lease::LEASE_RENEW_INTERVAL,
         }
+    }
+
+    /// Sets how often the writer lease is renewed (at least 10 ms).
+    pub fn with_lease_renewal(mut self, every: std::time::Duration) -> Self {
+        self.lease_renewal = every.max(std::time::Duration::from_millis(10));
+        self
     }
 
     /// Sets the chunking.
@@ -321,9 +332,13 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
 }
 
 /// Runs a backup of `disks` into the pool and writes its manifest.
+///
+/// Chunks the index places in an `excluded` pack (one a garbage collection
+/// is about to delete) are stored again instead of reused.
 pub(crate) fn run(
     pool: &dyn Pool,
     index: &Index,
+    excluded: &HashSet<PackId>,
     disks: Vec<BackupDisk>,
     opts: &BackupOptions,
 ) -> Result<BackupStats> {
@@ -331,8 +346,8 @@ pub(crate) fn run(
     let plan = plan(&disks, opts)?;
     let progress: &dyn Progress = &*opts.progress;
     progress.start(disks.iter().filter_map(BackupDisk::size).sum());
-    let assembled = run_pipeline(pool, index, disks, opts)?;
-    let stats = commit(pool, index, assembled, &plan, opts)?;
+    let assembled = run_pipeline(pool, index, excluded, disks, opts)?;
+    let stats = commit(pool, index, excluded, assembled, &plan, opts)?;
     Ok(BackupStats {
         seconds: started.elapsed().as_secs_f64(),
         ..stats
@@ -343,6 +358,7 @@ pub(crate) fn run(
 fn run_pipeline(
     pool: &dyn Pool,
     index: &Index,
+    excluded: &HashSet<PackId>,
     disks: Vec<BackupDisk>,
     opts: &BackupOptions,
 ) -> Result<Assembled> {
@@ -391,6 +407,7 @@ fn run_pipeline(
             let (claims, failure) = (&claims, &failure);
             let compression = opts.compression;
             scope.spawn(move || {
+                let index = worker::Lookup { index, excluded };
                 if let Err(e) = worker::work(&work_rx, &done_tx, index, claims, compression) {
                     failure.set(e);
                 }
@@ -427,6 +444,7 @@ fn run_pipeline(
 fn commit(
     pool: &dyn Pool,
     index: &Index,
+    excluded: &HashSet<PackId>,
     assembled: Assembled,
     plan: &Plan,
     opts: &BackupOptions,
@@ -436,8 +454,12 @@ fn commit(
         mut stats,
         mut segment,
     } = assembled;
+    // Packs a sweep is about to delete are not covered: no segment may
+    // name a pack after the sweep deleted it.
     for (pack, entries) in index.take_uncovered_packs() {
-        segment.add_entries(pack, &entries);
+        if !excluded.contains(&pack) {
+            segment.add_entries(pack, &entries);
+        }
     }
     if segment.pack_count() > 0 {
         let (name, seg, len) = segment.write(pool)?;
@@ -470,6 +492,7 @@ fn commit(
     snapshot.validate().map_err(Error::InvalidArgument)?;
     let encoded = snapshot.encode();
     let id = SnapshotId::of_manifest(&encoded);
+    crate::failpoint::pause("backup-before-manifest");
     pool.write(FileKind::Snapshot, &id.to_hex(), &encoded)?;
     stats.bytes_new += encoded.len() as u64;
     stats.snapshot = id;

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use super::{Batch, BatchBody, Done, DoneBody};
 use crate::chunker::is_zero;
 use crate::error::{Error, Result};
-use crate::id::ChunkId;
+use crate::id::{ChunkId, PackId};
 use crate::store::blob::{BlobCodec, Compression};
 use crate::store::index::Index;
 
@@ -58,11 +58,19 @@ impl Claims {
     }
 }
 
+/// Where a worker looks chunks up: the index, minus packs a garbage
+/// collection is about to delete.
+#[derive(Clone, Copy)]
+pub(super) struct Lookup<'a> {
+    pub(super) index: &'a Index,
+    pub(super) excluded: &'a HashSet<PackId>,
+}
+
 /// Worker thread: zero check, hash, dedup, compress.
 pub(super) fn work(
     work_rx: &Receiver<Batch>,
     done_tx: &Sender<Done>,
-    index: &Index,
+    index: Lookup<'_>,
     claims: &Claims,
     compression: Compression,
 ) -> Result<()> {
@@ -98,7 +106,14 @@ pub(super) fn work(
                     }
                 }
                 // Pass 2: one batched index lookup (overlapping memory accesses).
-                index.lookup_many(&ids, &mut found);
+                index.index.lookup_many(&ids, &mut found);
+                if !index.excluded.is_empty() {
+                    for f in found.iter_mut() {
+                        if f.is_some_and(|l| index.excluded.contains(&l.pack)) {
+                            *f = None;
+                        }
+                    }
+                }
                 // Pass 3: compress chunks that are new and claimed by us.
                 let mut new_blobs = Vec::new();
                 buffers.output.clear();
