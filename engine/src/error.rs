@@ -273,7 +273,7 @@ impl Error {
         let kind = match self {
             Error::PoolIo { source, .. } | Error::Io { source, .. } => source.kind(),
             Error::SnapshotUnreadable { source, .. } => return source.is_transient(),
-            Error::LeaseLost { .. } => return true,
+            Error::LeaseLost { .. } | Error::PoolBusy(_) => return true,
             _ => return false,
         };
         matches!(

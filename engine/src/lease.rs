@@ -337,7 +337,7 @@ mod tests {
     #[test]
     fn sweep_notices_have_one_encoding() {
         let n = SweepNotice {
-            packs: BTreeSet::from([PackId([2; 16]), PackId([1; 16])]),
+            packs: BTreeSet::from([PackId([0xcd; 16]), PackId([0xab; 16])]),
         };
         let text = n.encode();
         assert_eq!(SweepNotice::decode(text.as_bytes()).unwrap(), n);

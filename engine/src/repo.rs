@@ -18,7 +18,7 @@ use crate::id::{IdScheme, PackId, PoolId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{condemned_packs, WriterLease};
 use crate::pipeline::backup::{self, BackupOptions, BackupStats};
-use crate::pipeline::input::BackupDisk;
+use crate::pipeline::input::{BackupDisk, DiskInput};
 use crate::pipeline::restore::{self, MakeTarget, RestoreOptions, RestoreStats};
 use crate::pipeline::verify::{self, VerifyOptions, VerifyReport};
 use crate::random::random_16;
@@ -307,13 +307,24 @@ impl Repository {
     /// assert_eq!(first.chunks_new, 1); // 16 equal 64 KiB chunks, stored once
     /// # Ok(()) }
     /// ```
-    pub fn backup(&self, disks: Vec<BackupDisk>, opts: &BackupOptions) -> Result<BackupStats> {
+    pub fn backup(&self, mut disks: Vec<BackupDisk>, opts: &BackupOptions) -> Result<BackupStats> {
         // The lease comes first: a garbage collection either sees it (and
         // waits for this backup) or announced its sweep before it (and this
         // backup reads the notice below and reuses nothing it condemns).
         let lease = WriterLease::acquire(&self.pool, opts.lease_renewal)?;
         let excluded: HashSet<PackId> = condemned_packs(&self.pool)?.into_iter().collect();
         let index = self.fresh_index()?;
+        if !excluded.is_empty() {
+            // An incremental reuses its parent's chunks without looking them
+            // up: re-read those that only a condemned pack holds.
+            for disk in &mut disks {
+                if let DiskInput::Incremental { changed, .. } = &mut disk.input {
+                    changed.reread_unless(|c| {
+                        index.lookup(c).is_some_and(|l| !excluded.contains(&l.pack))
+                    });
+                }
+            }
+        }
         crate::failpoint::pause("backup-after-index");
         let stats = match self.pool.preferred_pack_size() {
             // The pool wants other packs and the caller kept the defaults.

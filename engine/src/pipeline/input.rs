@@ -180,6 +180,23 @@ impl ChangedBlocks {
         &self.dirty
     }
 
+    /// Marks every parent chunk extent whose chunk `reusable` rejects as
+    /// dirty, so it is read again instead of reused (a garbage collection
+    /// is about to delete the only pack holding it). Returns how many.
+    pub(crate) fn reread_unless(&mut self, reusable: impl Fn(&ChunkId) -> bool) -> usize {
+        let before = self.dirty.len();
+        for e in &self.parent.extents {
+            if e.chunk.is_some_and(|c| !reusable(&c)) {
+                self.dirty.push(e.offset..e.end());
+            }
+        }
+        let added = self.dirty.len() - before;
+        if added > 0 {
+            self.dirty.sort_by_key(|r| r.start);
+        }
+        added
+    }
+
     /// Checks that the parent can be reused for a disk of `size` bytes cut
     /// with `chunking`. The error says why CBT cannot be trusted.
     pub fn check(&self, disk: &str, size: u64, chunking: ChunkingParams) -> Result<()> {
@@ -256,6 +273,89 @@ pub fn validate_disk_name(name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const K64: u64 = 65536;
+
+    /// Parent: chunk a [0, 64K), zeros [64K, 192K), chunk b [192K, 256K),
+    /// then a short tail chunk c [256K, 256K + 1000).
+    fn parent() -> DiskManifest {
+        let mut d = DiskManifest::new("vda");
+        d.push(K64, Some(ChunkId::of(b"a")));
+        d.push(2 * K64, None);
+        d.push(K64, Some(ChunkId::of(b"b")));
+        d.push(1000, Some(ChunkId::of(b"c")));
+        d
+    }
+
+    fn grid() -> ChunkingParams {
+        ChunkingParams::Fixed { size: K64 as u32 }
+    }
+
+    #[test]
+    fn check_accepts_the_grid_and_refuses_everything_else() {
+        let size = 4 * K64 + 1000;
+        let cb = ChangedBlocks::from_parts(parent(), grid(), vec![]);
+        // A short tail chunk on the grid is fine.
+        assert!(cb.check("vda", size, grid()).is_ok());
+        assert!(cb.check("vda", size + 1, grid()).is_err(), "resized");
+        assert!(cb
+            .check("vda", size, ChunkingParams::Fixed { size: 32768 })
+            .is_err());
+        assert!(cb.check("vda", size, ChunkingParams::cdc()).is_err());
+        // On the grid but longer than a grid cell; inside a cell but off
+        // the grid: each alone is refused.
+        let mut long = DiskManifest::new("vda");
+        long.push(2 * K64, Some(ChunkId::of(b"x")));
+        let cb = ChangedBlocks::from_parts(long, grid(), vec![]);
+        assert!(cb.check("vda", 2 * K64, grid()).is_err());
+        let mut off = DiskManifest::new("vda");
+        off.push(1000, None);
+        off.push(1000, Some(ChunkId::of(b"y")));
+        let cb = ChangedBlocks::from_parts(off, grid(), vec![]);
+        assert!(cb.check("vda", 2000, grid()).is_err());
+    }
+
+    #[test]
+    fn reuse_returns_the_parent_extents_and_refuses_a_straddle() {
+        let cb = ChangedBlocks::from_parts(parent(), grid(), vec![]);
+        let (a, b, c) = (ChunkId::of(b"a"), ChunkId::of(b"b"), ChunkId::of(b"c"));
+        assert_eq!(
+            cb.reuse(0..4 * K64 + 1000).unwrap(),
+            vec![
+                (K64, Some(a)),
+                (2 * K64, None),
+                (K64, Some(b)),
+                (1000, Some(c))
+            ]
+        );
+        // Zero runs are clipped to the range.
+        assert_eq!(
+            cb.reuse(K64 + 100..2 * K64).unwrap(),
+            vec![(K64 - 100, None)]
+        );
+        assert_eq!(cb.reuse(3 * K64..4 * K64).unwrap(), vec![(K64, Some(b))]);
+        // A range cutting a chunk extent: an internal error, not a guess.
+        assert!(cb.reuse(K64 / 2..K64).is_err());
+        assert!(cb.reuse(3 * K64..3 * K64 + 10).is_err());
+        assert_eq!(cb.reuse(5 * K64..6 * K64).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn reread_unless_marks_rejected_chunks_dirty_in_order() {
+        let mut cb = ChangedBlocks::from_parts(
+            parent(),
+            grid(),
+            std::iter::once(4 * K64..4 * K64 + 1000).collect(),
+        );
+        let b = ChunkId::of(b"b");
+        let a = ChunkId::of(b"a");
+        assert_eq!(cb.reread_unless(|c| *c != b && *c != a), 2);
+        assert_eq!(
+            cb.dirty(),
+            &[0..K64, 3 * K64..4 * K64, 4 * K64..4 * K64 + 1000]
+        );
+        assert_eq!(cb.reread_unless(|_| true), 0);
+    }
 
     #[test]
     fn disk_names() {
