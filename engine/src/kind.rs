@@ -27,11 +27,14 @@ pub enum FileKind {
     /// Sweep notices: the packs a running garbage collection will delete,
     /// which backups starting meanwhile must not reuse.
     Sweep,
+    /// Snapshot catalog objects: manifest summaries (no extent lists),
+    /// merged on read, rebuildable from the manifests.
+    Catalog,
 }
 
 impl FileKind {
     /// Every kind, in a stable order.
-    pub const ALL: [FileKind; 8] = [
+    pub const ALL: [FileKind; 9] = [
         FileKind::Config,
         FileKind::Pack,
         FileKind::Index,
@@ -40,6 +43,7 @@ impl FileKind {
         FileKind::Setting,
         FileKind::Lease,
         FileKind::Sweep,
+        FileKind::Catalog,
     ];
 
     /// A short lower-case name, usable as a directory or key prefix.
@@ -53,6 +57,7 @@ impl FileKind {
             FileKind::Setting => "settings",
             FileKind::Lease => "leases",
             FileKind::Sweep => "sweeps",
+            FileKind::Catalog => "catalog",
         }
     }
 }
@@ -68,6 +73,7 @@ impl fmt::Display for FileKind {
             FileKind::Setting => "pool setting",
             FileKind::Lease => "writer lease",
             FileKind::Sweep => "sweep notice",
+            FileKind::Catalog => "snapshot catalog",
         })
     }
 }

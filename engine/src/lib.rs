@@ -130,7 +130,11 @@ pub use store::wire::DecodeError;
 #[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::lease::SweepNotice;
     pub use crate::store::blob::{BlobCodec, BlobHeader};
+    pub use crate::store::catalog::{
+        decode as decode_catalog, encode as encode_catalog, CatalogEntry,
+    };
     pub use crate::store::index::{Index, Segment, SegmentBuilder};
     pub use crate::store::pack::{
         encode_table, pack_header, parse_pack, read_pack_table, PackEntry, PackWriter,

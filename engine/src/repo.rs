@@ -4,7 +4,7 @@
 //! stays correct for as long as it lives: it picks up index segments and
 //! manifests that other handles or processes write.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,6 +23,7 @@ use crate::pipeline::restore::{self, MakeTarget, RestoreOptions, RestoreStats};
 use crate::pipeline::verify::{self, VerifyOptions, VerifyReport};
 use crate::random::random_16;
 use crate::snapshots::{PoolInfo, SnapshotInfo, SnapshotList, SnapshotSelector};
+use crate::store::catalog;
 use crate::store::config::PoolConfig;
 use crate::store::format::CONFIG_NAME;
 use crate::store::index::{rebuild, Index, RebuildReport};
@@ -182,14 +183,27 @@ impl Repository {
     /// # Ok(()) }
     /// ```
     pub fn snapshots(&self) -> Result<SnapshotList> {
+        let ids = self.snapshot_ids()?;
+        let (mut known, catalogs, stale) = self.read_catalog(&ids)?;
         let mut list = SnapshotList::default();
-        for id in self.snapshot_ids()? {
+        let mut entries: Vec<catalog::CatalogEntry> = Vec::with_capacity(ids.len());
+        let mut added = 0;
+        for id in ids {
+            if let Some(s) = known.remove(&id) {
+                entries.push((id, s.clone()));
+                list.snapshots.push(SnapshotInfo::new(id, s));
+                continue;
+            }
             let summary = read_manifest(&*self.pool, &id).and_then(|bytes| {
                 Snapshot::decode_without_extents(&bytes)
                     .map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
             });
             match summary {
-                Ok(s) => list.snapshots.push(SnapshotInfo::new(id, s)),
+                Ok(s) => {
+                    added += 1;
+                    entries.push((id, s.clone()));
+                    list.snapshots.push(SnapshotInfo::new(id, s));
+                }
                 // Deleted since the listing (forgotten or pruned): gone.
                 Err(e) if e.is_not_found() => {}
                 // Damaged: reported beside.
@@ -199,9 +213,67 @@ impl Repository {
                 Err(e) => return Err(e),
             }
         }
+        if added > 0 || stale || catalogs.len() > 1 {
+            // Best effort: a listing never fails because the catalog could
+            // not be rewritten (a read-only pool, a full disk).
+            let _ = self.rewrite_catalog(&entries, &catalogs);
+        }
         list.snapshots
             .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
         Ok(list)
+    }
+
+    /// Reads every catalog object: the summaries of listed manifests, the
+    /// names read (to be replaced), and whether any entry named a manifest
+    /// no longer listed. A damaged catalog object is ignored (and replaced).
+    #[allow(clippy::type_complexity)]
+    fn read_catalog(
+        &self,
+        ids: &[SnapshotId],
+    ) -> Result<(BTreeMap<SnapshotId, Snapshot>, Vec<String>, bool)> {
+        let mut known = BTreeMap::new();
+        let mut names = Vec::new();
+        let mut stale = false;
+        for name in self.pool.list(FileKind::Catalog)? {
+            let bytes = match self.pool.read(FileKind::Catalog, &name) {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) if e.is_damage() => {
+                    names.push(name);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match catalog::decode(&bytes) {
+                Ok(entries) => {
+                    for (id, s) in entries {
+                        if ids.binary_search(&id).is_ok() {
+                            known.insert(id, s);
+                        } else {
+                            stale = true;
+                        }
+                    }
+                }
+                Err(_) => stale = true,
+            }
+            names.push(name);
+        }
+        Ok((known, names, stale))
+    }
+
+    /// Writes one catalog object holding `entries`, then deletes `old`.
+    fn rewrite_catalog(&self, entries: &[catalog::CatalogEntry], old: &[String]) -> Result<()> {
+        let name = crate::id::hex(&random_16()?);
+        self.pool
+            .write(FileKind::Catalog, &name, &catalog::encode(entries))?;
+        for n in old {
+            match self.pool.delete(FileKind::Catalog, n) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// The newest snapshot of `vm` that holds a disk named `disk`, decoded

@@ -55,7 +55,10 @@ impl CachedPool {
     }
 
     fn cached(kind: FileKind) -> bool {
-        matches!(kind, FileKind::Index | FileKind::Snapshot)
+        matches!(
+            kind,
+            FileKind::Index | FileKind::Snapshot | FileKind::Catalog
+        )
     }
 
     fn path(&self, kind: FileKind, name: &str) -> PathBuf {

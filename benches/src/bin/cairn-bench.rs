@@ -44,6 +44,8 @@ struct Args {
     mmap: bool,
     pool_dir: Option<PathBuf>,
     connections: usize,
+    gc_chunks: u64,
+    gc_pool: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +61,8 @@ fn parse_args() -> Result<Args, String> {
         mmap: false,
         pool_dir: None,
         connections: 2,
+        gc_chunks: 1_000_000,
+        gc_pool: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +82,10 @@ fn parse_args() -> Result<Args, String> {
             "--connections" => {
                 a.connections = val()?.parse().map_err(|e| format!("--connections: {e}"))?
             }
+            "--gc-chunks" => {
+                a.gc_chunks = val()?.parse().map_err(|e| format!("--gc-chunks: {e}"))?
+            }
+            "--gc-pool" => a.gc_pool = Some(PathBuf::from(val()?)),
             "--repeat" => {
                 a.repeat = val()?
                     .parse::<usize>()
@@ -85,7 +93,7 @@ fn parse_args() -> Result<Args, String> {
                     .max(1)
             }
             "-h" | "--help" => {
-                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
+                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -606,6 +614,141 @@ fn index(a: &Args, rows: &mut Vec<Row>) {
     }
 }
 
+/// `N` unique 4 KiB blocks that compress to a few dozen bytes each.
+fn gc_image(first: u64, n: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity((n * 4096) as usize);
+    for i in first..first + n {
+        let stamp = format!("{i:016x}");
+        for _ in 0..256 {
+            out.extend_from_slice(stamp.as_bytes());
+        }
+    }
+    out
+}
+
+/// GC of a pool with `--gc-chunks` chunks, half of them garbage: the pool is
+/// built here, the collection runs in a fresh process (so its peak RSS is
+/// its own, not what building the pool left in the allocator).
+fn gc(a: &Args, rows: &mut Vec<Row>) {
+    let dir = a.dir.join("gc-pool");
+    let _ = std::fs::remove_dir_all(&dir);
+    let repo = fresh_repo(&dir);
+    let opts =
+        BackupOptions::new("gc").with_chunking(cairn_engine::ChunkingParams::Fixed { size: 4096 });
+    let n = a.gc_chunks;
+    let (row, _) = measure("gc: build pool", || {
+        let mut ids = Vec::new();
+        for (first, count) in [(0, n), (0, n / 2)] {
+            let disk = BackupDisk::image(
+                "vda",
+                cairn_engine::MemorySource::new("vda", gc_image(first, count)),
+            );
+            ids.push(repo.backup(vec![disk], &opts).expect("backup").snapshot);
+        }
+        repo.forget(&ids[..1]).expect("forget");
+        (
+            n * 4096,
+            (),
+            format!("{n} chunks, the second half then garbage"),
+        )
+    });
+    rows.push(row);
+    drop(repo);
+    let exe = std::env::current_exe().expect("own path");
+    let (c0, t0) = (children_cpu_seconds(), Instant::now());
+    let out = std::process::Command::new(exe)
+        .arg("--gc-pool")
+        .arg(&dir)
+        .output()
+        .expect("gc child");
+    let wall = t0.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let rss = text
+        .lines()
+        .find_map(|l| l.strip_prefix("peak-rss-mib "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let report = text
+        .lines()
+        .find_map(|l| l.strip_prefix("report "))
+        .unwrap_or("?")
+        .to_string();
+    let row = Row {
+        phase: "gc: collect".into(),
+        bytes: 0,
+        wall,
+        cpu: children_cpu_seconds() - c0,
+        rss,
+        note: report,
+    };
+    eprintln!(
+        "gc: collect {wall:.2} s, peak RSS {rss:.1} MiB: {}",
+        row.note
+    );
+    rows.push(row);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; no other memory is touched.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// The child side of [`gc`].
+fn gc_child(pool: &Path) {
+    let pool: DynPool = Arc::new(LocalPool::open(pool).expect("pool"));
+    let repo = Repository::open(pool).expect("repo");
+    let report = repo.gc(&cairn_engine::GcOptions::default()).expect("gc");
+    println!("report {report}");
+    println!("peak-rss-mib {:.1}", peak_rss_mib());
+}
+
+/// Listing and parent lookup at 10 000 snapshots (written as files).
+fn catalog(a: &Args, rows: &mut Vec<Row>) {
+    let dir = a.dir.join("catalog-pool");
+    let _ = std::fs::remove_dir_all(&dir);
+    let repo = fresh_repo(&dir);
+    for i in 0..10_000u64 {
+        let mut disk = cairn_engine::DiskManifest::new("vda");
+        disk.push(65536, Some(ChunkId::of(&i.to_le_bytes())));
+        disk.push(1 << 30, None);
+        let s = cairn_engine::Snapshot {
+            time: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000 + i),
+            vm: format!("vm-{}", i % 100),
+            mode: cairn_engine::SnapshotMode::Full,
+            parent: None,
+            id_scheme: cairn_engine::IdScheme::Blake3,
+            chunking: cairn_engine::ChunkingParams::default(),
+            compression: cairn_engine::Compression::default(),
+            properties: Default::default(),
+            disks: vec![disk],
+        };
+        let bytes = s.encode();
+        let id = cairn_engine::SnapshotId::of_manifest(&bytes);
+        std::fs::write(dir.join("snapshots").join(id.to_hex()), bytes).expect("write");
+    }
+    for phase in [
+        "catalog: first listing",
+        "catalog: listing",
+        "catalog: parent lookup",
+    ] {
+        let (row, _) = measure(phase, || {
+            if phase.ends_with("lookup") {
+                let found = repo.latest_with_disk("vm-7", "vda").expect("lookup");
+                (0, (), format!("found: {}", found.is_some()))
+            } else {
+                let n = repo.snapshots().expect("list").snapshots.len();
+                (0, (), format!("{n} snapshots"))
+            }
+        });
+        rows.push(row);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     let a = match parse_args() {
         Ok(a) => a,
@@ -614,6 +757,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(pool) = &a.gc_pool {
+        gc_child(pool);
+        return;
+    }
     let mut rows = Vec::new();
     let only = a.only.as_deref();
     if only.is_none_or(|o| o == "pipeline") {
@@ -627,6 +774,12 @@ fn main() {
     }
     if only.is_none_or(|o| o == "s3") {
         s3(&a, &mut rows);
+    }
+    if only == Some("gc") {
+        gc(&a, &mut rows);
+    }
+    if only == Some("catalog") {
+        catalog(&a, &mut rows);
     }
     println!("| phase | MB/s | wall s | CPU s | peak RSS MiB | notes |");
     println!("|---|---:|---:|---:|---:|---|");

@@ -46,6 +46,13 @@ pub const INDEX_ENTRY_LEN: usize = 48;
 /// Bytes of the fan-out table (256 × u32).
 pub const INDEX_FANOUT_LEN: usize = 256 * 4;
 
+// ---- snapshot catalog -------------------------------------------------------
+
+/// First 8 bytes of a snapshot catalog object.
+pub const CATALOG_MAGIC_V1: [u8; 8] = *b"CAIRNCT1";
+/// Catalog layout version, stored after the magic.
+pub const CATALOG_VERSION_V1: u16 = 1;
+
 // ---- snapshot manifests -----------------------------------------------------
 
 /// First 8 bytes of a snapshot manifest.

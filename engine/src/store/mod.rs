@@ -4,6 +4,7 @@
 //! Nothing here knows about disk sources, CBT or the pipelines.
 
 pub(crate) mod blob;
+pub(crate) mod catalog;
 pub(crate) mod config;
 pub mod format;
 pub(crate) mod index;
@@ -22,7 +23,7 @@ use crate::kind::FileKind;
 pub fn verify_object(kind: FileKind, name: &str, bytes: &[u8]) -> Option<bool> {
     match kind {
         FileKind::Snapshot => Some(SnapshotId::of_manifest(bytes).to_hex() == name),
-        FileKind::Index => Some(wire::split_checksummed(bytes).is_ok()),
+        FileKind::Index | FileKind::Catalog => Some(wire::split_checksummed(bytes).is_ok()),
         FileKind::Protection => Some(bytes.strip_suffix(b"\n") == Some(name.as_bytes())),
         _ => None,
     }
