@@ -353,3 +353,63 @@ fn bad_gc_options_are_refused() {
         .with_lease_expiry(std::time::Duration::from_millis(5))
         .is_err());
 }
+
+#[test]
+fn read_data_subsets_rotate_over_every_pack_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: DynPool = Arc::new(LocalPool::create(dir.path()).unwrap());
+    let repo = Repository::create(local.clone()).unwrap();
+    let mut img = vec![0u8; 64 * BLOCK];
+    SampleRng::new(3).fill(&mut img);
+    let mut o = opts("a");
+    o.pack_target = 4 * BLOCK as u64; // many small packs
+    let disk = BackupDisk::image(
+        "vda",
+        MemorySource::new("vda", Bytes::copy_from_slice(&img)),
+    );
+    repo.backup(vec![disk], &o).unwrap();
+    let packs = local.list(FileKind::Pack).unwrap().len();
+    assert!(packs >= 12, "{packs} packs");
+    let full = repo
+        .verify(&cairn_engine::VerifyOptions::default().with_read_data(true))
+        .unwrap();
+    // Four windows of 25 %: together they read every blob exactly once.
+    let (mut blobs, mut bytes, mut nonempty) = (0, 0, 0);
+    for window in 0..4 {
+        let r = repo
+            .verify(
+                &cairn_engine::VerifyOptions::default()
+                    .with_read_data_subset(25, window)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert!(r.is_ok(), "{r}");
+        assert_eq!(r.packs, full.packs, "every pack still gets its table check");
+        blobs += r.blobs_read;
+        bytes += r.bytes_read;
+        nonempty += (r.blobs_read > 0) as usize;
+        assert!(
+            r.blobs_read < full.blobs_read,
+            "window {window} read everything"
+        );
+    }
+    assert_eq!((blobs, bytes), (full.blobs_read, full.bytes_read));
+    assert!(nonempty >= 2, "the windows split the packs");
+    // Window 4 is window 0 again (the cycle has four windows).
+    let w0 = cairn_engine::VerifyOptions::default()
+        .with_read_data_subset(25, 0)
+        .unwrap();
+    let w4 = cairn_engine::VerifyOptions::default()
+        .with_read_data_subset(25, 4)
+        .unwrap();
+    assert_eq!(
+        repo.verify(&w0).unwrap().bytes_read,
+        repo.verify(&w4).unwrap().bytes_read
+    );
+    assert!(cairn_engine::VerifyOptions::default()
+        .with_read_data_subset(0, 0)
+        .is_err());
+    assert!(cairn_engine::VerifyOptions::default()
+        .with_read_data_subset(101, 0)
+        .is_err());
+}

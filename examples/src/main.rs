@@ -96,6 +96,13 @@ enum Command {
         pool: String,
         #[arg(long)]
         read_data: bool,
+        /// Read only N % of the packs (1–100), a different share each day
+        /// (or per --subset-window), so N runs cover the pool; implies --read-data.
+        #[arg(long, value_name = "N%")]
+        read_data_subset: Option<String>,
+        /// Which share --read-data-subset reads (default: days since 1970).
+        #[arg(long, value_name = "K")]
+        subset_window: Option<u64>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[arg(long)]
@@ -499,9 +506,16 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Verify {
             pool,
             read_data,
+            read_data_subset,
+            subset_window,
             threads,
             json,
-        } => cmd_verify(&pool, read_data, threads, json),
+        } => cmd_verify(
+            &pool,
+            (read_data, read_data_subset.as_deref(), subset_window),
+            threads,
+            json,
+        ),
         Command::Repair {
             pool,
             index: _,
@@ -785,11 +799,31 @@ fn cmd_restore(
     Ok(0)
 }
 
-fn cmd_verify(pool: &str, read_data: bool, threads: usize, json: bool) -> Result<u8, Failure> {
+fn cmd_verify(
+    pool: &str,
+    (read_data, subset, window): (bool, Option<&str>, Option<u64>),
+    threads: usize,
+    json: bool,
+) -> Result<u8, Failure> {
+    let mut opts = VerifyOptions::default().with_read_data(read_data);
+    if let Some(subset) = subset {
+        let percent: u8 = subset.trim_end_matches('%').parse().map_err(|_| {
+            Failure::usage(format!(
+                "--read-data-subset {subset:?} is not a percentage (1–100)"
+            ))
+        })?;
+        let window = window.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() / 86_400)
+                .unwrap_or(0)
+        });
+        opts = opts.with_read_data_subset(percent, window)?;
+    }
+    let read_data = opts.read_data;
     let repo = open_repo_with(pool, true)?;
     let bar = Arc::new(Bar::new(!json));
-    let opts = VerifyOptions::default()
-        .with_read_data(read_data)
+    let opts = opts
         .with_threads(self::threads(threads))
         .with_progress(bar.clone());
     let report = repo.verify(&opts);

@@ -100,6 +100,15 @@ impl fmt::Display for Damage {
 pub struct VerifyOptions {
     /// Also read, decompress and re-hash every blob of every pack.
     pub read_data: bool,
+    /// With `read_data`: read only this share of the packs, in percent
+    /// (1 … 100), chosen by [`subset_window`](Self::subset_window); the
+    /// others get the table check. `None`: every pack.
+    pub read_data_subset: Option<u8>,
+    /// Which subset: packs are split into `ceil(100 / percent)` windows by
+    /// their id, and window `subset_window mod` that count is read, so
+    /// runs with successive windows (a counter, or the day number) read
+    /// every pack once per cycle.
+    pub subset_window: u64,
     /// Worker threads (`None`: one per CPU).
     pub threads: Option<NonZeroUsize>,
     /// Receives progress (default: none).
@@ -112,6 +121,8 @@ impl Default for VerifyOptions {
     fn default() -> Self {
         VerifyOptions {
             read_data: false,
+            read_data_subset: None,
+            subset_window: 0,
             threads: None,
             progress: Arc::new(NoProgress),
             cancel: CancelToken::new(),
@@ -135,6 +146,39 @@ impl VerifyOptions {
     pub fn with_read_data(mut self, read_data: bool) -> Self {
         self.read_data = read_data;
         self
+    }
+
+    /// Reads only `percent` % of the packs (1 … 100), window `window` of
+    /// the rotation (see [`subset_window`](Self::subset_window)); implies
+    /// `read_data`.
+    pub fn with_read_data_subset(mut self, percent: u8, window: u64) -> crate::Result<Self> {
+        if !(1..=100).contains(&percent) {
+            return Err(crate::Error::InvalidArgument(format!(
+                "read-data subset {percent}% is out of range (1 … 100)"
+            )));
+        }
+        self.read_data = true;
+        self.read_data_subset = Some(percent);
+        self.subset_window = window;
+        Ok(self)
+    }
+
+    /// Whether `pack`'s blobs are read in this run.
+    fn reads(&self, pack: &PackId) -> bool {
+        if !self.read_data {
+            return false;
+        }
+        let Some(percent) = self.read_data_subset else {
+            return true;
+        };
+        // The pack's place in [0, 1) by its (random) id, cut into windows
+        // of `percent` % each (the last one may be shorter).
+        let windows = 100u64.div_ceil(percent as u64);
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&pack.0[..8]);
+        let place = u64::from_be_bytes(key) as u128 * 100;
+        let window = (place >> 64) as u64 / percent as u64;
+        window == self.subset_window % windows
     }
 }
 
@@ -333,6 +377,7 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
     let total = if opts.read_data {
         packs
             .iter()
+            .filter(|p| opts.reads(p))
             .map(|p| pool.size(FileKind::Pack, &p.to_hex()).unwrap_or(0))
             .sum()
     } else {
@@ -405,7 +450,7 @@ impl PackChecker<'_> {
             .get(&pack)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let entries = if self.opts.read_data {
+        let entries = if self.opts.reads(&pack) {
             self.read_blobs(pack, codec, buf, &mut local)
         } else {
             read_pack_table(self.pool, &pack).map_err(|e| e.to_string())
