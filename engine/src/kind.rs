@@ -30,11 +30,14 @@ pub enum FileKind {
     /// Snapshot catalog objects: manifest summaries (no extent lists),
     /// merged on read, rebuildable from the manifests.
     Catalog,
+    /// Damaged packs moved aside by `repair --packs` (kept, never read by
+    /// backups or restores).
+    Quarantine,
 }
 
 impl FileKind {
     /// Every kind, in a stable order.
-    pub const ALL: [FileKind; 9] = [
+    pub const ALL: [FileKind; 10] = [
         FileKind::Config,
         FileKind::Pack,
         FileKind::Index,
@@ -44,6 +47,7 @@ impl FileKind {
         FileKind::Lease,
         FileKind::Sweep,
         FileKind::Catalog,
+        FileKind::Quarantine,
     ];
 
     /// A short lower-case name, usable as a directory or key prefix.
@@ -58,6 +62,7 @@ impl FileKind {
             FileKind::Lease => "leases",
             FileKind::Sweep => "sweeps",
             FileKind::Catalog => "catalog",
+            FileKind::Quarantine => "quarantine",
         }
     }
 }
@@ -74,6 +79,7 @@ impl fmt::Display for FileKind {
             FileKind::Lease => "writer lease",
             FileKind::Sweep => "sweep notice",
             FileKind::Catalog => "snapshot catalog",
+            FileKind::Quarantine => "quarantined pack",
         })
     }
 }
