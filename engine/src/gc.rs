@@ -268,7 +268,12 @@ impl Repository {
         let lease = if opts.dry_run {
             None
         } else {
-            Some(WriterLease::acquire(&pool, LEASE_RENEW_INTERVAL)?)
+            // Renewed often enough that a collection configured with this
+            // expiry never takes it for dead.
+            let every = LEASE_RENEW_INTERVAL
+                .min(opts.lease_expiry / 3)
+                .max(Duration::from_millis(10));
+            Some(WriterLease::acquire(&pool, every)?)
         };
         let me = lease.as_ref().map(WriterLease::writer).unwrap_or_default();
 
@@ -346,17 +351,16 @@ impl Repository {
                 pool: &pool,
                 name: notice_name,
             });
-            // Two collections that started together: the later notice
-            // backs off (each would otherwise wait for the other's lease).
+            // Two collections that started together: both back off rather
+            // than wait for each other's lease (either may retry).
             let notice_name = &_notice.as_ref().map(|n| n.name.clone()).unwrap_or_default();
-            if let Some(earlier) = pool
+            if let Some(other) = pool
                 .list(FileKind::Sweep)?
                 .into_iter()
-                .filter(|n| n < notice_name && !stale_notices.contains(n))
-                .min()
+                .find(|n| n != notice_name && !stale_notices.contains(n))
             {
                 return Err(Error::PoolBusy(format!(
-                    "another garbage collection is running (sweep notice {earlier})"
+                    "another garbage collection is running (sweep notice {other})"
                 )));
             }
             failpoint::pause("gc-after-notice");
@@ -447,12 +451,14 @@ impl Repository {
             .iter()
             .filter_map(|n| pool.size(FileKind::Index, n).ok())
             .sum();
+        self.still_in_charge(lease.as_ref(), _notice.as_ref())?;
         let (new_segment, _, new_segment_len) = builder.write(&*pool)?;
         report.segments_after = 1;
         failpoint::pause("gc-before-delete");
 
         // 6. Delete: old segments first (no segment may name a deleted
         //    pack), then the condemned packs. The notice goes last (guard).
+        self.still_in_charge(lease.as_ref(), _notice.as_ref())?;
         let new_name = new_segment.to_hex();
         for name in segments_now.iter().filter(|n| **n != new_name) {
             match pool.delete(FileKind::Index, name) {
@@ -476,6 +482,32 @@ impl Repository {
         Ok(report)
     }
 
+    /// `Err` unless this collection still holds its lease and its notice:
+    /// a collection frozen past its expiry may have been taken for dead,
+    /// and must not write or delete on the strength of an old mark.
+    fn still_in_charge(
+        &self,
+        lease: Option<&WriterLease>,
+        notice: Option<&NoticeGuard<'_>>,
+    ) -> Result<()> {
+        if let Some(lease) = lease {
+            lease.ensure_held()?;
+        }
+        if let Some(n) = notice {
+            match self.pool().size(FileKind::Sweep, &n.name) {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {
+                    return Err(Error::PoolBusy(format!(
+                        "this collection's sweep notice {} was removed; nothing more was deleted",
+                        n.name
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Sweep notices of other collections: a recent one means another
     /// collection is running (refused); older ones were left by a killed
     /// collection and are returned to be deleted once this one is done.
@@ -490,7 +522,7 @@ impl Repository {
             let writer = SweepNotice::writer_of(&name).unwrap_or_default();
             let alive = leases
                 .iter()
-                .any(|l| l.writer == writer && l.age() <= opts.lease_expiry);
+                .any(|l| l.writer == writer && l.age() <= l.grace(opts.lease_expiry));
             if alive {
                 return Err(Error::PoolBusy(format!(
                     "another garbage collection is running (sweep notice {name})"
@@ -607,41 +639,56 @@ fn merge_sorted(a: &[ChunkId], b: &[ChunkId]) -> Vec<ChunkId> {
 }
 
 /// Waits until every writer holding a lease now has finished, evicting
-/// those whose lease was not renewed within the expiry. Returns (writers
-/// waited for, writers evicted).
+/// those whose lease this collection saw unrenewed for longer than its
+/// grace (measured on this process's own clock, so a writer's clock skew
+/// does not matter). Returns (writers waited for, writers evicted).
 fn wait_for_writers(pool: &DynPool, opts: &GcOptions, me: &str) -> Result<(usize, usize)> {
     let started = Instant::now();
-    let waiting: BTreeSet<String> = list_leases(pool)?
+    let mut waiting: BTreeSet<String> = list_leases(pool)?
         .into_iter()
         .map(|l| l.writer)
         .filter(|w| w != me)
         .collect();
     let count = waiting.len();
-    let mut waiting = waiting;
     let mut evicted = 0;
+    // When this collection first saw each lease name.
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
     loop {
         let leases = list_leases(pool)?;
+        for l in &leases {
+            first_seen.entry(l.name()).or_insert_with(Instant::now);
+        }
         waiting.retain(|w| leases.iter().any(|l| &l.writer == w));
         for w in waiting.clone() {
             // The newest lease of this writer (a renewal may leave two).
             let Some(newest) = leases.iter().filter(|l| l.writer == w).max() else {
                 continue;
             };
-            if newest.age() > opts.lease_expiry {
-                match pool.delete(FileKind::Lease, &newest.name()) {
-                    Ok(()) => {
-                        // Older leftovers of the same writer go too.
-                        for l in leases.iter().filter(|l| l.writer == w) {
-                            let _ = pool.delete(FileKind::Lease, &l.name());
-                        }
-                        waiting.remove(&w);
-                        evicted += 1;
-                    }
-                    // Renewed meanwhile: alive after all.
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e),
-                }
+            let seen = first_seen
+                .get(&newest.name())
+                .map_or(Duration::ZERO, |t| t.elapsed());
+            if seen <= newest.grace(opts.lease_expiry) {
+                continue;
             }
+            match pool.delete(FileKind::Lease, &newest.name()) {
+                Ok(()) => {}
+                // Renewed meanwhile: alive after all.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            }
+            // A renewal racing the delete (on S3 a delete of a missing key
+            // succeeds) leaves a newer lease: then the writer is alive.
+            let renewed = list_leases(pool)?
+                .iter()
+                .any(|l| l.writer == w && l.heartbeat > newest.heartbeat);
+            if renewed {
+                continue;
+            }
+            for l in leases.iter().filter(|l| l.writer == w) {
+                let _ = pool.delete(FileKind::Lease, &l.name());
+            }
+            waiting.remove(&w);
+            evicted += 1;
         }
         if waiting.is_empty() {
             return Ok((count, evicted));

@@ -45,34 +45,53 @@ fn now_nanos() -> u128 {
         .unwrap_or(0)
 }
 
-/// A lease as listed: whose it is and when it was last renewed.
+/// A lease as listed: whose it is, when it was last renewed, and how often
+/// its holder renews it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct LeaseName {
     /// The writer (32 hex digits, random per backup).
     pub writer: String,
     /// The heartbeat: nanoseconds since the Unix epoch.
     pub heartbeat: u128,
+    /// The holder's renewal interval in milliseconds.
+    pub interval_ms: u64,
 }
 
 impl LeaseName {
-    /// Parses `<32 hex>.<20 digits>`; `None` for anything else.
+    /// Parses `<32 hex>.<20 digits>.<interval ms>`; `None` for anything else.
     pub fn parse(name: &str) -> Option<Self> {
-        let (writer, beat) = name.split_once('.')?;
-        let ok = writer.len() == 32
+        let mut parts = name.split('.');
+        let (writer, beat, interval) = (parts.next()?, parts.next()?, parts.next()?);
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let ok = parts.next().is_none()
+            && writer.len() == 32
             && writer
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
             && beat.len() == 20
-            && beat.bytes().all(|b| b.is_ascii_digit());
+            && digits(beat)
+            && digits(interval)
+            && interval.len() <= 12;
         ok.then(|| LeaseName {
             writer: writer.to_string(),
             heartbeat: beat.parse().unwrap_or(0),
+            interval_ms: interval.parse().unwrap_or(0),
         })
     }
 
     /// The object name.
     pub fn name(&self) -> String {
-        format!("{}.{:020}", self.writer, self.heartbeat)
+        format!(
+            "{}.{:020}.{}",
+            self.writer, self.heartbeat, self.interval_ms
+        )
+    }
+
+    /// How long this lease may go unrenewed before its holder counts as
+    /// dead, for a collection configured with `expiry`: never less than
+    /// three of the holder's own renewal intervals.
+    pub fn grace(&self, expiry: Duration) -> Duration {
+        expiry.max(Duration::from_millis(self.interval_ms.saturating_mul(3)))
     }
 
     /// Time since the heartbeat (zero if it lies in the future).
@@ -124,13 +143,16 @@ impl WriterLease {
         let current = LeaseName {
             writer: hex(&random_16()?),
             heartbeat: now_nanos(),
+            interval_ms: interval.as_millis().min(u64::MAX as u128) as u64,
         };
         write_lease(pool, &current)?;
+        let first_name = current.name();
         let state = Arc::new(Mutex::new(LeaseState {
             current,
             lost: false,
         }));
         let (stop, stopped) = mpsc::channel::<()>();
+        let outer_pool = pool.clone();
         let renewer = {
             let (pool, state) = (pool.clone(), state.clone());
             std::thread::Builder::new()
@@ -143,7 +165,10 @@ impl WriterLease {
                         }
                     }
                 })
-                .map_err(|e| Error::io("starting the lease renewal thread", e))?
+                .map_err(|e| {
+                    let _ = outer_pool.delete(FileKind::Lease, &first_name);
+                    Error::io("starting the lease renewal thread", e)
+                })?
         };
         Ok(WriterLease {
             pool: pool.clone(),
@@ -168,6 +193,23 @@ impl WriterLease {
         self.stop.take();
         if let Some(t) = self.renewer.take() {
             let _ = t.join();
+        }
+    }
+
+    /// `Err(LeaseLost)` unless the lease is still held: never evicted and
+    /// still in the pool. Checked before each segment and manifest write.
+    pub fn ensure_held(&self) -> Result<()> {
+        let (lost, name) = {
+            let s = self.state.lock();
+            (s.lost, s.current.name())
+        };
+        if lost {
+            return Err(Error::LeaseLost { lease: name });
+        }
+        match self.pool.size(FileKind::Lease, &name) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Err(Error::LeaseLost { lease: name }),
+            Err(e) => Err(e),
         }
     }
 
@@ -199,7 +241,19 @@ impl Drop for WriterLease {
     fn drop(&mut self) {
         self.stop_renewing();
         if !self.released.load(Ordering::Relaxed) {
-            let name = self.state.lock().current.name();
+            let (name, writer) = {
+                let s = self.state.lock();
+                (s.current.name(), s.current.writer.clone())
+            };
+            // Leftovers of a renewal whose delete failed: best effort.
+            if let Ok(all) = list_leases(&self.pool) {
+                for l in all
+                    .iter()
+                    .filter(|l| l.writer == writer && l.name() != name)
+                {
+                    let _ = self.pool.delete(FileKind::Lease, &l.name());
+                }
+            }
             // A lease left behind makes the next collection wait for its
             // expiry: worth a second try after a transient error.
             for _ in 0..3 {
@@ -225,6 +279,7 @@ fn renew(pool: &DynPool, state: &Mutex<LeaseState>) -> bool {
     let next = LeaseName {
         writer: s.current.writer.clone(),
         heartbeat: now_nanos().max(s.current.heartbeat + 1),
+        interval_ms: s.current.interval_ms,
     };
     if write_lease(pool, &next).is_err() {
         // Try again at the next interval; the old lease still stands.
@@ -323,12 +378,15 @@ mod tests {
         let l = LeaseName {
             writer: "0123456789abcdef0123456789abcdef".into(),
             heartbeat: 1_800_000_000_123_456_789,
+            interval_ms: 30_000,
         };
         assert_eq!(LeaseName::parse(&l.name()), Some(l));
         for bad in [
             "x.1",
-            "0123456789abcdef0123456789ABCDEF.01800000000123456789",
-            "0123456789abcdef0123456789abcdef.1",
+            "0123456789abcdef0123456789ABCDEF.01800000000123456789.30000",
+            "0123456789abcdef0123456789abcdef.1.30000",
+            "0123456789abcdef0123456789abcdef.01800000000123456789",
+            "0123456789abcdef0123456789abcdef.01800000000123456789.",
         ] {
             assert_eq!(LeaseName::parse(bad), None, "{bad}");
         }

@@ -52,7 +52,10 @@ fn salvage(bytes: &[u8]) -> Vec<(ChunkId, u32, std::ops::Range<usize>)> {
     if let Ok(entries) = parse_pack(bytes) {
         for e in entries {
             let range = e.offset as usize..(e.offset + e.length as u64) as usize;
-            if codec.decode_verified(&bytes[range.clone()], &e.id, &mut plain).is_ok() {
+            if codec
+                .decode_verified(&bytes[range.clone()], &e.id, &mut plain)
+                .is_ok()
+            {
                 out.push((e.id, e.raw_length, range));
             }
         }
@@ -90,7 +93,10 @@ impl Repository {
             if let (DamageKind::PackUnreadable | DamageKind::ChunkCorrupt, Some(p)) =
                 (d.kind, d.pack)
             {
-                report.damaged_packs.entry(p).or_insert_with(|| d.detail.clone());
+                report
+                    .damaged_packs
+                    .entry(p)
+                    .or_insert_with(|| d.detail.clone());
             }
         }
         if dry_run || report.damaged_packs.is_empty() {

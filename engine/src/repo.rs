@@ -384,43 +384,46 @@ impl Repository {
         // waits for this backup) or announced its sweep before it (and this
         // backup reads the notice below and reuses nothing it condemns).
         let lease = WriterLease::acquire(&self.pool, opts.lease_renewal)?;
-        let excluded: HashSet<PackId> = condemned_packs(&self.pool)?.into_iter().collect();
+        let mut excluded: HashSet<PackId> = condemned_packs(&self.pool)?.into_iter().collect();
         let index = self.fresh_index()?;
-        if !excluded.is_empty() {
-            // An incremental reuses its parent's chunks without looking them
-            // up: re-read those that only a condemned pack holds.
-            for disk in &mut disks {
-                if let DiskInput::Incremental { changed, .. } = &mut disk.input {
-                    changed.reread_unless(|c| {
-                        index.lookup(c).is_some_and(|l| !excluded.contains(&l.pack))
-                    });
-                }
+        // Packs the index names but the pool no longer lists (a collection
+        // or repair removed them since the index was built).
+        excluded.extend(index.absent_packs());
+        // An incremental reuses its parent's chunks without looking them
+        // up: re-read those the index no longer holds outside excluded
+        // packs (the parent may have been pruned and collected since it
+        // was read, or a collection is about to delete their pack).
+        for disk in &mut disks {
+            if let DiskInput::Incremental { changed, .. } = &mut disk.input {
+                changed.reread_unless(|c| {
+                    index.lookup(c).is_some_and(|l| !excluded.contains(&l.pack))
+                });
             }
         }
         crate::failpoint::pause("backup-after-index");
-        let stats = match self.pool.preferred_pack_size() {
+        let guard = || lease.ensure_held();
+        let result = match self.pool.preferred_pack_size() {
             // The pool wants other packs and the caller kept the defaults.
             Some(size) if opts.pack_target == backup::DEFAULT_PACK_TARGET => {
                 let mut opts = opts.clone();
                 opts.pack_target = size;
                 opts.pack_max_input = opts.pack_max_input.max(size.saturating_mul(2));
-                backup::run(&*self.pool, &index, &excluded, disks, &opts)
+                backup::run(&*self.pool, &index, &excluded, &guard, disks, &opts)
             }
-            _ => backup::run(&*self.pool, &index, &excluded, disks, opts),
-        }?;
+            _ => backup::run(&*self.pool, &index, &excluded, &guard, disks, opts),
+        };
+        let stats = result?;
         crate::failpoint::pause("backup-after-manifest");
         let lease_name = lease.name();
-        if !lease.finish()? {
-            // Evicted as dead: a sweep may have removed chunks this
-            // manifest reuses. Withdraw it rather than publish a snapshot
-            // that might not restore.
-            match self
-                .pool
-                .delete(FileKind::Snapshot, &stats.snapshot.to_hex())
-            {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
+        // Any doubt (evicted, or the check itself failed) withdraws the
+        // manifest: a sweep may have removed chunks it reuses.
+        if !matches!(lease.finish(), Ok(true)) {
+            let name = stats.snapshot.to_hex();
+            for _ in 0..3 {
+                match self.pool.delete(FileKind::Snapshot, &name) {
+                    Err(e) if !e.is_not_found() => continue,
+                    _ => break,
+                }
             }
             return Err(Error::LeaseLost { lease: lease_name });
         }

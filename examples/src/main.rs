@@ -108,12 +108,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Repair pool metadata.
+    /// Repair a pool: rebuild the index (--index) and/or move damaged
+    /// packs into quarantine after salvaging their intact blobs (--packs).
     Repair {
         pool: String,
         /// Rebuild the dedup index from the packs alone.
-        #[arg(long, required = true)]
+        #[arg(long, required_unless_present = "packs")]
         index: bool,
+        /// Salvage and quarantine damaged packs (reads every pack).
+        #[arg(long)]
+        packs: bool,
+        /// With --packs: report the damaged packs, change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -237,6 +244,11 @@ struct BackupArgs {
     /// kills the process with SIGBUS).
     #[arg(long)]
     mmap: bool,
+    /// How often the backup renews its writer lease (a garbage collection
+    /// evicts a writer it sees unrenewed for 3 intervals or its
+    /// --lease-expiry, whichever is longer).
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    lease_renewal: String,
     #[arg(long)]
     json: bool,
 }
@@ -518,9 +530,19 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         ),
         Command::Repair {
             pool,
-            index: _,
+            index,
+            packs,
+            dry_run,
             json,
-        } => cmd_repair(&pool, json),
+        } => {
+            if packs {
+                let code = cmd_repair_packs(&pool, dry_run, json)?;
+                if !index || dry_run {
+                    return Ok(code);
+                }
+            }
+            cmd_repair(&pool, json)
+        }
         Command::PoolInfo { pool, json } => cmd_pool_info(&pool, json),
         Command::Prune {
             pool,
@@ -622,14 +644,21 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         compression,
         threads,
         mmap,
+        lease_renewal,
         json,
     } = args;
+    let lease_renewal = humantime::parse_duration(&lease_renewal).map_err(|e| {
+        Failure::usage(format!(
+            "--lease-renewal {lease_renewal:?} is not a duration (like 30s): {e}"
+        ))
+    })?;
     if !nbd.is_empty() || !qcow2.is_empty() {
         let bar = Arc::new(Bar::new(!json));
         let opts = BackupOptions::new(vm.clone())
             .with_chunking(chunking.unwrap_or_default())
             .with_compression(compression)
             .with_threads(self::threads(threads))
+            .with_lease_renewal(lease_renewal)
             .with_progress(bar.clone());
         let run = cbt_cmd::CbtRun {
             pool,
@@ -685,6 +714,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         }))
         .with_compression(compression)
         .with_threads(self::threads(threads))
+        .with_lease_renewal(lease_renewal)
         .with_progress(bar.clone());
     let stats = repo.backup(inputs, &opts);
     bar.finish();
@@ -859,6 +889,36 @@ fn cmd_repair(pool: &str, json: bool) -> Result<u8, Failure> {
         }
     }
     Ok(if report.damaged_packs.is_empty() {
+        0
+    } else {
+        3
+    })
+}
+
+fn cmd_repair_packs(pool: &str, dry_run: bool, json: bool) -> Result<u8, Failure> {
+    let report = open_repo_with(pool, true)?.repair_packs(dry_run)?;
+    if json {
+        output::print_json(&serde_json::to_value(&report).unwrap_or_default());
+    } else {
+        for (p, why) in &report.damaged_packs {
+            println!("damaged pack {p}: {why}");
+        }
+        let verb = if dry_run { "would move" } else { "moved" };
+        println!(
+            "{verb} {} packs into quarantine; {} intact blobs salvaged into {} new packs",
+            if dry_run {
+                report.damaged_packs.len()
+            } else {
+                report.quarantined.len()
+            },
+            report.blobs_salvaged,
+            report.packs_written
+        );
+        for s in &report.damaged_snapshots {
+            println!("snapshot {s} is still damaged (a new backup of the same data heals it)");
+        }
+    }
+    Ok(if report.damaged_snapshots.is_empty() {
         0
     } else {
         3

@@ -249,10 +249,65 @@ fn the_same_on_the_object_pool() {
 }
 
 #[test]
-fn a_frozen_backup_is_evicted_and_withdraws_its_snapshot() {
+fn a_frozen_backup_is_evicted_and_publishes_nothing() {
+    // Frozen with its packs sealed but no segment covering them, and
+    // frozen after its segment, before its manifest.
+    for point in ["backup-before-segment", "backup-before-manifest"] {
+        frozen_backup(point);
+    }
+}
+
+fn frozen_backup(point: &str) {
     let race = Race::local();
     let image = race.root().join("vda.img");
     random_image(&image, 8);
+    let s = race.backup("web", &image);
+    // B renews its lease every 200 ms, then freezes (SIGSTOP: every thread,
+    // the renewal too) at `point`.
+    let b_args = [
+        "backup",
+        race.pool.as_str(),
+        "--vm",
+        "web",
+        &p(&image),
+        "--json",
+        "--lease-renewal",
+        "200ms",
+    ];
+    let mut b = race.spawn(&b_args, &[point]);
+    race.reached(&mut b, point);
+    let pid = b.id().to_string();
+    tool("kill", &["-STOP", &pid]);
+    race.ok(&["forget", &race.pool, &s]);
+    // The collection sees B's lease unrenewed for its 1 s expiry: evicted.
+    let report = race.json(&["gc", &race.pool, "--lease-expiry", "1s", "--json"]);
+    assert_eq!(report["writers_evicted"], 1, "{point}: {report}");
+    assert!(report["packs_deleted"].as_u64().unwrap() > 0, "{report}");
+    tool("kill", &["-CONT", &pid]);
+    race.go(point);
+    let (code, _, err) = finished(b);
+    assert_eq!(code, 5, "{point}: {err}");
+    assert!(err.contains("lease"), "{err}");
+    assert!(
+        race.snapshots().is_empty(),
+        "{point}: the evicted backup published nothing"
+    );
+    race.verify_clean();
+    // The next backup stores everything again (nothing names B's deleted
+    // packs) and restores.
+    let again = race.backup("web", &image);
+    race.restores(&again, &image);
+    race.ok(&["gc", &race.pool]);
+    race.restores(&again, &image);
+}
+
+#[test]
+fn a_live_backup_is_waited_for_however_long_it_pauses() {
+    // B renews every 200 ms while paused at a pause point (only its main
+    // thread waits): a collection with a 1 s expiry must wait, not evict.
+    let race = Race::local();
+    let image = race.root().join("vda.img");
+    random_image(&image, 9);
     let s = race.backup("web", &image);
     let b_args = [
         "backup",
@@ -261,27 +316,24 @@ fn a_frozen_backup_is_evicted_and_withdraws_its_snapshot() {
         "web",
         &p(&image),
         "--json",
+        "--lease-renewal",
+        "200ms",
     ];
-    let mut b = race.spawn(&b_args, &["backup-before-manifest"]);
-    race.reached(&mut b, "backup-before-manifest");
+    let mut b = race.spawn(&b_args, &["backup-after-index"]);
+    race.reached(&mut b, "backup-after-index");
     race.ok(&["forget", &race.pool, &s]);
-    // B's lease (renewed every 30 s) is older than 1 s: taken as dead.
-    std::thread::sleep(Duration::from_millis(1200));
-    let report = race.json(&["gc", &race.pool, "--lease-expiry", "1s", "--json"]);
-    assert_eq!(report["writers_evicted"], 1, "{report}");
-    assert!(report["packs_deleted"].as_u64().unwrap() > 0, "{report}");
-    race.go("backup-before-manifest");
-    let (code, _, err) = finished(b);
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains("lease"), "{err}");
+    let mut gc = race.spawn(&["gc", &race.pool, "--lease-expiry", "1s", "--json"], &[]);
+    std::thread::sleep(Duration::from_millis(2500));
     assert!(
-        race.snapshots().is_empty(),
-        "the evicted backup's snapshot was withdrawn"
+        gc.try_wait().unwrap().is_none(),
+        "gc did not wait for a live backup"
     );
-    race.verify_clean();
-    // The next backup stores everything again and restores.
-    let again = race.backup("web", &image);
-    race.restores(&again, &image);
+    race.go("backup-after-index");
+    let b_out = finished(b);
+    let (code, report, err) = finished(gc);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(report["writers_evicted"], 0, "{report}");
+    check_b(&race, b_out, &image);
 }
 
 #[test]
@@ -304,7 +356,17 @@ fn gc_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
             2 => (&["gc-before-delete"], 0),
             r => (&[], r * 7 % 40),
         };
-        let mut gc = race.spawn(&["gc", &race.pool, "--repack-below", "95"], pause);
+        let mut gc = race.spawn(
+            &[
+                "gc",
+                &race.pool,
+                "--repack-below",
+                "95",
+                "--lease-expiry",
+                "1s",
+            ],
+            pause,
+        );
         if let Some(point) = pause.first() {
             race.reached(&mut gc, point);
         } else {

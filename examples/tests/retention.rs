@@ -282,3 +282,83 @@ fn a_cbt_chain_with_its_middle_removed_stays_restorable_and_continues() {
     ok(&["restore", &pool, "latest", "--to", &p(&out), "--force"]);
     assert!(std::fs::read(out.join("vda.qcow2")).unwrap() == raw_of(&img, &root.join("after.raw")));
 }
+
+#[test]
+fn repair_packs_quarantines_salvages_and_a_new_backup_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pool = p(&root.join("pool"));
+    ok(&["init", &pool]);
+    let a = root.join("a.img");
+    let b = root.join("b.img");
+    make_image(&a, 4 << 20, 1);
+    make_image(&b, 4 << 20, 2);
+    let sa = json(&["backup", &pool, "--vm", "a", &p(&a), "--json"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sb = json(&["backup", &pool, "--vm", "b", &p(&b), "--json"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Flip a byte inside the first blob of b's newest pack.
+    let mut packs: Vec<_> = walk_files(&root.join("pool").join("packs"));
+    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap());
+    let victim = packs.last().unwrap().clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[16 + 40] ^= 0x55;
+    std::fs::write(&victim, &bytes).unwrap();
+    let out = cairn(&["verify", &pool, "--read-data", "--json"]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+
+    let out = cairn(&["repair", &pool, "--packs", "--dry-run", "--json"]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let dry: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dry["damaged_packs"].as_object().unwrap().len(), 1, "{dry}");
+    assert!(victim.exists(), "a dry run moves nothing");
+
+    let out = cairn(&["repair", &pool, "--packs", "--json"]);
+    assert_eq!(code(&out), 3, "b stays damaged: {}", stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["quarantined"].as_array().unwrap().len(), 1, "{r}");
+    assert!(r["blobs_salvaged"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["damaged_snapshots"], serde_json::json!([sb]), "{r}");
+    assert!(!victim.exists());
+    let name = victim.file_name().unwrap();
+    assert!(
+        root.join("pool").join("quarantine").join(name).exists(),
+        "kept in quarantine"
+    );
+    // a restores; b does not, until a new backup stores the lost chunk.
+    let out_dir = root.join("out");
+    ok(&["restore", &pool, &sa, "--to", &p(&out_dir)]);
+    assert!(std::fs::read(out_dir.join("a.img")).unwrap() == std::fs::read(&a).unwrap());
+    assert_ne!(
+        code(&cairn(&[
+            "restore",
+            &pool,
+            &sb,
+            "--to",
+            &p(&root.join("x"))
+        ])),
+        0
+    );
+    ok(&["backup", &pool, "--vm", "b", &p(&b)]);
+    let v = json(&["verify", &pool, "--read-data", "--json"]);
+    assert_eq!(v["ok"], true, "healed: {v}");
+    ok(&["restore", &pool, &sb, "--to", &p(&out_dir)]);
+    assert!(std::fs::read(out_dir.join("b.img")).unwrap() == std::fs::read(&b).unwrap());
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -437,6 +437,9 @@ struct IndexState {
     /// Packs that a loaded segment or the in-memory segment covers, or
     /// whose table could not be read.
     covered: HashSet<PackId>,
+    /// Covered packs the last refresh did not find in the pool (deleted by
+    /// a garbage collection or a repair): their entries must not be reused.
+    absent: HashSet<PackId>,
 }
 
 impl Index {
@@ -503,10 +506,21 @@ impl Index {
     /// sealing them, or another writer still running) from their tables.
     fn take_in_uncovered<P: PoolRead + PoolList + ?Sized>(&self, pool: &P) -> Result<usize> {
         let candidates: Vec<PackId> = {
-            let state = self.state.read();
-            pool.list(FileKind::Pack)?
+            let listed: HashSet<PackId> = pool
+                .list(FileKind::Pack)?
                 .iter()
                 .filter_map(|name| PackId::from_hex(name))
+                .collect();
+            let mut state = self.state.write();
+            let absent: HashSet<PackId> = state
+                .covered
+                .iter()
+                .filter(|p| !listed.contains(p))
+                .copied()
+                .collect();
+            state.absent = absent;
+            listed
+                .into_iter()
                 .filter(|p| !state.covered.contains(p))
                 .collect()
         };
@@ -538,6 +552,12 @@ impl Index {
         let n = taken.len();
         self.uncovered.lock().extend(taken);
         Ok(n)
+    }
+
+    /// Packs this index names that the last refresh did not find in the
+    /// pool: a backup must not reuse chunks from them.
+    pub fn absent_packs(&self) -> HashSet<PackId> {
+        self.state.read().absent.clone()
     }
 
     /// Whether a refresh found a segment of this index removed from the

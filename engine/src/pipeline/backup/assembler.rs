@@ -22,6 +22,8 @@ use crate::store::pool::Pool;
 pub(super) struct Context<'a> {
     pub(super) pool: &'a dyn Pool,
     pub(super) index: &'a Index,
+    /// Called before each index segment is written (see `backup::run`).
+    pub(super) guard: &'a (dyn Fn() -> Result<()> + Sync),
     pub(super) claims: &'a Claims,
     pub(super) failure: &'a Failure,
     pub(super) opts: &'a BackupOptions,
@@ -250,6 +252,7 @@ impl State<'_> {
         if self.out.segment.len() >= self.ctx.opts.segment_flush_entries {
             let full = std::mem::take(&mut self.out.segment);
             let flushed: Vec<ChunkId> = full.ids().collect();
+            (self.ctx.guard)()?;
             let (name, seg, len) = full.write(self.ctx.pool)?;
             self.out.stats.bytes_new += len;
             self.ctx.index.push(name, seg);

@@ -335,10 +335,15 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
 ///
 /// Chunks the index places in an `excluded` pack (one a garbage collection
 /// is about to delete) are stored again instead of reused.
+///
+/// `guard` is called before every index segment and before the manifest
+/// is written; an error from it stops the backup there (a writer whose
+/// lease was lost must not publish).
 pub(crate) fn run(
     pool: &dyn Pool,
     index: &Index,
     excluded: &HashSet<PackId>,
+    guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
     opts: &BackupOptions,
 ) -> Result<BackupStats> {
@@ -346,8 +351,8 @@ pub(crate) fn run(
     let plan = plan(&disks, opts)?;
     let progress: &dyn Progress = &*opts.progress;
     progress.start(disks.iter().filter_map(BackupDisk::size).sum());
-    let assembled = run_pipeline(pool, index, excluded, disks, opts)?;
-    let stats = commit(pool, index, excluded, assembled, &plan, opts)?;
+    let assembled = run_pipeline(pool, index, excluded, guard, disks, opts)?;
+    let stats = commit(pool, index, excluded, guard, assembled, &plan, opts)?;
     Ok(BackupStats {
         seconds: started.elapsed().as_secs_f64(),
         ..stats
@@ -359,6 +364,7 @@ fn run_pipeline(
     pool: &dyn Pool,
     index: &Index,
     excluded: &HashSet<PackId>,
+    guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
     opts: &BackupOptions,
 ) -> Result<Assembled> {
@@ -418,6 +424,7 @@ fn run_pipeline(
         let ctx = assembler::Context {
             pool,
             index,
+            guard,
             claims: &claims,
             failure: &failure,
             opts,
@@ -445,6 +452,7 @@ fn commit(
     pool: &dyn Pool,
     index: &Index,
     excluded: &HashSet<PackId>,
+    guard: &(dyn Fn() -> Result<()> + Sync),
     assembled: Assembled,
     plan: &Plan,
     opts: &BackupOptions,
@@ -461,7 +469,9 @@ fn commit(
             segment.add_entries(pack, &entries);
         }
     }
+    crate::failpoint::pause("backup-before-segment");
     if segment.pack_count() > 0 {
+        guard()?;
         let (name, seg, len) = segment.write(pool)?;
         stats.bytes_new += len;
         // Keep this handle's view current for later operations.
@@ -493,6 +503,7 @@ fn commit(
     let encoded = snapshot.encode();
     let id = SnapshotId::of_manifest(&encoded);
     crate::failpoint::pause("backup-before-manifest");
+    guard()?;
     pool.write(FileKind::Snapshot, &id.to_hex(), &encoded)?;
     stats.bytes_new += encoded.len() as u64;
     stats.snapshot = id;
