@@ -142,7 +142,13 @@ fn mutate(rng: &mut SampleRng, image: &mut [u8], n: usize) {
 #[test]
 fn random_sequences_of_backup_prune_and_gc_keep_every_live_snapshot() {
     let scratch = tempfile::tempdir().unwrap();
-    for seq in 0..200u64 {
+    // 200 by default; scripts/mutants.sh runs fewer (one build and run per
+    // mutant).
+    let sequences: u64 = std::env::var("CAIRN_GC_SEQUENCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    for seq in 0..sequences {
         let dir = tempfile::tempdir().unwrap();
         let local: DynPool = Arc::new(LocalPool::create(dir.path()).unwrap());
         let faulty = Arc::new(WrappedPool(Faulty::new(local.clone())));

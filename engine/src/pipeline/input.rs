@@ -358,8 +358,22 @@ mod tests {
     }
 
     #[test]
+    fn sizes_of_inputs() {
+        let image = BackupDisk::image(
+            "vda",
+            crate::source::MemorySource::new("vda", vec![1u8; 5000]),
+        );
+        assert_eq!(image.size(), Some(5000));
+        let stream = BackupDisk::stream("s", std::io::empty());
+        assert_eq!(stream.size(), None);
+    }
+
+    #[test]
     fn disk_names() {
         assert!(validate_disk_name("vda.qcow2").is_ok());
+        // The longest name a manifest holds, and one byte more.
+        assert!(validate_disk_name(&"n".repeat(MAX_STRING)).is_ok());
+        assert!(validate_disk_name(&"n".repeat(MAX_STRING + 1)).is_err());
         for bad in ["", ".", "..", "a/b", "x\0"] {
             assert!(validate_disk_name(bad).is_err(), "{bad:?}");
         }
