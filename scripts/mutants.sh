@@ -28,6 +28,8 @@ core=(
   engine/src/store/pack.rs
   engine/src/store/index.rs
   engine/src/store/manifest.rs
+  engine/src/store/catalog.rs
+  engine/src/retention.rs
 )
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=("${core[@]}")

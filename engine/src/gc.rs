@@ -374,6 +374,12 @@ impl Repository {
             // 4. Mark again: their manifests are visible now. A condemned
             //    pack that is live enough again (a running backup's own
             //    packs, published meanwhile) stays.
+            // Packs deleted meanwhile (a repair moved a damaged one aside)
+            // neither own chunks nor need deleting.
+            let still: std::collections::HashSet<String> =
+                pool.list(FileKind::Pack)?.into_iter().collect();
+            packs.retain(|p, _| still.contains(&p.to_hex()));
+            condemned.retain(|p| packs.contains_key(p));
             let (_, live2) = mark(&pool, &opts.cancel)?;
             live = merge_sorted(&live, &live2);
             let (again, now_owners) = condemn(&mut packs, &live, opts.repack_below);

@@ -116,14 +116,25 @@ impl Repository {
         let name = id.to_hex();
         if on {
             self.resolve(&crate::snapshots::SnapshotSelector::Id(*id))?;
-            match self
-                .pool()
-                .write(FileKind::Protection, &name, format!("{name}\n").as_bytes())
-            {
-                Ok(()) => Ok(true),
-                Err(Error::AlreadyExists { .. }) => Ok(false),
-                Err(e) => Err(e),
+            let changed =
+                match self
+                    .pool()
+                    .write(FileKind::Protection, &name, format!("{name}\n").as_bytes())
+                {
+                    Ok(()) => true,
+                    Err(Error::AlreadyExists { .. }) => false,
+                    Err(e) => return Err(e),
+                };
+            // A prune or forget may have deleted it between the check and
+            // the mark: then it is not protected, say so.
+            if let Err(e) = self.pool().size(FileKind::Snapshot, &name) {
+                if e.is_not_found() {
+                    let _ = self.pool().delete(FileKind::Protection, &name);
+                    return Err(Error::SnapshotNotFound(name));
+                }
+                return Err(e);
             }
+            Ok(changed)
         } else {
             match self.pool().delete(FileKind::Protection, &name) {
                 Ok(()) => Ok(true),
@@ -181,10 +192,23 @@ impl Repository {
                     "a stored retention policy needs at least one keep rule".into(),
                 ));
             }
+            // Later than every stored name even if this host's clock is
+            // behind, so the new policy is the one in force.
+            let latest = older
+                .last()
+                .and_then(|n| {
+                    n.strip_prefix(POLICY_PREFIX)?
+                        .split('.')
+                        .next()?
+                        .parse::<u128>()
+                        .ok()
+                })
+                .unwrap_or(0);
             let nanos = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos())
-                .unwrap_or(0);
+                .unwrap_or(0)
+                .max(latest + 1);
             let random = random_16()?;
             let name = format!(
                 "{POLICY_PREFIX}{nanos:020}.{}",
@@ -237,7 +261,9 @@ impl Repository {
                 )
             })?,
         };
-        let list = self.snapshots()?;
+        // Every manifest read and hash-checked: a damaged one must not be
+        // counted as a kept snapshot (the catalog would list it healthy).
+        let list = self.snapshots_checked()?;
         let protected = self.protected()?;
         let considered: Vec<_> = list
             .snapshots
@@ -262,6 +288,20 @@ impl Repository {
             .filter(|d| !d.keep)
             .map(|d| d.id)
             .collect();
+        // A kept snapshot that vanished since the listing (a backup that
+        // withdrew its manifest, a concurrent forget) changes what the
+        // rules keep: decide again rather than delete on a stale view.
+        for d in report.decisions.iter().filter(|d| d.keep) {
+            if let Err(e) = self.pool().size(FileKind::Snapshot, &d.id.to_hex()) {
+                if e.is_not_found() {
+                    return Err(Error::PoolBusy(format!(
+                        "snapshot {} disappeared while prune was deciding; nothing was removed, run it again",
+                        d.id
+                    )));
+                }
+                return Err(e);
+            }
+        }
         for id in doomed {
             match self.remove_snapshot(&id) {
                 Ok(true) => report.removed.push(id),

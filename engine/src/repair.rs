@@ -42,21 +42,29 @@ pub struct PackRepairReport {
 
 /// The intact blobs of a pack's bytes: (id, plaintext length, blob range).
 /// With a readable table, blobs are taken at its offsets and must hash to
-/// its ids; without one, the pack is scanned blob header by blob header
-/// (re-synchronising byte by byte after damage) and each blob's id is the
-/// hash of what it decodes to.
-fn salvage(bytes: &[u8]) -> Vec<(ChunkId, u32, std::ops::Range<usize>)> {
+/// its ids; without one, at the locations the index knows (`known`: id,
+/// offset, stored length), hash-checked; only when the index knows none,
+/// the pack is scanned blob header by blob header (re-synchronising byte by
+/// byte after damage), each blob named by the hash of what it decodes to.
+fn salvage(
+    bytes: &[u8],
+    known: &[(ChunkId, u64, u32)],
+) -> Vec<(ChunkId, u32, std::ops::Range<usize>)> {
     let mut codec = BlobCodec::new(Compression::None);
     let mut plain = Vec::new();
     let mut out = Vec::new();
-    if let Ok(entries) = parse_pack(bytes) {
-        for e in entries {
-            let range = e.offset as usize..(e.offset + e.length as u64) as usize;
-            if codec
-                .decode_verified(&bytes[range.clone()], &e.id, &mut plain)
-                .is_ok()
-            {
-                out.push((e.id, e.raw_length, range));
+    let located: Vec<(ChunkId, u64, u32)> = match parse_pack(bytes) {
+        Ok(entries) => entries.iter().map(|e| (e.id, e.offset, e.length)).collect(),
+        Err(_) => known.to_vec(),
+    };
+    if !located.is_empty() {
+        for (id, offset, length) in located {
+            let range = offset as usize..(offset + length as u64) as usize;
+            let Some(blob) = bytes.get(range.clone()) else {
+                continue;
+            };
+            if codec.decode_verified(blob, &id, &mut plain).is_ok() {
+                out.push((id, plain.len() as u32, range));
             }
         }
         return out;
@@ -80,10 +88,45 @@ fn salvage(bytes: &[u8]) -> Vec<(ChunkId, u32, std::ops::Range<usize>)> {
 }
 
 impl Repository {
+    /// What the index knows of `pack`: (chunk, offset, stored length).
+    fn index_entries_of(&self, pack: &PackId) -> Result<Vec<(ChunkId, u64, u32)>> {
+        let (segments, _) = self.index()?.segments();
+        let mut out = Vec::new();
+        for seg in segments {
+            if !seg.packs().contains(pack) {
+                continue;
+            }
+            out.extend(
+                seg.iter()
+                    .filter(|(_, l)| l.pack == *pack)
+                    .map(|(id, l)| (id, l.offset, l.length)),
+            );
+        }
+        out.sort_by_key(|e| e.1);
+        out.dedup();
+        Ok(out)
+    }
+
     /// Finds packs with damage (`verify --read-data`), salvages their
     /// intact blobs into new packs, moves them into quarantine and
     /// rebuilds the index. Crash-safe (see the module doc).
     pub fn repair_packs(&self, dry_run: bool) -> Result<PackRepairReport> {
+        // A collection running now could make the damaged pack the owner of
+        // shared chunks and delete the salvage packs: refuse beside one,
+        // and hold a lease so one that starts meanwhile waits for us.
+        if !dry_run && !self.pool().list(FileKind::Sweep)?.is_empty() {
+            return Err(crate::Error::PoolBusy(
+                "a garbage collection is running; repair after it".into(),
+            ));
+        }
+        let _lease = if dry_run {
+            None
+        } else {
+            Some(crate::lease::WriterLease::acquire(
+                self.pool(),
+                crate::lease::LEASE_RENEW_INTERVAL,
+            )?)
+        };
         let verify = self.verify(&VerifyOptions::default().with_read_data(true))?;
         let mut report = PackRepairReport {
             dry_run,
@@ -111,7 +154,14 @@ impl Repository {
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e),
             };
-            let blobs = salvage(&bytes);
+            let known = self.index_entries_of(&pack)?;
+            let blobs = salvage(&bytes, &known);
+            // Read whole and intact now (verify met a transient error):
+            // leave it in place.
+            if parse_pack(&bytes).is_ok_and(|t| t.len() == blobs.len()) {
+                report.damaged_packs.remove(&pack);
+                continue;
+            }
             if !blobs.is_empty() {
                 let mut w = PackWriter::create(&*pool)?;
                 for (id, raw, range) in &blobs {
@@ -169,20 +219,27 @@ mod tests {
             v.iter().map(|b| b.0).collect()
         };
         let all: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
-        assert_eq!(ids(&salvage(&good)), all);
+        assert_eq!(ids(&salvage(&good, &[])), all);
         // A flipped bit in the second blob's body: the table stays, the
         // blob fails its hash, the other three are kept.
         let second = parse_pack(&good).unwrap()[1];
         let mut bad = good.clone();
         bad[second.offset as usize + 14] ^= 0x40;
-        assert_eq!(ids(&salvage(&bad)), vec![all[0], all[2], all[3]]);
+        assert_eq!(ids(&salvage(&bad, &[])), vec![all[0], all[2], all[3]]);
         // The trailer destroyed as well: the scan still finds the blobs
         // that decode, each named by its content.
         let n = bad.len();
         bad[n - 3] ^= 1;
-        let scanned = ids(&salvage(&bad));
+        let scanned = ids(&salvage(&bad, &[]));
         for id in [all[0], all[2], all[3]] {
             assert!(scanned.contains(&id), "{scanned:?}");
         }
+        // With the index's locations: exactly the intact ones, by id.
+        let known: Vec<(ChunkId, u64, u32)> = parse_pack(&good)
+            .unwrap()
+            .iter()
+            .map(|e| (e.id, e.offset, e.length))
+            .collect();
+        assert_eq!(ids(&salvage(&bad, &known)), vec![all[0], all[2], all[3]]);
     }
 }

@@ -358,10 +358,38 @@ impl Repository {
                 ),
             });
         }
-        candidates
-            .last()
-            .map(|s| s.id)
-            .ok_or_else(|| Error::SnapshotNotFound(selector.to_string()))
+        // The catalog lists a manifest damaged after it was summarised as
+        // healthy: the newest one that still reads (hash-checked) wins.
+        for s in candidates.iter().rev() {
+            match read_manifest(&*self.pool, &s.id) {
+                Ok(_) => return Ok(s.id),
+                Err(e) if e.is_damage() || e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::SnapshotNotFound(selector.to_string()))
+    }
+
+    /// [`snapshots`](Self::snapshots) from the manifests themselves (each
+    /// read and hash-checked; the catalog is not trusted): for decisions
+    /// that delete, like prune.
+    pub fn snapshots_checked(&self) -> Result<SnapshotList> {
+        let mut list = SnapshotList::default();
+        for id in self.snapshot_ids()? {
+            let summary = read_manifest(&*self.pool, &id).and_then(|bytes| {
+                Snapshot::decode_without_extents(&bytes)
+                    .map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
+            });
+            match summary {
+                Ok(s) => list.snapshots.push(SnapshotInfo::new(id, s)),
+                Err(e) if e.is_not_found() => {}
+                Err(e) if e.is_damage() => list.damaged.push((id, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        list.snapshots
+            .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        Ok(list)
     }
 
     /// Backs up `disks` as one snapshot. The index is refreshed first, so

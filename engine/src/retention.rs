@@ -1,7 +1,8 @@
 //! Retention: which snapshots a [`RetentionPolicy`] keeps, and why.
 //!
 //! Rules are applied to each VM's snapshots on their own, newest first, as
-//! restic and Proxmox Backup Server do:
+//! restic does (each rule looks at all of them; a snapshot is kept if any
+//! rule keeps it):
 //!
 //! - `keep-last N`: the N newest snapshots;
 //! - `keep-within D`: every snapshot taken within D of the VM's *newest*
@@ -144,11 +145,12 @@ impl RetentionPolicy {
         Ok(self)
     }
 
-    /// Keeps every snapshot within `d` of each VM's newest (at least 1 s).
+    /// Keeps every snapshot within `d` of each VM's newest (whole
+    /// seconds, at least 1 s).
     pub fn with_keep_within(mut self, d: Duration) -> Result<Self> {
-        if d < Duration::from_secs(1) {
+        if d < Duration::from_secs(1) || d.subsec_nanos() != 0 {
             return Err(Error::InvalidArgument(format!(
-                "keep-within {} is out of range (at least 1s)",
+                "keep-within {} is out of range (whole seconds, at least 1s)",
                 humantime::format_duration(d)
             )));
         }
@@ -166,9 +168,11 @@ impl RetentionPolicy {
     /// Takes calendar buckets in the IANA time zone `name` (`Europe/Berlin`,
     /// `UTC`); refused when the zone is unknown.
     pub fn with_time_zone(mut self, name: &str) -> Result<Self> {
-        TimeZone::get(name)
+        let tz = TimeZone::get(name)
             .map_err(|e| Error::InvalidArgument(format!("time zone {name:?} is not known: {e}")))?;
-        self.time_zone = Some(name.to_string());
+        // The database's own spelling (names are looked up regardless of
+        // case): one encoding per stored policy.
+        self.time_zone = Some(tz.iana_name().unwrap_or(name).to_string());
         Ok(self)
     }
 
@@ -693,6 +697,7 @@ mod tests {
             "cairn-retention 1\nkeep-forever 1\n",            // unknown
             "cairn-retention 1\ntime-zone Nowhere/Land\n",    // zone
             "cairn-retention 1\nkeep-last 3\n\n",             // empty line
+            "cairn-retention 1\nkeep-last 3\ntime-zone europe/berlin\n", // zone spelling
         ] {
             let e = RetentionPolicy::decode(bad.as_bytes()).unwrap_err();
             assert!(e.is_damage(), "{bad:?}: {e}");

@@ -4,7 +4,8 @@
 //! point, as far as the pool can tell). After every sequence each snapshot
 //! the model calls live restores bit-identical, and after a final
 //! collection the packs hold within 10 % of the model's live bytes.
-//! Plus: any listing or read error before the sweep deletes nothing.
+//! Plus: a failed listing of any kind, or an unreadable manifest, before the
+//! sweep deletes nothing.
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -97,7 +97,8 @@ enum Command {
         #[arg(long)]
         read_data: bool,
         /// Read only N % of the packs (1–100), a different share each day
-        /// (or per --subset-window), so N runs cover the pool; implies --read-data.
+        /// (or per --subset-window), so ⌈100/N⌉ runs cover the pool;
+        /// implies --read-data.
         #[arg(long, value_name = "N%")]
         read_data_subset: Option<String>,
         /// Which share --read-data-subset reads (default: days since 1970).
@@ -115,11 +116,12 @@ enum Command {
         /// Rebuild the dedup index from the packs alone.
         #[arg(long, required_unless_present = "packs")]
         index: bool,
-        /// Salvage and quarantine damaged packs (reads every pack).
+        /// Salvage and quarantine damaged packs (reads every pack), then
+        /// rebuild the index.
         #[arg(long)]
         packs: bool,
         /// With --packs: report the damaged packs, change nothing.
-        #[arg(long)]
+        #[arg(long, requires = "packs")]
         dry_run: bool,
         #[arg(long)]
         json: bool,
@@ -535,13 +537,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             dry_run,
             json,
         } => {
+            // --packs rebuilds the index itself after moving packs aside.
+            let _ = index;
             if packs {
-                let code = cmd_repair_packs(&pool, dry_run, json)?;
-                if !index || dry_run {
-                    return Ok(code);
-                }
+                cmd_repair_packs(&pool, dry_run, json)
+            } else {
+                cmd_repair(&pool, json)
             }
-            cmd_repair(&pool, json)
         }
         Command::PoolInfo { pool, json } => cmd_pool_info(&pool, json),
         Command::Prune {

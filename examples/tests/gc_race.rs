@@ -350,11 +350,14 @@ fn gc_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
         let kept = race.backup("web", &image);
         race.ok(&["forget", &race.pool, &doomed]);
         images.push((image, kept));
-        let (pause, delay): (&[&str], u64) = match round {
-            0 => (&["gc-after-notice"], 0),
-            1 => (&["gc-after-wait"], 0),
-            2 => (&["gc-before-delete"], 0),
-            r => (&[], r * 7 % 40),
+        // Rounds 0–2 die exactly at a step; the others are let go after
+        // their notice is written and die a few milliseconds later, in the
+        // wait, the second mark, the copy or the deletions.
+        let (point, delay) = match round {
+            0 => ("gc-after-notice", None),
+            1 => ("gc-after-wait", None),
+            2 => ("gc-before-delete", None),
+            r => ("gc-after-notice", Some(r * 7 % 40)),
         };
         let mut gc = race.spawn(
             &[
@@ -365,18 +368,19 @@ fn gc_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
                 "--lease-expiry",
                 "1s",
             ],
-            pause,
+            &[point],
         );
-        if let Some(point) = pause.first() {
-            race.reached(&mut gc, point);
-        } else {
-            std::thread::sleep(Duration::from_millis(delay));
+        race.reached(&mut gc, point);
+        if let Some(ms) = delay {
+            race.go(point);
+            std::thread::sleep(Duration::from_millis(ms));
         }
         if gc.try_wait().unwrap().is_none() {
             kills += 1;
         }
         let _ = gc.kill();
         let _ = gc.wait();
+        let _ = std::fs::remove_file(race.root().join(format!("{point}.go")));
         // Everything still restores, killed collection or not.
         for (image, id) in &images {
             race.restores(id, image);
