@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::id::{ChunkId, PackId};
 use crate::kind::FileKind;
-use crate::lease::{list_leases, SweepNotice, WriterLease, LEASE_RENEW_INTERVAL};
+use crate::lease::{delete_retrying, list_leases, SweepNotice, WriterLease, LEASE_RENEW_INTERVAL};
 use crate::progress::CancelToken;
 use crate::repo::Repository;
 use crate::store::blob::{BlobCodec, Compression};
@@ -239,12 +239,7 @@ struct NoticeGuard<'a> {
 
 impl Drop for NoticeGuard<'_> {
     fn drop(&mut self) {
-        for _ in 0..3 {
-            match self.pool.delete(FileKind::Sweep, &self.name) {
-                Err(e) if !e.is_not_found() => continue,
-                _ => break,
-            }
-        }
+        delete_retrying(self.pool, FileKind::Sweep, &self.name);
     }
 }
 

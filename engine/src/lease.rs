@@ -256,12 +256,19 @@ impl Drop for WriterLease {
             }
             // A lease left behind makes the next collection wait for its
             // expiry: worth a second try after a transient error.
-            for _ in 0..3 {
-                match self.pool.delete(FileKind::Lease, &name) {
-                    Err(e) if !e.is_not_found() => continue,
-                    _ => break,
-                }
-            }
+            delete_retrying(&self.pool, FileKind::Lease, &name);
+        }
+    }
+}
+
+/// Deletes an object, trying up to three times after errors other than
+/// "not found" (best effort: for clean-ups that must not be left behind
+/// by one transient failure).
+pub(crate) fn delete_retrying(pool: &DynPool, kind: FileKind, name: &str) {
+    for _ in 0..3 {
+        match pool.delete(kind, name) {
+            Err(e) if !e.is_not_found() => continue,
+            _ => break,
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
 use crate::id::{IdScheme, PackId, PoolId, SnapshotId};
 use crate::kind::FileKind;
-use crate::lease::{condemned_packs, WriterLease};
+use crate::lease::{condemned_packs, delete_retrying, WriterLease};
 use crate::pipeline::backup::{self, BackupOptions, BackupStats};
 use crate::pipeline::input::{BackupDisk, DiskInput};
 use crate::pipeline::restore::{self, MakeTarget, RestoreOptions, RestoreStats};
@@ -194,23 +194,10 @@ impl Repository {
                 list.snapshots.push(SnapshotInfo::new(id, s));
                 continue;
             }
-            let summary = read_manifest(&*self.pool, &id).and_then(|bytes| {
-                Snapshot::decode_without_extents(&bytes)
-                    .map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
-            });
-            match summary {
-                Ok(s) => {
-                    added += 1;
-                    entries.push((id, s.clone()));
-                    list.snapshots.push(SnapshotInfo::new(id, s));
-                }
-                // Deleted since the listing (forgotten or pruned): gone.
-                Err(e) if e.is_not_found() => {}
-                // Damaged: reported beside.
-                Err(e) if e.is_damage() => list.damaged.push((id, e)),
-                // A read that may succeed later (a timeout …) must not make
-                // `latest` silently pick an older snapshot.
-                Err(e) => return Err(e),
+            if let Some(s) = self.summarise(id, &mut list)? {
+                added += 1;
+                entries.push((id, s.clone()));
+                list.snapshots.push(SnapshotInfo::new(id, s));
             }
         }
         if added > 0 || stale || catalogs.len() > 1 {
@@ -221,6 +208,27 @@ impl Repository {
         list.snapshots
             .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
         Ok(list)
+    }
+
+    /// Reads and hash-checks manifest `id` without its extent lists.
+    /// `None`: deleted since the listing (forgotten or pruned), or damaged
+    /// (then recorded in `list.damaged`). A read that may succeed later (a
+    /// timeout …) is an error: `latest` must not silently pick an older
+    /// snapshot.
+    fn summarise(&self, id: SnapshotId, list: &mut SnapshotList) -> Result<Option<Snapshot>> {
+        let summary = read_manifest(&*self.pool, &id).and_then(|bytes| {
+            Snapshot::decode_without_extents(&bytes)
+                .map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
+        });
+        match summary {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) if e.is_damage() => {
+                list.damaged.push((id, e));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads every catalog object: the summaries of listed manifests, the
@@ -376,15 +384,8 @@ impl Repository {
     pub fn snapshots_checked(&self) -> Result<SnapshotList> {
         let mut list = SnapshotList::default();
         for id in self.snapshot_ids()? {
-            let summary = read_manifest(&*self.pool, &id).and_then(|bytes| {
-                Snapshot::decode_without_extents(&bytes)
-                    .map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
-            });
-            match summary {
-                Ok(s) => list.snapshots.push(SnapshotInfo::new(id, s)),
-                Err(e) if e.is_not_found() => {}
-                Err(e) if e.is_damage() => list.damaged.push((id, e)),
-                Err(e) => return Err(e),
+            if let Some(s) = self.summarise(id, &mut list)? {
+                list.snapshots.push(SnapshotInfo::new(id, s));
             }
         }
         list.snapshots
@@ -446,13 +447,7 @@ impl Repository {
         // Any doubt (evicted, or the check itself failed) withdraws the
         // manifest: a sweep may have removed chunks it reuses.
         if !matches!(lease.finish(), Ok(true)) {
-            let name = stats.snapshot.to_hex();
-            for _ in 0..3 {
-                match self.pool.delete(FileKind::Snapshot, &name) {
-                    Err(e) if !e.is_not_found() => continue,
-                    _ => break,
-                }
-            }
+            delete_retrying(&self.pool, FileKind::Snapshot, &stats.snapshot.to_hex());
             return Err(Error::LeaseLost { lease: lease_name });
         }
         Ok(stats)
