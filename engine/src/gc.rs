@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::external_sort::{ExternalSorter, Record, ScratchDir, Sorted, DEFAULT_SORT_BUDGET};
 use crate::failpoint;
 use crate::id::{ChunkId, PackId};
 use crate::kind::FileKind;
@@ -34,9 +35,9 @@ use crate::lease::{delete_retrying, list_leases, SweepNotice, WriterLease, LEASE
 use crate::progress::CancelToken;
 use crate::repo::Repository;
 use crate::store::blob::{BlobCodec, Compression};
-use crate::store::index::{Segment, SegmentBuilder};
-use crate::store::manifest::{list_snapshot_ids, read_snapshot};
-use crate::store::pack::{read_pack_table, PackEntry, PackWriter};
+use crate::store::index::{write_sorted_segment, EntryRecord, Segment};
+use crate::store::manifest::{list_snapshot_ids, visit_snapshot_chunks};
+use crate::store::pack::{read_pack_table, PackWriter};
 use crate::store::pool::DynPool;
 
 /// Default live share below which a pack is repacked.
@@ -65,6 +66,9 @@ pub struct GcOptions {
     pub max_wait: Option<Duration>,
     /// Stops the collection (before its first deletion) when triggered.
     pub cancel: CancelToken,
+    /// Where the external sort keeps its runs (`None`: `$TMPDIR`). Needs
+    /// about 100 bytes per chunk in the pool.
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GcOptions {
@@ -76,6 +80,7 @@ impl Default for GcOptions {
             poll: Duration::from_millis(500),
             max_wait: None,
             cancel: CancelToken::new(),
+            scratch_dir: None,
         }
     }
 }
@@ -124,6 +129,13 @@ impl GcOptions {
     /// Stops the collection when `cancel` is triggered.
     pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
         self.cancel = cancel;
+        self
+    }
+
+    /// Keeps the external sort's scratch files under `dir` instead of
+    /// `$TMPDIR`.
+    pub fn with_scratch_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.scratch_dir = Some(dir.into());
         self
     }
 }
@@ -191,44 +203,228 @@ impl std::fmt::Display for GcReport {
     }
 }
 
-/// A pack as the mark saw it.
+/// A pack as the mark saw it (its table entries are in the sorted
+/// [`TableRecord`]s, not here: memory grows with packs, not chunks).
+#[derive(Debug, Default)]
 struct PackUse {
     size: u64,
-    entries: Vec<PackEntry>,
-    live_bytes: u64,
     blob_bytes: u64,
+    /// Bytes of its blobs whose chunk is live, duplicates included (which
+    /// pack owns a chunk stored twice).
+    raw_live: u64,
+    /// Bytes of the live chunks it owns, each counted once.
+    live_bytes: u64,
 }
 
-/// Sorted, distinct ids of every chunk the manifests reference, and the
-/// number of manifests. A manifest deleted since the listing is skipped;
-/// one that cannot be read stops the collection.
-fn mark(pool: &DynPool, cancel: &CancelToken) -> Result<(usize, Vec<ChunkId>)> {
-    let mut live = Vec::new();
+type Packs = BTreeMap<PackId, PackUse>;
+
+/// One entry of a pack's table, sorted by chunk id, then pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct TableRecord {
+    id: ChunkId,
+    pack: PackId,
+    offset: u64,
+    length: u32,
+    raw_length: u32,
+}
+
+impl Record for TableRecord {
+    const LEN: usize = 64;
+    fn put(&self, out: &mut [u8]) {
+        out[..32].copy_from_slice(&self.id.0);
+        out[32..48].copy_from_slice(self.pack.as_bytes());
+        out[48..56].copy_from_slice(&self.offset.to_le_bytes());
+        out[56..60].copy_from_slice(&self.length.to_le_bytes());
+        out[60..64].copy_from_slice(&self.raw_length.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b[..32]);
+        let mut pack = [0u8; 16];
+        pack.copy_from_slice(&b[32..48]);
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&b[48..56]);
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&b[56..60]);
+        let mut raw = [0u8; 4];
+        raw.copy_from_slice(&b[60..64]);
+        TableRecord {
+            id: ChunkId(id),
+            pack: PackId(pack),
+            offset: u64::from_le_bytes(off),
+            length: u32::from_le_bytes(len),
+            raw_length: u32::from_le_bytes(raw),
+        }
+    }
+}
+
+/// A live blob to copy out of a condemned pack, sorted by pack and offset
+/// (each pack read front to back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct CopyRecord {
+    pack: PackId,
+    offset: u64,
+    length: u32,
+    raw_length: u32,
+    id: ChunkId,
+}
+
+impl Record for CopyRecord {
+    const LEN: usize = 64;
+    fn put(&self, out: &mut [u8]) {
+        TableRecord {
+            id: self.id,
+            pack: self.pack,
+            offset: self.offset,
+            length: self.length,
+            raw_length: self.raw_length,
+        }
+        .put(out)
+    }
+    fn get(b: &[u8]) -> Self {
+        let t = TableRecord::get(b);
+        CopyRecord {
+            pack: t.pack,
+            offset: t.offset,
+            length: t.length,
+            raw_length: t.raw_length,
+            id: t.id,
+        }
+    }
+}
+
+/// Sorted, distinct ids of every chunk the manifests reference (plus
+/// `seed`'s), and the number of manifests read. A manifest deleted since
+/// the listing is skipped; one that cannot be read stops the collection.
+/// The ids go through an external sort: memory does not grow with them.
+fn mark(
+    pool: &DynPool,
+    cancel: &CancelToken,
+    scratch: &ScratchDir,
+    seed: Option<&Sorted<ChunkId>>,
+) -> Result<(usize, Sorted<ChunkId>)> {
+    let mut live = ExternalSorter::new(scratch, "live", DEFAULT_SORT_BUDGET, true);
+    if let Some(seed) = seed {
+        for id in seed.iter()? {
+            live.push(id?)?;
+        }
+    }
     let mut snapshots = 0;
     for id in list_snapshot_ids(&**pool)? {
         cancel.check()?;
-        let snapshot = match read_snapshot(&**pool, &id) {
-            Ok(s) => s,
+        let mut failed = None;
+        let visited = visit_snapshot_chunks(&**pool, &id, &mut |c| {
+            if failed.is_none() {
+                if let Err(e) = live.push(c.id) {
+                    failed = Some(e);
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match visited {
+            Ok(_) => snapshots += 1,
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e),
-        };
-        snapshots += 1;
-        for disk in &snapshot.disks {
-            live.extend(disk.extents.iter().filter_map(|e| e.chunk));
-        }
-        // Keep memory near the number of distinct chunks.
-        if live.len() > 1 << 20 {
-            live.sort_unstable();
-            live.dedup();
         }
     }
-    live.sort_unstable();
-    live.dedup();
-    Ok((snapshots, live))
+    Ok((snapshots, live.finish()?))
 }
 
-fn is_live(live: &[ChunkId], id: &ChunkId) -> bool {
-    live.binary_search(id).is_ok()
+/// Calls `f` with each run of table records of one chunk (packs no longer
+/// in `packs` left out) and whether the chunk is live.
+fn for_each_chunk(
+    entries: &Sorted<TableRecord>,
+    live: &Sorted<ChunkId>,
+    packs: &Packs,
+    cancel: &CancelToken,
+    mut f: impl FnMut(&[TableRecord], bool) -> Result<()>,
+) -> Result<()> {
+    let mut cursor = live.cursor()?;
+    let mut group: Vec<TableRecord> = Vec::new();
+    let mut n = 0u64;
+    for r in entries.iter()? {
+        let r = r?;
+        n += 1;
+        if n % 65536 == 0 {
+            cancel.check()?;
+        }
+        if !packs.contains_key(&r.pack) {
+            continue;
+        }
+        if group.first().is_some_and(|g| g.id != r.id) {
+            let is_live = cursor.contains(&group[0].id)?;
+            f(&group, is_live)?;
+            group.clear();
+        }
+        group.push(r);
+    }
+    if let Some(first) = group.first() {
+        let is_live = cursor.contains(&first.id)?;
+        f(&group, is_live)?;
+    }
+    Ok(())
+}
+
+/// Which pack keeps a live chunk stored more than once (two writers stored
+/// it at once, or a collection was interrupted after copying it): the one
+/// with the most live bytes, then the lowest id. The others' copies count
+/// as garbage.
+fn owner(group: &[TableRecord], packs: &Packs) -> Option<TableRecord> {
+    group.iter().copied().min_by_key(|r| {
+        (
+            std::cmp::Reverse(packs.get(&r.pack).map_or(0, |u| u.raw_live)),
+            r.pack,
+        )
+    })
+}
+
+/// Packs with no live blob, or a live share below `repack_below`; each
+/// pack's live bytes are recounted, a chunk counting only in the pack that
+/// owns it. Two passes over the sorted table records.
+fn condemn(
+    packs: &mut Packs,
+    entries: &Sorted<TableRecord>,
+    live: &Sorted<ChunkId>,
+    repack_below: f64,
+    cancel: &CancelToken,
+) -> Result<BTreeSet<PackId>> {
+    for u in packs.values_mut() {
+        u.raw_live = 0;
+        u.live_bytes = 0;
+    }
+    let mut raw: HashMap<PackId, u64> = HashMap::new();
+    for_each_chunk(entries, live, packs, cancel, |group, is_live| {
+        if is_live {
+            for r in group {
+                *raw.entry(r.pack).or_default() += r.length as u64;
+            }
+        }
+        Ok(())
+    })?;
+    for (p, bytes) in raw {
+        if let Some(u) = packs.get_mut(&p) {
+            u.raw_live = bytes;
+        }
+    }
+    let mut owned: HashMap<PackId, u64> = HashMap::new();
+    for_each_chunk(entries, live, packs, cancel, |group, is_live| {
+        if is_live {
+            if let Some(o) = owner(group, packs) {
+                *owned.entry(o.pack).or_default() += o.length as u64;
+            }
+        }
+        Ok(())
+    })?;
+    let mut out = BTreeSet::new();
+    for (p, u) in packs.iter_mut() {
+        u.live_bytes = owned.get(p).copied().unwrap_or(0);
+        if u.live_bytes == 0 || (u.live_bytes as f64) < repack_below * u.blob_bytes as f64 {
+            out.insert(*p);
+        }
+    }
+    Ok(out)
 }
 
 /// Deletes the sweep notice when the collection ends, however it ends.
@@ -258,6 +454,7 @@ impl Repository {
         let started = Instant::now();
         let pool = self.pool().clone();
         let stale_notices = self.other_sweeps(opts)?;
+        let scratch = ScratchDir::new(opts.scratch_dir.as_deref())?;
         // The collection holds a lease too: its notice is only honoured by
         // other collections while the lease lives.
         let lease = if opts.dry_run {
@@ -274,13 +471,14 @@ impl Repository {
 
         // 1. Mark, and read every pack's table (segments listed first, so
         //    every pack a listed segment covers is in the pack listing).
-        let (snapshots, live1) = mark(&pool, &opts.cancel)?;
+        let (snapshots, live1) = mark(&pool, &opts.cancel, &scratch, None)?;
         let old_segments = pool.list(FileKind::Index)?;
-        let mut packs: BTreeMap<PackId, PackUse> = BTreeMap::new();
+        let mut packs = Packs::new();
         let sizes: HashMap<String, u64> = match pool.list_sizes(FileKind::Pack)? {
             Some(s) => s.into_iter().collect(),
             None => HashMap::new(),
         };
+        let mut tables = ExternalSorter::new(&scratch, "tables", DEFAULT_SORT_BUDGET, false);
         for name in pool.list(FileKind::Pack)? {
             opts.cancel.check()?;
             let Some(pack) = PackId::from_hex(&name) else {
@@ -295,27 +493,38 @@ impl Repository {
                 Some(&s) => s,
                 None => pool.size(FileKind::Pack, &name)?,
             };
-            let blob_bytes = entries.iter().map(|e| e.length as u64).sum();
+            let mut blob_bytes = 0;
+            for e in &entries {
+                blob_bytes += e.length as u64;
+                tables.push(TableRecord {
+                    id: e.id,
+                    pack,
+                    offset: e.offset,
+                    length: e.length,
+                    raw_length: e.raw_length,
+                })?;
+            }
             packs.insert(
                 pack,
                 PackUse {
                     size,
-                    entries,
-                    live_bytes: 0,
                     blob_bytes,
+                    ..PackUse::default()
                 },
             );
         }
+        drop(sizes);
+        let tables = tables.finish()?;
         let mut report = GcReport {
             dry_run: opts.dry_run,
             snapshots,
-            live_chunks: live1.len(),
+            live_chunks: live1.len() as usize,
             packs_before: packs.len(),
             bytes_before: packs.values().map(|u| u.size).sum(),
             segments_before: old_segments.len(),
             ..GcReport::default()
         };
-        let (condemned, mut owners) = condemn(&mut packs, &live1, opts.repack_below);
+        let condemned = condemn(&mut packs, &tables, &live1, opts.repack_below, &opts.cancel)?;
         if opts.dry_run {
             count_condemned(&mut report, &packs, &condemned);
             report.bytes_reclaimed = report.bytes_deleted as i64
@@ -375,64 +584,95 @@ impl Repository {
                 pool.list(FileKind::Pack)?.into_iter().collect();
             packs.retain(|p, _| still.contains(&p.to_hex()));
             condemned.retain(|p| packs.contains_key(p));
-            let (_, live2) = mark(&pool, &opts.cancel)?;
-            live = merge_sorted(&live, &live2);
-            let (again, now_owners) = condemn(&mut packs, &live, opts.repack_below);
+            let (_, live2) = mark(&pool, &opts.cancel, &scratch, Some(&live))?;
+            live = live2;
+            let again = condemn(&mut packs, &tables, &live, opts.repack_below, &opts.cancel)?;
             condemned.retain(|p| again.contains(p));
-            owners = now_owners;
         }
         count_condemned(&mut report, &packs, &condemned);
 
-        // 5. Copy what is live out of condemned packs.
-        let mut builder = SegmentBuilder::new();
-        let mut codec = BlobCodec::new(Compression::None);
-        let mut scratch = Vec::new();
-        let mut writer: Option<PackWriter> = None;
-        for p in &condemned {
-            let mut copied = BTreeSet::new();
-            let owned = packs[p]
-                .entries
-                .iter()
-                .filter(|e| owner_of(&owners, &e.id) == Some(*p) && copied.insert(e.id));
-            for e in owned {
-                opts.cancel.check()?;
-                let blob =
-                    pool.read_range(FileKind::Pack, &p.to_hex(), e.offset, e.length as usize)?;
-                codec
-                    .decode_verified(&blob, &e.id, &mut scratch)
-                    .map_err(|err| {
-                        Error::corrupt(format!("pack {p} (blob of chunk {})", e.id), err)
+        // 5. Plan: live blobs owned by condemned packs are copied (in pack
+        //    order); every entry of a pack that stays goes to the new
+        //    segment.
+        let mut copies = ExternalSorter::new(&scratch, "copies", DEFAULT_SORT_BUDGET, false);
+        let mut segment = ExternalSorter::new(&scratch, "segment", DEFAULT_SORT_BUDGET, false);
+        for_each_chunk(&tables, &live, &packs, &opts.cancel, |group, is_live| {
+            if is_live {
+                if let Some(o) = owner(group, &packs).filter(|o| condemned.contains(&o.pack)) {
+                    copies.push(CopyRecord {
+                        pack: o.pack,
+                        offset: o.offset,
+                        length: o.length,
+                        raw_length: o.raw_length,
+                        id: o.id,
                     })?;
-                let w = match &mut writer {
-                    Some(w) => w,
-                    None => writer.insert(PackWriter::create(&*pool)?),
-                };
-                w.add(e.id, e.raw_length, &blob)?;
-                report.blobs_copied += 1;
-                if w.stored_bytes() >= REPACK_PACK_TARGET {
-                    if let Some(w) = writer.take() {
-                        let (id, entries, size) = w.finish()?;
-                        builder.add_entries(id, &entries);
-                        report.packs_written += 1;
-                        report.bytes_written += size;
-                    }
+                }
+            }
+            for r in group.iter().filter(|r| !condemned.contains(&r.pack)) {
+                segment.push(EntryRecord::new(r.id, r.pack, r.offset, r.length))?;
+            }
+            Ok(())
+        })?;
+        drop(tables);
+        let copies = copies.finish()?;
+        let mut covered: Vec<PackId> = packs
+            .keys()
+            .filter(|p| !condemned.contains(p))
+            .copied()
+            .collect();
+
+        // 6. Copy what is live out of condemned packs, verified.
+        let mut codec = BlobCodec::new(Compression::None);
+        let mut scratch_blob = Vec::new();
+        let mut writer: Option<PackWriter> = None;
+        let finish_pack = |w: PackWriter,
+                           report: &mut GcReport,
+                           segment: &mut ExternalSorter<'_, EntryRecord>,
+                           covered: &mut Vec<PackId>|
+         -> Result<()> {
+            let (id, entries, size) = w.finish()?;
+            for e in &entries {
+                segment.push(EntryRecord::new(e.id, id, e.offset, e.length))?;
+            }
+            covered.push(id);
+            report.packs_written += 1;
+            report.bytes_written += size;
+            Ok(())
+        };
+        for c in copies.iter()? {
+            let c = c?;
+            opts.cancel.check()?;
+            let blob = pool.read_range(
+                FileKind::Pack,
+                &c.pack.to_hex(),
+                c.offset,
+                c.length as usize,
+            )?;
+            codec
+                .decode_verified(&blob, &c.id, &mut scratch_blob)
+                .map_err(|err| {
+                    Error::corrupt(format!("pack {} (blob of chunk {})", c.pack, c.id), err)
+                })?;
+            let w = match &mut writer {
+                Some(w) => w,
+                None => writer.insert(PackWriter::create(&*pool)?),
+            };
+            w.add(c.id, c.raw_length, &blob)?;
+            report.blobs_copied += 1;
+            if w.stored_bytes() >= REPACK_PACK_TARGET {
+                if let Some(w) = writer.take() {
+                    finish_pack(w, &mut report, &mut segment, &mut covered)?;
                 }
             }
         }
         if let Some(w) = writer.take() {
-            let (id, entries, size) = w.finish()?;
-            builder.add_entries(id, &entries);
-            report.packs_written += 1;
-            report.bytes_written += size;
+            finish_pack(w, &mut report, &mut segment, &mut covered)?;
         }
+        drop(copies);
 
-        // One segment for every pack that stays: the tables read above, and
-        // whatever segments others wrote meanwhile (minus condemned packs).
-        for (p, u) in &packs {
-            if !condemned.contains(p) {
-                builder.add_entries(*p, &u.entries);
-            }
-        }
+        // 7. One segment for every pack that stays: the tables read above,
+        //    the new packs, and whatever segments others wrote meanwhile
+        //    (minus condemned packs).
         let segments_now = pool.list(FileKind::Index)?;
         for name in &segments_now {
             if old_segments.contains(name) {
@@ -445,19 +685,26 @@ impl Repository {
             };
             let seg = Segment::decode(data)
                 .map_err(|e| Error::corrupt(format!("index segment {name}"), e))?;
-            add_segment_without(&mut builder, &seg, &condemned);
+            covered.extend(seg.packs().iter().filter(|p| !condemned.contains(p)));
+            for (id, loc) in seg.iter() {
+                if !condemned.contains(&loc.pack) {
+                    segment.push(EntryRecord::new(id, loc.pack, loc.offset, loc.length))?;
+                }
+            }
         }
         opts.cancel.check()?;
+        let segment = segment.finish()?;
         let segment_bytes_before: u64 = segments_now
             .iter()
             .filter_map(|n| pool.size(FileKind::Index, n).ok())
             .sum();
         self.still_in_charge(lease.as_ref(), _notice.as_ref())?;
-        let (new_segment, _, new_segment_len) = builder.write(&*pool)?;
+        let (new_segment, _, new_segment_len) = write_sorted_segment(&*pool, &covered, &segment)?;
+        drop(segment);
         report.segments_after = 1;
         failpoint::pause("gc-before-delete");
 
-        // 6. Delete: old segments first (no segment may name a deleted
+        // 8. Delete: old segments first (no segment may name a deleted
         //    pack), then the condemned packs. The notice goes last (guard).
         self.still_in_charge(lease.as_ref(), _notice.as_ref())?;
         let new_name = new_segment.to_hex();
@@ -541,58 +788,6 @@ impl Repository {
     }
 }
 
-/// Which pack keeps each live chunk: when a chunk is stored more than
-/// once (two writers stored it at once, or a collection was interrupted
-/// after copying it), the copy in the pack with the most live bytes is
-/// kept and the others count as garbage. Sorted by chunk id.
-type Owners = Vec<(ChunkId, PackId)>;
-
-fn owner_of(owners: &Owners, id: &ChunkId) -> Option<PackId> {
-    owners
-        .binary_search_by(|(c, _)| c.cmp(id))
-        .ok()
-        .map(|i| owners[i].1)
-}
-
-/// Packs with no live blob, or a live share below `repack_below`, by
-/// `live`; each pack's live bytes are recounted, a chunk counting only in
-/// the pack that owns it.
-fn condemn(
-    packs: &mut BTreeMap<PackId, PackUse>,
-    live: &[ChunkId],
-    repack_below: f64,
-) -> (BTreeSet<PackId>, Owners) {
-    let mut candidates: Vec<(ChunkId, std::cmp::Reverse<u64>, PackId)> = Vec::new();
-    for (p, u) in packs.iter() {
-        let raw: u64 = u
-            .entries
-            .iter()
-            .filter(|e| is_live(live, &e.id))
-            .map(|e| e.length as u64)
-            .sum();
-        for e in u.entries.iter().filter(|e| is_live(live, &e.id)) {
-            candidates.push((e.id, std::cmp::Reverse(raw), *p));
-        }
-    }
-    candidates.sort_unstable();
-    candidates.dedup_by(|a, b| a.0 == b.0);
-    let owners: Owners = candidates.into_iter().map(|(c, _, p)| (c, p)).collect();
-    let mut out = BTreeSet::new();
-    for (p, u) in packs.iter_mut() {
-        let mut counted = BTreeSet::new();
-        u.live_bytes = 0;
-        for e in &u.entries {
-            if owner_of(&owners, &e.id) == Some(*p) && counted.insert(e.id) {
-                u.live_bytes += e.length as u64;
-            }
-        }
-        if u.live_bytes == 0 || (u.live_bytes as f64) < repack_below * u.blob_bytes as f64 {
-            out.insert(*p);
-        }
-    }
-    (out, owners)
-}
-
 fn count_condemned(
     report: &mut GcReport,
     packs: &BTreeMap<PackId, PackUse>,
@@ -606,37 +801,6 @@ fn count_condemned(
         }
         report.bytes_deleted += packs[p].size;
     }
-}
-
-fn add_segment_without(builder: &mut SegmentBuilder, seg: &Segment, condemned: &BTreeSet<PackId>) {
-    let mut by_pack: BTreeMap<PackId, Vec<PackEntry>> = BTreeMap::new();
-    for p in seg.packs() {
-        if !condemned.contains(p) {
-            by_pack.entry(*p).or_default();
-        }
-    }
-    for (id, loc) in seg.iter() {
-        if let Some(v) = by_pack.get_mut(&loc.pack) {
-            v.push(PackEntry {
-                id,
-                offset: loc.offset,
-                length: loc.length,
-                raw_length: 0,
-            });
-        }
-    }
-    for (p, entries) in by_pack {
-        builder.add_entries(p, &entries);
-    }
-}
-
-fn merge_sorted(a: &[ChunkId], b: &[ChunkId]) -> Vec<ChunkId> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    out.extend_from_slice(a);
-    out.extend_from_slice(b);
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 /// Waits until every writer holding a lease now has finished, evicting

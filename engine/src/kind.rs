@@ -33,11 +33,15 @@ pub enum FileKind {
     /// Damaged packs moved aside by `repair --packs` (kept, never read by
     /// backups or restores).
     Quarantine,
+    /// Damage marks: one small object per snapshot that `repair --packs`
+    /// found unrestorable, named by the snapshot's id; removed when a later
+    /// backup has stored every chunk it needs again.
+    DamageMark,
 }
 
 impl FileKind {
     /// Every kind, in a stable order.
-    pub const ALL: [FileKind; 10] = [
+    pub const ALL: [FileKind; 11] = [
         FileKind::Config,
         FileKind::Pack,
         FileKind::Index,
@@ -48,6 +52,7 @@ impl FileKind {
         FileKind::Sweep,
         FileKind::Catalog,
         FileKind::Quarantine,
+        FileKind::DamageMark,
     ];
 
     /// A short lower-case name, usable as a directory or key prefix.
@@ -63,6 +68,7 @@ impl FileKind {
             FileKind::Sweep => "sweeps",
             FileKind::Catalog => "catalog",
             FileKind::Quarantine => "quarantine",
+            FileKind::DamageMark => "damaged",
         }
     }
 }
@@ -80,6 +86,7 @@ impl fmt::Display for FileKind {
             FileKind::Sweep => "sweep notice",
             FileKind::Catalog => "snapshot catalog",
             FileKind::Quarantine => "quarantined pack",
+            FileKind::DamageMark => "damage mark",
         })
     }
 }

@@ -69,7 +69,9 @@
 #![warn(missing_docs)]
 
 mod chunker;
+mod damage;
 mod error;
+mod external_sort;
 mod failpoint;
 mod gc;
 mod id;
@@ -103,7 +105,7 @@ pub use kind::FileKind;
 pub use pipeline::backup::{BackupOptions, BackupStats};
 pub use pipeline::input::{validate_disk_name, BackupDisk, ChangedBlocks, DiskInput};
 pub use pipeline::restore::{MakeTarget, RestoreOptions, RestoreStats};
-pub use pipeline::verify::{Damage, DamageKind, VerifyOptions, VerifyReport};
+pub use pipeline::verify::{Damage, DamageKind, DamagedRange, VerifyOptions, VerifyReport};
 pub use platform::{Platform, PlatformSnapshot, VmDisk, VmInfo};
 pub use progress::{CancelToken, NoProgress, Progress};
 pub use prune::{PruneOptions, PruneReport};

@@ -166,7 +166,10 @@ impl Repository {
             return Err(Error::SnapshotProtected(id.to_hex()));
         }
         match self.pool().delete(FileKind::Snapshot, &id.to_hex()) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.drop_damage_mark(id);
+                Ok(true)
+            }
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
         }

@@ -182,6 +182,7 @@ impl Repository {
         }
         self.repair_index()?;
         report.damaged_snapshots = self.verify(&VerifyOptions::default())?.affected_snapshots();
+        self.mark_damaged(&report.damaged_snapshots)?;
         Ok(report)
     }
 }

@@ -207,6 +207,10 @@ impl Repository {
         }
         list.snapshots
             .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        let marks = self.damage_marks()?;
+        for s in &mut list.snapshots {
+            s.damaged = marks.contains(&s.id);
+        }
         Ok(list)
     }
 
@@ -390,6 +394,10 @@ impl Repository {
         }
         list.snapshots
             .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        let marks = self.damage_marks()?;
+        for s in &mut list.snapshots {
+            s.damaged = marks.contains(&s.id);
+        }
         Ok(list)
     }
 
@@ -450,6 +458,8 @@ impl Repository {
             delete_retrying(&self.pool, FileKind::Snapshot, &stats.snapshot.to_hex());
             return Err(Error::LeaseLost { lease: lease_name });
         }
+        // Best effort: the backup has succeeded whatever this finds.
+        let _ = self.heal_damage_marks();
         Ok(stats)
     }
 
@@ -659,7 +669,7 @@ impl Repository {
     /// # Ok(()) }
     /// ```
     pub fn repair_index(&self) -> Result<RebuildReport> {
-        let report = rebuild(&*self.pool)?;
+        let report = rebuild(&*self.pool, None)?;
         // Reload on next use: the old segments are gone.
         *self.index.lock() = None;
         Ok(report)

@@ -53,6 +53,9 @@ pub struct SnapshotInfo {
     pub properties: BTreeMap<String, String>,
     /// The disks.
     pub disks: Vec<DiskInfo>,
+    /// Marked damaged by `repair --packs` and not healed since (see
+    /// [`Repository::damage_marks`](crate::Repository::damage_marks)).
+    pub damaged: bool,
 }
 
 pub(crate) fn rfc3339<S: serde::Serializer>(
@@ -90,6 +93,7 @@ impl SnapshotInfo {
                     properties: d.properties,
                 })
                 .collect(),
+            damaged: false,
         }
     }
 

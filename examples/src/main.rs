@@ -767,7 +767,7 @@ fn cmd_snapshots(pool: &str, vm: Option<&str>, json: bool) -> Result<u8, Failure
         );
         for s in &snaps {
             println!(
-                "{:<16} {:<20} {:<20} {:>6} {:>10}  {}",
+                "{:<16} {:<20} {:<20} {:>6} {:>10}  {}{}",
                 &s.id.to_hex()[..16],
                 humantime::format_rfc3339_seconds(s.time),
                 s.vm,
@@ -777,7 +777,12 @@ fn cmd_snapshots(pool: &str, vm: Option<&str>, json: bool) -> Result<u8, Failure
                     .iter()
                     .map(|d| d.name.as_str())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                if s.damaged {
+                    "  DAMAGED (see `cairn verify`)"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -49,6 +49,7 @@ pub fn snapshot_json(s: &SnapshotInfo) -> Value {
         "bytes_logical": s.bytes_logical(),
         "chunking": s.chunking.to_string(),
         "compression": s.compression.to_string(),
+        "damaged": s.damaged,
         "disks": s.disks.iter().map(|d| json!({
             "name": d.name,
             "size": d.size,
@@ -73,6 +74,12 @@ pub fn verify_json(r: &VerifyReport, read_data: bool) -> Value {
             "pack": d.pack.map(|p| p.to_hex()),
             "chunk": d.chunk.map(|c| c.to_hex()),
             "snapshots": d.snapshots.iter().map(|s| s.to_hex()).collect::<Vec<_>>(),
+            "ranges": d.ranges.iter().map(|r| json!({
+                "snapshot": r.snapshot.to_hex(),
+                "disk": r.disk,
+                "offset": r.offset,
+                "length": r.length,
+            })).collect::<Vec<_>>(),
             "detail": d.detail,
         })).collect::<Vec<_>>(),
     })
@@ -108,6 +115,15 @@ pub fn print_verify(r: &VerifyReport, read_data: bool) {
         );
         for s in &d.snapshots {
             println!("  affects snapshot {s}");
+            for r in d.ranges.iter().filter(|r| r.snapshot == *s) {
+                println!(
+                    "    disk {} bytes {}..{} ({})",
+                    r.disk,
+                    r.offset,
+                    r.offset + r.length,
+                    human(r.length)
+                );
+            }
         }
     }
     let affected = r.affected_snapshots();

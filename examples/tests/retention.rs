@@ -310,6 +310,30 @@ fn repair_packs_quarantines_salvages_and_a_new_backup_heals() {
     std::fs::write(&victim, &bytes).unwrap();
     let out = cairn(&["verify", &pool, "--read-data", "--json"]);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
+    // The finding names b and the bytes of b's disk the blob held: one
+    // chunk-sized range (the first blob of the pack: a chunk of b.img).
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = &v["damage"][0];
+    assert_eq!(d["kind"], "chunk-corrupt", "{v}");
+    assert_eq!(d["snapshots"], serde_json::json!([sb]), "{v}");
+    let ranges = d["ranges"].as_array().unwrap();
+    assert!(!ranges.is_empty(), "{v}");
+    for r in ranges {
+        assert_eq!(r["snapshot"], sb.as_str());
+        assert_eq!(r["disk"], "b.img");
+        assert!(r["offset"].as_u64().unwrap() + r["length"].as_u64().unwrap() <= 4 << 20);
+    }
+    let marked = |id: &str| -> bool {
+        json(&["snapshots", &pool, "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap()["damaged"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(!marked(&sb), "verify alone marks nothing");
 
     let out = cairn(&["repair", &pool, "--packs", "--dry-run", "--json"]);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
@@ -329,6 +353,17 @@ fn repair_packs_quarantines_salvages_and_a_new_backup_heals() {
         root.join("pool").join("quarantine").join(name).exists(),
         "kept in quarantine"
     );
+    assert!(
+        marked(&sb) && !marked(&sa),
+        "the repair marks b, and only b"
+    );
+    let table = ok(&["snapshots", &pool]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&sb[..16]) && l.contains("DAMAGED")),
+        "{table}"
+    );
     // a restores; b does not, until a new backup stores the lost chunk.
     let out_dir = root.join("out");
     ok(&["restore", &pool, &sa, "--to", &p(&out_dir)]);
@@ -346,6 +381,7 @@ fn repair_packs_quarantines_salvages_and_a_new_backup_heals() {
     ok(&["backup", &pool, "--vm", "b", &p(&b)]);
     let v = json(&["verify", &pool, "--read-data", "--json"]);
     assert_eq!(v["ok"], true, "healed: {v}");
+    assert!(!marked(&sb), "the backup that healed b cleared its mark");
     ok(&["restore", &pool, &sb, "--to", &p(&out_dir)]);
     assert!(std::fs::read(out_dir.join("b.img")).unwrap() == std::fs::read(&b).unwrap());
 }

@@ -13,14 +13,15 @@ use crossbeam_channel::bounded;
 use parking_lot::Mutex;
 
 use crate::error::Result;
+use crate::external_sort::{ExternalSorter, Record, ScratchDir, Sorted, DEFAULT_SORT_BUDGET};
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::worker_threads;
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::store::blob::{BlobCodec, Compression};
 use crate::store::format::PACK_HEADER_LEN;
-use crate::store::index::{BlobLocation, Index};
-use crate::store::manifest::{list_snapshot_ids, read_snapshot};
+use crate::store::index::Index;
+use crate::store::manifest::{list_snapshot_ids, visit_snapshot_chunks};
 use crate::store::pack::{check_pack_header, read_pack_table, PackEntry};
 use crate::store::pool::Pool;
 
@@ -72,6 +73,9 @@ pub struct Damage {
     pub chunk: Option<ChunkId>,
     /// Every snapshot that can no longer be fully restored because of it.
     pub snapshots: Vec<SnapshotId>,
+    /// The disk byte ranges it breaks in those snapshots (for a finding
+    /// about a chunk; adjacent extents merged), in snapshot order.
+    pub ranges: Vec<DamagedRange>,
     /// A human-readable detail.
     pub detail: String,
 }
@@ -92,6 +96,20 @@ impl fmt::Display for Damage {
         }
         Ok(())
     }
+}
+
+/// Bytes of one disk of one snapshot that cannot be restored.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct DamagedRange {
+    /// The snapshot.
+    pub snapshot: SnapshotId,
+    /// The disk's name in it.
+    pub disk: String,
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
 }
 
 /// Verify settings. Start from [`VerifyOptions::default`].
@@ -115,6 +133,8 @@ pub struct VerifyOptions {
     pub progress: Arc<dyn Progress>,
     /// Stops the verify when triggered.
     pub cancel: CancelToken,
+    /// Where the referenced chunks are sorted (`None`: `$TMPDIR`).
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for VerifyOptions {
@@ -126,6 +146,7 @@ impl Default for VerifyOptions {
             threads: None,
             progress: Arc::new(NoProgress),
             cancel: CancelToken::new(),
+            scratch_dir: None,
         }
     }
 }
@@ -145,6 +166,12 @@ impl VerifyOptions {
     /// Also reads every blob.
     pub fn with_read_data(mut self, read_data: bool) -> Self {
         self.read_data = read_data;
+        self
+    }
+
+    /// Sorts the referenced chunks under `dir` instead of `$TMPDIR`.
+    pub fn with_scratch_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.scratch_dir = Some(dir.into());
         self
     }
 
@@ -235,118 +262,228 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-/// Which snapshots reference each chunk.
-struct References {
-    ids: Vec<SnapshotId>,
-    /// chunk → indexes into `ids` of the snapshots that reference it
-    by_chunk: HashMap<ChunkId, Vec<u32>>,
+/// A referenced chunk's location, sorted by pack and offset (each pack's
+/// references come together).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Reference {
+    pack: PackId,
+    offset: u64,
+    length: u32,
+    id: ChunkId,
 }
 
-impl References {
-    fn snapshots_of(&self, c: &ChunkId) -> Vec<SnapshotId> {
-        self.by_chunk
-            .get(c)
-            .map(|v| {
-                v.iter()
-                    .filter_map(|&i| self.ids.get(i as usize).copied())
-                    .collect()
-            })
-            .unwrap_or_default()
+impl Record for Reference {
+    const LEN: usize = 60;
+    fn put(&self, out: &mut [u8]) {
+        out[..16].copy_from_slice(self.pack.as_bytes());
+        out[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        out[24..28].copy_from_slice(&self.length.to_le_bytes());
+        out[28..60].copy_from_slice(&self.id.0);
+    }
+    fn get(b: &[u8]) -> Self {
+        let mut pack = [0u8; 16];
+        pack.copy_from_slice(&b[..16]);
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&b[16..24]);
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&b[24..28]);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b[28..60]);
+        Reference {
+            pack: PackId(pack),
+            offset: u64::from_le_bytes(off),
+            length: u32::from_le_bytes(len),
+            id: ChunkId(id),
+        }
     }
 }
 
-/// Reads every manifest; unreadable ones are findings.
-fn collect_references(pool: &dyn Pool, report: &mut VerifyReport) -> Result<References> {
+/// Reads every manifest; unreadable ones are findings. Returns the
+/// distinct chunk ids referenced, sorted on scratch disk (memory does not
+/// grow with the pool).
+fn collect_references(
+    pool: &dyn Pool,
+    scratch: &ScratchDir,
+    report: &mut VerifyReport,
+    cancel: &CancelToken,
+) -> Result<Sorted<ChunkId>> {
     let ids = list_snapshot_ids(pool)?;
     report.snapshots = ids.len();
-    let mut by_chunk: HashMap<ChunkId, Vec<u32>> = HashMap::new();
-    for (i, id) in ids.iter().enumerate() {
-        match read_snapshot(pool, id) {
-            Ok(s) => {
-                for c in s.chunk_ids() {
-                    let v = by_chunk.entry(c).or_default();
-                    if v.last() != Some(&(i as u32)) {
-                        v.push(i as u32);
-                    }
+    let mut chunks = ExternalSorter::new(scratch, "referenced", DEFAULT_SORT_BUDGET, true);
+    for id in &ids {
+        cancel.check()?;
+        let mut failed = None;
+        let visited = visit_snapshot_chunks(pool, id, &mut |c| {
+            if failed.is_none() {
+                if let Err(e) = chunks.push(c.id) {
+                    failed = Some(e);
                 }
             }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match visited {
+            Ok(_) => {}
+            // Deleted by a prune since the listing: not a finding.
+            Err(e) if e.is_not_found() => report.snapshots -= 1,
             Err(e) => report.damage.push(Damage {
                 kind: DamageKind::ManifestUnreadable,
                 pack: None,
                 chunk: None,
                 snapshots: vec![*id],
+                ranges: Vec::new(),
                 detail: e.to_string(),
             }),
         }
     }
-    report.chunks_referenced = by_chunk.len();
-    Ok(References { ids, by_chunk })
+    let chunks = chunks.finish()?;
+    report.chunks_referenced = chunks.len() as usize;
+    Ok(chunks)
 }
 
-type ByPack = HashMap<PackId, Vec<(ChunkId, BlobLocation)>>;
-
 /// Resolves every referenced chunk through the index; chunks in no segment
-/// and packs the pool does not hold are findings.
+/// and packs the pool does not hold are findings. Returns the locations,
+/// sorted by pack.
 fn locate_chunks(
     index: &Index,
-    refs: &References,
+    chunks: &Sorted<ChunkId>,
     listed: &HashSet<PackId>,
+    scratch: &ScratchDir,
     report: &mut VerifyReport,
-) -> ByPack {
-    let mut by_pack: ByPack = HashMap::new();
-    for c in refs.by_chunk.keys() {
-        match index.lookup(c) {
-            Some(loc) => by_pack.entry(loc.pack).or_default().push((*c, loc)),
-            None => report.damage.push(Damage {
-                kind: DamageKind::ChunkMissing,
-                pack: None,
-                chunk: Some(*c),
-                snapshots: refs.snapshots_of(c),
-                detail: "no index segment or pack holds this chunk".into(),
-            }),
+) -> Result<Sorted<Reference>> {
+    let mut refs = ExternalSorter::new(scratch, "locations", DEFAULT_SORT_BUDGET, false);
+    let mut batch = Vec::with_capacity(LOOKUP_BATCH);
+    let mut found = Vec::with_capacity(LOOKUP_BATCH);
+    let mut it = chunks.iter()?;
+    loop {
+        batch.clear();
+        for c in it.by_ref().take(LOOKUP_BATCH) {
+            batch.push(c?);
         }
-    }
-    for (pack, chunks) in &by_pack {
-        if !listed.contains(pack) {
-            for (c, _) in chunks {
-                report.damage.push(Damage {
+        if batch.is_empty() {
+            break;
+        }
+        index.lookup_many(&batch, &mut found);
+        for (c, loc) in batch.iter().zip(&found) {
+            match loc {
+                Some(loc) if listed.contains(&loc.pack) => refs.push(Reference {
+                    pack: loc.pack,
+                    offset: loc.offset,
+                    length: loc.length,
+                    id: *c,
+                })?,
+                Some(loc) => report.damage.push(Damage {
                     kind: DamageKind::PackMissing,
-                    pack: Some(*pack),
+                    pack: Some(loc.pack),
                     chunk: Some(*c),
-                    snapshots: refs.snapshots_of(c),
+                    snapshots: Vec::new(),
+                    ranges: Vec::new(),
                     detail: "the index names this pack but the pool does not hold it".into(),
-                });
+                }),
+                None => report.damage.push(Damage {
+                    kind: DamageKind::ChunkMissing,
+                    pack: None,
+                    chunk: Some(*c),
+                    snapshots: Vec::new(),
+                    ranges: Vec::new(),
+                    detail: "no index segment or pack holds this chunk".into(),
+                }),
             }
         }
     }
-    by_pack
+    refs.finish()
 }
+
+/// Chunks looked up in the index at once.
+const LOOKUP_BATCH: usize = 4096;
 
 /// Most bytes of a pack read at once with `read_data`.
 const WINDOW: u64 = 8 << 20;
 
+/// Names, for every finding about a chunk, the snapshots that reference
+/// it and the byte ranges of their disks it breaks (adjacent extents
+/// merged): one more pass over the manifests, holding only the damaged
+/// chunks in memory.
+fn attribute_damage(pool: &dyn Pool, damage: &mut [Damage], cancel: &CancelToken) -> Result<()> {
+    let mut by_chunk: HashMap<ChunkId, Vec<usize>> = HashMap::new();
+    for (i, d) in damage.iter().enumerate() {
+        if let Some(c) = d.chunk {
+            by_chunk.entry(c).or_default().push(i);
+        }
+    }
+    if by_chunk.is_empty() {
+        return Ok(());
+    }
+    for id in list_snapshot_ids(pool)? {
+        cancel.check()?;
+        let mut hits: Vec<(usize, DamagedRange)> = Vec::new();
+        let visited = visit_snapshot_chunks(pool, &id, &mut |c| {
+            let Some(findings) = by_chunk.get(&c.id) else {
+                return;
+            };
+            for &i in findings {
+                if let Some((_, last)) = hits.iter_mut().rev().find(|(j, _)| *j == i) {
+                    if last.disk == c.disk && last.offset + last.length == c.offset {
+                        last.length += c.length;
+                        continue;
+                    }
+                }
+                hits.push((
+                    i,
+                    DamagedRange {
+                        snapshot: id,
+                        disk: c.disk.to_string(),
+                        offset: c.offset,
+                        length: c.length,
+                    },
+                ));
+            }
+        });
+        match visited {
+            Ok(_) => {}
+            // Gone or unreadable since the first pass (the latter is a
+            // finding of its own already, or a prune raced this verify).
+            Err(_) => continue,
+        }
+        for (i, range) in hits {
+            let d = &mut damage[i];
+            if d.snapshots.last() != Some(&id) {
+                d.snapshots.push(id);
+            }
+            d.ranges.push(range);
+        }
+    }
+    Ok(())
+}
+
 /// Verifies the whole pool. The index is refreshed first, so what other
-/// writers stored since it was loaded is not reported as missing.
+/// writers stored since it was loaded is not reported as missing. Memory
+/// does not grow with the pool: the referenced chunks and their locations
+/// are sorted on scratch disk and each pack is checked on its own.
 pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Result<VerifyReport> {
     let progress: &dyn Progress = &*opts.progress;
     let mut report = VerifyReport::default();
+    let scratch = ScratchDir::new(opts.scratch_dir.as_deref())?;
     // Manifests first, then the index and the packs: a backup writes its
     // packs, then its segment, then its manifest, so everything a manifest
     // listed here names is already in what is listed after it.
-    let refs = collect_references(pool, &mut report)?;
+    let chunks = collect_references(pool, &scratch, &mut report, &opts.cancel)?;
     index.refresh(pool)?;
     let listed: HashSet<PackId> = pool
         .list(FileKind::Pack)?
         .iter()
         .filter_map(|n| PackId::from_hex(n))
         .collect();
-    let by_pack = locate_chunks(index, &refs, &listed, &mut report);
+    let refs = locate_chunks(index, &chunks, &listed, &scratch, &mut report)?;
+    drop(chunks);
     for (segment, detail) in index.damaged_segments() {
         report.damage.push(Damage {
             kind: DamageKind::SegmentDamaged,
             pack: None,
             chunk: None,
             snapshots: Vec::new(),
+            ranges: Vec::new(),
             detail: format!("index segment {segment}: {detail}"),
         });
     }
@@ -358,6 +495,7 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
                 pack: Some(pack),
                 chunk: None,
                 snapshots: Vec::new(),
+                ranges: Vec::new(),
                 detail,
             });
         }
@@ -366,11 +504,14 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
     let mut packs: Vec<PackId> = if opts.read_data {
         listed.iter().copied().collect()
     } else {
-        by_pack
-            .keys()
-            .filter(|p| listed.contains(p))
-            .copied()
-            .collect()
+        let mut referenced = Vec::new();
+        for r in refs.iter()? {
+            let r = r?;
+            if referenced.last() != Some(&r.pack) {
+                referenced.push(r.pack);
+            }
+        }
+        referenced
     };
     packs.sort();
     report.packs = packs.len();
@@ -387,12 +528,10 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
     let checker = PackChecker {
         pool,
         opts,
-        refs: &refs,
-        by_pack: &by_pack,
         found: Mutex::new(Vec::new()),
         counters: Mutex::new((0, 0)),
     };
-    checker.check_all(&packs);
+    checker.check_all(&packs, &refs)?;
     if opts.cancel.is_cancelled() {
         return Err(crate::Error::Cancelled);
     }
@@ -400,6 +539,7 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
     report.blobs_read = blobs;
     report.bytes_read = bytes;
     report.damage.extend(checker.found.into_inner());
+    attribute_damage(pool, &mut report.damage, &opts.cancel)?;
     report.damage.sort_by_key(|d| (d.kind, d.pack, d.chunk));
     Ok(report)
 }
@@ -408,48 +548,65 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
 struct PackChecker<'a> {
     pool: &'a dyn Pool,
     opts: &'a VerifyOptions,
-    refs: &'a References,
-    by_pack: &'a ByPack,
     found: Mutex<Vec<Damage>>,
     /// (blobs read, bytes read)
     counters: Mutex<(u64, u64)>,
 }
 
 impl PackChecker<'_> {
-    fn check_all(&self, packs: &[PackId]) {
+    /// Checks `packs` (sorted), each with its references from `refs`
+    /// (sorted by pack), on worker threads.
+    fn check_all(&self, packs: &[PackId], refs: &Sorted<Reference>) -> Result<()> {
         let threads = worker_threads(self.opts.threads)
             .max(self.pool.preferred_read_concurrency().unwrap_or(0));
-        let (tx, rx) = bounded::<PackId>(threads * 2);
+        let (tx, rx) = bounded::<(PackId, Vec<Reference>)>(threads * 2);
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 let rx = rx.clone();
                 scope.spawn(move || {
                     let mut codec = BlobCodec::new(Compression::None);
                     let mut buf = Vec::new();
-                    for pack in rx.iter() {
-                        let local = self.check(pack, &mut codec, &mut buf);
+                    for (pack, refs) in rx.iter() {
+                        let local = self.check(pack, &refs, &mut codec, &mut buf);
                         self.found.lock().extend(local);
                     }
                 });
             }
             drop(rx);
-            for p in packs {
-                if self.opts.cancel.is_cancelled() || tx.send(*p).is_err() {
-                    break;
+            // Feed the workers; on an error, stop feeding them (dropping
+            // the sender) before returning it, or they would wait forever.
+            let fed = (|| -> Result<()> {
+                let mut it = refs.iter()?.peekable();
+                for p in packs {
+                    let mut mine = Vec::new();
+                    // References of packs not examined (missing ones,
+                    // reported already) are passed over.
+                    while let Some(r) = it.next_if(|r| r.as_ref().map_or(true, |r| r.pack <= *p)) {
+                        let r = r?;
+                        if r.pack == *p {
+                            mine.push(r);
+                        }
+                    }
+                    if self.opts.cancel.is_cancelled() || tx.send((*p, mine)).is_err() {
+                        break;
+                    }
                 }
-            }
+                Ok(())
+            })();
             drop(tx);
-        });
+            fed
+        })
     }
 
     /// Every finding about one pack.
-    fn check(&self, pack: PackId, codec: &mut BlobCodec, buf: &mut Vec<u8>) -> Vec<Damage> {
+    fn check(
+        &self,
+        pack: PackId,
+        refs: &[Reference],
+        codec: &mut BlobCodec,
+        buf: &mut Vec<u8>,
+    ) -> Vec<Damage> {
         let mut local = Vec::new();
-        let refs = self
-            .by_pack
-            .get(&pack)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
         let entries = if self.opts.reads(&pack) {
             self.read_blobs(pack, codec, buf, &mut local)
         } else {
@@ -462,16 +619,17 @@ impl PackChecker<'_> {
                     .iter()
                     .map(|e| (e.id, (e.offset, e.length)))
                     .collect();
-                for (c, loc) in refs {
-                    if table.get(c) != Some(&(loc.offset, loc.length)) {
+                for r in refs {
+                    if table.get(&r.id) != Some(&(r.offset, r.length)) {
                         local.push(Damage {
                             kind: DamageKind::IndexMismatch,
                             pack: Some(pack),
-                            chunk: Some(*c),
-                            snapshots: self.refs.snapshots_of(c),
+                            chunk: Some(r.id),
+                            snapshots: Vec::new(),
+                            ranges: Vec::new(),
                             detail: format!(
                                 "index says offset {} length {}, the pack's table disagrees",
-                                loc.offset, loc.length
+                                r.offset, r.length
                             ),
                         });
                     }
@@ -530,7 +688,8 @@ impl PackChecker<'_> {
                         kind: DamageKind::ChunkCorrupt,
                         pack: Some(pack),
                         chunk: Some(e.id),
-                        snapshots: self.refs.snapshots_of(&e.id),
+                        snapshots: Vec::new(),
+                        ranges: Vec::new(),
                         detail: format!("blob at offset {}: {err}", e.offset),
                     });
                 }
@@ -542,28 +701,24 @@ impl PackChecker<'_> {
 
     /// A pack that cannot be read: one finding per chunk needed from it (or
     /// one for the pack when nothing needs it).
-    fn unreadable(
-        &self,
-        pack: PackId,
-        refs: &[(ChunkId, BlobLocation)],
-        detail: &str,
-        local: &mut Vec<Damage>,
-    ) {
+    fn unreadable(&self, pack: PackId, refs: &[Reference], detail: &str, local: &mut Vec<Damage>) {
         if refs.is_empty() {
             local.push(Damage {
                 kind: DamageKind::PackUnreadable,
                 pack: Some(pack),
                 chunk: None,
                 snapshots: Vec::new(),
+                ranges: Vec::new(),
                 detail: detail.to_string(),
             });
         }
-        for (c, _) in refs {
+        for r in refs {
             local.push(Damage {
                 kind: DamageKind::PackUnreadable,
                 pack: Some(pack),
-                chunk: Some(*c),
-                snapshots: self.refs.snapshots_of(c),
+                chunk: Some(r.id),
+                snapshots: Vec::new(),
+                ranges: Vec::new(),
                 detail: detail.to_string(),
             });
         }

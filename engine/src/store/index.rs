@@ -26,6 +26,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use crate::error::{Error, Result};
+use crate::external_sort::{ExternalSorter, Record, ScratchDir, Sorted, DEFAULT_SORT_BUDGET};
 use crate::id::{ChunkId, PackId, SegmentId};
 use crate::kind::FileKind;
 use crate::store::format::{
@@ -689,26 +690,31 @@ impl std::fmt::Display for RebuildReport {
 }
 
 /// Rebuilds the index from the packs alone: one new segment replaces every
-/// old one. Damaged packs are skipped and reported.
-pub fn rebuild(pool: &dyn Pool) -> Result<RebuildReport> {
+/// old one. Damaged packs are skipped and reported. Memory stays bounded
+/// (the entries are sorted on scratch disk, see `external_sort`).
+pub fn rebuild(pool: &dyn Pool, scratch_parent: Option<&std::path::Path>) -> Result<RebuildReport> {
     let old = pool.list(FileKind::Index)?;
-    let mut builder = SegmentBuilder::new();
+    let scratch = ScratchDir::new(scratch_parent)?;
+    let mut sorter = ExternalSorter::new(&scratch, "index-entries", DEFAULT_SORT_BUDGET, false);
+    let mut covered = Vec::new();
     let mut damaged = Vec::new();
-    let mut packs = 0;
     for name in pool.list(FileKind::Pack)? {
         let Some(pack) = PackId::from_hex(&name) else {
             continue;
         };
         match read_pack_table(pool, &pack) {
             Ok(entries) => {
-                builder.add_entries(pack, &entries);
-                packs += 1;
+                for e in &entries {
+                    sorter.push(EntryRecord::new(e.id, pack, e.offset, e.length))?;
+                }
+                covered.push(pack);
             }
             Err(e) => damaged.push((pack, e.to_string())),
         }
     }
-    let entries = builder.len();
-    let (new_id, _, _) = builder.write(pool)?;
+    let packs = covered.len();
+    let sorted = sorter.finish()?;
+    let (new_id, entries, _) = write_sorted_segment(pool, &covered, &sorted)?;
     let mut removed = 0;
     for name in old {
         if name != new_id.to_hex() {
@@ -718,10 +724,178 @@ pub fn rebuild(pool: &dyn Pool) -> Result<RebuildReport> {
     }
     Ok(RebuildReport {
         packs,
-        entries,
+        entries: entries as usize,
         damaged_packs: damaged,
         segments_removed: removed,
     })
+}
+
+/// One index entry on its way into a segment, ordered by chunk id first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EntryRecord {
+    /// The chunk.
+    pub id: ChunkId,
+    /// The pack holding its blob.
+    pub pack: PackId,
+    /// The blob's offset in the pack.
+    pub offset: u64,
+    /// The blob's stored length.
+    pub length: u32,
+}
+
+impl EntryRecord {
+    /// A record for `id` stored in `pack` at `offset`.
+    pub fn new(id: ChunkId, pack: PackId, offset: u64, length: u32) -> Self {
+        EntryRecord {
+            id,
+            pack,
+            offset,
+            length,
+        }
+    }
+}
+
+impl Record for EntryRecord {
+    const LEN: usize = 60;
+    fn put(&self, out: &mut [u8]) {
+        out[..32].copy_from_slice(&self.id.0);
+        out[32..48].copy_from_slice(self.pack.as_bytes());
+        out[48..56].copy_from_slice(&self.offset.to_le_bytes());
+        out[56..60].copy_from_slice(&self.length.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b[..32]);
+        let mut pack = [0u8; 16];
+        pack.copy_from_slice(&b[32..48]);
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&b[48..56]);
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&b[56..60]);
+        EntryRecord {
+            id: ChunkId(id),
+            pack: PackId(pack),
+            offset: u64::from_le_bytes(off),
+            length: u32::from_le_bytes(len),
+        }
+    }
+}
+
+/// Writes a segment covering `packs` from entries sorted by id (the first
+/// of several entries for one chunk is kept), streaming: two passes over
+/// `entries`, none of them held in memory. Every entry's pack must be in
+/// `packs`. Returns the new segment's name, its entry count and its size.
+pub fn write_sorted_segment(
+    pool: &dyn PoolWrite,
+    packs: &[PackId],
+    entries: &Sorted<EntryRecord>,
+) -> Result<(SegmentId, u64, u64)> {
+    let mut pack_list = Vec::with_capacity(packs.len());
+    let mut pack_index: HashMap<PackId, u32> = HashMap::with_capacity(packs.len());
+    for p in packs {
+        if !pack_index.contains_key(p) {
+            pack_index.insert(*p, pack_list.len() as u32);
+            pack_list.push(*p);
+        }
+    }
+    // Pass 1: count and fan-out.
+    let mut fanout = [0u32; 256];
+    let mut count = 0u64;
+    let mut last: Option<ChunkId> = None;
+    for r in entries.iter()? {
+        let r = r?;
+        if last == Some(r.id) {
+            continue;
+        }
+        last = Some(r.id);
+        if !pack_index.contains_key(&r.pack) {
+            return Err(Error::corrupt(
+                format!("new index segment (entry for chunk {})", r.id),
+                DecodeError::Invalid(format!("pack {} is not among the covered packs", r.pack)),
+            ));
+        }
+        fanout[r.id.0[0] as usize] += 1;
+        count += 1;
+    }
+    if count > u32::MAX as u64 {
+        return Err(Error::corrupt(
+            "new index segment".to_string(),
+            DecodeError::Invalid(format!("{count} entries exceed the fan-out's u32 counts")),
+        ));
+    }
+    // Pass 2: write.
+    let id = SegmentId::random()?;
+    let name = id.to_hex();
+    let out = pool.create(FileKind::Index, &name)?;
+    let mut w = HashingWriter {
+        inner: std::io::BufWriter::with_capacity(256 << 10, out),
+        hasher: blake3::Hasher::new(),
+        written: 0,
+    };
+    let io = |e: std::io::Error| Error::PoolIo {
+        op: "write",
+        kind: FileKind::Index,
+        name: name.clone(),
+        source: e,
+    };
+    let mut header = Vec::with_capacity(HEADER_LEN + FANOUT_LEN);
+    header.extend_from_slice(&INDEX_MAGIC_V1);
+    header.put_u16(INDEX_VERSION_V1);
+    header.put_u16(0);
+    header.put_u32(pack_list.len() as u32);
+    header.put_u64(count);
+    header.put_u64(0);
+    w.put(&header).map_err(io)?;
+    for p in &pack_list {
+        w.put(p.as_bytes()).map_err(io)?;
+    }
+    let mut fan = Vec::with_capacity(FANOUT_LEN);
+    let mut total = 0u32;
+    for f in fanout {
+        total += f;
+        fan.put_u32(total);
+    }
+    w.put(&fan).map_err(io)?;
+    let mut last: Option<ChunkId> = None;
+    let mut entry = [0u8; ENTRY_LEN];
+    for r in entries.iter()? {
+        let r = r?;
+        if last == Some(r.id) {
+            continue;
+        }
+        last = Some(r.id);
+        let p = pack_index.get(&r.pack).copied().unwrap_or_default();
+        entry[..32].copy_from_slice(&r.id.0);
+        entry[32..36].copy_from_slice(&p.to_le_bytes());
+        entry[36..40].copy_from_slice(&r.length.to_le_bytes());
+        entry[40..48].copy_from_slice(&r.offset.to_le_bytes());
+        w.put(&entry).map_err(io)?;
+    }
+    let sum = w.hasher.finalize();
+    w.put_unhashed(sum.as_bytes()).map_err(io)?;
+    let size = w.written;
+    let out = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
+    out.commit()?;
+    Ok((id, count, size))
+}
+
+/// Writes through, hashing what passes (the segment checksum).
+struct HashingWriter<W: std::io::Write> {
+    inner: W,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
+impl<W: std::io::Write> HashingWriter<W> {
+    fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(b);
+        self.put_unhashed(b)
+    }
+    fn put_unhashed(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.inner.write_all(b)?;
+        self.written += b.len() as u64;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -841,6 +1015,76 @@ mod tests {
         for n in 0..good.len() {
             assert!(Segment::decode(Bytes::copy_from_slice(&good[..n])).is_err());
         }
+    }
+
+    /// The streaming writer (GC, rebuild) and the in-memory builder
+    /// (backups) produce the same bytes for the same entries, and a chunk
+    /// stored twice comes out once; with a 0-byte sort budget the entries
+    /// go through spilled runs.
+    /// A pool that only keeps the last object written.
+    #[derive(Default)]
+    struct LastObject(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    struct LastObjectWriter(Arc<parking_lot::Mutex<Vec<u8>>>, Vec<u8>);
+
+    impl std::io::Write for LastObjectWriter {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.1.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl crate::store::pool::ObjectWriter for LastObjectWriter {
+        fn commit(self: Box<Self>) -> Result<()> {
+            *self.0.lock() = self.1;
+            Ok(())
+        }
+    }
+
+    impl PoolWrite for LastObject {
+        fn create(
+            &self,
+            _: FileKind,
+            _: &str,
+        ) -> Result<Box<dyn crate::store::pool::ObjectWriter>> {
+            Ok(Box::new(LastObjectWriter(self.0.clone(), Vec::new())))
+        }
+    }
+
+    #[test]
+    fn streamed_segment_matches_the_builder_byte_for_byte() {
+        let pool = LastObject::default();
+        let scratch = ScratchDir::new(None).unwrap();
+        let (p1, e1) = entries(3000, 1);
+        let (p2, e2) = entries(40, 2); // the first 40 ids again, in pack 2
+        let mut sorter = ExternalSorter::new(&scratch, "t", 0, false);
+        for (p, es) in [(p2, &e2), (p1, &e1)] {
+            for e in es.iter().rev() {
+                sorter
+                    .push(EntryRecord::new(e.id, p, e.offset, e.length))
+                    .unwrap();
+            }
+        }
+        let sorted = sorter.finish().unwrap();
+        let (_, count, size) = write_sorted_segment(&pool, &[p1, p2, p1], &sorted).unwrap();
+        assert_eq!(count, 3000);
+        let stored = pool.0.lock().clone();
+        assert_eq!(stored.len() as u64, size);
+        // The builder keeps the first entry it was given for a chunk: pack 1's
+        // (PackId [1; 16] sorts before [2; 16], as the streamed writer keeps).
+        let mut b = SegmentBuilder::new();
+        b.add_entries(p1, &e1);
+        b.add_entries(p2, &e2);
+        assert_eq!(&stored[..], &b.encode()[..]);
+        // An entry whose pack is not covered is refused.
+        let err = write_sorted_segment(&pool, &[p2], &sorted).unwrap_err();
+        assert!(
+            err.to_string().contains("not among the covered packs"),
+            "{err}"
+        );
     }
 
     proptest! {

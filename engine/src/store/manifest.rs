@@ -274,7 +274,7 @@ impl Snapshot {
 
     /// Decodes and validates a manifest. Never panics on any input.
     pub fn decode(data: &[u8]) -> Result<Self, DecodeError> {
-        decode(data, true)
+        decode(data, true, &mut |_| {})
     }
 
     /// Decodes a manifest without keeping its extent lists (every extent
@@ -282,11 +282,38 @@ impl Snapshot {
     /// `size` set. For listings, which must not hold every extent of every
     /// snapshot in memory.
     pub fn decode_without_extents(data: &[u8]) -> Result<Self, DecodeError> {
-        decode(data, false)
+        decode(data, false, &mut |_| {})
+    }
+
+    /// Like [`decode_without_extents`](Self::decode_without_extents), and
+    /// calls `on_chunk` with every chunk extent, in disk order, as it goes
+    /// (also for a manifest that turns out to be invalid further on).
+    pub fn decode_visiting_chunks(
+        data: &[u8],
+        on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
+    ) -> Result<Self, DecodeError> {
+        decode(data, false, on_chunk)
     }
 }
 
-fn decode(data: &[u8], keep_extents: bool) -> Result<Snapshot, DecodeError> {
+/// A chunk extent met while decoding a manifest.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkExtent<'a> {
+    /// The disk it belongs to.
+    pub disk: &'a str,
+    /// Its offset in the disk.
+    pub offset: u64,
+    /// Its length.
+    pub length: u64,
+    /// The chunk.
+    pub id: ChunkId,
+}
+
+fn decode(
+    data: &[u8],
+    keep_extents: bool,
+    on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
+) -> Result<Snapshot, DecodeError> {
     if data.len() >= 8 && data[..8] != MANIFEST_MAGIC_V1 {
         return Err(DecodeError::BadMagic);
     }
@@ -302,7 +329,9 @@ fn decode(data: &[u8], keep_extents: bool) -> Result<Snapshot, DecodeError> {
     }
     snapshot.disks.reserve(disk_count);
     for _ in 0..disk_count {
-        snapshot.disks.push(decode_disk(&mut d, keep_extents)?);
+        snapshot
+            .disks
+            .push(decode_disk(&mut d, keep_extents, on_chunk)?);
     }
     d.expect_end()?;
     Ok(snapshot)
@@ -377,7 +406,11 @@ fn decode_header(d: &mut Decoder<'_>) -> Result<Snapshot, DecodeError> {
 }
 
 /// One disk: name, size, properties and extents (kept or only checked).
-fn decode_disk(d: &mut Decoder<'_>, keep_extents: bool) -> Result<DiskManifest, DecodeError> {
+fn decode_disk(
+    d: &mut Decoder<'_>,
+    keep_extents: bool,
+    on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
+) -> Result<DiskManifest, DecodeError> {
     let name = d.string(MAX_STRING)?;
     let size = d.u64()?;
     let properties = get_properties(d)?;
@@ -411,6 +444,14 @@ fn decode_disk(d: &mut Decoder<'_>, keep_extents: bool) -> Result<DiskManifest, 
             return Err(DecodeError::Invalid(format!(
                 "disk {name:?}: empty extent at {offset}"
             )));
+        }
+        if let Some(id) = chunk {
+            on_chunk(ChunkExtent {
+                disk: &name,
+                offset,
+                length,
+                id,
+            });
         }
         if keep_extents {
             extents.push(Extent {
@@ -465,6 +506,19 @@ pub(crate) fn read_manifest<P: PoolRead + ?Sized>(
         ));
     }
     Ok(bytes)
+}
+
+/// Reads and checks (content hash = name) one manifest, and calls
+/// `on_chunk` with every chunk id it references, without holding its
+/// extents. The ids are only usable once this returns `Ok`.
+pub(crate) fn visit_snapshot_chunks<P: PoolRead + ?Sized>(
+    pool: &P,
+    id: &SnapshotId,
+    on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
+) -> EngineResult<Snapshot> {
+    let bytes = read_manifest(pool, id)?;
+    Snapshot::decode_visiting_chunks(&bytes, on_chunk)
+        .map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
 }
 
 /// Reads, checks (content hash = name) and decodes one manifest.

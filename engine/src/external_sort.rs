@@ -1,0 +1,440 @@
+//! Sorting more fixed-size records than memory should hold: the external
+//! sort behind garbage collection, index compaction, `repair --index` and
+//! `verify`, so their memory does not grow with the pool.
+//!
+//! Records are collected in a buffer of a fixed byte budget; a full buffer
+//! is sorted and written to a *run* file in a private scratch directory
+//! (removed when the [`ScratchDir`] is dropped, also on error). `finish`
+//! merges the runs (at most [`MAX_FAN_IN`] at a time, in several rounds for
+//! a very large input) into one sorted file that can be read any number of
+//! times. Input that fits the budget never touches the disk.
+//!
+//! Scratch space lives under `$TMPDIR` (or a directory the caller names) and
+//! needs about the records' size once more during the last merge: 64 bytes
+//! per index entry, 32 per live chunk id.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Bytes of records an [`ExternalSorter`] holds before it spills a run.
+pub const DEFAULT_SORT_BUDGET: usize = 8 << 20;
+
+/// Runs merged at once (each takes one read buffer).
+pub const MAX_FAN_IN: usize = 64;
+
+/// Read and write buffer of each scratch file.
+const IO_BUFFER: usize = 128 << 10;
+
+/// A record of fixed encoded size, sorted by its `Ord`.
+pub trait Record: Copy + Ord {
+    /// Encoded length in bytes.
+    const LEN: usize;
+    /// Writes the record into `out` (exactly `LEN` bytes).
+    fn put(&self, out: &mut [u8]);
+    /// Reads a record written by [`put`](Record::put).
+    fn get(bytes: &[u8]) -> Self;
+}
+
+/// A private directory for run files, deleted with everything in it on drop.
+#[derive(Debug)]
+pub struct ScratchDir {
+    dir: tempfile::TempDir,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl ScratchDir {
+    /// Creates a scratch directory under `parent`, or under the system's
+    /// temporary directory (`$TMPDIR`, else `/tmp`).
+    pub fn new(parent: Option<&Path>) -> Result<Self> {
+        let mut b = tempfile::Builder::new();
+        b.prefix("cairn-sort-");
+        let dir = match parent {
+            Some(p) => b.tempdir_in(p),
+            None => b.tempdir(),
+        }
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "creating a scratch directory under {}",
+                    parent.map_or_else(
+                        || std::env::temp_dir().display().to_string(),
+                        |p| p.display().to_string()
+                    )
+                ),
+                e,
+            )
+        })?;
+        Ok(ScratchDir {
+            dir,
+            next: Default::default(),
+        })
+    }
+
+    /// The directory's path.
+    #[cfg(test)]
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn new_file(&self, what: &str) -> Result<(PathBuf, BufWriter<File>)> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.path().join(format!("{what}-{n}"));
+        let f = File::create(&path)
+            .map_err(|e| Error::io(format!("creating scratch file {}", path.display()), e))?;
+        Ok((path, BufWriter::with_capacity(IO_BUFFER, f)))
+    }
+}
+
+/// Collects records and sorts them within a memory budget.
+#[derive(Debug)]
+pub struct ExternalSorter<'a, R: Record> {
+    scratch: &'a ScratchDir,
+    what: &'static str,
+    buf: Vec<R>,
+    limit: usize,
+    runs: Vec<(PathBuf, u64)>,
+    dedup: bool,
+}
+
+impl<'a, R: Record> ExternalSorter<'a, R> {
+    /// A sorter whose buffer holds `budget` bytes of records; `what` names
+    /// its scratch files (and errors about them). With `dedup`, equal
+    /// records come out once.
+    pub fn new(scratch: &'a ScratchDir, what: &'static str, budget: usize, dedup: bool) -> Self {
+        let limit = (budget / std::mem::size_of::<R>().max(1)).max(1024);
+        ExternalSorter {
+            scratch,
+            what,
+            buf: Vec::new(),
+            limit,
+            runs: Vec::new(),
+            dedup,
+        }
+    }
+
+    /// Adds one record.
+    pub fn push(&mut self, r: R) -> Result<()> {
+        if self.buf.len() >= self.limit {
+            self.spill()?;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(self.limit);
+        }
+        self.buf.push(r);
+        Ok(())
+    }
+
+    fn sort_buffer(&mut self) {
+        self.buf.sort_unstable();
+        if self.dedup {
+            self.buf.dedup();
+        }
+    }
+
+    fn spill(&mut self) -> Result<()> {
+        self.sort_buffer();
+        let (path, mut w) = self.scratch.new_file(self.what)?;
+        let mut rec = vec![0u8; R::LEN];
+        for r in &self.buf {
+            r.put(&mut rec);
+            w.write_all(&rec).map_err(|e| scratch_error(&path, e))?;
+        }
+        w.flush().map_err(|e| scratch_error(&path, e))?;
+        self.runs.push((path, self.buf.len() as u64));
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Sorts what was pushed.
+    pub fn finish(mut self) -> Result<Sorted<R>> {
+        if self.runs.is_empty() {
+            self.sort_buffer();
+            return Ok(Sorted {
+                inner: SortedInner::Memory(std::mem::take(&mut self.buf)),
+            });
+        }
+        if !self.buf.is_empty() {
+            self.spill()?;
+        }
+        self.buf = Vec::new();
+        let mut runs = std::mem::take(&mut self.runs);
+        // Each run is sorted (and deduplicated) on its own already.
+        while runs.len() > 1 {
+            let mut next = Vec::new();
+            for group in runs.chunks(MAX_FAN_IN) {
+                next.push(self.merge(group)?);
+            }
+            runs = next;
+        }
+        let Some((path, count)) = runs.pop() else {
+            return Ok(Sorted {
+                inner: SortedInner::Memory(Vec::new()),
+            });
+        };
+        Ok(Sorted {
+            inner: SortedInner::File { path, count },
+        })
+    }
+
+    /// Merges `runs` into one new run and deletes them.
+    fn merge(&self, runs: &[(PathBuf, u64)]) -> Result<(PathBuf, u64)> {
+        let mut readers = Vec::with_capacity(runs.len());
+        for (path, count) in runs {
+            readers.push(RunReader::open(path, *count)?);
+        }
+        let mut heap = BinaryHeap::new();
+        for (i, r) in readers.iter_mut().enumerate() {
+            if let Some(rec) = r.next_record()? {
+                heap.push(Reverse((rec, i)));
+            }
+        }
+        let (path, mut w) = self.scratch.new_file(self.what)?;
+        let mut out = vec![0u8; R::LEN];
+        let mut last: Option<R> = None;
+        let mut count = 0u64;
+        while let Some(Reverse((rec, i))) = heap.pop() {
+            if let Some(next) = readers[i].next_record()? {
+                heap.push(Reverse((next, i)));
+            }
+            if self.dedup && last == Some(rec) {
+                continue;
+            }
+            last = Some(rec);
+            rec.put(&mut out);
+            w.write_all(&out).map_err(|e| scratch_error(&path, e))?;
+            count += 1;
+        }
+        w.flush().map_err(|e| scratch_error(&path, e))?;
+        drop(readers);
+        for (p, _) in runs {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok((path, count))
+    }
+}
+
+fn scratch_error(path: &Path, e: std::io::Error) -> Error {
+    Error::io(format!("scratch file {}", path.display()), e)
+}
+
+/// Records in ascending order (each once if the sorter deduplicated),
+/// readable any number of times.
+#[derive(Debug)]
+pub struct Sorted<R: Record> {
+    inner: SortedInner<R>,
+}
+
+#[derive(Debug)]
+enum SortedInner<R> {
+    Memory(Vec<R>),
+    File { path: PathBuf, count: u64 },
+}
+
+impl<R: Record> Sorted<R> {
+    /// Number of records.
+    pub fn len(&self) -> u64 {
+        match &self.inner {
+            SortedInner::Memory(v) => v.len() as u64,
+            SortedInner::File { count, .. } => *count,
+        }
+    }
+
+    /// Reads the records from the start.
+    pub fn iter(&self) -> Result<SortedIter<'_, R>> {
+        Ok(match &self.inner {
+            SortedInner::Memory(v) => SortedIter::Memory(v.iter()),
+            SortedInner::File { path, count } => SortedIter::File(RunReader::open(path, *count)?),
+        })
+    }
+
+    /// A cursor for membership tests of ascending keys.
+    pub fn cursor(&self) -> Result<Cursor<'_, R>> {
+        let mut it = self.iter()?;
+        let next = it.next().transpose()?;
+        Ok(Cursor { it, next })
+    }
+}
+
+/// Reads one run file.
+#[derive(Debug)]
+pub struct RunReader<R> {
+    path: PathBuf,
+    reader: BufReader<File>,
+    left: u64,
+    buf: Vec<u8>,
+    _r: PhantomData<R>,
+}
+
+impl<R: Record> RunReader<R> {
+    fn open(path: &Path, count: u64) -> Result<Self> {
+        let f = File::open(path)
+            .map_err(|e| Error::io(format!("opening scratch file {}", path.display()), e))?;
+        Ok(RunReader {
+            path: path.to_path_buf(),
+            reader: BufReader::with_capacity(IO_BUFFER, f),
+            left: count,
+            buf: vec![0u8; R::LEN],
+            _r: PhantomData,
+        })
+    }
+
+    fn next_record(&mut self) -> Result<Option<R>> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.reader
+            .read_exact(&mut self.buf)
+            .map_err(|e| scratch_error(&self.path, e))?;
+        self.left -= 1;
+        Ok(Some(R::get(&self.buf)))
+    }
+}
+
+/// Iterator over [`Sorted`] records.
+#[derive(Debug)]
+pub enum SortedIter<'a, R: Record> {
+    /// Records that never left memory.
+    Memory(std::slice::Iter<'a, R>),
+    /// Records read back from a scratch file.
+    File(RunReader<R>),
+}
+
+impl<R: Record> Iterator for SortedIter<'_, R> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        match self {
+            SortedIter::Memory(it) => it.next().map(|r| Ok(*r)),
+            SortedIter::File(r) => r.next_record().transpose(),
+        }
+    }
+}
+
+/// Answers "is this key in the set?" for keys asked in ascending order,
+/// reading the sorted records once.
+#[derive(Debug)]
+pub struct Cursor<'a, R: Record> {
+    it: SortedIter<'a, R>,
+    next: Option<R>,
+}
+
+impl<R: Record> Cursor<'_, R> {
+    /// True when `key` is among the records. Keys must not decrease from
+    /// one call to the next.
+    pub fn contains(&mut self, key: &R) -> Result<bool> {
+        while let Some(n) = self.next {
+            match n.cmp(key) {
+                std::cmp::Ordering::Less => self.next = self.it.next().transpose()?,
+                std::cmp::Ordering::Equal => return Ok(true),
+                std::cmp::Ordering::Greater => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+}
+
+impl Record for crate::id::ChunkId {
+    const LEN: usize = 32;
+    fn put(&self, out: &mut [u8]) {
+        out.copy_from_slice(&self.0);
+    }
+    fn get(bytes: &[u8]) -> Self {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&bytes[..32]);
+        crate::id::ChunkId(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ChunkId;
+
+    fn sorted_ids(n: u64, budget: usize, dedup: bool) -> (Vec<ChunkId>, Vec<ChunkId>, usize) {
+        let scratch = ScratchDir::new(None).unwrap();
+        let mut s = ExternalSorter::new(&scratch, "ids", budget, dedup);
+        let mut expected = Vec::new();
+        for i in 0..n {
+            // Every id twice, in a scrambled order.
+            let id = ChunkId::of(&(i % (n / 2 + 1)).to_le_bytes());
+            s.push(id).unwrap();
+            expected.push(id);
+        }
+        let spilled = s.runs.len();
+        let sorted = s.finish().unwrap();
+        let got: Vec<ChunkId> = sorted.iter().unwrap().map(|r| r.unwrap()).collect();
+        assert_eq!(got.len() as u64, sorted.len());
+        expected.sort();
+        if dedup {
+            expected.dedup();
+        }
+        (got, expected, spilled)
+    }
+
+    #[test]
+    fn in_memory_sort_matches_std() {
+        let (got, expected, spilled) = sorted_ids(5000, 1 << 20, true);
+        assert_eq!(spilled, 0);
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn spilled_runs_merge_in_order_with_and_without_dedup() {
+        // 1024 records per run: 200 runs, so the merge takes two rounds.
+        for dedup in [true, false] {
+            let (got, expected, spilled) = sorted_ids(200_000, 0, dedup);
+            assert!(spilled > MAX_FAN_IN, "{spilled} runs");
+            assert_eq!(got, expected, "dedup {dedup}");
+        }
+    }
+
+    #[test]
+    fn cursor_answers_membership_for_ascending_keys() {
+        let scratch = ScratchDir::new(None).unwrap();
+        let mut s = ExternalSorter::new(&scratch, "ids", 0, true);
+        let mut all: Vec<ChunkId> = (0..3000u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        for id in all.iter().step_by(2) {
+            s.push(*id).unwrap();
+        }
+        let members: std::collections::HashSet<ChunkId> = all.iter().step_by(2).copied().collect();
+        let sorted = s.finish().unwrap();
+        all.sort();
+        let mut c = sorted.cursor().unwrap();
+        for id in &all {
+            assert_eq!(c.contains(id).unwrap(), members.contains(id));
+        }
+    }
+
+    #[test]
+    fn scratch_files_are_removed_with_the_directory() {
+        let scratch = ScratchDir::new(None).unwrap();
+        let path = scratch.path().to_path_buf();
+        let mut s = ExternalSorter::new(&scratch, "ids", 0, false);
+        for i in 0..5000u32 {
+            s.push(ChunkId::of(&i.to_le_bytes())).unwrap();
+        }
+        let sorted = s.finish().unwrap();
+        // One merged file is left of the runs.
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 1);
+        drop(sorted);
+        drop(scratch);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_missing_scratch_parent_is_a_clear_error() {
+        let err = ScratchDir::new(Some(Path::new("/nonexistent/cairn-scratch"))).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/cairn-scratch"),
+            "{err}"
+        );
+    }
+}
