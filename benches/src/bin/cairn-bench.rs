@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cairn_benches::{generate_image, generate_rewrite};
-use cairn_engine::internals::{PackEntry, Segment, SegmentBuilder};
+use cairn_engine::internals::{BlobCodec, PackEntry, PackWriter, Segment, SegmentBuilder};
 use cairn_engine::{
     BackupDisk, BackupOptions, BackupStats, ChunkId, DynPool, NbdConnection, PackId, RawFileSource,
     Repository, RestoreOptions,
@@ -46,6 +46,7 @@ struct Args {
     connections: usize,
     gc_chunks: u64,
     gc_pool: Option<PathBuf>,
+    rebuild_pool: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -63,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         connections: 2,
         gc_chunks: 1_000_000,
         gc_pool: None,
+        rebuild_pool: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -86,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
                 a.gc_chunks = val()?.parse().map_err(|e| format!("--gc-chunks: {e}"))?
             }
             "--gc-pool" => a.gc_pool = Some(PathBuf::from(val()?)),
+            "--rebuild-pool" => a.rebuild_pool = Some(PathBuf::from(val()?)),
             "--repeat" => {
                 a.repeat = val()?
                     .parse::<usize>()
@@ -93,7 +96,7 @@ fn parse_args() -> Result<Args, String> {
                     .max(1)
             }
             "-h" | "--help" => {
-                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
+                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog|rebuild] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -626,41 +629,98 @@ fn gc_image(first: u64, n: u64) -> Vec<u8> {
     out
 }
 
-/// GC of a pool with `--gc-chunks` chunks, half of them garbage: the pool is
-/// built here, the collection runs in a fresh process (so its peak RSS is
-/// its own, not what building the pool left in the allocator).
+/// `n` unique 4 KiB blocks: every `step`th block of [`gc_image`]'s.
+fn gc_image_every(n: u64, step: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity((n / step * 4096) as usize);
+    for i in (0..n).step_by(step as usize) {
+        out.extend_from_slice(&gc_image(i, 1));
+    }
+    out
+}
+
+/// GC of a pool with `--gc-chunks` chunks, twice: half of them garbage in
+/// whole packs (deleted), then two thirds garbage spread over every pack
+/// (repacked). The pools are built here; each collection runs in a fresh
+/// process (so its peak RSS is its own, not what building the pool left
+/// in the allocator).
 fn gc(a: &Args, rows: &mut Vec<Row>) {
-    let dir = a.dir.join("gc-pool");
+    let n = a.gc_chunks;
+    for (label, keep) in [("delete", 0u64), ("repack", 3)] {
+        let dir = a.dir.join("gc-pool");
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = fresh_repo(&dir);
+        let opts = BackupOptions::new("gc")
+            .with_chunking(cairn_engine::ChunkingParams::Fixed { size: 4096 });
+        let (row, _) = measure(&format!("gc {label}: build pool"), || {
+            let second = if keep == 0 {
+                gc_image(0, n / 2)
+            } else {
+                gc_image_every(n, keep)
+            };
+            let mut ids = Vec::new();
+            for image in [gc_image(0, n), second] {
+                let disk = BackupDisk::image("vda", cairn_engine::MemorySource::new("vda", image));
+                ids.push(repo.backup(vec![disk], &opts).expect("backup").snapshot);
+            }
+            repo.forget(&ids[..1]).expect("forget");
+            (
+                n * 4096,
+                (),
+                if keep == 0 {
+                    format!("{n} chunks, the second half then garbage")
+                } else {
+                    format!("{n} chunks, all but every {keep}th then garbage")
+                },
+            )
+        });
+        rows.push(row);
+        drop(repo);
+        rows.push(child_phase(&format!("gc {label}: collect"), "--gc-pool", &dir));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `repair --index` of a pool of `--index-chunks` chunks (packs of 10 000
+/// stored 8-byte blobs, written directly: the rebuild reads only the
+/// packs' tables), in a fresh process.
+fn rebuild(a: &Args, rows: &mut Vec<Row>) {
+    let dir = a.dir.join("rebuild-pool");
     let _ = std::fs::remove_dir_all(&dir);
     let repo = fresh_repo(&dir);
-    let opts =
-        BackupOptions::new("gc").with_chunking(cairn_engine::ChunkingParams::Fixed { size: 4096 });
-    let n = a.gc_chunks;
-    let (row, _) = measure("gc: build pool", || {
-        let mut ids = Vec::new();
-        for (first, count) in [(0, n), (0, n / 2)] {
-            let disk = BackupDisk::image(
-                "vda",
-                cairn_engine::MemorySource::new("vda", gc_image(first, count)),
-            );
-            ids.push(repo.backup(vec![disk], &opts).expect("backup").snapshot);
+    drop(repo);
+    let pool: DynPool = Arc::new(LocalPool::open(&dir).expect("pool"));
+    let n = a.index_chunks as u64;
+    let (row, _) = measure("rebuild: write packs", || {
+        let mut codec = BlobCodec::new(cairn_engine::Compression::None);
+        let mut blob = Vec::new();
+        let mut i = 0u64;
+        while i < n {
+            let mut w = PackWriter::create(&*pool).expect("pack");
+            for _ in 0..10_000.min(n - i) {
+                let chunk = i.to_le_bytes();
+                blob.clear();
+                codec.encode_into(&chunk, &mut blob).expect("encode");
+                w.add(ChunkId::of(&chunk), 8, &blob).expect("add");
+                i += 1;
+            }
+            w.finish().expect("seal");
         }
-        repo.forget(&ids[..1]).expect("forget");
-        (
-            n * 4096,
-            (),
-            format!("{n} chunks, the second half then garbage"),
-        )
+        (0, (), format!("{n} chunks in {} packs", n.div_ceil(10_000)))
     });
     rows.push(row);
-    drop(repo);
+    rows.push(child_phase("rebuild: repair --index", "--rebuild-pool", &dir));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs this binary with `flag DIR` and reads back its report and peak RSS.
+fn child_phase(phase: &str, flag: &str, dir: &Path) -> Row {
     let exe = std::env::current_exe().expect("own path");
     let (c0, t0) = (children_cpu_seconds(), Instant::now());
     let out = std::process::Command::new(exe)
-        .arg("--gc-pool")
-        .arg(&dir)
+        .arg(flag)
+        .arg(dir)
         .output()
-        .expect("gc child");
+        .expect("child");
     let wall = t0.elapsed().as_secs_f64();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let rss = text
@@ -673,20 +733,15 @@ fn gc(a: &Args, rows: &mut Vec<Row>) {
         .find_map(|l| l.strip_prefix("report "))
         .unwrap_or("?")
         .to_string();
-    let row = Row {
-        phase: "gc: collect".into(),
+    eprintln!("{phase}: {wall:.2} s, peak RSS {rss:.1} MiB: {report}");
+    Row {
+        phase: phase.into(),
         bytes: 0,
         wall,
         cpu: children_cpu_seconds() - c0,
         rss,
         note: report,
-    };
-    eprintln!(
-        "gc: collect {wall:.2} s, peak RSS {rss:.1} MiB: {}",
-        row.note
-    );
-    rows.push(row);
-    let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 fn children_cpu_seconds() -> f64 {
@@ -702,6 +757,15 @@ fn gc_child(pool: &Path) {
     let pool: DynPool = Arc::new(LocalPool::open(pool).expect("pool"));
     let repo = Repository::open(pool).expect("repo");
     let report = repo.gc(&cairn_engine::GcOptions::default()).expect("gc");
+    println!("report {report}");
+    println!("peak-rss-mib {:.1}", peak_rss_mib());
+}
+
+/// The child side of [`rebuild`].
+fn rebuild_child(pool: &Path) {
+    let pool: DynPool = Arc::new(LocalPool::open(pool).expect("pool"));
+    let repo = Repository::open(pool).expect("repo");
+    let report = repo.repair_index().expect("rebuild");
     println!("report {report}");
     println!("peak-rss-mib {:.1}", peak_rss_mib());
 }
@@ -761,6 +825,10 @@ fn main() {
         gc_child(pool);
         return;
     }
+    if let Some(pool) = &a.rebuild_pool {
+        rebuild_child(pool);
+        return;
+    }
     let mut rows = Vec::new();
     let only = a.only.as_deref();
     if only.is_none_or(|o| o == "pipeline") {
@@ -780,6 +848,9 @@ fn main() {
     }
     if only == Some("catalog") {
         catalog(&a, &mut rows);
+    }
+    if only == Some("rebuild") {
+        rebuild(&a, &mut rows);
     }
     println!("| phase | MB/s | wall s | CPU s | peak RSS MiB | notes |");
     println!("|---|---:|---:|---:|---:|---|");
