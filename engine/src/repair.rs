@@ -142,8 +142,23 @@ impl Repository {
                     .or_insert_with(|| d.detail.clone());
             }
         }
-        if dry_run || report.damaged_packs.is_empty() {
+        if dry_run {
             report.damaged_snapshots = verify.affected_snapshots();
+            return Ok(report);
+        }
+        // A repair killed after it moved a pack aside left an index that
+        // names the pack: finish its job (rebuild, mark) even when no pack
+        // is damaged any more.
+        let index_names_gone_packs = verify
+            .damage
+            .iter()
+            .any(|d| d.kind == DamageKind::PackMissing);
+        if report.damaged_packs.is_empty() {
+            if index_names_gone_packs {
+                self.repair_index()?;
+            }
+            report.damaged_snapshots = verify.affected_snapshots();
+            self.mark_damaged(&report.damaged_snapshots)?;
             return Ok(report);
         }
         let pool = self.pool().clone();
@@ -171,16 +186,20 @@ impl Repository {
                 report.blobs_salvaged += blobs.len();
                 report.packs_written += 1;
             }
+            crate::failpoint::pause("repair-after-salvage");
             match pool.write(FileKind::Quarantine, &name, &bytes) {
                 Ok(()) => {}
                 // A repair killed after its copy: the copy is complete.
                 Err(crate::Error::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e),
             }
+            crate::failpoint::pause("repair-after-quarantine");
             pool.delete(FileKind::Pack, &name)?;
             report.quarantined.push(pack);
         }
+        crate::failpoint::pause("repair-before-index");
         self.repair_index()?;
+        crate::failpoint::pause("repair-before-marks");
         report.damaged_snapshots = self.verify(&VerifyOptions::default())?.affected_snapshots();
         self.mark_damaged(&report.damaged_snapshots)?;
         Ok(report)

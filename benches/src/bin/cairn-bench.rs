@@ -675,7 +675,11 @@ fn gc(a: &Args, rows: &mut Vec<Row>) {
         });
         rows.push(row);
         drop(repo);
-        rows.push(child_phase(&format!("gc {label}: collect"), "--gc-pool", &dir));
+        rows.push(child_phase(
+            &format!("gc {label}: collect"),
+            "--gc-pool",
+            &dir,
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -708,7 +712,11 @@ fn rebuild(a: &Args, rows: &mut Vec<Row>) {
         (0, (), format!("{n} chunks in {} packs", n.div_ceil(10_000)))
     });
     rows.push(row);
-    rows.push(child_phase("rebuild: repair --index", "--rebuild-pool", &dir));
+    rows.push(child_phase(
+        "rebuild: repair --index",
+        "--rebuild-pool",
+        &dir,
+    ));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -715,6 +715,7 @@ pub fn rebuild(pool: &dyn Pool, scratch_parent: Option<&std::path::Path>) -> Res
     let packs = covered.len();
     let sorted = sorter.finish()?;
     let (new_id, entries, _) = write_sorted_segment(pool, &covered, &sorted)?;
+    crate::failpoint::pause("rebuild-before-delete");
     let mut removed = 0;
     for name in old {
         if name != new_id.to_hex() {
