@@ -398,3 +398,94 @@ fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Every object of the pool under `dir` (kind directory / name), `tmp/`
+/// left out.
+fn pool_objects(dir: &Path) -> std::collections::BTreeSet<String> {
+    walk_files(dir)
+        .iter()
+        .map(|f| f.strip_prefix(dir).unwrap().display().to_string())
+        .filter(|f| !f.starts_with("tmp/"))
+        .collect()
+}
+
+#[test]
+fn gc_on_a_full_filesystem_mid_repack_deletes_nothing_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(dir.path(), 48 << 20) else {
+        return;
+    };
+    let pool_dir = fs.path.join("pool");
+    let pool = p(&pool_dir);
+    ok(&["init", &pool]);
+    // A: 12 MiB of random data; B: A with two of every three 64 KiB blocks
+    // rewritten. Once A is forgotten its packs are one-third live: repacked.
+    let mut rng = cairn_engine::sample::SampleRng::new(3);
+    let mut a = vec![0u8; 12 << 20];
+    rng.fill(&mut a);
+    let mut b = a.clone();
+    for (i, block) in b.chunks_mut(64 << 10).enumerate() {
+        if i % 3 != 0 {
+            rng.fill(block);
+        }
+    }
+    let (a_img, b_img) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&a_img, &a).unwrap();
+    std::fs::write(&b_img, &b).unwrap();
+    let backup = |img: &Path| {
+        json(&[
+            "backup",
+            &pool,
+            "--vm",
+            "v",
+            &p(img),
+            "--compression",
+            "none",
+            "--json",
+        ])["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let sa = backup(&a_img);
+    let sb = backup(&b_img);
+    ok(&["forget", &pool, &sa]);
+    let dry = json(&["gc", &pool, "--dry-run", "--json"]);
+    assert!(dry["packs_repacked"].as_u64().unwrap() >= 1, "{dry}");
+    let before = pool_objects(&pool_dir);
+
+    // 1 MiB free: the notice and the lease fit, the repacked pack does not.
+    fs.fill_leaving(1 << 20);
+    let out = cairn(&["gc", &pool, "--json"]);
+    assert_ne!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        stderr(&out).contains("pool write of pack")
+            && stderr(&out).contains("No space left on device"),
+        "a clear error, from the repack's new pack: {}",
+        stderr(&out)
+    );
+    assert_eq!(
+        pool_objects(&pool_dir),
+        before,
+        "nothing deleted, nothing left behind"
+    );
+    assert_eq!(
+        std::fs::read_dir(pool_dir.join("tmp")).map_or(0, |d| d.count()),
+        0,
+        "no partial object left in tmp/"
+    );
+    let out_dir = dir.path().join("out");
+    ok(&["restore", &pool, &sb, "--to", &p(&out_dir)]);
+    assert!(std::fs::read(out_dir.join("b.img")).unwrap() == b);
+
+    // Space again: the collection completes.
+    fs.unfill();
+    let r = json(&["gc", &pool, "--json"]);
+    assert!(r["packs_repacked"].as_u64().unwrap() >= 1, "{r}");
+    ok(&["restore", &pool, &sb, "--to", &p(&out_dir), "--force"]);
+    assert!(std::fs::read(out_dir.join("b.img")).unwrap() == b);
+    assert_eq!(
+        json(&["verify", &pool, "--read-data", "--json"])["ok"],
+        true
+    );
+}

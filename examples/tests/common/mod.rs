@@ -120,3 +120,66 @@ pub fn raw_of(qcow2: &Path, out: &Path) -> Vec<u8> {
     );
     std::fs::read(out).unwrap()
 }
+
+/// A small tmpfs mounted for a test (needs root, as CI runs): a filesystem
+/// that really fills up. Unmounted on drop. `None` (with a notice) when
+/// the mount is refused, so a developer's unprivileged run still passes
+/// the rest of the suite; CI runs as root and always mounts it.
+#[allow(dead_code)] // not every test binary uses it
+pub struct SmallFs {
+    pub path: std::path::PathBuf,
+}
+
+#[allow(dead_code)]
+impl SmallFs {
+    pub fn mount(parent: &Path, bytes: u64) -> Option<SmallFs> {
+        let path = parent.join("smallfs");
+        std::fs::create_dir_all(&path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            eprintln!("NOTICE: cannot mount a tmpfs (not root?): full-filesystem test skipped");
+            return None;
+        }
+        Some(SmallFs { path })
+    }
+
+    /// Bytes free for an unprivileged writer.
+    pub fn free(&self) -> u64 {
+        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs writes into the struct we pass; the path is NUL-terminated.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+        s.f_bavail as u64 * s.f_frsize as u64
+    }
+
+    /// Fills the filesystem until `leave` bytes are free (a file `filler`).
+    pub fn fill_leaving(&self, leave: u64) {
+        let free = self.free();
+        assert!(free > leave, "only {free} bytes free");
+        let f = std::fs::File::create(self.path.join("filler")).unwrap();
+        let block = vec![0x5au8; 1 << 20];
+        let mut left = free - leave;
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(f);
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            w.write_all(&block[..n]).unwrap();
+            left -= n as u64;
+        }
+        w.into_inner().unwrap().sync_all().unwrap();
+    }
+
+    pub fn unfill(&self) {
+        std::fs::remove_file(self.path.join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
