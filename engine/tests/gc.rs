@@ -19,7 +19,8 @@ use cairn_engine::{
     MemorySource, ObjectWriter, Pool, PoolList, PoolRead, PoolWrapper, PruneOptions, Repository,
     RestoreOptions, Result, RetentionPolicy, SnapshotId, WrappedPool,
 };
-use cairn_pools::LocalPool;
+use cairn_pools::testing::S3Server;
+use cairn_pools::{LocalPool, ObjectPool, PoolAddress};
 
 const BLOCK: usize = 64 << 10;
 
@@ -140,18 +141,48 @@ fn mutate(rng: &mut SampleRng, image: &mut [u8], n: usize) {
     }
 }
 
+fn sequences(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 #[test]
 fn random_sequences_of_backup_prune_and_gc_keep_every_live_snapshot() {
     let scratch = tempfile::tempdir().unwrap();
     // 200 by default; scripts/mutants.sh runs fewer (one build and run per
     // mutant).
-    let sequences: u64 = std::env::var("CAIRN_GC_SEQUENCES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    for seq in 0..sequences {
+    for seq in 0..sequences("CAIRN_GC_SEQUENCES", 200) {
         let dir = tempfile::tempdir().unwrap();
         let local: DynPool = Arc::new(LocalPool::create(dir.path()).unwrap());
+        run_sequence(seq, local, scratch.path());
+    }
+}
+
+/// The same model on the S3 pool (s3s-fs on 127.0.0.1, a fresh prefix per
+/// sequence): 20 sequences by default (`CAIRN_GC_S3_SEQUENCES`), each
+/// request a real HTTP round trip.
+#[test]
+fn random_sequences_on_the_s3_pool_keep_every_live_snapshot() {
+    let scratch = tempfile::tempdir().unwrap();
+    let server = S3Server::start();
+    server.create_bucket("model");
+    for seq in 0..sequences("CAIRN_GC_S3_SEQUENCES", 20) {
+        let PoolAddress::S3(addr) =
+            PoolAddress::parse(&server.address("model", &format!("seq-{seq}"), "")).unwrap()
+        else {
+            panic!("not an s3 address")
+        };
+        let pool: DynPool = Arc::new(ObjectPool::open_with(&addr, &server.settings()).unwrap());
+        run_sequence(1000 + seq, pool, scratch.path());
+    }
+}
+
+/// One random sequence of backups, prunes, forgets and collections (some
+/// failing part-way) on `local`, checked against the model.
+fn run_sequence(seq: u64, local: DynPool, scratch: &std::path::Path) {
+    {
         let faulty = Arc::new(WrappedPool(Faulty::new(local.clone())));
         let pool: DynPool = faulty.clone();
         let repo = Repository::create(pool.clone()).unwrap();
@@ -228,7 +259,7 @@ fn random_sequences_of_backup_prune_and_gc_keep_every_live_snapshot() {
         let listed: BTreeSet<SnapshotId> = repo.snapshot_ids().unwrap().into_iter().collect();
         assert_eq!(listed, model.keys().copied().collect(), "seq {seq}");
         for (id, (_, image)) in &model {
-            restores(&repo, id, image, scratch.path());
+            restores(&repo, id, image, scratch);
         }
         // A final collection that repacks everything sparse leaves the
         // packs within 10 % of the live bytes.
@@ -245,7 +276,7 @@ fn random_sequences_of_backup_prune_and_gc_keep_every_live_snapshot() {
             "seq {seq}: {stored} < {live}: live data lost"
         );
         for (id, (_, image)) in &model {
-            restores(&repo, id, image, scratch.path());
+            restores(&repo, id, image, scratch);
         }
         let report = repo
             .verify(&cairn_engine::VerifyOptions::default().with_read_data(true))
