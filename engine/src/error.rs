@@ -146,6 +146,16 @@ pub enum Error {
         lease: String,
     },
 
+    /// A listing of the pool left out an object that exists (a listing cut
+    /// short by the store): nothing may be decided from it.
+    #[error("the pool's listing of {kind}s left out {name:?}, which exists: the listing was cut short; nothing was deleted")]
+    ListingIncomplete {
+        /// What was listed.
+        kind: FileKind,
+        /// The object missing from the listing.
+        name: String,
+    },
+
     /// Another job holds the pool for what was asked (a garbage collection
     /// running, backups still running after the allowed wait).
     #[error("pool busy: {0}")]

@@ -25,6 +25,33 @@ use crate::error::{Error, Result};
 /// Bytes of records an [`ExternalSorter`] holds before it spills a run.
 pub const DEFAULT_SORT_BUDGET: usize = 8 << 20;
 
+/// The sort budget: [`DEFAULT_SORT_BUDGET`], or `CAIRN_SORT_BUDGET` bytes
+/// when set — a test knob that makes small pools spill (0: 16 records per
+/// run), so the on-disk paths are exercised by ordinary tests.
+pub fn sort_budget() -> usize {
+    std::env::var("CAIRN_SORT_BUDGET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_SORT_BUDGET)
+}
+
+/// Where scratch directories go by default: `$CAIRN_SCRATCH_DIR`, else
+/// `$TMPDIR`, else `/var/tmp` (on disk on most systems, where `/tmp` may
+/// be a RAM-backed tmpfs), else the system's temporary directory.
+pub fn default_scratch_parent() -> PathBuf {
+    if let Some(d) = std::env::var_os("CAIRN_SCRATCH_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("TMPDIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let var_tmp = Path::new("/var/tmp");
+    if var_tmp.is_dir() {
+        return var_tmp.to_path_buf();
+    }
+    std::env::temp_dir()
+}
+
 /// Runs merged at once (each takes one read buffer).
 pub const MAX_FAN_IN: usize = 64;
 
@@ -41,6 +68,29 @@ pub trait Record: Copy + Ord {
     fn get(bytes: &[u8]) -> Self;
 }
 
+/// Name prefix of scratch directories: `cairn-sort-<pid>-<random>`.
+const SCRATCH_PREFIX: &str = "cairn-sort-";
+
+/// Removes `cairn-sort-<pid>-*` directories under `parent` whose process
+/// is gone (best effort: a directory in use by a live process is kept).
+fn remove_orphans(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(SCRATCH_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A private directory for run files, deleted with everything in it on drop.
 #[derive(Debug)]
 pub struct ScratchDir {
@@ -49,27 +99,22 @@ pub struct ScratchDir {
 }
 
 impl ScratchDir {
-    /// Creates a scratch directory under `parent`, or under the system's
-    /// temporary directory (`$TMPDIR`, else `/tmp`).
+    /// Creates a scratch directory under `parent`, or under
+    /// [`default_scratch_parent`]. Directories left there by processes that
+    /// no longer run (killed: a `TempDir` is removed on drop, not on
+    /// SIGKILL) are removed first.
     pub fn new(parent: Option<&Path>) -> Result<Self> {
-        let mut b = tempfile::Builder::new();
-        b.prefix("cairn-sort-");
-        let dir = match parent {
-            Some(p) => b.tempdir_in(p),
-            None => b.tempdir(),
-        }
-        .map_err(|e| {
-            Error::io(
-                format!(
-                    "creating a scratch directory under {}",
-                    parent.map_or_else(
-                        || std::env::temp_dir().display().to_string(),
-                        |p| p.display().to_string()
-                    )
-                ),
-                e,
-            )
-        })?;
+        let parent = parent.map_or_else(default_scratch_parent, Path::to_path_buf);
+        remove_orphans(&parent);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&parent)
+            .map_err(|e| {
+                Error::io(
+                    format!("creating a scratch directory under {}", parent.display()),
+                    e,
+                )
+            })?;
         Ok(ScratchDir {
             dir,
             next: Default::default(),
@@ -107,7 +152,7 @@ impl<'a, R: Record> ExternalSorter<'a, R> {
     /// its scratch files (and errors about them). With `dedup`, equal
     /// records come out once.
     pub fn new(scratch: &'a ScratchDir, what: &'static str, budget: usize, dedup: bool) -> Self {
-        let limit = (budget / std::mem::size_of::<R>().max(1)).max(1024);
+        let limit = (budget / std::mem::size_of::<R>().max(1)).max(16);
         ExternalSorter {
             scratch,
             what,
@@ -122,9 +167,6 @@ impl<'a, R: Record> ExternalSorter<'a, R> {
     pub fn push(&mut self, r: R) -> Result<()> {
         if self.buf.len() >= self.limit {
             self.spill()?;
-        }
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(self.limit);
         }
         self.buf.push(r);
         Ok(())
@@ -148,6 +190,8 @@ impl<'a, R: Record> ExternalSorter<'a, R> {
         w.flush().map_err(|e| scratch_error(&path, e))?;
         self.runs.push((path, self.buf.len() as u64));
         self.buf.clear();
+        // From now on the buffer is reused at its full size.
+        self.buf.reserve_exact(self.limit);
         Ok(())
     }
 
@@ -155,6 +199,7 @@ impl<'a, R: Record> ExternalSorter<'a, R> {
     pub fn finish(mut self) -> Result<Sorted<R>> {
         if self.runs.is_empty() {
             self.sort_buffer();
+            self.buf.shrink_to_fit();
             return Ok(Sorted {
                 inner: SortedInner::Memory(std::mem::take(&mut self.buf)),
             });
@@ -234,6 +279,16 @@ pub struct Sorted<R: Record> {
 enum SortedInner<R> {
     Memory(Vec<R>),
     File { path: PathBuf, count: u64 },
+}
+
+impl<R> Drop for SortedInner<R> {
+    /// The merged file goes as soon as the records are no longer needed,
+    /// not only with the scratch directory.
+    fn drop(&mut self) {
+        if let SortedInner::File { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl<R: Record> Sorted<R> {
@@ -386,9 +441,9 @@ mod tests {
 
     #[test]
     fn spilled_runs_merge_in_order_with_and_without_dedup() {
-        // 1024 records per run: 200 runs, so the merge takes two rounds.
+        // 16 records per run: thousands of runs, several merge rounds.
         for dedup in [true, false] {
-            let (got, expected, spilled) = sorted_ids(200_000, 0, dedup);
+            let (got, expected, spilled) = sorted_ids(50_000, 0, dedup);
             assert!(spilled > MAX_FAN_IN, "{spilled} runs");
             assert_eq!(got, expected, "dedup {dedup}");
         }
@@ -422,11 +477,35 @@ mod tests {
             s.push(ChunkId::of(&i.to_le_bytes())).unwrap();
         }
         let sorted = s.finish().unwrap();
-        // One merged file is left of the runs.
+        // One merged file is left of the runs, and goes with the records.
         assert_eq!(std::fs::read_dir(&path).unwrap().count(), 1);
         drop(sorted);
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
         drop(scratch);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn directories_of_dead_processes_are_removed_live_ones_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        // No process has pid 4194304 + 1 (above the kernel's maximum).
+        let dead = parent.path().join("cairn-sort-4194305-abc");
+        let mine = parent
+            .path()
+            .join(format!("cairn-sort-{}-def", std::process::id()));
+        let other = parent.path().join("unrelated");
+        for d in [&dead, &mine, &other] {
+            std::fs::create_dir_all(d.join("x")).unwrap();
+        }
+        let scratch = ScratchDir::new(Some(parent.path())).unwrap();
+        assert!(!dead.exists());
+        assert!(mine.exists() && other.exists());
+        assert!(scratch
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(&format!("cairn-sort-{}-", std::process::id())));
     }
 
     #[test]

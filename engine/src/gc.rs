@@ -27,9 +27,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::external_sort::{ExternalSorter, Record, ScratchDir, Sorted, DEFAULT_SORT_BUDGET};
+use crate::external_sort::{sort_budget, ExternalSorter, Record, ScratchDir, Sorted};
 use crate::failpoint;
-use crate::id::{ChunkId, PackId};
+use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{delete_retrying, list_leases, SweepNotice, WriterLease, LEASE_RENEW_INTERVAL};
 use crate::progress::CancelToken;
@@ -66,8 +66,9 @@ pub struct GcOptions {
     pub max_wait: Option<Duration>,
     /// Stops the collection (before its first deletion) when triggered.
     pub cancel: CancelToken,
-    /// Where the external sort keeps its runs (`None`: `$TMPDIR`). Needs
-    /// about 100 bytes per chunk in the pool.
+    /// Where the external sort keeps its runs (`None`: `$CAIRN_SCRATCH_DIR`,
+    /// else `$TMPDIR`, else `/var/tmp`). Needs about 220 bytes per chunk in
+    /// the pool at peak.
     pub scratch_dir: Option<std::path::PathBuf>,
 }
 
@@ -133,7 +134,7 @@ impl GcOptions {
     }
 
     /// Keeps the external sort's scratch files under `dir` instead of
-    /// `$TMPDIR`.
+    /// the default (see [`scratch_dir`](Self::scratch_dir)).
     pub fn with_scratch_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.scratch_dir = Some(dir.into());
         self
@@ -302,15 +303,19 @@ fn mark(
     cancel: &CancelToken,
     scratch: &ScratchDir,
     seed: Option<&Sorted<ChunkId>>,
+    expected: &mut BTreeSet<SnapshotId>,
 ) -> Result<(usize, Sorted<ChunkId>)> {
-    let mut live = ExternalSorter::new(scratch, "live", DEFAULT_SORT_BUDGET, true);
+    let mut live = ExternalSorter::new(scratch, "live", sort_budget(), true);
     if let Some(seed) = seed {
         for id in seed.iter()? {
             live.push(id?)?;
         }
     }
     let mut snapshots = 0;
-    for id in list_snapshot_ids(&**pool)? {
+    let listed = list_snapshot_ids(&**pool)?;
+    check_listing(pool, &listed, expected)?;
+    expected.extend(listed.iter().copied());
+    for id in listed {
         cancel.check()?;
         let mut failed = None;
         let visited = visit_snapshot_chunks(&**pool, &id, &mut |c| {
@@ -330,6 +335,47 @@ fn mark(
         }
     }
     Ok((snapshots, live.finish()?))
+}
+
+/// Refuses a manifest listing that leaves out a manifest known to exist
+/// (named by the snapshot catalog or by an earlier listing of this
+/// collection, and still there when asked by name): a listing cut short
+/// would make the chunks of the missing snapshots look like garbage —
+/// restic's prune lost data that way.
+fn check_listing(
+    pool: &DynPool,
+    listed: &[SnapshotId],
+    expected: &mut BTreeSet<SnapshotId>,
+) -> Result<()> {
+    if expected.is_empty() {
+        for name in pool.list(FileKind::Catalog)? {
+            let bytes = match pool.read(FileKind::Catalog, &name) {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() || e.is_damage() => continue,
+                Err(e) => return Err(e),
+            };
+            // A damaged catalog object only weakens this check.
+            if let Ok(entries) = crate::store::catalog::decode(&bytes) {
+                expected.extend(entries.into_iter().map(|(id, _)| id));
+            }
+        }
+    }
+    for id in expected.iter() {
+        if listed.binary_search(id).is_ok() {
+            continue;
+        }
+        match pool.size(FileKind::Snapshot, &id.to_hex()) {
+            Ok(_) => {
+                return Err(Error::ListingIncomplete {
+                    kind: FileKind::Snapshot,
+                    name: id.to_hex(),
+                })
+            }
+            Err(e) if e.is_not_found() => {} // forgotten meanwhile
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Calls `f` with each run of table records of one chunk (packs no longer
@@ -471,14 +517,15 @@ impl Repository {
 
         // 1. Mark, and read every pack's table (segments listed first, so
         //    every pack a listed segment covers is in the pack listing).
-        let (snapshots, live1) = mark(&pool, &opts.cancel, &scratch, None)?;
+        let mut known_snapshots = BTreeSet::new();
+        let (snapshots, live1) = mark(&pool, &opts.cancel, &scratch, None, &mut known_snapshots)?;
         let old_segments = pool.list(FileKind::Index)?;
         let mut packs = Packs::new();
         let sizes: HashMap<String, u64> = match pool.list_sizes(FileKind::Pack)? {
             Some(s) => s.into_iter().collect(),
             None => HashMap::new(),
         };
-        let mut tables = ExternalSorter::new(&scratch, "tables", DEFAULT_SORT_BUDGET, false);
+        let mut tables = ExternalSorter::new(&scratch, "tables", sort_budget(), false);
         for name in pool.list(FileKind::Pack)? {
             opts.cancel.check()?;
             let Some(pack) = PackId::from_hex(&name) else {
@@ -584,7 +631,13 @@ impl Repository {
                 pool.list(FileKind::Pack)?.into_iter().collect();
             packs.retain(|p, _| still.contains(&p.to_hex()));
             condemned.retain(|p| packs.contains_key(p));
-            let (_, live2) = mark(&pool, &opts.cancel, &scratch, Some(&live))?;
+            let (_, live2) = mark(
+                &pool,
+                &opts.cancel,
+                &scratch,
+                Some(&live),
+                &mut known_snapshots,
+            )?;
             live = live2;
             let again = condemn(&mut packs, &tables, &live, opts.repack_below, &opts.cancel)?;
             condemned.retain(|p| again.contains(p));
@@ -594,8 +647,8 @@ impl Repository {
         // 5. Plan: live blobs owned by condemned packs are copied (in pack
         //    order); every entry of a pack that stays goes to the new
         //    segment.
-        let mut copies = ExternalSorter::new(&scratch, "copies", DEFAULT_SORT_BUDGET, false);
-        let mut segment = ExternalSorter::new(&scratch, "segment", DEFAULT_SORT_BUDGET, false);
+        let mut copies = ExternalSorter::new(&scratch, "copies", sort_budget(), false);
+        let mut segment = ExternalSorter::new(&scratch, "segment", sort_budget(), false);
         for_each_chunk(&tables, &live, &packs, &opts.cancel, |group, is_live| {
             if is_live {
                 if let Some(o) = owner(group, &packs).filter(|o| condemned.contains(&o.pack)) {
@@ -867,5 +920,57 @@ fn wait_for_writers(pool: &DynPool, opts: &GcOptions, me: &str) -> Result<(usize
             )));
         }
         std::thread::sleep(opts.poll);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::external_sort::Record;
+
+    fn sample(i: u8) -> TableRecord {
+        TableRecord {
+            id: ChunkId([i ^ 0x5a; 32]),
+            pack: PackId([i; 16]),
+            offset: 0x0102_0304_0506_0708 + i as u64,
+            length: 0x1112_1314 + i as u32,
+            raw_length: 0x2122_2324 - i as u32,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_their_encoding() {
+        let mut buf = [0u8; 64];
+        for i in 0..=255u8 {
+            let t = sample(i);
+            t.put(&mut buf);
+            assert_eq!(TableRecord::get(&buf), t);
+            let c = CopyRecord {
+                pack: t.pack,
+                offset: t.offset,
+                length: t.length,
+                raw_length: t.raw_length,
+                id: t.id,
+            };
+            c.put(&mut buf);
+            assert_eq!(CopyRecord::get(&buf), c);
+        }
+    }
+
+    #[test]
+    fn copies_sort_by_pack_then_offset_and_tables_by_chunk_then_pack() {
+        let a = sample(1);
+        let mut b = sample(2);
+        b.id = ChunkId([0; 32]); // smaller id, larger pack
+        assert!(b < a, "tables: by chunk id first");
+        let copy = |t: TableRecord| CopyRecord {
+            pack: t.pack,
+            offset: t.offset,
+            length: t.length,
+            raw_length: t.raw_length,
+            id: t.id,
+        };
+        assert!(copy(a) < copy(b), "copies: by pack first");
     }
 }

@@ -104,6 +104,18 @@ fn restores(repo: &Repository, id: &SnapshotId, image: &[u8], scratch: &std::pat
 
 #[test]
 fn bit_flips_in_100_blobs_name_exactly_the_affected_snapshots_and_repair_heals() {
+    scenario();
+}
+
+/// The same with verify's, repair's and the index rebuild's sorts spilled
+/// to disk (16 records per run).
+#[test]
+fn the_same_with_every_sort_on_disk() {
+    std::env::set_var("CAIRN_SORT_BUDGET", "0");
+    scenario();
+}
+
+fn scenario() {
     let dir = tempfile::tempdir().unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let local = Arc::new(LocalPool::create(dir.path()).unwrap());

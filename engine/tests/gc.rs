@@ -32,6 +32,8 @@ struct Faulty {
     creates_left: AtomicI64,
     deletes_left: AtomicI64,
     fail_list: Option<FileKind>,
+    /// Listings of this kind leave out their last name (cut short).
+    cut_list: Option<FileKind>,
 }
 
 impl Faulty {
@@ -41,6 +43,7 @@ impl Faulty {
             creates_left: AtomicI64::new(i64::MAX),
             deletes_left: AtomicI64::new(i64::MAX),
             fail_list: None,
+            cut_list: None,
         }
     }
 }
@@ -72,7 +75,11 @@ impl PoolWrapper for Faulty {
         if self.fail_list == Some(kind) {
             return Err(injected("list"));
         }
-        self.inner.list(kind)
+        let mut names = self.inner.list(kind)?;
+        if self.cut_list == Some(kind) {
+            names.pop();
+        }
+        Ok(names)
     }
 }
 
@@ -157,6 +164,22 @@ fn random_sequences_of_backup_prune_and_gc_keep_every_live_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let local: DynPool = Arc::new(LocalPool::create(dir.path()).unwrap());
         run_sequence(seq, local, scratch.path());
+    }
+}
+
+/// The same model with every external sort spilled to disk (runs of 16
+/// records, several merge rounds): the on-disk paths of the mark, the
+/// pack tables, the copy plan and the segment.
+#[test]
+fn random_sequences_with_every_sort_on_disk_keep_every_live_snapshot() {
+    // Process-wide: other tests of this binary may spill too (slower, as
+    // correct).
+    std::env::set_var("CAIRN_SORT_BUDGET", "0");
+    let scratch = tempfile::tempdir().unwrap();
+    for seq in 0..sequences("CAIRN_GC_SPILL_SEQUENCES", 30) {
+        let dir = tempfile::tempdir().unwrap();
+        let local: DynPool = Arc::new(LocalPool::create(dir.path()).unwrap());
+        run_sequence(5000 + seq, local, scratch.path());
     }
 }
 
@@ -343,6 +366,37 @@ fn a_failed_listing_or_unreadable_manifest_deletes_nothing() {
     let e = repo.gc(&GcOptions::default()).unwrap_err();
     assert!(e.is_damage(), "{e}");
     assert_eq!(objects(&local), before);
+}
+
+/// A manifest listing cut short (the store leaves out the only live
+/// snapshot without an error) would make every chunk look like garbage:
+/// the collection notices (the snapshot catalog names it and it exists)
+/// and deletes nothing.
+#[test]
+fn a_listing_cut_short_deletes_nothing() {
+    let (dir, local, img) = pool_with_garbage();
+    let repo = Repository::open(local.clone()).unwrap();
+    repo.snapshots().unwrap(); // the catalog, as any listing or backup leaves it
+    let before = objects(&local);
+    let mut faulty = Faulty::new(local.clone());
+    faulty.cut_list = Some(FileKind::Snapshot);
+    let cut: DynPool = Arc::new(WrappedPool(faulty));
+    let e = Repository::open(cut)
+        .unwrap()
+        .gc(&GcOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ListingIncomplete {
+                kind: FileKind::Snapshot,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(objects(&local), before, "nothing deleted");
+    restores(&repo, &repo.snapshot_ids().unwrap()[0], &img, dir.path());
 }
 
 #[test]

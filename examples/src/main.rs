@@ -42,6 +42,11 @@ struct Cli {
     /// Do not cache anything locally.
     #[arg(long, global = true)]
     no_cache: bool,
+    /// Where gc, verify and repair sort on disk (bounded memory; about
+    /// 220 bytes per chunk of the pool at peak). Default: $CAIRN_SCRATCH_DIR,
+    /// else $TMPDIR, else /var/tmp.
+    #[arg(long, global = true, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -310,6 +315,10 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.scratch_dir {
+        // Read by the engine's external sort; set before any thread starts.
+        std::env::set_var("CAIRN_SCRATCH_DIR", dir);
+    }
     let code = match run(cli) {
         Ok(code) => code,
         Err(f) => {

@@ -13,7 +13,7 @@ use crossbeam_channel::bounded;
 use parking_lot::Mutex;
 
 use crate::error::Result;
-use crate::external_sort::{ExternalSorter, Record, ScratchDir, Sorted, DEFAULT_SORT_BUDGET};
+use crate::external_sort::{sort_budget, ExternalSorter, Record, ScratchDir, Sorted};
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::worker_threads;
@@ -133,7 +133,8 @@ pub struct VerifyOptions {
     pub progress: Arc<dyn Progress>,
     /// Stops the verify when triggered.
     pub cancel: CancelToken,
-    /// Where the referenced chunks are sorted (`None`: `$TMPDIR`).
+    /// Where the referenced chunks are sorted (`None`: `$CAIRN_SCRATCH_DIR`,
+    /// else `$TMPDIR`, else `/var/tmp`).
     pub scratch_dir: Option<std::path::PathBuf>,
 }
 
@@ -169,7 +170,7 @@ impl VerifyOptions {
         self
     }
 
-    /// Sorts the referenced chunks under `dir` instead of `$TMPDIR`.
+    /// Sorts the referenced chunks under `dir` instead of the default.
     pub fn with_scratch_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.scratch_dir = Some(dir.into());
         self
@@ -309,7 +310,7 @@ fn collect_references(
 ) -> Result<Sorted<ChunkId>> {
     let ids = list_snapshot_ids(pool)?;
     report.snapshots = ids.len();
-    let mut chunks = ExternalSorter::new(scratch, "referenced", DEFAULT_SORT_BUDGET, true);
+    let mut chunks = ExternalSorter::new(scratch, "referenced", sort_budget(), true);
     for id in &ids {
         cancel.check()?;
         let mut failed = None;
@@ -352,7 +353,7 @@ fn locate_chunks(
     scratch: &ScratchDir,
     report: &mut VerifyReport,
 ) -> Result<Sorted<Reference>> {
-    let mut refs = ExternalSorter::new(scratch, "locations", DEFAULT_SORT_BUDGET, false);
+    let mut refs = ExternalSorter::new(scratch, "locations", sort_budget(), false);
     let mut batch = Vec::with_capacity(LOOKUP_BATCH);
     let mut found = Vec::with_capacity(LOOKUP_BATCH);
     let mut it = chunks.iter()?;
@@ -401,11 +402,23 @@ const LOOKUP_BATCH: usize = 4096;
 /// Most bytes of a pack read at once with `read_data`.
 const WINDOW: u64 = 8 << 20;
 
+/// Most disk byte ranges recorded per finding (a chunk repeated all over
+/// many snapshots, e.g. a common block, would otherwise hold them all).
+const MAX_RANGES_PER_FINDING: usize = 1024;
+
 /// Names, for every finding about a chunk, the snapshots that reference
 /// it and the byte ranges of their disks it breaks (adjacent extents
-/// merged): one more pass over the manifests, holding only the damaged
-/// chunks in memory.
-fn attribute_damage(pool: &dyn Pool, damage: &mut [Damage], cancel: &CancelToken) -> Result<()> {
+/// merged, at most [`MAX_RANGES_PER_FINDING`] each): one more pass over the
+/// manifests, holding only the damaged chunks in memory. A manifest that
+/// has gone since the first pass is passed over; one that has become
+/// unreadable is a finding of its own; any other read error stops the
+/// verify (a snapshot must not go unnamed).
+fn attribute_damage(
+    pool: &dyn Pool,
+    report: &mut VerifyReport,
+    cancel: &CancelToken,
+) -> Result<()> {
+    let damage = &mut report.damage;
     let mut by_chunk: HashMap<ChunkId, Vec<usize>> = HashMap::new();
     for (i, d) in damage.iter().enumerate() {
         if let Some(c) = d.chunk {
@@ -417,41 +430,56 @@ fn attribute_damage(pool: &dyn Pool, damage: &mut [Damage], cancel: &CancelToken
     }
     for id in list_snapshot_ids(pool)? {
         cancel.check()?;
-        let mut hits: Vec<(usize, DamagedRange)> = Vec::new();
+        // Per finding: its ranges in this snapshot.
+        let mut hits: HashMap<usize, Vec<DamagedRange>> = HashMap::new();
         let visited = visit_snapshot_chunks(pool, &id, &mut |c| {
             let Some(findings) = by_chunk.get(&c.id) else {
                 return;
             };
             for &i in findings {
-                if let Some((_, last)) = hits.iter_mut().rev().find(|(j, _)| *j == i) {
+                let ranges = hits.entry(i).or_default();
+                if let Some(last) = ranges.last_mut() {
                     if last.disk == c.disk && last.offset + last.length == c.offset {
                         last.length += c.length;
                         continue;
                     }
                 }
-                hits.push((
-                    i,
-                    DamagedRange {
-                        snapshot: id,
-                        disk: c.disk.to_string(),
-                        offset: c.offset,
-                        length: c.length,
-                    },
-                ));
+                ranges.push(DamagedRange {
+                    snapshot: id,
+                    disk: c.disk.to_string(),
+                    offset: c.offset,
+                    length: c.length,
+                });
             }
         });
         match visited {
             Ok(_) => {}
-            // Gone or unreadable since the first pass (the latter is a
-            // finding of its own already, or a prune raced this verify).
-            Err(_) => continue,
-        }
-        for (i, range) in hits {
-            let d = &mut damage[i];
-            if d.snapshots.last() != Some(&id) {
-                d.snapshots.push(id);
+            Err(e) if e.is_not_found() => continue,
+            Err(e) if e.is_damage() => {
+                let known = damage
+                    .iter()
+                    .any(|d| d.kind == DamageKind::ManifestUnreadable && d.snapshots == [id]);
+                if !known {
+                    damage.push(Damage {
+                        kind: DamageKind::ManifestUnreadable,
+                        pack: None,
+                        chunk: None,
+                        snapshots: vec![id],
+                        ranges: Vec::new(),
+                        detail: e.to_string(),
+                    });
+                }
+                continue;
             }
-            d.ranges.push(range);
+            Err(e) => return Err(e),
+        }
+        let mut hits: Vec<(usize, Vec<DamagedRange>)> = hits.into_iter().collect();
+        hits.sort_by_key(|(i, _)| *i);
+        for (i, ranges) in hits {
+            let d = &mut damage[i];
+            d.snapshots.push(id);
+            let room = MAX_RANGES_PER_FINDING.saturating_sub(d.ranges.len());
+            d.ranges.extend(ranges.into_iter().take(room));
         }
     }
     Ok(())
@@ -539,7 +567,7 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
     report.blobs_read = blobs;
     report.bytes_read = bytes;
     report.damage.extend(checker.found.into_inner());
-    attribute_damage(pool, &mut report.damage, &opts.cancel)?;
+    attribute_damage(pool, &mut report, &opts.cancel)?;
     report.damage.sort_by_key(|d| (d.kind, d.pack, d.chunk));
     Ok(report)
 }
@@ -722,5 +750,30 @@ impl PackChecker<'_> {
                 detail: detail.to_string(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn references_round_trip_and_sort_by_pack_then_offset() {
+        let mut buf = [0u8; 60];
+        let mut all = Vec::new();
+        for i in 0..=255u8 {
+            let r = Reference {
+                pack: PackId([255 - i; 16]),
+                offset: 0x0102_0304_0506_0708u64.wrapping_mul(i as u64),
+                length: 0x1112_1314 ^ i as u32,
+                id: ChunkId([i; 32]),
+            };
+            r.put(&mut buf);
+            assert_eq!(Reference::get(&buf), r);
+            all.push(r);
+        }
+        all.sort();
+        assert_eq!(all[0].pack, PackId([0; 16]));
     }
 }

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use crate::error::{Error, Result};
-use crate::external_sort::{ExternalSorter, Record, ScratchDir, Sorted, DEFAULT_SORT_BUDGET};
+use crate::external_sort::{sort_budget, ExternalSorter, Record, ScratchDir, Sorted};
 use crate::id::{ChunkId, PackId, SegmentId};
 use crate::kind::FileKind;
 use crate::store::format::{
@@ -695,7 +695,7 @@ impl std::fmt::Display for RebuildReport {
 pub fn rebuild(pool: &dyn Pool, scratch_parent: Option<&std::path::Path>) -> Result<RebuildReport> {
     let old = pool.list(FileKind::Index)?;
     let scratch = ScratchDir::new(scratch_parent)?;
-    let mut sorter = ExternalSorter::new(&scratch, "index-entries", DEFAULT_SORT_BUDGET, false);
+    let mut sorter = ExternalSorter::new(&scratch, "index-entries", sort_budget(), false);
     let mut covered = Vec::new();
     let mut damaged = Vec::new();
     for name in pool.list(FileKind::Pack)? {
@@ -859,18 +859,29 @@ pub fn write_sorted_segment(
     w.put(&fan).map_err(io)?;
     let mut last: Option<ChunkId> = None;
     let mut entry = [0u8; ENTRY_LEN];
+    let mut written = 0u64;
+    let changed = || {
+        Error::corrupt(
+            format!("new index segment {name}"),
+            DecodeError::Invalid("its sorted entries changed between the two passes".into()),
+        )
+    };
     for r in entries.iter()? {
         let r = r?;
         if last == Some(r.id) {
             continue;
         }
         last = Some(r.id);
-        let p = pack_index.get(&r.pack).copied().unwrap_or_default();
+        written += 1;
+        let p = *pack_index.get(&r.pack).ok_or_else(changed)?;
         entry[..32].copy_from_slice(&r.id.0);
         entry[32..36].copy_from_slice(&p.to_le_bytes());
         entry[36..40].copy_from_slice(&r.length.to_le_bytes());
         entry[40..48].copy_from_slice(&r.offset.to_le_bytes());
         w.put(&entry).map_err(io)?;
+    }
+    if written != count {
+        return Err(changed()); // dropping the writer aborts the object
     }
     let sum = w.hasher.finalize();
     w.put_unhashed(sum.as_bytes()).map_err(io)?;
@@ -1022,6 +1033,21 @@ mod tests {
     /// (backups) produce the same bytes for the same entries, and a chunk
     /// stored twice comes out once; with a 0-byte sort budget the entries
     /// go through spilled runs.
+    #[test]
+    fn entry_records_round_trip() {
+        let mut buf = [0u8; 60];
+        for i in 0..=255u8 {
+            let r = EntryRecord::new(
+                ChunkId([i; 32]),
+                PackId([i ^ 0xff; 16]),
+                0x0102_0304_0506_0708 ^ i as u64,
+                0x1112_1314 + i as u32,
+            );
+            r.put(&mut buf);
+            assert_eq!(EntryRecord::get(&buf), r);
+        }
+    }
+
     /// A pool that only keeps the last object written.
     #[derive(Default)]
     struct LastObject(Arc<parking_lot::Mutex<Vec<u8>>>);

@@ -509,16 +509,18 @@ pub(crate) fn read_manifest<P: PoolRead + ?Sized>(
 }
 
 /// Reads and checks (content hash = name) one manifest, and calls
-/// `on_chunk` with every chunk id it references, without holding its
-/// extents. The ids are only usable once this returns `Ok`.
+/// `on_chunk` with every chunk extent it holds, without building its extent
+/// lists. The manifest is validated whole first, so `on_chunk` is called
+/// only for a manifest that decodes (and then for all its chunks).
 pub(crate) fn visit_snapshot_chunks<P: PoolRead + ?Sized>(
     pool: &P,
     id: &SnapshotId,
     on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
 ) -> EngineResult<Snapshot> {
     let bytes = read_manifest(pool, id)?;
-    Snapshot::decode_visiting_chunks(&bytes, on_chunk)
-        .map_err(|e| Error::corrupt(format!("snapshot manifest {id}"), e))
+    let corrupt = |e| Error::corrupt(format!("snapshot manifest {id}"), e);
+    Snapshot::decode_without_extents(&bytes).map_err(corrupt)?;
+    Snapshot::decode_visiting_chunks(&bytes, on_chunk).map_err(corrupt)
 }
 
 /// Reads, checks (content hash = name) and decodes one manifest.
