@@ -66,11 +66,22 @@ impl CachedPool {
     }
 
     /// A verified cached copy, if there is one (a bad one is removed).
+    /// A verified cached copy, memory-mapped: the index of a remote pool
+    /// then costs page cache, not heap, as a local pool's does.
     fn lookup(&self, kind: FileKind, name: &str) -> Option<Bytes> {
         let path = self.path(kind, name);
-        let bytes = std::fs::read(&path).ok()?;
+        let file = std::fs::File::open(&path).ok()?;
+        let bytes = if file.metadata().ok()?.len() == 0 {
+            Bytes::new()
+        } else {
+            // SAFETY: cached files are written to a temporary name and
+            // renamed into place, never truncated or rewritten in place
+            // (only unlinked or replaced by a rename, which leaves this
+            // mapping's inode alone), so the mapping cannot change under us.
+            Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }.ok()?)
+        };
         if verify_object(kind, name, &bytes) == Some(true) {
-            Some(Bytes::from(bytes))
+            Some(bytes)
         } else {
             let _ = std::fs::remove_file(&path);
             None
@@ -109,7 +120,9 @@ impl PoolWrapper for CachedPool {
         }
         let bytes = self.inner.read(kind, name)?;
         self.store(kind, name, &bytes);
-        Ok(bytes)
+        // Served from the cached file (mapped), so the copy just fetched
+        // does not stay on the heap.
+        Ok(self.lookup(kind, name).unwrap_or(bytes))
     }
 
     fn list(&self, kind: FileKind) -> Result<Vec<String>> {
