@@ -47,6 +47,7 @@ struct Args {
     gc_chunks: u64,
     gc_pool: Option<PathBuf>,
     rebuild_pool: Option<PathBuf>,
+    verify_pool: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -65,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
         gc_chunks: 1_000_000,
         gc_pool: None,
         rebuild_pool: None,
+        verify_pool: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -89,6 +91,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--gc-pool" => a.gc_pool = Some(PathBuf::from(val()?)),
             "--rebuild-pool" => a.rebuild_pool = Some(PathBuf::from(val()?)),
+            "--verify-pool" => a.verify_pool = Some(PathBuf::from(val()?)),
             "--repeat" => {
                 a.repeat = val()?
                     .parse::<usize>()
@@ -680,6 +683,13 @@ fn gc(a: &Args, rows: &mut Vec<Row>) {
             "--gc-pool",
             &dir,
         ));
+        if keep == 0 {
+            rows.push(child_phase(
+                "verify (structural) after gc",
+                "--verify-pool",
+                &dir,
+            ));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -769,6 +779,17 @@ fn gc_child(pool: &Path) {
     println!("peak-rss-mib {:.1}", peak_rss_mib());
 }
 
+/// The child side of the verify phase of [`gc`].
+fn verify_child(pool: &Path) {
+    let pool: DynPool = Arc::new(LocalPool::open(pool).expect("pool"));
+    let repo = Repository::open(pool).expect("repo");
+    let report = repo
+        .verify(&cairn_engine::VerifyOptions::default())
+        .expect("verify");
+    println!("report {report}");
+    println!("peak-rss-mib {:.1}", peak_rss_mib());
+}
+
 /// The child side of [`rebuild`].
 fn rebuild_child(pool: &Path) {
     let pool: DynPool = Arc::new(LocalPool::open(pool).expect("pool"));
@@ -835,6 +856,10 @@ fn main() {
     }
     if let Some(pool) = &a.rebuild_pool {
         rebuild_child(pool);
+        return;
+    }
+    if let Some(pool) = &a.verify_pool {
+        verify_child(pool);
         return;
     }
     let mut rows = Vec::new();
