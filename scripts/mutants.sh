@@ -39,6 +39,8 @@ for f in "${files[@]}"; do args+=(--file "$f"); done
 # The model test of garbage collection runs 200 sequences by default;
 # a handful per mutant keep the run to ~25 s per mutant.
 export CAIRN_GC_SEQUENCES="${CAIRN_GC_SEQUENCES:-10}"
+export CAIRN_GC_SPILL_SEQUENCES="${CAIRN_GC_SPILL_SEQUENCES:-3}"
+export CAIRN_GC_S3_SEQUENCES="${CAIRN_GC_S3_SEQUENCES:-0}"
 exec cargo mutants --package cairn-engine --test-package cairn-engine \
   --cargo-test-arg=--lib --cargo-test-arg=--tests \
   --jobs "${MUTANTS_JOBS:-1}" --output target/mutants \
