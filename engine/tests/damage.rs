@@ -8,7 +8,9 @@
 //! bit-identical; `repair_packs` quarantines every hit pack, salvages the
 //! intact blobs and marks exactly the affected snapshots; backing the same
 //! images up again heals them: verify is clean, the marks are gone and
-//! every snapshot restores.
+//! every snapshot restores. Also each other kind of finding about a chunk:
+//! packs lost (`pack-missing`, then `chunk-missing` once the index is
+//! rebuilt) and an index entry at the wrong offset (`index-mismatch`).
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -260,4 +262,113 @@ fn scenario() {
     for (id, img) in &snaps {
         assert!(restores(&repo, id, img, scratch.path()), "snapshot {id}");
     }
+}
+
+fn backup_blocks(repo: &Repository, vm: &str, image: &[u8]) -> SnapshotId {
+    let opts = BackupOptions::new(vm)
+        .with_chunking(ChunkingParams::Fixed { size: BLOCK as u32 })
+        .with_compression(Compression::Zstd { level: 1 });
+    let disk = BackupDisk::image(
+        "vda",
+        MemorySource::new("vda", Bytes::copy_from_slice(image)),
+    );
+    repo.backup(vec![disk], &opts).unwrap().snapshot
+}
+
+/// The packs of the first of two backups deleted: before the index is
+/// rebuilt every chunk of it is `pack-missing`, after it `chunk-missing`;
+/// each finding names the first snapshot only, at the block's offset.
+#[test]
+fn lost_packs_are_pack_missing_then_chunk_missing_naming_their_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalPool::create(dir.path()).unwrap());
+    let pool: DynPool = local.clone();
+    let repo = Repository::create(pool.clone()).unwrap();
+    let mut rng = SampleRng::new(11);
+    let one = random_blocks(&mut rng, 40).concat();
+    let two = random_blocks(&mut rng, 40).concat();
+    let s1 = backup_blocks(&repo, "one", &one);
+    let first_packs = pool.list(FileKind::Pack).unwrap();
+    let s2 = backup_blocks(&repo, "two", &two);
+    for p in &first_packs {
+        std::fs::remove_file(local.path_of(FileKind::Pack, p).unwrap()).unwrap();
+    }
+    let expected: BTreeMap<ChunkId, u64> = one
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(i, b)| (block_id(b), (i * BLOCK) as u64))
+        .collect();
+    for kind in [DamageKind::PackMissing, DamageKind::ChunkMissing] {
+        if kind == DamageKind::ChunkMissing {
+            repo.repair_index().unwrap();
+        }
+        let report = repo.verify(&VerifyOptions::default()).unwrap();
+        let mut found = BTreeMap::new();
+        for d in &report.damage {
+            assert_eq!(d.kind, kind, "{d}");
+            assert_eq!(d.snapshots, vec![s1], "{d}");
+            assert_eq!(d.ranges.len(), 1, "{d}");
+            assert_eq!(d.ranges[0].length, BLOCK as u64);
+            found.insert(d.chunk.unwrap(), d.ranges[0].offset);
+        }
+        assert_eq!(
+            found, expected,
+            "{kind}: one finding per block of the lost backup"
+        );
+        let fresh = Repository::open(pool.clone()).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        assert!(restores(&fresh, &s2, &two, scratch.path()));
+        assert!(!restores(&fresh, &s1, &one, scratch.path()));
+    }
+}
+
+/// An index segment that puts one chunk at the wrong offset: exactly one
+/// `index-mismatch` finding, for that chunk, naming the snapshot.
+#[test]
+fn an_index_entry_at_the_wrong_offset_is_an_index_mismatch() {
+    use cairn_engine::internals::{PackEntry, Segment, SegmentBuilder};
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalPool::create(dir.path()).unwrap());
+    let pool: DynPool = local.clone();
+    let repo = Repository::create(pool.clone()).unwrap();
+    let mut rng = SampleRng::new(12);
+    let image = random_blocks(&mut rng, 30).concat();
+    let snap = backup_blocks(&repo, "vm", &image);
+    let victim = block_id(&image[7 * BLOCK..8 * BLOCK]);
+    let segments = pool.list(FileKind::Index).unwrap();
+    let mut builder = SegmentBuilder::new();
+    for name in &segments {
+        let seg = Segment::decode(pool.read(FileKind::Index, name).unwrap()).unwrap();
+        for (id, loc) in seg.iter() {
+            let offset = if id == victim {
+                loc.offset + 1
+            } else {
+                loc.offset
+            };
+            builder.add_entries(
+                loc.pack,
+                &[PackEntry {
+                    id,
+                    offset,
+                    length: loc.length,
+                    raw_length: 0,
+                }],
+            );
+        }
+    }
+    builder.write(&*pool).unwrap();
+    for name in &segments {
+        std::fs::remove_file(local.path_of(FileKind::Index, name).unwrap()).unwrap();
+    }
+    let repo = Repository::open(pool.clone()).unwrap();
+    let report = repo.verify(&VerifyOptions::default()).unwrap();
+    assert_eq!(report.damage.len(), 1, "{report}");
+    let d = &report.damage[0];
+    assert_eq!(d.kind, DamageKind::IndexMismatch);
+    assert_eq!(d.chunk, Some(victim));
+    assert_eq!(d.snapshots, vec![snap]);
+    assert_eq!(
+        (d.ranges[0].offset, d.ranges[0].length),
+        ((7 * BLOCK) as u64, BLOCK as u64)
+    );
 }
