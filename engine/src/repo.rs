@@ -344,7 +344,16 @@ impl Repository {
                     [one] => Ok(*one),
                     many => Err(Error::AmbiguousSnapshot {
                         selector: selector.to_string(),
-                        matches: format!("{} snapshots", many.len()),
+                        matches: format!(
+                            "{} snapshots ({}{})",
+                            many.len(),
+                            many.iter()
+                                .take(5)
+                                .map(|id| id.to_hex())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            if many.len() > 5 { ", …" } else { "" }
+                        ),
                     }),
                 }
             }

@@ -1,7 +1,8 @@
 //! `cairn` — the example command-line tool over cairn-engine and cairn-pools.
 //!
-//! Exit codes: 0 success, 1 error, 2 usage error, 3 verify found damage,
-//! 4 backup skipped with an alert (`--on-missing-cbt skip-alert`).
+//! Exit codes: 0 success, 1 error, 2 usage error, 3 damage found,
+//! 4 backup skipped with an alert (`--on-missing-cbt skip-alert`), 5 busy
+//! (a concurrent job), 6 a snapshot selector that matches several snapshots.
 
 // The argument docs below are clap's --help text (URI forms, <placeholders>),
 // not rustdoc.
@@ -273,10 +274,10 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match e {
             Error::InvalidArgument(_)
-            | Error::AmbiguousSnapshot { .. }
             | Error::TargetExists { .. }
             | Error::SnapshotProtected(_) => 2,
             Error::PoolBusy(_) | Error::LeaseLost { .. } => 5,
+            Error::AmbiguousSnapshot { .. } => 6,
             _ => 1,
         };
         let hint = match &e {

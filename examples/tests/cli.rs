@@ -124,7 +124,7 @@ fn snapshots_json_shape_and_selectors() {
     // `latest` needs --vm when several VMs exist.
     let out = s.root.join("r");
     let amb = cairn(&["restore", &s.pool, "latest", "--to", &p(&out)]);
-    assert_eq!(code(&amb), 2, "{}", stderr(&amb));
+    assert_eq!(code(&amb), 6, "{}", stderr(&amb));
     assert!(stderr(&amb).contains("--vm"));
     ok(&[
         "restore",
@@ -141,6 +141,28 @@ fn snapshots_json_shape_and_selectors() {
     let missing = cairn(&["restore", &s.pool, "00000000", "--to", &p(&out)]);
     assert_eq!(code(&missing), 1);
     assert!(stderr(&missing).contains("no snapshot matches"));
+    // An id prefix two snapshots share: its own error (exit 6) naming
+    // both, not "not found" and not a usage error. The second name is a
+    // copy of alpha's manifest under another id with the same first 8
+    // digits (the pool lists it; its content does not matter here).
+    let id = a["snapshot"].as_str().unwrap();
+    let twin = format!(
+        "{}{}",
+        &id[..8],
+        if &id[8..9] == "0" { "1" } else { "0" }.repeat(56)
+    );
+    let snaps = s.root.join("pool").join("snapshots");
+    std::fs::copy(snaps.join(id), snaps.join(&twin)).unwrap();
+    let prefix = cairn(&["restore", &s.pool, &id[..8], "--to", &p(&out), "--force"]);
+    assert_eq!(code(&prefix), 6, "{}", stderr(&prefix));
+    let msg = stderr(&prefix);
+    assert!(
+        msg.contains("ambiguous") && msg.contains(id) && msg.contains(&twin),
+        "{msg}"
+    );
+    // A longer prefix is unique again.
+    ok(&["restore", &s.pool, &id[..12], "--to", &p(&out), "--force"]);
+    std::fs::remove_file(snaps.join(&twin)).unwrap();
     let _ = b;
 }
 
