@@ -184,3 +184,82 @@ fn faults_beyond_the_retry_budget_fail_cleanly_and_lose_nothing() {
         assert!(text.contains(&name), "{name} not reported: {text}");
     }
 }
+
+/// A damaged manifest of VM b does not break `snapshots`, `latest` or a
+/// restore for VM a — neither before a snapshot catalog exists nor after
+/// one summarised b's manifest while it was still whole.
+#[test]
+fn a_damaged_manifest_of_one_vm_leaves_the_others_usable() {
+    for catalog_first in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let pool = p(&root.join("pool"));
+        ok(&["init", &pool]);
+        make_image(&root.join("a.img"), 2 << 20, 1);
+        make_image(&root.join("b.img"), 2 << 20, 2);
+        let snap = |vm: &str| {
+            json(&[
+                "backup",
+                &pool,
+                "--vm",
+                vm,
+                &p(&root.join(format!("{vm}.img"))),
+                "--json",
+            ])["snapshot"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let (sa, sb) = (snap("a"), snap("b"));
+        if catalog_first {
+            ok(&["snapshots", &pool]); // writes the catalog with b in it
+        }
+        let path = root.join("pool").join("snapshots").join(&sb);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let what = if catalog_first {
+            "with a catalog"
+        } else {
+            "without one"
+        };
+
+        // `snapshots` lists a (b only when the catalog still summarises it).
+        let out = cairn(&["snapshots", &pool, "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["id"] == sa.as_str()),
+            "{what}: {list}"
+        );
+        // `latest --vm a` resolves and restores a.
+        let to = root.join("out-a");
+        ok(&["restore", &pool, "latest", "--vm", "a", "--to", &p(&to)]);
+        assert!(
+            std::fs::read(to.join("a.img")).unwrap() == std::fs::read(root.join("a.img")).unwrap()
+        );
+        // `latest --vm b` names the damage, and so does restoring b by id.
+        for sel in [vec!["latest", "--vm", "b"], vec![sb.as_str()]] {
+            let mut args = vec!["restore", pool.as_str()];
+            args.extend(sel.iter().copied());
+            let to = root.join("out-b");
+            args.extend(["--to", to.to_str().unwrap()]);
+            let out = cairn(&args);
+            assert_ne!(code(&out), 0, "{what}: {sel:?}");
+            assert!(!to.join("b.img").exists(), "{what}: {sel:?}");
+        }
+        // A new backup of a (its parent lookup goes through the catalog)
+        // works, and verify names b alone.
+        let again = snap("a");
+        let v: Value = serde_json::from_slice(&cairn(&["verify", &pool, "--json"]).stdout).unwrap();
+        assert_eq!(
+            v["damaged_snapshots"],
+            serde_json::json!([sb]),
+            "{what}: {v}"
+        );
+        ok(&["restore", &pool, &again, "--to", &p(&root.join("again"))]);
+    }
+}
