@@ -12,6 +12,7 @@ mod cbt_cmd;
 mod demo;
 mod output;
 mod retention_cmd;
+mod signals;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -316,6 +317,7 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    signals::install();
     if let Some(dir) = &cli.scratch_dir {
         // Read by the engine's external sort; set before any thread starts.
         std::env::set_var("CAIRN_SCRATCH_DIR", dir);
@@ -324,7 +326,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(f) => {
             eprintln!("cairn: error: {}", f.message);
-            f.code
+            match signals::received() {
+                // Stopped by SIGINT / SIGTERM: the shell's convention.
+                Some(sig) => 128 + sig as u8,
+                None => f.code,
+            }
         }
     };
     if std::env::var_os("CAIRN_PRINT_PEAK_RSS").is_some() {
@@ -671,7 +677,8 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
             .with_compression(compression)
             .with_threads(self::threads(threads))
             .with_lease_renewal(lease_renewal)
-            .with_progress(bar.clone());
+            .with_progress(bar.clone())
+            .with_cancel(signals::token());
         let run = cbt_cmd::CbtRun {
             pool,
             nbd,
@@ -727,7 +734,8 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         .with_compression(compression)
         .with_threads(self::threads(threads))
         .with_lease_renewal(lease_renewal)
-        .with_progress(bar.clone());
+        .with_progress(bar.clone())
+        .with_cancel(signals::token());
     let stats = repo.backup(inputs, &opts);
     bar.finish();
     let stats = stats?;
@@ -815,7 +823,8 @@ fn cmd_restore(
     let opts = RestoreOptions::default()
         .with_threads(self::threads(threads))
         .with_overwrite(force)
-        .with_progress(bar.clone());
+        .with_progress(bar.clone())
+        .with_cancel(signals::token());
     let stats = match format {
         cbt_cmd::RestoreFormat::Raw => repo.restore_to_dir(&id, to, &opts),
         cbt_cmd::RestoreFormat::Qcow2 => cbt_cmd::restore_qcow2(&repo, &id, to, &opts),
@@ -872,7 +881,8 @@ fn cmd_verify(
     let bar = Arc::new(Bar::new(!json));
     let opts = opts
         .with_threads(self::threads(threads))
-        .with_progress(bar.clone());
+        .with_progress(bar.clone())
+        .with_cancel(signals::token());
     let report = repo.verify(&opts);
     bar.finish();
     let report = report?;

@@ -266,6 +266,7 @@ pub fn gc(args: &GcArgs) -> Result<u8, Failure> {
         )));
     }
     let mut opts = cairn_engine::GcOptions::default()
+        .with_cancel(crate::signals::token())
         .with_dry_run(args.dry_run)
         .with_repack_below(args.repack_below / 100.0)?
         .with_lease_expiry(duration_arg("--lease-expiry", &args.lease_expiry)?)?;

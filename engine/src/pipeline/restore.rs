@@ -187,8 +187,11 @@ pub(crate) fn run(
         restore_disk(store, id, disk, &**target, threads, opts)?;
         stats.bytes_written += disk.data_bytes();
         stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+        crate::failpoint::pause("restore-after-disk");
     }
-    // Every disk is complete: publish them.
+    // Every disk is complete: publish them (unless cancelled meanwhile:
+    // a cancelled restore publishes nothing).
+    opts.cancel.check()?;
     for target in targets {
         target.finish()?;
     }

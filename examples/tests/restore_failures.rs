@@ -1,0 +1,257 @@
+//! A restore that fails or is stopped leaves no file under any disk's name
+//! and no `.cairn-partial` file behind, and `--force` over existing files
+//! keeps the old files (with different content) intact: a multi-disk
+//! snapshot whose second disk is damaged, a target filesystem that runs
+//! out of space (a real tmpfs), and SIGINT / SIGTERM mid-restore (the
+//! process exits 130 / 143 after cleaning up).
+#![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_engine::sample::SampleRng;
+use common::*;
+
+fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    SampleRng::new(seed).fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Every file in `dir` (none if it does not exist).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|it| {
+            it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// A pool with snapshot `m` of two disks (d1.img, d2.img) whose second
+/// disk's chunks all sit in packs that are then damaged (they were first
+/// stored by a backup of d2 alone, so m's own packs hold only d1).
+/// Returns (pool, m's id).
+fn pool_with_a_damaged_second_disk(root: &Path) -> (String, String) {
+    let pool = p(&root.join("pool"));
+    ok(&["init", &pool]);
+    random_file(&root.join("d1.img"), 3 << 20, 1);
+    random_file(&root.join("d2.img"), 3 << 20, 2);
+    ok(&["backup", &pool, "--vm", "x", &p(&root.join("d2.img"))]);
+    let first_packs = files_under(&root.join("pool").join("packs"));
+    let m = json(&[
+        "backup",
+        &pool,
+        "--vm",
+        "m",
+        &p(&root.join("d1.img")),
+        &p(&root.join("d2.img")),
+        "--json",
+    ])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for pack in first_packs {
+        let mut bytes = std::fs::read(&pack).unwrap();
+        for at in (4096..bytes.len().saturating_sub(4096)).step_by(65536) {
+            bytes[at] ^= 0x33;
+        }
+        std::fs::write(&pack, &bytes).unwrap();
+    }
+    (pool, m)
+}
+
+#[test]
+fn a_failing_second_disk_leaves_nothing_and_force_keeps_the_old_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (pool, m) = pool_with_a_damaged_second_disk(root);
+
+    // A fresh target: nothing appears under either name.
+    let to = root.join("fresh");
+    let out = cairn(&["restore", &pool, &m, "--to", &p(&to)]);
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("damaged"), "{}", stderr(&out));
+    assert_eq!(
+        entries(&to),
+        Vec::<String>::new(),
+        "nothing left in the target"
+    );
+
+    // --force over existing files with other content: both kept intact.
+    let to = root.join("existing");
+    std::fs::create_dir_all(&to).unwrap();
+    let old1 = random_file(&to.join("d1.img"), 1 << 20, 3);
+    let old2 = random_file(&to.join("d2.img"), 1 << 20, 4);
+    let out = cairn(&["restore", &pool, &m, "--to", &p(&to), "--force"]);
+    assert_ne!(code(&out), 0);
+    assert_eq!(
+        entries(&to),
+        vec!["d1.img".to_string(), "d2.img".to_string()]
+    );
+    assert!(
+        std::fs::read(to.join("d1.img")).unwrap() == old1,
+        "d1.img replaced"
+    );
+    assert!(
+        std::fs::read(to.join("d2.img")).unwrap() == old2,
+        "d2.img replaced"
+    );
+}
+
+#[test]
+fn a_target_filesystem_that_fills_up_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(dir.path(), 4 << 20) else {
+        return;
+    };
+    let root = dir.path();
+    let pool = p(&root.join("pool"));
+    ok(&["init", &pool]);
+    let data = random_file(&root.join("big.img"), 8 << 20, 5);
+    let snap = json(&[
+        "backup",
+        &pool,
+        "--vm",
+        "v",
+        &p(&root.join("big.img")),
+        "--json",
+    ])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let to = fs.path.join("out");
+    let out = cairn(&["restore", &pool, &snap, "--to", &p(&to)]);
+    assert_ne!(code(&out), 0);
+    assert!(
+        stderr(&out).contains("No space left on device"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        entries(&to),
+        Vec::<String>::new(),
+        "nothing left on the full filesystem"
+    );
+    // The same restore elsewhere is whole.
+    let to = root.join("elsewhere");
+    ok(&["restore", &pool, &snap, "--to", &p(&to)]);
+    assert!(std::fs::read(to.join("big.img")).unwrap() == data);
+}
+
+#[test]
+fn sigint_and_sigterm_mid_restore_leave_nothing_and_keep_old_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pool = p(&root.join("pool"));
+    ok(&["init", &pool]);
+    let d1 = random_file(&root.join("d1.img"), 2 << 20, 6);
+    let d2 = random_file(&root.join("d2.img"), 2 << 20, 7);
+    let snap = json(&[
+        "backup",
+        &pool,
+        "--vm",
+        "m",
+        &p(&root.join("d1.img")),
+        &p(&root.join("d2.img")),
+        "--json",
+    ])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (sig, name, exit) in [(libc::SIGINT, "int", 130), (libc::SIGTERM, "term", 143)] {
+        for force in [false, true] {
+            let run = root.join(format!("{name}-{force}"));
+            let to = run.join("to");
+            std::fs::create_dir_all(&to).unwrap();
+            let olds = force.then(|| {
+                (
+                    random_file(&to.join("d1.img"), 1 << 20, 8),
+                    random_file(&to.join("d2.img"), 1 << 20, 9),
+                )
+            });
+            let mut args = vec!["restore".to_string(), pool.clone(), snap.clone()];
+            args.extend(["--to".to_string(), p(&to)]);
+            if force {
+                args.push("--force".into());
+            }
+            // Stopped between the two disks: d1 is written (as a partial
+            // file), d2 not yet.
+            let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+                .args(&args)
+                .env("CAIRN_PAUSE_AT", "restore-after-disk")
+                .env("CAIRN_PAUSE_DIR", &run)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let reached = run.join("restore-after-disk.reached");
+            let start = Instant::now();
+            while !reached.exists() {
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "exited before the pause"
+                );
+                assert!(start.elapsed() < Duration::from_secs(60), "never paused");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                entries(&to).iter().any(|e| e.ends_with(".cairn-partial")),
+                "d1 is being written as a partial file: {:?}",
+                entries(&to)
+            );
+            // SAFETY: signalling our own child.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+            std::thread::sleep(Duration::from_millis(100)); // the signal is taken
+            std::fs::write(run.join("restore-after-disk.go"), b"").unwrap();
+            let start = Instant::now();
+            let status = loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    break st;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "{name}: did not stop"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            assert_eq!(status.code(), Some(exit), "{name} force={force}");
+            match &olds {
+                None => assert_eq!(entries(&to), Vec::<String>::new(), "{name}"),
+                Some((o1, o2)) => {
+                    assert_eq!(
+                        entries(&to),
+                        vec!["d1.img".to_string(), "d2.img".to_string()]
+                    );
+                    assert!(std::fs::read(to.join("d1.img")).unwrap() == *o1);
+                    assert!(std::fs::read(to.join("d2.img")).unwrap() == *o2);
+                }
+            }
+        }
+    }
+    // Not stopped: both disks whole.
+    let to = root.join("whole");
+    ok(&["restore", &pool, &snap, "--to", &p(&to)]);
+    assert!(std::fs::read(to.join("d1.img")).unwrap() == d1);
+    assert!(std::fs::read(to.join("d2.img")).unwrap() == d2);
+}
