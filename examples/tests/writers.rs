@@ -184,3 +184,56 @@ fn a_killed_writer_leaves_every_listed_snapshot_restorable_s3() {
     let dir = tempfile::tempdir().unwrap();
     killed_writer(&pool, dir.path(), &env);
 }
+
+/// Two backups of the same VM at once (each of a different version of its
+/// image; both held at a pause point until both have stored their packs
+/// and segment, so they certainly overlap), twice over: both succeed, both
+/// snapshots restore bit-identical to their own image, and verify is clean.
+#[test]
+fn two_backups_of_the_same_vm_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool").display().to_string();
+    ok(&["init", &pool]);
+    let mut done = Vec::new();
+    for round in 0..2u8 {
+        let mut children = Vec::new();
+        for copy in 0..2usize {
+            let img = dir.path().join(format!("same-r{round}-{copy}.img"));
+            vm_image(&img, copy, round);
+            let pause = dir.path().join(format!("pause-r{round}-{copy}"));
+            std::fs::create_dir_all(&pause).unwrap();
+            let env = [
+                ("CAIRN_PAUSE_AT", "backup-before-manifest".to_string()),
+                ("CAIRN_PAUSE_DIR", pause.display().to_string()),
+            ];
+            children.push((spawn_backup(&pool, "same", &img, &env), img, pause));
+        }
+        for (child, _, pause) in &mut children {
+            let start = std::time::Instant::now();
+            while !pause.join("backup-before-manifest.reached").exists() {
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "exited before the pause"
+                );
+                assert!(start.elapsed() < Duration::from_secs(60));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        for (_, _, pause) in &children {
+            std::fs::write(pause.join("backup-before-manifest.go"), b"").unwrap();
+        }
+        for (child, img, _) in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            done.push((v["snapshot"].as_str().unwrap().to_string(), img));
+        }
+    }
+    let ids: std::collections::BTreeSet<&String> = done.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 4, "four distinct snapshots");
+    check_pool(&pool, dir.path(), &[], &done);
+}
