@@ -97,6 +97,32 @@ impl RawFileSource {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// `Err` when the file is now shorter than when it was opened: its
+    /// tail would otherwise read as a hole (zeros) — a snapshot of bytes
+    /// the disk no longer has.
+    fn unshrunk(&self) -> Result<()> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on a file descriptor we own; no memory is touched.
+        let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(Error::io(
+                format!("sizing disk {}", self.path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        if (end as u64) < self.size {
+            return Err(Error::io(
+                format!(
+                    "disk {} shrank from {} to {end} bytes during the backup",
+                    self.path.display(),
+                    self.size
+                ),
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl DiskSource for RawFileSource {
@@ -115,8 +141,9 @@ impl DiskSource for RawFileSource {
             if data < 0 {
                 let err = std::io::Error::last_os_error();
                 return match err.raw_os_error() {
-                    // ENXIO: no data after `pos`.
-                    Some(libc::ENXIO) => Ok(out),
+                    // ENXIO: no data after `pos` — or the file ends before
+                    // the size it had when opened.
+                    Some(libc::ENXIO) => self.unshrunk().map(|()| out),
                     // The file system cannot tell: treat everything as data.
                     Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if out.is_empty() => {
                         Ok(vec![0..self.size])
@@ -146,6 +173,7 @@ impl DiskSource for RawFileSource {
             }
             pos = hole;
         }
+        self.unshrunk()?;
         Ok(out)
     }
 

@@ -148,6 +148,7 @@ fn read_image(
         ChunkingParams::Fixed { size: grid } => grid as u64,
         _ => 1,
     };
+    crate::failpoint::pause("backup-after-extents");
     let map = src.mapped();
     let mut pos = 0u64;
     for region in align_extents(&extents, grid, size) {
