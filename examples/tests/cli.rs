@@ -62,6 +62,20 @@ fn backup_restore_is_bit_identical_and_dedup_is_exact() {
     assert!(first["bytes_read"].as_u64().unwrap() < 6 << 20, "{first}");
     let total = first["chunks_total"].as_u64().unwrap();
     let new = first["chunks_new"].as_u64().unwrap();
+    // Exactly: every 64 KiB block (the default grid) holding a non-zero
+    // byte is a chunk; the distinct ones are new. Counted from the files.
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    for img in [&a, &b] {
+        let data = std::fs::read(img).unwrap();
+        blocks.extend(
+            data.chunks(64 << 10)
+                .filter(|c| c.iter().any(|&x| x != 0))
+                .map(|c| c.to_vec()),
+        );
+    }
+    let distinct: std::collections::HashSet<&Vec<u8>> = blocks.iter().collect();
+    assert_eq!(total, blocks.len() as u64, "{first}");
+    assert_eq!(new, distinct.len() as u64, "{first}");
     assert!(new < total, "the duplicated region must dedup: {first}");
 
     let second = json(&["backup", &s.pool, "--vm", "web01", &p(&a), &p(&b), "--json"]);
@@ -78,7 +92,12 @@ fn backup_restore_is_bit_identical_and_dedup_is_exact() {
     // Existing targets are not overwritten without --force.
     let again = cairn(&["restore", &s.pool, id, "--to", &p(&out)]);
     assert_eq!(code(&again), 2, "{}", stderr(&again));
+    // --force over files with other content replaces them whole.
+    std::fs::write(out.join("vda.img"), b"other content").unwrap();
+    std::fs::write(out.join("vda.img-1"), vec![7u8; 1 << 20]).unwrap();
     ok(&["restore", &s.pool, "latest", "--to", &p(&out), "--force"]);
+    assert!(std::fs::read(out.join("vda.img")).unwrap() == std::fs::read(&a).unwrap());
+    assert!(std::fs::read(out.join("vda.img-1")).unwrap() == std::fs::read(&b).unwrap());
 
     let v = json(&["verify", &s.pool, "--read-data", "--json"]);
     assert_eq!(v["ok"], true, "{v}");

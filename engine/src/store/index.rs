@@ -1048,42 +1048,9 @@ mod tests {
         }
     }
 
-    /// A pool that only keeps the last object written.
-    #[derive(Default)]
-    struct LastObject(Arc<parking_lot::Mutex<Vec<u8>>>);
-
-    struct LastObjectWriter(Arc<parking_lot::Mutex<Vec<u8>>>, Vec<u8>);
-
-    impl std::io::Write for LastObjectWriter {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.1.extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl crate::store::pool::ObjectWriter for LastObjectWriter {
-        fn commit(self: Box<Self>) -> Result<()> {
-            *self.0.lock() = self.1;
-            Ok(())
-        }
-    }
-
-    impl PoolWrite for LastObject {
-        fn create(
-            &self,
-            _: FileKind,
-            _: &str,
-        ) -> Result<Box<dyn crate::store::pool::ObjectWriter>> {
-            Ok(Box::new(LastObjectWriter(self.0.clone(), Vec::new())))
-        }
-    }
-
     #[test]
     fn streamed_segment_matches_the_builder_byte_for_byte() {
-        let pool = LastObject::default();
+        let pool = crate::store::testing::LastObject::default();
         let scratch = ScratchDir::new(None).unwrap();
         let (p1, e1) = entries(3000, 1);
         let (p2, e2) = entries(40, 2); // the first 40 ids again, in pack 2
@@ -1098,7 +1065,7 @@ mod tests {
         let sorted = sorter.finish().unwrap();
         let (_, count, size) = write_sorted_segment(&pool, &[p1, p2, p1], &sorted).unwrap();
         assert_eq!(count, 3000);
-        let stored = pool.0.lock().clone();
+        let stored = pool.bytes();
         assert_eq!(stored.len() as u64, size);
         // The builder keeps the first entry it was given for a chunk: pack 1's
         // (PackId [1; 16] sorts before [2; 16], as the streamed writer keeps).

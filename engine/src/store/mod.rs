@@ -28,3 +28,5 @@ pub fn verify_object(kind: FileKind, name: &str, bytes: &[u8]) -> Option<bool> {
         _ => None,
     }
 }
+#[cfg(test)]
+pub(crate) mod testing;

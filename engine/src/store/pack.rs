@@ -358,6 +358,10 @@ pub fn read_pack_table<P: PoolRead + ?Sized>(pool: &P, id: &PackId) -> Result<Ve
 mod tests {
     use super::*;
 
+    /// BLAKE3 of the pack `golden_layout` writes.
+    const GOLDEN_PACK_BLAKE3: &str =
+        "af902f7d4a2b4dad1e9f51c01f4719511b968fe1aca789aacb08018f0051d82c";
+
     fn sample_pack() -> (Vec<u8>, Vec<PackEntry>) {
         let mut pack = Vec::new();
         pack.extend_from_slice(&PACK_MAGIC_V1);
@@ -389,19 +393,45 @@ mod tests {
         assert_eq!(parse_pack(&pack).unwrap(), entries);
     }
 
+    /// What `PackWriter` stores, byte for byte: three uncompressed blobs
+    /// back to back after the 16-byte header, then the table and the
+    /// trailer. Offsets follow from the layout in the module doc alone
+    /// (12-byte blob header + plaintext); the whole pack is pinned by its
+    /// BLAKE3 hash, so any change to the format fails here.
     #[test]
     fn golden_layout() {
-        let (pack, entries) = sample_pack();
+        let pool = crate::store::testing::LastObject::default();
+        let mut w = PackWriter::create(&pool).unwrap();
+        let mut codec = crate::store::blob::BlobCodec::new(crate::store::blob::Compression::None);
+        for i in 0..3u8 {
+            let chunk = vec![i + 1; 1000 * (i as usize + 1)];
+            let mut blob = Vec::new();
+            codec.encode_into(&chunk, &mut blob).unwrap();
+            w.add(ChunkId::of(&chunk), chunk.len() as u32, &blob)
+                .unwrap();
+        }
+        let (_, entries, size) = w.finish().unwrap();
+        let pack = pool.bytes();
+        assert_eq!(pack.len() as u64, size);
         assert_eq!(&pack[..16], b"CAIRNPK1\x01\x00\x00\x00\x00\x00\x00\x00");
         assert_eq!(&pack[pack.len() - 8..], b"CAIRNPKE");
+        let offsets: Vec<u64> = entries.iter().map(|e| e.offset).collect();
+        assert_eq!(
+            offsets,
+            vec![16, 16 + 12 + 1000, 16 + 12 + 1000 + 12 + 2000]
+        );
+        let lengths: Vec<u32> = entries.iter().map(|e| e.length).collect();
+        assert_eq!(lengths, vec![1012, 2012, 3012]);
         let n = pack.len();
         let trailer = &pack[n - 56..];
+        let table_offset = u64::from_le_bytes(trailer[..8].try_into().unwrap());
+        assert_eq!(table_offset, 16 + 1012 + 2012 + 3012);
         assert_eq!(u32::from_le_bytes(trailer[8..12].try_into().unwrap()), 3);
-        assert_eq!(entries[0].offset, 16);
-        // The three blobs of repeated bytes compress to 20-ish bytes each.
+        assert_eq!(parse_pack(&pack).unwrap(), entries);
         assert_eq!(
-            entries.iter().map(|e| e.raw_length).collect::<Vec<_>>(),
-            vec![1000, 2000, 3000]
+            blake3::hash(&pack).to_hex().as_str(),
+            GOLDEN_PACK_BLAKE3,
+            "the pack format changed: update docs/FORMAT.md and this vector together"
         );
     }
 
