@@ -623,14 +623,9 @@ fn nbd_backup_with_a_caller_managed_bitmap() {
         for b in bitmaps {
             cmd.args(["-B", b]);
         }
-        let child = cmd.arg("-k").arg(&sock).arg(&img).spawn().unwrap();
-        for _ in 0..500 {
-            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        child
+        let mut child = cmd.arg("-k").arg(&sock).arg(&img).spawn().unwrap();
+        wait_for_socket(&sock, &mut child);
+        ChildGuard(child)
     };
     let uri = format!("nbd+unix:///vda?socket={}", p(&sock));
     let base = ["backup", &s.pool, "--vm", "db", "--json", "--nbd", &uri];
@@ -638,15 +633,14 @@ fn nbd_backup_with_a_caller_managed_bitmap() {
         base.iter().chain(extra).map(|x| x.to_string()).collect()
     };
 
-    let mut server = export(&["b0"]);
+    let server = export(&["b0"]);
     let full = json(&with(&["--bitmap", "b0"]));
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     assert_eq!(full["mode"], "full");
     assert_eq!(full["bytes_read"], 2 << 20);
 
     tool("qemu-io", &["-c", "write -P 2 8M 4k", &p(&img)]);
-    let mut server = export(&["b0"]);
+    let server = export(&["b0"]);
     // b0 has recorded everything since it was added: a superset, correct.
     let inc = json(&with(&["--bitmap", "b0", "--connections", "2"]));
     assert_eq!(inc["mode"], "cbt");
@@ -665,22 +659,47 @@ fn nbd_backup_with_a_caller_managed_bitmap() {
     ]));
     assert_eq!(code(&out), 4, "{}", stderr(&out));
     assert!(stderr(&out).contains("does not belong"), "{}", stderr(&out));
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
+
+    // The caller rotates bitmaps itself: `--next-bitmap` records which one
+    // the next backup must read. b1 is added before this backup's export,
+    // so it records every write after it.
+    tool("qemu-img", &["bitmap", "--add", &p(&img), "b1"]);
+    let server = export(&["b0"]);
+    let rot = json(&with(&["--bitmap", "b0", "--next-bitmap", "b1"]));
+    assert_eq!(rot["mode"], "cbt", "{rot}");
+    drop(server);
+    let snaps = json(&["snapshots", &s.pool, "--json"]);
+    let newest = snaps.as_array().unwrap().last().unwrap();
+    assert_eq!(newest["disks"][0]["properties"]["cbt.bitmap"], "b0");
+    assert_eq!(newest["disks"][0]["properties"]["cbt.next-bitmap"], "b1");
+    tool("qemu-io", &["-c", "write -P 3 12M 64k", &p(&img)]);
+    let server = export(&["b0", "b1"]);
+    // b0 is no longer the chain's bitmap: refused.
+    let out = cairn(&with(&["--bitmap", "b0", "--on-missing-cbt", "skip-alert"]));
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    // b1 is, and holds exactly the one write since.
+    let next = json(&with(&["--bitmap", "b1"]));
+    assert_eq!(next["mode"], "cbt", "{next}");
+    assert_eq!(next["bytes_dirty"], 65536, "{next}");
+    drop(server);
+    let out = s.root.join("out-rot");
+    ok(&["restore", &s.pool, "latest", "--to", &p(&out)]);
+    assert!(std::fs::read(out.join("vda")).unwrap() == raw_of(&img, &s.root.join("rot.raw")));
+
     // The export no longer offers the bitmap: a full read, reason recorded.
-    let mut server = export(&[]);
-    let fb = json(&with(&["--bitmap", "b0"]));
+    let server = export(&[]);
+    let fb = json(&with(&["--bitmap", "b1"]));
     assert_eq!(fb["mode"], "full");
     assert!(
         fb["cbt_fallback"]
             .as_str()
             .unwrap()
-            .contains("no dirty bitmap \"b0\""),
+            .contains("no dirty bitmap \"b1\""),
         "{fb}"
     );
     assert_eq!(fb["chunks_new"], 0);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     let out = s.root.join("out");
     ok(&["restore", &s.pool, "latest", "--to", &p(&out)]);
     assert!(std::fs::read(out.join("vda")).unwrap() == raw_of(&img, &s.root.join("e.raw")));

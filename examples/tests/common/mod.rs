@@ -183,3 +183,36 @@ impl Drop for SmallFs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
+
+/// A child process killed and reaped when the guard drops (a failed
+/// assertion never leaves a qemu-nbd behind).
+#[allow(dead_code)]
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `sock` accepts a connection; panics after 10 s or when
+/// `child` exits first.
+#[allow(dead_code)]
+pub fn wait_for_socket(sock: &Path, child: &mut std::process::Child) {
+    let start = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "the server exited ({st}) before listening on {}",
+                sock.display()
+            );
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "nothing listens on {} after 10 s",
+            sock.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
