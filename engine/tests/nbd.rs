@@ -55,20 +55,41 @@ impl Export {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-nbd (qemu-utils) is installed");
-        for _ in 0..200 {
-            if socket.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Export {
+        // Guarded from here: a failed wait still kills the server.
+        let mut export = Export {
             child,
             socket: socket.to_path_buf(),
+        };
+        let start = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(st) = export.child.try_wait().unwrap() {
+                panic!(
+                    "qemu-nbd exited ({st}) before listening on {}",
+                    socket.display()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "qemu-nbd does not listen on {} after 10 s",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
+        export
     }
 
     fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+/// Any child process, killed and reaped on drop.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -405,28 +426,43 @@ fn tcp_exports_read_like_unix_ones() {
     let (dir, image) = setup();
     qemu_io(&image, &["write -P 5 1M 3M"]);
     let expected = raw_copy(&image, dir.path());
-    // A free port: bind, note it, release it for qemu-nbd.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new("qemu-nbd")
-        .args([
-            "-r", "-f", "qcow2", "-t", "-e", "3", "-B", "b0", "-x", "vda",
-        ])
-        .args(["-b", "127.0.0.1", "-p", &port.to_string()])
-        .arg(&image)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // qemu-nbd cannot pick its own port: try free-looking ones until one
+    // is its own (another process may take a port between our probe and
+    // qemu-nbd's bind; then qemu-nbd exits and the next port is tried).
+    let (port, mut child) = (0..10)
+        .find_map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("qemu-nbd")
+                .args([
+                    "-r", "-f", "qcow2", "-t", "-e", "3", "-B", "b0", "-x", "vda",
+                ])
+                .args(["-b", "127.0.0.1", "-p", &port.to_string()])
+                .arg(&image)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut guard = Guard(child);
+            let start = std::time::Instant::now();
+            loop {
+                if guard.0.try_wait().unwrap().is_some() {
+                    return None; // the port was taken: try another
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some((port, guard));
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "qemu-nbd never listened"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .expect("qemu-nbd could not bind a port in 10 tries");
     let uri = format!("nbd://127.0.0.1:{port}/vda");
     let src = NbdSource::connect_many(&uri, Some("b0"), 2).unwrap();
     assert_eq!(src.connections(), 2);
@@ -439,8 +475,8 @@ fn tcp_exports_read_like_unix_ones() {
     src.read_at(0, &mut all).unwrap();
     assert!(all == expected);
     drop(src);
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = child.0.kill();
+    let _ = child.0.wait();
     // Nobody listening: a clear error naming the server, at once.
     let err = NbdSource::connect(&uri, None).unwrap_err();
     assert!(
