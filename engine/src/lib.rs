@@ -90,6 +90,7 @@ mod source;
 mod store;
 
 pub mod cbt;
+pub mod process;
 
 /// Every on-disk constant and well-known property key.
 pub use store::format;

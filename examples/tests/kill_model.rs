@@ -1,7 +1,7 @@
 //! The GC model with real crashes: random sequences of `cairn backup`
 //! (changing data), `cairn prune`, `cairn forget` and `cairn gc`, each run
 //! as its own process and, more often than not, SIGKILLed after a random
-//! delay — at least 20 real kills in all. The model knows which snapshots
+//! delay — at least 20 real kills of backups alone. The model knows which snapshots
 //! must exist (their command finished) and which may (a killed backup may
 //! have published its manifest; a killed prune or forget may have removed
 //! some). After every step each listed snapshot restores bit-identical to
@@ -109,10 +109,11 @@ fn pack_bytes(dir: &Path) -> u64 {
 fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorable() {
     let dir = tempfile::tempdir().unwrap();
     let mut kills = 0;
+    let mut backup_kills = 0;
     let sequences: u64 = std::env::var("CAIRN_KILL_SEQUENCES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(16);
     for seq in 0..sequences {
         let root = dir.path().join(format!("seq-{seq}"));
         std::fs::create_dir_all(&root).unwrap();
@@ -138,8 +139,8 @@ fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorabl
             } else {
                 None
             };
-            match rng.below(6) {
-                0..=2 => {
+            match rng.below(7) {
+                0..=3 => {
                     let vm = if rng.below(2) == 0 { "a" } else { "b" };
                     let img = images.get_mut(vm).unwrap();
                     for _ in 0..rng.below(6) {
@@ -163,6 +164,7 @@ fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorabl
                     ]);
                     let (code, killed) = run(&args, kill);
                     kills += killed as usize;
+                    backup_kills += killed as usize;
                     if !killed {
                         assert_eq!(code, Some(0), "seq {seq} step {step}: backup failed");
                         let new: Vec<String> = listed(&pool)
@@ -174,7 +176,7 @@ fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorabl
                         image_of.insert(new[0].clone(), img.clone());
                     }
                 }
-                3 => {
+                4 => {
                     let args = s(&["prune", &pool, "--keep-last", "1"]);
                     let (code, killed) = run(&args, kill);
                     kills += killed as usize;
@@ -185,7 +187,7 @@ fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorabl
                         assert_eq!(code, Some(0), "seq {seq} step {step}: prune failed");
                     }
                 }
-                4 => {
+                5 => {
                     let now = listed(&pool);
                     if let Some(id) = now.keys().next().cloned() {
                         let (code, killed) = run(&s(&["forget", &pool, &id]), kill);
@@ -263,10 +265,17 @@ fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorabl
         );
         let v: Value = json(&["verify", &pool, "--read-data", "--json"]);
         assert_eq!(v["ok"], true, "seq {seq}: {v}");
+        // What killed writers left in tmp/ is gone (the pool's next opening
+        // removes the files of writers that no longer run).
+        let left: Vec<_> = std::fs::read_dir(pool_dir.join("tmp"))
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "seq {seq}: tmp/ still holds {left:?}");
         for id in now.keys() {
             assert!(restored(&pool, id, &root) == image_of[id]);
         }
     }
-    eprintln!("{kills} real kills");
+    eprintln!("{kills} real kills, {backup_kills} of backups");
     assert!(kills >= 20, "only {kills} real kills");
+    assert!(backup_kills >= 20, "only {backup_kills} backups killed");
 }

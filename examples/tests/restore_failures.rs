@@ -255,3 +255,86 @@ fn sigint_and_sigterm_mid_restore_leave_nothing_and_keep_old_files() {
     assert!(std::fs::read(to.join("d1.img")).unwrap() == d1);
     assert!(std::fs::read(to.join("d2.img")).unwrap() == d2);
 }
+
+/// `cairn restore` SIGKILLed at random times: a disk's name never holds a
+/// partly written file — it holds nothing (or, with `--force`, the old
+/// file) or the whole restored disk. The next restore into the same place
+/// removes the partial files the killed ones left.
+#[test]
+fn restore_killed_at_random_times_never_leaves_a_torn_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pool = p(&root.join("pool"));
+    ok(&["init", &pool]);
+    let d1 = random_file(&root.join("d1.img"), 6 << 20, 11);
+    let d2 = random_file(&root.join("d2.img"), 6 << 20, 12);
+    let snap = json(&[
+        "backup",
+        &pool,
+        "--vm",
+        "m",
+        &p(&root.join("d1.img")),
+        &p(&root.join("d2.img")),
+        "--json",
+    ])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut rng = SampleRng::new(21);
+    let mut kills = 0;
+    for i in 0..12 {
+        let force = i % 2 == 1;
+        let to = root.join(format!("to-{i}"));
+        std::fs::create_dir_all(&to).unwrap();
+        let olds = force.then(|| {
+            (
+                random_file(&to.join("d1.img"), 1 << 20, 100 + i),
+                random_file(&to.join("d2.img"), 1 << 20, 200 + i),
+            )
+        });
+        let mut args = vec!["restore".to_string(), pool.clone(), snap.clone()];
+        args.extend(["--to".to_string(), p(&to)]);
+        if force {
+            args.push("--force".into());
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(30_000)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        for (name, new, old) in [
+            ("d1.img", &d1, olds.as_ref().map(|o| &o.0)),
+            ("d2.img", &d2, olds.as_ref().map(|o| &o.1)),
+        ] {
+            match std::fs::read(to.join(name)) {
+                Ok(got) => assert!(
+                    got == *new || Some(&got) == old,
+                    "run {i}: {name} holds a torn file ({} bytes)",
+                    got.len()
+                ),
+                Err(_) => assert!(old.is_none(), "run {i}: the old {name} vanished"),
+            }
+        }
+        // Restoring again there finishes the job and clears the partials.
+        ok(&["restore", &pool, &snap, "--to", &p(&to), "--force"]);
+        assert_eq!(
+            entries(&to),
+            vec!["d1.img".to_string(), "d2.img".to_string()],
+            "run {i}"
+        );
+        assert!(std::fs::read(to.join("d1.img")).unwrap() == d1);
+        assert!(std::fs::read(to.join("d2.img")).unwrap() == d2);
+    }
+    assert!(
+        kills >= 6,
+        "only {kills} restores were still running when killed"
+    );
+}

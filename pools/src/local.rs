@@ -8,6 +8,9 @@
 //! snapshots/<name>       snapshot manifests
 //! tmp/                   objects being written (never read)
 //! ```
+//! A write in progress is `tmp/<kind>-<name>-<random>~<owner tag>.tmp`: the
+//! tag (`<host>.<pid>`, `cairn_engine::process`) lets the next open of the
+//! pool remove what a killed writer of this host left there.
 //! Writes go to `tmp/`, are fsynced, hard-linked to their final name (which
 //! fails if the name exists: objects are never overwritten), unlinked from
 //! `tmp/`, and the directory is fsynced. Index segments are memory-mapped when
@@ -64,6 +67,7 @@ impl LocalPool {
             Err(e) if e.kind() == ErrorKind::NotFound => return Err(PoolOpenError::Missing(root)),
             Err(source) => return Err(PoolOpenError::Io { path: root, source }),
         }
+        remove_orphaned_writes(&root.join("tmp"));
         Ok(LocalPool {
             root,
             open_files: Mutex::new(Vec::new()),
@@ -283,9 +287,10 @@ impl PoolWrite for LocalPool {
         let mut rnd = [0u8; 8];
         getrandom::getrandom(&mut rnd).map_err(|e| Error::Random(e.to_string()))?;
         let tmp = self.root.join("tmp").join(format!(
-            "{}-{name}-{:016x}.tmp",
+            "{}-{name}-{:016x}~{}.tmp",
             kind.dir_name(),
-            u64::from_le_bytes(rnd)
+            u64::from_le_bytes(rnd),
+            cairn_engine::process::owner_tag()
         ));
         let file = OpenOptions::new()
             .write(true)
@@ -370,9 +375,63 @@ impl PoolDelete for LocalPool {
     }
 }
 
+/// Removes `tmp/` files whose writer (by its owner tag) was a process of
+/// this host that is gone: a killed backup's unfinished pack, say. Files of
+/// live processes and of other hosts are left alone. Best effort.
+fn remove_orphaned_writes(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(tag) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('~'))
+            .map(|(_, tag)| tag.to_string())
+        else {
+            continue;
+        };
+        if cairn_engine::process::owner_is_gone(&tag) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opening_removes_what_dead_writers_of_this_host_left_in_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = LocalPool::create(dir.path()).unwrap();
+        // A write in progress of this process.
+        let mut live = pool.create(FileKind::Pack, "abcd").unwrap();
+        live.write_all(b"half").unwrap();
+        let me = cairn_engine::process::owner_tag();
+        let (host, _) = me.rsplit_once('.').unwrap();
+        let tmp = dir.path().join("tmp");
+        let dead = tmp.join(format!("packs-ef01-0011223344556677~{host}.4194305.tmp"));
+        let other_host = tmp.join("packs-ef02-0011223344556677~elsewhere.4194305.tmp");
+        let old_style = tmp.join("packs-ef03-0011223344556677.tmp");
+        for f in [&dead, &other_host, &old_style] {
+            fs::write(f, b"x").unwrap();
+        }
+        let _again = LocalPool::open(dir.path()).unwrap();
+        assert!(!dead.exists(), "a dead writer's file is removed");
+        assert!(
+            other_host.exists() && old_style.exists(),
+            "others are left alone"
+        );
+        assert_eq!(
+            fs::read_dir(&tmp).unwrap().count(),
+            3,
+            "the live write stays"
+        );
+        live.commit().unwrap();
+        assert_eq!(pool.read(FileKind::Pack, "abcd").unwrap().as_ref(), b"half");
+    }
 
     #[test]
     fn write_is_atomic_and_create_only() {

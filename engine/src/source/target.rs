@@ -12,9 +12,11 @@ use crate::random::random_16;
 use crate::source::DiskTarget;
 
 /// A fresh temporary name to write `path` under until it is complete
-/// (`.NAME.<random>.cairn-partial` beside it, so two restores of the same
-/// name never share it). Refuses an existing `path` unless `overwrite` (the
-/// final [`publish_file`] checks again).
+/// (`.NAME.<random>~<owner tag>.cairn-partial` beside it, so two restores
+/// of the same name never share it). Refuses an existing `path` unless
+/// `overwrite` (the final [`publish_file`] checks again). Partial files of
+/// the same name left by a killed restore on this host (their process gone,
+/// see [`crate::process`]) are removed first.
 pub fn partial_path(path: &Path, overwrite: bool) -> Result<PathBuf> {
     if !overwrite && path.exists() {
         return Err(Error::TargetExists {
@@ -25,8 +27,38 @@ pub fn partial_path(path: &Path, overwrite: bool) -> Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
+    remove_orphaned_partials(path, &name);
     let token = hex(&random_16()?[..4]);
-    Ok(path.with_file_name(format!(".{name}.{token}.cairn-partial")))
+    let tag = crate::process::owner_tag();
+    Ok(path.with_file_name(format!(".{name}.{token}~{tag}.cairn-partial")))
+}
+
+/// Removes `.NAME.*~<tag>.cairn-partial` beside `path` whose owner is gone
+/// (best effort).
+fn remove_orphaned_partials(path: &Path, name: &str) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(rest) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|f| f.strip_suffix(".cairn-partial"))
+        else {
+            continue;
+        };
+        if let Some((_, tag)) = rest.rsplit_once('~') {
+            if crate::process::owner_is_gone(tag) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Makes a finished restore file durable and visible: syncs `file` (open on
