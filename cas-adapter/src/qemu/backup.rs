@@ -58,6 +58,35 @@ pub struct Qcow2Disk {
     pub name: String,
 }
 
+/// An exclusive advisory lock (`flock`) on a qcow2 file for the length of
+/// a backup, held by cairn processes only (qemu's own locks are separate
+/// byte-range locks and unaffected). Released when dropped or when the
+/// process dies.
+struct ImageLock {
+    /// Holds the lock while open.
+    _file: std::fs::File,
+}
+
+impl ImageLock {
+    fn take(path: &std::path::Path) -> Result<Self> {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::File::open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(Error::PoolBusy(format!(
+                    "image {} is being backed up by another cairn process; try again when it is done",
+                    path.display()
+                )));
+            }
+            return Err(Error::io(format!("locking {}", path.display()), err));
+        }
+        Ok(ImageLock { _file: f })
+    }
+}
+
 /// The part of this pool's bitmap names that says they are this pool's:
 /// `CHAIN.` + the first 8 hex digits of the pool id.
 fn pool_prefix(chain: &str, pool_id: &str) -> String {
@@ -200,6 +229,12 @@ pub fn backup_qcow2_vm(
     if disks.is_empty() {
         return Err(Error::InvalidArgument("no qcow2 disk given".into()));
     }
+    // One cairn backup per image at a time: two would each start a next
+    // bitmap and the first to finish would retire the other's.
+    let _locks = disks
+        .iter()
+        .map(|d| ImageLock::take(d.image.path()))
+        .collect::<Result<Vec<_>>>()?;
     let pool_id = repo.config().pool_id.to_hex();
     let plans = disks
         .iter()

@@ -67,11 +67,32 @@ impl QemuNbdExport {
         args.push("-k".into());
         args.push(socket.display().to_string());
         args.push(image.display().to_string());
-        let child = Command::new("qemu-nbd")
-            .args(&args)
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        // A --persistent qemu-nbd outlives a killed parent and keeps the
+        // image locked (the VM, or the next backup, could not write it):
+        // the kernel sends it SIGTERM when the thread that started it dies.
+        // The export never outlives the call that starts it, on that thread.
+        let parent = std::process::id();
+        // SAFETY: the hook runs in the forked child before exec and calls
+        // only async-signal-safe functions (prctl, getppid).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the prctl took effect.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the starting process exited"));
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| Error::io("running qemu-nbd (install qemu-utils to get it)", e))?;
         let mut export = QemuNbdExport {
