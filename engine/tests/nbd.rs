@@ -484,3 +484,86 @@ fn tcp_exports_read_like_unix_ones() {
         "{err}"
     );
 }
+
+/// A unix-socket proxy that passes `limit` bytes of the server's answers,
+/// then goes silent: it keeps both connections open and answers nothing
+/// (a server that hangs), until `release` is set.
+fn silent_proxy(
+    listen: &Path,
+    server: &Path,
+    limit: usize,
+    release: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let _ = std::fs::remove_file(listen);
+    let listener = UnixListener::bind(listen).unwrap();
+    let server = server.to_path_buf();
+    std::thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let upstream = UnixStream::connect(&server).unwrap();
+        let (mut c_in, mut u_out) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = c_in.read(&mut buf) {
+                if n == 0 || u_out.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut u_in, mut c_out) = (upstream, client);
+        let mut sent = 0;
+        let mut buf = [0u8; 65536];
+        while sent < limit {
+            let Ok(n) = u_in.read(&mut buf) else { break };
+            let n = n.min(limit - sent);
+            if n == 0 || c_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            sent += n;
+        }
+        // Silent, connections open.
+        while !release.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+#[test]
+fn a_server_that_stops_answering_fails_the_backup_after_the_timeout() {
+    let (dir, image) = setup();
+    qemu_io(&image, &["write -P 1 0 16M"]);
+    let pool: DynPool = Arc::new(MemoryPool::new());
+    Repository::init(pool.clone()).unwrap();
+    let repo = Repository::open(pool.clone()).unwrap();
+    let sock = dir.path().join("s.sock");
+    let _export = Export::start(&image, &sock);
+    let proxy_sock = dir.path().join("silent.sock");
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = silent_proxy(&proxy_sock, &sock, 4 << 20, release.clone());
+    let uri = format!("nbd+unix:///?socket={}", proxy_sock.display());
+    let source =
+        NbdSource::connect_many_with_timeout(&uri, None, 1, Duration::from_secs(1)).unwrap();
+    let started = std::time::Instant::now();
+    let err = backup(
+        &repo,
+        vec![BackupDisk::new("vda", DiskInput::Image(Box::new(source)))],
+        &BackupOptions::new("vm"),
+        &NoProgress,
+    )
+    .unwrap_err();
+    let took = started.elapsed();
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    proxy.join().unwrap();
+    let text = err.to_string();
+    assert!(
+        text.contains("timed out") || text.contains("temporarily unavailable"),
+        "the timeout names itself: {text}"
+    );
+    // The 1 s timeout fired, not the 60 s default (generous bound for a
+    // loaded machine).
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(repo.snapshot_ids().unwrap().is_empty(), "no snapshot");
+    // A zero timeout is refused.
+    assert!(NbdSource::connect_many_with_timeout(&uri, None, 1, Duration::ZERO).is_err());
+}

@@ -58,6 +58,7 @@ pub struct CbtRun {
     pub next_bitmap: Option<String>,
     pub policy: CbtPolicy,
     pub connections: usize,
+    pub nbd_timeout: std::time::Duration,
     pub spot_check: u32,
     pub disk_names: Vec<String>,
     pub json: bool,
@@ -179,7 +180,12 @@ fn backup_nbd(
     let mut connections = usize::MAX;
     let mut sources = Vec::new();
     for (uri, name) in run.nbd.iter().zip(names) {
-        let source = NbdSource::connect_many(uri, run.bitmap.as_deref(), run.connections)?;
+        let source = NbdSource::connect_many_with_timeout(
+            uri,
+            run.bitmap.as_deref(),
+            run.connections,
+            run.nbd_timeout,
+        )?;
         connections = connections.min(source.connections());
         sources.push((uri, name, source));
     }

@@ -227,6 +227,10 @@ struct BackupArgs {
     /// NBD connections (streams) per disk for --nbd and --qcow2, 1–5.
     #[arg(long, default_value_t = 1)]
     connections: usize,
+    /// With --nbd: fail a request the server has not answered after this
+    /// long (like 30s or 2m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", requires = "nbd")]
+    nbd_timeout: String,
     /// Before trusting a bitmap, read back N extents it marks clean
     /// (random, 0–4096 per disk) and compare them with the previous
     /// snapshot: catches a bitmap cleared or re-created after it.
@@ -655,6 +659,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         next_bitmap,
         on_missing_cbt,
         connections,
+        nbd_timeout,
         cbt_spot_check,
         stdin,
         disk_names: names,
@@ -687,6 +692,14 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
             next_bitmap,
             policy: on_missing_cbt,
             connections,
+            nbd_timeout: humantime::parse_duration(&nbd_timeout)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    Failure::usage(format!(
+                        "--nbd-timeout {nbd_timeout:?} is not a positive duration (like 30s)"
+                    ))
+                })?,
             spot_check: cbt_spot_check,
             disk_names: names,
             json,

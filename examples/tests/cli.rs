@@ -634,7 +634,11 @@ fn nbd_backup_with_a_caller_managed_bitmap() {
     };
 
     let server = export(&["b0"]);
-    let full = json(&with(&["--bitmap", "b0"]));
+    for bad in ["0s", "soon"] {
+        let out = cairn(&with(&["--nbd-timeout", bad]));
+        assert_eq!(code(&out), 2, "--nbd-timeout {bad}: {}", stderr(&out));
+    }
+    let full = json(&with(&["--bitmap", "b0", "--nbd-timeout", "30s"]));
     drop(server);
     assert_eq!(full["mode"], "full");
     assert_eq!(full["bytes_read"], 2 << 20);

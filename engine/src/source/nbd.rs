@@ -796,6 +796,23 @@ impl NbdSource {
     /// clients (qemu-nbd's `-e`/`--shared` limit) leaves the source with
     /// the connections it got; [`connections`](Self::connections) says how many.
     pub fn connect_many(uri: &str, bitmap: Option<&str>, connections: usize) -> Result<Self> {
+        Self::connect_many_with_timeout(uri, bitmap, connections, DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`connect_many`](Self::connect_many), with `timeout` for every
+    /// request (and the first handshake): a server that stops answering
+    /// fails the read after that long instead of [`DEFAULT_TIMEOUT`].
+    pub fn connect_many_with_timeout(
+        uri: &str,
+        bitmap: Option<&str>,
+        connections: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        if timeout.is_zero() {
+            return Err(Error::InvalidArgument(
+                "the NBD timeout must be above zero".into(),
+            ));
+        }
         if connections == 0 || connections > MAX_CONNECTIONS {
             return Err(Error::InvalidArgument(format!(
                 "NBD connections per disk must be 1–{MAX_CONNECTIONS}, not {connections}"
@@ -806,11 +823,12 @@ impl NbdSource {
         if let Some(d) = &dirty {
             contexts.push(d);
         }
-        let first = NbdConnection::connect(uri, &contexts)?;
+        let first = NbdConnection::connect_with(uri, &contexts, timeout, timeout)?;
         let size = first.size();
         let mut all = vec![Mutex::new(first)];
         while all.len() < connections {
-            match NbdConnection::connect_with(uri, &[], EXTRA_CONNECTION_TIMEOUT, DEFAULT_TIMEOUT) {
+            let handshake = EXTRA_CONNECTION_TIMEOUT.min(timeout);
+            match NbdConnection::connect_with(uri, &[], handshake, timeout) {
                 Ok(c) if c.size() == size => all.push(Mutex::new(c)),
                 Ok(c) => {
                     return Err(Error::Protocol {
