@@ -749,6 +749,16 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         .with_lease_renewal(lease_renewal)
         .with_progress(bar.clone())
         .with_cancel(signals::token());
+    let mut opts = opts;
+    // A test knob (undocumented on purpose): flush index segments after
+    // this many new chunks, so memory tests cross a flush with small disks.
+    if let Some(n) = std::env::var("CAIRN_SEGMENT_FLUSH_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        opts.segment_flush_entries = n;
+    }
     let stats = repo.backup(inputs, &opts);
     bar.finish();
     let stats = stats?;
