@@ -130,3 +130,52 @@ fn listing_ten_thousand_snapshots_reads_the_catalog_not_the_manifests() {
     assert_eq!(repo.snapshots().unwrap().snapshots, third.snapshots);
     assert_eq!(reads(&counted.0), (0, 1));
 }
+
+/// `latest` orders snapshots by the time recorded in their manifests (the
+/// writing host's clock when the backup finished), then by id — not by
+/// when they were written. A snapshot written later by a host whose clock
+/// went backwards is therefore older: `latest` and the CBT parent lookup
+/// name the one with the newest recorded time, before and after the
+/// catalog holds them both (docs/DESIGN.md, "Snapshot catalog").
+#[test]
+fn latest_follows_recorded_time_not_write_order() {
+    let pool: DynPool = Arc::new(cairn_pools::MemoryPool::new());
+    let repo = Repository::create(pool.clone()).unwrap();
+    // Written first, recorded later (i = 200); then written second with a
+    // clock 100 s behind (i = 100). Both of VM vm-0.
+    let ahead = put(&pool, 200);
+    for round in 0..2 {
+        if round == 1 {
+            repo.snapshots().unwrap(); // now from the catalog
+        }
+        let behind = put(&pool, if round == 0 { 100 } else { 0 });
+        let latest = repo
+            .resolve(&cairn_engine::SnapshotSelector::parse("latest", Some("vm-0")).unwrap())
+            .unwrap();
+        assert_eq!(latest, ahead, "round {round}");
+        let (parent, _) = repo.latest_with_disk("vm-0", "vda").unwrap().unwrap();
+        assert_eq!(parent, ahead, "round {round}");
+        assert_ne!(behind, ahead);
+    }
+    // Equal recorded times: the larger id wins, the same every time.
+    let twin = {
+        let mut bytes = manifest(200);
+        // Same time and VM, another chunk: another id.
+        let mut s = cairn_engine::Snapshot::decode(&bytes).unwrap();
+        s.disks[0] = {
+            let mut d = DiskManifest::new("vda");
+            d.push(65536, Some(ChunkId::of(b"other")));
+            d.push(1 << 20, None);
+            d
+        };
+        bytes = s.encode();
+        let id = SnapshotId::of_manifest(&bytes);
+        pool.write(FileKind::Snapshot, &id.to_hex(), &bytes)
+            .unwrap();
+        id
+    };
+    let latest = repo
+        .resolve(&cairn_engine::SnapshotSelector::parse("latest", Some("vm-0")).unwrap())
+        .unwrap();
+    assert_eq!(latest, ahead.max(twin));
+}
