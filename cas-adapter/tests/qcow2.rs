@@ -288,11 +288,29 @@ fn incremental_reads_only_written_ranges_and_rotates_bitmaps() {
         .filter(|e| e["data"] == true)
         .map(|e| e["length"].as_u64().unwrap())
         .sum();
-    assert_eq!(
-        allocated,
-        snap.disks[0].data_bytes(),
-        "zero extents stay unallocated"
+    // Exactly the source's non-zero 64 KiB blocks are allocated (counted
+    // from the source image's own bytes): zero extents stay holes.
+    let raw = f.dir.path().join("source.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            &s(&f.image),
+            &s(&raw),
+        ],
     );
+    let nonzero: u64 = std::fs::read(&raw)
+        .unwrap()
+        .chunks(65536)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .map(|b| b.len() as u64)
+        .sum();
+    assert_eq!(allocated, nonzero, "zero extents stay unallocated");
+    assert_eq!(allocated, snap.disks[0].data_bytes());
 }
 
 #[test]
@@ -591,10 +609,23 @@ fn a_failing_qemu_nbd_reports_its_own_message() {
         .export_read_only(Some("nope"), 1)
         .unwrap_err();
     let msg = err.to_string();
+    // qemu-nbd's own words (our message repeats the command line, which
+    // names the bitmap too: that alone would prove nothing).
     assert!(
-        msg.starts_with("qemu-nbd: ") && msg.contains("nope"),
+        msg.starts_with("qemu-nbd: ") && msg.contains("Bitmap 'nope' is not found"),
         "{msg}"
     );
-    // The image is usable right after (no lock left behind).
+    // No lock left behind: a writer (which needs qemu's write lock) can
+    // open the image at once.
+    let out = Command::new("qemu-io")
+        .args(["-c", "write -P 9 0 64k"])
+        .arg(&f.image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the image stays locked: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(Qcow2Image::new(&f.image).info().unwrap().bitmaps.is_empty());
 }
