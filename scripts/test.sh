@@ -31,4 +31,8 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 # Tests create multi-GiB sparse and data files under the temp directory.
 export TMPDIR="${TMPDIR:-/tmp}"
-cargo test --workspace --locked "$@"
+# A hang fails the run instead of using up CI's time: every `cairn` the
+# CLI tests start is killed after 5 minutes (tests/common), every pause
+# point and server wait in the tests has its own limit, and the whole run
+# is stopped after 60 minutes (it takes ~10).
+timeout --kill-after=30s 60m cargo test --workspace --locked "$@"

@@ -101,7 +101,11 @@ fn backup_restore_is_bit_identical_and_dedup_is_exact() {
 
     let v = json(&["verify", &s.pool, "--read-data", "--json"]);
     assert_eq!(v["ok"], true, "{v}");
-    assert_eq!(v["blobs_read"], distinct.len() as u64, "one blob per distinct block");
+    assert_eq!(
+        v["blobs_read"],
+        distinct.len() as u64,
+        "one blob per distinct block"
+    );
 }
 
 #[test]

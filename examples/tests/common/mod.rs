@@ -10,17 +10,63 @@ use std::process::{Command, Output, Stdio};
 use cairn_engine::sample::{fill_text, SampleRng};
 use serde_json::Value;
 
-/// Runs `cairn` with `args` and the extra environment `env`.
+/// Longest any single `cairn` run of the tests may take: a command that
+/// hangs fails its test (killed, with what it printed) instead of hanging
+/// the suite.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Runs `cmd` to completion, collecting its output; kills it and panics
+/// after [`COMMAND_TIMEOUT`].
+pub fn output_within(mut cmd: Command) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > COMMAND_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still running after {COMMAND_TIMEOUT:?}: killed. stderr: {}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `cairn` with `args` and the extra environment `env` (see
+/// [`COMMAND_TIMEOUT`]).
 pub fn cairn_env<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
     args: &[S],
     env: &[(&str, String)],
 ) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    output_within(cmd)
 }
 
 /// Runs `cairn` with `args` and the extra environment `env`; it must succeed.
@@ -46,11 +92,7 @@ pub fn json_env<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
 }
 
 pub fn cairn<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    cairn_env(args, &[])
 }
 
 pub fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
