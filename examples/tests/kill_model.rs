@@ -6,6 +6,9 @@
 //! have published its manifest; a killed prune or forget may have removed
 //! some). After every step each listed snapshot restores bit-identical to
 //! the image it was taken of, and every snapshot that must exist is listed;
+//! a killed backup's retry stores no more than a backup of the same image
+//! into the pool as it was before the killed run (a copy) — what the
+//! killed run sealed is reused;
 //! at the end a collection that is not killed leaves packs within 10 % of
 //! the live bytes and `verify --read-data` clean.
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
@@ -110,6 +113,8 @@ fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorabl
     let dir = tempfile::tempdir().unwrap();
     let mut kills = 0;
     let mut backup_kills = 0;
+    // Chunks killed backups had sealed that their retries reused.
+    let mut retried_chunks = 0;
     let sequences: u64 = std::env::var("CAIRN_KILL_SEQUENCES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -161,11 +166,41 @@ fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorabl
                         "fixed:64K",
                         "--lease-renewal",
                         "100ms",
+                        "--json",
                     ]);
+                    // The pool as it was before this run, to learn what a
+                    // backup of this image must store (a killed run's
+                    // retry may store no more than that).
+                    let copy = root.join("before");
+                    let _ = std::fs::remove_dir_all(&copy);
+                    let st = Command::new("cp")
+                        .args(["-a", &pool, &p(&copy)])
+                        .status()
+                        .unwrap();
+                    assert!(st.success());
                     let (code, killed) = run(&args, kill);
                     kills += killed as usize;
                     backup_kills += killed as usize;
-                    if !killed {
+                    if killed {
+                        // The retry reuses what the killed run sealed: it
+                        // stores at most what was not yet stored.
+                        let retry = json(&args);
+                        let mut fresh_args = args.clone();
+                        fresh_args[1] = p(&copy);
+                        let fresh = json(&fresh_args);
+                        let (r, f) = (
+                            retry["chunks_new"].as_u64().unwrap(),
+                            fresh["chunks_new"].as_u64().unwrap(),
+                        );
+                        assert!(
+                            r <= f,
+                            "seq {seq} step {step}: retry stored {r} chunks, {f} were missing"
+                        );
+                        retried_chunks += f - r;
+                        let id = retry["snapshot"].as_str().unwrap().to_string();
+                        must.insert(id.clone());
+                        image_of.insert(id, img.clone());
+                    } else {
                         assert_eq!(code, Some(0), "seq {seq} step {step}: backup failed");
                         let new: Vec<String> = listed(&pool)
                             .into_keys()
@@ -275,7 +310,8 @@ fn random_sequences_with_real_sigkills_keep_every_snapshot_that_exists_restorabl
             assert!(restored(&pool, id, &root) == image_of[id]);
         }
     }
-    eprintln!("{kills} real kills, {backup_kills} of backups");
+    eprintln!("{kills} real kills, {backup_kills} of backups; retries reused {retried_chunks} chunks the killed runs had sealed");
     assert!(kills >= 20, "only {kills} real kills");
     assert!(backup_kills >= 20, "only {backup_kills} backups killed");
+    assert!(retried_chunks > 0, "no kill landed after a pack was sealed");
 }
