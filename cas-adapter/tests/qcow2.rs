@@ -391,19 +391,32 @@ fn unclean_exit_while_writing(image: &Path) {
         .unwrap();
     // Wait until the write is done (the bitmap is marked in use on open).
     let info = Qcow2Image::new(image);
-    for _ in 0..200 {
+    let mut written = false;
+    for _ in 0..400 {
         std::thread::sleep(Duration::from_millis(25));
         let out = Command::new("qemu-img")
             .args(["map", "--output=json", "-U", "-f", "qcow2"])
             .arg(image)
             .output()
             .unwrap();
-        let map = String::from_utf8_lossy(&out.stdout);
-        if map.contains("\"start\": 1048576, \"length\": 65536") {
+        // Data allocated at 1 MiB: the write has landed.
+        let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let landed = map.as_array().is_some_and(|ranges| {
+            ranges.iter().any(|r| {
+                let (start, len) = (
+                    r["start"].as_u64().unwrap_or(0),
+                    r["length"].as_u64().unwrap_or(0),
+                );
+                r["data"] == true && start <= 1 << 20 && (1 << 20) < start + len
+            })
+        });
+        if landed {
+            written = true;
             break;
         }
     }
     child.kill().unwrap(); // SIGKILL: no chance to save the bitmaps
+    assert!(written, "qemu-io never wrote within 10 s");
     child.wait().unwrap();
     let b = info.info().unwrap().bitmaps;
     assert!(b.iter().all(|b| b.inconsistent()), "{b:?}");
