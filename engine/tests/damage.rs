@@ -123,16 +123,7 @@ fn scenario() {
     let local = Arc::new(LocalPool::create(dir.path()).unwrap());
     let pool: DynPool = local.clone();
     let repo = Repository::create(pool.clone()).unwrap();
-    let backup = |vm: &str, image: &[u8]| -> SnapshotId {
-        let opts = BackupOptions::new(vm)
-            .with_chunking(ChunkingParams::Fixed { size: BLOCK as u32 })
-            .with_compression(Compression::Zstd { level: 1 });
-        let disk = BackupDisk::image(
-            "vda",
-            MemorySource::new("vda", Bytes::copy_from_slice(image)),
-        );
-        repo.backup(vec![disk], &opts).unwrap().snapshot
-    };
+    let backup = |vm: &str, image: &[u8]| backup_blocks(&repo, vm, image);
     let images = images();
     let snaps: Vec<(SnapshotId, &[u8])> = images
         .iter()

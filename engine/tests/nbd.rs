@@ -323,9 +323,23 @@ fn nbd_target_writes_a_blank_export_and_refuses_others() {
     assert!(err.to_string().contains("read-only"), "{err}");
 }
 
-/// A unix-socket proxy in front of an NBD server that cuts both directions
-/// once the server has sent `limit` bytes: a connection dropped mid-read.
-fn cutting_proxy(listen: &Path, server: &Path, limit: usize) -> std::thread::JoinHandle<()> {
+/// What a [`proxy`] does once the server has sent its `limit` bytes.
+enum AfterLimit {
+    /// Cut both directions: a connection dropped mid-read.
+    Cut,
+    /// Keep both connections open and pass nothing more (a server that
+    /// hangs) until the flag is set.
+    Silent(Arc<std::sync::atomic::AtomicBool>),
+}
+
+/// A unix-socket proxy in front of an NBD server that passes `limit`
+/// bytes of the server's answers, then cuts or goes silent.
+fn proxy(
+    listen: &Path,
+    server: &Path,
+    limit: usize,
+    after: AfterLimit,
+) -> std::thread::JoinHandle<()> {
     use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
     let _ = std::fs::remove_file(listen);
@@ -346,15 +360,25 @@ fn cutting_proxy(listen: &Path, server: &Path, limit: usize) -> std::thread::Joi
         let (mut u_in, mut c_out) = (upstream, client);
         let mut sent = 0;
         let mut buf = [0u8; 65536];
-        while let Ok(n) = u_in.read(&mut buf) {
+        while sent < limit {
+            let Ok(n) = u_in.read(&mut buf) else { break };
             let n = n.min(limit - sent);
             if n == 0 || c_out.write_all(&buf[..n]).is_err() {
                 break;
             }
             sent += n;
         }
-        let _ = c_out.shutdown(std::net::Shutdown::Both);
-        let _ = u_in.shutdown(std::net::Shutdown::Both);
+        match after {
+            AfterLimit::Cut => {
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+                let _ = u_in.shutdown(std::net::Shutdown::Both);
+            }
+            AfterLimit::Silent(release) => {
+                while !release.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     })
 }
 
@@ -386,7 +410,7 @@ fn connection_dropped_mid_backup_fails_the_snapshot_and_keeps_earlier_ones() {
     let export = Export::start(&image, &sock);
     // The server's bytes stop 10 MiB into the reads of the second backup.
     let proxy_sock = dir.path().join("proxy.sock");
-    let proxy = cutting_proxy(&proxy_sock, &sock, 10 << 20);
+    let proxy = proxy(&proxy_sock, &sock, 10 << 20, AfterLimit::Cut);
     let uri = format!("nbd+unix:///?socket={}", proxy_sock.display());
     let err = backup(
         &repo,
@@ -485,50 +509,6 @@ fn tcp_exports_read_like_unix_ones() {
     );
 }
 
-/// A unix-socket proxy that passes `limit` bytes of the server's answers,
-/// then goes silent: it keeps both connections open and answers nothing
-/// (a server that hangs), until `release` is set.
-fn silent_proxy(
-    listen: &Path,
-    server: &Path,
-    limit: usize,
-    release: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    use std::io::{Read, Write};
-    use std::os::unix::net::{UnixListener, UnixStream};
-    let _ = std::fs::remove_file(listen);
-    let listener = UnixListener::bind(listen).unwrap();
-    let server = server.to_path_buf();
-    std::thread::spawn(move || {
-        let (client, _) = listener.accept().unwrap();
-        let upstream = UnixStream::connect(&server).unwrap();
-        let (mut c_in, mut u_out) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            while let Ok(n) = c_in.read(&mut buf) {
-                if n == 0 || u_out.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut u_in, mut c_out) = (upstream, client);
-        let mut sent = 0;
-        let mut buf = [0u8; 65536];
-        while sent < limit {
-            let Ok(n) = u_in.read(&mut buf) else { break };
-            let n = n.min(limit - sent);
-            if n == 0 || c_out.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            sent += n;
-        }
-        // Silent, connections open.
-        while !release.load(std::sync::atomic::Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-}
-
 #[test]
 fn a_server_that_stops_answering_fails_the_backup_after_the_timeout() {
     let (dir, image) = setup();
@@ -540,7 +520,12 @@ fn a_server_that_stops_answering_fails_the_backup_after_the_timeout() {
     let _export = Export::start(&image, &sock);
     let proxy_sock = dir.path().join("silent.sock");
     let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let proxy = silent_proxy(&proxy_sock, &sock, 4 << 20, release.clone());
+    let proxy = proxy(
+        &proxy_sock,
+        &sock,
+        4 << 20,
+        AfterLimit::Silent(release.clone()),
+    );
     let uri = format!("nbd+unix:///?socket={}", proxy_sock.display());
     let source =
         NbdSource::connect_many_with_timeout(&uri, None, 1, Duration::from_secs(1)).unwrap();

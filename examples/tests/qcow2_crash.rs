@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -35,26 +35,8 @@ fn backup_args(pool: &str, img: &Path) -> Vec<String> {
 
 /// Starts a backup held at `point`; returns the child once it is there.
 fn held(args: &[String], point: &str, dir: &Path) -> std::process::Child {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("CAIRN_PAUSE_AT", point)
-        .env("CAIRN_PAUSE_DIR", dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !dir.join(format!("{point}.reached")).exists() {
-        assert!(child.try_wait().unwrap().is_none(), "exited before {point}");
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "never reached {point}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_held(&args, &[], point, dir).expect("reached the pause")
 }
 
 /// A write through qemu-io needs qemu's write lock on the image: it fails
@@ -149,7 +131,7 @@ fn two_qcow2_backups_of_one_image_at_once_one_refuses() {
         "{}",
         stderr(&second)
     );
-    std::fs::write(root.join("hold").join("backup-after-index.go"), b"").unwrap();
+    release("backup-after-index", &root.join("hold"));
     let out = first.wait_with_output().unwrap();
     assert!(
         out.status.success(),

@@ -45,19 +45,6 @@ fn damaged_pool(root: &Path) -> (String, String) {
     (sa, sb)
 }
 
-fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk_files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     let st = Command::new("cp")
         .args(["-a", &p(from), &p(to)])

@@ -15,13 +15,6 @@ use std::time::{Duration, Instant};
 use cairn_engine::sample::SampleRng;
 use common::*;
 
-fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    SampleRng::new(seed).fill(&mut data);
-    std::fs::write(path, &data).unwrap();
-    data
-}
-
 /// Every file in `dir` (none if it does not exist).
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -34,19 +27,6 @@ fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
 /// A pool with snapshot `m` of two disks (d1.img, d2.img) whose second
 /// disk's chunks all sit in packs that are then damaged (they were first
 /// stored by a backup of d2 alone, so m's own packs hold only d1).
@@ -57,7 +37,7 @@ fn pool_with_a_damaged_second_disk(root: &Path) -> (String, String) {
     random_file(&root.join("d1.img"), 3 << 20, 1);
     random_file(&root.join("d2.img"), 3 << 20, 2);
     ok(&["backup", &pool, "--vm", "x", &p(&root.join("d2.img"))]);
-    let first_packs = files_under(&root.join("pool").join("packs"));
+    let first_packs = walk_files(&root.join("pool").join("packs"));
     let m = json(&[
         "backup",
         &pool,
@@ -196,25 +176,9 @@ fn sigint_and_sigterm_mid_restore_leave_nothing_and_keep_old_files() {
             }
             // Stopped between the two disks: d1 is written (as a partial
             // file), d2 not yet.
-            let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-                .args(&args)
-                .env("CAIRN_PAUSE_AT", "restore-after-disk")
-                .env("CAIRN_PAUSE_DIR", &run)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let reached = run.join("restore-after-disk.reached");
-            let start = Instant::now();
-            while !reached.exists() {
-                assert!(
-                    child.try_wait().unwrap().is_none(),
-                    "exited before the pause"
-                );
-                assert!(start.elapsed() < Duration::from_secs(60), "never paused");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut child =
+                spawn_held(&arg_refs, &[], "restore-after-disk", &run).expect("reached the pause");
             assert!(
                 entries(&to).iter().any(|e| e.ends_with(".cairn-partial")),
                 "d1 is being written as a partial file: {:?}",
@@ -223,7 +187,7 @@ fn sigint_and_sigterm_mid_restore_leave_nothing_and_keep_old_files() {
             // SAFETY: signalling our own child.
             assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
             std::thread::sleep(Duration::from_millis(100)); // the signal is taken
-            std::fs::write(run.join("restore-after-disk.go"), b"").unwrap();
+            release("restore-after-disk", &run);
             let start = Instant::now();
             let status = loop {
                 if let Some(st) = child.try_wait().unwrap() {

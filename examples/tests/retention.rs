@@ -386,19 +386,6 @@ fn repair_packs_quarantines_salvages_and_a_new_backup_heals() {
     assert!(std::fs::read(out_dir.join("b.img")).unwrap() == std::fs::read(&b).unwrap());
 }
 
-fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk_files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
 /// Every object of the pool under `dir` (kind directory / name), `tmp/`
 /// left out.
 fn pool_objects(dir: &Path) -> std::collections::BTreeSet<String> {

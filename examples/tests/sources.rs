@@ -7,18 +7,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use cairn_engine::sample::SampleRng;
 use common::*;
-
-fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    SampleRng::new(seed).fill(&mut data);
-    std::fs::write(path, &data).unwrap();
-    data
-}
 
 /// Backs `img` up with the process held at `point`, truncates the file to
 /// `to` bytes there, lets it go on; returns (exit status, stderr).
@@ -30,32 +20,16 @@ fn backup_shrinking(
     to: u64,
     pause: &Path,
 ) -> (std::process::ExitStatus, String) {
-    std::fs::create_dir_all(pause).unwrap();
     let mut args = vec!["backup", pool, "--vm", "v", img.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(&args)
-        .env("CAIRN_PAUSE_AT", point)
-        .env("CAIRN_PAUSE_DIR", pause)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reached = pause.join(format!("{point}.reached"));
-    let start = Instant::now();
-    while !reached.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "exited before {point}");
-        assert!(start.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let child = spawn_held(&args, &[], point, pause).expect("reached the pause");
     std::fs::OpenOptions::new()
         .write(true)
         .open(img)
         .unwrap()
         .set_len(to)
         .unwrap();
-    std::fs::write(pause.join(format!("{point}.go")), b"").unwrap();
+    release(point, pause);
     let out = child.wait_with_output().unwrap();
     (
         out.status,

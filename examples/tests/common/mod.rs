@@ -258,3 +258,70 @@ pub fn wait_for_socket(sock: &Path, child: &mut std::process::Child) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// `len` random bytes (from `seed`) written to `path`, and returned.
+#[allow(dead_code)]
+pub fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    SampleRng::new(seed).fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Every file below `dir`, recursively.
+#[allow(dead_code)]
+pub fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Starts `cairn args` (with `env`) held at pause point `point`
+/// (`CAIRN_PAUSE_AT`, files in `dir`): the process-kill harness's way to
+/// act at an exact step. `None` when the process exits before reaching
+/// the point; panics after 60 s.
+#[allow(dead_code)]
+pub fn spawn_held(
+    args: &[&str],
+    env: &[(&str, String)],
+    point: &str,
+    dir: &Path,
+) -> Option<std::process::Child> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("CAIRN_PAUSE_AT", point)
+        .env("CAIRN_PAUSE_DIR", dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let flag = dir.join(format!("{point}.reached"));
+    let start = std::time::Instant::now();
+    while !flag.exists() {
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "cairn {args:?} never reached {point}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Some(child)
+}
+
+/// Lets a process held by [`spawn_held`] go on.
+#[allow(dead_code)]
+pub fn release(point: &str, dir: &Path) {
+    std::fs::write(dir.join(format!("{point}.go")), b"").unwrap();
+}
