@@ -321,11 +321,12 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    signals::install();
     if let Some(dir) = &cli.scratch_dir {
-        // Read by the engine's external sort; set before any thread starts.
+        // Read by the engine's external sort; set before any thread starts
+        // (the signal watcher below is the first).
         std::env::set_var("CAIRN_SCRATCH_DIR", dir);
     }
+    signals::install();
     let code = match run(cli) {
         Ok(code) => code,
         Err(f) => {
