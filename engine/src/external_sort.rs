@@ -68,24 +68,28 @@ pub trait Record: Copy + Ord {
     fn get(bytes: &[u8]) -> Self;
 }
 
-/// Name prefix of scratch directories: `cairn-sort-<pid>-<random>`.
+/// Name prefix of scratch directories: `cairn-sort-<owner tag>~<random>`
+/// (see [`crate::process`]).
 const SCRATCH_PREFIX: &str = "cairn-sort-";
 
-/// Removes `cairn-sort-<pid>-*` directories under `parent` whose process
-/// is gone (best effort: a directory in use by a live process is kept).
+/// Removes scratch directories under `parent` whose owner (by its tag) was
+/// a process of this machine that is gone. Best effort; directories of
+/// live processes, other machines and other namespaces are left alone.
 fn remove_orphans(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(SCRATCH_PREFIX)) else {
+        let Some(tag) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|n| n.rsplit_once('~'))
+            .map(|(tag, _)| tag.to_string())
+        else {
             continue;
         };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if crate::process::owner_is_gone(&tag) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -107,7 +111,7 @@ impl ScratchDir {
         let parent = parent.map_or_else(default_scratch_parent, Path::to_path_buf);
         remove_orphans(&parent);
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
+            .prefix(&format!("{SCRATCH_PREFIX}{}~", crate::process::owner_tag()))
             .tempdir_in(&parent)
             .map_err(|e| {
                 Error::io(
@@ -488,24 +492,27 @@ mod tests {
     #[test]
     fn directories_of_dead_processes_are_removed_live_ones_kept() {
         let parent = tempfile::tempdir().unwrap();
-        // No process has pid 4194304 + 1 (above the kernel's maximum).
-        let dead = parent.path().join("cairn-sort-4194305-abc");
-        let mine = parent
+        let me = crate::process::owner_tag();
+        let (machine, _) = me.rsplit_once('.').unwrap();
+        // No process has pid 4194305 (above the kernel's maximum).
+        let dead = parent
             .path()
-            .join(format!("cairn-sort-{}-def", std::process::id()));
+            .join(format!("cairn-sort-{machine}.4194305~abc"));
+        let mine = parent.path().join(format!("cairn-sort-{me}~def"));
+        let elsewhere = parent.path().join("cairn-sort-other-0-0.4194305~ghi");
         let other = parent.path().join("unrelated");
-        for d in [&dead, &mine, &other] {
+        for d in [&dead, &mine, &elsewhere, &other] {
             std::fs::create_dir_all(d.join("x")).unwrap();
         }
         let scratch = ScratchDir::new(Some(parent.path())).unwrap();
         assert!(!dead.exists());
-        assert!(mine.exists() && other.exists());
+        assert!(mine.exists() && elsewhere.exists() && other.exists());
         assert!(scratch
             .path()
             .file_name()
             .unwrap()
             .to_string_lossy()
-            .starts_with(&format!("cairn-sort-{}-", std::process::id())));
+            .starts_with(&format!("cairn-sort-{me}~")));
     }
 
     #[test]

@@ -1,27 +1,66 @@
-//! Which process on which host owns a temporary file: an *owner tag*
-//! (`<host>.<pid>`) written into the names of temporary files (a local
-//! pool's `tmp/` objects, a restore's `.cairn-partial` files), so a later
-//! process can remove those a killed process left behind — only its own
-//! host's, and only when that process is gone.
+//! Which process on which machine owns a temporary file: an *owner tag*
+//! written into the names of temporary files (a local pool's `tmp/`
+//! objects, a restore's `.cairn-partial` files, the external sort's
+//! scratch directories), so a later process can remove what a killed one
+//! left behind.
+//!
+//! A tag is `<machine>.<pid>`, where `<machine>` joins the host name
+//! (letters, digits and `-` only), the first 8 hex digits of the kernel's
+//! boot id and the inode of the PID namespace: two containers sharing a
+//! host name, two cloned hosts sharing one, or one host before and after a
+//! reboot never judge each other's processes. A tag is "gone" only when
+//! its machine is this one and `kill(pid, 0)` says no such process
+//! (`EPERM`: it exists). Anything unparsable is never gone.
 
-/// This process's owner tag: the host name (letters, digits and `-` only)
-/// and the process id, joined by a dot.
+use std::sync::OnceLock;
+
+/// This process's owner tag.
 pub fn owner_tag() -> String {
-    format!("{}.{}", host_name(), std::process::id())
+    format!("{}.{}", machine(), std::process::id())
 }
 
-/// True when `tag` names a process of this host that no longer runs. A tag
-/// of another host, or one that does not parse, is never called dead.
+/// True when `tag` names a process of this machine that no longer runs.
 pub fn owner_is_gone(tag: &str) -> bool {
-    let Some((host, pid)) = tag.rsplit_once('.') else {
+    let Some((machine_part, pid)) = tag.rsplit_once('.') else {
         return false;
     };
-    let Ok(pid) = pid.parse::<u32>() else {
+    let Ok(pid) = pid.parse::<i32>() else {
         return false;
     };
-    host == host_name()
-        && pid != std::process::id()
-        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    if machine_part != machine() || pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// `<host>-<boot id>-<pid namespace>`, computed once.
+fn machine() -> &'static str {
+    static MACHINE: OnceLock<String> = OnceLock::new();
+    MACHINE.get_or_init(|| {
+        let boot: String = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_hexdigit())
+            .take(8)
+            .collect();
+        let pidns = std::fs::read_link("/proc/self/ns/pid")
+            .ok()
+            .map(|l| {
+                l.to_string_lossy()
+                    .chars()
+                    .filter(|c| c.is_ascii_digit())
+                    .collect::<String>()
+            })
+            .unwrap_or_default();
+        format!(
+            "{}-{}-{}",
+            host_name(),
+            if boot.is_empty() { "0".into() } else { boot },
+            if pidns.is_empty() { "0".into() } else { pidns }
+        )
+    })
 }
 
 fn host_name() -> String {
@@ -36,6 +75,7 @@ fn host_name() -> String {
     };
     let clean: String = raw
         .chars()
+        .take(32)
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
     if clean.is_empty() {
@@ -50,15 +90,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tags_of_this_host_are_gone_only_when_their_process_is() {
+    fn tags_of_this_machine_are_gone_only_when_their_process_is() {
         let me = owner_tag();
         assert!(!owner_is_gone(&me), "this process runs");
-        let (host, _) = me.rsplit_once('.').unwrap_or_default();
+        let (machine, _) = me.rsplit_once('.').unwrap_or_default();
+        assert!(!machine.contains('.') && !machine.is_empty());
         // Above the kernel's pid limit: no such process.
-        assert!(owner_is_gone(&format!("{host}.4194305")));
-        assert!(!owner_is_gone("some-other-host.4194305"));
+        assert!(owner_is_gone(&format!("{machine}.4194305")));
+        // pid 1 exists (in every namespace).
+        assert!(!owner_is_gone(&format!("{machine}.1")));
+        // Another machine (host, boot or namespace), or garbage: never gone.
+        assert!(!owner_is_gone("some-other-host-0-0.4194305"));
+        assert!(!owner_is_gone(&format!("{machine}x.4194305")));
         assert!(!owner_is_gone("garbage"));
-        assert!(!owner_is_gone(&format!("{host}.notapid")));
-        assert!(!host.contains('.') && !host.is_empty());
+        assert!(!owner_is_gone(&format!("{machine}.notapid")));
     }
 }

@@ -149,15 +149,36 @@ impl Repository {
         // A repair killed after it moved a pack aside left an index that
         // names the pack: finish its job (rebuild, mark) even when no pack
         // is damaged any more.
-        let index_names_gone_packs = verify
-            .damage
-            .iter()
-            .any(|d| d.kind == DamageKind::PackMissing);
         if report.damaged_packs.is_empty() {
-            if index_names_gone_packs {
-                self.repair_index()?;
+            // Only packs confirmed gone by name (a listing cut short would
+            // show the same symptom and must not shrink the index).
+            let mut gone = false;
+            for p in verify
+                .damage
+                .iter()
+                .filter(|d| d.kind == DamageKind::PackMissing)
+                .filter_map(|d| d.pack)
+                .collect::<BTreeSet<_>>()
+            {
+                match self.pool().size(FileKind::Pack, &p.to_hex()) {
+                    Ok(_) => {
+                        return Err(crate::Error::ListingIncomplete {
+                            kind: FileKind::Pack,
+                            name: p.to_hex(),
+                        })
+                    }
+                    Err(e) if e.is_not_found() => gone = true,
+                    Err(e) => return Err(e),
+                }
             }
-            report.damaged_snapshots = verify.affected_snapshots();
+            report.damaged_snapshots = if gone {
+                self.repair_index()?;
+                // Judged on the rebuilt index: chunks salvaged into new
+                // packs before the kill no longer count as missing.
+                self.verify(&VerifyOptions::default())?.affected_snapshots()
+            } else {
+                verify.affected_snapshots()
+            };
             self.mark_damaged(&report.damaged_snapshots)?;
             return Ok(report);
         }

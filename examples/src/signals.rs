@@ -1,53 +1,58 @@
-//! SIGINT and SIGTERM stop the running job cleanly: the first one cancels
-//! the job's [`CancelToken`] (a restore then removes its `.cairn-partial`
-//! files and leaves any existing target untouched, a backup publishes no
-//! snapshot, a collection deletes nothing more), and the process exits
-//! with 128 + the signal number. A second signal kills at once (the
-//! default action is restored after the first).
+//! SIGINT and SIGTERM stop the running job cleanly where the command can
+//! be cancelled (backup, restore, verify, gc: they take [`token`]): the
+//! handler cancels the job's [`CancelToken`] at once (a restore then
+//! removes its `.cairn-partial` files and publishes nothing, a backup
+//! publishes no snapshot, a collection deletes nothing more) and the
+//! process exits with 128 + the signal number. A command that never asked
+//! for the token is terminated by the signal as usual. A second signal
+//! always takes the default action (`SA_RESETHAND`).
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use cairn_engine::CancelToken;
 
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 static TOKEN: OnceLock<CancelToken> = OnceLock::new();
+/// Set once a job took the token: only then is a signal a cancellation.
+static IN_USE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(sig: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
+    // Async-signal-safe only: atomic loads and stores (OnceLock::get and
+    // CancelToken::cancel are both that), signal() and raise().
     RECEIVED.store(sig, Ordering::SeqCst);
+    match TOKEN.get() {
+        Some(t) if IN_USE.load(Ordering::SeqCst) => t.cancel(),
+        _ => {
+            // Nothing to cancel: die of the signal, as without a handler
+            // (SA_RESETHAND restored the default disposition already).
+            // SAFETY: raise is async-signal-safe.
+            unsafe { libc::raise(sig) };
+        }
+    }
 }
 
-/// Installs the handlers and the thread that turns a signal into a
-/// cancellation. Call once, first thing in `main`.
+/// Installs the handlers. Call once, first thing in `main`.
 pub fn install() {
-    let token = TOKEN.get_or_init(CancelToken::new).clone();
+    TOKEN.get_or_init(CancelToken::new);
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: `on_signal` only stores to an atomic, which is
-        // async-signal-safe; the sigaction struct is fully initialised.
+        // SAFETY: `on_signal` is async-signal-safe (see there); the struct
+        // is fully initialised. SA_RESTART: interrupted reads and writes
+        // resume; the job notices the cancellation at its next check.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
     }
-    std::thread::spawn(move || loop {
-        if RECEIVED.load(Ordering::SeqCst) != 0 {
-            token.cancel();
-            for sig in [libc::SIGINT, libc::SIGTERM] {
-                // SAFETY: restoring the default disposition.
-                unsafe { libc::signal(sig, libc::SIG_DFL) };
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    });
 }
 
-/// The token every job of this process is cancelled through.
+/// The token a cancellable job of this process runs with; taking it makes
+/// SIGINT/SIGTERM cancel the job instead of ending the process.
 pub fn token() -> CancelToken {
+    IN_USE.store(true, Ordering::SeqCst);
     TOKEN.get_or_init(CancelToken::new).clone()
 }
 

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 /// A pool with VMs a and b (4 MiB each), one byte flipped in the first
 /// blob of b's newest pack. Returns the snapshot ids (a, b).
-fn damaged_pool(root: &Path) -> (String, String) {
+fn damaged_pool(root: &Path) -> (String, String, String) {
     let pool = p(&root.join("pool"));
     ok(&["init", &pool]);
     make_image(&root.join("a.img"), 4 << 20, 1);
@@ -42,7 +42,33 @@ fn damaged_pool(root: &Path) -> (String, String) {
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes[16 + 40] ^= 0x55;
     std::fs::write(&victim, &bytes).unwrap();
-    (sa, sb)
+    // VM c: b's image with the damaged bytes rewritten, so c references
+    // the damaged pack's other (intact) chunks only: after a repair it must
+    // restore and must not be marked.
+    let v = json_or_damage(&["verify", &pool, "--read-data", "--json"]);
+    let range = v["damage"][0]["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["snapshot"] == sb.as_str())
+        .unwrap()
+        .clone();
+    let (off, len) = (
+        range["offset"].as_u64().unwrap() as usize,
+        range["length"].as_u64().unwrap() as usize,
+    );
+    let mut c = std::fs::read(root.join("b.img")).unwrap();
+    c[off..off + len].fill(0xc3);
+    std::fs::write(root.join("c.img"), &c).unwrap();
+    let sc = snap("c");
+    (sa, sb, sc)
+}
+
+/// `cairn ARGS` parsed as JSON whether it exits 0 or 3 (damage found).
+fn json_or_damage(args: &[&str]) -> Value {
+    let out = cairn(args);
+    assert!(matches!(code(&out), 0 | 3), "{args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -96,13 +122,16 @@ fn restores(pool: &str, snap: &str, image: &Path, scratch: &Path) -> bool {
 
 /// After a kill: a still restores; a second repair completes and leaves the
 /// pool as an uninterrupted repair does; a new backup of b heals it.
-fn check_after_kill(root: &Path, pool_dir: &Path, sa: &str, sb: &str, what: &str) {
+fn check_after_kill(root: &Path, pool_dir: &Path, (sa, sb, sc): (&str, &str, &str), what: &str) {
     let pool = p(pool_dir);
     let scratch = pool_dir.with_file_name("scratch");
-    assert!(
-        restores(&pool, sa, &root.join("a.img"), &scratch),
-        "{what}: a lost"
-    );
+    let intact = [(sa, "a.img"), (sc, "c.img")];
+    for (id, img) in intact {
+        assert!(
+            restores(&pool, id, &root.join(img), &scratch),
+            "{what}: {img} lost"
+        );
+    }
     // The index may name a pack moved aside only until the next load.
     let out = cairn(&["repair", &pool, "--packs", "--json"]);
     assert_eq!(code(&out), 3, "{what}: {}", stderr(&out));
@@ -117,10 +146,12 @@ fn check_after_kill(root: &Path, pool_dir: &Path, sa: &str, sb: &str, what: &str
         1,
         "{what}: one pack quarantined"
     );
-    assert!(
-        restores(&pool, sa, &root.join("a.img"), &scratch),
-        "{what}: a lost"
-    );
+    for (id, img) in intact {
+        assert!(
+            restores(&pool, id, &root.join(img), &scratch),
+            "{what}: {img} lost"
+        );
+    }
     assert!(
         !restores(&pool, sb, &root.join("b.img"), &scratch),
         "{what}"
@@ -149,7 +180,8 @@ fn check_after_kill(root: &Path, pool_dir: &Path, sa: &str, sb: &str, what: &str
 fn repair_killed_at_any_step_loses_nothing_and_a_second_run_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let (sa, sb) = damaged_pool(root);
+    let (sa, sb, sc) = damaged_pool(root);
+    let ids = (sa.as_str(), sb.as_str(), sc.as_str());
     let pristine = root.join("pool");
     let mut killed = 0;
     for point in [
@@ -168,7 +200,7 @@ fn repair_killed_at_any_step_loses_nothing_and_a_second_run_finishes() {
         child.kill().unwrap();
         child.wait().unwrap();
         killed += 1;
-        check_after_kill(root, &pool_dir, &sa, &sb, point);
+        check_after_kill(root, &pool_dir, ids, point);
     }
     // `repair --index` killed between writing its segment and deleting
     // the old ones.
@@ -185,7 +217,7 @@ fn repair_killed_at_any_step_loses_nothing_and_a_second_run_finishes() {
     child.kill().unwrap();
     child.wait().unwrap();
     killed += 1;
-    check_after_kill(root, &pool_dir, &sa, &sb, "repair --index");
+    check_after_kill(root, &pool_dir, ids, "repair --index");
 
     // Random times: a repair of this pool takes tens of milliseconds.
     let mut rng = SampleRng::new(5);
@@ -201,7 +233,7 @@ fn repair_killed_at_any_step_loses_nothing_and_a_second_run_finishes() {
             killed += 1;
         }
         child.wait().unwrap();
-        check_after_kill(root, &pool_dir, &sa, &sb, &format!("random kill {i}"));
+        check_after_kill(root, &pool_dir, ids, &format!("random kill {i}"));
     }
     assert!(killed >= 8, "{killed} kills");
 }

@@ -58,10 +58,13 @@ pub struct Qcow2Disk {
     pub name: String,
 }
 
-/// An exclusive advisory lock (`flock`) on a qcow2 file for the length of
-/// a backup, held by cairn processes only (qemu's own locks are separate
-/// byte-range locks and unaffected). Released when dropped or when the
-/// process dies.
+/// One cairn backup per qcow2 image at a time on this host: an exclusive
+/// `flock` on a lock file named by the image's device and inode, in a
+/// local directory (`/run/lock`, else the temporary directory) — never on
+/// the image itself, whose file system may be NFS (where `flock` becomes a
+/// POSIX lock that would clash with qemu's own locks). Released when
+/// dropped or when the process dies. Backups on different hosts of an image
+/// on shared storage are kept apart by qemu's image locks.
 struct ImageLock {
     /// Holds the lock while open.
     _file: std::fs::File,
@@ -69,22 +72,46 @@ struct ImageLock {
 
 impl ImageLock {
     fn take(path: &std::path::Path) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
         use std::os::unix::io::AsRawFd;
-        let f = std::fs::File::open(path)
+        let meta = std::fs::metadata(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let run_lock = std::path::Path::new("/run/lock");
+        let dir = if run_lock.is_dir() && is_writable(run_lock) {
+            run_lock.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let lock_path = dir.join(format!("cairn-image-{}-{}.lock", meta.dev(), meta.ino()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("creating lock file {}", lock_path.display()), e))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::WouldBlock {
                 return Err(Error::PoolBusy(format!(
-                    "image {} is being backed up by another cairn process; try again when it is done",
+                    "image {} is being backed up by another cairn process on this host; \
+                     try again when it is done",
                     path.display()
                 )));
             }
-            return Err(Error::io(format!("locking {}", path.display()), err));
+            return Err(Error::io(format!("locking {}", lock_path.display()), err));
         }
         Ok(ImageLock { _file: f })
     }
+}
+
+fn is_writable(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access only reads the NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// The part of this pool's bitmap names that says they are this pool's:
@@ -231,6 +258,19 @@ pub fn backup_qcow2_vm(
     }
     // One cairn backup per image at a time: two would each start a next
     // bitmap and the first to finish would retire the other's.
+    let mut seen = std::collections::BTreeSet::new();
+    for d in disks {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(d.image.path()) {
+            if !seen.insert((m.dev(), m.ino())) {
+                return Err(Error::InvalidArgument(format!(
+                    "image {} is given twice (as disk {:?} and another)",
+                    d.image.path().display(),
+                    d.name
+                )));
+            }
+        }
+    }
     let _locks = disks
         .iter()
         .map(|d| ImageLock::take(d.image.path()))

@@ -74,8 +74,13 @@ impl QemuNbdExport {
             .stderr(log);
         // A --persistent qemu-nbd outlives a killed parent and keeps the
         // image locked (the VM, or the next backup, could not write it):
-        // the kernel sends it SIGTERM when the thread that started it dies.
-        // The export never outlives the call that starts it, on that thread.
+        // the kernel sends it SIGTERM when the *thread* that started it
+        // ends — so an export must be started on a thread that outlives
+        // it (the CLI starts every export on its main thread; see the
+        // docs of `Qcow2Image::export_read_only` and `Qcow2Target`).
+        // Its own process group: a terminal's Ctrl-C goes to cairn, which
+        // cancels cleanly, not to qemu-nbd mid-request.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let parent = std::process::id();
         // SAFETY: the hook runs in the forked child before exec and calls
         // only async-signal-safe functions (prctl, getppid).
@@ -85,9 +90,10 @@ impl QemuNbdExport {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // The parent died before the prctl took effect.
+                // The parent died before the prctl took effect (no
+                // allocation here: this runs between fork and exec).
                 if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the starting process exited"));
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });

@@ -185,7 +185,9 @@ impl Qcow2Image {
 
     /// Serves the image read-only over a private unix socket, with `bitmap`
     /// as the `qemu:dirty-bitmap:<bitmap>` context, accepting
-    /// `connections` clients at once.
+    /// `connections` clients at once. The qemu-nbd process ends when the
+    /// thread that called this ends (so a killed cairn never leaves the
+    /// image locked): call it on a thread that outlives the export.
     pub fn export_read_only(
         &self,
         bitmap: Option<&str>,

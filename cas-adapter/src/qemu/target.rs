@@ -24,7 +24,8 @@ pub struct Qcow2Target {
 
 impl Qcow2Target {
     /// Creates `path` (a qcow2 of `size` bytes). Refuses to replace an
-    /// existing file unless `overwrite`.
+    /// existing file unless `overwrite`. Its qemu-nbd ends with the thread
+    /// that called this: create it on a thread that outlives the target.
     pub fn create(path: &Path, size: u64, overwrite: bool) -> Result<Self> {
         if size % 512 != 0 {
             return Err(Error::InvalidArgument(format!(
