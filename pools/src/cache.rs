@@ -74,11 +74,18 @@ impl CachedPool {
         let bytes = if file.metadata().ok()?.len() == 0 {
             Bytes::new()
         } else {
-            // SAFETY: cached files are written to a temporary name and
-            // renamed into place, never truncated or rewritten in place
+            // SAFETY: cached files are written to a unique temporary name
+            // and renamed into place, never truncated or rewritten in place
             // (only unlinked or replaced by a rename, which leaves this
             // mapping's inode alone), so the mapping cannot change under us.
-            Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }.ok()?)
+            // (A cache directory on NFS shared between hosts is not
+            // supported: another host's unlink can make pages unreadable.)
+            match unsafe { memmap2::Mmap::map(&file) } {
+                Ok(map) => Bytes::from_owner(map),
+                // Where mapping is refused (some FUSE file systems, the
+                // map count limit), read it: the cache still works.
+                Err(_) => Bytes::from(std::fs::read(&path).ok()?),
+            }
         };
         if verify_object(kind, name, &bytes) == Some(true) {
             Some(bytes)
@@ -98,7 +105,16 @@ impl CachedPool {
         if std::fs::create_dir_all(dir).is_err() {
             return;
         }
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // Unique per writer: threads of one process may store at once.
+        let mut rnd = [0u8; 8];
+        if getrandom::getrandom(&mut rnd).is_err() {
+            return;
+        }
+        let tmp = dir.join(format!(
+            ".{name}.{}.{:016x}.tmp",
+            std::process::id(),
+            u64::from_le_bytes(rnd)
+        ));
         if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, &path).is_ok() {
             return;
         }

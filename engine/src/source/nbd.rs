@@ -315,9 +315,21 @@ impl NbdConnection {
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
-        self.stream
-            .read_exact(buf)
-            .map_err(|e| Error::io(format!("NBD read from {}", self.peer), e))
+        self.stream.read_exact(buf).map_err(|e| {
+            // A read timeout shows as WouldBlock or TimedOut: say so.
+            let what = if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                format!(
+                    "NBD read from {}: the server sent nothing within the timeout",
+                    self.peer
+                )
+            } else {
+                format!("NBD read from {}", self.peer)
+            };
+            Error::io(what, e)
+        })
     }
 
     fn get<const N: usize>(&mut self) -> Result<[u8; N]> {

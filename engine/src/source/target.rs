@@ -27,10 +27,22 @@ pub fn partial_path(path: &Path, overwrite: bool) -> Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    remove_orphaned_partials(path, &name);
+    let name = partial_stem(&name);
+    remove_orphaned_partials(path, name);
     let token = hex(&random_16()?[..4]);
     let tag = crate::process::owner_tag();
     Ok(path.with_file_name(format!(".{name}.{token}~{tag}.cairn-partial")))
+}
+
+/// The part of a disk's file name a partial file's name carries: at most
+/// 96 bytes of it (whole characters), so the partial name (with its random
+/// token and owner tag) stays within the 255-byte limit of file names.
+fn partial_stem(name: &str) -> &str {
+    let mut end = name.len().min(96);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// Removes `.NAME.*~<tag>.cairn-partial` beside `path` whose owner is gone
