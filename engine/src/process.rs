@@ -54,12 +54,15 @@ fn machine() -> &'static str {
                     .collect::<String>()
             })
             .unwrap_or_default();
-        format!(
-            "{}-{}-{}",
-            host_name(),
-            if boot.is_empty() { "0".into() } else { boot },
-            if pidns.is_empty() { "0".into() } else { pidns }
-        )
+        if boot.is_empty() || pidns.is_empty() {
+            // Without /proc this machine cannot be told apart from another
+            // with its host name: a random part makes every other process's
+            // tag foreign (never swept) rather than wrongly judged.
+            let mut r = [0u8; 4];
+            let _ = getrandom::getrandom(&mut r);
+            return format!("{}-x{}", host_name(), crate::id::hex(&r));
+        }
+        format!("{}-{boot}-{pidns}", host_name())
     })
 }
 

@@ -322,8 +322,7 @@ impl Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(dir) = &cli.scratch_dir {
-        // Read by the engine's external sort; set before any thread starts
-        // (the signal watcher below is the first).
+        // Read by the engine's external sort; set before any thread starts.
         std::env::set_var("CAIRN_SCRATCH_DIR", dir);
     }
     signals::install();

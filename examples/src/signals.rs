@@ -20,9 +20,17 @@ static IN_USE: AtomicBool = AtomicBool::new(false);
 extern "C" fn on_signal(sig: libc::c_int) {
     // Async-signal-safe only: atomic loads and stores (OnceLock::get and
     // CancelToken::cancel are both that), signal() and raise().
-    RECEIVED.store(sig, Ordering::SeqCst);
+    // The first signal is the one the exit code reports.
+    let _ = RECEIVED.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
     match TOKEN.get() {
-        Some(t) if IN_USE.load(Ordering::SeqCst) => t.cancel(),
+        Some(t) if IN_USE.load(Ordering::SeqCst) => {
+            t.cancel();
+            // Any second signal (of either kind) ends the process at once.
+            for s in [libc::SIGINT, libc::SIGTERM] {
+                // SAFETY: signal() is async-signal-safe.
+                unsafe { libc::signal(s, libc::SIG_DFL) };
+            }
+        }
         _ => {
             // Nothing to cancel: die of the signal, as without a handler
             // (SA_RESETHAND restored the default disposition already).

@@ -60,7 +60,7 @@ pub struct Qcow2Disk {
 
 /// One cairn backup per qcow2 image at a time on this host: an exclusive
 /// `flock` on a lock file named by the image's device and inode, in a
-/// local directory (`/run/lock`, else the temporary directory) — never on
+/// local directory (`/run/lock`, else `/tmp`) — never on
 /// the image itself, whose file system may be NFS (where `flock` becomes a
 /// POSIX lock that would clash with qemu's own locks). Released when
 /// dropped or when the process dies. Backups on different hosts of an image
@@ -72,23 +72,46 @@ struct ImageLock {
 
 impl ImageLock {
     fn take(path: &std::path::Path) -> Result<Self> {
-        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         use std::os::unix::io::AsRawFd;
         let meta = std::fs::metadata(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let run_lock = std::path::Path::new("/run/lock");
-        let dir = if run_lock.is_dir() && is_writable(run_lock) {
-            run_lock.to_path_buf()
+        // One directory for every cairn on this host, whoever runs it and
+        // whatever its $TMPDIR: /run/lock where it exists, else /tmp.
+        let dir = if std::path::Path::new("/run/lock").is_dir() {
+            "/run/lock"
         } else {
-            std::env::temp_dir()
+            "/tmp"
         };
-        let lock_path = dir.join(format!("cairn-image-{}-{}.lock", meta.dev(), meta.ino()));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("creating lock file {}", lock_path.display()), e))?;
+        let lock_path = std::path::Path::new(dir).join(format!(
+            "cairn-image-{}-{}.lock",
+            meta.dev(),
+            meta.ino()
+        ));
+        let lock_err = |e| Error::io(format!("opening lock file {}", lock_path.display()), e);
+        // An existing lock file is opened read-only (flock needs no more),
+        // so one left by another user never blocks; a new one is created
+        // readable by all.
+        let f = loop {
+            match std::fs::File::open(&lock_path) {
+                Ok(f) => break f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(lock_err(e)),
+            }
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock_path)
+            {
+                Ok(f) => {
+                    let _ = f.set_permissions(std::fs::Permissions::from_mode(0o644));
+                    break f;
+                }
+                // Created by another process meanwhile: open that one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(lock_err(e)),
+            }
+        };
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let err = std::io::Error::last_os_error();
@@ -103,15 +126,6 @@ impl ImageLock {
         }
         Ok(ImageLock { _file: f })
     }
-}
-
-fn is_writable(dir: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: access only reads the NUL-terminated path.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// The part of this pool's bitmap names that says they are this pool's:

@@ -322,7 +322,7 @@ impl NbdConnection {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) {
                 format!(
-                    "NBD read from {}: the server sent nothing within the timeout",
+                    "NBD read from {}: the server did not answer in full within the timeout",
                     self.peer
                 )
             } else {
