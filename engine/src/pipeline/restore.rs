@@ -141,9 +141,13 @@ impl Store<'_> {
         if !*refreshed {
             *refreshed = true;
             self.index.refresh(self.pool)?;
-            return Ok(self.index.lookup(id));
+            if let Some(loc) = self.index.lookup(id) {
+                return Ok(Some(loc));
+            }
         }
-        Ok(None)
+        // Only in a pack the pool no longer holds: reading it names the
+        // missing pack (a clearer error than "no segment knows it").
+        Ok(self.index.lookup_including_absent(id))
     }
 }
 

@@ -382,6 +382,17 @@ fn locate_chunks(
                     ranges: Vec::new(),
                     detail: "the index names this pack but the pool does not hold it".into(),
                 }),
+                None if index.lookup_including_absent(c).is_some() => {
+                    let pack = index.lookup_including_absent(c).map(|l| l.pack);
+                    report.damage.push(Damage {
+                        kind: DamageKind::PackMissing,
+                        pack,
+                        chunk: Some(*c),
+                        snapshots: Vec::new(),
+                        ranges: Vec::new(),
+                        detail: "the index names this pack but the pool does not hold it".into(),
+                    })
+                }
                 None => report.damage.push(Damage {
                     kind: DamageKind::ChunkMissing,
                     pack: None,

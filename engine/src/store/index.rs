@@ -601,13 +601,31 @@ impl Index {
 
     /// Where chunk `id` is stored, if any segment holds it.
     pub fn lookup(&self, id: &ChunkId) -> Option<BlobLocation> {
-        // Newest segments first: they are the most likely to hold recent data.
-        self.state
-            .read()
+        // Newest segments first: they are the most likely to hold recent
+        // data. A location in a pack the pool no longer lists (a repair
+        // moved it aside, a collection deleted it; an older segment may
+        // still name it) is passed over: another segment may hold the same
+        // chunk elsewhere (a salvaged or repacked copy).
+        let state = self.state.read();
+        state
             .segments
             .iter()
             .rev()
-            .find_map(|s| s.lookup(id))
+            .find_map(|s| s.lookup(id).filter(|l| !state.absent.contains(&l.pack)))
+    }
+
+    /// Like [`lookup`](Self::lookup), but also a location in a pack the pool
+    /// no longer lists: to tell "the pack holding it is gone" from "no
+    /// segment knows it" when the chunk is nowhere else.
+    pub fn lookup_including_absent(&self, id: &ChunkId) -> Option<BlobLocation> {
+        self.lookup(id).or_else(|| {
+            self.state
+                .read()
+                .segments
+                .iter()
+                .rev()
+                .find_map(|s| s.lookup(id))
+        })
     }
 
     /// Looks up many ids: `out[i]` for `ids[i]` (newest segment wins).
@@ -630,8 +648,8 @@ impl Index {
             let mut still = Vec::with_capacity(missing.len());
             for (k, &i) in missing.iter().enumerate() {
                 match found[k] {
-                    Some(loc) => out[i] = Some(loc),
-                    None => still.push(i),
+                    Some(loc) if !state.absent.contains(&loc.pack) => out[i] = Some(loc),
+                    _ => still.push(i),
                 }
             }
             missing = still;
