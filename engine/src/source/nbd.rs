@@ -813,7 +813,7 @@ impl NbdSource {
 
     /// Like [`connect_many`](Self::connect_many), with `timeout` for every
     /// request (and the first handshake): a server that stops answering
-    /// fails the read after that long instead of [`DEFAULT_TIMEOUT`].
+    /// fails the read after that long instead of the default 60 s.
     pub fn connect_many_with_timeout(
         uri: &str,
         bitmap: Option<&str>,
