@@ -69,6 +69,7 @@
 #![warn(missing_docs)]
 
 mod chunker;
+mod copy;
 mod damage;
 mod error;
 mod external_sort;
@@ -99,6 +100,7 @@ pub use store::format;
 pub use bytes;
 
 pub use chunker::{is_zero, parse_size, ChunkingParams};
+pub use copy::{CopyOptions, CopyStats};
 pub use error::{Error, Result};
 pub use gc::{GcOptions, GcReport, DEFAULT_LEASE_EXPIRY, DEFAULT_REPACK_BELOW};
 pub use id::{ChunkId, IdScheme, PackId, PoolId, SegmentId, SnapshotId};

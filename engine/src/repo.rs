@@ -472,6 +472,37 @@ impl Repository {
         Ok(stats)
     }
 
+    /// Copies snapshots into `target` (another pool) without reading any
+    /// disk: only the chunks `target` lacks are moved, each verified on the
+    /// way, and each copied snapshot keeps its id. Resumable: a copy that
+    /// was killed or failed leaves `target` consistent, and running it
+    /// again moves only what had not arrived. See [`CopyOptions`].
+    ///
+    /// ```
+    /// # fn main() -> cairn_engine::Result<()> {
+    /// # use std::sync::Arc;
+    /// use cairn_engine::{BackupDisk, BackupOptions, CopyOptions, MemorySource, Repository};
+    /// let here = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// let there = Repository::create(Arc::new(cairn_pools::MemoryPool::new()))?;
+    /// let disk = BackupDisk::image("vda", MemorySource::new("vda", vec![7u8; 1 << 20]));
+    /// let snap = here.backup(vec![disk], &BackupOptions::new("web01"))?.snapshot;
+    /// let first = here.copy_to(&there, &CopyOptions::default())?;
+    /// assert_eq!((first.copied.as_slice(), first.chunks_copied), (&[snap][..], 1));
+    /// // Nothing left to move the second time.
+    /// let again = here.copy_to(&there, &CopyOptions::default())?;
+    /// assert_eq!((again.present.as_slice(), again.chunks_copied), (&[snap][..], 0));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`CopyOptions`]: crate::CopyOptions
+    pub fn copy_to(
+        &self,
+        target: &Repository,
+        opts: &crate::copy::CopyOptions,
+    ) -> Result<crate::copy::CopyStats> {
+        crate::copy::copy(self, target, opts)
+    }
+
     /// The index, refreshed; loaded afresh when a segment it holds was
     /// removed (a garbage collection compacted the index or deleted packs).
     pub(crate) fn fresh_index(&self) -> Result<Arc<Index>> {

@@ -24,8 +24,8 @@ use std::num::NonZeroUsize;
 
 use cairn_engine::format::PROP_SOURCE;
 use cairn_engine::{
-    BackupDisk, BackupOptions, ChunkingParams, Compression, Error, Progress, RawFileSource,
-    Repository, RestoreOptions, SnapshotSelector, VerifyOptions,
+    BackupDisk, BackupOptions, ChunkingParams, Compression, CopyOptions, Error, Progress,
+    RawFileSource, Repository, RestoreOptions, SnapshotSelector, VerifyOptions,
 };
 use cairn_pools::{OpenedPool, PoolOpenError};
 use clap::{Parser, Subcommand};
@@ -93,6 +93,26 @@ enum Command {
         /// raw (sparse, default) or qcow2 (thin, written through qemu-nbd).
         #[arg(long, default_value = "raw")]
         format: cbt_cmd::RestoreFormat,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy snapshots to another pool without reading any disk: only the
+    /// chunks the target lacks are moved (each verified on the way), and
+    /// every copy keeps its snapshot id. Run it again after an
+    /// interruption: what already arrived is not moved again.
+    Copy {
+        /// The pool to copy from.
+        from: String,
+        /// The pool to copy to (initialised with `cairn init`).
+        to: String,
+        /// Snapshots to copy: full ids, unique prefixes (8+ characters) or
+        /// `latest` (with --vm). Default: every snapshot (of --vm).
+        snapshots: Vec<String>,
+        /// Only this VM's snapshots.
+        #[arg(long)]
+        vm: Option<String>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[arg(long)]
@@ -537,6 +557,14 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             threads,
             json,
         ),
+        Command::Copy {
+            from,
+            to,
+            snapshots,
+            vm,
+            threads,
+            json,
+        } => cmd_copy(&from, &to, &snapshots, vm, threads, json),
         Command::Verify {
             pool,
             read_data,
@@ -872,6 +900,64 @@ fn cmd_restore(
             stats.disks,
             output::human(stats.bytes_logical),
             to.display(),
+            stats.seconds
+        );
+    }
+    Ok(0)
+}
+
+fn cmd_copy(
+    from: &str,
+    to: &str,
+    snapshots: &[String],
+    vm: Option<String>,
+    threads: usize,
+    json: bool,
+) -> Result<u8, Failure> {
+    let source = open_repo(from)?;
+    let target = open_repo(to)?;
+    let mut ids = Vec::new();
+    for s in snapshots {
+        ids.push(source.resolve(&SnapshotSelector::parse(s, vm.as_deref())?)?);
+    }
+    let bar = Arc::new(Bar::new(!json));
+    let opts = CopyOptions::default()
+        .with_snapshots(ids)
+        .with_vm(if snapshots.is_empty() { vm } else { None })
+        .with_threads(self::threads(threads))
+        .with_progress(bar.clone())
+        .with_cancel(signals::token());
+    let stats = source.copy_to(&target, &opts);
+    bar.finish();
+    let stats = stats?;
+    if json {
+        output::print_json(&serde_json::json!({
+            "from": source.pool().location(),
+            "to": target.pool().location(),
+            "copied": stats.copied.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
+            "present": stats.present.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
+            "chunks_referenced": stats.chunks_referenced,
+            "chunks_copied": stats.chunks_copied,
+            "bytes_copied": stats.bytes_copied,
+            "bytes_copied_raw": stats.bytes_copied_raw,
+            "bytes_written": stats.bytes_written,
+            "packs_written": stats.packs_written,
+            "seconds": stats.seconds,
+            "requests": target.requests_json("per_gib_copied", stats.bytes_copied),
+        }));
+    } else {
+        for id in &stats.copied {
+            println!("copied snapshot {id}");
+        }
+        for id in &stats.present {
+            println!("snapshot {id} already in {}", target.pool().location());
+        }
+        println!(
+            "{} snapshots copied, {} already there; {} chunks ({}) moved in {:.2}s",
+            stats.copied.len(),
+            stats.present.len(),
+            stats.chunks_copied,
+            output::human(stats.bytes_copied),
             stats.seconds
         );
     }

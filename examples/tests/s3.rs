@@ -137,6 +137,63 @@ fn full_and_cbt_backups_restore_bit_identical_and_verify_finds_a_flipped_bit() {
     );
 }
 
+/// dedup → S3 → dedup: the copies keep their ids, restore bit-identical
+/// from each pool alone, and a second copy moves nothing.
+#[test]
+fn copies_between_a_local_pool_and_s3_round_trip() {
+    let s = s3_setup("part_size=5M&pack_size=12M");
+    let local = p(&s.root().join("local"));
+    let back = p(&s.root().join("back"));
+    ok(&["init", &local]);
+    ok(&["init", &back]);
+    let img = s.root().join("vda.img");
+    make_image(&img, 24 << 20, 5);
+    let first = json(&["backup", &local, "--vm", "web", &p(&img), "--json"]);
+    random_file(&s.root().join("noise"), 3 << 20, 9);
+    let noise = std::fs::read(s.root().join("noise")).unwrap();
+    let mut data = std::fs::read(&img).unwrap();
+    data[8 << 20..11 << 20].copy_from_slice(&noise);
+    std::fs::write(&img, &data).unwrap();
+    let second = json(&["backup", &local, "--vm", "web", &p(&img), "--json"]);
+    let ids: Vec<String> = [&first, &second]
+        .iter()
+        .map(|v| v["snapshot"].as_str().unwrap().to_string())
+        .collect();
+
+    let up = json_env(&["copy", &local, &s.pool, "--json"], &s.env);
+    assert_eq!(up["copied"].as_array().unwrap().len(), 2, "{up}");
+    // 12 MiB packs on the server: the blobs went up in more than one.
+    assert!(up["packs_written"].as_u64().unwrap() >= 2, "{up}");
+    assert!(up["requests"]["total"].as_u64().unwrap() > 0, "{up}");
+    let again = json_env(&["copy", &local, &s.pool, "--json"], &s.env);
+    assert_eq!(
+        (
+            &again["chunks_copied"],
+            &again["present"].as_array().unwrap().len()
+        ),
+        (&0.into(), &2)
+    );
+    // Back down into an empty local pool, from the bucket alone.
+    std::fs::remove_dir_all(s.root().join("local")).unwrap();
+    let down = json_env(&["copy", &s.pool, &back, "--json"], &s.env);
+    assert_eq!(down["chunks_copied"], up["chunks_copied"]);
+    for pool in [&s.pool, &back] {
+        let at = s.root().join("r");
+        let _ = std::fs::remove_dir_all(&at);
+        ok_env(&["restore", pool, &ids[1], "--to", &p(&at)], &s.env);
+        assert!(std::fs::read(at.join("vda.img")).unwrap() == data);
+        ok_env(&["verify", pool, "--read-data"], &s.env);
+    }
+    let listed = json(&["snapshots", &back, "--json"]);
+    let got: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 #[test]
 fn pool_info_reports_what_the_pool_holds() {
     let s = s3_setup("");

@@ -266,11 +266,11 @@ impl fmt::Display for VerifyReport {
 /// A referenced chunk's location, sorted by pack and offset (each pack's
 /// references come together).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Reference {
-    pack: PackId,
-    offset: u64,
-    length: u32,
-    id: ChunkId,
+pub(crate) struct Reference {
+    pub(crate) pack: PackId,
+    pub(crate) offset: u64,
+    pub(crate) length: u32,
+    pub(crate) id: ChunkId,
 }
 
 impl Record for Reference {

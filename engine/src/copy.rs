@@ -1,0 +1,648 @@
+//! Copying snapshots from one pool to another without reading any disk:
+//! [`Repository::copy_to`](crate::Repository::copy_to).
+//!
+//! A copied snapshot keeps its id: its manifest's bytes are written to the
+//! target unchanged, after every chunk it names is durable there. Only the
+//! chunks the target lacks are moved, as the source stored them (no
+//! recompression), each decoded and hashed on the way so a damaged source
+//! blob never reaches the target.
+//!
+//! Per snapshot, oldest first:
+//! 1. skip it if the target already holds its manifest;
+//! 2. read its manifest (hash-checked) and look up every chunk in the
+//!    target's index; the ones it lacks are located in the source's index
+//!    and sorted by source pack and offset on scratch disk (memory does not
+//!    grow with the disk);
+//! 3. read them in runs of adjacent blobs (worker threads read, decode and
+//!    verify; one thread appends the blobs to the target's open pack and
+//!    seals it when full), flushing index segments as they grow;
+//! 4. seal the open pack, write the index segment, then the manifest.
+//!
+//! The copy joins the target's writers like a backup (a lease that a
+//! garbage collection waits for, its sweep notices honoured, the lease
+//! checked before every segment and manifest). A killed or failed copy
+//! leaves sealed packs the next copy (or backup) reuses, and every
+//! manifest in the target names only durable chunks: running it again
+//! finishes the job without moving again what already arrived.
+
+use std::collections::HashSet;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::bounded;
+
+use crate::error::{Error, Result};
+use crate::external_sort::{sort_budget, ExternalSorter, ScratchDir, Sorted};
+use crate::id::{ChunkId, PackId, SnapshotId};
+use crate::kind::FileKind;
+use crate::lease::{condemned_packs, delete_retrying, WriterLease};
+use crate::pipeline::backup::{DEFAULT_PACK_TARGET, SEGMENT_FLUSH_ENTRIES};
+use crate::pipeline::failure::Failure;
+use crate::pipeline::verify::Reference;
+use crate::pipeline::worker_threads;
+use crate::progress::{CancelToken, NoProgress, Progress};
+use crate::repo::Repository;
+use crate::store::blob::{BlobCodec, Compression};
+use crate::store::index::{Index, SegmentBuilder};
+use crate::store::manifest::{read_manifest, Snapshot};
+use crate::store::pack::{PackEntry, PackWriter};
+use crate::store::pool::Pool;
+use crate::store::wire::DecodeError;
+
+/// Most stored bytes one read of adjacent blobs covers.
+const RUN_MAX: u64 = 8 << 20;
+
+/// Settings of one copy. Start from [`CopyOptions::default`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct CopyOptions {
+    /// The snapshots to copy; empty: every snapshot of the source (of
+    /// [`vm`](Self::vm) when set).
+    pub snapshots: Vec<SnapshotId>,
+    /// Copy only this VM's snapshots.
+    pub vm: Option<String>,
+    /// Worker threads (`None`: one per CPU).
+    pub threads: Option<NonZeroUsize>,
+    /// Seal a target pack once it holds this many stored bytes (default
+    /// 32 MiB, or the target's [preferred size](crate::PoolWrite::preferred_pack_size)).
+    pub pack_target: u64,
+    /// Write an index segment once this many copied chunks are pending.
+    pub segment_flush_entries: usize,
+    /// How often the copy renews its writer lease in the target.
+    pub lease_renewal: Duration,
+    /// Where the chunks to copy are sorted (`None`: `$CAIRN_SCRATCH_DIR`,
+    /// else `$TMPDIR`, else `/var/tmp`).
+    pub scratch_dir: Option<PathBuf>,
+    /// Receives progress: stored bytes moved.
+    pub progress: Arc<dyn Progress>,
+    /// Stops the copy when triggered (snapshots already copied stay).
+    pub cancel: CancelToken,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            snapshots: Vec::new(),
+            vm: None,
+            threads: None,
+            pack_target: DEFAULT_PACK_TARGET,
+            segment_flush_entries: SEGMENT_FLUSH_ENTRIES,
+            lease_renewal: crate::lease::LEASE_RENEW_INTERVAL,
+            scratch_dir: None,
+            progress: Arc::new(NoProgress),
+            cancel: CancelToken::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for CopyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOptions")
+            .field("snapshots", &self.snapshots)
+            .field("vm", &self.vm)
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CopyOptions {
+    crate::pipeline::job_control_setters!();
+
+    /// Copies these snapshots (empty: all).
+    pub fn with_snapshots(mut self, ids: Vec<SnapshotId>) -> Self {
+        self.snapshots = ids;
+        self
+    }
+
+    /// Copies only this VM's snapshots.
+    pub fn with_vm(mut self, vm: Option<String>) -> Self {
+        self.vm = vm;
+        self
+    }
+
+    /// Sorts the chunks to copy under `dir`.
+    pub fn with_scratch_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.scratch_dir = dir;
+        self
+    }
+
+    /// Sets how often the writer lease is renewed (at least 10 ms).
+    pub fn with_lease_renewal(mut self, every: Duration) -> Self {
+        self.lease_renewal = every.max(Duration::from_millis(10));
+        self
+    }
+}
+
+/// What a copy did.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct CopyStats {
+    /// Snapshots written to the target by this run, oldest first.
+    pub copied: Vec<SnapshotId>,
+    /// Selected snapshots the target already held.
+    pub present: Vec<SnapshotId>,
+    /// Chunk extents the copied manifests reference (repeats counted).
+    pub chunks_referenced: u64,
+    /// Distinct chunks moved (the target lacked them).
+    pub chunks_copied: u64,
+    /// Stored bytes of the chunks moved (blob headers and bodies).
+    pub bytes_copied: u64,
+    /// Plaintext bytes of the chunks moved.
+    pub bytes_copied_raw: u64,
+    /// Every byte written to the target: packs, index segments, manifests.
+    pub bytes_written: u64,
+    /// Packs written to the target.
+    pub packs_written: u64,
+    /// Seconds the copy took.
+    pub seconds: f64,
+}
+
+/// Copies snapshots from `source` to `target` (see the module docs).
+pub(crate) fn copy(
+    source: &Repository,
+    target: &Repository,
+    opts: &CopyOptions,
+) -> Result<CopyStats> {
+    let started = Instant::now();
+    if source.config().pool_id == target.config().pool_id {
+        return Err(Error::InvalidArgument(format!(
+            "{} and {} are the same pool (pool id {})",
+            source.pool().location(),
+            target.pool().location(),
+            source.config().pool_id
+        )));
+    }
+    if source.config().id_scheme != target.config().id_scheme {
+        return Err(Error::Unsupported(format!(
+            "copying between pools whose chunk ids differ ({} in {}, {} in {})",
+            source.config().id_scheme.name(),
+            source.pool().location(),
+            target.config().id_scheme.name(),
+            target.pool().location()
+        )));
+    }
+    let selected = select(source, opts)?;
+    let scratch = ScratchDir::new(opts.scratch_dir.as_deref())?;
+
+    // Join the target's writers first, as a backup does: a collection
+    // either waits for this lease or announced its sweep before it (read
+    // just below: nothing is deduplicated against a condemned pack).
+    let tpool = target.pool().clone();
+    let lease = WriterLease::acquire(&tpool, opts.lease_renewal)?;
+    let mut excluded: HashSet<PackId> = condemned_packs(&tpool)?.into_iter().collect();
+    let tindex = target.fresh_index()?;
+    excluded.extend(tindex.absent_packs());
+    let sindex = source.fresh_index()?;
+    let guard = || lease.ensure_held();
+
+    let mut opts = opts.clone();
+    if let Some(size) = tpool.preferred_pack_size() {
+        if opts.pack_target == DEFAULT_PACK_TARGET {
+            opts.pack_target = size;
+        }
+    }
+    let mut stats = CopyStats::default();
+    let mut out = Output {
+        pool: &*tpool,
+        index: &tindex,
+        excluded: &excluded,
+        guard: &guard,
+        opts: &opts,
+        pack: None,
+        segment: SegmentBuilder::new(),
+        uncovered_taken: false,
+    };
+    let result = (|| -> Result<()> {
+        for id in &selected {
+            opts.cancel.check()?;
+            if exists(&*tpool, id)? {
+                stats.present.push(*id);
+                continue;
+            }
+            let manifest = read_manifest(&**source.pool(), id)?;
+            copy_one(
+                source, &sindex, &mut out, &scratch, id, &manifest, &mut stats,
+            )?;
+            // Every chunk it names durable and indexed before the manifest.
+            out.finish(&mut stats)?;
+            crate::failpoint::pause("copy-before-manifest");
+            guard()?;
+            match tpool.write(FileKind::Snapshot, &id.to_hex(), &manifest) {
+                Ok(()) => {
+                    stats.bytes_written += manifest.len() as u64;
+                    stats.copied.push(*id);
+                }
+                // Another copy got there first: the same bytes.
+                Err(Error::AlreadyExists { .. }) => stats.present.push(*id),
+                Err(e) => return Err(e),
+            }
+            crate::failpoint::pause("copy-after-manifest");
+        }
+        Ok(())
+    })();
+    // What was sealed stays durable and indexed whatever happened (the
+    // next run reuses it); an error here is secondary to the first one.
+    let flushed = out.finish(&mut stats);
+    let result = result.and(flushed);
+    let lease_name = lease.name();
+    let held = lease.finish();
+    result?;
+    if !matches!(held, Ok(true)) {
+        // A sweep may have removed chunks the new manifests reuse.
+        for id in &stats.copied {
+            delete_retrying(&tpool, FileKind::Snapshot, &id.to_hex());
+        }
+        return Err(Error::LeaseLost { lease: lease_name });
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+/// The snapshots to copy, oldest first.
+fn select(source: &Repository, opts: &CopyOptions) -> Result<Vec<SnapshotId>> {
+    let mut list = source.snapshots()?;
+    let wanted: HashSet<SnapshotId> = opts.snapshots.iter().copied().collect();
+    // A selected snapshot whose manifest cannot be read (or, copying
+    // everything, any such snapshot) fails the copy before it starts.
+    if let Some(at) = list
+        .damaged
+        .iter()
+        .position(|(id, _)| wanted.is_empty() || wanted.contains(id))
+    {
+        let (id, e) = list.damaged.swap_remove(at);
+        return Err(Error::SnapshotUnreadable {
+            id,
+            source: Box::new(e),
+        });
+    }
+    for id in &wanted {
+        if !list.snapshots.iter().any(|s| s.id == *id) {
+            return Err(Error::SnapshotNotFound(format!(
+                "{id} in {}",
+                source.pool().location()
+            )));
+        }
+    }
+    Ok(list
+        .snapshots
+        .iter()
+        .filter(|s| wanted.is_empty() || wanted.contains(&s.id))
+        .filter(|s| opts.vm.as_deref().is_none_or(|vm| s.vm == vm))
+        .map(|s| s.id)
+        .collect())
+}
+
+fn exists(pool: &dyn Pool, id: &SnapshotId) -> Result<bool> {
+    match pool.size(FileKind::Snapshot, &id.to_hex()) {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves the chunks of one snapshot that the target lacks.
+fn copy_one(
+    source: &Repository,
+    sindex: &Index,
+    out: &mut Output<'_>,
+    scratch: &ScratchDir,
+    id: &SnapshotId,
+    manifest: &Bytes,
+    stats: &mut CopyStats,
+) -> Result<()> {
+    let corrupt = |e| Error::corrupt(format!("snapshot manifest {id}"), e);
+    let summary = Snapshot::decode_without_extents(manifest).map_err(corrupt)?;
+    if summary.id_scheme != source.config().id_scheme {
+        return Err(Error::corrupt(
+            format!("snapshot manifest {id}"),
+            DecodeError::Invalid(format!(
+                "chunk id scheme {} differs from the pool's",
+                summary.id_scheme.name()
+            )),
+        ));
+    }
+    let opts = out.opts;
+    opts.progress.message(&format!("snapshot {id}"));
+    let mut wanted = ExternalSorter::<Reference>::new(scratch, "copy", sort_budget(), true);
+    let mut failed: Option<Error> = None;
+    let mut referenced = 0u64;
+    let mut bytes_wanted = 0u64;
+    Snapshot::decode_visiting_chunks(manifest, &mut |c| {
+        if failed.is_some() {
+            return;
+        }
+        referenced += 1;
+        let held = out
+            .index
+            .lookup(&c.id)
+            .is_some_and(|l| !out.excluded.contains(&l.pack));
+        if held {
+            return;
+        }
+        match sindex.lookup_including_absent(&c.id) {
+            Some(l) => {
+                bytes_wanted += l.length as u64;
+                if let Err(e) = wanted.push(Reference {
+                    pack: l.pack,
+                    offset: l.offset,
+                    length: l.length,
+                    id: c.id,
+                }) {
+                    failed = Some(e);
+                }
+            }
+            None => {
+                failed = Some(Error::ChunkMissing {
+                    chunk: c.id,
+                    needed_by: format!(
+                        "snapshot {id}, disk {:?} at offset {} (in {})",
+                        c.disk,
+                        c.offset,
+                        source.pool().location()
+                    ),
+                })
+            }
+        }
+    })
+    .map_err(corrupt)?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    stats.chunks_referenced += referenced;
+    let wanted = wanted.finish()?;
+    opts.progress.start(bytes_wanted);
+    transfer(source, id, &wanted, out, stats)
+}
+
+/// A run of blobs adjacent in one source pack.
+struct Run {
+    pack: PackId,
+    offset: u64,
+    length: u64,
+    blobs: Vec<(ChunkId, u32)>,
+}
+
+/// A verified run: its bytes and each blob's (id, stored length, plaintext length).
+struct Verified {
+    bytes: Bytes,
+    blobs: Vec<(ChunkId, u32, u32)>,
+}
+
+/// Reads, verifies and appends every referenced blob, in source order.
+fn transfer(
+    source: &Repository,
+    snapshot: &SnapshotId,
+    wanted: &Sorted<Reference>,
+    out: &mut Output<'_>,
+    stats: &mut CopyStats,
+) -> Result<()> {
+    let opts = out.opts;
+    let threads = worker_threads(opts.threads);
+    let spool = &**source.pool();
+    let failure = Failure::new();
+    let (run_tx, run_rx) = bounded::<Run>(threads * 2);
+    let (done_tx, done_rx) = bounded::<Verified>(threads * 2);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (run_rx, done_tx, failure) = (run_rx.clone(), done_tx.clone(), &failure);
+            scope.spawn(move || {
+                let mut codec = BlobCodec::new(Compression::None);
+                let mut plain = Vec::new();
+                for run in run_rx.iter() {
+                    if failure.aborted() {
+                        break;
+                    }
+                    match verify_run(spool, &mut codec, &mut plain, snapshot, run) {
+                        Ok(v) => {
+                            if done_tx.send(v).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            failure.set(e);
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        drop(run_rx);
+        drop(done_tx);
+        {
+            let (failure, out, stats) = (&failure, &mut *out, &mut *stats);
+            scope.spawn(move || {
+                for v in done_rx.iter() {
+                    if failure.aborted() {
+                        continue;
+                    }
+                    let n = v.bytes.len() as u64;
+                    if let Err(e) = out.append(&v, stats) {
+                        failure.set(e);
+                        continue;
+                    }
+                    opts.progress.advance(n);
+                }
+            });
+        }
+        if let Err(e) = send_runs(wanted, &run_tx, &failure, &opts.cancel) {
+            failure.set(e);
+        }
+        drop(run_tx);
+    });
+    match failure.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Groups the sorted references into runs of adjacent blobs.
+fn send_runs(
+    wanted: &Sorted<Reference>,
+    run_tx: &crossbeam_channel::Sender<Run>,
+    failure: &Failure,
+    cancel: &CancelToken,
+) -> Result<()> {
+    let mut current: Option<Run> = None;
+    for r in wanted.iter()? {
+        let r = r?;
+        if failure.check(cancel) {
+            return Ok(());
+        }
+        if let Some(run) = &mut current {
+            if run.pack == r.pack
+                && run.offset + run.length == r.offset
+                && run.length + r.length as u64 <= RUN_MAX
+            {
+                run.length += r.length as u64;
+                run.blobs.push((r.id, r.length));
+                continue;
+            }
+        }
+        let next = Run {
+            pack: r.pack,
+            offset: r.offset,
+            length: r.length as u64,
+            blobs: vec![(r.id, r.length)],
+        };
+        if let Some(run) = current.replace(next) {
+            if run_tx.send(run).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if let Some(run) = current {
+        if !failure.check(cancel) {
+            let _ = run_tx.send(run);
+        }
+    }
+    Ok(())
+}
+
+/// Reads one run and checks that every blob decodes to its chunk id.
+fn verify_run(
+    pool: &dyn Pool,
+    codec: &mut BlobCodec,
+    plain: &mut Vec<u8>,
+    snapshot: &SnapshotId,
+    run: Run,
+) -> Result<Verified> {
+    let first = run.blobs.first().map_or(ChunkId([0; 32]), |b| b.0);
+    let bytes = pool
+        .read_range(
+            FileKind::Pack,
+            &run.pack.to_hex(),
+            run.offset,
+            run.length as usize,
+        )
+        .map_err(|e| match e {
+            Error::NotFound { .. } => Error::PackMissing {
+                pack: run.pack,
+                chunk: first,
+                needed_by: format!("snapshot {snapshot}"),
+            },
+            Error::PoolIo { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Error::corrupt(
+                    format!("pack {}", run.pack),
+                    DecodeError::Invalid(format!(
+                        "{} bytes at offset {} cannot be read: {source}",
+                        run.length, run.offset
+                    )),
+                )
+            }
+            e => e,
+        })?;
+    let mut blobs = Vec::with_capacity(run.blobs.len());
+    let mut at = 0usize;
+    for (id, len) in run.blobs {
+        let blob = bytes.get(at..at + len as usize).unwrap_or_default();
+        match codec.decode_verified(blob, &id, plain) {
+            Ok(()) => {}
+            Err(DecodeError::ChecksumMismatch { got, .. }) => {
+                return Err(Error::ChunkHashMismatch {
+                    chunk: id,
+                    pack: run.pack,
+                    got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
+                })
+            }
+            Err(e) => {
+                return Err(Error::corrupt(
+                    format!(
+                        "chunk {id} at offset {} of pack {}",
+                        run.offset + at as u64,
+                        run.pack
+                    ),
+                    e,
+                ))
+            }
+        }
+        let raw = u32::try_from(plain.len())
+            .map_err(|_| Error::Internal(format!("chunk {id} is larger than 4 GiB")))?;
+        blobs.push((id, len, raw));
+        at += len as usize;
+    }
+    Ok(Verified { bytes, blobs })
+}
+
+/// The target side: the open pack and the pending index segment.
+struct Output<'a> {
+    pool: &'a dyn Pool,
+    index: &'a Index,
+    excluded: &'a HashSet<PackId>,
+    guard: &'a (dyn Fn() -> Result<()> + Sync),
+    opts: &'a CopyOptions,
+    pack: Option<PackWriter>,
+    segment: SegmentBuilder,
+    /// Whether the packs a killed writer left without a segment were
+    /// taken into this copy's segment already.
+    uncovered_taken: bool,
+}
+
+impl Output<'_> {
+    fn append(&mut self, v: &Verified, stats: &mut CopyStats) -> Result<()> {
+        let mut at = 0usize;
+        for &(id, len, raw) in &v.blobs {
+            let blob = v.bytes.get(at..at + len as usize).unwrap_or_default();
+            at += len as usize;
+            let writer = match &mut self.pack {
+                Some(p) => p,
+                None => self.pack.insert(PackWriter::create(self.pool)?),
+            };
+            writer.add(id, raw, blob)?;
+            stats.chunks_copied += 1;
+            stats.bytes_copied += len as u64;
+            stats.bytes_copied_raw += raw as u64;
+            if writer.stored_bytes() >= self.opts.pack_target {
+                self.seal(stats)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the open pack into the pending segment, and writes the
+    /// segment once it is large.
+    fn seal(&mut self, stats: &mut CopyStats) -> Result<()> {
+        if let Some(p) = self.pack.take() {
+            let (id, entries, size) = p.finish()?;
+            self.segment.add_entries(id, &entries);
+            stats.bytes_written += size;
+            stats.packs_written += 1;
+        }
+        if self.segment.len() >= self.opts.segment_flush_entries {
+            self.flush(stats)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the pending segment (with the packs a killed writer left
+    /// uncovered, once): its chunks are found by lookups from here on.
+    fn flush(&mut self, stats: &mut CopyStats) -> Result<()> {
+        if !self.uncovered_taken {
+            self.uncovered_taken = true;
+            let uncovered: Vec<(PackId, Vec<PackEntry>)> = self.index.take_uncovered_packs();
+            for (pack, entries) in uncovered {
+                if !self.excluded.contains(&pack) {
+                    self.segment.add_entries(pack, &entries);
+                }
+            }
+        }
+        if self.segment.pack_count() == 0 {
+            return Ok(());
+        }
+        (self.guard)()?;
+        let full = std::mem::take(&mut self.segment);
+        let (name, seg, len) = full.write(self.pool)?;
+        stats.bytes_written += len;
+        self.index.push(name, seg);
+        Ok(())
+    }
+
+    /// Seals and indexes everything written (after each snapshot, and
+    /// whatever happened at the end).
+    fn finish(&mut self, stats: &mut CopyStats) -> Result<()> {
+        self.seal(stats)?;
+        self.flush(stats)
+    }
+}
