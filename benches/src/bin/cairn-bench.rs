@@ -99,7 +99,7 @@ fn parse_args() -> Result<Args, String> {
                     .max(1)
             }
             "-h" | "--help" => {
-                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog|rebuild] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
+                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog|rebuild|copy] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -432,6 +432,61 @@ fn pipeline(a: &Args, rows: &mut Vec<Row>) {
     let original = cairn_engine::sample::hash_file(&base).expect("hash");
     assert_eq!(restored, original, "restore is not bit-identical");
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Copies between two local pools: the base image backed up once, then
+/// copied into a fresh pool (every chunk moves, decoded and re-hashed on
+/// the way) and back out of it into another — MB/s of stored bytes moved
+/// and of the snapshot's logical bytes. Pools go to `--pool-dir` (tmpfs:
+/// the copy's own cost).
+fn copy(a: &Args, rows: &mut Vec<Row>) {
+    let (base, _, size) = images(a, rows);
+    warm(&base);
+    let work = a.pool_dir.clone().unwrap_or_else(|| a.dir.clone());
+    std::fs::create_dir_all(&work).expect("pool dir");
+    let source = fresh_repo(&work.join("copy-source"));
+    let snap = run_backup(&source, &base, a).snapshot;
+    let opts = cairn_engine::CopyOptions::default()
+        .with_threads(NonZeroUsize::new(a.threads))
+        .with_snapshots(vec![snap]);
+    let mut copied = None;
+    let (r, ()) = median(a.repeat, || {
+        copied = None;
+        let target = fresh_repo(&work.join("copy-target"));
+        let (row, ()) = measure("copy dedup → dedup", || {
+            let s = source.copy_to(&target, &opts).expect("copy");
+            (
+                s.bytes_copied,
+                (),
+                format!(
+                    "{} chunks, {:.0} MB stored, {:.0} MB/s of logical bytes",
+                    s.chunks_copied,
+                    s.bytes_copied as f64 / 1e6,
+                    size as f64 / s.seconds / 1e6
+                ),
+            )
+        });
+        copied = Some(target);
+        (row, ())
+    });
+    rows.push(r);
+    let target = copied.expect("a copy ran");
+    // And back: from the copy into an empty pool.
+    let (r, ()) = median(a.repeat, || {
+        let back = fresh_repo(&work.join("copy-back"));
+        measure("copy back (copy → dedup)", || {
+            let s = target.copy_to(&back, &opts).expect("copy back");
+            (
+                s.bytes_copied,
+                (),
+                format!("{:.0} MB/s of logical bytes", size as f64 / s.seconds / 1e6),
+            )
+        })
+    });
+    rows.push(r);
+    for dir in ["copy-source", "copy-target", "copy-back"] {
+        let _ = std::fs::remove_dir_all(work.join(dir));
+    }
 }
 
 /// The object pool on loopback: full backup and restore of the base image
@@ -878,6 +933,9 @@ fn main() {
     }
     if only == Some("gc") {
         gc(&a, &mut rows);
+    }
+    if only == Some("copy") {
+        copy(&a, &mut rows);
     }
     if only == Some("catalog") {
         catalog(&a, &mut rows);
