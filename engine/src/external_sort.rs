@@ -68,6 +68,62 @@ pub trait Record: Copy + Ord {
     fn get(bytes: &[u8]) -> Self;
 }
 
+/// Writes a record's fixed fields one after another (see [`Record::put`]).
+pub(crate) struct FieldWriter<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl<'a> FieldWriter<'a> {
+    /// Starts at the first byte of `out`.
+    pub(crate) fn new(out: &'a mut [u8]) -> Self {
+        FieldWriter { out, at: 0 }
+    }
+    /// Appends raw bytes.
+    pub(crate) fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.out[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+        self
+    }
+    /// Appends a little-endian u64.
+    pub(crate) fn u64(&mut self, v: u64) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    /// Appends a little-endian u32.
+    pub(crate) fn u32(&mut self, v: u32) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+}
+
+/// Reads the fields a [`FieldWriter`] wrote, in the same order (see
+/// [`Record::get`]).
+pub(crate) struct FieldReader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> FieldReader<'a> {
+    /// Starts at the first byte of `b`.
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        FieldReader { b, at: 0 }
+    }
+    /// The next `N` bytes.
+    pub(crate) fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut a = [0u8; N];
+        a.copy_from_slice(&self.b[self.at..self.at + N]);
+        self.at += N;
+        a
+    }
+    /// The next little-endian u64.
+    pub(crate) fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.array())
+    }
+    /// The next little-endian u32.
+    pub(crate) fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.array())
+    }
+}
+
 /// Name prefix of scratch directories: `cairn-sort-<owner tag>~<random>`
 /// (see [`crate::process`]).
 const SCRATCH_PREFIX: &str = "cairn-sort-";

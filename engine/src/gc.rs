@@ -27,7 +27,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::external_sort::{sort_budget, ExternalSorter, Record, ScratchDir, Sorted};
+use crate::external_sort::{
+    sort_budget, ExternalSorter, FieldReader, FieldWriter, Record, ScratchDir, Sorted,
+};
 use crate::failpoint;
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
@@ -232,29 +234,21 @@ struct TableRecord {
 impl Record for TableRecord {
     const LEN: usize = 64;
     fn put(&self, out: &mut [u8]) {
-        out[..32].copy_from_slice(&self.id.0);
-        out[32..48].copy_from_slice(self.pack.as_bytes());
-        out[48..56].copy_from_slice(&self.offset.to_le_bytes());
-        out[56..60].copy_from_slice(&self.length.to_le_bytes());
-        out[60..64].copy_from_slice(&self.raw_length.to_le_bytes());
+        FieldWriter::new(out)
+            .bytes(&self.id.0)
+            .bytes(self.pack.as_bytes())
+            .u64(self.offset)
+            .u32(self.length)
+            .u32(self.raw_length);
     }
     fn get(b: &[u8]) -> Self {
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&b[..32]);
-        let mut pack = [0u8; 16];
-        pack.copy_from_slice(&b[32..48]);
-        let mut off = [0u8; 8];
-        off.copy_from_slice(&b[48..56]);
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&b[56..60]);
-        let mut raw = [0u8; 4];
-        raw.copy_from_slice(&b[60..64]);
+        let mut r = FieldReader::new(b);
         TableRecord {
-            id: ChunkId(id),
-            pack: PackId(pack),
-            offset: u64::from_le_bytes(off),
-            length: u32::from_le_bytes(len),
-            raw_length: u32::from_le_bytes(raw),
+            id: ChunkId(r.array()),
+            pack: PackId(r.array()),
+            offset: r.u64(),
+            length: r.u32(),
+            raw_length: r.u32(),
         }
     }
 }

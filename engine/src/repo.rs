@@ -205,13 +205,7 @@ impl Repository {
             // not be rewritten (a read-only pool, a full disk).
             let _ = self.rewrite_catalog(&entries, &catalogs);
         }
-        list.snapshots
-            .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
-        let marks = self.damage_marks()?;
-        for s in &mut list.snapshots {
-            s.damaged = marks.contains(&s.id);
-        }
-        Ok(list)
+        self.finish_listing(list)
     }
 
     /// Reads and hash-checks manifest `id` without its extent lists.
@@ -391,6 +385,18 @@ impl Repository {
         Err(Error::SnapshotNotFound(selector.to_string()))
     }
 
+    /// Sorts a listing by (time, id) and flags the snapshots a repair
+    /// marked damaged.
+    fn finish_listing(&self, mut list: SnapshotList) -> Result<SnapshotList> {
+        list.snapshots
+            .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        let marks = self.damage_marks()?;
+        for s in &mut list.snapshots {
+            s.damaged = marks.contains(&s.id);
+        }
+        Ok(list)
+    }
+
     /// [`snapshots`](Self::snapshots) from the manifests themselves (each
     /// read and hash-checked; the catalog is not trusted): for decisions
     /// that delete, like prune.
@@ -401,13 +407,7 @@ impl Repository {
                 list.snapshots.push(SnapshotInfo::new(id, s));
             }
         }
-        list.snapshots
-            .sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
-        let marks = self.damage_marks()?;
-        for s in &mut list.snapshots {
-            s.damaged = marks.contains(&s.id);
-        }
-        Ok(list)
+        self.finish_listing(list)
     }
 
     /// Backs up `disks` as one snapshot. The index is refreshed first, so

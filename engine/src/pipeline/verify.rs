@@ -13,7 +13,9 @@ use crossbeam_channel::bounded;
 use parking_lot::Mutex;
 
 use crate::error::Result;
-use crate::external_sort::{sort_budget, ExternalSorter, Record, ScratchDir, Sorted};
+use crate::external_sort::{
+    sort_budget, ExternalSorter, FieldReader, FieldWriter, Record, ScratchDir, Sorted,
+};
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::worker_threads;
@@ -276,25 +278,19 @@ pub(crate) struct Reference {
 impl Record for Reference {
     const LEN: usize = 60;
     fn put(&self, out: &mut [u8]) {
-        out[..16].copy_from_slice(self.pack.as_bytes());
-        out[16..24].copy_from_slice(&self.offset.to_le_bytes());
-        out[24..28].copy_from_slice(&self.length.to_le_bytes());
-        out[28..60].copy_from_slice(&self.id.0);
+        FieldWriter::new(out)
+            .bytes(self.pack.as_bytes())
+            .u64(self.offset)
+            .u32(self.length)
+            .bytes(&self.id.0);
     }
     fn get(b: &[u8]) -> Self {
-        let mut pack = [0u8; 16];
-        pack.copy_from_slice(&b[..16]);
-        let mut off = [0u8; 8];
-        off.copy_from_slice(&b[16..24]);
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&b[24..28]);
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&b[28..60]);
+        let mut r = FieldReader::new(b);
         Reference {
-            pack: PackId(pack),
-            offset: u64::from_le_bytes(off),
-            length: u32::from_le_bytes(len),
-            id: ChunkId(id),
+            pack: PackId(r.array()),
+            offset: r.u64(),
+            length: r.u32(),
+            id: ChunkId(r.array()),
         }
     }
 }

@@ -26,7 +26,9 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use crate::error::{Error, Result};
-use crate::external_sort::{sort_budget, ExternalSorter, Record, ScratchDir, Sorted};
+use crate::external_sort::{
+    sort_budget, ExternalSorter, FieldReader, FieldWriter, Record, ScratchDir, Sorted,
+};
 use crate::id::{ChunkId, PackId, SegmentId};
 use crate::kind::FileKind;
 use crate::store::format::{
@@ -777,25 +779,19 @@ impl EntryRecord {
 impl Record for EntryRecord {
     const LEN: usize = 60;
     fn put(&self, out: &mut [u8]) {
-        out[..32].copy_from_slice(&self.id.0);
-        out[32..48].copy_from_slice(self.pack.as_bytes());
-        out[48..56].copy_from_slice(&self.offset.to_le_bytes());
-        out[56..60].copy_from_slice(&self.length.to_le_bytes());
+        FieldWriter::new(out)
+            .bytes(&self.id.0)
+            .bytes(self.pack.as_bytes())
+            .u64(self.offset)
+            .u32(self.length);
     }
     fn get(b: &[u8]) -> Self {
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&b[..32]);
-        let mut pack = [0u8; 16];
-        pack.copy_from_slice(&b[32..48]);
-        let mut off = [0u8; 8];
-        off.copy_from_slice(&b[48..56]);
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&b[56..60]);
+        let mut r = FieldReader::new(b);
         EntryRecord {
-            id: ChunkId(id),
-            pack: PackId(pack),
-            offset: u64::from_le_bytes(off),
-            length: u32::from_le_bytes(len),
+            id: ChunkId(r.array()),
+            pack: PackId(r.array()),
+            offset: r.u64(),
+            length: r.u32(),
         }
     }
 }
