@@ -144,6 +144,10 @@ pub struct CopyStats {
     pub copied: Vec<SnapshotId>,
     /// Selected snapshots the target already held.
     pub present: Vec<SnapshotId>,
+    /// Selected snapshots not copied because the source is damaged (an
+    /// unreadable manifest, a missing or corrupt chunk), with why. The
+    /// other snapshots are copied.
+    pub failed: Vec<(SnapshotId, String)>,
     /// Chunk extents the copied manifests reference (repeats counted).
     pub chunks_referenced: u64,
     /// Distinct chunks moved (the target lacked them).
@@ -184,7 +188,7 @@ pub(crate) fn copy(
             target.pool().location()
         )));
     }
-    let selected = select(source, opts)?;
+    let (selected, unreadable) = select(source, opts)?;
     let scratch = ScratchDir::new(opts.scratch_dir.as_deref())?;
 
     // Join the target's writers first, as a backup does: a collection
@@ -204,7 +208,10 @@ pub(crate) fn copy(
             opts.pack_target = size;
         }
     }
-    let mut stats = CopyStats::default();
+    let mut stats = CopyStats {
+        failed: unreadable,
+        ..CopyStats::default()
+    };
     let mut out = Output {
         pool: &*tpool,
         index: &tindex,
@@ -215,6 +222,7 @@ pub(crate) fn copy(
         segment: SegmentBuilder::new(),
         uncovered_taken: false,
     };
+    let mut wanted_so_far = 0u64;
     let result = (|| -> Result<()> {
         for id in &selected {
             opts.cancel.check()?;
@@ -222,14 +230,33 @@ pub(crate) fn copy(
                 stats.present.push(*id);
                 continue;
             }
-            let manifest = read_manifest(&**source.pool(), id)?;
-            copy_one(
-                source, &sindex, &mut out, &scratch, id, &manifest, &mut stats,
-            )?;
+            let copied = read_manifest(&**source.pool(), id).and_then(|manifest| {
+                copy_one(
+                    (source, &sindex),
+                    &mut out,
+                    &scratch,
+                    (id, &manifest),
+                    &mut wanted_so_far,
+                    &mut stats,
+                )?;
+                Ok(manifest)
+            });
+            let manifest = match copied {
+                Ok(m) => m,
+                // Damage in the source spoils this snapshot only: the
+                // others are copied, and the failure is reported.
+                Err(e) if e.is_damage() => {
+                    stats.failed.push((*id, e.to_string()));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             // Every chunk it names durable and indexed before the manifest.
             out.finish(&mut stats)?;
-            crate::failpoint::pause("copy-before-manifest");
+            opts.cancel.check()?;
             guard()?;
+            // (Held here, a test freezes the copy past its lease expiry.)
+            crate::failpoint::pause("copy-before-manifest");
             match tpool.write(FileKind::Snapshot, &id.to_hex(), &manifest) {
                 Ok(()) => {
                     stats.bytes_written += manifest.len() as u64;
@@ -249,50 +276,76 @@ pub(crate) fn copy(
     let result = result.and(flushed);
     let lease_name = lease.name();
     let held = lease.finish();
-    result?;
     if !matches!(held, Ok(true)) {
-        // A sweep may have removed chunks the new manifests reuse.
+        // Whatever else went wrong: a sweep may have removed chunks the
+        // manifests this run published reuse. Withdraw them.
         for id in &stats.copied {
             delete_retrying(&tpool, FileKind::Snapshot, &id.to_hex());
         }
+        result?;
         return Err(Error::LeaseLost { lease: lease_name });
+    }
+    result?;
+    // Best effort, as after a backup: chunks that arrived may heal
+    // snapshots a repair marked damaged in the target.
+    if stats.chunks_copied > 0 {
+        let _ = target.heal_damage_marks();
     }
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
 }
 
-/// The snapshots to copy, oldest first.
-fn select(source: &Repository, opts: &CopyOptions) -> Result<Vec<SnapshotId>> {
-    let mut list = source.snapshots()?;
+/// A snapshot not copied, and why.
+type Failed = (SnapshotId, String);
+
+/// The snapshots to copy, oldest first, and the selected ones whose
+/// manifest cannot be read (with why; copying everything or one VM's
+/// snapshots, that is every unreadable manifest: its VM cannot be told).
+fn select(
+    source: &Repository,
+    opts: &CopyOptions,
+) -> Result<(Vec<SnapshotId>, Vec<Failed>)> {
+    let list = source.snapshots()?;
     let wanted: HashSet<SnapshotId> = opts.snapshots.iter().copied().collect();
-    // A selected snapshot whose manifest cannot be read (or, copying
-    // everything, any such snapshot) fails the copy before it starts.
-    if let Some(at) = list
+    let unreadable: Vec<Failed> = list
         .damaged
         .iter()
-        .position(|(id, _)| wanted.is_empty() || wanted.contains(id))
-    {
-        let (id, e) = list.damaged.swap_remove(at);
-        return Err(Error::SnapshotUnreadable {
-            id,
-            source: Box::new(e),
-        });
-    }
+        .filter(|(id, _)| wanted.is_empty() || wanted.contains(id))
+        .map(|(id, e)| (*id, format!("snapshot {id} cannot be read: {e}")))
+        .collect();
     for id in &wanted {
-        if !list.snapshots.iter().any(|s| s.id == *id) {
+        if unreadable.iter().any(|(u, _)| u == id) {
+            continue;
+        }
+        let Some(s) = list.snapshots.iter().find(|s| s.id == *id) else {
             return Err(Error::SnapshotNotFound(format!(
                 "{id} in {}",
                 source.pool().location()
             )));
+        };
+        if let Some(vm) = opts.vm.as_deref().filter(|vm| *vm != s.vm) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {id} is of VM {:?}, not of {vm:?}",
+                s.vm
+            )));
         }
     }
-    Ok(list
+    let selected: Vec<SnapshotId> = list
         .snapshots
         .iter()
         .filter(|s| wanted.is_empty() || wanted.contains(&s.id))
         .filter(|s| opts.vm.as_deref().is_none_or(|vm| s.vm == vm))
         .map(|s| s.id)
-        .collect())
+        .collect();
+    if let Some(vm) = &opts.vm {
+        if selected.is_empty() && unreadable.is_empty() {
+            return Err(Error::SnapshotNotFound(format!(
+                "no snapshot of VM {vm:?} in {}",
+                source.pool().location()
+            )));
+        }
+    }
+    Ok((selected, unreadable))
 }
 
 fn exists(pool: &dyn Pool, id: &SnapshotId) -> Result<bool> {
@@ -305,12 +358,11 @@ fn exists(pool: &dyn Pool, id: &SnapshotId) -> Result<bool> {
 
 /// Moves the chunks of one snapshot that the target lacks.
 fn copy_one(
-    source: &Repository,
-    sindex: &Index,
+    (source, sindex): (&Repository, &Index),
     out: &mut Output<'_>,
     scratch: &ScratchDir,
-    id: &SnapshotId,
-    manifest: &Bytes,
+    (id, manifest): (&SnapshotId, &Bytes),
+    wanted_so_far: &mut u64,
     stats: &mut CopyStats,
 ) -> Result<()> {
     let corrupt = |e| Error::corrupt(format!("snapshot manifest {id}"), e);
@@ -329,7 +381,6 @@ fn copy_one(
     let mut wanted = ExternalSorter::<Reference>::new(scratch, "copy", sort_budget(), true);
     let mut failed: Option<Error> = None;
     let mut referenced = 0u64;
-    let mut bytes_wanted = 0u64;
     Snapshot::decode_visiting_chunks(manifest, &mut |c| {
         if failed.is_some() {
             return;
@@ -344,7 +395,6 @@ fn copy_one(
         }
         match sindex.lookup_including_absent(&c.id) {
             Some(l) => {
-                bytes_wanted += l.length as u64;
                 if let Err(e) = wanted.push(Reference {
                     pack: l.pack,
                     offset: l.offset,
@@ -371,9 +421,14 @@ fn copy_one(
     if let Some(e) = failed {
         return Err(e);
     }
+    opts.cancel.check()?;
     stats.chunks_referenced += referenced;
     let wanted = wanted.finish()?;
-    opts.progress.start(bytes_wanted);
+    // Progress counts stored bytes to move over the whole run so far.
+    for r in wanted.iter()? {
+        *wanted_so_far += r?.length as u64;
+    }
+    opts.progress.start(*wanted_so_far);
     transfer(source, id, &wanted, out, stats)
 }
 
@@ -590,7 +645,12 @@ impl Output<'_> {
                 Some(p) => p,
                 None => self.pack.insert(PackWriter::create(self.pool)?),
             };
-            writer.add(id, raw, blob)?;
+            if let Err(e) = writer.add(id, raw, blob) {
+                // Never seal a pack whose write failed part-way: its
+                // table would name bytes that are not there.
+                self.pack = None;
+                return Err(e);
+            }
             stats.chunks_copied += 1;
             stats.bytes_copied += len as u64;
             stats.bytes_copied_raw += raw as u64;

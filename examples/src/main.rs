@@ -115,6 +115,9 @@ enum Command {
         vm: Option<String>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// How often the copy renews its writer lease in the target.
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        lease_renewal: String,
         #[arg(long)]
         json: bool,
     },
@@ -563,8 +566,9 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             snapshots,
             vm,
             threads,
+            lease_renewal,
             json,
-        } => cmd_copy(&from, &to, &snapshots, vm, threads, json),
+        } => cmd_copy(&from, &to, &snapshots, vm, (threads, &lease_renewal), json),
         Command::Verify {
             pool,
             read_data,
@@ -911,9 +915,14 @@ fn cmd_copy(
     to: &str,
     snapshots: &[String],
     vm: Option<String>,
-    threads: usize,
+    (threads, lease_renewal): (usize, &str),
     json: bool,
 ) -> Result<u8, Failure> {
+    let lease_renewal = humantime::parse_duration(lease_renewal).map_err(|e| {
+        Failure::usage(format!(
+            "--lease-renewal {lease_renewal:?} is not a duration (like 30s): {e}"
+        ))
+    })?;
     let source = open_repo(from)?;
     let target = open_repo(to)?;
     let mut ids = Vec::new();
@@ -923,7 +932,8 @@ fn cmd_copy(
     let bar = Arc::new(Bar::new(!json));
     let opts = CopyOptions::default()
         .with_snapshots(ids)
-        .with_vm(if snapshots.is_empty() { vm } else { None })
+        .with_vm(vm)
+        .with_lease_renewal(lease_renewal)
         .with_threads(self::threads(threads))
         .with_progress(bar.clone())
         .with_cancel(signals::token());
@@ -936,6 +946,11 @@ fn cmd_copy(
             "to": target.pool().location(),
             "copied": stats.copied.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
             "present": stats.present.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
+            "failed": stats
+                .failed
+                .iter()
+                .map(|(i, e)| serde_json::json!({ "snapshot": i.to_hex(), "error": e }))
+                .collect::<Vec<_>>(),
             "chunks_referenced": stats.chunks_referenced,
             "chunks_copied": stats.chunks_copied,
             "bytes_copied": stats.bytes_copied,
@@ -953,15 +968,20 @@ fn cmd_copy(
             println!("snapshot {id} already in {}", target.pool().location());
         }
         println!(
-            "{} snapshots copied, {} already there; {} chunks ({}) moved in {:.2}s",
+            "{} snapshots copied, {} already there, {} not copied (damaged in the source); {} chunks ({}) moved in {:.2}s",
             stats.copied.len(),
             stats.present.len(),
+            stats.failed.len(),
             stats.chunks_copied,
             output::human(stats.bytes_copied),
             stats.seconds
         );
     }
-    Ok(0)
+    for (id, e) in &stats.failed {
+        eprintln!("cairn: snapshot {id} not copied: {e}");
+    }
+    // Like verify: 3 when damage kept something from being done.
+    Ok(if stats.failed.is_empty() { 0 } else { 3 })
 }
 
 fn cmd_verify(

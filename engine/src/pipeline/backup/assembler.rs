@@ -213,7 +213,12 @@ impl State<'_> {
             Some(p) => p,
             None => self.pack.insert(PackWriter::create(self.ctx.pool)?),
         };
-        writer.add(id, raw_len, blob)?;
+        if let Err(e) = writer.add(id, raw_len, blob) {
+            // Never seal a pack whose write failed part-way: its table
+            // would name bytes that are not there.
+            self.pack = None;
+            return Err(e);
+        }
         self.out.stats.chunks_new += 1;
         self.out.stats.bytes_new_raw += raw_len as u64;
         let opts = self.ctx.opts;
