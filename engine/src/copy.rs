@@ -301,10 +301,7 @@ type Failed = (SnapshotId, String);
 /// The snapshots to copy, oldest first, and the selected ones whose
 /// manifest cannot be read (with why; copying everything or one VM's
 /// snapshots, that is every unreadable manifest: its VM cannot be told).
-fn select(
-    source: &Repository,
-    opts: &CopyOptions,
-) -> Result<(Vec<SnapshotId>, Vec<Failed>)> {
+fn select(source: &Repository, opts: &CopyOptions) -> Result<(Vec<SnapshotId>, Vec<Failed>)> {
     let list = source.snapshots()?;
     let wanted: HashSet<SnapshotId> = opts.snapshots.iter().copied().collect();
     let unreadable: Vec<Failed> = list
