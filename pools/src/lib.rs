@@ -10,7 +10,8 @@
 //! [`open`] and [`create`] take a pool address (see [`PoolAddress`]) and
 //! return the engine's pool handle; the CLI and embedders parse addresses
 //! only through them. Later: the standard pool (one directory per backup
-//! set) and tape (sequential media) plug in here behind the same traits.
+//! set) and the tape pool plug in here behind the same traits; [`tape`]
+//! holds the tape drive and library traits and a virtual tape library.
 
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ mod cache;
 mod local;
 mod memory;
 mod object;
+pub mod tape;
 #[cfg(feature = "testing")]
 pub mod testing;
 
