@@ -18,10 +18,13 @@
 //! for tests, demos and development; see its docs). A Linux SCSI driver
 //! (`/dev/nstN` and a changer) is to come behind the same traits.
 //!
-//! The engine knows nothing of tape: the tape pool (to come) maps pool
-//! objects onto tape files and keeps a catalog of where each one lies.
+//! The engine knows nothing of tape: [`TapePool`] maps pool objects onto
+//! tape files and keeps a catalog of where each one lies.
 
+mod pool;
 mod virtual_library;
+
+pub use pool::{TapePool, DATA_BLOCK};
 
 pub use virtual_library::{
     DriveCounters, VirtualDrive, VirtualTapeLibrary, VirtualTapeOptions, LTO9_CAPACITY, MAX_BLOCK,

@@ -72,14 +72,18 @@ pub struct VirtualTapeOptions {
 
 impl VirtualTapeOptions {
     /// `cartridges` blank cartridges of `capacity` bytes each; the early
-    /// warning zone is 2 % of the capacity (at least 64 KiB, at most
-    /// 10 GiB); one drive, two import/export slots.
+    /// warning zone is 2 % of the capacity, at most 10 GiB and at least two
+    /// of the largest blocks (as on real drives, whose zone is far larger
+    /// than a block) — but never more than half the capacity; one drive,
+    /// two import/export slots.
     pub fn new(cartridges: usize, capacity: u64) -> Self {
         VirtualTapeOptions {
             cartridges,
             empty_slots: 0,
             capacity,
-            early_warning: (capacity / 50).clamp(64 << 10, 10 << 30).min(capacity / 2),
+            early_warning: (capacity / 50)
+                .clamp(2 * MAX_BLOCK as u64, 10 << 30)
+                .min(capacity / 2),
             drives: 1,
             import_export: 2,
             barcode_prefix: "CRN".into(),

@@ -1,0 +1,223 @@
+//! The tape pool over the virtual tape library: the pool conformance suite
+//! through its pool face; objects spanning cartridges; the catalog rebuilt
+//! by scanning; cartridges of other media sets, blank ones and garbled
+//! labels; a write that runs out of tape fails its media set cleanly.
+#![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use cairn_engine::{DynPool, Error, FileKind, PoolDelete, PoolList, PoolRead, PoolWrite};
+use cairn_pools::tape::{TapePool, VirtualTapeLibrary, VirtualTapeOptions};
+use cairn_pools::testing::conformance;
+
+/// Cartridges of `capacity` bytes with a 1 MiB early-warning zone.
+fn tape_pool(dir: &Path, cartridges: usize, capacity: u64) -> TapePool {
+    let mut opts = VirtualTapeOptions::new(cartridges, capacity);
+    opts.early_warning = 1 << 20;
+    let lib = VirtualTapeLibrary::create(dir.join("library"), &opts).unwrap();
+    TapePool::open(dir, Box::new(lib)).unwrap()
+}
+
+fn reopen(dir: &Path) -> TapePool {
+    let lib = VirtualTapeLibrary::open(dir.join("library")).unwrap();
+    TapePool::open(dir, Box::new(lib)).unwrap()
+}
+
+fn data(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+const PACK: &str = "0123456789abcdef0123456789abcdef";
+
+#[test]
+fn the_tape_pool_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicU32::new(0);
+    conformance(&|| {
+        let d = dir
+            .path()
+            .join(n.fetch_add(1, Ordering::SeqCst).to_string());
+        Arc::new(tape_pool(&d, 2, 64 << 20)) as DynPool
+    });
+}
+
+#[test]
+fn objects_span_cartridges_and_read_back_whole_and_in_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    // 3 MiB before each cartridge's early warning: 10 MiB take four.
+    let pool = tape_pool(dir.path(), 5, 4 << 20);
+    let big = data(10 << 20, 1);
+    pool.write(FileKind::Pack, PACK, &big).unwrap();
+    let parts = pool.object_position(FileKind::Pack, PACK).unwrap();
+    let carts: Vec<&str> = parts.iter().map(|(b, _)| b.as_str()).collect();
+    let four = vec!["CRN001L9", "CRN002L9", "CRN003L9", "CRN004L9"];
+    assert_eq!(carts, four, "{parts:?}");
+    // Every part is the first object on its cartridge (file 1, after the label).
+    assert!(parts.iter().all(|(_, f)| *f == 1), "{parts:?}");
+    let sets = pool.media_sets();
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0].1, four);
+    assert!(!sets[0].2);
+    assert!(pool.read(FileKind::Pack, PACK).unwrap()[..] == big[..]);
+    // A range across the first cartridge boundary (at 3 MiB).
+    let at = 5 << 19;
+    let got = pool.read_range(FileKind::Pack, PACK, at, 2 << 20).unwrap();
+    assert!(got[..] == big[at as usize..(at as usize) + (2 << 20)]);
+    // A second object continues on the fourth cartridge.
+    let small = data(100_000, 2);
+    let name2 = "fedcba9876543210fedcba9876543210";
+    pool.write(FileKind::Pack, name2, &small).unwrap();
+    assert_eq!(
+        pool.object_position(FileKind::Pack, name2).unwrap(),
+        vec![("CRN004L9".to_string(), 2)]
+    );
+    // Opened again (a new process): the catalog and media state hold.
+    drop(pool);
+    let pool = reopen(dir.path());
+    assert!(pool.read(FileKind::Pack, PACK).unwrap()[..] == big[..]);
+    assert!(pool.read(FileKind::Pack, name2).unwrap()[..] == small[..]);
+    let mut listed = pool.list(FileKind::Pack).unwrap();
+    listed.sort();
+    assert_eq!(listed, vec![PACK.to_string(), name2.to_string()]);
+    // A second process cannot open it meanwhile.
+    let lib = VirtualTapeLibrary::open(dir.path().join("library")).unwrap();
+    assert!(matches!(
+        TapePool::open(dir.path(), Box::new(lib)),
+        Err(Error::PoolBusy(_))
+    ));
+}
+
+#[test]
+fn the_catalog_is_rebuilt_by_scanning_the_cartridges() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tape_pool(dir.path(), 4, 4 << 20);
+    let big = data(6 << 20, 3);
+    pool.write(FileKind::Pack, PACK, &big).unwrap();
+    pool.write(FileKind::Config, "config", b"the config")
+        .unwrap();
+    pool.write(FileKind::Snapshot, "aa".repeat(32).as_str(), b"a manifest")
+        .unwrap();
+    pool.write(FileKind::Lease, "lease-1", b"local only")
+        .unwrap();
+    // An object whose write was never committed leaves nothing.
+    let w = pool
+        .create(FileKind::Pack, "11".repeat(16).as_str())
+        .unwrap();
+    drop(w);
+    drop(pool);
+    // Catalog, media state and the local copies lost.
+    for f in ["tape-catalog", "media.json"] {
+        std::fs::remove_file(dir.path().join(f)).unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("pool")).unwrap();
+    let pool = reopen(dir.path());
+    assert!(pool.read(FileKind::Pack, PACK).unwrap_err().is_not_found());
+    assert_eq!(pool.rebuild_catalog().unwrap(), 3);
+    assert!(pool.read(FileKind::Pack, PACK).unwrap()[..] == big[..]);
+    assert_eq!(
+        &pool.read(FileKind::Config, "config").unwrap()[..],
+        b"the config"
+    );
+    assert_eq!(
+        pool.list(FileKind::Snapshot).unwrap(),
+        vec!["aa".repeat(32)]
+    );
+    assert!(pool.list(FileKind::Lease).unwrap().is_empty());
+    // Writing goes on, on a new media set (the old one is closed).
+    pool.write(FileKind::Pack, "22".repeat(16).as_str(), b"after")
+        .unwrap();
+    let sets = pool.media_sets();
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    assert!(sets[0].2 && !sets[1].2);
+}
+
+#[test]
+fn foreign_blank_and_garbled_cartridges_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tape_pool(dir.path(), 3, 4 << 20);
+    pool.write(FileKind::Pack, PACK, &data(1 << 20, 4)).unwrap();
+    drop(pool);
+    let cartridge = dir.path().join("library/cartridges/CRN001L9");
+    let original = std::fs::read(&cartridge).unwrap();
+
+    // Another pool's cartridge in its place: refused, named.
+    let other = tempfile::tempdir().unwrap();
+    let pool2 = tape_pool(other.path(), 1, 4 << 20);
+    pool2.write(FileKind::Pack, PACK, b"other pool").unwrap();
+    drop(pool2);
+    let foreign = std::fs::read(other.path().join("library/cartridges/CRN001L9")).unwrap();
+    std::fs::write(&cartridge, &foreign).unwrap();
+    let pool = reopen(dir.path());
+    let e = pool.read(FileKind::Pack, PACK).unwrap_err();
+    assert!(
+        e.to_string().contains("CRN001L9") && e.to_string().contains("media set"),
+        "{e}"
+    );
+    drop(pool);
+    // Blank: the object cannot be found where the catalog says.
+    std::fs::write(&cartridge, b"").unwrap();
+    let pool = reopen(dir.path());
+    let e = pool.read(FileKind::Pack, PACK).unwrap_err();
+    assert!(e.to_string().contains("CRN001L9"), "{e}");
+    drop(pool);
+    // A garbled label.
+    let mut garbled = original.clone();
+    garbled[8] ^= 0x55;
+    std::fs::write(&cartridge, &garbled).unwrap();
+    let pool = reopen(dir.path());
+    let e = pool.read(FileKind::Pack, PACK).unwrap_err();
+    assert!(e.is_damage() && e.to_string().contains("CRN001L9"), "{e}");
+    drop(pool);
+    // Restored, it reads again; new writes never touch a labelled cartridge
+    // that is not the pool's (CRN002L9 is labelled by hand here).
+    std::fs::write(&cartridge, &original).unwrap();
+    std::fs::write(dir.path().join("library/cartridges/CRN002L9"), &foreign).unwrap();
+    let pool = reopen(dir.path());
+    assert_eq!(pool.read(FileKind::Pack, PACK).unwrap().len(), 1 << 20);
+    let big = data(4 << 20, 5);
+    pool.write(FileKind::Pack, "33".repeat(16).as_str(), &big)
+        .unwrap();
+    let parts = pool
+        .object_position(FileKind::Pack, &"33".repeat(16))
+        .unwrap();
+    assert!(parts.iter().all(|(b, _)| b != "CRN002L9"), "{parts:?}");
+    assert_eq!(
+        std::fs::read(dir.path().join("library/cartridges/CRN002L9")).unwrap(),
+        foreign
+    );
+}
+
+#[test]
+fn a_cartridge_that_ends_early_fails_its_set_and_earlier_objects_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = VirtualTapeOptions::new(3, 2 << 20);
+    // No early-warning zone: the write runs into the end of the medium.
+    opts.early_warning = 0;
+    let lib = VirtualTapeLibrary::create(dir.path().join("library"), &opts).unwrap();
+    let pool = TapePool::open(dir.path(), Box::new(lib)).unwrap();
+    let first = data(1 << 20, 6);
+    pool.write(FileKind::Pack, PACK, &first).unwrap();
+    let e = pool
+        .write(FileKind::Pack, &"44".repeat(16), &data(3 << 20, 7))
+        .unwrap_err();
+    assert!(e.to_string().contains("end of medium"), "{e}");
+    assert!(pool
+        .read(FileKind::Pack, &"44".repeat(16))
+        .unwrap_err()
+        .is_not_found());
+    let sets = pool.media_sets();
+    assert!(sets[0].2, "the set is marked incomplete: {sets:?}");
+    assert!(pool.read(FileKind::Pack, PACK).unwrap()[..] == first[..]);
+    // The next object goes to a new set on a blank cartridge.
+    pool.write(FileKind::Pack, &"55".repeat(16), b"next")
+        .unwrap();
+    let sets = pool.media_sets();
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sets[1].1, vec!["CRN002L9"]);
+    pool.delete(FileKind::Pack, PACK).unwrap();
+    assert!(pool.read(FileKind::Pack, PACK).unwrap_err().is_not_found());
+}
