@@ -149,7 +149,8 @@ impl fmt::Display for ChunkingParams {
     }
 }
 
-/// Parses a byte size such as `65536`, `64K`, `64KiB`, `1M`, `1MiB`.
+/// Parses a byte size such as `65536`, `64K`, `64KiB`, `1M`, `1MiB`, `18T`
+/// (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -162,7 +163,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("{s:?}: unknown size unit {unit:?} (use K, M or G)")),
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown size unit {unit:?} (use K, M, G or T)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
@@ -347,11 +353,21 @@ mod tests {
             ("3m", 3 << 20),
             ("2g", 2 << 30),
             ("2GiB", 2 << 30),
+            ("18T", 18 << 40),
+            ("1TiB", 1 << 40),
             (" 7 ", 7),
         ] {
             assert_eq!(parse_size(text), Ok(bytes), "{text}");
         }
-        for bad in ["", "k", "4t", "4 k", "-1", "99999999999999999999g"] {
+        for bad in [
+            "",
+            "k",
+            "4p",
+            "4 k",
+            "-1",
+            "99999999999999999999g",
+            "20000000t",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
         assert_eq!(

@@ -61,8 +61,17 @@ enum Command {
     /// Initialise a new pool (a directory is created if missing; a bucket
     /// must exist).
     Init {
-        /// Pool address: DIR, dedup:DIR or s3://BUCKET/PREFIX[?endpoint=URL&region=R].
+        /// Pool address: DIR, dedup:DIR, tape:DIR or
+        /// s3://BUCKET/PREFIX[?endpoint=URL&region=R].
         pool: String,
+        /// tape:DIR: blank cartridges in the new virtual tape library
+        /// (1–999, default 8).
+        #[arg(long, value_name = "N")]
+        cartridges: Option<usize>,
+        /// tape:DIR: each cartridge's capacity, like 96M or 18T (default
+        /// LTO-9's 18 TB; files are sparse).
+        #[arg(long, value_name = "SIZE")]
+        cartridge_size: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -144,8 +153,13 @@ enum Command {
     Repair {
         pool: String,
         /// Rebuild the dedup index from the packs alone.
-        #[arg(long, required_unless_present = "packs")]
+        #[arg(long, required_unless_present_any = ["packs", "tape_catalog"])]
         index: bool,
+        /// Tape pools: rebuild the tape catalog (and the local copies of
+        /// the configuration, index segments and manifests) by reading every
+        /// cartridge in the library.
+        #[arg(long)]
+        tape_catalog: bool,
         /// Salvage and quarantine damaged packs (reads every pack), then
         /// rebuild the index.
         #[arg(long)]
@@ -539,7 +553,12 @@ pub fn disk_names(paths: &[PathBuf], overrides: &[String]) -> Result<Vec<String>
 fn run(cli: Cli) -> Result<u8, Failure> {
     let _ = CACHE.set((cli.cache_dir, cli.no_cache));
     match cli.command {
-        Command::Init { pool, json } => cmd_init(&pool, json),
+        Command::Init {
+            pool,
+            cartridges,
+            cartridge_size,
+            json,
+        } => cmd_init(&pool, (cartridges, cartridge_size.as_deref()), json),
         Command::Backup(args) => cmd_backup(args),
         Command::Snapshots { pool, vm, json } => cmd_snapshots(&pool, vm.as_deref(), json),
         Command::Restore {
@@ -585,12 +604,18 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Repair {
             pool,
             index,
+            tape_catalog,
             packs,
             dry_run,
             json,
         } => {
+            if tape_catalog {
+                match cmd_repair_tape_catalog(&pool, json) {
+                    Ok(0) if index || packs => {}
+                    other => return other,
+                }
+            }
             // --packs rebuilds the index itself after moving packs aside.
-            let _ = index;
             if packs {
                 cmd_repair_packs(&pool, dry_run, json)
             } else {
@@ -662,8 +687,50 @@ fn cmd_pool_info(pool: &str, json: bool) -> Result<u8, Failure> {
     Ok(0)
 }
 
-fn cmd_init(pool: &str, json: bool) -> Result<u8, Failure> {
-    let p = open_pool(pool, true)?.pool;
+fn cmd_init(
+    pool: &str,
+    (cartridges, cartridge_size): (Option<usize>, Option<&str>),
+    json: bool,
+) -> Result<u8, Failure> {
+    let tape = matches!(
+        cairn_pools::PoolAddress::parse(pool),
+        Ok(cairn_pools::PoolAddress::Tape(_))
+    );
+    if !tape && (cartridges.is_some() || cartridge_size.is_some()) {
+        return Err(Failure::usage(
+            "--cartridges and --cartridge-size are for tape:DIR pools",
+        ));
+    }
+    let p = if tape {
+        let capacity = match cartridge_size {
+            None => cairn_pools::tape::LTO9_CAPACITY,
+            Some(s) => cairn_engine::parse_size(s)
+                .ok()
+                .filter(|n| *n >= 1 << 20)
+                .ok_or_else(|| {
+                    Failure::usage(format!(
+                        "--cartridge-size {s:?} is not a size of at least 1M (like 96M or 18T)"
+                    ))
+                })?,
+        };
+        let n = cartridges.unwrap_or(8);
+        if !(1..=999).contains(&n) {
+            return Err(Failure::usage(format!(
+                "--cartridges {n} is out of range (1–999)"
+            )));
+        }
+        let mut options = cairn_pools::OpenOptions::default();
+        options.create = true;
+        options.virtual_tape = Some(cairn_pools::tape::VirtualTapeOptions::new(n, capacity));
+        cairn_pools::open_with(pool, &options)
+            .map_err(|e| match e {
+                PoolOpenError::BadAddress { .. } => Failure::usage(e.to_string()),
+                e => Failure::new(e.to_string()),
+            })?
+            .pool
+    } else {
+        open_pool(pool, true)?.pool
+    };
     let config = Repository::init(p).map_err(|e| match e {
         Error::AlreadyExists { .. } => {
             Failure::new(format!("{pool} is already an initialised Cairn pool"))
@@ -1021,6 +1088,29 @@ fn cmd_verify(
         output::print_verify(&report, read_data);
     }
     Ok(if report.is_ok() { 0 } else { 3 })
+}
+
+fn cmd_repair_tape_catalog(pool: &str, json: bool) -> Result<u8, Failure> {
+    let opened = open_pool_with(pool, false, true)?;
+    let Some(tape) = opened.tape else {
+        return Err(Failure::usage(format!(
+            "--tape-catalog is for tape pools; {pool} is a {} pool",
+            opened.address.kind()
+        )));
+    };
+    let found = tape.rebuild_catalog()?;
+    if json {
+        output::print_json(&serde_json::json!({
+            "objects": found,
+            "media_sets": tape.media_sets().len(),
+        }));
+    } else {
+        println!(
+            "tape catalog rebuilt: {found} objects on {} media sets",
+            tape.media_sets().len()
+        );
+    }
+    Ok(0)
 }
 
 fn cmd_repair(pool: &str, json: bool) -> Result<u8, Failure> {

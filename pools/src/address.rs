@@ -5,7 +5,9 @@
 //! - `DIR` or `dedup:DIR` — the local directory pool (the default);
 //! - `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&timeout=D&retry_timeout=D]`
 //!   — an S3-compatible bucket; credentials come from `AWS_ACCESS_KEY_ID`,
-//!   `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, never from the address.
+//!   `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, never from the address;
+//! - `tape:DIR` — a tape pool on the virtual tape library in `DIR/library`
+//!   (a simulator; `cairn init` creates it with blank cartridges).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -18,7 +20,7 @@ use crate::object::{ObjectPool, RequestStats, PACK_SIZE, PART_SIZE};
 use crate::{LocalPool, PoolOpenError};
 
 /// What a pool address may look like, for usage errors.
-pub const ACCEPTED_FORMS: &str = "DIR, dedup:DIR, or \
+pub const ACCEPTED_FORMS: &str = "DIR, dedup:DIR, tape:DIR (a virtual tape library), or \
 s3://BUCKET[/PREFIX][?endpoint=URL&region=R&timeout=30s&retry_timeout=2m&part_size=40M&pack_size=480M]";
 
 /// Default time one S3 request may take.
@@ -34,6 +36,8 @@ pub enum PoolAddress {
     Local(PathBuf),
     /// An S3-compatible bucket.
     S3(S3Address),
+    /// A tape pool on the virtual tape library in `DIR/library`.
+    Tape(PathBuf),
 }
 
 /// Where an object pool lives. Holds no secrets.
@@ -81,6 +85,7 @@ impl fmt::Display for PoolAddress {
         match self {
             PoolAddress::Local(p) => write!(f, "{}", p.display()),
             PoolAddress::S3(s) => write!(f, "{s}"),
+            PoolAddress::Tape(p) => write!(f, "tape:{}", p.display()),
         }
     }
 }
@@ -105,13 +110,18 @@ impl PoolAddress {
             }
             return Ok(PoolAddress::Local(PathBuf::from(dir)));
         }
-        for kind in ["standard:", "tape:"] {
-            if address.starts_with(kind) {
-                return Err(bad(&format!(
-                    "{} pools are not supported by this version",
-                    kind.trim_end_matches(':')
-                )));
+        if let Some(dir) = address.strip_prefix("tape:") {
+            if dir.is_empty() {
+                return Err(bad("tape: needs a directory"));
             }
+            if dir.starts_with("/dev/") {
+                return Err(bad("SCSI tape devices are not supported by this version; \
+                     use a virtual tape library (tape:DIR)"));
+            }
+            return Ok(PoolAddress::Tape(PathBuf::from(dir)));
+        }
+        if address.starts_with("standard:") {
+            return Err(bad("standard pools are not supported by this version"));
         }
         if let Some((scheme, _)) = address.split_once("://") {
             return Err(bad(&format!("unknown pool kind {scheme:?}")));
@@ -124,6 +134,7 @@ impl PoolAddress {
         match self {
             PoolAddress::Local(_) => "local",
             PoolAddress::S3(_) => "s3",
+            PoolAddress::Tape(_) => "tape",
         }
     }
 }
@@ -281,6 +292,9 @@ pub struct OpenedPool {
     pub address: PoolAddress,
     /// Requests made, for pools that pay per request (object storage).
     pub requests: Option<Arc<RequestStats>>,
+    /// The tape pool itself, for what only tape has (its catalog rebuild,
+    /// its media sets).
+    pub tape: Option<crate::tape::TapePool>,
 }
 
 impl fmt::Debug for OpenedPool {
@@ -303,8 +317,11 @@ pub struct OpenOptions {
     /// Use no local cache.
     pub no_cache: bool,
     /// Create what the medium needs first (a local directory and its layout;
-    /// an S3 bucket must exist already).
+    /// a virtual tape library; an S3 bucket must exist already).
     pub create: bool,
+    /// The virtual tape library a `tape:DIR` pool gets when `create` finds
+    /// none (default: 8 cartridges of LTO-9's 18 TB, sparse files).
+    pub virtual_tape: Option<crate::tape::VirtualTapeOptions>,
 }
 
 /// Opens the pool at `address` (which must exist), with the default cache.
@@ -326,7 +343,7 @@ pub fn create(address: &str) -> Result<OpenedPool, PoolOpenError> {
 
 /// Opens the pool at `address` as `options` say.
 pub fn open_with(address: &str, options: &OpenOptions) -> Result<OpenedPool, PoolOpenError> {
-    let mut opened = open_parsed(PoolAddress::parse(address)?, options.create)?;
+    let mut opened = open_parsed(PoolAddress::parse(address)?, options)?;
     if let PoolAddress::S3(_) = &opened.address {
         let base = match (&options.cache_dir, options.no_cache) {
             (_, true) => None,
@@ -352,8 +369,38 @@ pub fn open_with(address: &str, options: &OpenOptions) -> Result<OpenedPool, Poo
     Ok(opened)
 }
 
-fn open_parsed(address: PoolAddress, create: bool) -> Result<OpenedPool, PoolOpenError> {
+fn open_parsed(address: PoolAddress, options: &OpenOptions) -> Result<OpenedPool, PoolOpenError> {
+    let create = options.create;
     match &address {
+        PoolAddress::Tape(dir) => {
+            let settings = |reason: String| PoolOpenError::Settings {
+                address: address.to_string(),
+                reason,
+            };
+            if dir.exists() && !dir.is_dir() {
+                return Err(PoolOpenError::NotADirectory(dir.clone()));
+            }
+            let library_dir = dir.join("library");
+            let library = if create && !library_dir.join("library.json").exists() {
+                let opts = options.virtual_tape.clone().unwrap_or_else(|| {
+                    crate::tape::VirtualTapeOptions::new(8, crate::tape::LTO9_CAPACITY)
+                });
+                crate::tape::VirtualTapeLibrary::create(&library_dir, &opts)
+            } else if !dir.exists() {
+                return Err(PoolOpenError::Missing(dir.clone()));
+            } else {
+                crate::tape::VirtualTapeLibrary::open(&library_dir)
+            }
+            .map_err(|e| settings(e.to_string()))?;
+            let pool = crate::tape::TapePool::open(dir, Box::new(library))
+                .map_err(|e| settings(e.to_string()))?;
+            Ok(OpenedPool {
+                pool: Arc::new(pool.clone()),
+                address,
+                requests: None,
+                tape: Some(pool),
+            })
+        }
         PoolAddress::Local(dir) => {
             let pool = if create {
                 LocalPool::create(dir)?
@@ -364,6 +411,7 @@ fn open_parsed(address: PoolAddress, create: bool) -> Result<OpenedPool, PoolOpe
                 pool: Arc::new(pool),
                 address,
                 requests: None,
+                tape: None,
             })
         }
         PoolAddress::S3(s3) => {
@@ -373,6 +421,7 @@ fn open_parsed(address: PoolAddress, create: bool) -> Result<OpenedPool, PoolOpe
                 pool: Arc::new(pool),
                 address,
                 requests,
+                tape: None,
             })
         }
     }

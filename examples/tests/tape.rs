@@ -1,0 +1,188 @@
+//! The `cairn` binary on a tape pool (the virtual tape library): a backup
+//! larger than one cartridge spans several and restores bit-identical; the
+//! tape catalog, the media state and the local copies are lost and rebuilt
+//! by scanning the cartridges, and the restore is bit-identical again;
+//! dedup → tape → dedup copies round-trip; bad tape addresses and options
+//! fail clearly.
+#![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+fn media(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("media.json")).unwrap()).unwrap()
+}
+
+fn restore_equals(pool: &str, id: &str, disk: &str, at: &Path, want: &[u8]) {
+    let _ = std::fs::remove_dir_all(at);
+    ok(&["restore", pool, id, "--to", &p(at)]);
+    assert!(std::fs::read(at.join(disk)).unwrap() == want, "{pool} {id}");
+}
+
+#[test]
+fn a_backup_spans_cartridges_and_survives_losing_the_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tape");
+    let pool = format!("tape:{}", root.display());
+    // 16 MiB cartridges with an 8 MiB early-warning zone: 8 MiB each.
+    ok(&[
+        "init",
+        &pool,
+        "--cartridges",
+        "6",
+        "--cartridge-size",
+        "16M",
+    ]);
+    let img = dir.path().join("vda.img");
+    let data = random_file(&img, 20 << 20, 1);
+    let v = json(&["backup", &pool, "--vm", "web", &p(&img), "--json"]);
+    let id = v["snapshot"].as_str().unwrap().to_string();
+    let m = media(&root);
+    let carts = m["sets"][0]["cartridges"].as_array().unwrap();
+    assert!(carts.len() >= 3, "20 MiB on 8 MiB cartridges: {m}");
+    let at = dir.path().join("r");
+    restore_equals(&pool, &id, "vda.img", &at, &data);
+    ok(&["verify", &pool, "--read-data"]);
+
+    // Everything local is lost: only the cartridges remain.
+    for f in ["tape-catalog", "media.json"] {
+        std::fs::remove_file(root.join(f)).unwrap();
+    }
+    std::fs::remove_dir_all(root.join("pool")).unwrap();
+    let out = cairn(&["snapshots", &pool]);
+    assert_ne!(code(&out), 0, "no configuration without the catalog");
+    let v = json(&["repair", &pool, "--tape-catalog", "--json"]);
+    assert!(v["objects"].as_u64().unwrap() >= 4, "{v}");
+    let listed = json(&["snapshots", &pool, "--json"]);
+    assert_eq!(listed[0]["id"], id.as_str());
+    restore_equals(&pool, &id, "vda.img", &at, &data);
+    ok(&["verify", &pool, "--read-data"]);
+    // And backups go on, on a new media set.
+    let v = json(&["backup", &pool, "--vm", "web", &p(&img), "--json"]);
+    assert_eq!(v["chunks_new"], 0);
+    restore_equals(&pool, "latest", "vda.img", &at, &data);
+    assert_eq!(media(&root)["sets"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn dedup_to_tape_to_dedup_copies_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = p(&dir.path().join("local"));
+    let back = p(&dir.path().join("back"));
+    let tape = format!("tape:{}", dir.path().join("tape").display());
+    ok(&["init", &local]);
+    ok(&["init", &back]);
+    ok(&[
+        "init",
+        &tape,
+        "--cartridges",
+        "4",
+        "--cartridge-size",
+        "32M",
+    ]);
+    let img = dir.path().join("vda.img");
+    make_image(&img, 24 << 20, 3);
+    let data = std::fs::read(&img).unwrap();
+    let first = json(&["backup", &local, "--vm", "web", &p(&img), "--json"]);
+    let id = first["snapshot"].as_str().unwrap().to_string();
+
+    let to_tape = json(&["copy", &local, &tape, "--json"]);
+    assert_eq!(to_tape["copied"][0], id.as_str());
+    let again = json(&["copy", &local, &tape, "--json"]);
+    assert_eq!(
+        (&again["chunks_copied"], &again["packs_written"]),
+        (&0.into(), &0.into())
+    );
+    std::fs::remove_dir_all(dir.path().join("local")).unwrap();
+    let from_tape = json(&["copy", &tape, &back, "--json"]);
+    assert_eq!(from_tape["chunks_copied"], to_tape["chunks_copied"]);
+    let at = dir.path().join("r");
+    restore_equals(&tape, &id, "vda.img", &at, &data);
+    restore_equals(&back, &id, "vda.img", &at, &data);
+    ok(&["verify", &back, "--read-data"]);
+}
+
+#[test]
+fn bad_tape_addresses_and_options_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+        (
+            vec!["snapshots".into(), format!("tape:{}", file.display())],
+            1,
+            "not a directory",
+        ),
+        (vec!["snapshots".into(), "tape:/dev/nst0".into()], 2, "SCSI"),
+        (
+            vec!["snapshots".into(), "tape:".into()],
+            2,
+            "needs a directory",
+        ),
+        (
+            vec![
+                "snapshots".into(),
+                format!("tape:{}", dir.path().join("none").display()),
+            ],
+            1,
+            "does not exist",
+        ),
+        (
+            vec![
+                "init".into(),
+                p(&dir.path().join("d")),
+                "--cartridges".into(),
+                "3".into(),
+            ],
+            2,
+            "tape:DIR",
+        ),
+        (
+            vec![
+                "init".into(),
+                format!("tape:{}", dir.path().join("t").display()),
+                "--cartridge-size".into(),
+                "12q".into(),
+            ],
+            2,
+            "--cartridge-size",
+        ),
+        (
+            vec![
+                "init".into(),
+                format!("tape:{}", dir.path().join("t").display()),
+                "--cartridges".into(),
+                "0".into(),
+            ],
+            2,
+            "--cartridges",
+        ),
+        (
+            vec![
+                "repair".into(),
+                p(&dir.path().join("d")),
+                "--tape-catalog".into(),
+            ],
+            1,
+            "",
+        ),
+    ];
+    for (args, want, says) in cases {
+        let out = cairn(&args);
+        let err = stderr(&out);
+        assert_eq!(code(&out), want, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // Initialised twice: refused, the first pool intact.
+    let t = format!("tape:{}", dir.path().join("t2").display());
+    ok(&["init", &t, "--cartridges", "2", "--cartridge-size", "8M"]);
+    let out = cairn(&["init", &t]);
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("already"), "{}", stderr(&out));
+    ok(&["snapshots", &t]);
+}
