@@ -198,6 +198,10 @@ struct Tape {
     /// The label of the cartridge in the drive, once read since it was
     /// loaded.
     checked: Option<String>,
+    /// The object part read last — (barcode, tape file), its bytes — so
+    /// that reads of one pack in several ranges (a restore's runs) read the
+    /// tape once, not once per range.
+    last_part: Option<(String, u64, Arc<Vec<u8>>)>,
 }
 
 fn tape_err(e: TapeError) -> Error {
@@ -273,6 +277,7 @@ impl TapePool {
                     objects,
                     media,
                     checked: None,
+                    last_part: None,
                 }),
                 _lock: lock,
             }),
@@ -685,6 +690,7 @@ impl Tape {
                 .move_medium(from, Element::Drive(0))
                 .map_err(tape_err)?;
             self.checked = None;
+            self.last_part = None;
         }
         self.drive.rewind().map_err(tape_err)?;
         let mut buf = vec![0u8; DATA_BLOCK + 1];
@@ -767,30 +773,50 @@ impl Tape {
             if end <= offset || start >= offset + len {
                 continue;
             }
-            if self.checked.as_deref() != Some(p.barcode.as_str())
-                || self.drive.loaded().as_deref() != Some(p.barcode.as_str())
-            {
-                self.load(&p.barcode, dir, true)?;
-            }
-            let mut part = Vec::with_capacity(p.len as usize);
-            let got = read_object_part(&mut *self.drive, &p.barcode, p.file, Some(&mut part))?;
-            let ok = got.as_ref().is_some_and(|(h, _, t)| {
-                h.kind == kind.dir_name() && h.name == name && h.offset == p.offset && t.is_some()
-            });
-            if !ok || part.len() as u64 != p.len {
-                return Err(Error::corrupt(
-                    format!("{kind} {name}"),
-                    cairn_engine::DecodeError::Invalid(format!(
-                        "tape file {} of cartridge {} does not hold its part at {}",
-                        p.file, p.barcode, p.offset
-                    )),
-                ));
-            }
+            let cached = self
+                .last_part
+                .as_ref()
+                .filter(|(b, f, bytes)| {
+                    *b == p.barcode && *f == p.file && bytes.len() as u64 == p.len
+                })
+                .map(|(_, _, bytes)| bytes.clone());
+            let part = match cached {
+                Some(bytes) => bytes,
+                None => {
+                    let bytes = Arc::new(self.read_part(kind, name, p, dir)?);
+                    self.last_part = Some((p.barcode.clone(), p.file, bytes.clone()));
+                    bytes
+                }
+            };
             let from = offset.max(start) - start;
             let to = (offset + len).min(end) - start;
             out.extend_from_slice(&part[from as usize..to as usize]);
         }
         Ok(out)
+    }
+
+    /// Reads one part of an object from tape and checks it is that part.
+    fn read_part(&mut self, kind: FileKind, name: &str, p: &Part, dir: &Path) -> Result<Vec<u8>> {
+        if self.checked.as_deref() != Some(p.barcode.as_str())
+            || self.drive.loaded().as_deref() != Some(p.barcode.as_str())
+        {
+            self.load(&p.barcode, dir, true)?;
+        }
+        let mut part = Vec::with_capacity(p.len as usize);
+        let got = read_object_part(&mut *self.drive, &p.barcode, p.file, Some(&mut part))?;
+        let ok = got.as_ref().is_some_and(|(h, _, t)| {
+            h.kind == kind.dir_name() && h.name == name && h.offset == p.offset && t.is_some()
+        });
+        if !ok || part.len() as u64 != p.len {
+            return Err(Error::corrupt(
+                format!("{kind} {name}"),
+                cairn_engine::DecodeError::Invalid(format!(
+                    "tape file {} of cartridge {} does not hold its part at {}",
+                    p.file, p.barcode, p.offset
+                )),
+            ));
+        }
+        Ok(part)
     }
 
     /// A cartridge to append to in the current media set, loaded and

@@ -584,15 +584,17 @@ impl Loaded {
         }
     }
 
-    /// Writes one record at the position, erasing what followed.
+    /// Writes one record (a block of `data`, or a filemark when `None`) at
+    /// the position, erasing what followed.
     fn write_record(
         &mut self,
-        record: &[u8],
+        data: Option<&[u8]>,
         layout: &Layout,
         device: &str,
     ) -> TapeResult<WriteOutcome> {
         let start = self.offset_at(self.at);
-        let end = start + record.len() as u64;
+        let framing = data.map_or(1, |d| BLOCK_FRAMING + d.len() as u64);
+        let end = start + framing;
         if end > layout.capacity {
             return Err(TapeError::EndOfMedium {
                 device: device.to_string(),
@@ -601,11 +603,28 @@ impl Loaded {
             });
         }
         let path = self.path.display().to_string();
-        self.records.truncate(self.at);
-        self.file.set_len(start).map_err(io(path.clone()))?;
-        self.file.write_all_at(record, start).map_err(io(path))?;
-        let block = (record.first() == Some(&BLOCK_TAG))
-            .then(|| (record.len() as u64 - BLOCK_FRAMING) as u32);
+        if self.at < self.records.len() {
+            // In the middle of the recorded data: what follows is erased.
+            self.records.truncate(self.at);
+            self.file.set_len(start).map_err(io(path.clone()))?;
+        }
+        let block = match data {
+            Some(d) => {
+                let mut head = [BLOCK_TAG, 0, 0, 0, 0];
+                head[1..].copy_from_slice(&(d.len() as u32).to_le_bytes());
+                self.file
+                    .write_all_at(&head, start)
+                    .and_then(|()| self.file.write_all_at(d, start + BLOCK_FRAMING))
+                    .map_err(io(path))?;
+                Some(d.len() as u32)
+            }
+            None => {
+                self.file
+                    .write_all_at(&[FILEMARK_TAG], start)
+                    .map_err(io(path))?;
+                None
+            }
+        };
         self.records.push(Record {
             offset: start,
             block,
@@ -668,11 +687,7 @@ impl TapeDrive for VirtualDrive {
             });
         }
         self.with_loaded(|l, c, layout, device| {
-            let mut record = Vec::with_capacity(data.len() + BLOCK_FRAMING as usize);
-            record.push(BLOCK_TAG);
-            record.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            record.extend_from_slice(data);
-            let out = l.write_record(&record, layout, device)?;
+            let out = l.write_record(Some(data), layout, device)?;
             c.blocks_written += 1;
             Ok(out)
         })
@@ -682,7 +697,7 @@ impl TapeDrive for VirtualDrive {
         self.with_loaded(|l, c, layout, device| {
             let mut out = WriteOutcome::Written;
             for _ in 0..count {
-                out = l.write_record(&[FILEMARK_TAG], layout, device)?;
+                out = l.write_record(None, layout, device)?;
                 c.filemarks_written += 1;
             }
             // A filemark flushes the drive's buffer to the medium.
