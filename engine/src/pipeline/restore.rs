@@ -11,9 +11,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::collections::HashMap;
+
 use crossbeam_channel::bounded;
 
 use crate::error::{Error, Result};
+use crate::external_sort::{
+    sort_budget, ExternalSorter, FieldReader, FieldWriter, Record, ScratchDir, Sorted,
+};
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::failure::Failure;
@@ -186,12 +191,22 @@ pub(crate) fn run(
     for disk in &disks {
         targets.push(make_target(disk)?);
     }
-    for (disk, target) in disks.iter().zip(&targets) {
-        progress.message(&disk.name);
-        restore_disk(store, id, disk, &**target, threads, opts)?;
-        stats.bytes_written += disk.data_bytes();
-        stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
-        crate::failpoint::pause("restore-after-disk");
+    if sequential_media(store, &disks)? {
+        // Tape: every chunk of every disk sorted by where it lies, so each
+        // cartridge is passed once.
+        restore_in_medium_order(store, id, &disks, &targets, threads, opts)?;
+        for disk in &disks {
+            stats.bytes_written += disk.data_bytes();
+            stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+        }
+    } else {
+        for (disk, target) in disks.iter().zip(&targets) {
+            progress.message(&disk.name);
+            restore_disk(store, id, disk, &**target, threads, opts)?;
+            stats.bytes_written += disk.data_bytes();
+            stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+            crate::failpoint::pause("restore-after-disk");
+        }
     }
     // Every disk is complete: publish them (unless cancelled meanwhile:
     // a cancelled restore publishes nothing).
@@ -465,6 +480,287 @@ fn send_runs(
     }
     if !first.check(&opts.cancel) {
         send(current.take());
+    }
+    Ok(())
+}
+
+/// Whether the pool wants reads in medium order (tape): asked about the
+/// pack of the first chunk the disks need.
+fn sequential_media(store: &Store<'_>, disks: &[&DiskManifest]) -> Result<bool> {
+    let first = disks
+        .iter()
+        .flat_map(|d| d.extents.iter())
+        .find_map(|e| e.chunk);
+    let Some(first) = first else {
+        return Ok(false);
+    };
+    let mut refreshed = false;
+    Ok(store.locate(&first, &mut refreshed)?.is_some_and(|l| {
+        store
+            .pool
+            .read_order(FileKind::Pack, &l.pack.to_hex())
+            .is_some()
+    }))
+}
+
+/// One chunk extent of a disk, sorted by where its blob lies on the medium.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Placed {
+    order: u64,
+    pack: PackId,
+    pack_offset: u64,
+    blob_len: u32,
+    disk: u32,
+    disk_offset: u64,
+    extent_len: u32,
+    id: ChunkId,
+}
+
+impl Record for Placed {
+    const LEN: usize = 84;
+    fn put(&self, out: &mut [u8]) {
+        FieldWriter::new(out)
+            .u64(self.order)
+            .bytes(self.pack.as_bytes())
+            .u64(self.pack_offset)
+            .u32(self.blob_len)
+            .u32(self.disk)
+            .u64(self.disk_offset)
+            .u32(self.extent_len)
+            .bytes(&self.id.0);
+    }
+    fn get(b: &[u8]) -> Self {
+        let mut r = FieldReader::new(b);
+        Placed {
+            order: r.u64(),
+            pack: PackId(r.array()),
+            pack_offset: r.u64(),
+            blob_len: r.u32(),
+            disk: r.u32(),
+            disk_offset: r.u64(),
+            extent_len: r.u32(),
+            id: ChunkId(r.array()),
+        }
+    }
+}
+
+/// Blobs back to back in one pack, read at once, and where each goes.
+struct PlacedRun {
+    pack: PackId,
+    offset: u64,
+    len: u64,
+    /// (chunk, blob length) in pack order.
+    blobs: Vec<(ChunkId, u32)>,
+    /// (blob index, disk, offset in the disk, extent length).
+    pieces: Vec<(usize, u32, u64, u32)>,
+}
+
+/// Restores every disk at once in the order the medium holds the chunks:
+/// the extents are sorted by (pack position, offset) on scratch disk, one
+/// thread reads the runs front to back, workers decode, verify and write
+/// each piece at its place.
+fn restore_in_medium_order(
+    store: &Store<'_>,
+    snapshot: &SnapshotId,
+    disks: &[&DiskManifest],
+    targets: &[Box<dyn DiskTarget>],
+    threads: usize,
+    opts: &RestoreOptions,
+) -> Result<()> {
+    let scratch = ScratchDir::new(None)?;
+    let mut sorter = ExternalSorter::<Placed>::new(&scratch, "restore", sort_budget(), false);
+    let mut orders: HashMap<PackId, u64> = HashMap::new();
+    let mut refreshed = false;
+    for (d, disk) in disks.iter().enumerate() {
+        opts.progress.message(&disk.name);
+        for e in &disk.extents {
+            opts.cancel.check()?;
+            let Some(id) = e.chunk else {
+                opts.progress.advance(e.length);
+                continue;
+            };
+            let Some(loc) = store.locate(&id, &mut refreshed)? else {
+                return Err(Error::ChunkMissing {
+                    chunk: id,
+                    needed_by: format!(
+                        "snapshot {snapshot}, disk {:?} at offset {}",
+                        disk.name, e.offset
+                    ),
+                });
+            };
+            let order = *orders.entry(loc.pack).or_insert_with(|| {
+                store
+                    .pool
+                    .read_order(FileKind::Pack, &loc.pack.to_hex())
+                    .unwrap_or(u64::MAX)
+            });
+            sorter.push(Placed {
+                order,
+                pack: loc.pack,
+                pack_offset: loc.offset,
+                blob_len: loc.length,
+                disk: d as u32,
+                disk_offset: e.offset,
+                extent_len: u32::try_from(e.length)
+                    .map_err(|_| Error::Internal(format!("extent of {} bytes", e.length)))?,
+                id,
+            })?;
+        }
+    }
+    let sorted = sorter.finish()?;
+    let first = Failure::new();
+    let (run_tx, run_rx) = bounded::<(PlacedRun, bytes::Bytes)>(threads * 2);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (run_rx, first) = (run_rx.clone(), &first);
+            scope.spawn(move || {
+                let mut codec = BlobCodec::new(Compression::None);
+                let mut plain = Vec::new();
+                for (run, bytes) in run_rx.iter() {
+                    if first.aborted() {
+                        continue;
+                    }
+                    if let Err(e) =
+                        write_placed(&mut codec, &mut plain, &run, &bytes, disks, targets, opts)
+                    {
+                        first.set(e);
+                    }
+                }
+            });
+        }
+        drop(run_rx);
+        if let Err(e) = read_placed_runs(store, snapshot, &sorted, &run_tx, &first, &opts.cancel) {
+            first.set(e);
+        }
+        drop(run_tx);
+    });
+    match first.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Reads the sorted extents' runs front to back (this thread: the medium
+/// sees one reader) and hands them to the decoding workers.
+fn read_placed_runs(
+    store: &Store<'_>,
+    snapshot: &SnapshotId,
+    sorted: &Sorted<Placed>,
+    run_tx: &crossbeam_channel::Sender<(PlacedRun, bytes::Bytes)>,
+    first: &Failure,
+    cancel: &CancelToken,
+) -> Result<()> {
+    let read = |run: PlacedRun| -> Result<bool> {
+        let bytes = store
+            .pool
+            .read_range(
+                FileKind::Pack,
+                &run.pack.to_hex(),
+                run.offset,
+                run.len as usize,
+            )
+            .map_err(|e| match e {
+                Error::NotFound { .. } => Error::PackMissing {
+                    pack: run.pack,
+                    chunk: run.blobs.first().map_or(ChunkId([0; 32]), |b| b.0),
+                    needed_by: format!("snapshot {snapshot}"),
+                },
+                e => e,
+            })?;
+        Ok(run_tx.send((run, bytes)).is_ok())
+    };
+    let mut current: Option<PlacedRun> = None;
+    for p in sorted.iter()? {
+        let p = p?;
+        if first.check(cancel) {
+            return Ok(());
+        }
+        if let Some(run) = &mut current {
+            if run.pack == p.pack {
+                let last = run.blobs.len() - 1;
+                let last_offset = run.offset + run.len - run.blobs[last].1 as u64;
+                if p.pack_offset == last_offset {
+                    // The same blob again (a chunk at several places).
+                    run.pieces.push((last, p.disk, p.disk_offset, p.extent_len));
+                    continue;
+                }
+                if p.pack_offset == run.offset + run.len && run.len + p.blob_len as u64 <= RUN_MAX {
+                    run.blobs.push((p.id, p.blob_len));
+                    run.pieces
+                        .push((run.blobs.len() - 1, p.disk, p.disk_offset, p.extent_len));
+                    run.len += p.blob_len as u64;
+                    continue;
+                }
+            }
+        }
+        let next = PlacedRun {
+            pack: p.pack,
+            offset: p.pack_offset,
+            len: p.blob_len as u64,
+            blobs: vec![(p.id, p.blob_len)],
+            pieces: vec![(0, p.disk, p.disk_offset, p.extent_len)],
+        };
+        if let Some(run) = current.replace(next) {
+            if !read(run)? {
+                return Ok(());
+            }
+        }
+    }
+    if let Some(run) = current {
+        if !first.check(cancel) {
+            read(run)?;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes and verifies a run's blobs and writes each piece to its disk.
+fn write_placed(
+    codec: &mut BlobCodec,
+    plain: &mut Vec<u8>,
+    run: &PlacedRun,
+    bytes: &[u8],
+    disks: &[&DiskManifest],
+    targets: &[Box<dyn DiskTarget>],
+    opts: &RestoreOptions,
+) -> Result<()> {
+    let mut starts = Vec::with_capacity(run.blobs.len());
+    let mut at = 0usize;
+    for (_, len) in &run.blobs {
+        starts.push(at);
+        at += *len as usize;
+    }
+    let mut decoded: Option<usize> = None;
+    for &(b, disk, disk_offset, extent_len) in &run.pieces {
+        let (id, len) = run.blobs[b];
+        if decoded != Some(b) {
+            let blob = bytes
+                .get(starts[b]..starts[b] + len as usize)
+                .unwrap_or_default();
+            plain.clear();
+            decode_chunk(
+                codec,
+                blob,
+                &id,
+                run.pack,
+                run.offset + starts[b] as u64,
+                plain,
+            )?;
+            decoded = Some(b);
+        }
+        let disk_m = disks[disk as usize];
+        if plain.len() as u64 != extent_len as u64 {
+            return Err(Error::corrupt(
+                "snapshot manifest",
+                DecodeError::Invalid(format!(
+                    "disk {:?}: extent at {disk_offset} is {extent_len} bytes but chunk {id} holds {}",
+                    disk_m.name,
+                    plain.len()
+                )),
+            ));
+        }
+        targets[disk as usize].write_at(disk_offset, plain)?;
+        opts.progress.advance(extent_len as u64);
     }
     Ok(())
 }

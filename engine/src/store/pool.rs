@@ -47,6 +47,14 @@ pub trait PoolRead: Send + Sync {
     fn preferred_read_concurrency(&self) -> Option<usize> {
         None
     }
+
+    /// Where object `name` lies on sequential media (tape: its media set,
+    /// cartridge and tape file, as one increasing key), for readers that
+    /// sort what they read so the medium is passed once; `None`: the pool
+    /// reads anything anywhere at the same cost (disks, object storage).
+    fn read_order(&self, _kind: FileKind, _name: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// A streaming, create-only, atomic write of one object.
@@ -134,6 +142,9 @@ macro_rules! forward_pool {
             }
             fn preferred_read_concurrency(&self) -> Option<usize> {
                 (**self).preferred_read_concurrency()
+            }
+            fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
+                (**self).read_order(kind, name)
             }
         }
 
@@ -227,6 +238,10 @@ pub trait PoolWrapper: Send + Sync {
     fn preferred_read_concurrency(&self) -> Option<usize> {
         self.inner().preferred_read_concurrency()
     }
+    /// See [`PoolRead::read_order`].
+    fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
+        self.inner().read_order(kind, name)
+    }
     /// See [`PoolWrite::create`].
     fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
         self.inner().create(kind, name)
@@ -283,6 +298,9 @@ impl<W: PoolWrapper> PoolRead for WrappedPool<W> {
     }
     fn preferred_read_concurrency(&self) -> Option<usize> {
         self.0.preferred_read_concurrency()
+    }
+    fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
+        self.0.read_order(kind, name)
     }
 }
 

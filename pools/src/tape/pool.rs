@@ -1147,6 +1147,28 @@ impl PoolRead for TapePool {
     fn preferred_read_concurrency(&self) -> Option<usize> {
         Some(1)
     }
+
+    /// (media set, cartridge sequence, tape file) of the object's first
+    /// part: 16, 16 and 32 bits of one key.
+    fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
+        let tape = self.shared.tape.lock();
+        let first = tape
+            .objects
+            .get(&(kind, name.to_string()))?
+            .parts
+            .first()?
+            .clone();
+        tape.media.sets.iter().enumerate().find_map(|(i, s)| {
+            s.cartridges
+                .iter()
+                .find(|c| c.barcode == first.barcode)
+                .map(|c| {
+                    ((i as u64) << 48)
+                        | ((c.sequence as u64 & 0xffff) << 32)
+                        | (first.file & 0xffff_ffff)
+                })
+        })
+    }
 }
 
 impl PoolWrite for TapePool {
