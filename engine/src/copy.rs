@@ -35,13 +35,14 @@ use bytes::Bytes;
 use crossbeam_channel::bounded;
 
 use crate::error::{Error, Result};
-use crate::external_sort::{sort_budget, ExternalSorter, ScratchDir, Sorted};
+use crate::external_sort::{
+    sort_budget, ExternalSorter, FieldReader, FieldWriter, Record, ScratchDir, Sorted,
+};
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{condemned_packs, delete_retrying, WriterLease};
 use crate::pipeline::backup::{DEFAULT_PACK_TARGET, SEGMENT_FLUSH_ENTRIES};
 use crate::pipeline::failure::Failure;
-use crate::pipeline::verify::Reference;
 use crate::pipeline::worker_threads;
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::repo::Repository;
@@ -375,7 +376,8 @@ fn copy_one(
     }
     let opts = out.opts;
     opts.progress.message(&format!("snapshot {id}"));
-    let mut wanted = ExternalSorter::<Reference>::new(scratch, "copy", sort_budget(), true);
+    let mut wanted = ExternalSorter::<Wanted>::new(scratch, "copy", sort_budget(), true);
+    let mut orders: std::collections::HashMap<PackId, u64> = std::collections::HashMap::new();
     let mut failed: Option<Error> = None;
     let mut referenced = 0u64;
     Snapshot::decode_visiting_chunks(manifest, &mut |c| {
@@ -392,7 +394,14 @@ fn copy_one(
         }
         match sindex.lookup_including_absent(&c.id) {
             Some(l) => {
-                if let Err(e) = wanted.push(Reference {
+                let order = *orders.entry(l.pack).or_insert_with(|| {
+                    source
+                        .pool()
+                        .read_order(FileKind::Pack, &l.pack.to_hex())
+                        .unwrap_or(0)
+                });
+                if let Err(e) = wanted.push(Wanted {
+                    order,
                     pack: l.pack,
                     offset: l.offset,
                     length: l.length,
@@ -429,12 +438,49 @@ fn copy_one(
     transfer(source, id, &wanted, out, stats)
 }
 
+/// A chunk to move, sorted by where its blob lies: the source pool's read
+/// order of its pack (tape: cartridge and tape file; else 0), the pack,
+/// the offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Wanted {
+    order: u64,
+    pack: PackId,
+    offset: u64,
+    length: u32,
+    id: ChunkId,
+}
+
+impl Record for Wanted {
+    const LEN: usize = 68;
+    fn put(&self, out: &mut [u8]) {
+        FieldWriter::new(out)
+            .u64(self.order)
+            .bytes(self.pack.as_bytes())
+            .u64(self.offset)
+            .u32(self.length)
+            .bytes(&self.id.0);
+    }
+    fn get(b: &[u8]) -> Self {
+        let mut r = FieldReader::new(b);
+        Wanted {
+            order: r.u64(),
+            pack: PackId(r.array()),
+            offset: r.u64(),
+            length: r.u32(),
+            id: ChunkId(r.array()),
+        }
+    }
+}
+
 /// A run of blobs adjacent in one source pack.
 struct Run {
     pack: PackId,
     offset: u64,
     length: u64,
     blobs: Vec<(ChunkId, u32)>,
+    /// The run's bytes, when the producer read them itself (sequential
+    /// media: one reader, in medium order).
+    bytes: Option<Bytes>,
 }
 
 /// A verified run: its bytes and each blob's (id, stored length, plaintext length).
@@ -447,7 +493,7 @@ struct Verified {
 fn transfer(
     source: &Repository,
     snapshot: &SnapshotId,
-    wanted: &Sorted<Reference>,
+    wanted: &Sorted<Wanted>,
     out: &mut Output<'_>,
     stats: &mut CopyStats,
 ) -> Result<()> {
@@ -499,7 +545,21 @@ fn transfer(
                 }
             });
         }
-        if let Err(e) = send_runs(wanted, &run_tx, &failure, &opts.cancel) {
+        // Sequential media (tape) get one reader, in medium order: this
+        // thread reads each run before handing it on; the workers verify.
+        let sequential = wanted
+            .iter()
+            .ok()
+            .and_then(|mut i| i.next())
+            .and_then(|r| r.ok())
+            .is_some_and(|r| spool.read_order(FileKind::Pack, &r.pack.to_hex()).is_some());
+        let read_ahead = |mut run: Run| -> Result<Run> {
+            if sequential {
+                run.bytes = Some(read_run(spool, snapshot, &run)?);
+            }
+            Ok(run)
+        };
+        if let Err(e) = send_runs(wanted, &run_tx, &failure, &opts.cancel, &read_ahead) {
             failure.set(e);
         }
         drop(run_tx);
@@ -512,10 +572,11 @@ fn transfer(
 
 /// Groups the sorted references into runs of adjacent blobs.
 fn send_runs(
-    wanted: &Sorted<Reference>,
+    wanted: &Sorted<Wanted>,
     run_tx: &crossbeam_channel::Sender<Run>,
     failure: &Failure,
     cancel: &CancelToken,
+    read_ahead: &dyn Fn(Run) -> Result<Run>,
 ) -> Result<()> {
     let mut current: Option<Run> = None;
     for r in wanted.iter()? {
@@ -538,54 +599,63 @@ fn send_runs(
             offset: r.offset,
             length: r.length as u64,
             blobs: vec![(r.id, r.length)],
+            bytes: None,
         };
         if let Some(run) = current.replace(next) {
-            if run_tx.send(run).is_err() {
+            if run_tx.send(read_ahead(run)?).is_err() {
                 return Ok(());
             }
         }
     }
     if let Some(run) = current {
         if !failure.check(cancel) {
-            let _ = run_tx.send(run);
+            let _ = run_tx.send(read_ahead(run)?);
         }
     }
     Ok(())
 }
 
-/// Reads one run and checks that every blob decodes to its chunk id.
+/// Reads a run's bytes from its pack.
+fn read_run(pool: &dyn Pool, snapshot: &SnapshotId, run: &Run) -> Result<Bytes> {
+    let first = run.blobs.first().map_or(ChunkId([0; 32]), |b| b.0);
+    pool.read_range(
+        FileKind::Pack,
+        &run.pack.to_hex(),
+        run.offset,
+        run.length as usize,
+    )
+    .map_err(|e| match e {
+        Error::NotFound { .. } => Error::PackMissing {
+            pack: run.pack,
+            chunk: first,
+            needed_by: format!("snapshot {snapshot}"),
+        },
+        Error::PoolIo { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::corrupt(
+                format!("pack {}", run.pack),
+                DecodeError::Invalid(format!(
+                    "{} bytes at offset {} cannot be read: {source}",
+                    run.length, run.offset
+                )),
+            )
+        }
+        e => e,
+    })
+}
+
+/// Reads one run (unless read already) and checks that every blob decodes
+/// to its chunk id.
 fn verify_run(
     pool: &dyn Pool,
     codec: &mut BlobCodec,
     plain: &mut Vec<u8>,
     snapshot: &SnapshotId,
-    run: Run,
+    mut run: Run,
 ) -> Result<Verified> {
-    let first = run.blobs.first().map_or(ChunkId([0; 32]), |b| b.0);
-    let bytes = pool
-        .read_range(
-            FileKind::Pack,
-            &run.pack.to_hex(),
-            run.offset,
-            run.length as usize,
-        )
-        .map_err(|e| match e {
-            Error::NotFound { .. } => Error::PackMissing {
-                pack: run.pack,
-                chunk: first,
-                needed_by: format!("snapshot {snapshot}"),
-            },
-            Error::PoolIo { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Error::corrupt(
-                    format!("pack {}", run.pack),
-                    DecodeError::Invalid(format!(
-                        "{} bytes at offset {} cannot be read: {source}",
-                        run.length, run.offset
-                    )),
-                )
-            }
-            e => e,
-        })?;
+    let bytes = match run.bytes.take() {
+        Some(b) => b,
+        None => read_run(pool, snapshot, &run)?,
+    };
     let mut blobs = Vec::with_capacity(run.blobs.len());
     let mut at = 0usize;
     for (id, len) in run.blobs {

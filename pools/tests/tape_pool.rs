@@ -285,4 +285,27 @@ fn a_restore_from_tape_passes_each_cartridge_once() {
     );
     assert_eq!(after.backward_moves, before.backward_moves, "{after:?}");
     assert!(used.len() >= 3, "the packs lie on {used:?}");
+
+    // A copy to another pool reads each snapshot's missing chunks in
+    // medium order too (snapshot by snapshot, oldest first: at most one
+    // pass per cartridge per snapshot).
+    let target = Repository::create(Arc::new(cairn_pools::MemoryPool::new())).unwrap();
+    let before = lib.counters(0).unwrap();
+    let stats = repo
+        .copy_to(&target, &cairn_engine::CopyOptions::default())
+        .unwrap();
+    assert_eq!(stats.copied.len(), 3);
+    let after = lib.counters(0).unwrap();
+    let loads = after.loads - before.loads;
+    assert!(
+        loads as usize <= used.len() + 2,
+        "{loads} loads for {} cartridges and 3 snapshots: {before:?} → {after:?}",
+        used.len()
+    );
+    assert_eq!(after.backward_moves, before.backward_moves, "{after:?}");
+    let out2 = tempfile::tempdir().unwrap();
+    target
+        .restore_to_dir(&latest, out2.path(), &RestoreOptions::default())
+        .unwrap();
+    assert!(std::fs::read(out2.path().join("vda")).unwrap() == image);
 }
