@@ -117,7 +117,24 @@ fn bad_tape_addresses_and_options_fail_clearly() {
             1,
             "not a directory",
         ),
-        (vec!["snapshots".into(), "tape:/dev/nst0".into()], 2, "SCSI"),
+        (
+            vec!["snapshots".into(), "tape:/dev/nst0".into()],
+            2,
+            "changer",
+        ),
+        // A device form whose devices are not there (no drive or changer
+        // on this machine): a clear error naming the changer.
+        (
+            vec![
+                "snapshots".into(),
+                format!(
+                    "tape:/dev/nst9?changer=/dev/sg9&dir={}",
+                    dir.path().display()
+                ),
+            ],
+            1,
+            "/dev/sg9",
+        ),
         (
             vec!["snapshots".into(), "tape:".into()],
             2,

@@ -20,7 +20,8 @@ use crate::object::{ObjectPool, RequestStats, PACK_SIZE, PART_SIZE};
 use crate::{LocalPool, PoolOpenError};
 
 /// What a pool address may look like, for usage errors.
-pub const ACCEPTED_FORMS: &str = "DIR, dedup:DIR, tape:DIR (a virtual tape library), or \
+pub const ACCEPTED_FORMS: &str = "DIR, dedup:DIR, tape:DIR (a virtual tape library), \
+tape:/dev/nstN?changer=/dev/sgM&dir=DIR (untested on hardware), or \
 s3://BUCKET[/PREFIX][?endpoint=URL&region=R&timeout=30s&retry_timeout=2m&part_size=40M&pack_size=480M]";
 
 /// Default time one S3 request may take.
@@ -38,6 +39,16 @@ pub enum PoolAddress {
     S3(S3Address),
     /// A tape pool on the virtual tape library in `DIR/library`.
     Tape(PathBuf),
+    /// A tape pool on a real drive and changer (Linux `st` and `mtx`;
+    /// untested on hardware), its local side in `dir`.
+    TapeDevice {
+        /// The non-rewinding tape device (`/dev/nstN`).
+        drive: PathBuf,
+        /// The changer's SCSI generic device (`/dev/sgM`).
+        changer: PathBuf,
+        /// The pool's local directory (catalog, media state, copies).
+        dir: PathBuf,
+    },
 }
 
 /// Where an object pool lives. Holds no secrets.
@@ -86,6 +97,17 @@ impl fmt::Display for PoolAddress {
             PoolAddress::Local(p) => write!(f, "{}", p.display()),
             PoolAddress::S3(s) => write!(f, "{s}"),
             PoolAddress::Tape(p) => write!(f, "tape:{}", p.display()),
+            PoolAddress::TapeDevice {
+                drive,
+                changer,
+                dir,
+            } => write!(
+                f,
+                "tape:{}?changer={}&dir={}",
+                drive.display(),
+                changer.display(),
+                dir.display()
+            ),
         }
     }
 }
@@ -115,8 +137,12 @@ impl PoolAddress {
                 return Err(bad("tape: needs a directory"));
             }
             if dir.starts_with("/dev/") {
-                return Err(bad("SCSI tape devices are not supported by this version; \
-                     use a virtual tape library (tape:DIR)"));
+                return parse_tape_device(dir).map_err(|r| bad(&r));
+            }
+            if dir.contains('?') {
+                return Err(bad(
+                    "tape:DIR takes no options (a device is tape:/dev/nstN?…)",
+                ));
             }
             return Ok(PoolAddress::Tape(PathBuf::from(dir)));
         }
@@ -134,9 +160,34 @@ impl PoolAddress {
         match self {
             PoolAddress::Local(_) => "local",
             PoolAddress::S3(_) => "s3",
-            PoolAddress::Tape(_) => "tape",
+            PoolAddress::Tape(_) | PoolAddress::TapeDevice { .. } => "tape",
         }
     }
+}
+
+/// `/dev/nstN?changer=/dev/sgM&dir=DIR` (after `tape:`).
+fn parse_tape_device(rest: &str) -> Result<PoolAddress, String> {
+    let (drive, query) = rest.split_once('?').ok_or(
+        "a tape device needs its changer and a local directory: \
+         tape:/dev/nstN?changer=/dev/sgM&dir=DIR",
+    )?;
+    let (mut changer, mut dir) = (None, None);
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("changer", v)) if !v.is_empty() => changer = Some(PathBuf::from(v)),
+            Some(("dir", v)) if !v.is_empty() => dir = Some(PathBuf::from(v)),
+            _ => {
+                return Err(format!(
+                    "unknown or empty tape option {pair:?} (changer=, dir=)"
+                ))
+            }
+        }
+    }
+    Ok(PoolAddress::TapeDevice {
+        drive: PathBuf::from(drive),
+        changer: changer.ok_or("changer=/dev/sgM is missing")?,
+        dir: dir.ok_or("dir=DIR (the pool's local directory) is missing")?,
+    })
 }
 
 /// `address` with any `user:password@` of a URL in it replaced by `***@`.
@@ -401,6 +452,34 @@ fn open_parsed(address: PoolAddress, options: &OpenOptions) -> Result<OpenedPool
                 tape: Some(pool),
             })
         }
+        PoolAddress::TapeDevice {
+            drive,
+            changer,
+            dir,
+        } => {
+            let settings = |reason: String| PoolOpenError::Settings {
+                address: address.to_string(),
+                reason,
+            };
+            let changer = crate::tape::scsi::MtxChanger::open(changer, vec![drive.clone()])
+                .map_err(|e| settings(e.to_string()))?;
+            if create {
+                std::fs::create_dir_all(dir).map_err(|source| PoolOpenError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+            } else if !dir.is_dir() {
+                return Err(PoolOpenError::Missing(dir.clone()));
+            }
+            let pool = crate::tape::TapePool::open(dir, Box::new(changer))
+                .map_err(|e| settings(e.to_string()))?;
+            Ok(OpenedPool {
+                pool: Arc::new(pool.clone()),
+                address: address.clone(),
+                requests: None,
+                tape: Some(pool),
+            })
+        }
         PoolAddress::Local(dir) => {
             let pool = if create {
                 LocalPool::create(dir)?
@@ -476,6 +555,10 @@ mod tests {
             "gs://bucket",
             "dedup:",
             "tape:/dev/nst0",
+            "tape:/dev/nst0?changer=/dev/sg1",
+            "tape:/dev/nst0?dir=/x",
+            "tape:/dev/nst0?changer=/dev/sg1&dir=/x&speed=9",
+            "tape:dir?x=1",
         ] {
             let e = PoolAddress::parse(bad).unwrap_err();
             assert!(matches!(e, PoolOpenError::BadAddress { .. }), "{bad}: {e}");

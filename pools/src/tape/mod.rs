@@ -15,13 +15,16 @@
 //!   moves a cartridge from one element to another.
 //!
 //! Implementations: [`VirtualTapeLibrary`] (a simulator backed by files,
-//! for tests, demos and development; see its docs). A Linux SCSI driver
-//! (`/dev/nstN` and a changer) is to come behind the same traits.
+//! for tests, demos and development; see its docs) and, for real hardware
+//! on Linux, [`scsi::ScsiTapeDrive`] (`/dev/nstN`) with
+//! [`scsi::MtxChanger`] (a changer driven by `mtx`) — **untested on
+//! hardware**: only their command encoding is tested.
 //!
 //! The engine knows nothing of tape: [`TapePool`] maps pool objects onto
 //! tape files and keeps a catalog of where each one lies.
 
 mod pool;
+pub mod scsi;
 mod virtual_library;
 
 pub use pool::{TapePool, DATA_BLOCK};
