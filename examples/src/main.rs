@@ -1098,17 +1098,24 @@ fn cmd_repair_tape_catalog(pool: &str, json: bool) -> Result<u8, Failure> {
             opened.address.kind()
         )));
     };
-    let found = tape.rebuild_catalog()?;
+    let report = tape.rebuild_catalog()?;
     if json {
         output::print_json(&serde_json::json!({
-            "objects": found,
+            "objects": report.objects,
             "media_sets": tape.media_sets().len(),
+            "skipped": report.skipped.iter()
+                .map(|(b, why)| serde_json::json!({"cartridge": b, "why": why}))
+                .collect::<Vec<_>>(),
         }));
     } else {
         println!(
-            "tape catalog rebuilt: {found} objects on {} media sets",
+            "tape catalog rebuilt: {} objects on {} media sets",
+            report.objects,
             tape.media_sets().len()
         );
+        for (b, why) in &report.skipped {
+            println!("cartridge {b} skipped: {why}");
+        }
     }
     Ok(0)
 }

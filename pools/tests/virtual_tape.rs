@@ -315,14 +315,32 @@ fn damaged_state_and_cartridge_files_are_clear_errors() {
         }
         other => panic!("{other:?}"),
     }
-    // A block longer than what follows it.
+    // A zero-length block is no block.
     bytes[0] = b'B';
-    bytes[1] = 200;
+    bytes[1..5].copy_from_slice(&0u32.to_le_bytes());
     std::fs::write(&cartridge, &bytes).unwrap();
     assert!(matches!(
         VirtualTapeLibrary::open(dir.path()),
         Err(TapeError::Device { .. })
     ));
+    // A block cut short by a crash mid-write: the recorded data ends
+    // before it, as on a drive.
+    bytes[1..5].copy_from_slice(&4u32.to_le_bytes());
+    let mut torn = bytes.clone();
+    torn.extend_from_slice(&[b'F', b'B', 200, 0, 0, 0, 1, 2, 3]);
+    std::fs::write(&cartridge, &torn).unwrap();
+    {
+        let lib = VirtualTapeLibrary::open(dir.path()).unwrap();
+        let mut drive = lib.drive(0).unwrap();
+        assert_eq!(read_data(&mut *drive), b"data");
+        assert_eq!(read(&mut *drive), ReadOutcome::Filemark);
+        assert_eq!(read(&mut *drive), ReadOutcome::EndOfData);
+        assert_eq!(
+            std::fs::metadata(&cartridge).unwrap().len(),
+            bytes.len() as u64 + 1
+        );
+    }
+    std::fs::write(&cartridge, &bytes).unwrap();
     // The state file: garbled, or one cartridge in two places.
     let state = dir.path().join("library.json");
     let good = std::fs::read_to_string(&state).unwrap();

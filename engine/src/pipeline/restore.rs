@@ -544,6 +544,10 @@ impl Record for Placed {
     }
 }
 
+/// Most pieces one run of the medium-order restore carries (a disk full of
+/// one repeated chunk must not build a run of millions of pieces).
+const MAX_PIECES: usize = 4096;
+
 /// Blobs back to back in one pack, read at once, and where each goes.
 struct PlacedRun {
     pack: PackId,
@@ -665,6 +669,18 @@ fn read_placed_runs(
                     chunk: run.blobs.first().map_or(ChunkId([0; 32]), |b| b.0),
                     needed_by: format!("snapshot {snapshot}"),
                 },
+                // Shorter than its table says: the pack is damaged.
+                Error::PoolIo { source, .. }
+                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    Error::corrupt(
+                        format!("pack {}", run.pack),
+                        DecodeError::Invalid(format!(
+                            "{} bytes at offset {} cannot be read: {source}",
+                            run.len, run.offset
+                        )),
+                    )
+                }
                 e => e,
             })?;
         Ok(run_tx.send((run, bytes)).is_ok())
@@ -679,12 +695,15 @@ fn read_placed_runs(
             if run.pack == p.pack {
                 let last = run.blobs.len() - 1;
                 let last_offset = run.offset + run.len - run.blobs[last].1 as u64;
-                if p.pack_offset == last_offset {
+                if p.pack_offset == last_offset && run.pieces.len() < MAX_PIECES {
                     // The same blob again (a chunk at several places).
                     run.pieces.push((last, p.disk, p.disk_offset, p.extent_len));
                     continue;
                 }
-                if p.pack_offset == run.offset + run.len && run.len + p.blob_len as u64 <= RUN_MAX {
+                if p.pack_offset == run.offset + run.len
+                    && run.len + p.blob_len as u64 <= RUN_MAX
+                    && run.pieces.len() < MAX_PIECES
+                {
                     run.blobs.push((p.id, p.blob_len));
                     run.pieces
                         .push((run.blobs.len() - 1, p.disk, p.disk_offset, p.extent_len));

@@ -27,7 +27,7 @@ mod pool;
 pub mod scsi;
 mod virtual_library;
 
-pub use pool::{TapePool, DATA_BLOCK};
+pub use pool::{TapePool, TapeRebuild, DATA_BLOCK};
 
 pub use virtual_library::{
     DriveCounters, VirtualDrive, VirtualTapeLibrary, VirtualTapeOptions, LTO9_CAPACITY, MAX_BLOCK,

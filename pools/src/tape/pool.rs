@@ -52,7 +52,7 @@ use cairn_engine::{
 };
 use parking_lot::Mutex;
 
-use super::{Element, ReadOutcome, TapeDrive, TapeError, TapeLibrary, WriteOutcome};
+use super::{Element, ReadOutcome, TapeDrive, TapeError, TapeLibrary, TapeResult, WriteOutcome};
 use crate::LocalPool;
 
 /// Payload bytes per data block.
@@ -83,6 +83,9 @@ fn kind_named(name: &str) -> Option<FileKind> {
 struct Label {
     format: String,
     version: u32,
+    /// The tape pool's id (`media.json`): cartridges of other pools are
+    /// never taken in.
+    pool: String,
     barcode: String,
     media_set: String,
     sequence: u32,
@@ -94,6 +97,9 @@ struct Header {
     kind: String,
     name: String,
     media_set: String,
+    /// Random per write of an object: the parts of one write belong
+    /// together, whatever else of the same name is on tape.
+    write: String,
     part: u32,
     offset: u64,
 }
@@ -138,6 +144,7 @@ enum CatalogLine {
 #[derive(Clone, Debug)]
 struct Entry {
     size: u64,
+    blake3: String,
     parts: Vec<Part>,
 }
 
@@ -145,6 +152,9 @@ struct Entry {
 #[serde(deny_unknown_fields)]
 struct MediaState {
     version: u32,
+    /// This tape pool's id, written into every label.
+    #[serde(default)]
+    pool: String,
     sets: Vec<MediaSet>,
 }
 
@@ -263,7 +273,12 @@ impl TapePool {
             }
         }
         let store = LocalPool::create(dir.join("pool")).map_err(Error::from)?;
-        let media = load_media(&dir)?;
+        let mut media = load_media(&dir)?;
+        if media.pool.is_empty() {
+            // Saved with the first label; until then a rebuild may still
+            // take the id from the cartridges (media.json lost).
+            media.pool = random_hex()?;
+        }
         let (catalog, objects) = load_catalog(&dir)?;
         let drive = library.drive(0).map_err(tape_err)?;
         Ok(TapePool {
@@ -323,11 +338,16 @@ impl TapePool {
             })
     }
 
-    /// Rebuilds the tape catalog (and the local copies of index segments,
-    /// manifests and the configuration) by reading every cartridge in the
-    /// library that carries a label of a known media set, or of any set
-    /// when the media state is lost too. Returns the objects found.
-    pub fn rebuild_catalog(&self) -> Result<usize> {
+    /// Rebuilds the tape catalog and the media state from the cartridges
+    /// in the library (and the local copies of index segments, manifests
+    /// and the configuration). Cartridges of this pool are those whose
+    /// labels carry its id (from `media.json`; when that is lost too, the
+    /// one tape pool whose cartridges are in the library — several are an
+    /// error). Blank cartridges, those of other pools and unreadable labels
+    /// are skipped and reported; any other read error stops the rebuild
+    /// with nothing replaced. Of several complete copies of one object
+    /// (written again after a withdrawal, say), the last one found wins.
+    pub fn rebuild_catalog(&self) -> Result<TapeRebuild> {
         let mut tape = self.shared.tape.lock();
         let tape = &mut *tape;
         let barcodes: Vec<String> = tape
@@ -335,28 +355,67 @@ impl TapePool {
             .inventory()
             .map_err(tape_err)?
             .into_iter()
+            .filter(|e| !matches!(e.element, Element::ImportExport(_)))
             .filter_map(|e| e.barcode)
             .collect();
-        let mut parts: BTreeMap<(String, String), Vec<ScannedPart>> = BTreeMap::new();
-        let mut sets: BTreeMap<String, Vec<SetCartridge>> = BTreeMap::new();
+        let mut report = TapeRebuild::default();
+        let mut labelled: Vec<(String, Label)> = Vec::new();
         for barcode in &barcodes {
-            let Some(label) = tape.load(barcode, &self.shared.dir, false)? else {
-                continue; // blank
-            };
-            let mut file = 1u64;
-            loop {
-                match read_object_part(&mut *tape.drive, barcode, file, None)? {
-                    None => break,
-                    Some((header, part, trailer)) => {
-                        if let Some(t) = trailer {
-                            parts
-                                .entry((header.kind.clone(), header.name.clone()))
-                                .or_default()
-                                .push((header, part, t.complete));
-                        }
-                        file += 1;
-                    }
+            match tape.load(barcode, &self.shared.dir, false) {
+                Ok(None) => {}
+                Ok(Some(label)) => labelled.push((barcode.clone(), label)),
+                Err(e) if e.is_damage() => report.skipped.push((barcode.clone(), e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
+        let pool = if !tape.media.pool.is_empty() && self.shared.dir.join(MEDIA_FILE).exists() {
+            tape.media.pool.clone()
+        } else {
+            let ids: std::collections::BTreeSet<&str> =
+                labelled.iter().map(|(_, l)| l.pool.as_str()).collect();
+            match ids.len() {
+                0 => tape.media.pool.clone(),
+                1 => ids.into_iter().next().unwrap_or_default().to_string(),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "the library holds cartridges of {} tape pools ({}); without this pool's media.json \
+                         the rebuild cannot tell which are its own: leave only its cartridges in the library",
+                        ids.len(),
+                        ids.into_iter().collect::<Vec<_>>().join(", ")
+                    )))
                 }
+            }
+        };
+        // (write id) → the parts of one write of an object.
+        let mut writes: BTreeMap<String, Vec<ScannedPart>> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        let mut sets: BTreeMap<String, Vec<SetCartridge>> = BTreeMap::new();
+        for (barcode, label) in &labelled {
+            if label.pool != pool {
+                report.skipped.push((
+                    barcode.clone(),
+                    format!(
+                        "labelled by tape pool {}, not this one ({pool})",
+                        label.pool
+                    ),
+                ));
+                continue;
+            }
+            tape.load(barcode, &self.shared.dir, false)?;
+            let mut file = 1u64;
+            while let Some((header, part, trailer)) =
+                read_object_part(&mut *tape.drive, barcode, file, None)?
+            {
+                if let Some(t) = trailer {
+                    if !writes.contains_key(&header.write) {
+                        order.push(header.write.clone());
+                    }
+                    writes
+                        .entry(header.write.clone())
+                        .or_default()
+                        .push((header, part, t.complete));
+                }
+                file += 1;
             }
             sets.entry(label.media_set.clone())
                 .or_default()
@@ -367,11 +426,18 @@ impl TapePool {
                     full: true,
                 });
         }
-        // Objects whose parts are all there, the last one complete.
-        let mut found: Vec<(FileKind, String, Entry, String)> = Vec::new();
-        for ((kind, name), mut ps) in parts {
+        // Writes whose parts are all there, the last one complete; the
+        // last one found of each name wins.
+        let mut found: BTreeMap<(FileKind, String), Entry> = BTreeMap::new();
+        for write in order {
+            let Some(mut ps) = writes.remove(&write) else {
+                continue;
+            };
             ps.sort_by_key(|(h, _, _)| (h.part, h.offset));
-            let Some(kind) = kind_named(&kind) else {
+            let Some((h0, _, _)) = ps.first() else {
+                continue;
+            };
+            let (Some(kind), name) = (kind_named(&h0.kind), h0.name.clone()) else {
                 continue;
             };
             let Some((_, _, Some((size, hash)))) = ps.last().cloned() else {
@@ -380,29 +446,48 @@ impl TapePool {
             let mut expect = 0u64;
             let mut whole = true;
             for (i, (h, p, _)) in ps.iter().enumerate() {
-                whole &= h.part as usize == i && p.offset == expect;
+                whole &= h.part as usize == i && p.offset == expect && h.name == name;
                 expect += p.len;
             }
             if !whole || expect != size {
                 continue;
             }
-            let entry = Entry {
-                size,
-                parts: ps.into_iter().map(|(_, p, _)| p).collect(),
-            };
-            found.push((kind, name, entry, hash));
+            found.insert(
+                (kind, name),
+                Entry {
+                    size,
+                    blake3: hash,
+                    parts: ps.into_iter().map(|(_, p, _)| p).collect(),
+                },
+            );
         }
-        // Write a new catalog, then put it in place.
+        // The media state first (appending resumes on a new set, after
+        // everything found), then the catalog.
+        let mut media = MediaState {
+            version: 1,
+            pool,
+            sets: Vec::new(),
+        };
+        for (id, mut cartridges) in sets {
+            cartridges.sort_by_key(|c| c.sequence);
+            media.sets.push(MediaSet {
+                id,
+                cartridges,
+                incomplete: true,
+            });
+        }
+        save_media(&self.shared.dir, &media)?;
+        tape.media = media;
         let path = self.shared.dir.join(CATALOG_FILE);
         let tmp = self.shared.dir.join(format!("{CATALOG_FILE}.tmp"));
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-            for (kind, name, e, hash) in &found {
+            for ((kind, name), e) in &found {
                 let line = CatalogLine::Add {
                     kind: kind.dir_name().to_string(),
                     name: name.clone(),
                     size: e.size,
-                    blake3: hash.clone(),
+                    blake3: e.blake3.clone(),
                     parts: e.parts.clone(),
                 };
                 let mut s =
@@ -413,42 +498,25 @@ impl TapePool {
             f.sync_all().map_err(io_err(&tmp))?;
         }
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        let mut media = MediaState {
-            version: 1,
-            sets: Vec::new(),
-        };
-        for (id, mut cartridges) in sets {
-            cartridges.sort_by_key(|c| c.sequence);
-            media.sets.push(MediaSet {
-                id,
-                cartridges,
-                // Appending resumes on a new set.
-                incomplete: true,
-            });
-        }
-        save_media(&self.shared.dir, &media)?;
-        tape.media = media;
         let (catalog, objects) = load_catalog(&self.shared.dir)?;
         tape.catalog = catalog;
         tape.objects = objects;
-        // Local copies of what the engine reads from the local side.
-        for (kind, name, _, _) in &found {
-            if *kind == FileKind::Pack {
-                continue;
-            }
-            match self.shared.store.size(*kind, name) {
-                Ok(_) => continue,
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
-            let bytes = tape.read_object(*kind, name, 0, None, &self.shared.dir)?;
-            match self.shared.store.write(*kind, name, &bytes) {
-                Ok(()) | Err(Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(found.len())
+        tape.last_part = None;
+        report.objects = found.len();
+        drop(found);
+        Ok(report)
     }
+}
+
+/// What [`TapePool::rebuild_catalog`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TapeRebuild {
+    /// Objects in the new catalog.
+    pub objects: usize,
+    /// Cartridges not taken in, with why (another pool's, an unreadable
+    /// label).
+    pub skipped: Vec<(String, String)>,
 }
 
 /// A part found by a scan: its header, where it lies, and (last parts
@@ -466,6 +534,7 @@ fn load_media(dir: &Path) -> Result<MediaState> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(MediaState {
             version: 1,
+            pool: String::new(),
             sets: Vec::new(),
         }),
         Err(e) => Err(Error::io(path.display().to_string(), e)),
@@ -516,11 +585,18 @@ fn load_catalog(dir: &Path) -> Result<(File, Objects)> {
                 kind,
                 name,
                 size,
+                blake3,
                 parts,
-                ..
             } => {
                 if let Some(k) = kind_named(&kind) {
-                    objects.insert((k, name), Entry { size, parts });
+                    objects.insert(
+                        (k, name),
+                        Entry {
+                            size,
+                            blake3,
+                            parts,
+                        },
+                    );
                 }
             }
             CatalogLine::Delete { kind, name } => {
@@ -575,22 +651,19 @@ fn read_one(drive: &mut dyn TapeDrive, buf: &mut [u8]) -> Result<Option<usize>> 
 
 /// Positions `drive` at the start of tape file `file` (moving forward when
 /// it can).
-fn seek_file(drive: &mut dyn TapeDrive, file: u64) -> Result<()> {
-    let pos = drive.position().map_err(tape_err)?;
+fn seek_file(drive: &mut dyn TapeDrive, file: u64) -> TapeResult<()> {
+    let pos = drive.position()?;
     if pos.file == file && pos.block == 0 {
         return Ok(());
     }
     if pos.file < file {
-        return drive
-            .space_filemarks((file - pos.file) as i64)
-            .map_err(tape_err);
+        return drive.space_filemarks((file - pos.file) as i64);
     }
-    if pos.file == file {
-        return drive.space_filemarks(0).map_err(tape_err);
-    }
-    drive.rewind().map_err(tape_err)?;
+    // Backwards: rewind and space forward (a real drive's file numbers
+    // are only sure from the beginning of the medium).
+    drive.rewind()?;
     if file > 0 {
-        drive.space_filemarks(file as i64).map_err(tape_err)?;
+        drive.space_filemarks(file as i64)?;
     }
     Ok(())
 }
@@ -604,8 +677,11 @@ fn read_object_part(
     file: u64,
     mut out: Option<&mut Vec<u8>>,
 ) -> Result<Option<(Header, Part, Option<Trailer>)>> {
-    if seek_file(drive, file).is_err() {
-        return Ok(None);
+    match seek_file(drive, file) {
+        Ok(()) => {}
+        // Past the recorded data: there is no such file.
+        Err(TapeError::BlankCheck { .. }) => return Ok(None),
+        Err(e) => return Err(tape_err(e)),
     }
     let mut buf = vec![0u8; DATA_BLOCK + 1];
     let Some(n) = read_one(drive, &mut buf)? else {
@@ -718,17 +794,21 @@ impl Tape {
             ));
         }
         if known_only {
-            let member = self.media.sets.iter().any(|s| {
-                s.id == label.media_set
-                    && s.cartridges
-                        .iter()
-                        .any(|c| c.barcode == barcode && c.sequence == label.sequence)
-            });
+            let member = label.pool == self.media.pool
+                && self.media.sets.iter().any(|s| {
+                    s.id == label.media_set
+                        && s.cartridges
+                            .iter()
+                            .any(|c| c.barcode == barcode && c.sequence == label.sequence)
+                });
             if !member {
-                return Err(Error::InvalidArgument(format!(
-                    "tape cartridge {barcode} belongs to media set {} (sequence {}), not to this pool's",
-                    label.media_set, label.sequence
-                )));
+                return Err(Error::corrupt(
+                    format!("tape cartridge {barcode}"),
+                    cairn_engine::DecodeError::Invalid(format!(
+                        "it belongs to media set {} (sequence {}) of tape pool {}, not to this pool's",
+                        label.media_set, label.sequence, label.pool
+                    )),
+                ));
             }
         }
         self.checked = Some(barcode.to_string());
@@ -753,7 +833,7 @@ impl Tape {
                 name: name.to_string(),
             })?;
         let len = len.unwrap_or(entry.size.saturating_sub(offset));
-        if offset + len > entry.size {
+        if offset.checked_add(len).is_none_or(|end| end > entry.size) {
             return Err(Error::PoolIo {
                 op: "read",
                 kind,
@@ -857,7 +937,7 @@ impl Tape {
         {
             self.load(&barcode, dir, true)?;
         }
-        seek_file(&mut *self.drive, next)?;
+        seek_file(&mut *self.drive, next).map_err(tape_err)?;
         Ok((set, cart))
     }
 
@@ -876,17 +956,27 @@ impl Tape {
             .filter_map(|e| e.barcode)
             .filter(|b| !known.contains(b))
             .collect();
+        let mut passed = Vec::new();
         for barcode in candidates {
             // Only a blank cartridge is labelled; one with any label is
             // left alone (another pool's, or a set this pool forgot).
             match self.load(&barcode, dir, false) {
                 Ok(None) => {}
-                Ok(Some(_)) | Err(_) => continue,
+                Ok(Some(l)) => {
+                    passed.push(format!("{barcode}: labelled (media set {})", l.media_set));
+                    continue;
+                }
+                Err(e) if e.is_damage() => {
+                    passed.push(format!("{barcode}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
             let sequence = self.media.sets[set].cartridges.len() as u32 + 1;
             let label = Label {
                 format: "cairn-tape-label".into(),
                 version: 1,
+                pool: self.media.pool.clone(),
                 barcode: barcode.clone(),
                 media_set: self.media.sets[set].id.clone(),
                 sequence,
@@ -906,10 +996,18 @@ impl Tape {
             self.checked = Some(barcode);
             return Ok(self.media.sets[set].cartridges.len() - 1);
         }
-        Err(Error::PoolBusy(
-            "no blank cartridge left in the tape library: import one (or retire a media set)"
-                .into(),
-        ))
+        // A set that never got a cartridge is not kept.
+        if self.media.sets[set].cartridges.is_empty() {
+            self.media.sets.remove(set);
+        }
+        Err(Error::PoolBusy(format!(
+            "no blank cartridge left in the tape library: import one{}",
+            if passed.is_empty() {
+                String::new()
+            } else {
+                format!(" (not blank: {})", passed.join("; "))
+            }
+        )))
     }
 
     /// Streams a spooled object to tape, spanning cartridges at the early
@@ -947,6 +1045,7 @@ impl Tape {
         let mut parts = Vec::new();
         let mut offset = 0u64;
         let mut block = vec![DATA_TAG; DATA_BLOCK + 1];
+        let write = random_hex()?;
         loop {
             let (set, cart) = self.writable(dir)?;
             let (barcode, file, set_id) = {
@@ -961,6 +1060,7 @@ impl Tape {
                 kind: kind.dir_name().into(),
                 name: name.into(),
                 media_set: set_id,
+                write: write.clone(),
                 part: parts.len() as u32,
                 offset,
             };
@@ -1014,8 +1114,10 @@ impl Tape {
 }
 
 impl Shared {
+    /// Whether an object exists: the tape catalog decides for the kinds on
+    /// tape (their local copies are a cache), the local pool for the rest.
     fn exists(&self, kind: FileKind, name: &str) -> Result<bool> {
-        if kind == FileKind::Pack {
+        if on_tape(kind) {
             return Ok(self
                 .tape
                 .lock()
@@ -1034,13 +1136,11 @@ impl Shared {
             kind: w.kind,
             name: w.name.clone(),
         };
-        if self.exists(w.kind, &w.name)? {
-            return Err(exists());
-        }
         w.spool.flush().map_err(io_err(&w.path))?;
         let hash = w.hasher.finalize().to_hex().to_string();
         let mut tape = self.tape.lock();
-        if tape.objects.contains_key(&(w.kind, w.name.clone())) && w.kind == FileKind::Pack {
+        // Under the lock: of two writers of one name, one wins.
+        if tape.objects.contains_key(&(w.kind, w.name.clone())) {
             return Err(exists());
         }
         let file = w.spool.get_mut();
@@ -1050,22 +1150,69 @@ impl Shared {
                 kind: w.kind.dir_name().into(),
                 name: w.name.clone(),
                 size: w.len,
-                blake3: hash,
+                blake3: hash.clone(),
                 parts: parts.clone(),
             },
             &self.dir,
         )?;
-        tape.objects
-            .insert((w.kind, w.name.clone()), Entry { size: w.len, parts });
-        drop(tape);
+        tape.objects.insert(
+            (w.kind, w.name.clone()),
+            Entry {
+                size: w.len,
+                blake3: hash,
+                parts,
+            },
+        );
         if w.kind != FileKind::Pack {
-            // The copy the engine reads, visible once the tape has it.
+            // The local copy the engine reads (a cache: a read that misses
+            // it goes to tape). Written under the lock, so a delete cannot
+            // slip in between.
             file.seek(SeekFrom::Start(0)).map_err(io_err(&w.path))?;
             let mut bytes = Vec::with_capacity(w.len as usize);
             file.read_to_end(&mut bytes).map_err(io_err(&w.path))?;
-            self.store.write(w.kind, &w.name, &bytes)?;
+            match self.store.write(w.kind, &w.name, &bytes) {
+                Ok(()) | Err(Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    /// A whole object of a kind kept on tape: the local copy, else the
+    /// tape (checked against the catalog's hash, and copied locally).
+    fn read_whole(&self, kind: FileKind, name: &str) -> Result<Bytes> {
+        let mut tape = self.tape.lock();
+        let Some(entry) = tape.objects.get(&(kind, name.to_string())).cloned() else {
+            return Err(Error::NotFound {
+                kind,
+                name: name.to_string(),
+            });
+        };
+        if kind != FileKind::Pack {
+            match self.store.read(kind, name) {
+                Ok(b) => return Ok(b),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let bytes = tape.read_object(kind, name, 0, None, &self.dir)?;
+        let got = blake3::hash(&bytes).to_hex().to_string();
+        if got != entry.blake3 {
+            return Err(Error::corrupt(
+                format!("{kind} {name} on tape"),
+                cairn_engine::DecodeError::ChecksumMismatch {
+                    expected: entry.blake3,
+                    got,
+                },
+            ));
+        }
+        if kind != FileKind::Pack {
+            match self.store.write(kind, name, &bytes) {
+                Ok(()) | Err(Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Bytes::from(bytes))
     }
 }
 
@@ -1107,17 +1254,33 @@ impl Drop for TapeObjectWriter {
 
 impl PoolRead for TapePool {
     fn read(&self, kind: FileKind, name: &str) -> Result<Bytes> {
-        if kind != FileKind::Pack {
+        if !on_tape(kind) {
             return self.shared.store.read(kind, name);
         }
-        let mut tape = self.shared.tape.lock();
-        tape.read_object(kind, name, 0, None, &self.shared.dir)
-            .map(Bytes::from)
+        self.shared.read_whole(kind, name)
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Bytes> {
-        if kind != FileKind::Pack {
+        if !on_tape(kind) {
             return self.shared.store.read_range(kind, name, offset, len);
+        }
+        if kind != FileKind::Pack {
+            let whole = self.shared.read_whole(kind, name)?;
+            let end = offset
+                .checked_add(len as u64)
+                .filter(|e| *e <= whole.len() as u64);
+            return match end {
+                Some(end) => Ok(whole.slice(offset as usize..end as usize)),
+                None => Err(Error::PoolIo {
+                    op: "read",
+                    kind,
+                    name: name.to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{len} bytes at {offset} are past the end of the object"),
+                    ),
+                }),
+            };
         }
         let mut tape = self.shared.tape.lock();
         tape.read_object(kind, name, offset, Some(len as u64), &self.shared.dir)
@@ -1125,7 +1288,7 @@ impl PoolRead for TapePool {
     }
 
     fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
-        if kind != FileKind::Pack {
+        if !on_tape(kind) {
             return self.shared.store.size(kind, name);
         }
         self.shared
@@ -1207,7 +1370,7 @@ impl PoolWrite for TapePool {
 
 impl PoolList for TapePool {
     fn list(&self, kind: FileKind) -> Result<Vec<String>> {
-        if kind != FileKind::Pack {
+        if !on_tape(kind) {
             return self.shared.store.list(kind);
         }
         Ok(self
@@ -1222,7 +1385,7 @@ impl PoolList for TapePool {
     }
 
     fn list_sizes(&self, kind: FileKind) -> Result<Option<Vec<(String, u64)>>> {
-        if kind != FileKind::Pack {
+        if !on_tape(kind) {
             return self.shared.store.list_sizes(kind);
         }
         Ok(Some(
@@ -1245,24 +1408,26 @@ impl PoolDelete for TapePool {
         }
         let mut tape = self.shared.tape.lock();
         let key = (kind, name.to_string());
-        let on_tape_too = tape.objects.contains_key(&key);
-        if kind != FileKind::Pack {
-            self.shared.store.delete(kind, name)?;
-        } else if !on_tape_too {
+        if !tape.objects.contains_key(&key) {
             return Err(Error::NotFound {
                 kind,
                 name: name.to_string(),
             });
         }
-        if on_tape_too {
-            tape.append_catalog(
-                &CatalogLine::Delete {
-                    kind: kind.dir_name().into(),
-                    name: name.to_string(),
-                },
-                &self.shared.dir,
-            )?;
-            tape.objects.remove(&key);
+        tape.append_catalog(
+            &CatalogLine::Delete {
+                kind: kind.dir_name().into(),
+                name: name.to_string(),
+            },
+            &self.shared.dir,
+        )?;
+        tape.objects.remove(&key);
+        if kind != FileKind::Pack {
+            match self.shared.store.delete(kind, name) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

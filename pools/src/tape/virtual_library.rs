@@ -21,8 +21,11 @@
 //!                             filemark = 'F'
 //!                             end of data = end of file
 //! ```
-//! A record's framing counts against the capacity. `library.json` is
-//! replaced atomically (temporary file, fsync, rename) after every move.
+//! A record's framing counts against the capacity; a block cut short at the
+//! end of the file (a crash mid-write) ends the recorded data before it,
+//! as on a drive (the file is truncated when the cartridge is loaded).
+//! `library.json` is replaced atomically (temporary file, fsync, rename)
+//! after every move.
 //! Drive positions live in memory: a library opened again finds loaded
 //! cartridges rewound, as after a power cycle.
 
@@ -426,6 +429,7 @@ fn load(dir: &Path, barcode: &str) -> TapeResult<Loaded> {
     let mut records = Vec::new();
     let mut reader = std::io::BufReader::with_capacity(64 << 10, &mut file);
     let mut offset = 0u64;
+    let mut torn = false;
     while offset < len {
         let mut tag = [0u8; 1];
         reader.read_exact(&mut tag).map_err(io(device.clone()))?;
@@ -436,13 +440,23 @@ fn load(dir: &Path, barcode: &str) -> TapeResult<Loaded> {
             }),
             BLOCK_TAG => {
                 let mut l = [0u8; 4];
+                if offset + BLOCK_FRAMING > len {
+                    // A block cut short by a crash: as on a drive, the
+                    // recorded data ends before it.
+                    torn = true;
+                    break;
+                }
                 reader.read_exact(&mut l).map_err(io(device.clone()))?;
                 let l = u32::from_le_bytes(l);
-                if l == 0 || l as usize > MAX_BLOCK || offset + BLOCK_FRAMING + l as u64 > len {
+                if l == 0 || l as usize > MAX_BLOCK {
                     return Err(TapeError::Device {
                         device,
-                        reason: format!("a {l}-byte block at {offset} does not fit the cartridge"),
+                        reason: format!("a {l}-byte block at {offset} is not a valid block"),
                     });
+                }
+                if offset + BLOCK_FRAMING + l as u64 > len {
+                    torn = true;
+                    break;
                 }
                 reader.seek_relative(l as i64).map_err(io(device.clone()))?;
                 records.push(Record {
@@ -460,6 +474,9 @@ fn load(dir: &Path, barcode: &str) -> TapeResult<Loaded> {
         offset = records.last().map_or(offset, Record::end);
     }
     drop(reader);
+    if torn {
+        file.set_len(offset).map_err(io(device.clone()))?;
+    }
     file.seek(SeekFrom::Start(0)).map_err(io(device))?;
     Ok(Loaded {
         barcode: barcode.to_string(),
