@@ -23,6 +23,7 @@
 //! The engine knows nothing of tape: [`TapePool`] maps pool objects onto
 //! tape files and keeps a catalog of where each one lies.
 
+pub mod parse;
 mod pool;
 pub mod scsi;
 mod virtual_library;

@@ -340,63 +340,7 @@ impl TapeDrive for ScsiTapeDrive {
     }
 }
 
-/// What `mtx status` reported.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MtxStatus {
-    /// Drives (data transfer elements, numbered from 0): barcode if full.
-    pub drives: Vec<Option<String>>,
-    /// Storage elements, as `mtx` numbers them (from 1): (number, is an
-    /// import/export slot, barcode if full).
-    pub storage: Vec<(u32, bool, Option<String>)>,
-}
-
-fn volume_tag(rest: &str) -> Option<String> {
-    let tag = rest.split_once("VolumeTag")?.1;
-    let tag = tag.trim_start_matches([' ', '=']).trim();
-    (!tag.is_empty()).then(|| tag.to_string())
-}
-
-/// Parses the output of `mtx -f DEV status`.
-pub fn parse_mtx_status(text: &str) -> Result<MtxStatus, String> {
-    let mut st = MtxStatus::default();
-    for line in text.lines() {
-        let line = line.trim();
-        if let Some(rest) = line.strip_prefix("Data Transfer Element ") {
-            let (num, state) = rest
-                .split_once(':')
-                .ok_or_else(|| format!("bad drive line {line:?}"))?;
-            let n: usize = num
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad drive number in {line:?}"))?;
-            if n != st.drives.len() {
-                return Err(format!("drive {n} out of order in {line:?}"));
-            }
-            st.drives.push(if state.starts_with("Full") {
-                Some(volume_tag(state).unwrap_or_default())
-            } else {
-                None
-            });
-        } else if let Some(rest) = line.strip_prefix("Storage Element ") {
-            let (head, state) = rest
-                .split_once(':')
-                .ok_or_else(|| format!("bad slot line {line:?}"))?;
-            let mut words = head.split_whitespace();
-            let n: u32 = words
-                .next()
-                .and_then(|w| w.parse().ok())
-                .ok_or_else(|| format!("bad slot number in {line:?}"))?;
-            let ie = words.any(|w| w == "IMPORT/EXPORT");
-            let full = state.trim_start().starts_with("Full");
-            st.storage
-                .push((n, ie, full.then(|| volume_tag(state).unwrap_or_default())));
-        }
-    }
-    if st.drives.is_empty() && st.storage.is_empty() {
-        return Err("no drives or slots in the mtx status output".into());
-    }
-    Ok(st)
-}
+pub use super::parse::{parse_mtx_status, MtxStatus};
 
 /// The `mtx` arguments (after `-f DEV`) that move a cartridge from `from`
 /// to `to`, given the element numbers of the library's storage slots and

@@ -30,7 +30,7 @@
 //! cartridges rewound, as after a power cycle.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,9 +50,7 @@ pub const MAX_BLOCK: usize = 8 << 20;
 
 const STATE_FILE: &str = "library.json";
 const CARTRIDGES: &str = "cartridges";
-const BLOCK_TAG: u8 = b'B';
-const FILEMARK_TAG: u8 = b'F';
-const BLOCK_FRAMING: u64 = 5;
+use super::parse::{BLOCK_FRAMING, BLOCK_TAG, FILEMARK_TAG};
 
 /// How a new virtual library is laid out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -426,56 +424,19 @@ fn load(dir: &Path, barcode: &str) -> TapeResult<Loaded> {
         .open(&path)
         .map_err(io(device.clone()))?;
     let len = file.metadata().map_err(io(device.clone()))?.len();
-    let mut records = Vec::new();
-    let mut reader = std::io::BufReader::with_capacity(64 << 10, &mut file);
-    let mut offset = 0u64;
-    let mut torn = false;
-    while offset < len {
-        let mut tag = [0u8; 1];
-        reader.read_exact(&mut tag).map_err(io(device.clone()))?;
-        match tag[0] {
-            FILEMARK_TAG => records.push(Record {
-                offset,
-                block: None,
-            }),
-            BLOCK_TAG => {
-                let mut l = [0u8; 4];
-                if offset + BLOCK_FRAMING > len {
-                    // A block cut short by a crash: as on a drive, the
-                    // recorded data ends before it.
-                    torn = true;
-                    break;
-                }
-                reader.read_exact(&mut l).map_err(io(device.clone()))?;
-                let l = u32::from_le_bytes(l);
-                if l == 0 || l as usize > MAX_BLOCK {
-                    return Err(TapeError::Device {
-                        device,
-                        reason: format!("a {l}-byte block at {offset} is not a valid block"),
-                    });
-                }
-                if offset + BLOCK_FRAMING + l as u64 > len {
-                    torn = true;
-                    break;
-                }
-                reader.seek_relative(l as i64).map_err(io(device.clone()))?;
-                records.push(Record {
-                    offset,
-                    block: Some(l),
-                });
-            }
-            t => {
-                return Err(TapeError::Device {
-                    device,
-                    reason: format!("unknown record tag {t:#04x} at {offset}"),
-                })
-            }
+    let scan = super::parse::scan_cartridge(&mut file, len, MAX_BLOCK).map_err(|reason| {
+        TapeError::Device {
+            device: device.clone(),
+            reason,
         }
-        offset = records.last().map_or(offset, Record::end);
-    }
-    drop(reader);
-    if torn {
-        file.set_len(offset).map_err(io(device.clone()))?;
+    })?;
+    let records = scan
+        .records
+        .into_iter()
+        .map(|(offset, block)| Record { offset, block })
+        .collect();
+    if let Some(at) = scan.torn_at {
+        file.set_len(at).map_err(io(device.clone()))?;
     }
     file.seek(SeekFrom::Start(0)).map_err(io(device))?;
     Ok(Loaded {
