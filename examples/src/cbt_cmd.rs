@@ -14,7 +14,7 @@ use cairn_engine::{
     NbdAddress, NbdSource, Repository, RestoreOptions, RestoreStats, SnapshotId,
 };
 
-use crate::{open_repo, output, Bar, Failure};
+use crate::{output, Bar, Failure};
 
 /// Spec B8: at most 5 connections per disk.
 const MAX_CONNECTIONS: usize = 5;
@@ -98,7 +98,7 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
             run.disk_names.len()
         )));
     }
-    let repo = open_repo(&run.pool)?;
+    let repo = crate::open_repo_for_backup(&run.pool, &opts.vm)?;
     let vm = opts.vm.clone();
     let ran = if !run.nbd.is_empty() {
         backup_nbd(&repo, &run, &opts, bar)

@@ -72,6 +72,10 @@ enum Command {
         /// LTO-9's 18 TB; files are sparse).
         #[arg(long, value_name = "SIZE")]
         cartridge_size: Option<String>,
+        /// standard:DIR: incrementals per backup set before the next
+        /// backup starts a new set with a full (0–365, default 7).
+        #[arg(long, value_name = "N")]
+        set_length: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -127,6 +131,12 @@ enum Command {
         /// How often the copy renews its writer lease in the target.
         #[arg(long, value_name = "DURATION", default_value = "30s")]
         lease_renewal: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the backup sets of a standard pool (standard:DIR).
+    Sets {
+        pool: String,
         #[arg(long)]
         json: bool,
     },
@@ -461,6 +471,54 @@ impl Opened {
     }
 }
 
+/// The directory of a `standard:DIR` address.
+pub fn standard_dir(spec: &str) -> Option<PathBuf> {
+    match cairn_pools::PoolAddress::parse(spec) {
+        Ok(cairn_pools::PoolAddress::Standard(dir)) => Some(dir),
+        _ => None,
+    }
+}
+
+/// The repository a backup of `vm` writes to: the pool, or — for a
+/// standard pool — the VM's current backup set (a new one when the last is
+/// full, so the backup reads everything).
+pub fn open_repo_for_backup(spec: &str, vm: &str) -> Result<Opened, Failure> {
+    let opened = open_repo(spec)?;
+    let Some(dir) = standard_dir(spec) else {
+        return Ok(opened);
+    };
+    let set = cairn_pools::StandardPool::open(&dir)
+        .map_err(|e| Failure::new(e.to_string()))?
+        .backup_set(vm)?;
+    let repo = Repository::open(Arc::new(set))?;
+    Ok(Opened {
+        repo,
+        pool: opened.pool,
+    })
+}
+
+fn cmd_sets(pool: &str, json: bool) -> Result<u8, Failure> {
+    let Some(dir) = standard_dir(pool) else {
+        return Err(Failure::usage(format!("{pool} is not a standard:DIR pool")));
+    };
+    let sets = cairn_pools::StandardPool::open(&dir)
+        .map_err(|e| Failure::new(e.to_string()))?
+        .sets()?;
+    if json {
+        output::print_json(&serde_json::Value::Array(
+            sets.iter()
+                .map(|s| serde_json::json!({"set": s.name, "vm": s.vm, "snapshots": s.snapshots}))
+                .collect(),
+        ));
+    } else {
+        println!("{:<40} {:<24} {:>9}", "set", "vm", "snapshots");
+        for s in &sets {
+            println!("{:<40} {:<24} {:>9}", s.name, s.vm, s.snapshots);
+        }
+    }
+    Ok(0)
+}
+
 pub fn open_repo(spec: &str) -> Result<Opened, Failure> {
     open_repo_with(spec, false)
 }
@@ -557,8 +615,15 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             pool,
             cartridges,
             cartridge_size,
+            set_length,
             json,
-        } => cmd_init(&pool, (cartridges, cartridge_size.as_deref()), json),
+        } => cmd_init(
+            &pool,
+            (cartridges, cartridge_size.as_deref()),
+            set_length,
+            json,
+        ),
+        Command::Sets { pool, json } => cmd_sets(&pool, json),
         Command::Backup(args) => cmd_backup(args),
         Command::Snapshots { pool, vm, json } => cmd_snapshots(&pool, vm.as_deref(), json),
         Command::Restore {
@@ -690,8 +755,26 @@ fn cmd_pool_info(pool: &str, json: bool) -> Result<u8, Failure> {
 fn cmd_init(
     pool: &str,
     (cartridges, cartridge_size): (Option<usize>, Option<&str>),
+    set_length: Option<u32>,
     json: bool,
 ) -> Result<u8, Failure> {
+    if let Some(n) = set_length {
+        if standard_dir(pool).is_none() {
+            return Err(Failure::usage("--set-length is for standard:DIR pools"));
+        }
+        if n > 365 {
+            return Err(Failure::usage(format!(
+                "--set-length {n} is out of range (0–365)"
+            )));
+        }
+        let mut options = cairn_pools::OpenOptions::default();
+        options.create = true;
+        options.standard_set_length = Some(n);
+        let p = cairn_pools::open_with(pool, &options)
+            .map_err(|e| Failure::new(e.to_string()))?
+            .pool;
+        return init_pool(pool, p, json);
+    }
     let tape = matches!(
         cairn_pools::PoolAddress::parse(pool),
         Ok(cairn_pools::PoolAddress::Tape(_))
@@ -731,6 +814,10 @@ fn cmd_init(
     } else {
         open_pool(pool, true)?.pool
     };
+    init_pool(pool, p, json)
+}
+
+fn init_pool(pool: &str, p: cairn_engine::DynPool, json: bool) -> Result<u8, Failure> {
     let config = Repository::init(p).map_err(|e| match e {
         Error::AlreadyExists { .. } => {
             Failure::new(format!("{pool} is already an initialised Cairn pool"))
@@ -813,7 +900,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
             "give at least one DISK, --stdin NAME, --nbd URI or --qcow2 FILE",
         ));
     }
-    let repo = open_repo(&pool)?;
+    let repo = open_repo_for_backup(&pool, &vm)?;
     let mut inputs = Vec::new();
     let names = disk_names(&disks, &names)?;
     for (path, name) in disks.iter().zip(names) {
@@ -1004,7 +1091,10 @@ fn cmd_copy(
         .with_threads(self::threads(threads))
         .with_progress(bar.clone())
         .with_cancel(signals::token());
-    let stats = source.copy_to(&target, &opts);
+    let stats = match standard_dir(to) {
+        None => source.copy_to(&target, &opts),
+        Some(dir) => copy_into_standard(&source, &target, &dir, &opts),
+    };
     bar.finish();
     let stats = stats?;
     if json {
@@ -1049,6 +1139,68 @@ fn cmd_copy(
     }
     // Like verify: 3 when damage kept something from being done.
     Ok(if stats.failed.is_empty() { 0 } else { 3 })
+}
+
+/// A copy into a standard pool goes snapshot by snapshot, oldest first,
+/// each into its VM's current backup set (a new set when that one is
+/// full), as a backup would.
+fn copy_into_standard(
+    source: &Repository,
+    whole: &Repository,
+    dir: &Path,
+    opts: &CopyOptions,
+) -> cairn_engine::Result<cairn_engine::CopyStats> {
+    let list = source.snapshots()?;
+    for id in &opts.snapshots {
+        let known =
+            list.snapshots.iter().any(|s| s.id == *id) || list.damaged.iter().any(|(d, _)| d == id);
+        if !known {
+            return Err(Error::SnapshotNotFound(format!(
+                "{id} in {}",
+                source.pool().location()
+            )));
+        }
+    }
+    let pool = cairn_pools::StandardPool::open(dir).map_err(Error::from)?;
+    let mut total = cairn_engine::CopyStats::default();
+    for (id, e) in &list.damaged {
+        if opts.snapshots.is_empty() || opts.snapshots.contains(id) {
+            total
+                .failed
+                .push((*id, format!("snapshot {id} cannot be read: {e}")));
+        }
+    }
+    let started = std::time::Instant::now();
+    for s in list.snapshots.iter().filter(|s| {
+        (opts.snapshots.is_empty() || opts.snapshots.contains(&s.id))
+            && opts.vm.as_deref().is_none_or(|vm| s.vm == vm)
+    }) {
+        match whole
+            .pool()
+            .size(cairn_engine::FileKind::Snapshot, &s.id.to_hex())
+        {
+            Ok(_) => {
+                total.present.push(s.id);
+                continue;
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        let set = Repository::open(Arc::new(pool.backup_set(&s.vm)?))?;
+        let one = opts.clone().with_snapshots(vec![s.id]).with_vm(None);
+        let st = source.copy_to(&set, &one)?;
+        total.copied.extend(st.copied);
+        total.present.extend(st.present);
+        total.failed.extend(st.failed);
+        total.chunks_referenced += st.chunks_referenced;
+        total.chunks_copied += st.chunks_copied;
+        total.bytes_copied += st.bytes_copied;
+        total.bytes_copied_raw += st.bytes_copied_raw;
+        total.bytes_written += st.bytes_written;
+        total.packs_written += st.packs_written;
+    }
+    total.seconds = started.elapsed().as_secs_f64();
+    Ok(total)
 }
 
 fn cmd_verify(

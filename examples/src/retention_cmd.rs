@@ -273,6 +273,9 @@ pub fn gc(args: &GcArgs) -> Result<u8, Failure> {
     if let Some(w) = &args.max_wait {
         opts = opts.with_max_wait(Some(duration_arg("--max-wait", w)?));
     }
+    if let Some(dir) = crate::standard_dir(&args.pool) {
+        return gc_standard(&dir, &args.pool, &opts, args.json);
+    }
     // GC reads and deletes in the pool itself, never through a cache.
     let repo = crate::open_repo_with(&args.pool, true)?;
     let report = repo.gc(&opts)?;
@@ -280,6 +283,70 @@ pub fn gc(args: &GcArgs) -> Result<u8, Failure> {
         output::print_json(&serde_json::to_value(&report).unwrap_or_default());
     } else {
         println!("{report}");
+    }
+    Ok(0)
+}
+
+/// A standard pool is collected set by set (a set's chunks are its own);
+/// then the sets left without snapshots are removed whole — except each
+/// VM's newest set, where its next backup may be starting.
+fn gc_standard(
+    dir: &std::path::Path,
+    address: &str,
+    opts: &cairn_engine::GcOptions,
+    json: bool,
+) -> Result<u8, Failure> {
+    // The pool must be initialised (its configuration is shared).
+    crate::open_repo_with(address, true)?;
+    let pool = cairn_pools::StandardPool::open(dir).map_err(|e| Failure::new(e.to_string()))?;
+    let sets = pool.sets()?;
+    let mut reports = Vec::new();
+    for s in &sets {
+        let face = pool.set(&s.name)?;
+        let repo = cairn_engine::Repository::open(std::sync::Arc::new(face))?;
+        let report = repo.gc(opts)?;
+        if !json {
+            println!("set {}: {report}", s.name);
+        }
+        reports.push(serde_json::json!({
+            "set": s.name,
+            "vm": s.vm,
+            "report": serde_json::to_value(&report).unwrap_or_default(),
+        }));
+    }
+    let mut removed = Vec::new();
+    for s in &sets {
+        let newest = sets.iter().rev().find(|o| o.vm == s.vm).map(|o| &o.name);
+        if newest == Some(&s.name) {
+            continue;
+        }
+        if cairn_engine::PoolList::list(&pool.set(&s.name)?, cairn_engine::FileKind::Snapshot)?
+            .is_empty()
+        {
+            if opts.dry_run {
+                removed.push(s.name.clone());
+                continue;
+            }
+            match pool.remove_set(&s.name) {
+                Ok(()) => removed.push(s.name.clone()),
+                Err(cairn_engine::Error::PoolBusy(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if json {
+        output::print_json(&serde_json::json!({"sets": reports, "sets_removed": removed}));
+    } else {
+        for name in &removed {
+            println!(
+                "backup set {name} {}",
+                if opts.dry_run {
+                    "would be removed (no snapshots left)"
+                } else {
+                    "removed (no snapshots left)"
+                }
+            );
+        }
     }
     Ok(0)
 }

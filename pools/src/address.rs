@@ -20,7 +20,7 @@ use crate::object::{ObjectPool, RequestStats, PACK_SIZE, PART_SIZE};
 use crate::{LocalPool, PoolOpenError};
 
 /// What a pool address may look like, for usage errors.
-pub const ACCEPTED_FORMS: &str = "DIR, dedup:DIR, tape:DIR (a virtual tape library), \
+pub const ACCEPTED_FORMS: &str = "DIR, dedup:DIR, standard:DIR, tape:DIR (a virtual tape library), \
 tape:/dev/nstN?changer=/dev/sgM&dir=DIR (untested on hardware), or \
 s3://BUCKET[/PREFIX][?endpoint=URL&region=R&timeout=30s&retry_timeout=2m&part_size=40M&pack_size=480M]";
 
@@ -39,6 +39,8 @@ pub enum PoolAddress {
     S3(S3Address),
     /// A tape pool on the virtual tape library in `DIR/library`.
     Tape(PathBuf),
+    /// A standard pool: one folder per backup set.
+    Standard(PathBuf),
     /// A tape pool on a real drive and changer (Linux `st` and `mtx`;
     /// untested on hardware), its local side in `dir`.
     TapeDevice {
@@ -97,6 +99,7 @@ impl fmt::Display for PoolAddress {
             PoolAddress::Local(p) => write!(f, "{}", p.display()),
             PoolAddress::S3(s) => write!(f, "{s}"),
             PoolAddress::Tape(p) => write!(f, "tape:{}", p.display()),
+            PoolAddress::Standard(p) => write!(f, "standard:{}", p.display()),
             PoolAddress::TapeDevice {
                 drive,
                 changer,
@@ -146,8 +149,11 @@ impl PoolAddress {
             }
             return Ok(PoolAddress::Tape(PathBuf::from(dir)));
         }
-        if address.starts_with("standard:") {
-            return Err(bad("standard pools are not supported by this version"));
+        if let Some(dir) = address.strip_prefix("standard:") {
+            if dir.is_empty() {
+                return Err(bad("standard: needs a directory"));
+            }
+            return Ok(PoolAddress::Standard(PathBuf::from(dir)));
         }
         if let Some((scheme, _)) = address.split_once("://") {
             return Err(bad(&format!("unknown pool kind {scheme:?}")));
@@ -161,6 +167,7 @@ impl PoolAddress {
             PoolAddress::Local(_) => "local",
             PoolAddress::S3(_) => "s3",
             PoolAddress::Tape(_) | PoolAddress::TapeDevice { .. } => "tape",
+            PoolAddress::Standard(_) => "standard",
         }
     }
 }
@@ -373,6 +380,9 @@ pub struct OpenOptions {
     /// The virtual tape library a `tape:DIR` pool gets when `create` finds
     /// none (default: 8 cartridges of LTO-9's 18 TB, sparse files).
     pub virtual_tape: Option<crate::tape::VirtualTapeOptions>,
+    /// Incrementals per backup set of a new `standard:DIR` pool (default
+    /// [`DEFAULT_SET_LENGTH`](crate::DEFAULT_SET_LENGTH)).
+    pub standard_set_length: Option<u32>,
 }
 
 /// Opens the pool at `address` (which must exist), with the default cache.
@@ -450,6 +460,24 @@ fn open_parsed(address: PoolAddress, options: &OpenOptions) -> Result<OpenedPool
                 address,
                 requests: None,
                 tape: Some(pool),
+            })
+        }
+        PoolAddress::Standard(dir) => {
+            let pool = if create {
+                crate::StandardPool::create(
+                    dir,
+                    options
+                        .standard_set_length
+                        .unwrap_or(crate::DEFAULT_SET_LENGTH),
+                )?
+            } else {
+                crate::StandardPool::open(dir)?
+            };
+            Ok(OpenedPool {
+                pool: Arc::new(pool),
+                address,
+                requests: None,
+                tape: None,
             })
         }
         PoolAddress::TapeDevice {

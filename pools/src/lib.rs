@@ -20,6 +20,7 @@ mod cache;
 mod local;
 mod memory;
 mod object;
+mod standard;
 pub mod tape;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -32,6 +33,7 @@ pub use cache::{default_cache_dir, CachedPool};
 pub use local::LocalPool;
 pub use memory::MemoryPool;
 pub use object::{ObjectPool, RequestStats, S3Settings, PACK_SIZE, PARTS_IN_FLIGHT, PART_SIZE};
+pub use standard::{BackupSet, StandardPool, DEFAULT_SET_LENGTH};
 
 /// Errors raised while opening or creating a pool (operations on an open pool
 /// use `cairn_engine::Error`).

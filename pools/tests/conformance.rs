@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cairn_engine::DynPool;
 use cairn_pools::testing::{conformance, S3Server};
-use cairn_pools::{LocalPool, MemoryPool, ObjectPool, PoolAddress};
+use cairn_pools::{LocalPool, MemoryPool, ObjectPool, PoolAddress, StandardPool};
 
 #[test]
 fn memory_pool_conforms() {
@@ -23,6 +23,21 @@ fn local_pool_conforms() {
             .path()
             .join(n.fetch_add(1, Ordering::SeqCst).to_string());
         Arc::new(LocalPool::create(p).unwrap()) as DynPool
+    });
+}
+
+#[test]
+fn standard_pool_conforms_whole_and_per_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicU32::new(0);
+    let next = || {
+        dir.path()
+            .join(n.fetch_add(1, Ordering::SeqCst).to_string())
+    };
+    conformance(&|| Arc::new(StandardPool::create(next(), 7).unwrap()) as DynPool);
+    conformance(&|| {
+        let pool = StandardPool::create(next(), 7).unwrap();
+        Arc::new(pool.backup_set("web").unwrap()) as DynPool
     });
 }
 
