@@ -4,14 +4,17 @@
 //! bytes under the names the engine gives; it defines no format of its own.
 //!
 //! - [`LocalPool`]: a directory (the embedded default, a dedup pool).
+//! - [`StandardPool`]: a directory with one folder per backup set
+//!   (`standard:DIR`).
+//! - [`tape::TapePool`]: tape cartridges in a library (`tape:DIR` on the
+//!   virtual tape library; real drives through [`tape::scsi`]).
 //! - [`ObjectPool`]: an S3-compatible bucket (`s3://BUCKET/PREFIX`).
 //! - [`MemoryPool`]: in memory, for tests and embedding experiments.
 //!
 //! [`open`] and [`create`] take a pool address (see [`PoolAddress`]) and
 //! return the engine's pool handle; the CLI and embedders parse addresses
-//! only through them. Later: the standard pool (one directory per backup
-//! set) and the tape pool plug in here behind the same traits; [`tape`]
-//! holds the tape drive and library traits and a virtual tape library.
+//! only through them. [`tape`] also holds the tape drive and library traits
+//! and a virtual tape library.
 
 #![warn(missing_docs)]
 
