@@ -332,6 +332,45 @@ mod tests {
     }
 
     #[test]
+    fn compressions_print_and_parse_by_name() {
+        for (text, c, shown) in [
+            ("none", Compression::None, "none"),
+            ("fast", Compression::Zstd { level: 1 }, "zstd:1"),
+            ("zstd", Compression::Zstd { level: 3 }, "zstd:3"),
+            ("zstd:19", Compression::Zstd { level: 19 }, "zstd:19"),
+        ] {
+            assert_eq!(text.parse::<Compression>(), Ok(c), "{text}");
+            assert_eq!(c.to_string(), shown);
+            assert_eq!(shown.parse::<Compression>(), Ok(c), "{shown}");
+        }
+        assert!("zstd:x".parse::<Compression>().is_err());
+        assert!("lz4".parse::<Compression>().is_err());
+        let codec = BlobCodec::new(Compression::Zstd { level: 7 });
+        assert!(format!("{codec:?}").contains("level: 7"), "{codec:?}");
+    }
+
+    #[test]
+    fn headers_with_an_empty_or_oversized_plaintext_are_rejected() {
+        for raw_len in [0u32, MAX_CHUNK_SIZE as u32 + 1, u32::MAX] {
+            let h = BlobHeader {
+                compression: COMPRESSION_NONE,
+                raw_len,
+                body_len: raw_len,
+            };
+            assert!(BlobHeader::decode(&h.encode()).is_err(), "{raw_len}");
+        }
+        // The largest chunk is fine.
+        let h = BlobHeader {
+            compression: COMPRESSION_NONE,
+            raw_len: MAX_CHUNK_SIZE as u32,
+            body_len: MAX_CHUNK_SIZE as u32,
+        };
+        let mut blob = h.encode().to_vec();
+        blob.resize(BLOB_HEADER_LEN + MAX_CHUNK_SIZE, 0);
+        assert!(BlobHeader::decode(&blob).is_ok());
+    }
+
+    #[test]
     fn golden_raw_blob() {
         // Incompressible 4-byte chunk under zstd is stored raw.
         let blob = encode(Compression::default(), b"abcd");
