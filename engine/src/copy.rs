@@ -43,7 +43,7 @@ use crate::kind::FileKind;
 use crate::lease::{condemned_packs, delete_retrying, WriterLease};
 use crate::pipeline::backup::{DEFAULT_PACK_TARGET, SEGMENT_FLUSH_ENTRIES};
 use crate::pipeline::failure::Failure;
-use crate::pipeline::worker_threads;
+use crate::pipeline::{read_pack_range, worker_threads};
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::repo::Repository;
 use crate::store::blob::{BlobCodec, Compression};
@@ -617,30 +617,13 @@ fn send_runs(
 
 /// Reads a run's bytes from its pack.
 fn read_run(pool: &dyn Pool, snapshot: &SnapshotId, run: &Run) -> Result<Bytes> {
-    let first = run.blobs.first().map_or(ChunkId([0; 32]), |b| b.0);
-    pool.read_range(
-        FileKind::Pack,
-        &run.pack.to_hex(),
-        run.offset,
-        run.length as usize,
+    read_pack_range(
+        pool,
+        run.pack,
+        (run.offset, run.length),
+        run.blobs.first().map(|b| b.0),
+        || format!("snapshot {snapshot}"),
     )
-    .map_err(|e| match e {
-        Error::NotFound { .. } => Error::PackMissing {
-            pack: run.pack,
-            chunk: first,
-            needed_by: format!("snapshot {snapshot}"),
-        },
-        Error::PoolIo { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Error::corrupt(
-                format!("pack {}", run.pack),
-                DecodeError::Invalid(format!(
-                    "{} bytes at offset {} cannot be read: {source}",
-                    run.length, run.offset
-                )),
-            )
-        }
-        e => e,
-    })
 }
 
 /// Reads one run (unless read already) and checks that every blob decodes

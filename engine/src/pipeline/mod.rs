@@ -45,3 +45,39 @@ pub(crate) fn worker_threads(threads: Option<NonZeroUsize>) -> usize {
         .or_else(|| std::thread::available_parallelism().ok())
         .map_or(2, NonZeroUsize::get)
 }
+
+/// Reads `len` bytes at `offset` of pack `pack` for a job that needs chunk
+/// `chunk` there (`needed_by` says who: snapshot, disk, offset). A pack
+/// the pool no longer has is [`Error::PackMissing`]; one shorter than its
+/// table says is damage ([`Error::Corrupt`]); other errors pass unchanged.
+pub(crate) fn read_pack_range(
+    pool: &dyn crate::store::pool::Pool,
+    pack: crate::id::PackId,
+    (offset, len): (u64, u64),
+    chunk: Option<crate::id::ChunkId>,
+    needed_by: impl FnOnce() -> String,
+) -> crate::error::Result<bytes::Bytes> {
+    use crate::error::Error;
+    pool.read_range(
+        crate::kind::FileKind::Pack,
+        &pack.to_hex(),
+        offset,
+        len as usize,
+    )
+    .map_err(|e| match e {
+        Error::NotFound { .. } => Error::PackMissing {
+            pack,
+            chunk: chunk.unwrap_or(crate::id::ChunkId([0; 32])),
+            needed_by: needed_by(),
+        },
+        Error::PoolIo { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::corrupt(
+                format!("pack {pack}"),
+                crate::store::wire::DecodeError::Invalid(format!(
+                    "{len} bytes at offset {offset} cannot be read: {source}"
+                )),
+            )
+        }
+        e => e,
+    })
+}

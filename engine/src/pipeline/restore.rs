@@ -23,7 +23,7 @@ use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::failure::Failure;
 use crate::pipeline::input::validate_disk_name;
-use crate::pipeline::worker_threads;
+use crate::pipeline::{read_pack_range, worker_threads};
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::source::{DiskTarget, SparseFileTarget};
 use crate::store::blob::{BlobCodec, Compression};
@@ -294,35 +294,18 @@ fn read_run(
     run: &Run,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let blobs = store
-        .pool
-        .read_range(
-            FileKind::Pack,
-            &run.pack.to_hex(),
-            run.pack_offset,
-            run.pack_len as usize,
-        )
-        .map_err(|e| match e {
-            // Shorter than its table says: the pack is damaged.
-            Error::PoolIo { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Error::corrupt(
-                    format!("pack {}", run.pack),
-                    DecodeError::Invalid(format!(
-                        "{} bytes at offset {} cannot be read: {source}",
-                        run.pack_len, run.pack_offset
-                    )),
-                )
-            }
-            Error::NotFound { .. } => Error::PackMissing {
-                pack: run.pack,
-                chunk: run.chunks.first().map_or(ChunkId([0; 32]), |c| c.0),
-                needed_by: format!(
-                    "snapshot {snapshot}, disk {:?} at offset {}",
-                    disk.name, run.disk_offset
-                ),
-            },
-            e => e,
-        })?;
+    let blobs = read_pack_range(
+        store.pool,
+        run.pack,
+        (run.pack_offset, run.pack_len),
+        run.chunks.first().map(|c| c.0),
+        || {
+            format!(
+                "snapshot {snapshot}, disk {:?} at offset {}",
+                disk.name, run.disk_offset
+            )
+        },
+    )?;
     out.clear();
     let mut at = 0usize;
     let mut disk_at = run.disk_offset;
@@ -655,34 +638,13 @@ fn read_placed_runs(
     cancel: &CancelToken,
 ) -> Result<()> {
     let read = |run: PlacedRun| -> Result<bool> {
-        let bytes = store
-            .pool
-            .read_range(
-                FileKind::Pack,
-                &run.pack.to_hex(),
-                run.offset,
-                run.len as usize,
-            )
-            .map_err(|e| match e {
-                Error::NotFound { .. } => Error::PackMissing {
-                    pack: run.pack,
-                    chunk: run.blobs.first().map_or(ChunkId([0; 32]), |b| b.0),
-                    needed_by: format!("snapshot {snapshot}"),
-                },
-                // Shorter than its table says: the pack is damaged.
-                Error::PoolIo { source, .. }
-                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
-                    Error::corrupt(
-                        format!("pack {}", run.pack),
-                        DecodeError::Invalid(format!(
-                            "{} bytes at offset {} cannot be read: {source}",
-                            run.len, run.offset
-                        )),
-                    )
-                }
-                e => e,
-            })?;
+        let bytes = read_pack_range(
+            store.pool,
+            run.pack,
+            (run.offset, run.len),
+            run.blobs.first().map(|b| b.0),
+            || format!("snapshot {snapshot}"),
+        )?;
         Ok(run_tx.send((run, bytes)).is_ok())
     };
     let mut current: Option<PlacedRun> = None;
