@@ -1231,6 +1231,31 @@ fn cmd_verify(
         .with_threads(self::threads(threads))
         .with_progress(bar.clone())
         .with_cancel(signals::token());
+    if standard_dir(pool).is_some() {
+        // Set by set: each must hold everything its snapshots need (the
+        // whole pool would find a chunk lost in one set in another).
+        let mut sets_json = Vec::new();
+        let mut code = 0;
+        for (name, set) in standard_sets(pool)? {
+            let report = set.verify(&opts)?;
+            if !report.is_ok() {
+                code = 3;
+            }
+            if json {
+                sets_json.push(serde_json::json!({
+                    "set": name, "report": output::verify_json(&report, read_data),
+                }));
+            } else {
+                println!("backup set {name}:");
+                output::print_verify(&report, read_data);
+            }
+        }
+        bar.finish();
+        if json {
+            output::print_json(&serde_json::json!({ "sets": sets_json }));
+        }
+        return Ok(code);
+    }
     let report = repo.verify(&opts);
     bar.finish();
     let report = report?;
@@ -1272,7 +1297,37 @@ fn cmd_repair_tape_catalog(pool: &str, json: bool) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// Each backup set of a standard pool with its repository.
+fn standard_sets(pool: &str) -> Result<Vec<(String, Repository)>, Failure> {
+    let Some(dir) = standard_dir(pool) else {
+        return Ok(Vec::new());
+    };
+    let whole = cairn_pools::StandardPool::open(&dir).map_err(|e| Failure::new(e.to_string()))?;
+    let mut out = Vec::new();
+    for s in whole.sets()? {
+        let face = whole.set(&s.name)?;
+        out.push((s.name, Repository::open(Arc::new(face))?));
+    }
+    Ok(out)
+}
+
 fn cmd_repair(pool: &str, json: bool) -> Result<u8, Failure> {
+    if standard_dir(pool).is_some() {
+        let mut code = 0;
+        for (name, set) in standard_sets(pool)? {
+            let report = set.repair_index()?;
+            if !json {
+                println!(
+                    "backup set {name}: index rebuilt from {} packs: {} chunks",
+                    report.packs, report.entries
+                );
+            }
+            if !report.damaged_packs.is_empty() {
+                code = 3;
+            }
+        }
+        return Ok(code);
+    }
     // Opening reads the config only: the index is what we rebuild.
     let report = open_repo_with(pool, true)?.repair_index()?;
     if json {
@@ -1301,6 +1356,22 @@ fn cmd_repair(pool: &str, json: bool) -> Result<u8, Failure> {
 }
 
 fn cmd_repair_packs(pool: &str, dry_run: bool, json: bool) -> Result<u8, Failure> {
+    if standard_dir(pool).is_some() {
+        let mut code = 0;
+        for (name, set) in standard_sets(pool)? {
+            let report = set.repair_packs(dry_run)?;
+            if !json {
+                println!(
+                    "backup set {name}: {} damaged packs",
+                    report.damaged_packs.len()
+                );
+            }
+            if !report.damaged_packs.is_empty() {
+                code = 3;
+            }
+        }
+        return Ok(code);
+    }
     let report = open_repo_with(pool, true)?.repair_packs(dry_run)?;
     if json {
         output::print_json(&serde_json::to_value(&report).unwrap_or_default());

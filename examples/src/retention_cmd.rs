@@ -301,10 +301,19 @@ fn gc_standard(
     let pool = cairn_pools::StandardPool::open(dir).map_err(|e| Failure::new(e.to_string()))?;
     let sets = pool.sets()?;
     let mut reports = Vec::new();
+    let mut failed = None;
     for s in &sets {
         let face = pool.set(&s.name)?;
         let repo = cairn_engine::Repository::open(std::sync::Arc::new(face))?;
-        let report = repo.gc(opts)?;
+        // One set's failure (a writer to wait for) does not stop the others.
+        let report = match repo.gc(opts) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("cairn: backup set {}: {e}", s.name);
+                failed = Some(e);
+                continue;
+            }
+        };
         if !json {
             println!("set {}: {report}", s.name);
         }
@@ -329,10 +338,15 @@ fn gc_standard(
             }
             match pool.remove_set(&s.name) {
                 Ok(()) => removed.push(s.name.clone()),
-                Err(cairn_engine::Error::PoolBusy(_)) => {}
+                Err(cairn_engine::Error::PoolBusy(why)) => {
+                    eprintln!("cairn: backup set {} kept: {why}", s.name)
+                }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+    if let Some(e) = failed {
+        return Err(e.into());
     }
     if json {
         output::print_json(&serde_json::json!({"sets": reports, "sets_removed": removed}));

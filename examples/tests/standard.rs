@@ -112,6 +112,30 @@ fn a_set_is_a_full_and_its_incrementals_and_goes_away_whole() {
     );
 }
 
+/// A set's length counts the backups that went into it, not the snapshots
+/// left: pruning a set does not keep it open for ever.
+#[test]
+fn pruning_does_not_keep_a_set_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = format!("standard:{}", dir.path().join("std").display());
+    ok(&["init", &pool, "--set-length", "1"]);
+    let img = dir.path().join("vda.img");
+    let mut data = random_file(&img, 1 << 20, 5);
+    let mut backup = |round: usize| {
+        data[round * 65536] ^= 1;
+        std::fs::write(&img, &data).unwrap();
+        json(&["backup", &pool, "--vm", "web", &p(&img), "--json"])
+    };
+    backup(0);
+    backup(1);
+    ok(&["prune", &pool, "--keep-last", "1"]);
+    // One snapshot left in the first set, but two backups went into it.
+    let v = backup(2);
+    assert_eq!(v["chunks_new"], 16, "a new set stores everything: {v}");
+    let sets = json(&["sets", &pool, "--json"]);
+    assert_eq!(sets.as_array().unwrap().len(), 2, "{sets}");
+}
+
 #[test]
 fn copies_into_and_out_of_a_standard_pool_keep_ids_per_set() {
     let dir = tempfile::tempdir().unwrap();

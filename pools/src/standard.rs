@@ -40,6 +40,14 @@ pub const DEFAULT_SET_LENGTH: u32 = 7;
 
 const SETTINGS_FILE: &str = "standard.json";
 const SET_FILE: &str = "set.json";
+/// One empty file per backup started in a set (what its length counts).
+const BACKUPS_DIR: &str = "backups";
+
+fn random_name() -> std::io::Result<String> {
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,16 +247,37 @@ impl StandardPool {
         Ok(self.face(name, pool))
     }
 
-    /// The set the next backup of `vm` goes to: its newest set while that
-    /// holds fewer than `1 + set_length` snapshots, else a new one.
+    /// The set the next backup of `vm` goes to: its newest set while
+    /// fewer than `1 + set_length` backups went into it (counted when they
+    /// start, so pruning a set does not keep it open), else a new one.
     pub fn backup_set(&self, vm: &str) -> Result<StandardPool> {
         let sets = self.sets()?;
-        if let Some(s) = sets.iter().rev().find(|s| s.vm == vm) {
-            if s.snapshots < 1 + self.settings.set_length as usize {
-                return self.set(&s.name);
+        let face = match sets.iter().rev().find(|s| s.vm == vm) {
+            Some(s) if self.backups_in(&s.name)? < 1 + self.settings.set_length as usize => {
+                self.set(&s.name)?
             }
+            _ => self.new_set(vm, &sets)?,
+        };
+        if let Some(name) = face.set_name() {
+            let dir = self.sets_dir().join(name).join(BACKUPS_DIR);
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| {
+                    std::fs::File::create(dir.join(random_name()?))?;
+                    std::fs::File::open(&dir)?.sync_all()
+                })
+                .map_err(|e| Error::io(format!("counting a backup in set {name}"), e))?;
         }
-        self.new_set(vm, &sets)
+        Ok(face)
+    }
+
+    /// Backups started in set `name`.
+    fn backups_in(&self, name: &str) -> Result<usize> {
+        let dir = self.sets_dir().join(name).join(BACKUPS_DIR);
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => Ok(entries.count()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io(format!("listing {}", dir.display()), e)),
+        }
     }
 
     fn new_set(&self, vm: &str, sets: &[BackupSet]) -> Result<StandardPool> {
@@ -269,16 +298,42 @@ impl StandardPool {
             })
             .take(40)
             .collect();
-        let name = format!("{next:06}-{slug}");
-        let dir = self.sets_dir().join(&name);
-        let pool = LocalPool::create(&dir).map_err(Error::from)?;
+        // Built aside, then renamed into place: a set is whole or absent,
+        // and of two writers picking the same number one gets the next.
+        let tmp = self.sets_dir().join(format!(
+            ".new-{}",
+            random_name().map_err(|e| Error::io("random name", e))?
+        ));
+        LocalPool::create(&tmp).map_err(Error::from)?;
         let info = serde_json::to_vec(&SetInfo { vm: vm.to_string() })
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let path = dir.join(SET_FILE);
+        let path = tmp.join(SET_FILE);
         std::fs::write(&path, info)
             .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
             .map_err(|e| Error::io(path.display().to_string(), e))?;
-        Ok(self.face(&name, pool))
+        for n in next..next + 1000 {
+            let name = format!("{n:06}-{slug}");
+            let dir = self.sets_dir().join(&name);
+            if dir.exists() {
+                continue;
+            }
+            match std::fs::rename(&tmp, &dir) {
+                Ok(()) => {
+                    let _ = std::fs::File::open(self.sets_dir()).and_then(|d| d.sync_all());
+                    let pool = self.open_set(&name)?;
+                    return Ok(self.face(&name, pool));
+                }
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) => {}
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(Error::io(format!("creating backup set {name}"), e));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        Err(Error::PoolBusy("no free backup set number".into()))
     }
 
     /// Removes set `name` whole (its folder). Refused while it holds
@@ -289,10 +344,18 @@ impl StandardPool {
             !pool.list(FileKind::Snapshot)?.is_empty() || !pool.list(FileKind::Lease)?.is_empty();
         if busy {
             return Err(Error::PoolBusy(format!(
-                "backup set {name} still holds snapshots or a running job"
+                "backup set {name} still holds snapshots or a writer's lease"
             )));
         }
+        // Renamed out of the way first: listings never see half a set.
         let dir = self.sets_dir().join(name);
+        let gone = self.sets_dir().join(format!(
+            ".removed-{name}-{}",
+            random_name().map_err(|e| Error::io("random name", e))?
+        ));
+        std::fs::rename(&dir, &gone)
+            .map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
+        let dir = gone;
         std::fs::remove_dir_all(&dir)
             .map_err(|e| Error::io(format!("removing {}", dir.display()), e))
     }
@@ -310,20 +373,13 @@ impl StandardPool {
         Ok(None)
     }
 
-    /// Where the whole-pool face writes a new object of `kind`.
+    /// The set a protection or damage mark of snapshot `name` goes to.
     fn target_for(&self, kind: FileKind, name: &str) -> Result<LocalPool> {
-        if matches!(kind, FileKind::Protection | FileKind::DamageMark) {
-            if let Some(p) = self.find(FileKind::Snapshot, name)? {
-                return Ok(p);
-            }
-        }
-        match self.set_names()?.last() {
-            Some(newest) => self.open_set(newest),
-            None => Ok(self
-                .new_set("unsorted", &[])?
-                .set
-                .map(|(_, p)| p)
-                .ok_or_else(|| Error::Internal("a new set without its pool".into()))?),
+        match self.find(FileKind::Snapshot, name)? {
+            Some(p) => Ok(p),
+            None => Err(Error::SnapshotNotFound(format!(
+                "{name} ({kind} for a snapshot no backup set holds)"
+            ))),
         }
     }
 
@@ -395,6 +451,15 @@ impl PoolWrite for StandardPool {
         match &self.set {
             Some((_, p)) => p.create(kind, name),
             None => {
+                if !matches!(kind, FileKind::Protection | FileKind::DamageMark) {
+                    // Packs, segments and manifests belong to one set: a
+                    // job that writes them runs on a set's face.
+                    return Err(Error::Unsupported(format!(
+                        "writing a {kind} into the whole standard pool {}: \
+                         run the job on one backup set (the CLI does)",
+                        self.root.display()
+                    )));
+                }
                 // Create-only across the whole pool.
                 if self.find(kind, name)?.is_some() {
                     return Err(Error::AlreadyExists {

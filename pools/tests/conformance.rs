@@ -26,19 +26,65 @@ fn local_pool_conforms() {
     });
 }
 
+/// A backup set is a pool (what backups, copies and collections run on).
 #[test]
-fn standard_pool_conforms_whole_and_per_set() {
+fn a_standard_pools_backup_set_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let n = AtomicU32::new(0);
     let next = || {
         dir.path()
             .join(n.fetch_add(1, Ordering::SeqCst).to_string())
     };
-    conformance(&|| Arc::new(StandardPool::create(next(), 7).unwrap()) as DynPool);
     conformance(&|| {
         let pool = StandardPool::create(next(), 7).unwrap();
         Arc::new(pool.backup_set("web").unwrap()) as DynPool
     });
+}
+
+/// The whole standard pool reads, lists and deletes across sets, puts
+/// marks with their snapshot, and refuses packs, segments and manifests
+/// (they belong to one set).
+#[test]
+fn the_whole_standard_pool_spans_its_sets_and_writes_none_of_their_data() {
+    use cairn_engine::{FileKind, PoolDelete, PoolList, PoolRead, PoolWrite};
+    let dir = tempfile::tempdir().unwrap();
+    let whole = StandardPool::create(dir.path(), 0).unwrap();
+    let a = whole.backup_set("a").unwrap();
+    let b = whole.backup_set("b").unwrap();
+    assert_ne!(a.set_name(), b.set_name());
+    let (sa, sb) = ("aa".repeat(32), "bb".repeat(32));
+    a.write(FileKind::Snapshot, &sa, b"A").unwrap();
+    b.write(FileKind::Snapshot, &sb, b"B").unwrap();
+    let mut listed = whole.list(FileKind::Snapshot).unwrap();
+    listed.sort();
+    assert_eq!(listed, vec![sa.clone(), sb.clone()]);
+    assert_eq!(&whole.read(FileKind::Snapshot, &sb).unwrap()[..], b"B");
+    assert!(a.read(FileKind::Snapshot, &sb).unwrap_err().is_not_found());
+    for kind in [FileKind::Pack, FileKind::Index, FileKind::Snapshot] {
+        let e = whole.write(kind, &"cc".repeat(16), b"x").unwrap_err();
+        assert!(
+            matches!(e, cairn_engine::Error::Unsupported(_)),
+            "{kind}: {e}"
+        );
+    }
+    // A protection mark lands in its snapshot's set.
+    whole.write(FileKind::Protection, &sb, b"p").unwrap();
+    assert!(b.size(FileKind::Protection, &sb).is_ok());
+    assert!(a
+        .size(FileKind::Protection, &sb)
+        .unwrap_err()
+        .is_not_found());
+    // Sets of length 0: every backup of a VM starts a new set.
+    let a2 = whole.backup_set("a").unwrap();
+    assert_ne!(a.set_name(), a2.set_name());
+    whole.delete(FileKind::Snapshot, &sa).unwrap();
+    let first = a.set_name().unwrap().to_string();
+    whole.remove_set(&first).unwrap();
+    let names: Vec<String> = whole.sets().unwrap().into_iter().map(|s| s.name).collect();
+    assert!(!names.contains(&first), "{names:?}");
+    // A set with a snapshot is not removed.
+    let e = whole.remove_set(b.set_name().unwrap()).unwrap_err();
+    assert!(matches!(e, cairn_engine::Error::PoolBusy(_)), "{e}");
 }
 
 fn s3_pool(server: &S3Server, prefix: &str, extra: &str) -> DynPool {
