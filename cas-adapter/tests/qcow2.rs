@@ -382,8 +382,11 @@ fn chain_of_ten_incrementals_with_random_writes() {
 /// Kills a qemu-io that holds the image open with its bitmaps enabled, so
 /// qemu leaves them flagged `in-use` (inconsistent).
 fn unclean_exit_while_writing(image: &Path) {
+    // At 15 MiB, where nothing was written before (data already allocated
+    // at the offset would look "landed" before qemu-io even opened the
+    // image — and a kill during its open can leave no bitmap at all).
     let mut child = Command::new("qemu-io")
-        .args(["-c", "write -P 0x77 1M 64k", "-c", "sleep 60000"])
+        .args(["-c", "write -P 0x77 15M 64k", "-c", "sleep 60000"])
         .arg(image)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -399,18 +402,28 @@ fn unclean_exit_while_writing(image: &Path) {
             .arg(image)
             .output()
             .unwrap();
-        // Data allocated at 1 MiB: the write has landed.
+        // Data allocated at 15 MiB: the write has landed, so the image is
+        // open and its bitmaps are flagged in use; wait until they show so.
         let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let at = 15u64 << 20;
         let landed = map.as_array().is_some_and(|ranges| {
             ranges.iter().any(|r| {
                 let (start, len) = (
                     r["start"].as_u64().unwrap_or(0),
                     r["length"].as_u64().unwrap_or(0),
                 );
-                r["data"] == true && start <= 1 << 20 && (1 << 20) < start + len
+                r["data"] == true && start <= at && at < start + len
             })
         });
-        if landed {
+        // (-U: qemu-io holds the image's lock)
+        let shared = Command::new("qemu-img")
+            .args(["info", "--output=json", "-U", "-f", "qcow2"])
+            .arg(image)
+            .output()
+            .unwrap();
+        let in_use = cairn_cas::qemu::ImageInfo::parse(&String::from_utf8_lossy(&shared.stdout))
+            .is_ok_and(|i| !i.bitmaps.is_empty() && i.bitmaps.iter().all(|b| b.inconsistent()));
+        if landed && in_use {
             written = true;
             break;
         }
@@ -419,7 +432,7 @@ fn unclean_exit_while_writing(image: &Path) {
     assert!(written, "qemu-io never wrote within 10 s");
     child.wait().unwrap();
     let b = info.info().unwrap().bitmaps;
-    assert!(b.iter().all(|b| b.inconsistent()), "{b:?}");
+    assert!(!b.is_empty() && b.iter().all(|b| b.inconsistent()), "{b:?}");
 }
 
 #[test]
