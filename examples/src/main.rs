@@ -13,6 +13,7 @@ mod demo;
 mod output;
 mod retention_cmd;
 mod signals;
+mod tape_cmd;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -76,6 +77,11 @@ enum Command {
         /// backup starts a new set with a full (0–365, default 7).
         #[arg(long, value_name = "N")]
         set_length: Option<u32>,
+        /// tape pools: start a new media set with the first write after
+        /// the open one is N days old (0–3650; default 0: only `cairn
+        /// tape close` or a write error ends a set).
+        #[arg(long, value_name = "N")]
+        media_set_days: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -218,6 +224,9 @@ enum Command {
     /// without live data, repack sparse ones, compact the index. Safe
     /// beside running backups (it waits for those that started before it).
     Gc(retention_cmd::GcArgs),
+    /// Media sets of a tape pool: list, close, rotation, retire.
+    #[command(subcommand)]
+    Tape(tape_cmd::TapeCommand),
     /// The retention policy stored in a pool.
     #[command(subcommand)]
     Policy(retention_cmd::PolicyCommand),
@@ -484,6 +493,14 @@ pub fn standard_dir(spec: &str) -> Option<PathBuf> {
 /// full, so the backup reads everything).
 pub fn open_repo_for_backup(spec: &str, vm: &str) -> Result<Opened, Failure> {
     let opened = open_repo(spec)?;
+    if let Some(tape) = &opened.pool.tape {
+        // Into the open media set, deduplicated within it.
+        let repo = Repository::open(Arc::new(tape.current_set()?))?;
+        return Ok(Opened {
+            repo,
+            pool: opened.pool,
+        });
+    }
     let Some(dir) = standard_dir(spec) else {
         return Ok(opened);
     };
@@ -616,10 +633,11 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             cartridges,
             cartridge_size,
             set_length,
+            media_set_days,
             json,
         } => cmd_init(
             &pool,
-            (cartridges, cartridge_size.as_deref()),
+            (cartridges, cartridge_size.as_deref(), media_set_days),
             set_length,
             json,
         ),
@@ -708,6 +726,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         } => retention_cmd::protect(&pool, &snapshot, off, json),
         Command::Policy(command) => retention_cmd::policy(command),
         Command::Gc(args) => retention_cmd::gc(&args),
+        Command::Tape(command) => tape_cmd::run(command),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     }
 }
@@ -754,7 +773,7 @@ fn cmd_pool_info(pool: &str, json: bool) -> Result<u8, Failure> {
 
 fn cmd_init(
     pool: &str,
-    (cartridges, cartridge_size): (Option<usize>, Option<&str>),
+    (cartridges, cartridge_size, media_set_days): (Option<usize>, Option<&str>, Option<u32>),
     set_length: Option<u32>,
     json: bool,
 ) -> Result<u8, Failure> {
@@ -784,6 +803,16 @@ fn cmd_init(
             "--cartridges and --cartridge-size are for tape:DIR pools",
         ));
     }
+    if let Some(days) = media_set_days {
+        if !is_tape(pool) {
+            return Err(Failure::usage("--media-set-days is for tape pools"));
+        }
+        if days > 3650 {
+            return Err(Failure::usage(format!(
+                "--media-set-days {days} is out of range (0–3650)"
+            )));
+        }
+    }
     let p = if tape {
         let capacity = match cartridge_size {
             None => cairn_pools::tape::LTO9_CAPACITY,
@@ -805,16 +834,25 @@ fn cmd_init(
         let mut options = cairn_pools::OpenOptions::default();
         options.create = true;
         options.virtual_tape = Some(cairn_pools::tape::VirtualTapeOptions::new(n, capacity));
-        cairn_pools::open_with(pool, &options)
-            .map_err(|e| match e {
-                PoolOpenError::BadAddress { .. } => Failure::usage(e.to_string()),
-                e => Failure::new(e.to_string()),
-            })?
-            .pool
+        cairn_pools::open_with(pool, &options).map_err(|e| match e {
+            PoolOpenError::BadAddress { .. } => Failure::usage(e.to_string()),
+            e => Failure::new(e.to_string()),
+        })?
     } else {
-        open_pool(pool, true)?.pool
+        open_pool(pool, true)?
     };
-    init_pool(pool, p, json)
+    if let (Some(days), Some(tape)) = (media_set_days, &p.tape) {
+        tape.set_rotation_days(days)?;
+    }
+    init_pool(pool, p.pool, json)
+}
+
+/// Whether `spec` addresses a tape pool.
+pub fn is_tape(spec: &str) -> bool {
+    matches!(
+        cairn_pools::PoolAddress::parse(spec),
+        Ok(cairn_pools::PoolAddress::Tape(_) | cairn_pools::PoolAddress::TapeDevice { .. })
+    )
 }
 
 fn init_pool(pool: &str, p: cairn_engine::DynPool, json: bool) -> Result<u8, Failure> {
@@ -1091,9 +1129,13 @@ fn cmd_copy(
         .with_threads(self::threads(threads))
         .with_progress(bar.clone())
         .with_cancel(signals::token());
-    let stats = match standard_dir(to) {
-        None => source.copy_to(&target, &opts),
-        Some(dir) => copy_into_standard(&source, &target, &dir, &opts),
+    let stats = match (standard_dir(to), &target.pool.tape) {
+        (Some(dir), _) => copy_into_standard(&source, &target, &dir, &opts),
+        // Into the open media set: what it lacks moves, even if an older
+        // set holds it (each set restores on its own).
+        (None, Some(tape)) => Repository::open(Arc::new(tape.current_set()?))
+            .and_then(|set| source.copy_to(&set, &opts)),
+        (None, None) => source.copy_to(&target, &opts),
     };
     bar.finish();
     let stats = stats?;
@@ -1311,7 +1353,19 @@ fn standard_sets(pool: &str) -> Result<Vec<(String, Repository)>, Failure> {
     Ok(out)
 }
 
+fn refuse_on_tape(pool: &str, what: &str) -> Result<(), Failure> {
+    if is_tape(pool) {
+        return Err(Failure::usage(format!(
+            "{what} does not run on tape pools: what is on tape stays there until its media set \
+             is retired (cairn tape retire); `cairn repair {pool} --tape-catalog` rebuilds the \
+             catalog from the cartridges"
+        )));
+    }
+    Ok(())
+}
+
 fn cmd_repair(pool: &str, json: bool) -> Result<u8, Failure> {
+    refuse_on_tape(pool, "repair --index")?;
     if standard_dir(pool).is_some() {
         let mut code = 0;
         for (name, set) in standard_sets(pool)? {
@@ -1356,6 +1410,7 @@ fn cmd_repair(pool: &str, json: bool) -> Result<u8, Failure> {
 }
 
 fn cmd_repair_packs(pool: &str, dry_run: bool, json: bool) -> Result<u8, Failure> {
+    refuse_on_tape(pool, "repair --packs")?;
     if standard_dir(pool).is_some() {
         let mut code = 0;
         for (name, set) in standard_sets(pool)? {

@@ -273,6 +273,13 @@ pub fn gc(args: &GcArgs) -> Result<u8, Failure> {
     if let Some(w) = &args.max_wait {
         opts = opts.with_max_wait(Some(duration_arg("--max-wait", w)?));
     }
+    if crate::is_tape(&args.pool) {
+        return Err(Failure::usage(format!(
+            "gc does not run on tape pools: tape is written once, and its space comes back when \
+             a whole media set is retired (`cairn prune`, then `cairn tape retire {} --empty`)",
+            args.pool
+        )));
+    }
     if let Some(dir) = crate::standard_dir(&args.pool) {
         return gc_standard(&dir, &args.pool, &opts, args.json);
     }

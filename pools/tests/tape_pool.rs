@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use cairn_engine::{DynPool, Error, FileKind, PoolDelete, PoolList, PoolRead, PoolWrite};
-use cairn_pools::tape::{TapePool, VirtualTapeLibrary, VirtualTapeOptions};
+use cairn_pools::tape::{
+    MediaSetState, TapeMediaSet, TapePool, VirtualTapeLibrary, VirtualTapeOptions,
+};
 use cairn_pools::testing::conformance;
 
 /// Cartridges of `capacity` bytes with a 1 MiB early-warning zone.
@@ -18,6 +20,11 @@ fn tape_pool(dir: &Path, cartridges: usize, capacity: u64) -> TapePool {
     opts.early_warning = 1 << 20;
     let lib = VirtualTapeLibrary::create(dir.join("library"), &opts).unwrap();
     TapePool::open(dir, Box::new(lib)).unwrap()
+}
+
+/// The open media set, where packs, segments and manifests are written.
+fn set(pool: &TapePool) -> TapeMediaSet {
+    pool.current_set().unwrap()
 }
 
 fn reopen(dir: &Path) -> TapePool {
@@ -49,7 +56,7 @@ fn the_tape_pool_conforms() {
         let d = dir
             .path()
             .join(n.fetch_add(1, Ordering::SeqCst).to_string());
-        Arc::new(tape_pool(&d, 2, 64 << 20)) as DynPool
+        Arc::new(set(&tape_pool(&d, 2, 64 << 20))) as DynPool
     });
 }
 
@@ -59,7 +66,7 @@ fn objects_span_cartridges_and_read_back_whole_and_in_ranges() {
     // 3 MiB before each cartridge's early warning: 10 MiB take four.
     let pool = tape_pool(dir.path(), 5, 4 << 20);
     let big = data(10 << 20, 1);
-    pool.write(FileKind::Pack, PACK, &big).unwrap();
+    set(&pool).write(FileKind::Pack, PACK, &big).unwrap();
     let parts = pool.object_position(FileKind::Pack, PACK).unwrap();
     let carts: Vec<&str> = parts.iter().map(|(b, _)| b.as_str()).collect();
     let four = vec!["CRN001L9", "CRN002L9", "CRN003L9", "CRN004L9"];
@@ -68,8 +75,8 @@ fn objects_span_cartridges_and_read_back_whole_and_in_ranges() {
     assert!(parts.iter().all(|(_, f)| *f == 1), "{parts:?}");
     let sets = pool.media_sets();
     assert_eq!(sets.len(), 1);
-    assert_eq!(sets[0].1, four);
-    assert!(!sets[0].2);
+    assert_eq!(sets[0].cartridges, four);
+    assert_eq!(sets[0].state, MediaSetState::Open);
     assert!(pool.read(FileKind::Pack, PACK).unwrap()[..] == big[..]);
     // A range across the first cartridge boundary (at 3 MiB).
     let at = 5 << 19;
@@ -78,7 +85,7 @@ fn objects_span_cartridges_and_read_back_whole_and_in_ranges() {
     // A second object continues on the fourth cartridge.
     let small = data(100_000, 2);
     let name2 = "fedcba9876543210fedcba9876543210";
-    pool.write(FileKind::Pack, name2, &small).unwrap();
+    set(&pool).write(FileKind::Pack, name2, &small).unwrap();
     assert_eq!(
         pool.object_position(FileKind::Pack, name2).unwrap(),
         vec![("CRN004L9".to_string(), 2)]
@@ -104,15 +111,16 @@ fn the_catalog_is_rebuilt_by_scanning_the_cartridges() {
     let dir = tempfile::tempdir().unwrap();
     let pool = tape_pool(dir.path(), 4, 4 << 20);
     let big = data(6 << 20, 3);
-    pool.write(FileKind::Pack, PACK, &big).unwrap();
+    set(&pool).write(FileKind::Pack, PACK, &big).unwrap();
     pool.write(FileKind::Config, "config", b"the config")
         .unwrap();
-    pool.write(FileKind::Snapshot, "aa".repeat(32).as_str(), b"a manifest")
+    set(&pool)
+        .write(FileKind::Snapshot, "aa".repeat(32).as_str(), b"a manifest")
         .unwrap();
     pool.write(FileKind::Lease, "lease-1", b"local only")
         .unwrap();
     // An object whose write was never committed leaves nothing.
-    let w = pool
+    let w = set(&pool)
         .create(FileKind::Pack, "11".repeat(16).as_str())
         .unwrap();
     drop(w);
@@ -138,18 +146,22 @@ fn the_catalog_is_rebuilt_by_scanning_the_cartridges() {
     );
     assert!(pool.list(FileKind::Lease).unwrap().is_empty());
     // Writing goes on, on a new media set (the old one is closed).
-    pool.write(FileKind::Pack, "22".repeat(16).as_str(), b"after")
+    set(&pool)
+        .write(FileKind::Pack, "22".repeat(16).as_str(), b"after")
         .unwrap();
     let sets = pool.media_sets();
     assert_eq!(sets.len(), 2, "{sets:?}");
-    assert!(sets[0].2 && !sets[1].2);
+    assert_eq!(sets[0].state, MediaSetState::Incomplete);
+    assert_eq!(sets[1].state, MediaSetState::Open);
 }
 
 #[test]
 fn foreign_blank_and_garbled_cartridges_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let pool = tape_pool(dir.path(), 3, 4 << 20);
-    pool.write(FileKind::Pack, PACK, &data(1 << 20, 4)).unwrap();
+    set(&pool)
+        .write(FileKind::Pack, PACK, &data(1 << 20, 4))
+        .unwrap();
     drop(pool);
     let cartridge = dir.path().join("library/cartridges/CRN001L9");
     let original = std::fs::read(&cartridge).unwrap();
@@ -157,7 +169,9 @@ fn foreign_blank_and_garbled_cartridges_are_refused_clearly() {
     // Another pool's cartridge in its place: refused, named.
     let other = tempfile::tempdir().unwrap();
     let pool2 = tape_pool(other.path(), 1, 4 << 20);
-    pool2.write(FileKind::Pack, PACK, b"other pool").unwrap();
+    set(&pool2)
+        .write(FileKind::Pack, PACK, b"other pool")
+        .unwrap();
     drop(pool2);
     let foreign = std::fs::read(other.path().join("library/cartridges/CRN001L9")).unwrap();
     std::fs::write(&cartridge, &foreign).unwrap();
@@ -189,7 +203,8 @@ fn foreign_blank_and_garbled_cartridges_are_refused_clearly() {
     let pool = reopen(dir.path());
     assert_eq!(pool.read(FileKind::Pack, PACK).unwrap().len(), 1 << 20);
     let big = data(4 << 20, 5);
-    pool.write(FileKind::Pack, "33".repeat(16).as_str(), &big)
+    set(&pool)
+        .write(FileKind::Pack, "33".repeat(16).as_str(), &big)
         .unwrap();
     let parts = pool
         .object_position(FileKind::Pack, &"33".repeat(16))
@@ -210,8 +225,8 @@ fn a_cartridge_that_ends_early_fails_its_set_and_earlier_objects_stay() {
     let lib = VirtualTapeLibrary::create(dir.path().join("library"), &opts).unwrap();
     let pool = TapePool::open(dir.path(), Box::new(lib)).unwrap();
     let first = data(1 << 20, 6);
-    pool.write(FileKind::Pack, PACK, &first).unwrap();
-    let e = pool
+    set(&pool).write(FileKind::Pack, PACK, &first).unwrap();
+    let e = set(&pool)
         .write(FileKind::Pack, &"44".repeat(16), &data(3 << 20, 7))
         .unwrap_err();
     assert!(e.to_string().contains("end of medium"), "{e}");
@@ -220,14 +235,19 @@ fn a_cartridge_that_ends_early_fails_its_set_and_earlier_objects_stay() {
         .unwrap_err()
         .is_not_found());
     let sets = pool.media_sets();
-    assert!(sets[0].2, "the set is marked incomplete: {sets:?}");
+    assert_eq!(
+        sets[0].state,
+        MediaSetState::Incomplete,
+        "the set is marked incomplete: {sets:?}"
+    );
     assert!(pool.read(FileKind::Pack, PACK).unwrap()[..] == first[..]);
     // The next object goes to a new set on a blank cartridge.
-    pool.write(FileKind::Pack, &"55".repeat(16), b"next")
+    set(&pool)
+        .write(FileKind::Pack, &"55".repeat(16), b"next")
         .unwrap();
     let sets = pool.media_sets();
     assert_eq!(sets.len(), 2);
-    assert_eq!(sets[1].1, vec!["CRN002L9"]);
+    assert_eq!(sets[1].cartridges, vec!["CRN002L9"]);
     pool.delete(FileKind::Pack, PACK).unwrap();
     assert!(pool.read(FileKind::Pack, PACK).unwrap_err().is_not_found());
 }
@@ -248,13 +268,14 @@ fn a_restore_from_tape_passes_each_cartridge_once() {
     let tape = TapePool::open(dir.path(), Box::new(lib.clone())).unwrap();
     let pool: DynPool = Arc::new(tape.clone());
     let repo = Repository::create(pool.clone()).unwrap();
+    let writer = Repository::open(Arc::new(set(&tape))).unwrap();
     let mut backup_opts = BackupOptions::new("web").with_compression(Compression::None);
     backup_opts.pack_target = 1 << 20;
     let block = 64 << 10;
     let mut image = data(8 << 20, 10);
     let backup = |image: &[u8]| -> SnapshotId {
         let disk = BackupDisk::image("vda", MemorySource::new("vda", image.to_vec()));
-        repo.backup(vec![disk], &backup_opts).unwrap().snapshot
+        writer.backup(vec![disk], &backup_opts).unwrap().snapshot
     };
     backup(&image);
     for (round, step) in [(1u32, 4usize), (2, 5)] {
@@ -335,17 +356,21 @@ fn a_rebuild_takes_only_this_pools_cartridges_and_whole_writes() {
     let dir = tempfile::tempdir().unwrap();
     let pool = tape_pool(dir.path(), 5, 4 << 20);
     let snap = "cd".repeat(32);
-    pool.write(FileKind::Snapshot, &snap, b"manifest").unwrap();
+    set(&pool)
+        .write(FileKind::Snapshot, &snap, b"manifest")
+        .unwrap();
     // Withdrawn and written again (a copy that lost its lease, re-run).
     pool.delete(FileKind::Snapshot, &snap).unwrap();
-    pool.write(FileKind::Snapshot, &snap, b"manifest").unwrap();
+    set(&pool)
+        .write(FileKind::Snapshot, &snap, b"manifest")
+        .unwrap();
     let big = data(4 << 20, 20);
-    pool.write(FileKind::Pack, PACK, &big).unwrap();
+    set(&pool).write(FileKind::Pack, PACK, &big).unwrap();
     drop(pool);
     // Another pool's cartridge and a garbled label in this library.
     let other = tempfile::tempdir().unwrap();
     let pool2 = tape_pool(other.path(), 1, 4 << 20);
-    pool2.write(FileKind::Pack, PACK, b"other").unwrap();
+    set(&pool2).write(FileKind::Pack, PACK, b"other").unwrap();
     drop(pool2);
     let carts = dir.path().join("library/cartridges");
     // (its label renamed to the slot's barcode, as if it were that cartridge)
@@ -396,7 +421,7 @@ fn objects_of_awkward_lengths_read_back() {
     {
         let name = format!("{i:032x}");
         let bytes = data(len, i as u32);
-        pool.write(FileKind::Pack, &name, &bytes).unwrap();
+        set(&pool).write(FileKind::Pack, &name, &bytes).unwrap();
         assert_eq!(pool.size(FileKind::Pack, &name).unwrap(), len as u64);
         assert!(
             pool.read(FileKind::Pack, &name).unwrap()[..] == bytes[..],
@@ -426,7 +451,8 @@ fn a_medium_order_restore_places_repeated_chunks_and_several_disks() {
 
     let dir = tempfile::tempdir().unwrap();
     let tape = tape_pool(dir.path(), 4, 16 << 20);
-    let repo = Repository::create(Arc::new(tape) as DynPool).unwrap();
+    let repo = Repository::create(Arc::new(tape.clone()) as DynPool).unwrap();
+    let writer = Repository::open(Arc::new(set(&tape))).unwrap();
     let block = data(64 << 10, 30);
     let repeated: Vec<u8> = block
         .iter()
@@ -439,7 +465,7 @@ fn a_medium_order_restore_places_repeated_chunks_and_several_disks() {
         BackupDisk::image("a", MemorySource::new("a", repeated.clone())),
         BackupDisk::image("b", MemorySource::new("b", distinct.clone())),
     ];
-    let id = repo
+    let id = writer
         .backup(disks, &BackupOptions::new("web"))
         .unwrap()
         .snapshot;

@@ -28,7 +28,9 @@ mod pool;
 pub mod scsi;
 mod virtual_library;
 
-pub use pool::{TapePool, TapeRebuild, DATA_BLOCK};
+pub use pool::{
+    MediaSetInfo, MediaSetState, RetiredSet, TapeMediaSet, TapePool, TapeRebuild, DATA_BLOCK,
+};
 
 pub use virtual_library::{
     DriveCounters, VirtualDrive, VirtualTapeLibrary, VirtualTapeOptions, LTO9_CAPACITY, MAX_BLOCK,

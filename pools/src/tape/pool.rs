@@ -131,6 +131,11 @@ enum CatalogLine {
     Add {
         kind: String,
         name: String,
+        /// The media set holding this copy (empty in catalogs written
+        /// before objects could have copies in several sets: then the set
+        /// of the first part's cartridge).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        media_set: String,
         size: u64,
         blake3: String,
         parts: Vec<Part>,
@@ -138,11 +143,17 @@ enum CatalogLine {
     Delete {
         kind: String,
         name: String,
+        /// Only the copy in this media set; every copy when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media_set: Option<String>,
     },
 }
 
+/// One copy of an object on tape.
 #[derive(Clone, Debug)]
 struct Entry {
+    /// The media set holding it.
+    set: String,
     size: u64,
     blake3: String,
     parts: Vec<Part>,
@@ -156,6 +167,14 @@ struct MediaState {
     #[serde(default)]
     pool: String,
     sets: Vec<MediaSet>,
+    /// Retired media sets: their cartridges are scratch media, relabelled
+    /// when a new set needs one; a catalog rebuild skips them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    retired: Vec<String>,
+    /// A new media set starts with the first write after the current one
+    /// is this many days old (0: only when closed by hand or by an error).
+    #[serde(default)]
+    rotation_days: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -165,6 +184,19 @@ struct MediaSet {
     cartridges: Vec<SetCartridge>,
     /// A write failed in this set: nothing more is appended to it.
     incomplete: bool,
+    /// Closed by the operator or by rotation: nothing more is appended.
+    #[serde(default)]
+    closed: bool,
+    /// When the set was started (Unix seconds; 0 when unknown, after a
+    /// catalog rebuild).
+    #[serde(default)]
+    created: u64,
+}
+
+impl MediaSet {
+    fn open(&self) -> bool {
+        !self.incomplete && !self.closed
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -203,7 +235,7 @@ struct Tape {
     library: Box<dyn TapeLibrary>,
     drive: Box<dyn TapeDrive>,
     catalog: File,
-    objects: HashMap<(FileKind, String), Entry>,
+    objects: Objects,
     media: MediaState,
     /// The label of the cartridge in the drive, once read since it was
     /// loaded.
@@ -279,7 +311,7 @@ impl TapePool {
             // take the id from the cartridges (media.json lost).
             media.pool = random_hex()?;
         }
-        let (catalog, objects) = load_catalog(&dir)?;
+        let (catalog, objects) = load_catalog(&dir, &media)?;
         let drive = library.drive(0).map_err(tape_err)?;
         Ok(TapePool {
             shared: Arc::new(Shared {
@@ -304,32 +336,189 @@ impl TapePool {
         &self.shared.dir
     }
 
-    /// The cartridges of every media set, in order: (set id, barcodes,
-    /// whether the set is incomplete).
-    pub fn media_sets(&self) -> Vec<(String, Vec<String>, bool)> {
-        self.shared
-            .tape
-            .lock()
-            .media
+    /// The media sets, oldest first, with what each holds.
+    pub fn media_sets(&self) -> Vec<MediaSetInfo> {
+        let tape = self.shared.tape.lock();
+        let last = tape.media.sets.len().checked_sub(1);
+        tape.media
             .sets
             .iter()
-            .map(|s| {
-                (
-                    s.id.clone(),
-                    s.cartridges.iter().map(|c| c.barcode.clone()).collect(),
-                    s.incomplete,
-                )
+            .enumerate()
+            .map(|(i, s)| {
+                let mut info = MediaSetInfo {
+                    id: s.id.clone(),
+                    state: if s.incomplete {
+                        MediaSetState::Incomplete
+                    } else if s.closed || Some(i) != last {
+                        MediaSetState::Closed
+                    } else {
+                        MediaSetState::Open
+                    },
+                    created: s.created,
+                    cartridges: s.cartridges.iter().map(|c| c.barcode.clone()).collect(),
+                    objects: 0,
+                    bytes: 0,
+                    snapshots: Vec::new(),
+                };
+                for ((kind, name), copies) in &tape.objects {
+                    for c in copies.iter().filter(|c| c.set == s.id) {
+                        info.objects += 1;
+                        info.bytes += c.size;
+                        if *kind == FileKind::Snapshot {
+                            info.snapshots.push(name.clone());
+                        }
+                    }
+                }
+                info.snapshots.sort();
+                info
             })
             .collect()
     }
 
-    /// Where the parts of a stored object lie: (barcode, tape file).
+    /// The media set new objects go to, as a pool of its own
+    /// ([`TapeMediaSet`]): backups and copies write through it so that a
+    /// media set is self-contained. Starts a new set when there is no open
+    /// one, or when the open one is older than the rotation period.
+    pub fn current_set(&self) -> Result<TapeMediaSet> {
+        let set = self.shared.tape.lock().current_set_id(&self.shared.dir)?;
+        Ok(TapeMediaSet {
+            shared: self.shared.clone(),
+            set,
+        })
+    }
+
+    /// Closes the open media set (nothing more is appended to it; the next
+    /// write starts a new set). Returns its id, `None` when none was open.
+    pub fn close_current_set(&self) -> Result<Option<String>> {
+        let mut tape = self.shared.tape.lock();
+        let Some(s) = tape.media.sets.last_mut().filter(|s| s.open()) else {
+            return Ok(None);
+        };
+        s.closed = true;
+        let id = s.id.clone();
+        save_media(&self.shared.dir, &tape.media)?;
+        Ok(Some(id))
+    }
+
+    /// The rotation period in days (0: none).
+    pub fn rotation_days(&self) -> u32 {
+        self.shared.tape.lock().media.rotation_days
+    }
+
+    /// Sets the rotation period: the first write after the open media set
+    /// is `days` old starts a new set (0: sets are only closed by hand or
+    /// by a write error). At most 3650.
+    pub fn set_rotation_days(&self, days: u32) -> Result<()> {
+        if days > 3650 {
+            return Err(Error::InvalidArgument(format!(
+                "media set rotation of {days} days: the range is 0 (none) to 3650"
+            )));
+        }
+        let mut tape = self.shared.tape.lock();
+        tape.media.rotation_days = days;
+        save_media(&self.shared.dir, &tape.media)
+    }
+
+    /// Retires a closed (or incomplete) media set: every copy of an object
+    /// in it leaves the catalog — objects with a copy in another set stay
+    /// — and its cartridges become scratch media that a new set relabels.
+    /// Snapshots that only this set holds are gone from the pool
+    /// afterwards: forget them first (the CLI does, refusing protected
+    /// ones). The open set must be closed before it can be retired.
+    pub fn retire_set(&self, id: &str) -> Result<RetiredSet> {
+        let mut tape = self.shared.tape.lock();
+        let tape = &mut *tape;
+        let Some(index) = tape.media.sets.iter().position(|s| s.id == id) else {
+            return Err(Error::InvalidArgument(
+                if tape.media.retired.iter().any(|r| r == id) {
+                    format!("media set {id} is retired already")
+                } else {
+                    format!(
+                        "tape pool {} has no media set {id}",
+                        self.shared.dir.display()
+                    )
+                },
+            ));
+        };
+        if tape.media.sets[index].open() && index + 1 == tape.media.sets.len() {
+            return Err(Error::InvalidArgument(format!(
+                "media set {id} is the open one: close it first (cairn tape close)"
+            )));
+        }
+        let mut report = RetiredSet {
+            cartridges: tape.media.sets[index]
+                .cartridges
+                .iter()
+                .map(|c| c.barcode.clone())
+                .collect(),
+            ..RetiredSet::default()
+        };
+        let mut keys: Vec<(FileKind, String)> = tape
+            .objects
+            .iter()
+            .filter(|(_, copies)| copies.iter().any(|c| c.set == id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        // Manifests first: a crash part-way leaves no snapshot whose
+        // chunks are gone.
+        keys.sort_by_key(|(k, n)| (*k != FileKind::Snapshot, *k, n.clone()));
+        for (kind, name) in keys {
+            tape.append_catalog(
+                &CatalogLine::Delete {
+                    kind: kind.dir_name().into(),
+                    name: name.clone(),
+                    media_set: Some(id.to_string()),
+                },
+                &self.shared.dir,
+            )?;
+            let key = (kind, name);
+            let mut left = 0;
+            if let Some(copies) = tape.objects.get_mut(&key) {
+                if let Some(c) = copies.iter().find(|c| c.set == id) {
+                    report.objects += 1;
+                    report.bytes += c.size;
+                }
+                copies.retain(|c| c.set != id);
+                left = copies.len();
+            }
+            if left == 0 {
+                tape.objects.remove(&key);
+                if key.0 != FileKind::Pack {
+                    match self.shared.store.delete(key.0, &key.1) {
+                        Ok(()) => {}
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        // The set's own snapshot catalog objects.
+        let prefix = format!("{id}.");
+        for name in self.shared.store.list(FileKind::Catalog)? {
+            if name.starts_with(&prefix) {
+                match self.shared.store.delete(FileKind::Catalog, &name) {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        tape.media.sets.remove(index);
+        tape.media.retired.push(id.to_string());
+        tape.last_part = None;
+        save_media(&self.shared.dir, &tape.media)?;
+        Ok(report)
+    }
+
+    /// Where the parts of a stored object lie: (barcode, tape file), of
+    /// its first copy.
     pub fn object_position(&self, kind: FileKind, name: &str) -> Option<Vec<(String, u64)>> {
         self.shared
             .tape
             .lock()
             .objects
             .get(&(kind, name.to_string()))
+            .and_then(|copies| copies.first())
             .map(|e| {
                 e.parts
                     .iter()
@@ -401,6 +590,13 @@ impl TapePool {
                 ));
                 continue;
             }
+            if tape.media.retired.contains(&label.media_set) {
+                report.skipped.push((
+                    barcode.clone(),
+                    format!("of retired media set {} (scratch)", label.media_set),
+                ));
+                continue;
+            }
             tape.load(barcode, &self.shared.dir, false)?;
             let mut file = 1u64;
             while let Some((header, part, trailer)) =
@@ -427,8 +623,8 @@ impl TapePool {
                 });
         }
         // Writes whose parts are all there, the last one complete; the
-        // last one found of each name wins.
-        let mut found: BTreeMap<(FileKind, String), Entry> = BTreeMap::new();
+        // last one found of each name in each media set wins.
+        let mut found: BTreeMap<(FileKind, String, String), Entry> = BTreeMap::new();
         for write in order {
             let Some(mut ps) = writes.remove(&write) else {
                 continue;
@@ -452,9 +648,14 @@ impl TapePool {
             if !whole || expect != size {
                 continue;
             }
+            let set = h0.media_set.clone();
+            if ps.iter().any(|(h, _, _)| h.media_set != set) {
+                continue;
+            }
             found.insert(
-                (kind, name),
+                (kind, name, set.clone()),
                 Entry {
+                    set,
                     size,
                     blake3: hash,
                     parts: ps.into_iter().map(|(_, p, _)| p).collect(),
@@ -467,6 +668,8 @@ impl TapePool {
             version: 1,
             pool,
             sets: Vec::new(),
+            retired: tape.media.retired.clone(),
+            rotation_days: tape.media.rotation_days,
         };
         for (id, mut cartridges) in sets {
             cartridges.sort_by_key(|c| c.sequence);
@@ -474,31 +677,17 @@ impl TapePool {
                 id,
                 cartridges,
                 incomplete: true,
+                closed: false,
+                created: 0,
             });
         }
         save_media(&self.shared.dir, &media)?;
         tape.media = media;
-        let path = self.shared.dir.join(CATALOG_FILE);
-        let tmp = self.shared.dir.join(format!("{CATALOG_FILE}.tmp"));
-        {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-            for ((kind, name), e) in &found {
-                let line = CatalogLine::Add {
-                    kind: kind.dir_name().to_string(),
-                    name: name.clone(),
-                    size: e.size,
-                    blake3: e.blake3.clone(),
-                    parts: e.parts.clone(),
-                };
-                let mut s =
-                    serde_json::to_string(&line).map_err(|e| Error::Internal(e.to_string()))?;
-                s.push('\n');
-                f.write_all(s.as_bytes()).map_err(io_err(&tmp))?;
-            }
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        let (catalog, objects) = load_catalog(&self.shared.dir)?;
+        write_catalog(
+            &self.shared.dir,
+            found.iter().map(|((kind, name, _), e)| (*kind, name, e)),
+        )?;
+        let (catalog, objects) = load_catalog(&self.shared.dir, &tape.media)?;
         tape.catalog = catalog;
         tape.objects = objects;
         tape.last_part = None;
@@ -506,6 +695,62 @@ impl TapePool {
         drop(found);
         Ok(report)
     }
+}
+
+/// What a media set is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MediaSetState {
+    /// New objects are appended to it.
+    Open,
+    /// Closed by hand or by rotation: complete, nothing more is appended.
+    Closed,
+    /// A write failed in it (or the catalog was rebuilt, which cannot tell
+    /// where the set ended): what it holds reads, nothing is appended.
+    Incomplete,
+}
+
+impl MediaSetState {
+    /// `open`, `closed` or `incomplete`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MediaSetState::Open => "open",
+            MediaSetState::Closed => "closed",
+            MediaSetState::Incomplete => "incomplete",
+        }
+    }
+}
+
+/// One media set of a tape pool ([`TapePool::media_sets`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MediaSetInfo {
+    /// Its id (in every label and object header of the set).
+    pub id: String,
+    /// Whether it is appended to.
+    pub state: MediaSetState,
+    /// When it was started (Unix seconds; 0 when unknown).
+    pub created: u64,
+    /// Its cartridges' barcodes, in sequence.
+    pub cartridges: Vec<String>,
+    /// Objects with a copy in it.
+    pub objects: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The snapshot manifests in it (ids), sorted.
+    pub snapshots: Vec<String>,
+}
+
+/// What [`TapePool::retire_set`] dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetiredSet {
+    /// Object copies dropped from the catalog.
+    pub objects: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The cartridges now scratch media.
+    pub cartridges: Vec<String>,
 }
 
 /// What [`TapePool::rebuild_catalog`] found.
@@ -534,8 +779,7 @@ fn load_media(dir: &Path) -> Result<MediaState> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(MediaState {
             version: 1,
-            pool: String::new(),
-            sets: Vec::new(),
+            ..MediaState::default()
         }),
         Err(e) => Err(Error::io(path.display().to_string(), e)),
     }
@@ -555,11 +799,82 @@ fn save_media(dir: &Path, media: &MediaState) -> Result<()> {
     write().map_err(io_err(&path))
 }
 
-type Objects = HashMap<(FileKind, String), Entry>;
+/// Every object on tape: its copies, one per media set holding it.
+type Objects = HashMap<(FileKind, String), Vec<Entry>>;
+
+/// The media set a cartridge belongs to.
+fn set_of(media: &MediaState, barcode: &str) -> Option<String> {
+    media
+        .sets
+        .iter()
+        .find(|s| s.cartridges.iter().any(|c| c.barcode == barcode))
+        .map(|s| s.id.clone())
+}
+
+/// Adds (or replaces) the copy of an object in `entry.set`.
+fn put_copy(objects: &mut Objects, key: (FileKind, String), entry: Entry) {
+    let copies = objects.entry(key).or_default();
+    copies.retain(|c| c.set != entry.set);
+    copies.push(entry);
+}
+
+/// Replaces the catalog with one `add` line per copy (temp file, fsync,
+/// rename).
+fn write_catalog<'a>(
+    dir: &Path,
+    copies: impl Iterator<Item = (FileKind, &'a String, &'a Entry)>,
+) -> Result<()> {
+    let path = dir.join(CATALOG_FILE);
+    let tmp = dir.join(format!("{CATALOG_FILE}.tmp"));
+    {
+        let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
+        for (kind, name, e) in copies {
+            let line = CatalogLine::Add {
+                kind: kind.dir_name().to_string(),
+                name: name.clone(),
+                media_set: e.set.clone(),
+                size: e.size,
+                blake3: e.blake3.clone(),
+                parts: e.parts.clone(),
+            };
+            let mut s = serde_json::to_string(&line).map_err(|e| Error::Internal(e.to_string()))?;
+            s.push('\n');
+            f.write_all(s.as_bytes()).map_err(io_err(&tmp))?;
+        }
+        let f = f
+            .into_inner()
+            .map_err(|e| Error::io(tmp.display().to_string(), e.into_error()))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
 
 /// Opens the catalog for appending and reads it. A last line cut short (a
-/// crash mid-append) is ignored; any other bad line is an error.
-fn load_catalog(dir: &Path) -> Result<(File, Objects)> {
+/// crash mid-append) is ignored; any other bad line is an error. A catalog
+/// with `add` lines that do not name their media set (written before
+/// objects could have copies in several sets) is rewritten with the sets
+/// named, while the media state still tells which cartridge is whose.
+fn load_catalog(dir: &Path, media: &MediaState) -> Result<(File, Objects)> {
+    let (file, objects, legacy) = read_catalog(dir, media)?;
+    if !legacy {
+        return Ok((file, objects));
+    }
+    drop(file);
+    write_catalog(
+        dir,
+        objects
+            .iter()
+            .flat_map(|((k, n), copies)| copies.iter().map(move |e| (*k, n, e))),
+    )?;
+    let (file, objects, _) = read_catalog(dir, media)?;
+    Ok((file, objects))
+}
+
+fn read_catalog(dir: &Path, media: &MediaState) -> Result<(File, Objects, bool)> {
+    let mut legacy = false;
     let path = dir.join(CATALOG_FILE);
     let mut file = OpenOptions::new()
         .create(true)
@@ -584,14 +899,26 @@ fn load_catalog(dir: &Path) -> Result<(File, Objects)> {
             CatalogLine::Add {
                 kind,
                 name,
+                media_set,
                 size,
                 blake3,
                 parts,
             } => {
                 if let Some(k) = kind_named(&kind) {
-                    objects.insert(
+                    legacy |= media_set.is_empty();
+                    let set = if media_set.is_empty() {
+                        parts
+                            .first()
+                            .and_then(|p| set_of(media, &p.barcode))
+                            .unwrap_or_default()
+                    } else {
+                        media_set
+                    };
+                    put_copy(
+                        &mut objects,
                         (k, name),
                         Entry {
+                            set,
                             size,
                             blake3,
                             parts,
@@ -599,9 +926,26 @@ fn load_catalog(dir: &Path) -> Result<(File, Objects)> {
                     );
                 }
             }
-            CatalogLine::Delete { kind, name } => {
+            CatalogLine::Delete {
+                kind,
+                name,
+                media_set,
+            } => {
                 if let Some(k) = kind_named(&kind) {
-                    objects.remove(&(k, name));
+                    let key = (k, name);
+                    match media_set {
+                        None => {
+                            objects.remove(&key);
+                        }
+                        Some(set) => {
+                            if let Some(copies) = objects.get_mut(&key) {
+                                copies.retain(|c| c.set != set);
+                                if copies.is_empty() {
+                                    objects.remove(&key);
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -611,7 +955,7 @@ fn load_catalog(dir: &Path) -> Result<(File, Objects)> {
         file.set_len(complete as u64).map_err(io_err(&path))?;
     }
     file.seek(SeekFrom::End(0)).map_err(io_err(&path))?;
-    Ok((file, objects))
+    Ok((file, objects, legacy))
 }
 
 /// One block with a tag and a JSON payload.
@@ -816,17 +1160,18 @@ impl Tape {
     }
 
     /// Reads `len` bytes (all: `None`) of an object from `offset`.
+    #[allow(clippy::too_many_arguments)]
     fn read_object(
         &mut self,
         kind: FileKind,
         name: &str,
+        set: Option<&str>,
         offset: u64,
         len: Option<u64>,
         dir: &Path,
     ) -> Result<Vec<u8>> {
         let entry = self
-            .objects
-            .get(&(kind, name.to_string()))
+            .copy(kind, name, set)
             .cloned()
             .ok_or_else(|| Error::NotFound {
                 kind,
@@ -899,27 +1244,59 @@ impl Tape {
         Ok(part)
     }
 
-    /// A cartridge to append to in the current media set, loaded and
-    /// positioned; starts a new set (or extends the current one with a
-    /// blank cartridge) when needed.
-    fn writable(&mut self, dir: &Path) -> Result<(usize, usize)> {
-        let current = self
+    /// The copy of an object in media set `set` (any set: the first copy).
+    fn copy(&self, kind: FileKind, name: &str, set: Option<&str>) -> Option<&Entry> {
+        self.objects
+            .get(&(kind, name.to_string()))?
+            .iter()
+            .find(|c| set.is_none_or(|s| c.set == s))
+    }
+
+    /// The id of the open media set: the last one, unless it is closed,
+    /// incomplete or older than the rotation period (then it is closed and
+    /// a new set, still without cartridges, is started).
+    fn current_set_id(&mut self, dir: &Path) -> Result<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let days = u64::from(self.media.rotation_days);
+        if let Some(s) = self.media.sets.last_mut().filter(|s| s.open()) {
+            let expired =
+                days > 0 && s.created > 0 && now >= s.created.saturating_add(days * 86_400);
+            if !expired {
+                return Ok(s.id.clone());
+            }
+            s.closed = true;
+        }
+        let id = random_hex()?;
+        self.media.sets.push(MediaSet {
+            id: id.clone(),
+            cartridges: Vec::new(),
+            incomplete: false,
+            closed: false,
+            created: now,
+        });
+        save_media(dir, &self.media)?;
+        Ok(id)
+    }
+
+    /// A cartridge to append to in media set `set_id`, loaded and
+    /// positioned (a blank one labelled into the set when its last is
+    /// full). Fails when the set is closed, incomplete or retired: writers
+    /// of a set never spill into another one.
+    fn writable(&mut self, set_id: &str, dir: &Path) -> Result<(usize, usize)> {
+        let set = self
             .media
             .sets
             .iter()
-            .rposition(|s| !s.incomplete)
-            .filter(|&i| i + 1 == self.media.sets.len());
-        let set = match current {
-            Some(i) => i,
-            None => {
-                self.media.sets.push(MediaSet {
-                    id: random_hex()?,
-                    cartridges: Vec::new(),
-                    incomplete: false,
-                });
-                self.media.sets.len() - 1
-            }
-        };
+            .position(|s| s.id == set_id && s.open())
+            .ok_or_else(|| {
+                Error::PoolBusy(format!(
+                    "media set {set_id} of tape pool {} takes no more writes (closed, failed or \
+                     retired): start again to write to a new media set",
+                    dir.display()
+                ))
+            })?;
         let usable = self.media.sets[set]
             .cartridges
             .iter()
@@ -958,10 +1335,13 @@ impl Tape {
             .collect();
         let mut passed = Vec::new();
         for barcode in candidates {
-            // Only a blank cartridge is labelled; one with any label is
-            // left alone (another pool's, or a set this pool forgot).
+            // Only a blank cartridge, or one of this pool's retired sets, is
+            // labelled; one with any other label is left alone (another
+            // pool's, or a set this pool forgot).
             match self.load(&barcode, dir, false) {
                 Ok(None) => {}
+                Ok(Some(l))
+                    if l.pool == self.media.pool && self.media.retired.contains(&l.media_set) => {}
                 Ok(Some(l)) => {
                     passed.push(format!("{barcode}: labelled (media set {})", l.media_set));
                     continue;
@@ -996,10 +1376,6 @@ impl Tape {
             self.checked = Some(barcode);
             return Ok(self.media.sets[set].cartridges.len() - 1);
         }
-        // A set that never got a cartridge is not kept.
-        if self.media.sets[set].cartridges.is_empty() {
-            self.media.sets.remove(set);
-        }
         Err(Error::PoolBusy(format!(
             "no blank cartridge left in the tape library: import one{}",
             if passed.is_empty() {
@@ -1012,8 +1388,10 @@ impl Tape {
 
     /// Streams a spooled object to tape, spanning cartridges at the early
     /// warning. On failure the media set is marked incomplete.
+    #[allow(clippy::too_many_arguments)]
     fn write_object(
         &mut self,
+        set: &str,
         kind: FileKind,
         name: &str,
         spool: &mut File,
@@ -1021,18 +1399,25 @@ impl Tape {
         hash: &str,
         dir: &Path,
     ) -> Result<Vec<Part>> {
-        let result = self.write_parts(kind, name, spool, size, hash, dir);
+        let result = self.write_parts(set, kind, name, spool, size, hash, dir);
         if result.is_err() {
-            if let Some(s) = self.media.sets.last_mut() {
-                s.incomplete = true;
+            // A write that failed before it moved the tape (the set was
+            // closed, no blank cartridge) leaves the set as it was.
+            let moved = !matches!(result, Err(Error::PoolBusy(_)));
+            if let Some(s) = self.media.sets.iter_mut().find(|s| s.id == set) {
+                if moved {
+                    s.incomplete = true;
+                }
             }
             let _ = save_media(dir, &self.media);
         }
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn write_parts(
         &mut self,
+        set_id: &str,
         kind: FileKind,
         name: &str,
         spool: &mut File,
@@ -1047,7 +1432,7 @@ impl Tape {
         let mut block = vec![DATA_TAG; DATA_BLOCK + 1];
         let write = random_hex()?;
         loop {
-            let (set, cart) = self.writable(dir)?;
+            let (set, cart) = self.writable(set_id, dir)?;
             let (barcode, file, set_id) = {
                 let s = &self.media.sets[set];
                 (
@@ -1113,56 +1498,98 @@ impl Tape {
     }
 }
 
+/// What a face of the pool sees of the kinds on tape: every media set
+/// (`None`: the whole pool) or one.
+type Scope<'a> = Option<&'a str>;
+
+fn not_found(kind: FileKind, name: &str) -> Error {
+    Error::NotFound {
+        kind,
+        name: name.to_string(),
+    }
+}
+
+fn past_end(kind: FileKind, name: &str, offset: u64, len: usize) -> Error {
+    Error::PoolIo {
+        op: "read",
+        kind,
+        name: name.to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("{len} bytes at {offset} are past the end of the object"),
+        ),
+    }
+}
+
 impl Shared {
-    /// Whether an object exists: the tape catalog decides for the kinds on
-    /// tape (their local copies are a cache), the local pool for the rest.
-    fn exists(&self, kind: FileKind, name: &str) -> Result<bool> {
-        if on_tape(kind) {
-            return Ok(self
-                .tape
-                .lock()
-                .objects
-                .contains_key(&(kind, name.to_string())));
+    /// Whether an object of a kind on tape has a copy in `scope` (the tape
+    /// catalog decides: local copies are a cache).
+    fn on_tape_exists(&self, kind: FileKind, name: &str, scope: Scope) -> bool {
+        self.tape.lock().copy(kind, name, scope).is_some()
+    }
+
+    fn create(
+        self: &Arc<Self>,
+        kind: FileKind,
+        name: &str,
+        scope: Scope,
+    ) -> Result<Box<dyn ObjectWriter>> {
+        if scope.is_none() && kind != FileKind::Config {
+            return Err(Error::Unsupported(format!(
+                "tape pool {}: a {kind} is written into one media set, through \
+                 TapePool::current_set() (as backups and copies do), so that each set \
+                 holds everything its snapshots need",
+                self.dir.display()
+            )));
         }
-        match self.store.size(kind, name) {
-            Ok(_) => Ok(true),
-            Err(e) if e.is_not_found() => Ok(false),
-            Err(e) => Err(e),
+        if self.on_tape_exists(kind, name, scope) {
+            return Err(Error::AlreadyExists {
+                kind,
+                name: name.to_string(),
+            });
         }
+        let path =
+            self.dir
+                .join("staging")
+                .join(format!("{}-{name}-{}", kind.dir_name(), random_hex()?));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(Box::new(TapeObjectWriter {
+            shared: self.clone(),
+            set: scope.map(str::to_string),
+            kind,
+            name: name.to_string(),
+            path,
+            spool: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: blake3::Hasher::new(),
+            len: 0,
+        }))
     }
 
     fn commit(&self, w: &mut TapeObjectWriter) -> Result<()> {
-        let exists = || Error::AlreadyExists {
-            kind: w.kind,
-            name: w.name.clone(),
-        };
         w.spool.flush().map_err(io_err(&w.path))?;
         let hash = w.hasher.finalize().to_hex().to_string();
         let mut tape = self.tape.lock();
         // Under the lock: of two writers of one name, one wins.
-        if tape.objects.contains_key(&(w.kind, w.name.clone())) {
-            return Err(exists());
+        if tape.copy(w.kind, &w.name, w.set.as_deref()).is_some() {
+            return Err(Error::AlreadyExists {
+                kind: w.kind,
+                name: w.name.clone(),
+            });
+        }
+        let set = match &w.set {
+            Some(s) => s.clone(),
+            None => tape.current_set_id(&self.dir)?,
+        };
+        if w.kind != FileKind::Config {
+            self.ensure_config(&mut tape, &set)?;
         }
         let file = w.spool.get_mut();
-        let parts = tape.write_object(w.kind, &w.name, file, w.len, &hash, &self.dir)?;
-        tape.append_catalog(
-            &CatalogLine::Add {
-                kind: w.kind.dir_name().into(),
-                name: w.name.clone(),
-                size: w.len,
-                blake3: hash.clone(),
-                parts: parts.clone(),
-            },
-            &self.dir,
-        )?;
-        tape.objects.insert(
-            (w.kind, w.name.clone()),
-            Entry {
-                size: w.len,
-                blake3: hash,
-                parts,
-            },
-        );
+        self.store_on_tape(&mut tape, &set, w.kind, &w.name, file, w.len, &hash)?;
         if w.kind != FileKind::Pack {
             // The local copy the engine reads (a cache: a read that misses
             // it goes to tape). Written under the lock, so a delete cannot
@@ -1178,15 +1605,97 @@ impl Shared {
         Ok(())
     }
 
+    /// Streams a spooled object into media set `set` and catalogs it.
+    #[allow(clippy::too_many_arguments)]
+    fn store_on_tape(
+        &self,
+        tape: &mut Tape,
+        set: &str,
+        kind: FileKind,
+        name: &str,
+        file: &mut File,
+        len: u64,
+        hash: &str,
+    ) -> Result<()> {
+        let parts = tape.write_object(set, kind, name, file, len, hash, &self.dir)?;
+        tape.append_catalog(
+            &CatalogLine::Add {
+                kind: kind.dir_name().into(),
+                name: name.to_string(),
+                media_set: set.to_string(),
+                size: len,
+                blake3: hash.to_string(),
+                parts: parts.clone(),
+            },
+            &self.dir,
+        )?;
+        put_copy(
+            &mut tape.objects,
+            (kind, name.to_string()),
+            Entry {
+                set: set.to_string(),
+                size: len,
+                blake3: hash.to_string(),
+                parts,
+            },
+        );
+        Ok(())
+    }
+
+    /// Puts a copy of the pool's configuration into media set `set` before
+    /// its first other object, so that every set can be read (and its
+    /// pool recovered) on its own.
+    fn ensure_config(&self, tape: &mut Tape, set: &str) -> Result<()> {
+        const NAME: &str = "config";
+        if tape.copy(FileKind::Config, NAME, Some(set)).is_some() {
+            return Ok(());
+        }
+        let bytes = match self.store.read(FileKind::Config, NAME) {
+            Ok(b) => b.to_vec(),
+            Err(e) if e.is_not_found() => {
+                let Some(entry) = tape.copy(FileKind::Config, NAME, None).cloned() else {
+                    // No configuration yet (a raw pool in tests).
+                    return Ok(());
+                };
+                let bytes = tape.read_object(FileKind::Config, NAME, None, 0, None, &self.dir)?;
+                check_hash(FileKind::Config, NAME, &bytes, &entry.blake3)?;
+                bytes
+            }
+            Err(e) => return Err(e),
+        };
+        let path = self
+            .dir
+            .join("staging")
+            .join(format!("config-copy-{}", random_hex()?));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            f.write_all(&bytes).map_err(io_err(&path))?;
+            let hash = blake3::hash(&bytes).to_hex().to_string();
+            self.store_on_tape(
+                tape,
+                set,
+                FileKind::Config,
+                NAME,
+                &mut f,
+                bytes.len() as u64,
+                &hash,
+            )
+        })();
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
     /// A whole object of a kind kept on tape: the local copy, else the
     /// tape (checked against the catalog's hash, and copied locally).
-    fn read_whole(&self, kind: FileKind, name: &str) -> Result<Bytes> {
+    fn read_whole(&self, kind: FileKind, name: &str, scope: Scope) -> Result<Bytes> {
         let mut tape = self.tape.lock();
-        let Some(entry) = tape.objects.get(&(kind, name.to_string())).cloned() else {
-            return Err(Error::NotFound {
-                kind,
-                name: name.to_string(),
-            });
+        let Some(entry) = tape.copy(kind, name, scope).cloned() else {
+            return Err(not_found(kind, name));
         };
         if kind != FileKind::Pack {
             match self.store.read(kind, name) {
@@ -1195,17 +1704,8 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         }
-        let bytes = tape.read_object(kind, name, 0, None, &self.dir)?;
-        let got = blake3::hash(&bytes).to_hex().to_string();
-        if got != entry.blake3 {
-            return Err(Error::corrupt(
-                format!("{kind} {name} on tape"),
-                cairn_engine::DecodeError::ChecksumMismatch {
-                    expected: entry.blake3,
-                    got,
-                },
-            ));
-        }
+        let bytes = tape.read_object(kind, name, Some(&entry.set), 0, None, &self.dir)?;
+        check_hash(kind, name, &bytes, &entry.blake3)?;
         if kind != FileKind::Pack {
             match self.store.write(kind, name, &bytes) {
                 Ok(()) | Err(Error::AlreadyExists { .. }) => {}
@@ -1214,11 +1714,141 @@ impl Shared {
         }
         Ok(Bytes::from(bytes))
     }
+
+    fn read(&self, kind: FileKind, name: &str, scope: Scope) -> Result<Bytes> {
+        if !on_tape(kind) {
+            return self.store.read(kind, name);
+        }
+        self.read_whole(kind, name, scope)
+    }
+
+    fn read_range(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        len: usize,
+        scope: Scope,
+    ) -> Result<Bytes> {
+        if !on_tape(kind) {
+            return self.store.read_range(kind, name, offset, len);
+        }
+        if kind != FileKind::Pack {
+            let whole = self.read_whole(kind, name, scope)?;
+            let end = offset
+                .checked_add(len as u64)
+                .filter(|e| *e <= whole.len() as u64);
+            return match end {
+                Some(end) => Ok(whole.slice(offset as usize..end as usize)),
+                None => Err(past_end(kind, name, offset, len)),
+            };
+        }
+        let mut tape = self.tape.lock();
+        tape.read_object(kind, name, scope, offset, Some(len as u64), &self.dir)
+            .map(Bytes::from)
+    }
+
+    fn size(&self, kind: FileKind, name: &str, scope: Scope) -> Result<u64> {
+        if !on_tape(kind) {
+            return self.store.size(kind, name);
+        }
+        self.tape
+            .lock()
+            .copy(kind, name, scope)
+            .map(|e| e.size)
+            .ok_or_else(|| not_found(kind, name))
+    }
+
+    /// (media set, cartridge sequence, tape file) of the object's first
+    /// part: 16, 16 and 32 bits of one key.
+    fn read_order(&self, kind: FileKind, name: &str, scope: Scope) -> Option<u64> {
+        let tape = self.tape.lock();
+        let copy = tape.copy(kind, name, scope)?;
+        let first = copy.parts.first()?;
+        let (i, s) = tape
+            .media
+            .sets
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.id == copy.set)?;
+        let c = s.cartridges.iter().find(|c| c.barcode == first.barcode)?;
+        Some(((i as u64) << 48) | ((c.sequence as u64 & 0xffff) << 32) | (first.file & 0xffff_ffff))
+    }
+
+    fn list_sizes(&self, kind: FileKind, scope: Scope) -> Vec<(String, u64)> {
+        self.tape
+            .lock()
+            .objects
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .filter_map(|((_, n), copies)| {
+                copies
+                    .iter()
+                    .find(|c| scope.is_none_or(|s| c.set == s))
+                    .map(|c| (n.clone(), c.size))
+            })
+            .collect()
+    }
+
+    /// Deletes the copy in `scope` (every copy: `None`); the local copy
+    /// goes with the last one.
+    fn delete(&self, kind: FileKind, name: &str, scope: Scope) -> Result<()> {
+        if !on_tape(kind) {
+            return self.store.delete(kind, name);
+        }
+        let mut tape = self.tape.lock();
+        let key = (kind, name.to_string());
+        if tape.copy(kind, name, scope).is_none() {
+            return Err(not_found(kind, name));
+        }
+        tape.append_catalog(
+            &CatalogLine::Delete {
+                kind: kind.dir_name().into(),
+                name: name.to_string(),
+                media_set: scope.map(str::to_string),
+            },
+            &self.dir,
+        )?;
+        let left = match tape.objects.get_mut(&key) {
+            Some(copies) => {
+                copies.retain(|c| scope.is_some_and(|s| c.set != s));
+                copies.len()
+            }
+            None => 0,
+        };
+        if left == 0 {
+            tape.objects.remove(&key);
+            if kind != FileKind::Pack {
+                match self.store.delete(kind, name) {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_hash(kind: FileKind, name: &str, bytes: &[u8], want: &str) -> Result<()> {
+    let got = blake3::hash(bytes).to_hex().to_string();
+    if got != want {
+        return Err(Error::corrupt(
+            format!("{kind} {name} on tape"),
+            cairn_engine::DecodeError::ChecksumMismatch {
+                expected: want.to_string(),
+                got,
+            },
+        ));
+    }
+    Ok(())
 }
 
 /// An object being spooled (see [`TapePool`]).
 struct TapeObjectWriter {
     shared: Arc<Shared>,
+    /// The media set it goes to (`None`: the open one, at commit).
+    set: Option<String>,
     kind: FileKind,
     name: String,
     path: PathBuf,
@@ -1252,55 +1882,22 @@ impl Drop for TapeObjectWriter {
     }
 }
 
+/// The whole pool: reads, lists and deletes across every media set (an
+/// object with copies in several sets reads from the first, is listed
+/// once and deleted everywhere). Packs, index segments and manifests are
+/// written through a media set ([`TapePool::current_set`]); the
+/// configuration and the local kinds directly.
 impl PoolRead for TapePool {
     fn read(&self, kind: FileKind, name: &str) -> Result<Bytes> {
-        if !on_tape(kind) {
-            return self.shared.store.read(kind, name);
-        }
-        self.shared.read_whole(kind, name)
+        self.shared.read(kind, name, None)
     }
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Bytes> {
-        if !on_tape(kind) {
-            return self.shared.store.read_range(kind, name, offset, len);
-        }
-        if kind != FileKind::Pack {
-            let whole = self.shared.read_whole(kind, name)?;
-            let end = offset
-                .checked_add(len as u64)
-                .filter(|e| *e <= whole.len() as u64);
-            return match end {
-                Some(end) => Ok(whole.slice(offset as usize..end as usize)),
-                None => Err(Error::PoolIo {
-                    op: "read",
-                    kind,
-                    name: name.to_string(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("{len} bytes at {offset} are past the end of the object"),
-                    ),
-                }),
-            };
-        }
-        let mut tape = self.shared.tape.lock();
-        tape.read_object(kind, name, offset, Some(len as u64), &self.shared.dir)
-            .map(Bytes::from)
+        self.shared.read_range(kind, name, offset, len, None)
     }
 
     fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
-        if !on_tape(kind) {
-            return self.shared.store.size(kind, name);
-        }
-        self.shared
-            .tape
-            .lock()
-            .objects
-            .get(&(kind, name.to_string()))
-            .map(|e| e.size)
-            .ok_or_else(|| Error::NotFound {
-                kind,
-                name: name.to_string(),
-            })
+        self.shared.size(kind, name, None)
     }
 
     fn location(&self) -> String {
@@ -1311,26 +1908,8 @@ impl PoolRead for TapePool {
         Some(1)
     }
 
-    /// (media set, cartridge sequence, tape file) of the object's first
-    /// part: 16, 16 and 32 bits of one key.
     fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
-        let tape = self.shared.tape.lock();
-        let first = tape
-            .objects
-            .get(&(kind, name.to_string()))?
-            .parts
-            .first()?
-            .clone();
-        tape.media.sets.iter().enumerate().find_map(|(i, s)| {
-            s.cartridges
-                .iter()
-                .find(|c| c.barcode == first.barcode)
-                .map(|c| {
-                    ((i as u64) << 48)
-                        | ((c.sequence as u64 & 0xffff) << 32)
-                        | (first.file & 0xffff_ffff)
-                })
-        })
+        self.shared.read_order(kind, name, None)
     }
 }
 
@@ -1339,96 +1918,179 @@ impl PoolWrite for TapePool {
         if !on_tape(kind) {
             return self.shared.store.create(kind, name);
         }
-        if self.shared.exists(kind, name)? {
-            return Err(Error::AlreadyExists {
-                kind,
-                name: name.to_string(),
-            });
-        }
-        let path = self.shared.dir.join("staging").join(format!(
-            "{}-{name}-{}",
-            kind.dir_name(),
-            random_hex()?
-        ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        Ok(Box::new(TapeObjectWriter {
-            shared: self.shared.clone(),
-            kind,
-            name: name.to_string(),
-            path,
-            spool: std::io::BufWriter::with_capacity(1 << 20, file),
-            hasher: blake3::Hasher::new(),
-            len: 0,
-        }))
+        self.shared.create(kind, name, None)
     }
 }
 
 impl PoolList for TapePool {
     fn list(&self, kind: FileKind) -> Result<Vec<String>> {
         if !on_tape(kind) {
-            return self.shared.store.list(kind);
+            let mut all = self.shared.store.list(kind)?;
+            if kind == FileKind::Catalog {
+                // The media sets' own snapshot catalogs are theirs.
+                all.retain(|n| !n.contains('.'));
+            }
+            return Ok(all);
         }
         Ok(self
             .shared
-            .tape
-            .lock()
-            .objects
-            .keys()
-            .filter(|(k, _)| *k == kind)
-            .map(|(_, n)| n.clone())
+            .list_sizes(kind, None)
+            .into_iter()
+            .map(|(n, _)| n)
             .collect())
     }
 
     fn list_sizes(&self, kind: FileKind) -> Result<Option<Vec<(String, u64)>>> {
-        if !on_tape(kind) {
-            return self.shared.store.list_sizes(kind);
+        if on_tape(kind) {
+            return Ok(Some(self.shared.list_sizes(kind, None)));
         }
-        Ok(Some(
-            self.shared
-                .tape
-                .lock()
-                .objects
-                .iter()
-                .filter(|((k, _), _)| *k == kind)
-                .map(|((_, n), e)| (n.clone(), e.size))
-                .collect(),
-        ))
+        if kind == FileKind::Catalog {
+            return Ok(None);
+        }
+        self.shared.store.list_sizes(kind)
     }
 }
 
 impl PoolDelete for TapePool {
     fn delete(&self, kind: FileKind, name: &str) -> Result<()> {
+        self.shared.delete(kind, name, None)
+    }
+}
+
+/// One media set of a [`TapePool`] as a pool of its own
+/// ([`TapePool::current_set`]): it lists, reads and writes only the
+/// packs, index segments and manifests in that set, so a backup or copy
+/// through it deduplicates within the set, finds CBT parents only there
+/// (the first backup into a new set is a full one) and leaves a set that
+/// restores from its own cartridges — and can be retired as a whole. The
+/// local kinds (leases, notices, marks, settings) are the pool's; its
+/// snapshot catalog is its own.
+#[derive(Clone)]
+pub struct TapeMediaSet {
+    shared: Arc<Shared>,
+    set: String,
+}
+
+impl std::fmt::Debug for TapeMediaSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TapeMediaSet")
+            .field("dir", &self.shared.dir)
+            .field("set", &self.set)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TapeMediaSet {
+    /// The media set's id.
+    pub fn id(&self) -> &str {
+        &self.set
+    }
+
+    /// The local name of this set's snapshot catalog object `name`.
+    fn catalog_name(&self, kind: FileKind, name: &str) -> Option<String> {
+        (kind == FileKind::Catalog).then(|| format!("{}.{name}", self.set))
+    }
+
+    /// What reads of `kind` see: the set, except for the configuration —
+    /// the pool's, read from any set (a new set gets its copy with its
+    /// first object).
+    fn read_scope(&self, kind: FileKind) -> Scope<'_> {
+        (kind != FileKind::Config).then_some(self.set.as_str())
+    }
+}
+
+impl PoolRead for TapeMediaSet {
+    fn read(&self, kind: FileKind, name: &str) -> Result<Bytes> {
+        match self.catalog_name(kind, name) {
+            Some(n) => self.shared.store.read(kind, &n),
+            None => self.shared.read(kind, name, self.read_scope(kind)),
+        }
+    }
+
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> Result<Bytes> {
+        match self.catalog_name(kind, name) {
+            Some(n) => self.shared.store.read_range(kind, &n, offset, len),
+            None => self
+                .shared
+                .read_range(kind, name, offset, len, self.read_scope(kind)),
+        }
+    }
+
+    fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
+        match self.catalog_name(kind, name) {
+            Some(n) => self.shared.store.size(kind, &n),
+            None => self.shared.size(kind, name, self.read_scope(kind)),
+        }
+    }
+
+    fn location(&self) -> String {
+        format!(
+            "tape:{} (media set {})",
+            self.shared.dir.display(),
+            self.set
+        )
+    }
+
+    fn preferred_read_concurrency(&self) -> Option<usize> {
+        Some(1)
+    }
+
+    fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
+        self.shared.read_order(kind, name, Some(&self.set))
+    }
+}
+
+impl PoolWrite for TapeMediaSet {
+    fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        if let Some(n) = self.catalog_name(kind, name) {
+            return self.shared.store.create(kind, &n);
+        }
         if !on_tape(kind) {
-            return self.shared.store.delete(kind, name);
+            return self.shared.store.create(kind, name);
         }
-        let mut tape = self.shared.tape.lock();
-        let key = (kind, name.to_string());
-        if !tape.objects.contains_key(&key) {
-            return Err(Error::NotFound {
-                kind,
-                name: name.to_string(),
-            });
+        self.shared.create(kind, name, Some(&self.set))
+    }
+}
+
+impl PoolList for TapeMediaSet {
+    fn list(&self, kind: FileKind) -> Result<Vec<String>> {
+        if kind == FileKind::Catalog {
+            let prefix = format!("{}.", self.set);
+            return Ok(self
+                .shared
+                .store
+                .list(kind)?
+                .into_iter()
+                .filter_map(|n| n.strip_prefix(&prefix).map(str::to_string))
+                .collect());
         }
-        tape.append_catalog(
-            &CatalogLine::Delete {
-                kind: kind.dir_name().into(),
-                name: name.to_string(),
-            },
-            &self.shared.dir,
-        )?;
-        tape.objects.remove(&key);
-        if kind != FileKind::Pack {
-            match self.shared.store.delete(kind, name) {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
+        if !on_tape(kind) {
+            return self.shared.store.list(kind);
         }
-        Ok(())
+        Ok(self
+            .shared
+            .list_sizes(kind, self.read_scope(kind))
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    fn list_sizes(&self, kind: FileKind) -> Result<Option<Vec<(String, u64)>>> {
+        if on_tape(kind) {
+            return Ok(Some(self.shared.list_sizes(kind, self.read_scope(kind))));
+        }
+        if kind == FileKind::Catalog {
+            return Ok(None);
+        }
+        self.shared.store.list_sizes(kind)
+    }
+}
+
+impl PoolDelete for TapeMediaSet {
+    fn delete(&self, kind: FileKind, name: &str) -> Result<()> {
+        match self.catalog_name(kind, name) {
+            Some(n) => self.shared.store.delete(kind, &n),
+            None => self.shared.delete(kind, name, Some(&self.set)),
+        }
     }
 }
