@@ -206,3 +206,121 @@ fn bad_tape_addresses_and_options_fail_clearly() {
     assert!(stderr(&out).contains("already"), "{}", stderr(&out));
     ok(&["snapshots", &t]);
 }
+
+/// Media sets from the command line: a closed set makes the next backup
+/// a full one in a new set; retiring a set forgets the snapshots only it
+/// holds (refused while one is protected), the rest restore; `--empty`
+/// retires sets pruned empty; gc and bad options are refused.
+#[test]
+fn media_sets_close_and_retire_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tape");
+    let pool = format!("tape:{}", root.display());
+    let out = cairn(&["init", &pool, "--media-set-days", "3651"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    ok(&[
+        "init",
+        &pool,
+        "--cartridges",
+        "6",
+        "--cartridge-size",
+        "32M",
+        "--media-set-days",
+        "30",
+    ]);
+    let img = dir.path().join("vda.img");
+    let data = random_file(&img, 6 << 20, 7);
+    let backup = || json(&["backup", &pool, "--vm", "web", &p(&img), "--json"]);
+    let a = backup();
+    let closed = json(&["tape", "close", &pool, "--json"]);
+    let set1 = closed["closed"].as_str().unwrap().to_string();
+    let b = backup();
+    assert!(a["chunks_new"].as_u64().unwrap() > 0, "{a}");
+    assert_eq!(
+        b["chunks_new"], a["chunks_new"],
+        "a new set gets every chunk"
+    );
+    let sets = json(&["tape", "sets", &pool, "--json"]);
+    assert_eq!(sets["rotation_days"], 30);
+    let list = sets["media_sets"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{sets}");
+    assert_eq!(
+        (&list[0]["id"], &list[0]["state"]),
+        (&set1.as_str().into(), &"closed".into())
+    );
+    assert_eq!(list[1]["state"], "open");
+    assert_eq!(list[0]["snapshots"][0], a["snapshot"]);
+    assert_eq!(list[1]["snapshots"][0], b["snapshot"]);
+    let set2 = list[1]["id"].as_str().unwrap().to_string();
+
+    // Protected: nothing is retired.
+    let a_id = a["snapshot"].as_str().unwrap();
+    ok(&["protect", &pool, a_id]);
+    let out = cairn(&["tape", "retire", &pool, &set1[..8]]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("protected"), "{}", stderr(&out));
+    assert_eq!(
+        json(&["tape", "sets", &pool, "--json"])["media_sets"],
+        sets["media_sets"]
+    );
+    ok(&["protect", &pool, a_id, "--off"]);
+    let dry = json(&["tape", "retire", &pool, &set1, "--dry-run", "--json"]);
+    assert_eq!(dry["forgotten"][0], a_id);
+    assert_eq!(
+        json(&["snapshots", &pool, "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // The open set cannot be retired; an unknown one is named.
+    let out = cairn(&["tape", "retire", &pool, &set2]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("tape close"), "{}", stderr(&out));
+    let out = cairn(&["tape", "retire", &pool, "0123456789abcdef"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+
+    let done = json(&["tape", "retire", &pool, &set1, "--json"]);
+    assert_eq!(done["forgotten"][0], a_id);
+    assert_eq!(done["retired"][0]["id"], set1.as_str());
+    let listed = json(&["snapshots", &pool, "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], b["snapshot"]);
+    let at = dir.path().join("r");
+    restore_equals(
+        &pool,
+        b["snapshot"].as_str().unwrap(),
+        "vda.img",
+        &at,
+        &data,
+    );
+    ok(&["verify", &pool, "--read-data"]);
+
+    // Pruned empty, then retired with --empty.
+    ok(&["tape", "close", &pool]);
+    let c = backup();
+    ok(&["forget", &pool, b["snapshot"].as_str().unwrap()]);
+    let done = json(&["tape", "retire", &pool, "--empty", "--json"]);
+    assert_eq!(done["retired"][0]["id"], set2.as_str(), "{done}");
+    assert_eq!(done["forgotten"].as_array().unwrap().len(), 0);
+    let sets = json(&["tape", "sets", &pool, "--json"]);
+    assert_eq!(sets["media_sets"].as_array().unwrap().len(), 1, "{sets}");
+    restore_equals(
+        &pool,
+        c["snapshot"].as_str().unwrap(),
+        "vda.img",
+        &at,
+        &data,
+    );
+
+    // Refused on tape, or for other pools.
+    let out = cairn(&["gc", &pool]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("tape retire"), "{}", stderr(&out));
+    let local = p(&dir.path().join("local"));
+    ok(&["init", &local]);
+    let out = cairn(&["tape", "sets", &local]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let out = cairn(&["init", &p(&dir.path().join("l2")), "--media-set-days", "3"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+}

@@ -477,3 +477,209 @@ fn a_medium_order_restore_places_repeated_chunks_and_several_disks() {
     assert!(std::fs::read(out.path().join("a")).unwrap() == repeated);
     assert!(std::fs::read(out.path().join("b")).unwrap() == distinct);
 }
+
+/// Backups into two media sets: the second writes every chunk again (no
+/// dedup across sets), its packs lie on its own cartridges, and it
+/// restores — configuration included — with the first set's cartridges
+/// blanked and everything local lost.
+#[test]
+fn each_media_set_restores_on_its_own() {
+    use cairn_engine::{BackupDisk, BackupOptions, MemorySource, Repository, RestoreOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let tape = tape_pool(dir.path(), 6, 8 << 20);
+    Repository::create(Arc::new(tape.clone()) as DynPool).unwrap();
+    let image = data(4 << 20, 40);
+    let backup = |face: &TapeMediaSet| {
+        let repo = Repository::open(Arc::new(face.clone())).unwrap();
+        let disk = BackupDisk::image("vda", MemorySource::new("vda", image.clone()));
+        repo.backup(vec![disk], &BackupOptions::new("web")).unwrap()
+    };
+    let first = set(&tape);
+    let a = backup(&first);
+    assert_eq!(set(&tape).id(), first.id(), "the open set stays open");
+    assert_eq!(
+        tape.close_current_set().unwrap().as_deref(),
+        Some(first.id())
+    );
+    let second = set(&tape);
+    assert_ne!(second.id(), first.id());
+    let b = backup(&second);
+    assert!(a.chunks_new > 0);
+    assert_eq!(b.chunks_new, a.chunks_new, "every chunk written again");
+    let packs = |face: &TapeMediaSet| -> std::collections::BTreeSet<String> {
+        face.list(FileKind::Pack).unwrap().into_iter().collect()
+    };
+    assert!(packs(&first).is_disjoint(&packs(&second)));
+    let sets = tape.media_sets();
+    assert_eq!(sets.len(), 2);
+    assert_eq!(
+        (sets[0].state, sets[1].state),
+        (MediaSetState::Closed, MediaSetState::Open)
+    );
+    assert_eq!(sets[0].snapshots, vec![a.snapshot.to_hex()]);
+    assert_eq!(sets[1].snapshots, vec![b.snapshot.to_hex()]);
+    assert!(sets[0]
+        .cartridges
+        .iter()
+        .all(|c| !sets[1].cartridges.contains(c)));
+    // Only the second set's cartridges are left, and nothing local.
+    let first_carts = sets[0].cartridges.clone();
+    drop((first, second, tape));
+    for c in &first_carts {
+        std::fs::write(dir.path().join("library/cartridges").join(c), b"").unwrap();
+    }
+    std::fs::remove_file(dir.path().join("tape-catalog")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("pool")).unwrap();
+    let tape = reopen(dir.path());
+    tape.rebuild_catalog().unwrap();
+    let repo = Repository::open(Arc::new(tape.clone()) as DynPool).unwrap();
+    let listed: Vec<_> = repo
+        .snapshots()
+        .unwrap()
+        .snapshots
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(listed, vec![b.snapshot]);
+    let out = tempfile::tempdir().unwrap();
+    repo.restore_to_dir(&b.snapshot, out.path(), &RestoreOptions::default())
+        .unwrap();
+    assert!(std::fs::read(out.path().join("vda")).unwrap() == image);
+}
+
+/// Retiring a media set drops its copies (an object with a copy in
+/// another set stays), refuses the open set, and its cartridge is
+/// relabelled by the next set that needs one; a rebuild skips cartridges
+/// of retired sets.
+#[test]
+fn a_retired_media_set_goes_whole_and_its_cartridges_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tape_pool(dir.path(), 4, 4 << 20);
+    let (p1, p2, p3) = ("a1".repeat(16), "a2".repeat(16), "a3".repeat(16));
+    let (s1, s2, shared) = ("51".repeat(32), "52".repeat(32), "5f".repeat(32));
+    let one = set(&pool);
+    one.write(FileKind::Pack, &p1, &data(2 << 20, 50)).unwrap();
+    one.write(FileKind::Snapshot, &s1, b"one").unwrap();
+    one.write(FileKind::Snapshot, &shared, b"both").unwrap();
+    pool.close_current_set().unwrap();
+    let two = set(&pool);
+    two.write(FileKind::Pack, &p2, &data(1 << 20, 51)).unwrap();
+    two.write(FileKind::Snapshot, &shared, b"both").unwrap();
+    two.write(FileKind::Snapshot, &s2, b"two").unwrap();
+    // Listed once in the whole pool, once in each set.
+    let mut listed = pool.list(FileKind::Snapshot).unwrap();
+    listed.sort();
+    assert_eq!(listed, vec![s1.clone(), s2.clone(), shared.clone()]);
+    assert_eq!(two.list(FileKind::Pack).unwrap(), vec![p2.clone()]);
+
+    let e = pool.retire_set(two.id()).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("close"),
+        "{e}"
+    );
+    let report = pool.retire_set(one.id()).unwrap();
+    assert_eq!(report.objects, 3, "{report:?}");
+    assert_eq!(report.bytes, (2 << 20) + 3 + 4);
+    assert_eq!(report.cartridges, vec!["CRN001L9"]);
+    let e = pool.retire_set(one.id()).unwrap_err();
+    assert!(e.to_string().contains("retired already"), "{e}");
+    let mut listed = pool.list(FileKind::Snapshot).unwrap();
+    listed.sort();
+    assert_eq!(listed, vec![s2.clone(), shared.clone()]);
+    assert_eq!(
+        &pool.read(FileKind::Snapshot, &shared).unwrap()[..],
+        b"both"
+    );
+    assert!(pool.read(FileKind::Pack, &p1).unwrap_err().is_not_found());
+    assert!(pool
+        .read(FileKind::Snapshot, &s1)
+        .unwrap_err()
+        .is_not_found());
+    // A write to the retired set's face fails; it never lands elsewhere.
+    let e = one.write(FileKind::Pack, &p3, b"late").unwrap_err();
+    assert!(matches!(e, Error::PoolBusy(_)), "{e}");
+    assert!(pool.read(FileKind::Pack, &p3).unwrap_err().is_not_found());
+
+    // The next set takes the scratch cartridge first (relabelling it).
+    pool.close_current_set().unwrap();
+    let three = set(&pool);
+    three
+        .write(FileKind::Pack, &p3, &data(1 << 20, 52))
+        .unwrap();
+    assert_eq!(
+        pool.object_position(FileKind::Pack, &p3).unwrap(),
+        vec![("CRN001L9".to_string(), 1)]
+    );
+    let sets = pool.media_sets();
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sets[1].cartridges, vec!["CRN001L9"]);
+    // Retire the second set too; a rebuild then skips its cartridge and
+    // finds the first set's objects nowhere (overwritten by the label).
+    pool.retire_set(two.id()).unwrap();
+    drop((one, two, three, pool));
+    std::fs::remove_file(dir.path().join("tape-catalog")).unwrap();
+    let pool = reopen(dir.path());
+    let report = pool.rebuild_catalog().unwrap();
+    assert_eq!(report.objects, 1, "{report:?}");
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert_eq!(report.skipped[0].0, "CRN002L9");
+    assert!(report.skipped[0].1.contains("retired"), "{report:?}");
+    assert_eq!(pool.list(FileKind::Pack).unwrap(), vec![p3.clone()]);
+    assert!(pool.list(FileKind::Snapshot).unwrap().is_empty());
+    assert!(pool.read(FileKind::Pack, &p3).unwrap()[..] == data(1 << 20, 52)[..]);
+}
+
+/// A set older than the rotation period is closed by the next write;
+/// out-of-range periods are refused; a catalog without media-set names
+/// (the earlier format) is rewritten with them.
+#[test]
+fn media_sets_rotate_by_age_and_old_catalogs_are_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tape_pool(dir.path(), 3, 4 << 20);
+    assert!(matches!(
+        pool.set_rotation_days(3651),
+        Err(Error::InvalidArgument(_))
+    ));
+    pool.set_rotation_days(7).unwrap();
+    let first = set(&pool);
+    first.write(FileKind::Pack, PACK, b"first week").unwrap();
+    assert_eq!(set(&pool).id(), first.id());
+    drop((first, pool));
+    // Eight days later (the set's start moved back).
+    let path = dir.path().join("media.json");
+    let mut media: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let created = media["sets"][0]["created"].as_u64().unwrap();
+    assert!(created > 0);
+    media["sets"][0]["created"] = (created - 8 * 86_400).into();
+    std::fs::write(&path, serde_json::to_vec(&media).unwrap()).unwrap();
+    // And the catalog as the earlier format wrote it.
+    let catalog = dir.path().join("tape-catalog");
+    let old: String = std::fs::read_to_string(&catalog)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["add"]
+                .as_object_mut()
+                .unwrap()
+                .remove("media_set")
+                .unwrap();
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(&catalog, &old).unwrap();
+    let pool = reopen(dir.path());
+    assert!(std::fs::read_to_string(&catalog)
+        .unwrap()
+        .contains("media_set"));
+    assert_eq!(pool.rotation_days(), 7);
+    let second = set(&pool);
+    let sets = pool.media_sets();
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sets[0].state, MediaSetState::Closed);
+    assert_ne!(second.id(), sets[0].id);
+    assert_eq!(second.list(FileKind::Pack).unwrap(), Vec::<String>::new());
+    assert_eq!(&pool.read(FileKind::Pack, PACK).unwrap()[..], b"first week");
+}
