@@ -847,6 +847,17 @@ fn cmd_init(
     init_pool(pool, p.pool, json)
 }
 
+/// What a tape pool streamed to its drive (for `--json`).
+pub fn tape_json(tape: &cairn_pools::tape::TapePool) -> serde_json::Value {
+    let w = tape.write_stats();
+    serde_json::json!({
+        "objects_written": w.objects,
+        "bytes_written": w.bytes,
+        "streaming_seconds": w.streaming_seconds,
+        "rate_held_mb_s": w.rate_held() / 1e6,
+    })
+}
+
 /// Whether `spec` addresses a tape pool.
 pub fn is_tape(spec: &str) -> bool {
     matches!(
@@ -993,6 +1004,9 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
                 "requests".into(),
                 repo.requests_json("per_gib_stored", stats.bytes_new),
             );
+            if let Some(tape) = &repo.pool.tape {
+                o.insert("tape".into(), tape_json(tape));
+            }
         }
         output::print_json(&v);
     } else {
@@ -1158,6 +1172,7 @@ fn cmd_copy(
             "packs_written": stats.packs_written,
             "seconds": stats.seconds,
             "requests": target.requests_json("per_gib_copied", stats.bytes_copied),
+            "tape": target.pool.tape.as_ref().map(tape_json),
         }));
     } else {
         for id in &stats.copied {

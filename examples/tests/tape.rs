@@ -95,6 +95,16 @@ fn dedup_to_tape_to_dedup_copies_round_trip() {
 
     let to_tape = json(&["copy", &local, &tape, "--json"]);
     assert_eq!(to_tape["copied"][0], id.as_str());
+    // The drive's side: every stored byte streamed, at a rate it held.
+    let streamed = &to_tape["tape"];
+    assert!(
+        streamed["bytes_written"].as_u64().unwrap() >= to_tape["bytes_written"].as_u64().unwrap(),
+        "{to_tape}"
+    );
+    assert!(
+        streamed["rate_held_mb_s"].as_f64().unwrap() > 0.0,
+        "{to_tape}"
+    );
     let again = json(&["copy", &local, &tape, "--json"]);
     assert_eq!(
         (&again["chunks_copied"], &again["packs_written"]),

@@ -29,7 +29,8 @@ pub mod scsi;
 mod virtual_library;
 
 pub use pool::{
-    MediaSetInfo, MediaSetState, RetiredSet, TapeMediaSet, TapePool, TapeRebuild, DATA_BLOCK,
+    MediaSetInfo, MediaSetState, RetiredSet, TapeMediaSet, TapePool, TapeRebuild, TapeWriteStats,
+    DATA_BLOCK,
 };
 
 pub use virtual_library::{

@@ -244,6 +244,35 @@ struct Tape {
     /// that reads of one pack in several ranges (a restore's runs) read the
     /// tape once, not once per range.
     last_part: Option<(String, u64, Arc<Vec<u8>>)>,
+    /// What was streamed to the drive since the pool was opened.
+    streamed: TapeWriteStats,
+}
+
+/// What a tape pool streamed to its drive since it was opened
+/// ([`TapePool::write_stats`]): the rate a drive held while it wrote, and
+/// how much of the time it was writing at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct TapeWriteStats {
+    /// Objects written (each streamed in one go, from its first block to
+    /// its filemark).
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Seconds spent streaming them (positioning and cartridge changes
+    /// excluded).
+    pub streaming_seconds: f64,
+}
+
+impl TapeWriteStats {
+    /// Bytes per second while streaming (0 before any write).
+    pub fn rate_held(&self) -> f64 {
+        if self.streaming_seconds > 0.0 {
+            self.bytes as f64 / self.streaming_seconds
+        } else {
+            0.0
+        }
+    }
 }
 
 fn tape_err(e: TapeError) -> Error {
@@ -325,6 +354,7 @@ impl TapePool {
                     media,
                     checked: None,
                     last_part: None,
+                    streamed: TapeWriteStats::default(),
                 }),
                 _lock: lock,
             }),
@@ -398,6 +428,11 @@ impl TapePool {
         let id = s.id.clone();
         save_media(&self.shared.dir, &tape.media)?;
         Ok(Some(id))
+    }
+
+    /// What was streamed to the drive since the pool was opened.
+    pub fn write_stats(&self) -> TapeWriteStats {
+        self.shared.tape.lock().streamed
     }
 
     /// The rotation period in days (0: none).
@@ -1449,6 +1484,7 @@ impl Tape {
                 part: parts.len() as u32,
                 offset,
             };
+            let streaming = std::time::Instant::now();
             let mut warned = self
                 .drive
                 .write_block(&json_block(HEADER_TAG, &header)?)
@@ -1471,6 +1507,9 @@ impl Tape {
                 .write_block(&json_block(TRAILER_TAG, &trailer)?)
                 .map_err(tape_err)?;
             self.drive.write_filemarks(1).map_err(tape_err)?;
+            self.streamed.bytes += offset - start;
+            self.streamed.streaming_seconds += streaming.elapsed().as_secs_f64();
+            self.streamed.objects += u64::from(done);
             parts.push(Part {
                 barcode,
                 file,
