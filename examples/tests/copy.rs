@@ -360,12 +360,18 @@ fn killed_copies_leave_a_target_that_restores_and_a_rerun_finishes_the_job() {
     assert_eq!(ids(&v, "copied").len(), 2);
     assert_eq!(v["chunks_copied"], total_chunks - 64);
 
-    // Random kills into fresh targets: whatever is listed restores; the
-    // chunks sealed before the kill are not moved again.
+    // Random kills into fresh targets, at delays spread over what a whole
+    // copy takes on this machine: whatever is listed restores; the chunks
+    // sealed before the kill are not moved again.
+    let timing = s.pool("timing");
+    let started = std::time::Instant::now();
+    copy(&[&a, &timing]);
+    let whole = started.elapsed().as_millis().max(2) as u64;
     let mut rng = cairn_engine::sample::SampleRng::new(42);
+    let mut killed = 0;
     for run in 0..6 {
         let target = s.pool(&format!("t{run}"));
-        let delay = Duration::from_millis(rng.below(120));
+        let delay = Duration::from_millis(rng.below(whole));
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
             .args(["copy", &a, &target])
             .stdin(std::process::Stdio::null())
@@ -375,7 +381,8 @@ fn killed_copies_leave_a_target_that_restores_and_a_rerun_finishes_the_job() {
             .unwrap();
         std::thread::sleep(delay);
         let _ = child.kill();
-        child.wait().unwrap();
+        let status = child.wait().unwrap();
+        killed += usize::from(std::os::unix::process::ExitStatusExt::signal(&status) == Some(9));
         check_listed(&target, &images, &at);
         ok(&["verify", &target]);
         let listed = snapshot_ids(&target).len();
@@ -387,4 +394,6 @@ fn killed_copies_leave_a_target_that_restores_and_a_rerun_finishes_the_job() {
         let blobs = json(&["verify", &target, "--read-data", "--json"]);
         assert_eq!(blobs["blobs_read"], total_chunks, "run {run}: {blobs}");
     }
+    // The kills did interrupt copies (not just find them finished).
+    assert!(killed >= 3, "{killed} of 6 copies were killed while running ({whole} ms each)");
 }
