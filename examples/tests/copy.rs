@@ -395,5 +395,8 @@ fn killed_copies_leave_a_target_that_restores_and_a_rerun_finishes_the_job() {
         assert_eq!(blobs["blobs_read"], total_chunks, "run {run}: {blobs}");
     }
     // The kills did interrupt copies (not just find them finished).
-    assert!(killed >= 3, "{killed} of 6 copies were killed while running ({whole} ms each)");
+    assert!(
+        killed >= 3,
+        "{killed} of 6 copies were killed while running ({whole} ms each)"
+    );
 }

@@ -334,3 +334,92 @@ fn media_sets_close_and_retire_from_the_cli() {
     let out = cairn(&["init", &p(&dir.path().join("l2")), "--media-set-days", "3"]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 }
+
+/// `cairn copy` into a tape pool SIGKILLed at random points — mid-stream
+/// to the drive, between objects, before or after a manifest: what the
+/// pool lists restores, the catalog rebuilt from the cartridges agrees,
+/// and a rerun finishes the job.
+#[test]
+fn copies_into_tape_killed_at_random_points_leave_a_consistent_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = p(&dir.path().join("local"));
+    ok(&["init", &local]);
+    let img = dir.path().join("vda.img");
+    let mut data = random_file(&img, 12 << 20, 11);
+    let mut images = Vec::new();
+    for round in 0..3u8 {
+        if round > 0 {
+            let at = round as usize * (3 << 20);
+            let fresh = random_file(&dir.path().join("noise"), 2 << 20, 50 + round as u64);
+            data[at..at + (2 << 20)].copy_from_slice(&fresh);
+            std::fs::write(&img, &data).unwrap();
+        }
+        let v = json(&["backup", &local, "--vm", "web", &p(&img), "--json"]);
+        images.push((v["snapshot"].as_str().unwrap().to_string(), data.clone()));
+    }
+    let new_tape = |name: &str| {
+        let pool = format!("tape:{}", dir.path().join(name).display());
+        ok(&[
+            "init",
+            &pool,
+            "--cartridges",
+            "4",
+            "--cartridge-size",
+            "64M",
+        ]);
+        pool
+    };
+    let at = dir.path().join("r");
+    let check = |pool: &str| {
+        let listed = json(&["snapshots", pool, "--json"]);
+        let listed: Vec<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        for id in &listed {
+            let want = &images.iter().find(|(i, _)| i == id).unwrap().1;
+            restore_equals(pool, id, "vda.img", &at, want);
+        }
+        ok(&["verify", pool, "--read-data"]);
+        listed
+    };
+    let timing = new_tape("timing");
+    let started = std::time::Instant::now();
+    ok(&["copy", &local, &timing]);
+    let whole = started.elapsed().as_millis().max(2) as u64;
+    let mut rng = cairn_engine::sample::SampleRng::new(7);
+    let mut killed = 0;
+    for run in 0..5 {
+        let pool = new_tape(&format!("t{run}"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["copy", &local, &pool])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(whole)));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        killed += usize::from(std::os::unix::process::ExitStatusExt::signal(&status) == Some(9));
+        let listed = check(&pool);
+        // The rerun goes on in the same media set: what is listed there is
+        // not copied again.
+        let v = json(&["copy", &local, &pool, "--json"]);
+        let copied = v["copied"].as_array().unwrap().len();
+        let present = v["present"].as_array().unwrap().len();
+        assert_eq!(copied + present, 3, "run {run}: {v}");
+        assert_eq!(present, listed.len(), "run {run}: {v}");
+        let all = check(&pool);
+        assert_eq!(all.len(), 3, "run {run}");
+        // The cartridges alone tell the same story.
+        ok(&["repair", &pool, "--tape-catalog"]);
+        assert_eq!(check(&pool), all, "run {run}");
+    }
+    assert!(
+        killed >= 3,
+        "{killed} of 5 copies were killed while running ({whole} ms each)"
+    );
+}
