@@ -91,6 +91,7 @@ mod source;
 mod store;
 
 pub mod cbt;
+pub mod jobs;
 pub mod process;
 
 /// Every on-disk constant and well-known property key.

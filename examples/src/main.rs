@@ -12,6 +12,7 @@ mod cbt_cmd;
 mod demo;
 mod output;
 mod retention_cmd;
+mod schedule_cmd;
 mod signals;
 mod tape_cmd;
 
@@ -224,6 +225,9 @@ enum Command {
     /// without live data, repack sparse ones, compact the index. Safe
     /// beside running backups (it waits for those that started before it).
     Gc(retention_cmd::GcArgs),
+    /// Inspect schedules without running anything.
+    #[command(subcommand)]
+    Schedule(schedule_cmd::ScheduleCommand),
     /// Media sets of a tape pool: list, close, rotation, retire.
     #[command(subcommand)]
     Tape(tape_cmd::TapeCommand),
@@ -727,6 +731,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Policy(command) => retention_cmd::policy(command),
         Command::Gc(args) => retention_cmd::gc(&args),
         Command::Tape(command) => tape_cmd::run(command),
+        Command::Schedule(command) => schedule_cmd::run(command),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     }
 }
