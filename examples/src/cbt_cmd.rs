@@ -61,6 +61,11 @@ pub struct CbtRun {
     pub nbd_timeout: std::time::Duration,
     pub spot_check: u32,
     pub disk_names: Vec<String>,
+    /// A rate limit, on disk reads or pool writes.
+    pub throttle: Option<(
+        std::sync::Arc<cairn_engine::jobs::Throttle>,
+        crate::rate_args::RateOn,
+    )>,
     pub json: bool,
 }
 
@@ -98,7 +103,14 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
             run.disk_names.len()
         )));
     }
-    let repo = crate::open_repo_for_backup(&run.pool, &opts.vm)?;
+    let mut repo = crate::open_repo_for_backup(&run.pool, &opts.vm)?;
+    if let Some((t, crate::rate_args::RateOn::Writes)) = &run.throttle {
+        repo = crate::rate_args::throttle_pool(
+            repo,
+            t.clone(),
+            cairn_engine::jobs::Direction::Writes,
+        )?;
+    }
     let vm = opts.vm.clone();
     let ran = if !run.nbd.is_empty() {
         backup_nbd(&repo, &run, &opts, bar)
@@ -230,6 +242,12 @@ fn backup_nbd(
     let next_bitmaps = match run.next_bitmap.as_ref().or(run.bitmap.as_ref()) {
         Some(b) => disks.iter().map(|d| (d.name.clone(), b.clone())).collect(),
         None => BTreeMap::new(),
+    };
+    let disks = match &run.throttle {
+        Some((t, crate::rate_args::RateOn::Reads)) => {
+            disks.into_iter().map(|d| d.throttled(t.clone())).collect()
+        }
+        _ => disks,
     };
     let stats = repo.backup(disks, &opts);
     bar.finish();

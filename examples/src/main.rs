@@ -11,6 +11,7 @@
 mod cbt_cmd;
 mod demo;
 mod output;
+mod rate_args;
 mod retention_cmd;
 mod schedule_cmd;
 mod signals;
@@ -115,6 +116,8 @@ enum Command {
         format: cbt_cmd::RestoreFormat,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        #[command(flatten)]
+        rate: rate_args::RateArgs,
         #[arg(long)]
         json: bool,
     },
@@ -296,6 +299,8 @@ struct BackupArgs {
     /// snapshot: catches a bitmap cleared or re-created after it.
     #[arg(long, value_name = "N", default_value_t = 0)]
     cbt_spot_check: u32,
+    #[command(flatten)]
+    rate: rate_args::RateArgs,
     /// Read one disk as a stream from standard input, named NAME.
     #[arg(long, value_name = "NAME")]
     stdin: Option<String>,
@@ -656,6 +661,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             force,
             format,
             threads,
+            rate,
             json,
         } => cmd_restore(
             &pool,
@@ -663,7 +669,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             &to,
             force,
             format,
-            threads,
+            (threads, &rate),
             json,
         ),
         Command::Copy {
@@ -908,8 +914,10 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         threads,
         mmap,
         lease_renewal,
+        rate,
         json,
     } = args;
+    let throttle = rate.throttle()?;
     let lease_renewal = humantime::parse_duration(&lease_renewal).map_err(|e| {
         Failure::usage(format!(
             "--lease-renewal {lease_renewal:?} is not a duration (like 30s): {e}"
@@ -942,6 +950,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
                 })?,
             spot_check: cbt_spot_check,
             disk_names: names,
+            throttle,
             json,
         };
         return cbt_cmd::run_backup(run, opts, &bar);
@@ -954,7 +963,10 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
             "give at least one DISK, --stdin NAME, --nbd URI or --qcow2 FILE",
         ));
     }
-    let repo = open_repo_for_backup(&pool, &vm)?;
+    let mut repo = open_repo_for_backup(&pool, &vm)?;
+    if let Some((t, rate_args::RateOn::Writes)) = &throttle {
+        repo = rate_args::throttle_pool(repo, t.clone(), cairn_engine::jobs::Direction::Writes)?;
+    }
     let mut inputs = Vec::new();
     let names = disk_names(&disks, &names)?;
     for (path, name) in disks.iter().zip(names) {
@@ -998,6 +1010,9 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         .filter(|n| *n > 0)
     {
         opts.segment_flush_entries = n;
+    }
+    if let Some((t, rate_args::RateOn::Reads)) = &throttle {
+        inputs = inputs.into_iter().map(|d| d.throttled(t.clone())).collect();
     }
     let stats = repo.backup(inputs, &opts);
     bar.finish();
@@ -1080,17 +1095,25 @@ fn cmd_restore(
     to: &Path,
     force: bool,
     format: cbt_cmd::RestoreFormat,
-    threads: usize,
+    (threads, rate): (usize, &rate_args::RateArgs),
     json: bool,
 ) -> Result<u8, Failure> {
-    let repo = open_repo(pool)?;
+    let throttle = rate.throttle()?;
+    let mut repo = open_repo(pool)?;
     let id = repo.resolve(&SnapshotSelector::parse(snapshot, vm)?)?;
     let bar = Arc::new(Bar::new(!json));
-    let opts = RestoreOptions::default()
+    let mut opts = RestoreOptions::default()
         .with_threads(self::threads(threads))
         .with_overwrite(force)
         .with_progress(bar.clone())
         .with_cancel(signals::token());
+    match throttle {
+        Some((t, rate_args::RateOn::Reads)) => {
+            repo = rate_args::throttle_pool(repo, t, cairn_engine::jobs::Direction::Reads)?;
+        }
+        Some((t, rate_args::RateOn::Writes)) => opts = opts.with_write_throttle(t),
+        None => {}
+    }
     let stats = match format {
         cbt_cmd::RestoreFormat::Raw => repo.restore_to_dir(&id, to, &opts),
         cbt_cmd::RestoreFormat::Qcow2 => cbt_cmd::restore_qcow2(&repo, &id, to, &opts),

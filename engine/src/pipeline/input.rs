@@ -98,6 +98,21 @@ impl BackupDisk {
         self
     }
 
+    /// Reads of this disk pass `throttle` first (a job's rate limit on
+    /// reads; a mapped image is then read, not mapped).
+    pub fn throttled(mut self, throttle: std::sync::Arc<crate::jobs::Throttle>) -> Self {
+        use crate::jobs::{ThrottledReader, ThrottledSource};
+        self.input = match self.input {
+            DiskInput::Image(s) => DiskInput::Image(Box::new(ThrottledSource::new(s, throttle))),
+            DiskInput::Stream(r) => DiskInput::Stream(Box::new(ThrottledReader::new(r, throttle))),
+            DiskInput::Incremental { source, changed } => DiskInput::Incremental {
+                source: Box::new(ThrottledSource::new(source, throttle)),
+                changed,
+            },
+        };
+        self
+    }
+
     /// The source's size, when the input has one (streams do not).
     pub(crate) fn size(&self) -> Option<u64> {
         match &self.input {

@@ -47,6 +47,9 @@ pub struct RestoreOptions {
     pub progress: Arc<dyn Progress>,
     /// Stops the restore when triggered; its targets are discarded.
     pub cancel: CancelToken,
+    /// Writes to the targets pass this throttle (a rate limit on writes;
+    /// limit reads by restoring from a [`ThrottledPool`](crate::jobs::ThrottledPool)).
+    pub write_throttle: Option<Arc<crate::jobs::Throttle>>,
 }
 
 impl Default for RestoreOptions {
@@ -57,6 +60,7 @@ impl Default for RestoreOptions {
             disks: None,
             progress: Arc::new(NoProgress),
             cancel: CancelToken::new(),
+            write_throttle: None,
         }
     }
 }
@@ -83,6 +87,12 @@ impl RestoreOptions {
     /// Restores only the named disks.
     pub fn with_disks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, disks: I) -> Self {
         self.disks = Some(disks.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Writes to the targets pass `throttle` first.
+    pub fn with_write_throttle(mut self, throttle: Arc<crate::jobs::Throttle>) -> Self {
+        self.write_throttle = Some(throttle);
         self
     }
 }
@@ -189,7 +199,11 @@ pub(crate) fn run(
     // Every target first, so a failure to create one leaves nothing behind.
     let mut targets = Vec::with_capacity(disks.len());
     for disk in &disks {
-        targets.push(make_target(disk)?);
+        let target = make_target(disk)?;
+        targets.push(match &opts.write_throttle {
+            Some(t) => Box::new(crate::jobs::ThrottledTarget::new(target, t.clone())),
+            None => target,
+        });
     }
     if sequential_media(store, &disks)? {
         // Tape: every chunk of every disk sorted by where it lies, so each

@@ -1,6 +1,9 @@
-//! `cairn schedule next`: run times of each schedule form in a named zone
-//! across daylight-saving switches, as text and JSON; bad specs, zones and
-//! counts exit 2 naming what is wrong.
+//! Job options from the command line. `cairn schedule next`: run times of
+//! each schedule form in a named zone across daylight-saving switches, as
+//! text and JSON; bad specs, zones and counts exit 2 naming what is wrong.
+//! `--rate-limit` on backup and restore, on reads and on writes: the data
+//! arrives whole; bad rules exit 2 naming the option. (How fast is tested
+//! on a fake clock in the engine's tests and measured in the benchmarks.)
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
 
 mod common;
@@ -117,6 +120,65 @@ fn bad_specs_zones_and_counts_exit_2() {
         (vec!["daily 02:00", "--from", "yesterday"], "--from"),
     ] {
         let mut all = vec!["schedule", "next"];
+        all.extend(args.iter().copied());
+        let out = cairn(&all);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn rate_limited_backups_and_restores_move_everything_and_bad_rules_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = p(&dir.path().join("pool"));
+    ok(&["init", &pool]);
+    let img = dir.path().join("vda.img");
+    let data = random_file(&img, 4 << 20, 3);
+    for (on, rules) in [
+        ("reads", vec!["--rate-limit", "1GiB/s"]),
+        (
+            "writes",
+            vec![
+                "--rate-limit",
+                "00:00-12:00=1GiB/s",
+                "--rate-limit",
+                "12:00-24:00=2GiB/s",
+            ],
+        ),
+    ] {
+        let mut args = vec!["backup", &pool, "--vm", on, "--json", "--rate-limit-on", on];
+        args.extend(rules.iter().copied());
+        let img_arg = p(&img);
+        args.push(&img_arg);
+        let v = json(&args);
+        let id = v["snapshot"].as_str().unwrap().to_string();
+        let at = dir.path().join(format!("r-{on}"));
+        let mut args = vec!["restore", &pool, &id, "--rate-limit-on", on];
+        let at_arg = p(&at);
+        args.extend(["--to", &at_arg]);
+        args.extend(rules.iter().copied());
+        ok(&args);
+        assert!(std::fs::read(at.join("vda.img")).unwrap() == data, "{on}");
+    }
+    for (args, needle) in [
+        (vec!["--rate-limit", "50MB/s"], "--rate-limit"),
+        (
+            vec![
+                "--rate-limit",
+                "08:00-18:00=50MiB/s",
+                "--rate-limit",
+                "17:00-19:00=1GiB/s",
+            ],
+            "overlaps",
+        ),
+        (vec!["--rate-limit", "0KiB/s"], "out of range"),
+        (
+            vec!["--rate-limit", "1MiB/s", "--rate-limit-on", "sideways"],
+            "reads or writes",
+        ),
+    ] {
+        let img_arg = p(&img);
+        let mut all = vec!["backup", &pool, "--vm", "bad", &img_arg];
         all.extend(args.iter().copied());
         let out = cairn(&all);
         assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
