@@ -2,9 +2,11 @@
 //! plain libvirt/KVM, …) gives the engine. The engine drives jobs through it
 //! and never names a concrete platform.
 //!
-//! This first version carries the inventory and snapshot lifecycle the
-//! backup job needs; disk access goes through [`DiskSource`] and
-//! restore targets through [`DiskTarget`].
+//! It carries the inventory (with what job selection needs: host, address,
+//! the datastore of each disk), the free space of datastores (a job's
+//! capacity check) and the snapshot lifecycle the backup job needs; disk
+//! access goes through [`DiskSource`] and restore targets through
+//! [`DiskTarget`].
 
 use std::collections::BTreeMap;
 
@@ -20,8 +22,12 @@ pub struct VmInfo {
     pub name: String,
     /// Host (hypervisor) the VM runs on.
     pub host: String,
+    /// That host's IP address (empty when unknown).
+    pub host_address: String,
     /// Running, shut off, paused, migrating … in the platform's words.
     pub state: String,
+    /// Its IP addresses, as far as the platform knows them.
+    pub addresses: Vec<String>,
     /// Its disks.
     pub disks: Vec<VmDisk>,
     /// Anything else worth recording (CPU, memory, firmware, NICs …).
@@ -39,6 +45,22 @@ pub struct VmDisk {
     pub path: String,
     /// Logical size in bytes.
     pub size: u64,
+    /// The datastore (storage pool) holding it on the VM's host; empty
+    /// when the platform does not say.
+    pub datastore: String,
+}
+
+/// A datastore (storage pool) of a host, with its space.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Datastore {
+    /// The host it belongs to.
+    pub host: String,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub capacity: u64,
+    /// Bytes free.
+    pub free: u64,
 }
 
 /// A point-in-time view of a VM's disks held by the platform for a backup.
@@ -57,4 +79,11 @@ pub trait Platform: Send + Sync {
     fn snapshot(&self, vm: &VmInfo) -> Result<Box<dyn PlatformSnapshot>>;
     /// A target to restore one disk of `vm` into.
     fn restore_target(&self, vm: &VmInfo, disk: &VmDisk) -> Result<Box<dyn DiskTarget>>;
+    /// Datastore `name` of `host`, with its space now (for the capacity
+    /// check before a snapshot). The default: the platform cannot say.
+    fn datastore(&self, host: &str, name: &str) -> Result<Datastore> {
+        Err(crate::Error::Unsupported(format!(
+            "the free space of datastore {name} on host {host}"
+        )))
+    }
 }

@@ -6,9 +6,27 @@
 //!   zone with its daylight-saving rules, missed runs.
 //! - [`rate`]: how fast — rate limits by window of the day, a token
 //!   bucket on a replaceable clock, throttled sources, readers and pools.
+//! - [`select`]: which VMs — hosts, names, keywords, excludes (B1).
+//! - [`capacity`]: whether a VM's datastores have room for a snapshot (B9).
+//! - [`runner`]: how many at once — VMs per job and per host, disks per VM
+//!   (B8).
+//! - [`lock`]: one job at a time per resource, never stuck after a crash
+//!   (B18).
+//! - `fake` (feature `sample`): a fake platform for tests.
 
+pub mod capacity;
+#[cfg(any(test, feature = "sample"))]
+pub mod fake;
+pub mod lock;
 pub mod rate;
+pub mod runner;
 pub mod schedule;
+pub mod select;
+
+pub use capacity::CapacityRule;
+pub use lock::ResourceLock;
+pub use runner::{run_limited, Limits};
+pub use select::Selection;
 
 pub use rate::{
     Clock, Direction, FakeClock, RateLimit, RateWindow, SystemClock, Throttle, ThrottledPool,
