@@ -123,6 +123,34 @@ mod tests {
         }
     }
 
+    /// A catalog (valid checksum) of `count` entries followed by `pad`
+    /// zero bytes.
+    fn with_count(count: u32, pad: usize) -> Vec<u8> {
+        let mut b = CATALOG_MAGIC_V1.to_vec();
+        b.extend_from_slice(&CATALOG_VERSION_V1.to_le_bytes());
+        b.extend_from_slice(&[0; 6]);
+        b.extend_from_slice(&count.to_le_bytes());
+        b.extend(std::iter::repeat_n(0u8, pad));
+        let sum = *blake3::hash(&b).as_bytes();
+        b.extend_from_slice(&sum);
+        b
+    }
+
+    /// An entry takes at least 36 bytes: a count the input cannot hold is
+    /// refused before anything is allocated for it (u32::MAX entries would
+    /// ask for hundreds of GiB), and a count it can hold is read on.
+    #[test]
+    fn an_entry_count_beyond_the_input_is_refused_first() {
+        assert!(decode(&encode(&[])).unwrap().is_empty());
+        for count in [u32::MAX, 3] {
+            let e = decode(&with_count(count, 100)).unwrap_err();
+            assert!(e.to_string().contains("cannot fit"), "{count}: {e}");
+        }
+        // 100 bytes hold 2 entries of 36: read on (and found wanting).
+        let e = decode(&with_count(2, 100)).unwrap_err();
+        assert!(!e.to_string().contains("cannot fit"), "{e}");
+    }
+
     #[test]
     fn round_trip_drops_extents_and_keeps_the_rest() {
         let a = snap("web", 100);

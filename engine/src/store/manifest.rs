@@ -586,6 +586,16 @@ mod tests {
     }
 
     #[test]
+    fn modes_print_as_they_are_stored() {
+        for mode in [SnapshotMode::Full, SnapshotMode::Cbt] {
+            assert_eq!(mode.to_string(), mode.as_str());
+            assert_eq!(SnapshotMode::from_name(&mode.to_string()), Some(mode));
+        }
+        assert_eq!(SnapshotMode::Full.to_string(), "full");
+        assert_eq!(SnapshotMode::from_name("incremental"), None);
+    }
+
+    #[test]
     fn push_merges_zero_runs() {
         let s = sample();
         let d = &s.disks[0];
