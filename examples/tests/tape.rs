@@ -8,13 +8,37 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
 
 fn media(dir: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(dir.join("media.json")).unwrap()).unwrap()
+}
+
+/// `cairn init tape:DIR/NAME --cartridges N --cartridge-size SIZE` (and
+/// `extra`); the pool's directory and address.
+fn new_tape(
+    dir: &Path,
+    name: &str,
+    cartridges: &str,
+    size: &str,
+    extra: &[&str],
+) -> (PathBuf, String) {
+    let root = dir.join(name);
+    let pool = format!("tape:{}", root.display());
+    let mut args = vec![
+        "init",
+        &pool,
+        "--cartridges",
+        cartridges,
+        "--cartridge-size",
+        size,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+    (root, pool)
 }
 
 fn restore_equals(pool: &str, id: &str, disk: &str, at: &Path, want: &[u8]) {
@@ -26,17 +50,8 @@ fn restore_equals(pool: &str, id: &str, disk: &str, at: &Path, want: &[u8]) {
 #[test]
 fn a_backup_spans_cartridges_and_survives_losing_the_catalog() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("tape");
-    let pool = format!("tape:{}", root.display());
     // 16 MiB cartridges with an 8 MiB early-warning zone: 8 MiB each.
-    ok(&[
-        "init",
-        &pool,
-        "--cartridges",
-        "6",
-        "--cartridge-size",
-        "16M",
-    ]);
+    let (root, pool) = new_tape(dir.path(), "tape", "6", "16M", &[]);
     let img = dir.path().join("vda.img");
     let data = random_file(&img, 20 << 20, 1);
     let v = json(&["backup", &pool, "--vm", "web", &p(&img), "--json"]);
@@ -76,17 +91,9 @@ fn dedup_to_tape_to_dedup_copies_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let local = p(&dir.path().join("local"));
     let back = p(&dir.path().join("back"));
-    let tape = format!("tape:{}", dir.path().join("tape").display());
     ok(&["init", &local]);
     ok(&["init", &back]);
-    ok(&[
-        "init",
-        &tape,
-        "--cartridges",
-        "4",
-        "--cartridge-size",
-        "32M",
-    ]);
+    let (_, tape) = new_tape(dir.path(), "tape", "4", "32M", &[]);
     let img = dir.path().join("vda.img");
     make_image(&img, 24 << 20, 3);
     let data = std::fs::read(&img).unwrap();
@@ -224,20 +231,14 @@ fn bad_tape_addresses_and_options_fail_clearly() {
 #[test]
 fn media_sets_close_and_retire_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("tape");
-    let pool = format!("tape:{}", root.display());
-    let out = cairn(&["init", &pool, "--media-set-days", "3651"]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    ok(&[
+    let out = cairn(&[
         "init",
-        &pool,
-        "--cartridges",
-        "6",
-        "--cartridge-size",
-        "32M",
+        &format!("tape:{}", dir.path().join("tape").display()),
         "--media-set-days",
-        "30",
+        "3651",
     ]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let (_, pool) = new_tape(dir.path(), "tape", "6", "32M", &["--media-set-days", "30"]);
     let img = dir.path().join("vda.img");
     let data = random_file(&img, 6 << 20, 7);
     let backup = || json(&["backup", &pool, "--vm", "web", &p(&img), "--json"]);
@@ -357,18 +358,7 @@ fn copies_into_tape_killed_at_random_points_leave_a_consistent_pool() {
         let v = json(&["backup", &local, "--vm", "web", &p(&img), "--json"]);
         images.push((v["snapshot"].as_str().unwrap().to_string(), data.clone()));
     }
-    let new_tape = |name: &str| {
-        let pool = format!("tape:{}", dir.path().join(name).display());
-        ok(&[
-            "init",
-            &pool,
-            "--cartridges",
-            "4",
-            "--cartridge-size",
-            "64M",
-        ]);
-        pool
-    };
+    let new_tape = |name: &str| new_tape(dir.path(), name, "4", "64M", &[]).1;
     let at = dir.path().join("r");
     let check = |pool: &str| {
         let listed = json(&["snapshots", pool, "--json"]);
