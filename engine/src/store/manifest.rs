@@ -586,6 +586,107 @@ mod tests {
     }
 
     #[test]
+    fn validate_refuses_what_the_encoding_cannot_hold() {
+        let at_limit = "x".repeat(MAX_STRING);
+        let over = "x".repeat(MAX_STRING + 1);
+        let mut s = sample();
+        s.vm = at_limit.clone();
+        s.properties.insert(at_limit.clone(), at_limit.clone());
+        s.disks[0].name = at_limit.clone();
+        s.disks[0]
+            .properties
+            .insert(at_limit.clone(), at_limit.clone());
+        assert_eq!(s.validate(), Ok(()));
+        let cases: [(&str, fn(&mut Snapshot, &str)); 6] = [
+            ("VM name", |s, o| s.vm = o.into()),
+            ("property", |s, o| {
+                s.properties.insert(o.into(), "v".into());
+            }),
+            ("property", |s, o| {
+                s.properties.insert("k".into(), o.into());
+            }),
+            ("disk", |s, o| s.disks[0].name = o.into()),
+            ("disk", |s, o| {
+                s.disks[0].properties.insert(o.into(), "v".into());
+            }),
+            ("disk", |s, o| {
+                s.disks[0].properties.insert("k".into(), o.into());
+            }),
+        ];
+        for (i, (what, spoil)) in cases.into_iter().enumerate() {
+            let mut bad = sample();
+            spoil(&mut bad, &over);
+            let e = bad.validate().unwrap_err();
+            assert!(e.contains(what), "case {i}: {e}");
+        }
+    }
+
+    #[test]
+    fn chunk_ids_lists_every_reference() {
+        let ids: Vec<ChunkId> = sample().chunk_ids().collect();
+        assert_eq!(ids, vec![ChunkId::of(b"one"), ChunkId::of(b"two")]);
+    }
+
+    #[test]
+    fn a_snapshot_at_the_epoch_round_trips() {
+        let mut s = sample();
+        s.time = UNIX_EPOCH;
+        assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+    }
+
+    /// `sample()` encoded, with the disk count (u32 before the first disk)
+    /// or that disk's extent count (u64 after its name, size and empty
+    /// properties) set to `value` and the checksum fixed; and how many
+    /// bytes of the body follow the field.
+    fn with_count(disks: bool, value: u64) -> (Vec<u8>, usize) {
+        let mut s = sample();
+        s.disks[0].properties.clear();
+        let mut b = s.encode();
+        let name = b
+            .windows(11)
+            .position(|w| w == b"\x07\0\0\0vda.img")
+            .unwrap();
+        let (at, width) = if disks {
+            (name - 4, 4)
+        } else {
+            (name + 11 + 8 + 4, 8)
+        };
+        let mut was = [0u8; 8];
+        was[..width].copy_from_slice(&b[at..at + width]);
+        let want = if disks { 1 } else { 3 };
+        assert_eq!(
+            u64::from_le_bytes(was),
+            want,
+            "the field is where the test thinks"
+        );
+        b[at..at + width].copy_from_slice(&value.to_le_bytes()[..width]);
+        let n = b.len() - 32;
+        let sum = *blake3::hash(&b[..n]).as_bytes();
+        b[n..].copy_from_slice(&sum);
+        (b, n - at - width)
+    }
+
+    /// Counts the input cannot hold are refused before anything is
+    /// allocated for them (u64::MAX extents would ask for exabytes); a
+    /// count at the bound is read on.
+    #[test]
+    fn counts_beyond_the_input_are_refused_first() {
+        for (disks, per, huge) in [(true, 24, u64::from(u32::MAX)), (false, 9, u64::MAX)] {
+            let (_, rest) = with_count(disks, 0);
+            let bound = (rest / per) as u64;
+            for value in [huge, bound + 1] {
+                let e = Snapshot::decode(&with_count(disks, value).0).unwrap_err();
+                assert!(e.to_string().contains("cannot fit"), "{disks} {value}: {e}");
+            }
+            let e = Snapshot::decode(&with_count(disks, bound).0).unwrap_err();
+            assert!(
+                !e.to_string().contains("cannot fit"),
+                "{disks} {bound}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn modes_print_as_they_are_stored() {
         for mode in [SnapshotMode::Full, SnapshotMode::Cbt] {
             assert_eq!(mode.to_string(), mode.as_str());
