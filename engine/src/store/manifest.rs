@@ -597,7 +597,8 @@ mod tests {
             .properties
             .insert(at_limit.clone(), at_limit.clone());
         assert_eq!(s.validate(), Ok(()));
-        let cases: [(&str, fn(&mut Snapshot, &str)); 6] = [
+        type Spoil = fn(&mut Snapshot, &str);
+        let cases: [(&str, Spoil); 6] = [
             ("VM name", |s, o| s.vm = o.into()),
             ("property", |s, o| {
                 s.properties.insert(o.into(), "v".into());
