@@ -635,11 +635,21 @@ mod tests {
         assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
     }
 
-    /// `sample()` encoded, with the disk count (u32 before the first disk)
-    /// or that disk's extent count (u64 after its name, size and empty
-    /// properties) set to `value` and the checksum fixed; and how many
-    /// bytes of the body follow the field.
-    fn with_count(disks: bool, value: u64) -> (Vec<u8>, usize) {
+    /// A count field of the encoding of `sample()`'s first disk.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Count {
+        /// The disk count (u32 before the first disk).
+        Disks,
+        /// The disk's property count (u32 after its name and size).
+        Properties,
+        /// The disk's extent count (u64 after its empty properties).
+        Extents,
+    }
+
+    /// `sample()` encoded (its disk without properties), with count field
+    /// `field` set to `value` and the checksum fixed; and how many bytes
+    /// of the body follow the field.
+    fn with_count(field: Count, value: u64) -> (Vec<u8>, usize) {
         let mut s = sample();
         s.disks[0].properties.clear();
         let mut b = s.encode();
@@ -647,14 +657,13 @@ mod tests {
             .windows(11)
             .position(|w| w == b"\x07\0\0\0vda.img")
             .unwrap();
-        let (at, width) = if disks {
-            (name - 4, 4)
-        } else {
-            (name + 11 + 8 + 4, 8)
+        let (at, width, want) = match field {
+            Count::Disks => (name - 4, 4, 1),
+            Count::Properties => (name + 11 + 8, 4, 0),
+            Count::Extents => (name + 11 + 8 + 4, 8, 3),
         };
         let mut was = [0u8; 8];
         was[..width].copy_from_slice(&b[at..at + width]);
-        let want = if disks { 1 } else { 3 };
         assert_eq!(
             u64::from_le_bytes(was),
             want,
@@ -672,17 +681,24 @@ mod tests {
     /// count at the bound is read on.
     #[test]
     fn counts_beyond_the_input_are_refused_first() {
-        for (disks, per, huge) in [(true, 24, u64::from(u32::MAX)), (false, 9, u64::MAX)] {
-            let (_, rest) = with_count(disks, 0);
+        for (field, per, huge) in [
+            (Count::Disks, 24, u64::from(u32::MAX)),
+            (Count::Properties, 8, u64::from(u32::MAX)),
+            (Count::Extents, 9, u64::MAX),
+        ] {
+            let (_, rest) = with_count(field, 0);
             let bound = (rest / per) as u64;
             for value in [huge, bound + 1] {
-                let e = Snapshot::decode(&with_count(disks, value).0).unwrap_err();
-                assert!(e.to_string().contains("cannot fit"), "{disks} {value}: {e}");
+                let e = Snapshot::decode(&with_count(field, value).0).unwrap_err();
+                assert!(
+                    e.to_string().contains("cannot fit"),
+                    "{field:?} {value}: {e}"
+                );
             }
-            let e = Snapshot::decode(&with_count(disks, bound).0).unwrap_err();
+            let e = Snapshot::decode(&with_count(field, bound).0).unwrap_err();
             assert!(
                 !e.to_string().contains("cannot fit"),
-                "{disks} {bound}: {e}"
+                "{field:?} {bound}: {e}"
             );
         }
     }

@@ -410,6 +410,13 @@ mod tests {
             w.add(ChunkId::of(&chunk), chunk.len() as u32, &blob)
                 .unwrap();
         }
+        let shown = format!("{w:?}");
+        assert!(
+            shown.starts_with("PackWriter")
+                && shown.contains("entries: 3")
+                && shown.contains("written: 6052"),
+            "{shown}"
+        );
         let (_, entries, size) = w.finish().unwrap();
         let pack = pool.bytes();
         assert_eq!(pack.len() as u64, size);
