@@ -393,6 +393,49 @@ mod tests {
         assert_eq!(parse_pack(&pack).unwrap(), entries);
     }
 
+    /// A trailer whose table would overlap the header, or whose table and
+    /// trailer do not end exactly at the pack's end, is refused.
+    #[test]
+    fn a_trailer_must_fit_its_pack() {
+        let trailer = |table_offset: u64, entries: u32| {
+            let mut t = table_offset.to_le_bytes().to_vec();
+            t.extend_from_slice(&entries.to_le_bytes());
+            t.extend_from_slice(&PACK_VERSION_V1.to_le_bytes());
+            t.extend_from_slice(&[0; 2 + 32]);
+            t.extend_from_slice(&PACK_END_MAGIC_V1);
+            t
+        };
+        let fits = |offset: u64, entries: u32| {
+            offset + u64::from(entries) * PACK_ENTRY_LEN as u64 + PACK_TRAILER_LEN as u64
+        };
+        assert!(PackTrailer::decode(&trailer(16, 2), fits(16, 2)).is_ok());
+        for (offset, entries, size) in [
+            (16, 2, fits(16, 2) + 1),
+            (16, 2, fits(16, 2) - 1),
+            (0, 2, fits(0, 2)),
+            (15, 0, fits(15, 0)),
+        ] {
+            let e = PackTrailer::decode(&trailer(offset, entries), size).unwrap_err();
+            assert!(
+                e.to_string().contains("does not fit"),
+                "{offset} {entries} {size}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn writers_say_whether_they_hold_anything() {
+        let pool = crate::store::testing::LastObject::default();
+        let mut w = PackWriter::create(&pool).unwrap();
+        assert!(w.is_empty());
+        let mut blob = Vec::new();
+        crate::store::blob::BlobCodec::new(crate::store::blob::Compression::None)
+            .encode_into(b"x", &mut blob)
+            .unwrap();
+        w.add(ChunkId::of(b"x"), 1, &blob).unwrap();
+        assert!(!w.is_empty());
+    }
+
     /// What `PackWriter` stores, byte for byte: three uncompressed blobs
     /// back to back after the 16-byte header, then the table and the
     /// trailer. Offsets follow from the layout in the module doc alone
