@@ -623,6 +623,24 @@ mod tests {
     }
 
     #[test]
+    fn chunk_extents_are_at_most_the_largest_chunk() {
+        for (len, ok) in [
+            (MAX_CHUNK_SIZE as u64, true),
+            (MAX_CHUNK_SIZE as u64 + 1, false),
+        ] {
+            let mut s = sample();
+            s.disks[0].push(len, Some(ChunkId::of(b"big")));
+            match Snapshot::decode(&s.encode()) {
+                Ok(d) => assert!(ok && d == s, "{len}"),
+                Err(e) => assert!(
+                    !ok && e.to_string().contains("chunk extent of"),
+                    "{len}: {e}"
+                ),
+            }
+        }
+    }
+
+    #[test]
     fn chunk_ids_lists_every_reference() {
         let ids: Vec<ChunkId> = sample().chunk_ids().collect();
         assert_eq!(ids, vec![ChunkId::of(b"one"), ChunkId::of(b"two")]);
