@@ -423,6 +423,28 @@ mod tests {
         }
     }
 
+    /// A table entry must hold more than a blob header: a blob of a
+    /// non-empty chunk has a body.
+    #[test]
+    fn a_blob_of_a_header_alone_is_out_of_bounds() {
+        let mut pack = pack_header();
+        let header = crate::store::blob::BlobHeader {
+            compression: crate::store::format::COMPRESSION_NONE,
+            raw_len: 1,
+            body_len: 0,
+        };
+        pack.extend_from_slice(&header.encode());
+        let entry = PackEntry {
+            id: ChunkId::of(b"x"),
+            offset: 16,
+            length: BLOB_HEADER_LEN as u32,
+            raw_length: 1,
+        };
+        pack.extend_from_slice(&encode_table(&[entry], 16 + BLOB_HEADER_LEN as u64));
+        let e = parse_pack(&pack).unwrap_err();
+        assert!(e.to_string().contains("out of bounds"), "{e}");
+    }
+
     #[test]
     fn writers_say_whether_they_hold_anything() {
         let pool = crate::store::testing::LastObject::default();
