@@ -1101,6 +1101,17 @@ fn cmd_restore(
     let throttle = rate.throttle()?;
     let mut repo = open_repo(pool)?;
     let id = repo.resolve(&SnapshotSelector::parse(snapshot, vm)?)?;
+    if let Some(tape) = repo.pool.tape.clone() {
+        // From the newest media set holding the snapshot, alone: every
+        // chunk it needs is there, and no other set's cartridge is asked
+        // for (it may be off-site).
+        if let Some(set) = tape.newest_set_with(cairn_engine::FileKind::Snapshot, &id.to_hex()) {
+            repo = Opened {
+                repo: Repository::open(Arc::new(tape.media_set(&set)?))?,
+                pool: repo.pool,
+            };
+        }
+    }
     let bar = Arc::new(Bar::new(!json));
     let mut opts = RestoreOptions::default()
         .with_threads(self::threads(threads))

@@ -263,6 +263,24 @@ fn media_sets_close_and_retire_from_the_cli() {
     assert_eq!(list[0]["snapshots"][0], a["snapshot"]);
     assert_eq!(list[1]["snapshots"][0], b["snapshot"]);
     let set2 = list[1]["id"].as_str().unwrap().to_string();
+    // The first set's cartridges leave the library (blanked here): the
+    // second set's snapshot restores from its own cartridges alone,
+    // though the first set holds every one of its chunks too.
+    for c in list[0]["cartridges"].as_array().unwrap() {
+        let file = dir
+            .path()
+            .join("tape/library/cartridges")
+            .join(c.as_str().unwrap());
+        std::fs::write(file, b"").unwrap();
+    }
+    let at = dir.path().join("r");
+    restore_equals(
+        &pool,
+        b["snapshot"].as_str().unwrap(),
+        "vda.img",
+        &at,
+        &data,
+    );
 
     // Protected: nothing is retired.
     let a_id = a["snapshot"].as_str().unwrap();
@@ -297,7 +315,6 @@ fn media_sets_close_and_retire_from_the_cli() {
     let listed = json(&["snapshots", &pool, "--json"]);
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["id"], b["snapshot"]);
-    let at = dir.path().join("r");
     restore_equals(
         &pool,
         b["snapshot"].as_str().unwrap(),

@@ -417,6 +417,36 @@ impl TapePool {
         })
     }
 
+    /// Media set `id` as a pool of its own — to restore a snapshot from
+    /// that set's cartridges alone (the whole pool may find a chunk in
+    /// another set's copy first). Writes through it fail unless it is the
+    /// open set.
+    pub fn media_set(&self, id: &str) -> Result<TapeMediaSet> {
+        let tape = self.shared.tape.lock();
+        if !tape.media.sets.iter().any(|s| s.id == id) {
+            return Err(Error::InvalidArgument(format!(
+                "tape pool {} has no media set {id}",
+                self.shared.dir.display()
+            )));
+        }
+        Ok(TapeMediaSet {
+            shared: self.shared.clone(),
+            set: id.to_string(),
+        })
+    }
+
+    /// The newest media set holding a copy of snapshot manifest `id`.
+    pub fn newest_set_with(&self, kind: FileKind, name: &str) -> Option<String> {
+        let tape = self.shared.tape.lock();
+        let copies = tape.objects.get(&(kind, name.to_string()))?;
+        tape.media
+            .sets
+            .iter()
+            .rev()
+            .find(|s| copies.iter().any(|c| c.set == s.id))
+            .map(|s| s.id.clone())
+    }
+
     /// Closes the open media set (nothing more is appended to it; the next
     /// write starts a new set). Returns its id, `None` when none was open.
     pub fn close_current_set(&self) -> Result<Option<String>> {
