@@ -641,6 +641,16 @@ mod tests {
     }
 
     #[test]
+    fn strings_are_read_up_to_their_limit() {
+        let mut s = sample();
+        s.vm = "v".repeat(MAX_STRING);
+        assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+        s.vm.push('v');
+        let e = Snapshot::decode(&s.encode()).unwrap_err();
+        assert!(e.to_string().contains("exceeds limit"), "{e}");
+    }
+
+    #[test]
     fn chunk_ids_lists_every_reference() {
         let ids: Vec<ChunkId> = sample().chunk_ids().collect();
         assert_eq!(ids, vec![ChunkId::of(b"one"), ChunkId::of(b"two")]);

@@ -445,6 +445,52 @@ mod tests {
         assert!(e.to_string().contains("out of bounds"), "{e}");
     }
 
+    /// A pack of one blob of `raw` bytes whose table entry says
+    /// `table_raw`.
+    fn one_blob_pack(raw: &[u8], table_raw: u32) -> Vec<u8> {
+        let mut pack = pack_header();
+        let mut blob = Vec::new();
+        crate::store::blob::BlobCodec::new(crate::store::blob::Compression::None)
+            .encode_into(raw, &mut blob)
+            .unwrap();
+        pack.extend_from_slice(&blob);
+        let entry = PackEntry {
+            id: ChunkId::of(raw),
+            offset: 16,
+            length: blob.len() as u32,
+            raw_length: table_raw,
+        };
+        pack.extend_from_slice(&encode_table(&[entry], 16 + blob.len() as u64));
+        pack
+    }
+
+    #[test]
+    fn packs_of_no_blob_and_disagreeing_entries() {
+        // No blob at all: a header and a trailer, valid.
+        let mut empty = pack_header();
+        empty.extend_from_slice(&encode_table(&[], 16));
+        assert_eq!(empty.len(), PACK_HEADER_LEN + PACK_TRAILER_LEN);
+        assert_eq!(parse_pack(&empty).unwrap(), Vec::new());
+        let e = parse_pack(&empty[..empty.len() - 1]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DecodeError::Truncated {
+                    needed: 72,
+                    available: 71
+                }
+            ),
+            "{e}"
+        );
+        assert!(parse_pack(&one_blob_pack(b"ab", 2)).is_ok());
+        // The entry's raw length disagrees with the blob header's (lengths
+        // agree), or is 0.
+        let e = parse_pack(&one_blob_pack(b"ab", 3)).unwrap_err();
+        assert!(e.to_string().contains("disagrees"), "{e}");
+        let e = parse_pack(&one_blob_pack(b"ab", 0)).unwrap_err();
+        assert!(e.to_string().contains("out of bounds"), "{e}");
+    }
+
     #[test]
     fn writers_say_whether_they_hold_anything() {
         let pool = crate::store::testing::LastObject::default();
