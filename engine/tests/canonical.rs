@@ -310,3 +310,21 @@ fn the_non_canonical_cases_found_by_hand_are_refused() {
         assert!(PoolConfig::decode(bad.as_bytes()).is_err(), "{bad:?}");
     }
 }
+
+/// A pack of no blob (header and trailer only) is valid; its table reads
+/// back empty from a pool, and one byte less is refused.
+#[test]
+fn an_empty_pack_reads_back_from_a_pool() {
+    use cairn_engine::internals::read_pack_table;
+    use cairn_engine::{FileKind, PoolWrite};
+    let pool = cairn_pools::MemoryPool::new();
+    let mut pack = pack_header();
+    pack.extend_from_slice(&encode_table(&[], 16));
+    let id = PackId::from_hex(&"ab".repeat(16)).unwrap();
+    pool.write(FileKind::Pack, &id.to_hex(), &pack).unwrap();
+    assert!(read_pack_table(&pool, &id).unwrap().is_empty());
+    let short = PackId::from_hex(&"cd".repeat(16)).unwrap();
+    pool.write(FileKind::Pack, &short.to_hex(), &pack[..pack.len() - 1])
+        .unwrap();
+    assert!(read_pack_table(&pool, &short).unwrap_err().is_damage());
+}
