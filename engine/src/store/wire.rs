@@ -240,6 +240,20 @@ pub fn split_checksummed(data: &[u8]) -> Result<&[u8], DecodeError> {
 mod tests {
     use super::*;
 
+    /// A checksum alone guards an empty body; anything shorter is cut off.
+    #[test]
+    fn an_empty_body_with_its_checksum_splits() {
+        let empty = *blake3::hash(b"").as_bytes();
+        assert_eq!(split_checksummed(&empty).unwrap(), b"");
+        assert!(matches!(
+            split_checksummed(&empty[..31]),
+            Err(DecodeError::Truncated {
+                needed: 32,
+                available: 31
+            })
+        ));
+    }
+
     #[test]
     fn decoder_never_reads_past_end() {
         let mut d = Decoder::new(&[1, 2, 3]);
