@@ -215,10 +215,27 @@ fn retire(
             ))
         })?);
     }
+    // Protection first, for all of them (a dry run says so too): nothing
+    // is forgotten or retired if one is protected.
+    for id in &ids {
+        if opened.repo.is_protected(id)? {
+            return Err(cairn_engine::Error::SnapshotProtected(id.to_hex()).into());
+        }
+    }
+    // Then set by set: its snapshots forgotten, then the set retired, so
+    // an error part-way leaves no set whose snapshots were forgotten but
+    // whose copies stay.
     let mut retired = Vec::new();
     if !dry_run {
-        opened.repo.forget(&ids)?;
+        let mut forgotten: Vec<SnapshotId> = Vec::new();
         for t in &targets {
+            let mine: Vec<SnapshotId> = ids
+                .iter()
+                .filter(|i| t.snapshots.contains(&i.to_hex()) && !forgotten.contains(i))
+                .copied()
+                .collect();
+            opened.repo.forget(&mine)?;
+            forgotten.extend(mine);
             retired.push(tape.retire_set(&t.id)?);
         }
     }
@@ -235,12 +252,12 @@ fn retire(
         }));
     } else {
         let verb = if dry_run { "would retire" } else { "retired" };
-        for t in &targets {
+        for (i, t) in targets.iter().enumerate() {
             println!(
                 "{verb} media set {} ({} objects, {}); scratch cartridges: {}",
                 t.id,
-                t.objects,
-                output::human(t.bytes),
+                retired.get(i).map_or(t.objects, |r| r.objects),
+                output::human(retired.get(i).map_or(t.bytes, |r| r.bytes)),
                 t.cartridges.join(" ")
             );
         }

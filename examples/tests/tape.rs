@@ -285,9 +285,15 @@ fn media_sets_close_and_retire_from_the_cli() {
     // Protected: nothing is retired.
     let a_id = a["snapshot"].as_str().unwrap();
     ok(&["protect", &pool, a_id]);
-    let out = cairn(&["tape", "retire", &pool, &set1[..8]]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(stderr(&out).contains("protected"), "{}", stderr(&out));
+    for dry in [false, true] {
+        let mut args = vec!["tape", "retire", &pool, &set1[..8]];
+        if dry {
+            args.push("--dry-run");
+        }
+        let out = cairn(&args);
+        assert_eq!(code(&out), 2, "{}", stderr(&out));
+        assert!(stderr(&out).contains("protected"), "{}", stderr(&out));
+    }
     assert_eq!(
         json(&["tape", "sets", &pool, "--json"])["media_sets"],
         sets["media_sets"]
@@ -340,6 +346,23 @@ fn media_sets_close_and_retire_from_the_cli() {
         &at,
         &data,
     );
+
+    // Every set retired, the last copy of the configuration with them:
+    // the pool stays a pool, and the next backup's new set gets a copy.
+    ok(&["tape", "close", &pool]);
+    ok(&["forget", &pool, c["snapshot"].as_str().unwrap()]);
+    ok(&["tape", "retire", &pool, "--empty"]);
+    let sets = json(&["tape", "sets", &pool, "--json"]);
+    assert!(sets["media_sets"].as_array().unwrap().is_empty(), "{sets}");
+    let d = backup();
+    restore_equals(
+        &pool,
+        d["snapshot"].as_str().unwrap(),
+        "vda.img",
+        &at,
+        &data,
+    );
+    ok(&["verify", &pool, "--read-data"]);
 
     // Refused on tape, or for other pools.
     let out = cairn(&["gc", &pool]);

@@ -548,7 +548,10 @@ impl TapePool {
             }
             if left == 0 {
                 tape.objects.remove(&key);
-                if key.0 != FileKind::Pack {
+                // The configuration's local copy stays even when its last
+                // tape copy goes: it is the pool's, and the next set gets
+                // a copy of it with its first object.
+                if key.0 != FileKind::Pack && key.0 != FileKind::Config {
                     match self.shared.store.delete(key.0, &key.1) {
                         Ok(()) => {}
                         Err(e) if e.is_not_found() => {}
@@ -1788,7 +1791,13 @@ impl Shared {
         if !on_tape(kind) {
             return self.store.read(kind, name);
         }
-        self.read_whole(kind, name, scope)
+        match self.read_whole(kind, name, scope) {
+            // No set holds a copy of the configuration (its sets were
+            // retired): the local copy is the pool's until the next set
+            // gets one.
+            Err(e) if e.is_not_found() && kind == FileKind::Config => self.store.read(kind, name),
+            other => other,
+        }
     }
 
     fn read_range(
