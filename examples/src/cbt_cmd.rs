@@ -112,6 +112,12 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
         )?;
     }
     let vm = opts.vm.clone();
+    if run.nbd.is_empty() && matches!(&run.throttle, Some((_, crate::rate_args::RateOn::Reads))) {
+        return Err(Failure::usage(
+            "--rate-limit on reads is not applied to --qcow2 backups yet (the qcow2 path opens \
+             its own NBD exports); use --rate-limit-on writes",
+        ));
+    }
     let ran = if !run.nbd.is_empty() {
         backup_nbd(&repo, &run, &opts, bar)
     } else {

@@ -172,7 +172,7 @@ impl RateLimit {
                         end: parse_minute(rule, end, true)?,
                         rate: parse_rate(rule, rate)?,
                     };
-                    if w.start == w.end % DAY {
+                    if w.start == w.end {
                         return Err(bad(rule, "an empty window (start = end)"));
                     }
                     if let Some(o) = limit
@@ -595,6 +595,7 @@ mod tests {
             (vec!["1.5GiB/s"], "1536MiB/s"),
             (vec!["500kib/s"], "500KiB/s"),
             (vec!["18:00-24:00=2GiB/s"], "18:00-24:00=2GiB/s"),
+            (vec!["00:00-24:00=2GiB/s"], "00:00-24:00=2GiB/s"),
             (vec![], "unlimited"),
         ] {
             let limit = RateLimit::parse(&rules).unwrap();

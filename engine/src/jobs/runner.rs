@@ -169,12 +169,31 @@ pub fn run_limited<T: Send + Sync, R: Send>(
                 }
             }
         };
-        let result = work(&item);
-        let mut q = queue.lock();
-        if let Some(c) = q.running.get_mut(&k) {
-            *c -= 1;
+        // Gives the slot back even if `work` panics (the panic then
+        // reaches the caller through the scope), so no worker waits on a
+        // key that will never free up.
+        struct Slot<'q, T, R> {
+            queue: &'q Mutex<Queue<T, R>>,
+            changed: &'q Condvar,
+            key: String,
         }
-        q.done.push((i, item, Some(result)));
+        impl<T, R> Drop for Slot<'_, T, R> {
+            fn drop(&mut self) {
+                let mut q = self.queue.lock();
+                if let Some(c) = q.running.get_mut(&self.key) {
+                    *c -= 1;
+                }
+                self.changed.notify_all();
+            }
+        }
+        let slot = Slot {
+            queue: &queue,
+            changed: &changed,
+            key: k,
+        };
+        let result = work(&item);
+        drop(slot);
+        queue.lock().done.push((i, item, Some(result)));
         changed.notify_all();
     };
     std::thread::scope(|s| {
@@ -266,6 +285,29 @@ mod tests {
         assert!(disk_total.peak() <= 16, "{}", disk_total.peak());
         // And it did run in parallel.
         assert!(job.peak() >= 2, "{}", job.peak());
+    }
+
+    #[test]
+    fn a_panicking_item_does_not_hang_the_others() {
+        let ran = AtomicUsize::new(0);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_limited(
+                (0..6).collect::<Vec<u32>>(),
+                2,
+                1,
+                |_| "one host".to_string(),
+                &CancelToken::new(),
+                |i| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    if *i == 0 {
+                        panic!("item 0 fails");
+                    }
+                    *i
+                },
+            )
+        }));
+        assert!(outcome.is_err(), "the panic reaches the caller");
+        assert_eq!(ran.load(Ordering::SeqCst), 6, "the other items still ran");
     }
 
     #[test]

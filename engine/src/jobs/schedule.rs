@@ -42,9 +42,10 @@ use crate::{Error, Result};
 /// Minutes in a day.
 const DAY: u16 = 24 * 60;
 
-/// How far ahead a run is sought: a schedule that can run at all runs
-/// within 8 years (`monthly feb 29`), so 12 years of days is ample.
-const HORIZON_DAYS: i32 = 12 * 366;
+/// How far ahead a run is sought: the Gregorian calendar repeats every
+/// 400 years, so a schedule that can run at all runs within them
+/// (`monthly feb 5th-mon` runs once in 28 years, or more across 2100).
+const HORIZON_DAYS: i32 = 146_097;
 
 /// When a job runs (see the module docs for the spec forms).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -783,6 +784,11 @@ mod tests {
             assert_eq!(next_n(spec, z, after, *n), *want, "{spec}");
         }
         assert!(next_n("once 2026-12-01T02:00", z, "2026-12-01T02:00", 1).is_empty());
+        // A fifth Monday in February: 29 February a Monday, next in 2044.
+        assert_eq!(
+            next_n("monthly feb 5th-mon 03:00", z, "2026-11-27T00:00", 1),
+            ["2044-02-29T03:00+01:00"]
+        );
         let tz = TimeZone::get(z).unwrap();
         let now = at(&tz, "2026-11-27T10:00");
         let imm: Schedule = "immediate".parse().unwrap();
