@@ -27,6 +27,9 @@ pub struct FakePlatform {
     pub snapshots_taken: AtomicU64,
     /// Snapshots released.
     pub snapshots_released: Arc<AtomicU64>,
+    /// Faults the next snapshots meet, in order (`true`: a dropped
+    /// connection, a network-type failure; `false`: a refusal).
+    faults: Mutex<std::collections::VecDeque<bool>>,
 }
 
 impl FakePlatform {
@@ -82,6 +85,13 @@ impl FakePlatform {
         );
     }
 
+    /// Makes the next snapshot calls fail, one per entry: `true` with a
+    /// dropped connection (network-type, retried by jobs), `false` with a
+    /// refusal (not retried).
+    pub fn fail_snapshots(&self, faults: &[bool]) {
+        self.faults.lock().extend(faults.iter().copied());
+    }
+
     /// What was restored into disk `device` of VM `vm_id`, once finished.
     pub fn restored(&self, vm_id: &str, device: &str) -> Option<Vec<u8>> {
         self.restored
@@ -116,6 +126,16 @@ impl Platform for FakePlatform {
     }
 
     fn snapshot(&self, vm: &VmInfo) -> Result<Box<dyn PlatformSnapshot>> {
+        if let Some(network) = self.faults.lock().pop_front() {
+            return Err(if network {
+                Error::io(
+                    format!("snapshot of VM {} (fake platform)", vm.name),
+                    std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+                )
+            } else {
+                Error::InvalidArgument(format!("VM {} refuses snapshots (fake platform)", vm.name))
+            });
+        }
         self.snapshots_taken.fetch_add(1, Ordering::SeqCst);
         let disks = self
             .disks

@@ -12,21 +12,36 @@
 //!   (B8).
 //! - [`lock`]: one job at a time per resource, never stuck after a crash
 //!   (B18).
+//! - [`definition`]: a job as written (TOML), checked into a [`Job`].
+//! - [`state`]: the state directory — definitions, run records and logs.
+//! - [`execute`]: running a job once ([`JobRunner`]): scripts, VMs within
+//!   the limits, retries, retention, the record.
+//! - [`script`]: pre-condition, pre- and post-scripts with timeouts.
+//! - [`notify`]: job events and where they go.
 //! - `fake` (feature `sample`): a fake platform for tests.
 
 pub mod capacity;
+pub mod definition;
+pub mod execute;
 #[cfg(any(test, feature = "sample"))]
 pub mod fake;
 pub mod lock;
+pub mod notify;
 pub mod rate;
 pub mod runner;
 pub mod schedule;
+pub mod script;
 pub mod select;
+pub mod state;
 
 pub use capacity::CapacityRule;
+pub use definition::{Job, JobDefinition, JobKind};
+pub use execute::{JobEnvironment, JobRunner};
 pub use lock::ResourceLock;
+pub use notify::{CommandNotifier, EventKind, JobEvent, MemoryNotifier, NoNotifier, Notifier};
 pub use runner::{run_limited, Limits};
 pub use select::Selection;
+pub use state::{RunRecord, RunStatus, StateDir, Trigger, VmRecord, VmStatus};
 
 pub use rate::{
     Clock, Direction, FakeClock, RateLimit, RateWindow, SystemClock, Throttle, ThrottledPool,
