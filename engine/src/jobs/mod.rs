@@ -16,11 +16,13 @@
 //! - [`state`]: the state directory — definitions, run records and logs.
 //! - [`execute`]: running a job once ([`JobRunner`]): scripts, VMs within
 //!   the limits, retries, retention, the record.
+//! - [`daemon`]: runs jobs at their times, across restarts.
 //! - [`script`]: pre-condition, pre- and post-scripts with timeouts.
 //! - [`notify`]: job events and where they go.
 //! - `fake` (feature `sample`): a fake platform for tests.
 
 pub mod capacity;
+pub mod daemon;
 pub mod definition;
 pub mod execute;
 #[cfg(any(test, feature = "sample"))]
@@ -35,6 +37,7 @@ pub mod select;
 pub mod state;
 
 pub use capacity::CapacityRule;
+pub use daemon::{Daemon, PassOutcomes, ScheduleState, TickOutcome};
 pub use definition::{Job, JobDefinition, JobKind};
 pub use execute::{JobEnvironment, JobRunner};
 pub use lock::ResourceLock;

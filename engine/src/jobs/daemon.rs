@@ -1,0 +1,304 @@
+//! The daemon: runs each job of the state directory at its scheduled
+//! times (spec B6, B20), survives a restart without losing or
+//! double-running a run, and reports runs missed while it was down.
+//!
+//! Per job it keeps `schedule/<job>.json` ([`ScheduleState`]): the
+//! schedule it belongs to, when the daemon first saw the job, and the
+//! last occurrence it *claimed*. A run is claimed (written atomically)
+//! before it starts and marked finished after its record is written, so:
+//!
+//! - an occurrence claimed and finished never runs again, whatever
+//!   restarts follow;
+//! - an occurrence claimed but not finished (the daemon was killed, or
+//!   cancelled by SIGTERM mid-run) is run again once at the next start
+//!   (trigger `resumed`) — unless a finished record of it exists (the
+//!   daemon died between the record and the mark);
+//! - occurrences that passed while no daemon ran (more than the grace
+//!   period ago) are *missed*: reported to the notifier, and with the
+//!   job's `run_missed` run once (trigger `missed`); otherwise the job
+//!   waits for its next occurrence.
+//!
+//! A changed schedule or time zone starts the job's state afresh (its
+//! occurrences so far are not missed). One daemon per state directory (a
+//! lock).
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::definition::Job;
+use crate::jobs::execute::JobRunner;
+use crate::jobs::lock::ResourceLock;
+use crate::jobs::schedule::Schedule;
+use crate::jobs::state::{RunRecord, RunStatus, StateDir, Trigger};
+use crate::{CancelToken, Error, Result};
+
+/// Occurrences later than this behind "now" are missed, not due.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5 * 60);
+
+/// The daemon's state of one job (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ScheduleState {
+    /// The schedule it belongs to, as written.
+    pub schedule: String,
+    /// The time zone it belongs to (`None`: the system's).
+    pub timezone: Option<String>,
+    /// When the daemon first saw the job with this schedule (RFC 3339).
+    pub since: String,
+    /// The last occurrence claimed (RFC 3339).
+    pub claimed: Option<String>,
+    /// Whether the claimed occurrence's run ended.
+    pub finished: bool,
+}
+
+/// What one pass of the daemon did for a job.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TickOutcome {
+    /// A run was made.
+    Ran(Box<RunRecord>),
+    /// Occurrences were missed (how many, at most 1000 counted) and not run.
+    Missed(usize),
+    /// The job could not be run (bad definition, busy, state unwritable).
+    Error(String),
+}
+
+/// A pass's outcomes: per job, what was done.
+pub type PassOutcomes = Vec<(String, TickOutcome)>;
+
+/// The daemon (see the module docs).
+pub struct Daemon<'a> {
+    state: &'a StateDir,
+    runner: JobRunner<'a>,
+    grace: Duration,
+    _lock: ResourceLock,
+}
+
+impl std::fmt::Debug for Daemon<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("state", &self.state.root())
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_time(s: &str, what: &str) -> Result<Timestamp> {
+    s.parse()
+        .map_err(|e| Error::InvalidArgument(format!("{what} {s:?} is not a time: {e}")))
+}
+
+impl<'a> Daemon<'a> {
+    /// The daemon of `state`, running jobs with `runner`; fails when
+    /// another daemon runs on this state directory.
+    pub fn new(state: &'a StateDir, runner: JobRunner<'a>) -> Result<Self> {
+        let lock = ResourceLock::acquire(state.root(), "daemon", "daemon")?;
+        Ok(Daemon {
+            state,
+            runner,
+            grace: DEFAULT_GRACE,
+            _lock: lock,
+        })
+    }
+
+    /// Occurrences more than `grace` old are missed rather than due.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// One pass over every job at time `now`: each job due runs (one after
+    /// the other), interrupted runs are resumed, missed runs reported.
+    pub fn tick(&self, now: Timestamp) -> PassOutcomes {
+        let names = match self.state.job_names() {
+            Ok(n) => n,
+            Err(e) => return vec![(String::new(), TickOutcome::Error(e.to_string()))],
+        };
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(outcome) = self.tick_job(&name, now) {
+                out.push((name, outcome));
+            }
+        }
+        out
+    }
+
+    fn tick_job(&self, name: &str, now: Timestamp) -> Option<TickOutcome> {
+        let job = match self.state.job(name).and_then(|d| d.resolve()) {
+            Ok(j) => j,
+            Err(e) => return Some(TickOutcome::Error(e.to_string())),
+        };
+        match self.tick_resolved(&job, now) {
+            Ok(o) => o,
+            Err(e) => Some(TickOutcome::Error(e.to_string())),
+        }
+    }
+
+    fn tick_resolved(&self, job: &Job, now: Timestamp) -> Result<Option<TickOutcome>> {
+        let def = &job.definition;
+        let path = self.state.schedule_path(&def.name);
+        let mut st: ScheduleState = match self.state.read_json(&path)? {
+            Some(st)
+                if {
+                    let st: &ScheduleState = &st;
+                    st.schedule == def.schedule && st.timezone == def.timezone
+                } =>
+            {
+                st
+            }
+            _ => {
+                let fresh = ScheduleState {
+                    schedule: def.schedule.clone(),
+                    timezone: def.timezone.clone(),
+                    since: now.to_string(),
+                    claimed: None,
+                    finished: true,
+                };
+                self.state.write_json(&path, &fresh)?;
+                fresh
+            }
+        };
+        // An occurrence claimed and not finished: resume it once, unless
+        // its run did end (the daemon died before marking it).
+        if let (Some(claimed), false) = (st.claimed.clone(), st.finished) {
+            let t = parse_time(&claimed, "claimed occurrence")?;
+            let ended = self.state.runs(&def.name)?.iter().any(|r| {
+                r.scheduled.as_deref() == Some(claimed.as_str())
+                    && matches!(
+                        r.status,
+                        RunStatus::Succeeded
+                            | RunStatus::Partial
+                            | RunStatus::Failed
+                            | RunStatus::Skipped
+                    )
+            });
+            if ended {
+                st.finished = true;
+                self.state.write_json(&path, &st)?;
+            } else {
+                return self
+                    .run_claimed(job, &path, st, t, Trigger::Resumed)
+                    .map(Some);
+            }
+        }
+        let since = parse_time(&st.since, "first seen")?;
+        if job.schedule == Schedule::Immediate {
+            // Runs once, as soon as the daemon sees the job; never missed.
+            return match st.claimed {
+                None => self
+                    .run_claimed(job, &path, st, since, Trigger::Schedule)
+                    .map(Some),
+                Some(_) => Ok(None),
+            };
+        }
+        let base = match &st.claimed {
+            Some(c) => parse_time(c, "claimed occurrence")?,
+            None => since,
+        };
+        let grace = jiff::SignedDuration::try_from(self.grace).unwrap_or_default();
+        let cutoff = now.checked_sub(grace).unwrap_or(now);
+        let occurrences = |from: Timestamp, until: Timestamp, limit: usize| {
+            job.schedule.due_between(&job.zone, from, until, limit)
+        };
+        // Due: within the grace period (the latest of them runs).
+        let due_from = if base > cutoff { base } else { cutoff };
+        let due = occurrences(due_from, now, 10_000);
+        let missed = if base < cutoff {
+            occurrences(base, cutoff, 1000)
+        } else {
+            Vec::new()
+        };
+        if !missed.is_empty() {
+            self.runner.report_missed(job, &missed);
+        }
+        if let Some(t) = due.last() {
+            return self
+                .run_claimed(job, &path, st, *t, Trigger::Schedule)
+                .map(Some);
+        }
+        if let Some(t) = missed.last() {
+            if def.run_missed {
+                return self
+                    .run_claimed(job, &path, st, *t, Trigger::Missed)
+                    .map(Some);
+            }
+            st.claimed = Some(t.to_string());
+            st.finished = true;
+            self.state.write_json(&path, &st)?;
+            return Ok(Some(TickOutcome::Missed(missed.len())));
+        }
+        Ok(None)
+    }
+
+    /// Claims occurrence `t`, runs it, marks it finished (not when the run
+    /// was cancelled: it resumes at the next start).
+    fn run_claimed(
+        &self,
+        job: &Job,
+        path: &std::path::Path,
+        mut st: ScheduleState,
+        t: Timestamp,
+        trigger: Trigger,
+    ) -> Result<TickOutcome> {
+        let previous = st.clone();
+        st.claimed = Some(t.to_string());
+        st.finished = false;
+        self.state.write_json(path, &st)?;
+        match self.runner.run(job, trigger, Some(t)) {
+            Ok(record) => {
+                if record.status != RunStatus::Cancelled {
+                    st.finished = true;
+                    self.state.write_json(path, &st)?;
+                }
+                Ok(TickOutcome::Ran(Box::new(record)))
+            }
+            Err(e) => {
+                // Not run (busy, say): the occurrence stays unclaimed.
+                self.state.write_json(path, &previous)?;
+                Ok(TickOutcome::Error(e.to_string()))
+            }
+        }
+    }
+
+    /// When the next pass has something to do: the earliest next
+    /// occurrence of any job after `now` (`None`: no job has one).
+    pub fn next_wake(&self, now: Timestamp) -> Option<Timestamp> {
+        let names = self.state.job_names().ok()?;
+        names
+            .iter()
+            .filter_map(|n| self.state.job(n).and_then(|d| d.resolve()).ok())
+            .filter_map(|j| j.schedule.next_after(&j.zone, now))
+            .min()
+    }
+
+    /// Runs passes until `cancel` fires: a pass, then a sleep until the
+    /// next occurrence of any job or `poll` (jobs added or changed are seen
+    /// within `poll`). `on_pass` sees each pass's outcomes.
+    pub fn run(
+        &self,
+        poll: Duration,
+        cancel: &CancelToken,
+        on_pass: &mut dyn FnMut(&PassOutcomes),
+    ) {
+        while !cancel.is_cancelled() {
+            let now = Timestamp::now();
+            let outcomes = self.tick(now);
+            if !outcomes.is_empty() {
+                on_pass(&outcomes);
+            }
+            let now = Timestamp::now();
+            let wait = self
+                .next_wake(now)
+                .and_then(|t| Duration::try_from(t.duration_since(now)).ok())
+                .map_or(poll, |d| d.min(poll));
+            let end = std::time::Instant::now() + wait;
+            while !cancel.is_cancelled() && std::time::Instant::now() < end {
+                std::thread::sleep(
+                    end.saturating_duration_since(std::time::Instant::now())
+                        .min(Duration::from_millis(100)),
+                );
+            }
+        }
+    }
+}

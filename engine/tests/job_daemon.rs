@@ -1,0 +1,227 @@
+//! The daemon's passes at chosen times: a job runs once per occurrence,
+//! never twice across restarts; an occurrence whose run never ended is
+//! resumed once; runs missed while no daemon ran are reported and, when
+//! the job says so, run once; immediate jobs run once; one daemon per
+//! state directory.
+#![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
+
+use std::sync::Arc;
+
+use cairn_engine::jobs::fake::FakePlatform;
+use cairn_engine::jobs::{
+    Daemon, EventKind, JobDefinition, JobEnvironment, JobRunner, MemoryNotifier, RunStatus,
+    ScheduleState, StateDir, TickOutcome, Trigger,
+};
+use cairn_engine::{DynPool, Error, Platform, Repository};
+use jiff::Timestamp;
+
+struct Env {
+    platform: Arc<FakePlatform>,
+    pool: DynPool,
+}
+
+impl JobEnvironment for Env {
+    fn platform(&self, _: &str) -> cairn_engine::Result<Arc<dyn Platform>> {
+        Ok(self.platform.clone())
+    }
+    fn pool(&self, _: &str) -> cairn_engine::Result<DynPool> {
+        Ok(self.pool.clone())
+    }
+}
+
+fn env() -> Env {
+    let platform = FakePlatform::new();
+    platform.add_vm("web", "cvk1", "pool", vec![("vda", vec![7u8; 256 << 10])]);
+    let pool: DynPool = Arc::new(cairn_pools::MemoryPool::new());
+    Repository::create(pool.clone()).unwrap();
+    Env {
+        platform: Arc::new(platform),
+        pool,
+    }
+}
+
+fn add(state: &StateDir, name: &str, schedule: &str, run_missed: bool) {
+    let def = JobDefinition::from_toml(
+        &format!(
+            "name = \"{name}\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
+             schedule = \"{schedule}\"\ntimezone = \"UTC\"\nrun_missed = {run_missed}\n\
+             [select]\nvms = [\"web\"]\n"
+        ),
+        "t",
+    )
+    .unwrap();
+    state.add_job(&def, true).unwrap();
+}
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+/// The (job, trigger, scheduled) of the runs a pass made.
+fn ran(outcomes: &[(String, TickOutcome)]) -> Vec<(String, Trigger, String)> {
+    outcomes
+        .iter()
+        .filter_map(|(job, o)| match o {
+            TickOutcome::Ran(r) => Some((
+                job.clone(),
+                r.trigger,
+                r.scheduled.clone().unwrap_or_default(),
+            )),
+            TickOutcome::Error(e) => panic!("{job}: {e}"),
+            TickOutcome::Missed(_) => None,
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn each_occurrence_runs_once_across_restarts() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    let notes = MemoryNotifier::default();
+    add(&state, "nightly", "daily 02:30", false);
+    add(&state, "now", "immediate", false);
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
+    // A second daemon on the same state directory is refused.
+    let e = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap_err();
+    assert!(matches!(e, Error::PoolBusy(_)), "{e}");
+
+    let first = daemon.tick(t("2026-01-01T01:00:00Z"));
+    assert_eq!(
+        ran(&first),
+        [(
+            "now".to_string(),
+            Trigger::Schedule,
+            "2026-01-01T01:00:00Z".to_string()
+        )]
+    );
+    assert!(ran(&daemon.tick(t("2026-01-01T02:00:00Z"))).is_empty());
+    assert_eq!(
+        daemon.next_wake(t("2026-01-01T02:00:00Z")),
+        Some(t("2026-01-01T02:30:00Z"))
+    );
+    let due = daemon.tick(t("2026-01-01T02:31:00Z"));
+    assert_eq!(
+        ran(&due),
+        [(
+            "nightly".to_string(),
+            Trigger::Schedule,
+            "2026-01-01T02:30:00Z".to_string()
+        )]
+    );
+    assert!(ran(&daemon.tick(t("2026-01-01T02:32:00Z"))).is_empty());
+    // A restart: nothing runs again.
+    drop(daemon);
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
+    assert!(ran(&daemon.tick(t("2026-01-01T02:33:00Z"))).is_empty());
+    assert_eq!(state.runs("nightly").unwrap().len(), 1);
+    assert_eq!(state.runs("now").unwrap().len(), 1);
+    assert!(notes.events().is_empty(), "{:?}", notes.events());
+
+    // Killed mid-run: claimed, not finished, no ended record → resumed once.
+    let path = state.schedule_path("nightly");
+    let mut st: ScheduleState = state.read_json(&path).unwrap().unwrap();
+    st.claimed = Some("2026-01-02T02:30:00Z".into());
+    st.finished = false;
+    state.write_json(&path, &st).unwrap();
+    let resumed = daemon.tick(t("2026-01-02T02:40:00Z"));
+    assert_eq!(
+        ran(&resumed),
+        [(
+            "nightly".to_string(),
+            Trigger::Resumed,
+            "2026-01-02T02:30:00Z".to_string()
+        )]
+    );
+    assert!(ran(&daemon.tick(t("2026-01-02T02:41:00Z"))).is_empty());
+    // Killed after its record was written, before the mark: not run again.
+    let mut st: ScheduleState = state.read_json(&path).unwrap().unwrap();
+    assert!(st.finished);
+    st.finished = false;
+    state.write_json(&path, &st).unwrap();
+    assert!(ran(&daemon.tick(t("2026-01-02T02:42:00Z"))).is_empty());
+    let st: ScheduleState = state.read_json(&path).unwrap().unwrap();
+    assert!(st.finished);
+    let runs = state.runs("nightly").unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r.status == RunStatus::Succeeded));
+}
+
+#[test]
+fn missed_runs_are_reported_and_run_once_when_asked() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    let notes = MemoryNotifier::default();
+    add(&state, "skip", "daily 02:30", false);
+    add(&state, "catch", "daily 02:30", true);
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
+    assert!(ran(&daemon.tick(t("2026-01-01T00:00:00Z"))).is_empty());
+    // Down from before 01-01 02:30 until 01-04 12:00: 4 runs missed.
+    let outcomes = daemon.tick(t("2026-01-04T12:00:00Z"));
+    assert_eq!(
+        ran(&outcomes),
+        [(
+            "catch".to_string(),
+            Trigger::Missed,
+            "2026-01-04T02:30:00Z".to_string()
+        )]
+    );
+    let skipped = outcomes.iter().find(|(j, _)| j == "skip").unwrap();
+    assert!(
+        matches!(skipped.1, TickOutcome::Missed(4)),
+        "{:?}",
+        skipped.1
+    );
+    let missed: Vec<_> = notes
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::RunsMissed)
+        .collect();
+    assert_eq!(missed.len(), 2);
+    assert!(
+        missed[0].message.starts_with(
+            "4 scheduled run(s) missed between 2026-01-01T02:30:00Z and 2026-01-04T02:30:00Z"
+        ),
+        "{}",
+        missed[0].message
+    );
+    // Neither runs again for those; both run at the next occurrence.
+    assert!(ran(&daemon.tick(t("2026-01-04T12:01:00Z"))).is_empty());
+    let next = ran(&daemon.tick(t("2026-01-05T02:30:10Z")));
+    assert_eq!(next.len(), 2, "{next:?}");
+    assert!(next
+        .iter()
+        .all(|(_, trig, at)| *trig == Trigger::Schedule && at == "2026-01-05T02:30:00Z"));
+    assert_eq!(state.runs("skip").unwrap().len(), 1);
+    assert_eq!(state.runs("catch").unwrap().len(), 2);
+    // A changed schedule starts afresh: nothing before it is missed.
+    add(&state, "skip", "daily 03:30", false);
+    let r = ran(&daemon.tick(t("2026-01-09T00:00:00Z")));
+    assert_eq!(
+        r,
+        [(
+            "catch".to_string(),
+            Trigger::Missed,
+            "2026-01-08T02:30:00Z".to_string()
+        )]
+    );
+    let mut r = ran(&daemon.tick(t("2026-01-09T03:31:00Z")));
+    r.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        r,
+        [
+            (
+                "catch".to_string(),
+                Trigger::Missed,
+                "2026-01-09T02:30:00Z".to_string()
+            ),
+            (
+                "skip".to_string(),
+                Trigger::Schedule,
+                "2026-01-09T03:30:00Z".to_string()
+            )
+        ]
+    );
+}
