@@ -16,7 +16,10 @@
 
 #![warn(missing_docs)]
 
+pub mod inventory;
 pub mod qemu;
+
+pub use inventory::{InventoryPlatform, ReadSettings};
 
 use cairn_engine::{DiskTarget, Error, Platform, PlatformSnapshot, Result, VmDisk, VmInfo};
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use cairn_engine::jobs::fake::FakePlatform;
 use cairn_engine::jobs::{
-    Daemon, EventKind, JobDefinition, JobEnvironment, JobRunner, MemoryNotifier, RunStatus,
+    Daemon, EventKind, Job, JobDefinition, JobEnvironment, JobRunner, MemoryNotifier, RunStatus,
     ScheduleState, StateDir, TickOutcome, Trigger,
 };
 use cairn_engine::{DynPool, Error, Platform, Repository};
@@ -21,10 +21,10 @@ struct Env {
 }
 
 impl JobEnvironment for Env {
-    fn platform(&self, _: &str) -> cairn_engine::Result<Arc<dyn Platform>> {
+    fn platform(&self, _: &Job) -> cairn_engine::Result<Arc<dyn Platform>> {
         Ok(self.platform.clone())
     }
-    fn pool(&self, _: &str) -> cairn_engine::Result<DynPool> {
+    fn pool(&self, _: &Job) -> cairn_engine::Result<DynPool> {
         Ok(self.pool.clone())
     }
 }
@@ -146,6 +146,16 @@ fn each_occurrence_runs_once_across_restarts() {
     let runs = state.runs("nightly").unwrap();
     assert_eq!(runs.len(), 2);
     assert!(runs.iter().all(|r| r.status == RunStatus::Succeeded));
+
+    // An immediate job run by hand before the daemon saw it is not run again.
+    add(&state, "by-hand", "immediate", false);
+    let job = state.job("by-hand").unwrap().resolve().unwrap();
+    let by_hand = JobRunner::new(&state, &env, &notes)
+        .run(&job, Trigger::Manual, None)
+        .unwrap();
+    assert_eq!(by_hand.status, RunStatus::Succeeded);
+    assert!(ran(&daemon.tick(t("2026-01-02T03:00:00Z"))).is_empty());
+    assert_eq!(state.runs("by-hand").unwrap().len(), 1);
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use cairn_engine::jobs::fake::FakePlatform;
 use cairn_engine::jobs::{
-    EventKind, JobDefinition, JobEnvironment, JobRunner, MemoryNotifier, ResourceLock, RunStatus,
-    StateDir, Trigger, VmStatus,
+    EventKind, Job, JobDefinition, JobEnvironment, JobRunner, MemoryNotifier, ResourceLock,
+    RunStatus, StateDir, Trigger, VmStatus,
 };
 use cairn_engine::sample::SampleRng;
 use cairn_engine::{CancelToken, DynPool, Error, Platform, Repository, RetentionPolicy};
@@ -28,12 +28,12 @@ struct Env {
 }
 
 impl JobEnvironment for Env {
-    fn platform(&self, address: &str) -> cairn_engine::Result<Arc<dyn Platform>> {
-        assert_eq!(address, "fake:");
+    fn platform(&self, job: &Job) -> cairn_engine::Result<Arc<dyn Platform>> {
+        assert_eq!(job.definition.platform, "fake:");
         Ok(self.platform.clone())
     }
-    fn pool(&self, address: &str) -> cairn_engine::Result<DynPool> {
-        if address == "missing" {
+    fn pool(&self, job: &Job) -> cairn_engine::Result<DynPool> {
+        if job.definition.pool == "missing" {
             return Err(Error::InvalidArgument("pool missing is not there".into()));
         }
         Ok(self.pool.clone())

@@ -2,7 +2,8 @@
 //!
 //! Exit codes: 0 success, 1 error, 2 usage error, 3 damage found,
 //! 4 backup skipped with an alert (`--on-missing-cbt skip-alert`), 5 busy
-//! (a concurrent job), 6 a snapshot selector that matches several snapshots.
+//! (a concurrent job), 6 a snapshot selector that matches several snapshots,
+//! 7 a job run that did only part of its VMs.
 
 // The argument docs below are clap's --help text (URI forms, <placeholders>),
 // not rustdoc.
@@ -10,6 +11,7 @@
 
 mod cbt_cmd;
 mod demo;
+mod job_cmd;
 mod output;
 mod rate_args;
 mod retention_cmd;
@@ -231,6 +233,11 @@ enum Command {
     /// Inspect schedules without running anything.
     #[command(subcommand)]
     Schedule(schedule_cmd::ScheduleCommand),
+    /// Jobs: add, list, show, run, history, log, remove.
+    #[command(subcommand)]
+    Job(job_cmd::JobCommand),
+    /// Run the jobs of the state directory at their scheduled times.
+    Daemon(job_cmd::DaemonArgs),
     /// Media sets of a tape pool: list, close, rotation, retire.
     #[command(subcommand)]
     Tape(tape_cmd::TapeCommand),
@@ -738,6 +745,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Gc(args) => retention_cmd::gc(&args),
         Command::Tape(command) => tape_cmd::run(command),
         Command::Schedule(command) => schedule_cmd::run(command),
+        Command::Job(command) => job_cmd::run(command),
+        Command::Daemon(args) => job_cmd::daemon(args),
         Command::Demo { dir, size_mib } => demo::run(dir.as_deref(), size_mib),
     }
 }

@@ -18,7 +18,8 @@
 //!   job's `run_missed` run once (trigger `missed`); otherwise the job
 //!   waits for its next occurrence.
 //!
-//! A changed schedule or time zone starts the job's state afresh (its
+//! An immediate job runs once when the daemon first sees it, unless it has
+//! run already (by hand). A changed schedule or time zone starts the job's state afresh (its
 //! occurrences so far are not missed). One daemon per state directory (a
 //! lock).
 
@@ -184,13 +185,19 @@ impl<'a> Daemon<'a> {
         }
         let since = parse_time(&st.since, "first seen")?;
         if job.schedule == Schedule::Immediate {
-            // Runs once, as soon as the daemon sees the job; never missed.
-            return match st.claimed {
-                None => self
-                    .run_claimed(job, &path, st, since, Trigger::Schedule)
-                    .map(Some),
-                Some(_) => Ok(None),
-            };
+            // Runs once, as soon as the daemon sees the job — unless it ran
+            // already (by hand); never missed.
+            if st.claimed.is_some() {
+                return Ok(None);
+            }
+            if !self.state.runs(&def.name)?.is_empty() {
+                st.claimed = Some(since.to_string());
+                self.state.write_json(&path, &st)?;
+                return Ok(None);
+            }
+            return self
+                .run_claimed(job, &path, st, since, Trigger::Schedule)
+                .map(Some);
         }
         let base = match &st.claimed {
             Some(c) => parse_time(c, "claimed occurrence")?,

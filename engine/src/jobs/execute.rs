@@ -31,10 +31,18 @@ use crate::{
 /// What a job needs from the application running it: its platform and its
 /// pool, by the addresses the job names.
 pub trait JobEnvironment: Send + Sync {
-    /// The platform at `address` (the job's `platform`).
-    fn platform(&self, address: &str) -> Result<Arc<dyn Platform>>;
-    /// The pool at `address` (the job's `pool`).
-    fn pool(&self, address: &str) -> Result<DynPool>;
+    /// The platform the job names (`job.definition.platform`), reading
+    /// disks with the job's source options (timeout, streams per disk).
+    fn platform(&self, job: &Job) -> Result<Arc<dyn Platform>>;
+    /// The pool the job names (`job.definition.pool`).
+    fn pool(&self, job: &Job) -> Result<DynPool>;
+    /// Where a backup of `vm` writes within `pool`, when not the pool
+    /// itself: a standard pool's backup set of the VM, a tape pool's open
+    /// media set. The default: the pool.
+    fn backup_pool(&self, job: &Job, vm: &VmInfo, pool: &DynPool) -> Result<Option<DynPool>> {
+        let _ = (job, vm, pool);
+        Ok(None)
+    }
 }
 
 /// Runs jobs (see the module docs).
@@ -60,7 +68,12 @@ struct Run<'r> {
     log: &'r RunLog,
     platform: Arc<dyn Platform>,
     repo: Repository,
+    /// The pool as opened (throttled when the limit is on its side).
+    pool: DynPool,
+    /// The throttle of the platform's side (disk reads or restore writes).
     throttle: Option<Arc<Throttle>>,
+    /// The throttle of the pool's side (backup writes, restore reads).
+    pool_throttle: Option<Arc<Throttle>>,
 }
 
 impl<'a> JobRunner<'a> {
@@ -189,7 +202,7 @@ impl<'a> JobRunner<'a> {
         }
         self.cancel.check()?;
         let platform = self.with_retries(job, log, "opening the platform", || {
-            self.environment.platform(&def.platform)
+            self.environment.platform(job)
         })?;
         // A limit on the pool's side wraps the pool itself.
         let throttle = (!job.rate_limit.is_unlimited()).then(|| {
@@ -203,16 +216,20 @@ impl<'a> JobRunner<'a> {
             (def.kind, job.rate_direction),
             (JobKind::Backup, Direction::Writes) | (JobKind::Restore, Direction::Reads)
         );
-        let repo = self.with_retries(job, log, "opening the pool", || {
-            let mut pool = self.environment.pool(&def.pool)?;
-            if let (true, Some(t)) = (pool_side, &throttle) {
-                pool = Arc::new(WrappedPool(ThrottledPool::new(
+        let throttled = |pool: DynPool| -> DynPool {
+            match (pool_side, &throttle) {
+                (true, Some(t)) => Arc::new(WrappedPool(ThrottledPool::new(
                     pool,
                     t.clone(),
                     job.rate_direction,
-                )));
+                ))),
+                _ => pool,
             }
-            Repository::open(pool)
+        };
+        let (pool, repo) = self.with_retries(job, log, "opening the pool", || {
+            let pool = self.environment.pool(job)?;
+            let repo = Repository::open(throttled(pool.clone()))?;
+            Ok((pool, repo))
         })?;
         let inventory = self.with_retries(job, log, "listing the platform's VMs", || {
             platform.list_vms()
@@ -240,7 +257,9 @@ impl<'a> JobRunner<'a> {
             log,
             platform,
             repo,
-            throttle: (!pool_side).then_some(throttle).flatten(),
+            pool,
+            throttle: (!pool_side).then_some(throttle.clone()).flatten(),
+            pool_throttle: pool_side.then_some(throttle).flatten(),
         };
         let results = def
             .limits
@@ -496,10 +515,25 @@ impl<'a> JobRunner<'a> {
         let job = run.job;
         let def = &job.definition;
         let _lock = ResourceLock::acquire(self.state.root(), &vm_resource(vm), job.name())?;
+        let own;
+        let repo = match self.environment.backup_pool(job, vm, &run.pool)? {
+            None => &run.repo,
+            Some(pool) => {
+                let pool: DynPool = match &run.pool_throttle {
+                    Some(t) => Arc::new(WrappedPool(ThrottledPool::new(
+                        pool,
+                        t.clone(),
+                        job.rate_direction,
+                    ))),
+                    None => pool,
+                };
+                own = Repository::open(pool)?;
+                &own
+            }
+        };
         let parent = match def.mode {
             BackupMode::Full => None,
-            BackupMode::Incremental => run
-                .repo
+            BackupMode::Incremental => repo
                 .resolve(&SnapshotSelector::latest_of(vm.name.clone()))
                 .ok(),
         };
@@ -533,7 +567,7 @@ impl<'a> JobRunner<'a> {
                 .with_property("vm_id", vm.id.clone())
                 .with_property("host", vm.host.clone());
             opts.cancel = self.cancel.clone();
-            run.repo.backup(disks, &opts)
+            repo.backup(disks, &opts)
         });
         if let Err(e) = snapshot.release() {
             run.log.log(

@@ -368,7 +368,9 @@ impl StateDir {
         check_job_name(&def.name)?;
         let dir = self.runs_dir(&def.name);
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        let started = jiff::Timestamp::now();
+        let started = jiff::Timestamp::now()
+            .round(jiff::Unit::Millisecond)
+            .unwrap_or_else(|_| jiff::Timestamp::now());
         let suffix = hex(&crate::random::random_16()?[..3]);
         let run = format!(
             "{}-{suffix}",
