@@ -332,6 +332,9 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
                 print_record(&record);
                 println!("log: {}", state.log_path(&name, &record.run).display());
             }
+            if let (RunStatus::Cancelled, Some(sig)) = (record.status, signals::received()) {
+                return Ok(128 + sig as u8);
+            }
             Ok(match record.status {
                 RunStatus::Succeeded | RunStatus::Skipped => 0,
                 RunStatus::Partial => 7,
@@ -486,5 +489,7 @@ pub fn daemon(args: DaemonArgs) -> Result<u8, Failure> {
         state.root().display()
     );
     daemon.run(args.poll, &token, &mut report);
-    Ok(0)
+    // Stopped by SIGINT/SIGTERM: the running job was cancelled (what it
+    // stored stays; the next daemon resumes it).
+    Ok(signals::received().map_or(0, |sig| 128 + sig as u8))
 }

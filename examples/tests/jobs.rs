@@ -185,3 +185,299 @@ fn rate_limited_backups_and_restores_move_everything_and_bad_rules_exit_2() {
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
     }
 }
+
+/// A raw and a qcow2 VM in an inventory, a backup job and a restore job.
+struct JobSetup {
+    dir: tempfile::TempDir,
+}
+
+impl JobSetup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("images")).unwrap();
+        make_image(&d.join("images/web1.img"), 3 << 20, 1);
+        new_qcow2(&d.join("images/web2.qcow2"), "8M");
+        tool(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 0x5a 1M 2M",
+                &p(&d.join("images/web2.qcow2")),
+            ],
+        );
+        std::fs::write(
+            d.join("inv.toml"),
+            "restore_dir = \"restored\"\n\
+             [[vm]]\nname = \"web1\"\nhost = \"kvm1\"\n[[vm.disk]]\ndevice = \"vda\"\npath = \"images/web1.img\"\n\
+             [[vm]]\nname = \"web2\"\nhost = \"kvm1\"\n[[vm.disk]]\ndevice = \"vda\"\npath = \"images/web2.qcow2\"\n\
+             [[vm]]\nname = \"db\"\nhost = \"kvm2\"\n[[vm.disk]]\ndevice = \"vda\"\npath = \"images/web1.img\"\n",
+        )
+        .unwrap();
+        ok(&["init", &p(&d.join("pool"))]);
+        JobSetup { dir }
+    }
+
+    fn path(&self, rel: &str) -> std::path::PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![("CAIRN_STATE_DIR", p(&self.path("state")))]
+    }
+
+    /// Writes job `name` (`body` after the common keys) and adds it.
+    fn add(&self, name: &str, kind: &str, top: &str, tables: &str) {
+        let file = self.path(&format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{name}\"\nkind = \"{kind}\"\nplatform = \"inventory:{}\"\npool = \"{}\"\n{top}\n\
+                 [capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n[retries]\ninterval = \"0s\"\n{tables}",
+                p(&self.path("inv.toml")),
+                p(&self.path("pool"))
+            ),
+        )
+        .unwrap();
+        ok_env(&["job", "add", "--replace", &p(&file)], &self.env());
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        cairn_env(args, &self.env())
+    }
+}
+
+#[test]
+fn jobs_back_up_and_restore_an_inventory_record_runs_and_notify() {
+    let s = JobSetup::new();
+    let events = s.path("events.jsonl");
+    s.add(
+        "nightly",
+        "backup",
+        "schedule = \"daily 02:30\"\ntimezone = \"UTC\"",
+        &format!(
+            "[select]\nkeywords = [\"web\"]\n[scripts]\npre = \"[ \\\"$CAIRN_VM\\\" != web2 ] || [ -e {flag} ]\"\n\
+             [notify]\ncommand = \"cat >> {events}; echo >> {events}\"\n",
+            flag = p(&s.path("web2-ok")),
+            events = p(&events)
+        ),
+    );
+    // web2's pre-script says no: partly done, exit 7, events sent.
+    let out = s.run(&["job", "run", "nightly", "--json"]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rec["status"], "partial");
+    let vms = rec["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2);
+    assert_eq!(vms[0]["vm"], "web1");
+    assert_eq!(vms[0]["status"], "succeeded");
+    assert_eq!(
+        vms[0]["bytes_logical"],
+        std::fs::metadata(s.path("images/web1.img")).unwrap().len()
+    );
+    assert_eq!(vms[1]["status"], "skipped");
+    assert!(vms[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("pre-script exited with code 1"));
+    let text = std::fs::read_to_string(&events).unwrap();
+    let kinds: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kinds, ["vm-skipped", "job-partial"]);
+    // Both now.
+    std::fs::write(s.path("web2-ok"), b"").unwrap();
+    let out = s.run(&["job", "run", "nightly", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let listed = json_env(&["job", "list", "--json"], &s.env());
+    assert_eq!(listed[0]["job"], "nightly");
+    assert_eq!(listed[0]["last_status"], "succeeded");
+    assert!(listed[0]["next_run"]
+        .as_str()
+        .unwrap()
+        .ends_with("T02:30:00Z"));
+    let history = json_env(&["job", "history", "nightly", "--json"], &s.env());
+    assert_eq!(history.as_array().unwrap().len(), 2);
+    let log = ok_env(&["job", "log", "nightly"], &s.env());
+    assert!(log.contains("2 VM(s) selected: web1, web2"), "{log}");
+    assert!(log.contains("run ended: succeeded"), "{log}");
+
+    // A restore job puts both back bit-identical.
+    s.add(
+        "back",
+        "restore",
+        "",
+        "[select]\nvms = [\"web1\", \"web2\"]\n",
+    );
+    let out = s.run(&["job", "run", "back"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(s.path("restored/web1/vda.img")).unwrap(),
+        std::fs::read(s.path("images/web1.img")).unwrap()
+    );
+    assert_eq!(
+        raw_of(&s.path("restored/web2/vda.qcow2"), &s.path("a.raw")),
+        raw_of(&s.path("images/web2.qcow2"), &s.path("b.raw"))
+    );
+    // Removing keeps the history unless purged.
+    ok_env(&["job", "remove", "back"], &s.env());
+    let out = s.run(&["job", "show", "back"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("no job named \"back\""),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        json_env(&["job", "history", "back", "--json"], &s.env())
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn bad_job_files_exit_2_naming_the_key() {
+    let s = JobSetup::new();
+    for (top, tables, want) in [
+        (
+            "",
+            "[select]\nvms = [\"web1\"]\n[limits]\nvms_per_job = 33\n",
+            "vms_per_job = 33 is out of range (1–32)",
+        ),
+        (
+            "schedule = \"daily 24:30\"",
+            "[select]\nvms = [\"web1\"]\n",
+            "schedule:",
+        ),
+        (
+            "colour = \"red\"",
+            "[select]\nvms = [\"web1\"]\n",
+            "unknown field `colour`",
+        ),
+        (
+            "",
+            "[select]\nvms = [\"web1\"]\n[source]\nbuffer = \"16MiB\"\n",
+            "source.buffer: 16MiB is out of range (64KiB–8MiB)",
+        ),
+    ] {
+        let file = s.path("bad.toml");
+        std::fs::write(
+            &file,
+            format!("name = \"bad\"\nkind = \"backup\"\nplatform = \"inventory:x\"\npool = \"y\"\n{top}\n{tables}"),
+        )
+        .unwrap();
+        let out = s.run(&["job", "add", &p(&file)]);
+        assert_eq!(code(&out), 2, "{top} {tables}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(want),
+            "{want:?} not in {}",
+            stderr(&out)
+        );
+    }
+    assert!(json_env(&["job", "list", "--json"], &s.env())
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// The daemon killed while a run is under way (SIGKILL), and stopped by
+/// SIGTERM: the run is recorded interrupted (or cancelled), resumed once by
+/// the next daemon, and never run a third time.
+#[test]
+fn a_killed_or_stopped_daemon_resumes_its_run_once() {
+    use std::process::{Command, Stdio};
+    let s = JobSetup::new();
+    let inside = s.path("inside");
+    let go = s.path("go");
+    s.add(
+        "now",
+        "backup",
+        "",
+        &format!(
+            "[select]\nvms = [\"db\"]\n[scripts]\n\
+             pre = \"touch {inside}; i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\"\n",
+            inside = p(&inside),
+            go = p(&go)
+        ),
+    );
+    let history = || json_env(&["job", "history", "now", "--json"], &s.env());
+    for signal in [libc::SIGKILL, libc::SIGTERM] {
+        let _ = std::fs::remove_file(&inside);
+        let _ = std::fs::remove_file(&go);
+        if signal == libc::SIGTERM {
+            // A fresh occurrence: the job again, as a new immediate job.
+            ok_env(&["job", "remove", "now", "--purge"], &s.env());
+            s.add(
+                "now",
+                "backup",
+                "",
+                &format!(
+                    "[select]\nvms = [\"db\"]\n[scripts]\n\
+                     pre = \"touch {inside}; i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\"\n",
+                    inside = p(&inside),
+                    go = p(&go)
+                ),
+            );
+        }
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["daemon", "--poll", "1s"])
+            .envs(s.env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !inside.exists() {
+            assert!(
+                start.elapsed().as_secs() < 60,
+                "the daemon never ran the job"
+            );
+            assert!(daemon.try_wait().unwrap().is_none(), "the daemon ended");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: signals the child we started.
+        unsafe {
+            libc::kill(daemon.id() as i32, signal);
+        }
+        let status = daemon.wait().unwrap();
+        let h = history();
+        assert_eq!(h.as_array().unwrap().len(), 1, "{h}");
+        let want = if signal == libc::SIGKILL {
+            "interrupted"
+        } else {
+            "cancelled"
+        };
+        assert_eq!(h[0]["status"], want, "{h}");
+        if signal == libc::SIGTERM {
+            assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+        }
+        // The next daemon resumes it once; the one after does nothing.
+        std::fs::write(&go, b"").unwrap();
+        ok_env(&["daemon", "--once"], &s.env());
+        ok_env(&["daemon", "--once"], &s.env());
+        let h = history();
+        let runs = h.as_array().unwrap();
+        assert_eq!(runs.len(), 2, "{h}");
+        assert_eq!(runs[1]["trigger"], "resumed");
+        assert_eq!(runs[1]["status"], "succeeded");
+        assert_eq!(runs[1]["scheduled"], runs[0]["scheduled"]);
+    }
+    // Two snapshots, from the resumed runs: none from a killed or stopped one.
+    let snaps = json_env(&["snapshots", &p(&s.path("pool")), "--json"], &[]);
+    let n = snaps
+        .as_array()
+        .map(|a| a.len())
+        .or_else(|| snaps["snapshots"].as_array().map(|a| a.len()))
+        .unwrap();
+    assert_eq!(n, 2, "{snaps}");
+}
