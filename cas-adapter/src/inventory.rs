@@ -9,7 +9,7 @@
 //!   view: back up images of VMs that are stopped or paused (the inventory
 //!   says nothing about the VM's state); qcow2 images are served read-only
 //!   by `qemu-nbd` (it refuses an image a running VM holds) and read over
-//!   NBD with the job's connections and timeout.
+//!   NBD with the job's connections, timeout and reconnect window.
 //! - **Datastore space**: `statvfs` of the datastore directory.
 //! - **Restore targets**: `<restore_dir>/<vm>/<device>.img` (sparse raw)
 //!   or `.qcow2` (thin qcow2), as the disk's format; existing files are
@@ -88,6 +88,9 @@ pub struct ReadSettings {
     pub connections: usize,
     /// NBD request timeout.
     pub timeout: Duration,
+    /// How long a dropped NBD connection is re-established before a read
+    /// fails (zero: never).
+    pub reconnect_window: Duration,
 }
 
 impl Default for ReadSettings {
@@ -95,16 +98,19 @@ impl Default for ReadSettings {
         ReadSettings {
             connections: 1,
             timeout: Duration::from_secs(600),
+            reconnect_window: Duration::from_secs(600),
         }
     }
 }
 
 impl ReadSettings {
-    /// `connections` per disk and `timeout` per request.
-    pub fn new(connections: usize, timeout: Duration) -> Self {
+    /// `connections` per disk, `timeout` per request, dropped
+    /// connections re-established for up to `reconnect_window`.
+    pub fn new(connections: usize, timeout: Duration, reconnect_window: Duration) -> Self {
         ReadSettings {
             connections,
             timeout,
+            reconnect_window,
         }
     }
 }
@@ -234,12 +240,15 @@ impl PlatformSnapshot for InventorySnapshot {
             .get(device)
             .ok_or_else(|| Error::InvalidArgument(format!("no disk {device} in the snapshot")))?;
         match export {
-            Some(export) => Ok(Box::new(NbdSource::connect_many_with_timeout(
-                &export.uri(),
-                None,
-                self.read.connections,
-                self.read.timeout,
-            )?)),
+            Some(export) => Ok(Box::new(
+                NbdSource::connect_many_with_timeout(
+                    &export.uri(),
+                    None,
+                    self.read.connections,
+                    self.read.timeout,
+                )?
+                .with_reconnect(self.read.reconnect_window),
+            )),
             None => Ok(Box::new(RawFileSource::open(&disk.path)?)),
         }
     }

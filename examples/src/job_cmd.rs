@@ -128,7 +128,11 @@ impl JobEnvironment for CliEnvironment {
         let address = &job.definition.platform;
         match address.split_once(':') {
             Some(("inventory", path)) if !path.is_empty() => {
-                let read = ReadSettings::new(job.definition.limits.streams_per_disk, job.timeout);
+                let read = ReadSettings::new(
+                    job.definition.limits.streams_per_disk,
+                    job.timeout,
+                    job.reconnect_window,
+                );
                 Ok(Arc::new(InventoryPlatform::open(path.as_ref(), read)?))
             }
             _ => Err(Error::InvalidArgument(format!(

@@ -204,6 +204,8 @@ pub struct NbdConnection {
     flags: u16,
     contexts: HashMap<String, u32>,
     cookie: u64,
+    /// Broken: closed without the polite goodbye.
+    broken: bool,
 }
 
 impl std::fmt::Debug for NbdConnection {
@@ -298,6 +300,7 @@ impl NbdConnection {
             flags: 0,
             contexts: HashMap::new(),
             cookie: 1,
+            broken: false,
         };
         c.handshake(export, contexts)?;
         Ok(c)
@@ -783,7 +786,9 @@ impl NbdConnection {
 impl Drop for NbdConnection {
     fn drop(&mut self) {
         // Polite disconnect; errors do not matter any more.
-        let _ = self.request(CMD_DISC, 0, 0);
+        if !self.broken {
+            let _ = self.request(CMD_DISC, 0, 0);
+        }
     }
 }
 
@@ -794,7 +799,20 @@ pub struct NbdSource {
     size: u64,
     /// The first connection carries the metadata contexts; reads use all.
     connections: Vec<Mutex<NbdConnection>>,
+    /// The contexts the first connection negotiates.
+    contexts: Vec<String>,
+    /// The request timeout.
+    timeout: Duration,
+    /// How long a failed connection is re-established (zero: never).
+    reconnect_window: Duration,
+    /// Connections re-established so far.
+    reconnects: std::sync::atomic::AtomicU64,
 }
+
+/// First pause before a reconnect attempt; doubled up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest pause between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl NbdSource {
     /// Connects and negotiates `base:allocation` and, if given, the dirty
@@ -858,7 +876,92 @@ impl NbdSource {
             uri: uri.to_string(),
             size,
             connections: all,
+            contexts: contexts.iter().map(|c| c.to_string()).collect(),
+            timeout,
+            reconnect_window: Duration::ZERO,
+            reconnects: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// After a failed request, re-establishes the connection (backing off
+    /// from 50 ms to 5 s between attempts) and retries the request, for up
+    /// to `window` (spec B12: 1–60 min, 10 in jobs) before failing it. Zero
+    /// (the default): a failed request fails at once.
+    pub fn with_reconnect(mut self, window: Duration) -> Self {
+        self.reconnect_window = window;
+        self
+    }
+
+    /// Connections re-established after failures so far.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs `op` on connection `conn` (index `index`; 0 carries the
+    /// contexts); after a failure, reconnects and retries it within the
+    /// reconnect window.
+    fn on_connection<T>(
+        &self,
+        index: usize,
+        mut op: impl FnMut(&mut NbdConnection) -> Result<T>,
+    ) -> Result<T> {
+        let conn = &self.connections[index];
+        let mut guard = conn.lock();
+        let first = match op(&mut guard) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if self.reconnect_window.is_zero() || matches!(first, Error::InvalidArgument(_)) {
+            return Err(first);
+        }
+        let start = std::time::Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        let mut last = first;
+        let contexts: Vec<&str> = if index == 0 {
+            self.contexts.iter().map(String::as_str).collect()
+        } else {
+            Vec::new()
+        };
+        loop {
+            let left = self.reconnect_window.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(Error::Protocol {
+                    peer: self.uri.clone(),
+                    detail: format!(
+                        "the connection could not be re-established within the reconnect \
+                         window of {}: {last}",
+                        humantime::format_duration(self.reconnect_window)
+                    ),
+                });
+            }
+            std::thread::sleep(backoff.min(left));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            match NbdConnection::connect_with(&self.uri, &contexts, self.timeout, self.timeout) {
+                Ok(c) if c.size() != self.size => {
+                    return Err(Error::Protocol {
+                        peer: self.uri.clone(),
+                        detail: format!(
+                            "after reconnecting the export is {} bytes, before {}",
+                            c.size(),
+                            self.size
+                        ),
+                    })
+                }
+                Ok(c) => {
+                    // The old connection is broken: drop it without a goodbye.
+                    let mut old = std::mem::replace(&mut *guard, c);
+                    old.broken = true;
+                    drop(old);
+                    self.reconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match op(&mut guard) {
+                        Ok(v) => return Ok(v),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(e) => last = e,
+            }
+        }
     }
 
     /// Connections open to the export.
@@ -882,14 +985,13 @@ impl NbdSource {
     /// does not offer that bitmap.
     pub fn dirty_extents(&self, bitmap: &str) -> Result<Vec<Range<u64>>> {
         let ctx = format!("qemu:dirty-bitmap:{bitmap}");
-        let mut c = self.primary().lock();
-        if !c.has_context(&ctx) {
+        if !self.primary().lock().has_context(&ctx) {
             return Err(Error::CbtNotTrusted {
                 disk: self.uri.clone(),
                 reason: format!("the export offers no dirty bitmap {bitmap:?}"),
             });
         }
-        c.extents_where(&ctx, |f| f & STATE_DIRTY != 0)
+        self.on_connection(0, |c| c.extents_where(&ctx, |f| f & STATE_DIRTY != 0))
     }
 }
 
@@ -899,8 +1001,7 @@ impl DiskSource for NbdSource {
     }
 
     fn data_extents(&self) -> Result<Vec<Range<u64>>> {
-        let mut c = self.primary().lock();
-        if !c.has_context("base:allocation") {
+        if !self.primary().lock().has_context("base:allocation") {
             return Ok(if self.size == 0 {
                 Vec::new()
             } else {
@@ -908,7 +1009,9 @@ impl DiskSource for NbdSource {
             });
         }
         // Holes and ranges the server knows read as zeros are not read.
-        c.extents_where("base:allocation", |f| f & (STATE_HOLE | STATE_ZERO) == 0)
+        self.on_connection(0, |c| {
+            c.extents_where("base:allocation", |f| f & (STATE_HOLE | STATE_ZERO) == 0)
+        })
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -918,18 +1021,17 @@ impl DiskSource for NbdSource {
             .min(buf.len() / MIN_SPLIT_PIECE)
             .max(1);
         if n == 1 {
-            return self.primary().lock().read_at(offset, buf);
+            return self.on_connection(0, |c| c.read_at(offset, buf));
         }
         // One piece per connection, each a multiple of 64 KiB but the last.
         let piece = buf.len().div_ceil(n).div_ceil(1 << 16) << 16;
         std::thread::scope(|scope| {
             let handles: Vec<_> = buf
                 .chunks_mut(piece)
-                .zip(&self.connections)
                 .enumerate()
-                .map(|(i, (part, conn))| {
+                .map(|(i, part)| {
                     let at = offset + (i * piece) as u64;
-                    scope.spawn(move || conn.lock().read_at(at, part))
+                    scope.spawn(move || self.on_connection(i, |c| c.read_at(at, part)))
                 })
                 .collect();
             let mut result = Ok(());

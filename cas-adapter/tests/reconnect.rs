@@ -1,0 +1,273 @@
+//! Reconnect (spec B12) with real parts: a qcow2 served read-only by
+//! qemu-nbd, reached through a fault-injecting proxy that cuts chosen
+//! connections mid-reply and refuses new ones for a while. A source with a
+//! reconnect window re-establishes its connection, retries the request and
+//! the backup restores bit-identical to `qemu-img convert`'s copy; without
+//! a window, or with one shorter than the outage, the backup fails saying
+//! so.
+#![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_cas::qemu::Qcow2Image;
+use cairn_engine::{
+    BackupDisk, BackupOptions, DiskInput, MemoryTarget, NbdSource, Repository, RestoreOptions,
+};
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (run scripts/test.sh to install it)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the proxy does to each connection, by its number (0-based).
+#[derive(Default)]
+struct Plan {
+    /// Connection number → bytes of the server's replies passed before the
+    /// connection is cut.
+    cut_after: Mutex<Vec<(usize, u64)>>,
+    /// New connections are closed at once until then.
+    down_until: Mutex<Option<Instant>>,
+    /// Connections accepted so far.
+    accepted: AtomicUsize,
+    /// Connections cut or refused so far.
+    faults: AtomicUsize,
+}
+
+/// A proxy on `listen` forwarding to the unix socket `target`, following
+/// `plan`.
+fn start_proxy(listen: &Path, target: PathBuf, plan: Arc<Plan>) {
+    let listener = UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let n = plan.accepted.fetch_add(1, Ordering::SeqCst);
+            if plan
+                .down_until
+                .lock()
+                .unwrap()
+                .is_some_and(|t| Instant::now() < t)
+            {
+                plan.faults.fetch_add(1, Ordering::SeqCst);
+                drop(client);
+                continue;
+            }
+            let Ok(server) = UnixStream::connect(&target) else {
+                continue;
+            };
+            let budget = plan
+                .cut_after
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(i, _)| *i == n)
+                .map(|(_, b)| *b);
+            let plan = plan.clone();
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let _ = s_write.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let (mut s_read, mut c_write) = (server, client);
+                let mut passed = 0u64;
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let want = match budget {
+                        Some(b) if passed >= b => {
+                            plan.faults.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        Some(b) => buf.len().min((b - passed) as usize),
+                        None => buf.len(),
+                    };
+                    match s_read.read(&mut buf[..want]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            if c_write.write_all(&buf[..k]).is_err() {
+                                break;
+                            }
+                            passed += k as u64;
+                        }
+                    }
+                }
+                let _ = c_write.shutdown(std::net::Shutdown::Both);
+                let _ = s_read.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    reference: Vec<u8>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"],
+    );
+    for (pattern, at, len) in [
+        ("0x11", "0", "3M"),
+        ("0x5c", "4M", "1M"),
+        ("0xe7", "6M", "1536K"),
+    ] {
+        run(
+            "qemu-io",
+            &[
+                "-c",
+                &format!("write -P {pattern} {at} {len}"),
+                image.to_str().unwrap(),
+            ],
+        );
+    }
+    let raw = dir.path().join("reference.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    let reference = std::fs::read(&raw).unwrap();
+    Fixture {
+        dir,
+        image,
+        reference,
+    }
+}
+
+/// Backs up the disk through the proxy (with `window`) and restores it.
+fn back_up_through(
+    f: &Fixture,
+    plan: Arc<Plan>,
+    window: Duration,
+) -> cairn_engine::Result<(Vec<u8>, u64)> {
+    let export = Qcow2Image::new(&f.image).export_read_only(None, 1).unwrap();
+    let socket = export.uri().split_once("socket=").unwrap().1.to_string();
+    let proxy = f.dir.path().join(format!("proxy-{}.sock", rand_suffix()));
+    start_proxy(&proxy, PathBuf::from(socket), plan);
+    let source = NbdSource::connect(&format!("nbd+unix:///?socket={}", proxy.display()), None)?
+        .with_reconnect(window);
+    let source = Arc::new(source);
+    let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new())).unwrap();
+    let disk = BackupDisk::new(
+        "vda",
+        DiskInput::Image(Box::new(SharedSource(source.clone()))),
+    );
+    let stats = repo.backup(vec![disk], &BackupOptions::new("vm"))?;
+    let target = MemoryTarget::new(f.reference.len() as u64).unwrap();
+    let t2 = target.clone();
+    repo.restore(
+        &stats.snapshot,
+        &move |_| Ok(Box::new(t2.clone())),
+        &RestoreOptions::default(),
+    )?;
+    export.stop().unwrap();
+    Ok((target.finished().unwrap(), source.reconnects()))
+}
+
+fn rand_suffix() -> u64 {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::SeqCst) as u64
+}
+
+/// Lets the test keep the source to read its reconnect count.
+struct SharedSource(Arc<NbdSource>);
+
+impl cairn_engine::DiskSource for SharedSource {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn data_extents(&self) -> cairn_engine::Result<Vec<std::ops::Range<u64>>> {
+        self.0.data_extents()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> cairn_engine::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+#[test]
+fn a_cut_connection_is_reestablished_and_the_backup_is_whole() {
+    let f = fixture();
+    // The first connection is cut 2.5 MiB into its replies (mid-read), the
+    // second one right after its handshake and 100 KiB of data.
+    let plan = Arc::new(Plan::default());
+    *plan.cut_after.lock().unwrap() = vec![(0, (5 << 19) + 1234), (1, 100 << 10)];
+    let (restored, reconnects) =
+        back_up_through(&f, plan.clone(), Duration::from_secs(60)).unwrap();
+    assert!(restored == f.reference, "the restored disk differs");
+    assert_eq!(plan.faults.load(Ordering::SeqCst), 2);
+    assert_eq!(reconnects, 2);
+
+    // The same cut without a reconnect window fails the backup.
+    let plan = Arc::new(Plan::default());
+    *plan.cut_after.lock().unwrap() = vec![(0, (5 << 19) + 1234)];
+    let e = back_up_through(&f, plan, Duration::ZERO).unwrap_err();
+    assert!(!matches!(e, cairn_engine::Error::InvalidArgument(_)), "{e}");
+}
+
+#[test]
+fn an_outage_shorter_than_the_window_is_waited_out_and_a_longer_one_fails() {
+    let f = fixture();
+    // Cut at 1 MiB; the server is then unreachable for 1.5 s.
+    let plan = Arc::new(Plan::default());
+    *plan.cut_after.lock().unwrap() = vec![(0, 1 << 20)];
+    // From the first connection on, new ones are refused for 1.5 s.
+    let plan2 = plan.clone();
+    let arm = std::thread::spawn(move || {
+        while plan2.accepted.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *plan2.down_until.lock().unwrap() = Some(Instant::now() + Duration::from_millis(1500));
+    });
+    let (restored, reconnects) =
+        back_up_through(&f, plan.clone(), Duration::from_secs(60)).unwrap();
+    arm.join().unwrap();
+    assert!(restored == f.reference, "the restored disk differs");
+    assert_eq!(reconnects, 1);
+    assert!(
+        plan.faults.load(Ordering::SeqCst) >= 2,
+        "refused attempts were made"
+    );
+
+    // A window of 1 s against a 30 s outage: the backup fails, naming it.
+    let plan = Arc::new(Plan::default());
+    *plan.cut_after.lock().unwrap() = vec![(0, 1 << 20)];
+    let plan2 = plan.clone();
+    std::thread::spawn(move || {
+        while plan2.accepted.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *plan2.down_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(30));
+    });
+    let e = back_up_through(&f, plan, Duration::from_secs(1)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("could not be re-established within the reconnect window of 1s"),
+        "{e}"
+    );
+}
