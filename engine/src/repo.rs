@@ -447,6 +447,13 @@ impl Repository {
             }
         }
         crate::failpoint::pause("backup-after-index");
+        let resumes = backup::prepare_resume(
+            self.config.pool_id.as_bytes(),
+            &index,
+            &excluded,
+            &disks,
+            opts,
+        )?;
         let guard = || lease.ensure_held();
         let result = match self.pool.preferred_pack_size() {
             // The pool wants other packs and the caller kept the defaults.
@@ -454,9 +461,17 @@ impl Repository {
                 let mut opts = opts.clone();
                 opts.pack_target = size;
                 opts.pack_max_input = opts.pack_max_input.max(size.saturating_mul(2));
-                backup::run(&*self.pool, &index, &excluded, &guard, disks, &opts)
+                backup::run(
+                    &*self.pool,
+                    &index,
+                    &excluded,
+                    &guard,
+                    disks,
+                    resumes,
+                    &opts,
+                )
             }
-            _ => backup::run(&*self.pool, &index, &excluded, &guard, disks, opts),
+            _ => backup::run(&*self.pool, &index, &excluded, &guard, disks, resumes, opts),
         };
         let stats = result?;
         crate::failpoint::pause("backup-after-manifest");

@@ -90,7 +90,7 @@ enum Command {
         json: bool,
     },
     /// Back up one VM's disks as one snapshot.
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
     /// List snapshots.
     Snapshots {
         pool: String,
@@ -334,6 +334,11 @@ struct BackupArgs {
     /// --lease-expiry, whichever is longer).
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     lease_renewal: String,
+    /// Keep resume journals in DIR: a backup of image files interrupted
+    /// (killed, cancelled, failed) and run again on unchanged files
+    /// continues where it stopped instead of reading them from the start.
+    #[arg(long, value_name = "DIR")]
+    resume_dir: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -658,7 +663,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             json,
         ),
         Command::Sets { pool, json } => cmd_sets(&pool, json),
-        Command::Backup(args) => cmd_backup(args),
+        Command::Backup(args) => cmd_backup(*args),
         Command::Snapshots { pool, vm, json } => cmd_snapshots(&pool, vm.as_deref(), json),
         Command::Restore {
             pool,
@@ -923,6 +928,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         threads,
         mmap,
         lease_renewal,
+        resume_dir,
         rate,
         json,
     } = args;
@@ -1011,6 +1017,9 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         .with_progress(bar.clone())
         .with_cancel(signals::token());
     let mut opts = opts;
+    if let Some(dir) = resume_dir {
+        opts = opts.with_resume_dir(dir);
+    }
     // A test knob (undocumented on purpose): flush index segments after
     // this many new chunks, so memory tests cross a flush with small disks.
     if let Some(n) = std::env::var("CAIRN_SEGMENT_FLUSH_ENTRIES")

@@ -567,6 +567,7 @@ impl<'a> JobRunner<'a> {
                 .with_property("vm_id", vm.id.clone())
                 .with_property("host", vm.host.clone());
             opts.cancel = self.cancel.clone();
+            opts.resume_dir = Some(self.state.resume_dir());
             repo.backup(disks, &opts)
         });
         if let Err(e) = snapshot.release() {
@@ -584,6 +585,16 @@ impl<'a> JobRunner<'a> {
         rec.bytes_logical = stats.bytes_logical;
         rec.bytes_read = stats.bytes_read;
         rec.bytes_new = stats.bytes_new;
+        rec.bytes_resumed = stats.bytes_resumed;
+        if stats.bytes_resumed > 0 {
+            run.log.log(
+                LogLevel::Info,
+                format!(
+                    "VM {}: resumed an interrupted backup: {} bytes not read again",
+                    vm.name, stats.bytes_resumed
+                ),
+            );
+        }
         run.log.log(
             LogLevel::Info,
             format!(

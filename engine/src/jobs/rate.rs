@@ -420,6 +420,9 @@ impl DiskSource for ThrottledSource {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn identity(&self) -> Option<String> {
+        self.inner.identity()
+    }
     fn mapped(&self) -> Option<MappedDisk> {
         None
     }

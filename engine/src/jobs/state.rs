@@ -118,6 +118,10 @@ pub struct VmRecord {
     pub bytes_read: u64,
     /// Bytes new to the pool.
     pub bytes_new: u64,
+    /// Bytes taken from a resume journal instead of being read again (an
+    /// interrupted run of the same source continued).
+    #[serde(default)]
+    pub bytes_resumed: u64,
     /// Attempts made (1 + retries used).
     pub attempts: u32,
     /// Why it failed or was skipped.
@@ -138,6 +142,7 @@ impl VmRecord {
             bytes_logical: 0,
             bytes_read: 0,
             bytes_new: 0,
+            bytes_resumed: 0,
             attempts: 0,
             error: None,
             seconds: 0.0,
@@ -266,6 +271,11 @@ impl StateDir {
     /// The path of a run's log.
     pub fn log_path(&self, job: &str, run: &str) -> PathBuf {
         self.runs_dir(job).join(format!("{run}.log"))
+    }
+
+    /// Where backups keep their resume journals (spec B13).
+    pub fn resume_dir(&self) -> PathBuf {
+        self.root.join("resume")
     }
 
     /// The path of the daemon's schedule state of `job`.

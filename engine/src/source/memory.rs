@@ -26,6 +26,7 @@ use crate::source::{DiskSource, DiskTarget};
 pub struct MemorySource {
     name: String,
     data: Bytes,
+    identity: Option<String>,
 }
 
 impl MemorySource {
@@ -34,7 +35,15 @@ impl MemorySource {
         MemorySource {
             name: name.into(),
             data: data.into(),
+            identity: None,
         }
+    }
+
+    /// Gives the source an identity (see [`DiskSource::identity`]): the
+    /// caller promises its content is the same whenever the identity is.
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = Some(identity.into());
+        self
     }
 
     /// The disk's bytes.
@@ -49,6 +58,10 @@ const HOLE_GRANULARITY: usize = 4096;
 impl DiskSource for MemorySource {
     fn size(&self) -> u64 {
         self.data.len() as u64
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.identity.clone()
     }
 
     fn data_extents(&self) -> Result<Vec<Range<u64>>> {

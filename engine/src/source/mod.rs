@@ -41,6 +41,14 @@ pub trait DiskSource: Send + Sync {
     /// What this source is, for messages (a path, an NBD URI).
     fn describe(&self) -> String;
 
+    /// A string that changes whenever the disk's content may have changed
+    /// (a raw file: device, inode, size, mtime, ctime), or `None` when the
+    /// source cannot tell. A backup resumes from a journal only on a source
+    /// of the same identity (spec B13).
+    fn identity(&self) -> Option<String> {
+        None
+    }
+
     /// The whole disk mapped into memory, when the source was opened that
     /// way ([`RawFileSource::open_mapped`]): the pipeline then hashes and
     /// compresses straight from the mapping instead of copying into buffers.

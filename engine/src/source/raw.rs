@@ -130,6 +130,25 @@ impl DiskSource for RawFileSource {
         self.size
     }
 
+    /// Regular files only: a block device's times say nothing about its
+    /// content.
+    fn identity(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().ok()?;
+        m.is_file().then(|| {
+            format!(
+                "file:{}:{}:{}:{}.{}:{}.{}",
+                m.dev(),
+                m.ino(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            )
+        })
+    }
+
     #[allow(clippy::single_range_in_vec_init)] // one extent: the whole disk
     fn data_extents(&self) -> Result<Vec<Range<u64>>> {
         let fd = self.file.as_raw_fd();

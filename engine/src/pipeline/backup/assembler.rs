@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
+use super::resume::{Extent, Journal};
+
 use super::worker::Claims;
 use super::{BackupOptions, BackupStats, Buffers, Done, DoneBody};
 use crate::error::{Error, Result};
@@ -29,6 +31,17 @@ pub(super) struct Context<'a> {
     pub(super) opts: &'a BackupOptions,
     pub(super) free_tx: &'a Sender<Buffers>,
 }
+
+/// Journals of the disks that keep one (see `resume`), with the offset
+/// up to which each is journaled.
+pub(super) struct Journals {
+    pub(super) journals: Vec<Option<Journal>>,
+    pub(super) done: Vec<u64>,
+}
+
+/// Append to the journals when this many bytes are durable and unjournaled
+/// and no pack is pending.
+const JOURNAL_EVERY: u64 = 64 << 20;
 
 /// A disk as the manifest will name it.
 pub(super) struct DiskMeta {
@@ -57,6 +70,12 @@ struct State<'a> {
     sealed_rx: Receiver<Sealed>,
     /// The disk whose batches came last (announced through the progress).
     current_disk: Option<usize>,
+    journals: Journals,
+    /// Per pack handed to the sealer, in order: the (disk, offset) up to
+    /// which every extent is durable once that pack is sealed.
+    watermarks: std::collections::VecDeque<(usize, u64)>,
+    /// Bytes of extents pushed since the last journal append.
+    unjournaled: u64,
 }
 
 /// Consumes every processed batch, in order, and returns the assembled
@@ -67,6 +86,7 @@ pub(super) fn assemble(
     ctx: &Context<'_>,
     done_rx: Receiver<Done>,
     meta: Vec<DiskMeta>,
+    journals: Journals,
 ) -> Result<Assembled> {
     let disks = meta
         .iter()
@@ -90,6 +110,9 @@ pub(super) fn assemble(
         seal_tx: Some(seal_tx),
         sealed_rx,
         current_disk: None,
+        journals,
+        watermarks: std::collections::VecDeque::new(),
+        unjournaled: 0,
     };
     let outcome = std::thread::scope(|scope| {
         scope.spawn(move || seal_packs(seal_rx, sealed_tx));
@@ -195,13 +218,67 @@ impl State<'_> {
                 let _ = self.ctx.free_tx.send(buffers);
             }
         }
+        // Nothing pending: everything pushed is durable.
+        if self.unjournaled >= JOURNAL_EVERY && self.pack.is_none() && self.watermarks.is_empty() {
+            let end = self.position();
+            self.journal_upto(end);
+        }
         Ok(())
+    }
+
+    /// The (disk, offset) the extent lists have reached.
+    fn position(&self) -> (usize, u64) {
+        let disk = self.current_disk.unwrap_or(0);
+        (disk, self.out.disks.get(disk).map_or(0, |d| d.size))
+    }
+
+    /// Appends to the journals every extent up to `(disk, offset)`. A
+    /// journal that cannot be written is dropped (resume is a saving, not
+    /// a promise; a gap must never be journaled).
+    fn journal_upto(&mut self, (disk, offset): (usize, u64)) {
+        self.unjournaled = 0;
+        for d in 0..=disk {
+            let Some(Some(journal)) = self.journals.journals.get_mut(d) else {
+                continue;
+            };
+            let Some(manifest) = self.out.disks.get(d) else {
+                continue;
+            };
+            let target = if d < disk { manifest.size } else { offset };
+            let mut at = self.journals.done[d];
+            let mut i = manifest
+                .extents
+                .partition_point(|e| e.offset + e.length <= at);
+            let mut out: Vec<Extent> = Vec::new();
+            while at < target {
+                let Some(e) = manifest.extents.get(i) else {
+                    break;
+                };
+                let end = e.offset + e.length;
+                let stop = end.min(target);
+                if e.chunk.is_some() && (at != e.offset || stop != end) {
+                    // A chunk cut in two: never (positions fall between
+                    // extents); stop journaling rather than record it.
+                    break;
+                }
+                out.push((stop - at, e.chunk));
+                at = stop;
+                if stop == end {
+                    i += 1;
+                }
+            }
+            self.journals.done[d] = at;
+            if journal.append(&out).is_err() {
+                self.journals.journals[d] = None;
+            }
+        }
     }
 
     fn push_extent(&mut self, disk: usize, len: u64, id: Option<ChunkId>) {
         if let Some(d) = self.out.disks.get_mut(disk) {
             d.push(len, id);
         }
+        self.unjournaled += len;
         if id.is_some() {
             self.out.stats.chunks_total += 1;
         }
@@ -232,6 +309,9 @@ impl State<'_> {
     }
 
     fn seal(&mut self, pack: PackWriter) -> Result<()> {
+        // Extents pushed so far reference blobs of this pack or earlier.
+        let mark = self.position();
+        self.watermarks.push_back(mark);
         match self.seal_tx.as_ref().map(|tx| tx.send(pack)) {
             Some(Ok(())) => Ok(()),
             // The sealer stopped on an error: it is in `sealed_rx`.
@@ -250,6 +330,9 @@ impl State<'_> {
             };
             let Some(next) = next else { break };
             let (id, entries, size) = next?;
+            if let Some(mark) = self.watermarks.pop_front() {
+                self.journal_upto(mark);
+            }
             self.out.segment.add_entries(id, &entries);
             self.out.stats.bytes_new += size;
             self.out.stats.packs_written += 1;

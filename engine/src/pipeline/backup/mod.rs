@@ -16,6 +16,7 @@
 
 mod assembler;
 mod reader;
+pub(crate) mod resume;
 mod worker;
 
 use std::collections::{BTreeMap, HashSet};
@@ -88,6 +89,10 @@ pub struct BackupOptions {
     /// garbage collection evicts a writer whose lease it sees unrenewed for
     /// longer than its expiry, so this must stay well below that.
     pub lease_renewal: std::time::Duration,
+    /// Where resume journals are kept (spec B13; `None`: no resume). A
+    /// disk whose source has an [identity](crate::DiskSource::identity)
+    /// continues from its journal instead of being read from the start.
+    pub resume_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for BackupOptions {
@@ -122,7 +127,14 @@ impl BackupOptions {
             progress: Arc::new(NoProgress),
             cancel: CancelToken::new(),
             lease_renewal: crate::lease::LEASE_RENEW_INTERVAL,
+            resume_dir: None,
         }
+    }
+
+    /// Keeps resume journals in `dir` (see [`resume_dir`](Self::resume_dir)).
+    pub fn with_resume_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.resume_dir = Some(dir.into());
+        self
     }
 
     /// Sets how often the writer lease is renewed (at least 10 ms).
@@ -194,6 +206,9 @@ pub struct BackupStats {
     pub bytes_new_raw: u64,
     /// Packs sealed by this backup.
     pub packs_written: u64,
+    /// Bytes of the disks taken from resume journals instead of being read
+    /// (an interrupted backup of the same sources continued).
+    pub bytes_resumed: u64,
     /// Wall time of the backup.
     pub seconds: f64,
     /// Disks whose changed-block tracking was asked for but not trusted,
@@ -213,6 +228,7 @@ impl BackupStats {
             bytes_new: 0,
             chunks_total: 0,
             chunks_new: 0,
+            bytes_resumed: 0,
             bytes_new_raw: 0,
             packs_written: 0,
             seconds: 0.0,
@@ -345,27 +361,96 @@ pub(crate) fn run(
     excluded: &HashSet<PackId>,
     guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
+    resumes: Vec<Option<resume::DiskResume>>,
     opts: &BackupOptions,
 ) -> Result<BackupStats> {
     let started = Instant::now();
     let plan = plan(&disks, opts)?;
     let progress: &dyn Progress = &*opts.progress;
     progress.start(disks.iter().filter_map(BackupDisk::size).sum());
-    let assembled = run_pipeline(pool, index, excluded, guard, disks, opts)?;
+    let mut prefixes = Vec::with_capacity(disks.len());
+    let mut journals = assembler::Journals {
+        journals: Vec::with_capacity(disks.len()),
+        done: Vec::with_capacity(disks.len()),
+    };
+    let mut resumed = 0;
+    let mut paths = Vec::new();
+    for r in resumes
+        .into_iter()
+        .chain(std::iter::repeat_with(|| None))
+        .take(disks.len())
+    {
+        match r {
+            Some(r) => {
+                resumed += r.prefix_len;
+                paths.push(r.journal.path().to_path_buf());
+                journals.done.push(r.prefix_len);
+                journals.journals.push(Some(r.journal));
+                prefixes.push(Some((r.prefix_len, r.prefix)));
+            }
+            None => {
+                journals.done.push(0);
+                journals.journals.push(None);
+                prefixes.push(None);
+            }
+        }
+    }
+    let assembled = run_pipeline(
+        pool, index, excluded, guard, disks, prefixes, journals, opts,
+    )?;
     let stats = commit(pool, index, excluded, guard, assembled, &plan, opts)?;
+    // The snapshot exists: the journals have served.
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(BackupStats {
         seconds: started.elapsed().as_secs_f64(),
+        bytes_resumed: resumed,
         ..stats
     })
 }
 
+/// Opens the resume journals of `disks` when `opts.resume_dir` is set:
+/// one per disk read from a source with an identity (see `resume`).
+pub(crate) fn prepare_resume(
+    pool_id: &[u8],
+    index: &Index,
+    excluded: &HashSet<PackId>,
+    disks: &[BackupDisk],
+    opts: &BackupOptions,
+) -> Result<Vec<Option<resume::DiskResume>>> {
+    let Some(dir) = &opts.resume_dir else {
+        return Ok(disks.iter().map(|_| None).collect());
+    };
+    let grid = match opts.chunking {
+        ChunkingParams::Fixed { size } => size as u64,
+        _ => 1,
+    };
+    disks
+        .iter()
+        .map(|d| {
+            let DiskInput::Image(src) = &d.input else {
+                return Ok(None);
+            };
+            let Some(identity) = src.identity() else {
+                return Ok(None);
+            };
+            let key = resume::journal_key(pool_id, &opts.vm, &d.name, &identity, opts.chunking);
+            resume::Journal::open(dir, &key, index, excluded, grid, src.size()).map(Some)
+        })
+        .collect()
+}
+
 /// Starts the reader, the workers and the assembler and waits for them.
+#[allow(clippy::too_many_arguments)]
 fn run_pipeline(
     pool: &dyn Pool,
     index: &Index,
     excluded: &HashSet<PackId>,
     guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
+    prefixes: Vec<Option<(u64, Vec<resume::Extent>)>>,
+    journals: assembler::Journals,
     opts: &BackupOptions,
 ) -> Result<Assembled> {
     let threads = worker_threads(opts.threads);
@@ -403,7 +488,7 @@ fn run_pipeline(
                 let feed = reader::Feed::new(
                     chunking, batch_size, &free_rx, &free_tx, &work_tx, failure, cancel,
                 );
-                if let Err(e) = reader::read_disks(disks, feed) {
+                if let Err(e) = reader::read_disks(disks, prefixes, feed) {
                     failure.set(e);
                 }
             });
@@ -430,7 +515,7 @@ fn run_pipeline(
             opts,
             free_tx: &free_tx,
         };
-        let result = assembler::assemble(&ctx, done_rx, disk_meta);
+        let result = assembler::assemble(&ctx, done_rx, disk_meta, journals);
         if result.is_err() {
             // Stop the reader; workers stop when their channels close.
             failure.abort();

@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::resume::Extent;
 use super::{Batch, BatchBody, Buffers};
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
@@ -84,13 +85,19 @@ impl<'a> Feed<'a> {
 }
 
 /// Reader thread: turns disks into batches.
-pub(super) fn read_disks(disks: Vec<BackupDisk>, mut feed: Feed<'_>) -> Result<()> {
+pub(super) fn read_disks(
+    disks: Vec<BackupDisk>,
+    prefixes: Vec<Option<(u64, Vec<Extent>)>>,
+    mut feed: Feed<'_>,
+) -> Result<()> {
+    let mut prefixes = prefixes.into_iter();
     for (disk, d) in disks.into_iter().enumerate() {
         feed.disk = disk;
+        let prefix = prefixes.next().flatten();
         let running = match d.input {
-            DiskInput::Image(src) => read_image(&mut feed, &*src, None)?,
+            DiskInput::Image(src) => read_image(&mut feed, &*src, None, prefix)?,
             DiskInput::Incremental { source, changed } => {
-                read_image(&mut feed, &*source, Some(&changed))?
+                read_image(&mut feed, &*source, Some(&changed), None)?
             }
             DiskInput::Stream(mut r) => {
                 let name = d.name;
@@ -120,11 +127,14 @@ pub(super) fn read_disks(disks: Vec<BackupDisk>, mut feed: Feed<'_>) -> Result<(
 
 /// Reads one disk image: its data extents (or, for an incremental, its dirty
 /// ranges), aligned to the chunk grid. Ranges not read become holes, or, for
-/// an incremental, the parent's extents. Returns `Ok(false)` on shutdown.
+/// an incremental, the parent's extents. A resumed disk starts with its
+/// journaled `prefix` (length, extents), read from its end on. Returns
+/// `Ok(false)` on shutdown.
 fn read_image(
     feed: &mut Feed<'_>,
     src: &dyn DiskSource,
     changed: Option<&ChangedBlocks>,
+    prefix: Option<(u64, Vec<Extent>)>,
 ) -> Result<bool> {
     // Emits a range not read: a hole, or the parent's extents in pieces.
     let gap = |feed: &mut Feed<'_>, range: Range<u64>| -> Result<bool> {
@@ -151,7 +161,19 @@ fn read_image(
     crate::failpoint::pause("backup-after-extents");
     let map = src.mapped();
     let mut pos = 0u64;
+    if let Some((len, prefix)) = prefix {
+        for piece in prefix.chunks(1 << 16) {
+            if feed.failure.check(feed.cancel) || !feed.send(BatchBody::Reuse(piece.to_vec())) {
+                return Ok(false);
+            }
+        }
+        pos = len;
+    }
     for region in align_extents(&extents, grid, size) {
+        if region.end <= pos {
+            continue;
+        }
+        let region = region.start.max(pos)..region.end;
         if region.start > pos && !gap(feed, pos..region.start)? {
             return Ok(false);
         }

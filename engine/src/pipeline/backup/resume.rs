@@ -1,0 +1,315 @@
+//! Resume mid-disk (spec B13): a local journal per disk of the extents a
+//! backup has made durable, so a backup interrupted (killed, cancelled, a
+//! failed read) and started again on the *same* source continues where it
+//! stopped instead of reading the disk again from the start.
+//!
+//! A journal belongs to one pool, VM, disk, source identity (a raw file's
+//! device, inode, size, mtime and ctime — [`DiskSource::identity`]) and
+//! chunking: its file name is the BLAKE3 hash of those (see
+//! `docs/FORMAT.md`, "Resume journal"), so a changed source never resumes
+//! from it. Only extents whose chunks are durable are journaled: zero
+//! runs, chunks the index already held, and chunks in packs already sealed
+//! (the assembler appends when a pack's seal completes, and when nothing
+//! is pending). On resume every journaled chunk is looked up in the index
+//! (which indexes an interrupted backup's sealed packs from their tables);
+//! the prefix ends at the first chunk not found, and on the chunk grid.
+//! The journal is removed when the backup's snapshot is written.
+//!
+//! [`DiskSource::identity`]: crate::DiskSource::identity
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::chunker::ChunkingParams;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, PackId};
+use crate::store::index::Index;
+
+/// The journal's magic and version.
+pub const JOURNAL_MAGIC: &[u8; 8] = b"CAIRNRJ1";
+/// One extent in a journal record: length u64 LE, kind u8 (0 zeros, 1
+/// chunk), chunk id (32 bytes, zero for zeros).
+const ENTRY_LEN: usize = 8 + 1 + 32;
+/// Most entries in one record.
+pub const MAX_RECORD_ENTRIES: u32 = 1 << 16;
+
+/// An extent of a disk: its length and its chunk (`None`: zeros).
+pub type Extent = (u64, Option<ChunkId>);
+
+/// The key of a disk's journal (see the module docs).
+pub fn journal_key(
+    pool_id: &[u8],
+    vm: &str,
+    disk: &str,
+    identity: &str,
+    chunking: ChunkingParams,
+) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for part in [pool_id, vm.as_bytes(), disk.as_bytes(), identity.as_bytes()] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.update(chunking.to_string().as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Encodes one record: count u32 LE, the entries, then the first 16 bytes
+/// of the BLAKE3 hash of count and entries.
+pub fn encode_record(extents: &[Extent]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + extents.len() * ENTRY_LEN + 16);
+    out.extend_from_slice(&(extents.len() as u32).to_le_bytes());
+    for (len, id) in extents {
+        out.extend_from_slice(&len.to_le_bytes());
+        match id {
+            Some(id) => {
+                out.push(1);
+                out.extend_from_slice(id.as_bytes());
+            }
+            None => {
+                out.push(0);
+                out.extend_from_slice(&[0u8; 32]);
+            }
+        }
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(&sum.as_bytes()[..16]);
+    out
+}
+
+/// Decodes a journal's bytes for `key`: the extents of every whole, valid
+/// record from the start, and how many bytes those records span (a torn
+/// or damaged tail — a crash mid-append — ends the journal there). A
+/// journal of another key, or without the magic, holds nothing.
+pub fn decode_journal(bytes: &[u8], key: &[u8; 32]) -> (Vec<Extent>, usize) {
+    let mut extents = Vec::new();
+    if bytes.len() < 40 || &bytes[..8] != JOURNAL_MAGIC || &bytes[8..40] != key {
+        return (extents, 0);
+    }
+    let mut pos = 40;
+    while let Some(count) = bytes.get(pos..pos + 4) {
+        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
+        if count == 0 || count > MAX_RECORD_ENTRIES {
+            break;
+        }
+        let body = 4 + count as usize * ENTRY_LEN;
+        let Some(record) = bytes.get(pos..pos + body + 16) else {
+            break;
+        };
+        if blake3::hash(&record[..body]).as_bytes()[..16] != record[body..] {
+            break;
+        }
+        let mut ok = true;
+        let mut parsed = Vec::with_capacity(count as usize);
+        for e in record[4..body].chunks_exact(ENTRY_LEN) {
+            let mut len = [0u8; 8];
+            len.copy_from_slice(&e[..8]);
+            let len = u64::from_le_bytes(len);
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&e[9..]);
+            match e[8] {
+                0 if id == [0u8; 32] && len > 0 => parsed.push((len, None)),
+                1 if len > 0 => parsed.push((len, Some(ChunkId(id)))),
+                _ => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if !ok {
+            break;
+        }
+        extents.extend(parsed);
+        pos += body + 16;
+    }
+    (extents, pos)
+}
+
+/// A disk's journal, open for appending.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+/// What a disk resumes from.
+#[derive(Debug)]
+pub struct DiskResume {
+    /// The journal, appended as the backup goes on.
+    pub journal: Journal,
+    /// The extents the backup starts with (not read again).
+    pub prefix: Vec<Extent>,
+    /// Their total length: the offset reading starts at.
+    pub prefix_len: u64,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    Error::io(format!("resume journal {}", path.display()), e)
+}
+
+impl Journal {
+    /// Opens (or starts) the journal of `key` in `dir` and returns the
+    /// usable prefix: the journaled extents whose chunks `index` holds
+    /// outside `excluded` packs, cut back to a multiple of `grid` and to at
+    /// most `size`. The file is cut to that prefix.
+    pub fn open(
+        dir: &Path,
+        key: &[u8; 32],
+        index: &Index,
+        excluded: &HashSet<PackId>,
+        grid: u64,
+        size: u64,
+    ) -> Result<DiskResume> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let name: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(format!("{name}.journal"));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| io_err(&path, e))?;
+        let (extents, _) = decode_journal(&bytes, key);
+        // The usable prefix: chunks the index holds, on the grid.
+        let mut prefix = Vec::new();
+        let (mut len, mut aligned, mut aligned_len) = (0u64, 0usize, 0u64);
+        for (l, id) in extents {
+            if let Some(id) = &id {
+                match index.lookup(id) {
+                    Some(loc) if !excluded.contains(&loc.pack) => {}
+                    _ => break,
+                }
+            }
+            if len + l > size {
+                break;
+            }
+            len += l;
+            prefix.push((l, id));
+            if len % grid.max(1) == 0 {
+                aligned = prefix.len();
+                aligned_len = len;
+            }
+        }
+        prefix.truncate(aligned);
+        // Rewrite the journal as exactly that prefix.
+        let mut fresh = Vec::with_capacity(40 + prefix.len() * ENTRY_LEN);
+        fresh.extend_from_slice(JOURNAL_MAGIC);
+        fresh.extend_from_slice(key);
+        for piece in prefix.chunks(MAX_RECORD_ENTRIES as usize) {
+            fresh.extend_from_slice(&encode_record(piece));
+        }
+        let write = |file: &mut File| -> std::io::Result<()> {
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
+            file.write_all(&fresh)?;
+            file.sync_data()
+        };
+        write(&mut file).map_err(|e| io_err(&path, e))?;
+        Ok(DiskResume {
+            journal: Journal { path, file },
+            prefix,
+            prefix_len: aligned_len,
+        })
+    }
+
+    /// Appends `extents` (durable ones) as one or more records, synced.
+    pub fn append(&mut self, extents: &[Extent]) -> Result<()> {
+        if extents.is_empty() {
+            return Ok(());
+        }
+        for piece in extents.chunks(MAX_RECORD_ENTRIES as usize) {
+            self.file
+                .write_all(&encode_record(piece))
+                .map_err(|e| io_err(&self.path, e))?;
+        }
+        self.file.sync_data().map_err(|e| io_err(&self.path, e))?;
+        crate::failpoint::pause("backup-after-journal");
+        Ok(())
+    }
+
+    /// The journal's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_is_cut() {
+        let key = [7u8; 32];
+        let mut bytes = JOURNAL_MAGIC.to_vec();
+        bytes.extend_from_slice(&key);
+        let a = vec![(4096, Some(id(1))), (1 << 20, None)];
+        let b = vec![(4096, Some(id(2)))];
+        bytes.extend_from_slice(&encode_record(&a));
+        let after_a = bytes.len();
+        bytes.extend_from_slice(&encode_record(&b));
+        let (all, used) = decode_journal(&bytes, &key);
+        assert_eq!(all, [a.clone(), b.clone()].concat());
+        assert_eq!(used, bytes.len());
+        // Every cut inside the second record keeps exactly the first.
+        for cut in after_a..bytes.len() {
+            let (got, used) = decode_journal(&bytes[..cut], &key);
+            assert_eq!(got, a, "cut at {cut}");
+            assert_eq!(used, after_a);
+        }
+        // A flipped byte in the second record ends the journal before it.
+        for at in after_a..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x40;
+            assert_eq!(decode_journal(&bad, &key).0, a, "flip at {at}");
+        }
+        // Another key, or no magic: nothing.
+        assert!(decode_journal(&bytes, &[8u8; 32]).0.is_empty());
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(decode_journal(&bad, &key).0.is_empty());
+        // A zero entry with a non-zero id, or a zero length, is invalid.
+        let mut rec = encode_record(&[(4096, None)]);
+        rec[4 + 9] = 1;
+        let body = rec.len() - 16;
+        let sum = blake3::hash(&rec[..body]);
+        rec[body..].copy_from_slice(&sum.as_bytes()[..16]);
+        let mut j = JOURNAL_MAGIC.to_vec();
+        j.extend_from_slice(&key);
+        j.extend_from_slice(&rec);
+        assert!(decode_journal(&j, &key).0.is_empty());
+    }
+
+    #[test]
+    fn keys_differ_by_every_part() {
+        let c = ChunkingParams::default();
+        let base = journal_key(b"pool", "vm", "vda", "file:1:2", c);
+        assert_ne!(base, journal_key(b"pool2", "vm", "vda", "file:1:2", c));
+        assert_ne!(base, journal_key(b"pool", "vm2", "vda", "file:1:2", c));
+        assert_ne!(base, journal_key(b"pool", "vm", "vdb", "file:1:2", c));
+        assert_ne!(base, journal_key(b"pool", "vm", "vda", "file:1:3", c));
+        assert_ne!(
+            base,
+            journal_key(
+                b"pool",
+                "vm",
+                "vda",
+                "file:1:2",
+                ChunkingParams::Fixed { size: 1 << 20 }
+            )
+        );
+        // Lengths are part of the hash: parts cannot shift into each other.
+        assert_ne!(
+            journal_key(b"pool", "vmv", "da", "x", c),
+            journal_key(b"pool", "vm", "vda", "x", c)
+        );
+    }
+}
