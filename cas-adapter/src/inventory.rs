@@ -91,6 +91,8 @@ pub struct ReadSettings {
     /// How long a dropped NBD connection is re-established before a read
     /// fails (zero: never).
     pub reconnect_window: Duration,
+    /// Largest NBD read request in bytes (spec B16's read buffer).
+    pub request_size: u32,
 }
 
 impl Default for ReadSettings {
@@ -99,18 +101,26 @@ impl Default for ReadSettings {
             connections: 1,
             timeout: Duration::from_secs(600),
             reconnect_window: Duration::from_secs(600),
+            request_size: 1 << 20,
         }
     }
 }
 
 impl ReadSettings {
     /// `connections` per disk, `timeout` per request, dropped
-    /// connections re-established for up to `reconnect_window`.
-    pub fn new(connections: usize, timeout: Duration, reconnect_window: Duration) -> Self {
+    /// connections re-established for up to `reconnect_window`, reads of
+    /// at most `request_size` bytes per request.
+    pub fn new(
+        connections: usize,
+        timeout: Duration,
+        reconnect_window: Duration,
+        request_size: u32,
+    ) -> Self {
         ReadSettings {
             connections,
             timeout,
             reconnect_window,
+            request_size,
         }
     }
 }
@@ -247,7 +257,8 @@ impl PlatformSnapshot for InventorySnapshot {
                     self.read.connections,
                     self.read.timeout,
                 )?
-                .with_reconnect(self.read.reconnect_window),
+                .with_reconnect(self.read.reconnect_window)
+                .with_read_request_size(self.read.request_size)?,
             )),
             None => Ok(Box::new(RawFileSource::open(&disk.path)?)),
         }

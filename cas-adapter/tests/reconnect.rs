@@ -44,6 +44,28 @@ struct Plan {
     accepted: AtomicUsize,
     /// Connections cut or refused so far.
     faults: AtomicUsize,
+    /// Every byte the clients sent (requests are small: headers only).
+    sent: Mutex<Vec<u8>>,
+}
+
+impl Plan {
+    /// (type, length) of every NBD request the clients sent.
+    fn requests(&self) -> Vec<(u16, u32)> {
+        let sent = self.sent.lock().unwrap();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i + 28 <= sent.len() {
+            if sent[i..i + 4] == [0x25, 0x60, 0x95, 0x13] {
+                let kind = u16::from_be_bytes([sent[i + 6], sent[i + 7]]);
+                let len = u32::from_be_bytes(sent[i + 24..i + 28].try_into().unwrap());
+                out.push((kind, len));
+                i += 28;
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
 }
 
 /// A proxy on `listen` forwarding to the unix socket `target`, following
@@ -77,8 +99,15 @@ fn start_proxy(listen: &Path, target: PathBuf, plan: Arc<Plan>) {
             let plan = plan.clone();
             let (mut c_read, mut s_write) =
                 (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let recorder = plan.clone();
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let mut buf = vec![0u8; 4096];
+                while let Ok(k) = c_read.read(&mut buf) {
+                    if k == 0 || s_write.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    recorder.sent.lock().unwrap().extend_from_slice(&buf[..k]);
+                }
                 let _ = s_write.shutdown(std::net::Shutdown::Both);
             });
             std::thread::spawn(move || {
@@ -163,12 +192,23 @@ fn back_up_through(
     plan: Arc<Plan>,
     window: Duration,
 ) -> cairn_engine::Result<(Vec<u8>, u64)> {
+    back_up_with(f, plan, window, 32 << 20)
+}
+
+/// [`back_up_through`] with reads of at most `request` bytes.
+fn back_up_with(
+    f: &Fixture,
+    plan: Arc<Plan>,
+    window: Duration,
+    request: u32,
+) -> cairn_engine::Result<(Vec<u8>, u64)> {
     let export = Qcow2Image::new(&f.image).export_read_only(None, 1).unwrap();
     let socket = export.uri().split_once("socket=").unwrap().1.to_string();
     let proxy = f.dir.path().join(format!("proxy-{}.sock", rand_suffix()));
     start_proxy(&proxy, PathBuf::from(socket), plan);
     let source = NbdSource::connect(&format!("nbd+unix:///?socket={}", proxy.display()), None)?
-        .with_reconnect(window);
+        .with_reconnect(window)
+        .with_read_request_size(request)?;
     let source = Arc::new(source);
     let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new())).unwrap();
     let disk = BackupDisk::new(
@@ -270,4 +310,26 @@ fn an_outage_shorter_than_the_window_is_waited_out_and_a_longer_one_fails() {
             .contains("could not be re-established within the reconnect window of 1s"),
         "{e}"
     );
+}
+
+/// The read buffer (spec B16): reads go out as requests of at most that
+/// many bytes, covering the data, and the backup is whole.
+#[test]
+fn reads_are_split_into_requests_of_the_read_buffer() {
+    let f = fixture();
+    for request in [64u32 << 10, 1 << 20] {
+        let plan = Arc::new(Plan::default());
+        let (restored, _) = back_up_with(&f, plan.clone(), Duration::ZERO, request).unwrap();
+        assert!(restored == f.reference, "the restored disk differs");
+        let reads: Vec<u32> = plan
+            .requests()
+            .into_iter()
+            .filter(|(kind, _)| *kind == 0)
+            .map(|(_, len)| len)
+            .collect();
+        // 5.5 MiB of data in the image.
+        let total: u64 = reads.iter().map(|&l| u64::from(l)).sum();
+        assert!(total >= 11 << 19, "{total}");
+        assert_eq!(reads.iter().max(), Some(&request), "{reads:?}");
+    }
 }

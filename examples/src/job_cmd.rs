@@ -132,6 +132,7 @@ impl JobEnvironment for CliEnvironment {
                     job.definition.limits.streams_per_disk,
                     job.timeout,
                     job.reconnect_window,
+                    job.buffer as u32,
                 );
                 Ok(Arc::new(InventoryPlatform::open(path.as_ref(), read)?))
             }

@@ -206,6 +206,9 @@ pub struct NbdConnection {
     cookie: u64,
     /// Broken: closed without the polite goodbye.
     broken: bool,
+    /// Largest read request sent (reads are split into requests of at
+    /// most this many bytes).
+    max_read: u32,
 }
 
 impl std::fmt::Debug for NbdConnection {
@@ -301,6 +304,7 @@ impl NbdConnection {
             contexts: HashMap::new(),
             cookie: 1,
             broken: false,
+            max_read: MAX_REQUEST,
         };
         c.handshake(export, contexts)?;
         Ok(c)
@@ -629,10 +633,23 @@ impl NbdConnection {
     /// Fills `buf` from `offset`, splitting into requests of ≤ 32 MiB.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range("read", offset, buf.len())?;
-        for (i, piece) in buf.chunks_mut(MAX_REQUEST as usize).enumerate() {
-            let at = offset + i as u64 * MAX_REQUEST as u64;
+        let step = self.max_read as usize;
+        for (i, piece) in buf.chunks_mut(step).enumerate() {
+            let at = offset + (i * step) as u64;
             self.read_piece(at, piece)?;
         }
+        Ok(())
+    }
+
+    /// Sends reads as requests of at most `bytes` (4 KiB–32 MiB; the job
+    /// option "read buffer", spec B16).
+    pub fn set_max_read(&mut self, bytes: u32) -> Result<()> {
+        if !(4096..=MAX_REQUEST).contains(&bytes) {
+            return Err(Error::InvalidArgument(format!(
+                "NBD read request size {bytes} is out of range (4 KiB–32 MiB)"
+            )));
+        }
+        self.max_read = bytes;
         Ok(())
     }
 
@@ -807,6 +824,8 @@ pub struct NbdSource {
     reconnect_window: Duration,
     /// Connections re-established so far.
     reconnects: std::sync::atomic::AtomicU64,
+    /// Largest read request (see [`NbdConnection::set_max_read`]).
+    max_read: u32,
 }
 
 /// First pause before a reconnect attempt; doubled up to [`MAX_BACKOFF`].
@@ -880,7 +899,18 @@ impl NbdSource {
             timeout,
             reconnect_window: Duration::ZERO,
             reconnects: std::sync::atomic::AtomicU64::new(0),
+            max_read: MAX_REQUEST,
         })
+    }
+
+    /// Reads with requests of at most `bytes` (4 KiB–32 MiB; spec B16's
+    /// read buffer, 64 KiB–8 MiB in jobs).
+    pub fn with_read_request_size(mut self, bytes: u32) -> Result<Self> {
+        for c in &self.connections {
+            c.lock().set_max_read(bytes)?;
+        }
+        self.max_read = bytes;
+        Ok(self)
     }
 
     /// After a failed request, re-establishes the connection (backing off
@@ -947,7 +977,8 @@ impl NbdSource {
                         ),
                     })
                 }
-                Ok(c) => {
+                Ok(mut c) => {
+                    c.max_read = self.max_read;
                     // The old connection is broken: drop it without a goodbye.
                     let mut old = std::mem::replace(&mut *guard, c);
                     old.broken = true;
