@@ -1,6 +1,7 @@
-//! Jobs (spec B6–B20): what to back up, where, when and how fast. This
-//! wave has the pieces a job runner is built from; nothing here knows
-//! about a platform.
+//! Jobs (spec B1, B6–B20, R7, R8): what to back up or restore, where,
+//! when, how fast, with which retries, scripts and notifications, and a
+//! record of every run. Nothing here knows a platform: applications give
+//! platforms and pools through [`JobEnvironment`].
 //!
 //! - [`schedule`]: when a job runs — the spec forms, next runs in a time
 //!   zone with its daylight-saving rules, missed runs.
