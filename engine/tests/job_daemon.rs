@@ -168,7 +168,9 @@ fn missed_runs_are_reported_and_run_once_when_asked() {
     add(&state, "catch", "daily 02:30", true);
     let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
     assert!(ran(&daemon.tick(t("2026-01-01T00:00:00Z"))).is_empty());
+    drop(daemon);
     // Down from before 01-01 02:30 until 01-04 12:00: 4 runs missed.
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
     let outcomes = daemon.tick(t("2026-01-04T12:00:00Z"));
     assert_eq!(
         ran(&outcomes),
@@ -208,6 +210,8 @@ fn missed_runs_are_reported_and_run_once_when_asked() {
     assert_eq!(state.runs("catch").unwrap().len(), 2);
     // A changed schedule starts afresh: nothing before it is missed.
     add(&state, "skip", "daily 03:30", false);
+    drop(daemon);
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
     let r = ran(&daemon.tick(t("2026-01-09T00:00:00Z")));
     assert_eq!(
         r,
@@ -217,6 +221,7 @@ fn missed_runs_are_reported_and_run_once_when_asked() {
             "2026-01-08T02:30:00Z".to_string()
         )]
     );
+    // While this daemon runs, a late occurrence is due, not missed.
     let mut r = ran(&daemon.tick(t("2026-01-09T03:31:00Z")));
     r.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
@@ -224,7 +229,7 @@ fn missed_runs_are_reported_and_run_once_when_asked() {
         [
             (
                 "catch".to_string(),
-                Trigger::Missed,
+                Trigger::Schedule,
                 "2026-01-09T02:30:00Z".to_string()
             ),
             (
@@ -233,5 +238,13 @@ fn missed_runs_are_reported_and_run_once_when_asked() {
                 "2026-01-09T03:30:00Z".to_string()
             )
         ]
+    );
+
+    // A long run of another job makes an occurrence late, not missed.
+    let late = ran(&daemon.tick(t("2026-01-10T05:00:00Z")));
+    assert_eq!(late.len(), 2, "{late:?}");
+    assert!(
+        late.iter().all(|(_, trig, _)| *trig == Trigger::Schedule),
+        "{late:?}"
     );
 }

@@ -13,10 +13,12 @@
 //!   cancelled by SIGTERM mid-run) is run again once at the next start
 //!   (trigger `resumed`) — unless a finished record of it exists (the
 //!   daemon died between the record and the mark);
-//! - occurrences that passed while no daemon ran (more than the grace
-//!   period ago) are *missed*: reported to the notifier, and with the
-//!   job's `run_missed` run once (trigger `missed`); otherwise the job
-//!   waits for its next occurrence.
+//! - occurrences that passed while no daemon ran (before this daemon's
+//!   first pass, less a grace period) are *missed*: reported to the
+//!   notifier, and with the job's `run_missed` run once (trigger
+//!   `missed`); otherwise the job waits for its next occurrence.
+//!   Occurrences that came while this daemon was busy with another job
+//!   are late, not missed: the latest of them runs.
 //!
 //! An immediate job runs once when the daemon first sees it, unless it has
 //! run already (by hand). A changed schedule or time zone starts the job's state afresh (its
@@ -74,6 +76,9 @@ pub struct Daemon<'a> {
     state: &'a StateDir,
     runner: JobRunner<'a>,
     grace: Duration,
+    /// The time of this daemon's first pass: occurrences before it (less
+    /// the grace) came while no daemon ran.
+    started: parking_lot::Mutex<Option<Timestamp>>,
     _lock: ResourceLock,
 }
 
@@ -99,6 +104,7 @@ impl<'a> Daemon<'a> {
             state,
             runner,
             grace: DEFAULT_GRACE,
+            started: parking_lot::Mutex::new(None),
             _lock: lock,
         })
     }
@@ -204,7 +210,9 @@ impl<'a> Daemon<'a> {
             None => since,
         };
         let grace = jiff::SignedDuration::try_from(self.grace).unwrap_or_default();
-        let cutoff = now.checked_sub(grace).unwrap_or(now);
+        let started = *self.started.lock().get_or_insert(now);
+        let up_since = if started < now { started } else { now };
+        let cutoff = up_since.checked_sub(grace).unwrap_or(up_since);
         let occurrences = |from: Timestamp, until: Timestamp, limit: usize| {
             job.schedule.due_between(&job.zone, from, until, limit)
         };
