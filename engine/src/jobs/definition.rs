@@ -518,6 +518,7 @@ impl JobDefinition {
                 "names no host, VM or keyword (hosts, vms, keywords)".into(),
             ));
         }
+        self.select.check_entries()?;
         self.limits
             .validate()
             .map_err(|e| err("limits", strip_invalid(e)))?;

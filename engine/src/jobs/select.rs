@@ -1,5 +1,5 @@
 //! Which VMs a job backs up (spec B1): whole hosts (every VM on them, by
-//! host name or host IP), VMs by name, VMs whose name contains a keyword,
+//! host name or host IP), VMs by name or IP address, VMs whose name contains a keyword,
 //! minus those whose name contains an exclude filter. Matching ignores
 //! case; the result is in name order, each VM once.
 
@@ -27,6 +27,23 @@ impl Selection {
         self.hosts.is_empty() && self.vms.is_empty() && self.keywords.is_empty()
     }
 
+    /// Refuses empty entries (an empty keyword would match every VM).
+    pub fn check_entries(&self) -> Result<()> {
+        for (field, list) in [
+            ("hosts", &self.hosts),
+            ("vms", &self.vms),
+            ("keywords", &self.keywords),
+            ("exclude", &self.exclude),
+        ] {
+            if list.iter().any(|s| s.trim().is_empty()) {
+                return Err(Error::InvalidArgument(format!(
+                    "select.{field} holds an empty entry (it would match every VM)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The VMs of `inventory` it selects. A host or VM named that the
     /// inventory does not have is an error (a typo must not make a job
     /// back up nothing, quietly).
@@ -36,22 +53,26 @@ impl Selection {
                 "the selection names no host, VM or keyword".into(),
             ));
         }
+        self.check_entries()?;
         let lower = |s: &str| s.to_lowercase();
+        let on_host = |vm: &VmInfo, h: &str| {
+            lower(&vm.host) == lower(h) || (!vm.host_address.is_empty() && vm.host_address == h)
+        };
+        // A VM by its name or one of its IP addresses.
+        let is_vm = |vm: &VmInfo, v: &str| {
+            lower(&vm.name) == lower(v) || vm.addresses.iter().any(|a| a == v)
+        };
         for h in &self.hosts {
-            let known = inventory.iter().any(|vm| {
-                vm.host.eq_ignore_ascii_case(h)
-                    || (!vm.host_address.is_empty() && vm.host_address == *h)
-            });
-            if !known {
+            if !inventory.iter().any(|vm| on_host(vm, h)) {
                 return Err(Error::InvalidArgument(format!(
                     "no host named {h:?} (by name or IP) runs any VM the platform lists"
                 )));
             }
         }
         for v in &self.vms {
-            if !inventory.iter().any(|vm| vm.name.eq_ignore_ascii_case(v)) {
+            if !inventory.iter().any(|vm| is_vm(vm, v)) {
                 return Err(Error::InvalidArgument(format!(
-                    "the platform lists no VM named {v:?}"
+                    "the platform lists no VM named {v:?} (by name or IP)"
                 )));
             }
         }
@@ -59,10 +80,8 @@ impl Selection {
             .iter()
             .filter(|vm| {
                 let name = lower(&vm.name);
-                let wanted = self.hosts.iter().any(|h| {
-                    vm.host.eq_ignore_ascii_case(h)
-                        || (!vm.host_address.is_empty() && vm.host_address == *h)
-                }) || self.vms.iter().any(|v| name == lower(v))
+                let wanted = self.hosts.iter().any(|h| on_host(vm, h))
+                    || self.vms.iter().any(|v| is_vm(vm, v))
                     || self.keywords.iter().any(|k| name.contains(&lower(k)));
                 wanted && !self.exclude.iter().any(|x| name.contains(&lower(x)))
             })
@@ -120,6 +139,13 @@ mod tests {
             names(&sel(&[], &["MAIL"], &[], &[]).select(&inv).unwrap()),
             ["mail"]
         );
+        // A VM by one of its addresses.
+        let mut inv = inv;
+        inv[4].addresses = vec!["192.168.1.9".into()];
+        assert_eq!(
+            names(&sel(&[], &["192.168.1.9"], &[], &[]).select(&inv).unwrap()),
+            ["mail"]
+        );
         assert_eq!(
             names(&sel(&[], &[], &["DB"], &["test"]).select(&inv).unwrap()),
             ["db01"]
@@ -140,6 +166,9 @@ mod tests {
             sel(&["cvk9"], &[], &[], &[]),
             sel(&[], &["web03"], &[], &[]),
             sel(&[], &[], &[], &["x"]),
+            sel(&[], &[], &[""], &[]),
+            sel(&["cvk1"], &[], &[], &[" "]),
+            sel(&[], &["10.0.0.1"], &[], &[]),
         ] {
             assert!(
                 matches!(bad.select(&inv), Err(Error::InvalidArgument(_))),
