@@ -50,8 +50,21 @@ impl ResourceLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(path.display().to_string(), e))?;
-        // SAFETY: flock on a descriptor this function owns; no memory passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        // A lock just released may still be held for a moment by a child
+        // this process is starting (fork copies the descriptor; exec closes
+        // it): try for up to 200 ms before calling it busy.
+        let mut tries = 0;
+        let rc = loop {
+            // SAFETY: flock on a descriptor this function owns; no memory passed.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            let busy = rc != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK);
+            if !busy || tries == 10 {
+                break rc;
+            }
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
