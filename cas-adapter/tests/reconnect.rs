@@ -46,6 +46,13 @@ struct Plan {
     faults: AtomicUsize,
     /// Every byte the clients sent (requests are small: headers only).
     sent: Mutex<Vec<u8>>,
+    /// Every connection is cut after this many reply bytes.
+    cut_every: Mutex<Option<u64>>,
+    /// Connection number → reply bytes after which it stalls (stays open,
+    /// passes nothing more).
+    stall_after: Mutex<Vec<(usize, u64)>>,
+    /// Reply bytes passed to clients, over all connections.
+    passed: std::sync::atomic::AtomicU64,
 }
 
 impl Plan {
@@ -95,6 +102,14 @@ fn start_proxy(listen: &Path, target: PathBuf, plan: Arc<Plan>) {
                 .unwrap()
                 .iter()
                 .find(|(i, _)| *i == n)
+                .map(|(_, b)| *b)
+                .or(*plan.cut_every.lock().unwrap());
+            let stall = plan
+                .stall_after
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(i, _)| *i == n)
                 .map(|(_, b)| *b);
             let plan = plan.clone();
             let (mut c_read, mut s_write) =
@@ -115,6 +130,15 @@ fn start_proxy(listen: &Path, target: PathBuf, plan: Arc<Plan>) {
                 let mut passed = 0u64;
                 let mut buf = vec![0u8; 64 << 10];
                 loop {
+                    if stall.is_some_and(|s| passed >= s) {
+                        plan.faults.fetch_add(1, Ordering::SeqCst);
+                        // Hold the connection open, silent, until the
+                        // client gives up on it.
+                        let mut sink = [0u8; 1];
+                        let _ = c_write.read(&mut sink);
+                        std::thread::sleep(Duration::from_secs(4));
+                        break;
+                    }
                     let want = match budget {
                         Some(b) if passed >= b => {
                             plan.faults.fetch_add(1, Ordering::SeqCst);
@@ -130,6 +154,7 @@ fn start_proxy(listen: &Path, target: PathBuf, plan: Arc<Plan>) {
                                 break;
                             }
                             passed += k as u64;
+                            plan.passed.fetch_add(k as u64, Ordering::SeqCst);
                         }
                     }
                 }
@@ -202,13 +227,19 @@ fn back_up_with(
     window: Duration,
     request: u32,
 ) -> cairn_engine::Result<(Vec<u8>, u64)> {
-    let export = Qcow2Image::new(&f.image).export_read_only(None, 1).unwrap();
+    // Two client slots: a stalled connection still holds one on the server.
+    let export = Qcow2Image::new(&f.image).export_read_only(None, 2).unwrap();
     let socket = export.uri().split_once("socket=").unwrap().1.to_string();
     let proxy = f.dir.path().join(format!("proxy-{}.sock", rand_suffix()));
     start_proxy(&proxy, PathBuf::from(socket), plan);
-    let source = NbdSource::connect(&format!("nbd+unix:///?socket={}", proxy.display()), None)?
-        .with_reconnect(window)
-        .with_read_request_size(request)?;
+    let source = NbdSource::connect_many_with_timeout(
+        &format!("nbd+unix:///?socket={}", proxy.display()),
+        None,
+        1,
+        Duration::from_secs(2),
+    )?
+    .with_reconnect(window)
+    .with_read_request_size(request)?;
     let source = Arc::new(source);
     let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new())).unwrap();
     let disk = BackupDisk::new(
@@ -332,4 +363,43 @@ fn reads_are_split_into_requests_of_the_read_buffer() {
         assert!(total >= 11 << 19, "{total}");
         assert_eq!(reads.iter().max(), Some(&request), "{reads:?}");
     }
+}
+
+/// A connection dropped every MiB of replies: the backup completes through
+/// reconnects, and what crossed the wire stays within 5 % of the disk
+/// (only the request that was cut is asked again).
+#[test]
+fn a_source_dropping_every_mib_completes_reading_little_more() {
+    let f = fixture();
+    let plan = Arc::new(Plan::default());
+    *plan.cut_every.lock().unwrap() = Some(1 << 20);
+    let (restored, reconnects) =
+        back_up_with(&f, plan.clone(), Duration::from_secs(60), 64 << 10).unwrap();
+    assert!(restored == f.reference, "the restored disk differs");
+    let data = 11u64 << 19; // 5.5 MiB written into the image
+    assert!(reconnects >= 5, "{reconnects}");
+    let passed = plan.passed.load(Ordering::SeqCst);
+    assert!(passed >= data, "{passed}");
+    // The bound: at most 1.05 × the disk (8 MiB) crosses; and
+    // each cut costs at most the one 64 KiB request it interrupted (plus
+    // a handshake).
+    assert!(passed * 100 <= (8 << 20) * 105, "{passed} bytes crossed");
+    assert!(
+        passed - data <= reconnects * (68 << 10),
+        "{passed} bytes crossed for {data} with {reconnects} reconnects"
+    );
+}
+
+/// A connection that stalls (open, silent) is given up after the request
+/// timeout and re-established; the backup is whole.
+#[test]
+fn a_stalled_connection_times_out_and_is_reestablished() {
+    let f = fixture();
+    let plan = Arc::new(Plan::default());
+    plan.stall_after.lock().unwrap().push((0, 2 << 20));
+    let (restored, reconnects) =
+        back_up_through(&f, plan.clone(), Duration::from_secs(60)).unwrap();
+    assert!(restored == f.reference, "the restored disk differs");
+    assert_eq!(reconnects, 1);
+    assert_eq!(plan.faults.load(Ordering::SeqCst), 1);
 }

@@ -1051,8 +1051,18 @@ impl DiskSource for NbdSource {
             .len()
             .min(buf.len() / MIN_SPLIT_PIECE)
             .max(1);
+        // One request at a time per connection, each retried on its own
+        // after a reconnect (a cut never makes a whole batch read again).
+        let step = self.max_read as usize;
+        let read_requests = |index: usize, at: u64, part: &mut [u8]| -> Result<()> {
+            for (i, piece) in part.chunks_mut(step).enumerate() {
+                let pos = at + (i * step) as u64;
+                self.on_connection(index, |c| c.read_at(pos, piece))?;
+            }
+            Ok(())
+        };
         if n == 1 {
-            return self.on_connection(0, |c| c.read_at(offset, buf));
+            return read_requests(0, offset, buf);
         }
         // One piece per connection, each a multiple of 64 KiB but the last.
         let piece = buf.len().div_ceil(n).div_ceil(1 << 16) << 16;
@@ -1062,7 +1072,8 @@ impl DiskSource for NbdSource {
                 .enumerate()
                 .map(|(i, part)| {
                     let at = offset + (i * piece) as u64;
-                    scope.spawn(move || self.on_connection(i, |c| c.read_at(at, part)))
+                    let read_requests = &read_requests;
+                    scope.spawn(move || read_requests(i, at, part))
                 })
                 .collect();
             let mut result = Ok(());
