@@ -1029,6 +1029,21 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
     {
         opts.segment_flush_entries = n;
     }
+    // Test knobs too: small packs and batches, so kill tests of resume
+    // cross many seals with small images.
+    let knob = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| cairn_engine::parse_size(&v).ok())
+            .filter(|n| *n > 0)
+    };
+    if let Some(n) = knob("CAIRN_PACK_TARGET") {
+        opts.pack_target = n;
+        opts.pack_max_input = opts.pack_max_input.min(n.saturating_mul(2));
+    }
+    if let Some(n) = knob("CAIRN_BATCH_SIZE") {
+        opts.batch_size = n as usize;
+    }
     if let Some((t, rate_args::RateOn::Reads)) = &throttle {
         inputs = inputs.into_iter().map(|d| d.throttled(t.clone())).collect();
     }
