@@ -156,6 +156,13 @@ fn each_occurrence_runs_once_across_restarts() {
     assert_eq!(by_hand.status, RunStatus::Succeeded);
     assert!(ran(&daemon.tick(t("2026-01-02T03:00:00Z"))).is_empty());
     assert_eq!(state.runs("by-hand").unwrap().len(), 1);
+    // Removed (history kept) and added again: it runs once more.
+    state.remove_job("by-hand", false).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    add(&state, "by-hand", "immediate", false);
+    assert_eq!(ran(&daemon.tick(t("2026-01-02T03:10:00Z"))).len(), 1);
+    assert!(ran(&daemon.tick(t("2026-01-02T03:11:00Z"))).is_empty());
+    assert_eq!(state.runs("by-hand").unwrap().len(), 2);
 }
 
 #[test]

@@ -364,3 +364,28 @@ fn retention_is_applied_after_a_backup_and_incrementals_name_their_parent() {
     let log = std::fs::read_to_string(state.log_path("k", &rec.run)).unwrap();
     assert!(log.contains("snapshot(s) removed"), "{log}");
 }
+
+/// Stopped while the pre-condition runs: the run is cancelled (the daemon
+/// resumes it), not skipped, and no pre-condition event goes out.
+#[test]
+fn a_run_stopped_during_its_precondition_is_cancelled_not_skipped() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    let notes = MemoryNotifier::default();
+    let job = job("", "[scripts]\nprecondition = \"sleep 20\"\n");
+    let cancel = CancelToken::new();
+    let stopper = cancel.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        stopper.cancel();
+    });
+    let rec = JobRunner::new(&state, &env, &notes)
+        .with_cancel(cancel)
+        .run(&job, Trigger::Schedule, None)
+        .unwrap();
+    t.join().unwrap();
+    assert_eq!(rec.status, RunStatus::Cancelled, "{rec:?}");
+    assert!(notes.events().is_empty(), "{:?}", notes.events());
+    assert_eq!(env.platform.snapshots_taken.load(Ordering::SeqCst), 0);
+}

@@ -124,6 +124,11 @@ impl<'a> Daemon<'a> {
         };
         let mut out = Vec::new();
         for name in names {
+            // Stopped: no further job starts (each would only record a
+            // cancelled run).
+            if self.runner.is_cancelled() {
+                break;
+            }
             if let Some(outcome) = self.tick_job(&name, now) {
                 out.push((name, outcome));
             }
@@ -196,7 +201,15 @@ impl<'a> Daemon<'a> {
             if st.claimed.is_some() {
                 return Ok(None);
             }
-            if !self.state.runs(&def.name)?.is_empty() {
+            // A run by hand since the job was added (a job removed and
+            // added again keeps its old history: not those).
+            let added = self.state.job_added(&def.name).unwrap_or(since);
+            let ran = self.state.runs(&def.name)?.iter().any(|r| {
+                r.started
+                    .parse::<Timestamp>()
+                    .is_ok_and(|started| started >= added)
+            });
+            if ran {
                 st.claimed = Some(since.to_string());
                 self.state.write_json(&path, &st)?;
                 return Ok(None);

@@ -100,6 +100,11 @@ impl<'a> JobRunner<'a> {
         self
     }
 
+    /// Whether the runner was asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
     /// The clock of the rate limits (a fake one in tests).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -317,6 +322,10 @@ impl<'a> JobRunner<'a> {
         let outcome = run_script(cmd, &env, None, job.script_timeout, &self.cancel, &|line| {
             log.log(LogLevel::Info, format!("{phase} script| {line}"))
         })?;
+        if outcome == crate::jobs::script::ScriptOutcome::Cancelled {
+            // Not the script's answer: the job was stopped.
+            return Err(Error::Cancelled);
+        }
         let level = if outcome.success() {
             LogLevel::Info
         } else {
@@ -420,6 +429,11 @@ impl<'a> JobRunner<'a> {
                     Ok(o) if o.success() => {}
                     Ok(o) => {
                         skip(&mut rec, format!("pre-script {o}"));
+                        go = false;
+                    }
+                    Err(Error::Cancelled) => {
+                        rec.status = VmStatus::Cancelled;
+                        rec.error = Some("cancelled during the pre-script".into());
                         go = false;
                     }
                     Err(e) => {

@@ -322,6 +322,15 @@ impl StateDir {
         Ok(def)
     }
 
+    /// When job `name` was added or last replaced (its file's time).
+    pub fn job_added(&self, name: &str) -> Option<jiff::Timestamp> {
+        let modified = std::fs::metadata(self.job_path(name))
+            .ok()?
+            .modified()
+            .ok()?;
+        jiff::Timestamp::try_from(modified).ok()
+    }
+
     /// Every job's name, sorted.
     pub fn job_names(&self) -> Result<Vec<String>> {
         let dir = self.root.join("jobs");
