@@ -154,3 +154,68 @@ fn another_source_or_a_lost_pack_is_read_again() {
     assert_eq!(stats.bytes_read, 10 << 20);
     assert_eq!(restore(&repo, &stats.snapshot, bytes.len()), bytes);
 }
+
+/// Blocks in the middle of a backup until released.
+struct Hold {
+    seen: AtomicU64,
+    at: u64,
+    reached: std::sync::mpsc::SyncSender<()>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Progress for Hold {
+    fn advance(&self, bytes: u64) {
+        let before = self.seen.fetch_add(bytes, Ordering::SeqCst);
+        if before < self.at && before + bytes >= self.at {
+            let _ = self.reached.send(());
+            let _ = self.release.lock().unwrap().recv();
+        }
+    }
+}
+
+/// Two backups of one disk at once: the second runs without a journal
+/// (it neither reads nor writes the first one's), both snapshots restore
+/// identical, and the first one's journal goes with its snapshot.
+#[test]
+fn a_second_backup_of_the_same_disk_leaves_the_first_ones_journal_alone() {
+    let bytes = disk_bytes();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Arc::new(Repository::create(Arc::new(cairn_pools::MemoryPool::new())).unwrap());
+    let src = || MemorySource::new("vda", bytes.clone()).with_identity("disk-1");
+    let (reached_tx, reached_rx) = std::sync::mpsc::sync_channel(1);
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let hold = Arc::new(Hold {
+        seen: AtomicU64::new(0),
+        at: 6 << 20,
+        reached: reached_tx,
+        release: std::sync::Mutex::new(release_rx),
+    });
+    let first = {
+        let (repo, o, disk) = (repo.clone(), opts(dir.path()).with_progress(hold), src());
+        std::thread::spawn(move || repo.backup(vec![BackupDisk::image("vda", disk)], &o))
+    };
+    reached_rx.recv().unwrap();
+    let journal = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let before = std::fs::read(&journal).unwrap();
+    assert!(before.len() > 40, "the first backup journaled something");
+    let second = repo
+        .backup(vec![BackupDisk::image("vda", src())], &opts(dir.path()))
+        .unwrap();
+    assert_eq!(second.bytes_resumed, 0);
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        before,
+        "the journal was touched"
+    );
+    release_tx.send(()).unwrap();
+    let first = first.join().unwrap().unwrap();
+    for s in [&first, &second] {
+        assert_eq!(restore(&repo, &s.snapshot, bytes.len()), bytes);
+    }
+    assert_eq!(journals(dir.path()), 0);
+}

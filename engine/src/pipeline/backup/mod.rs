@@ -436,7 +436,14 @@ pub(crate) fn prepare_resume(
                 return Ok(None);
             };
             let key = resume::journal_key(pool_id, &opts.vm, &d.name, &identity, opts.chunking);
-            resume::Journal::open(dir, &key, index, excluded, grid, src.size()).map(Some)
+            let max_chunk = opts.chunking.max_chunk() as u64;
+            // A journal that cannot be opened costs the saving, not the
+            // backup.
+            Ok(
+                resume::Journal::open(dir, &key, index, excluded, (grid, max_chunk), src.size())
+                    .ok()
+                    .flatten(),
+            )
         })
         .collect()
 }

@@ -7,13 +7,17 @@
 //! device, inode, size, mtime and ctime — [`DiskSource::identity`]) and
 //! chunking: its file name is the BLAKE3 hash of those (see
 //! `docs/FORMAT.md`, "Resume journal"), so a changed source never resumes
-//! from it. Only extents whose chunks are durable are journaled: zero
-//! runs, chunks the index already held, and chunks in packs already sealed
-//! (the assembler appends when a pack's seal completes, and when nothing
-//! is pending). On resume every journaled chunk is looked up in the index
-//! (which indexes an interrupted backup's sealed packs from their tables);
-//! the prefix ends at the first chunk not found, and on the chunk grid.
-//! The journal is removed when the backup's snapshot is written.
+//! from it. One backup at a time keeps a journal (an exclusive `flock`; a
+//! second backup of the same disk runs without one). Extents are
+//! journaled when they should be durable: zero runs, chunks the index
+//! already held, chunks in packs already sealed (the assembler appends
+//! when a pack's seal completes, and when nothing is pending) — except a
+//! chunk another worker of the same backup claimed, whose blob may still
+//! be on its way. So on resume every journaled chunk is looked up in the
+//! index (which indexes an interrupted backup's sealed packs from their
+//! tables) and must be no longer than a chunk can be; the prefix ends at
+//! the first that fails, and on the chunk grid. The journal is removed
+//! when the backup's snapshot is written.
 //!
 //! [`DiskSource::identity`]: crate::DiskSource::identity
 
@@ -151,16 +155,18 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 impl Journal {
     /// Opens (or starts) the journal of `key` in `dir` and returns the
     /// usable prefix: the journaled extents whose chunks `index` holds
-    /// outside `excluded` packs, cut back to a multiple of `grid` and to at
-    /// most `size`. The file is cut to that prefix.
+    /// outside `excluded` packs, none longer than `max_chunk`, cut back to
+    /// a multiple of `grid` and to at most `size`. The file is cut to that
+    /// prefix. `Ok(None)` when another backup holds the journal (two
+    /// backups of one disk at once: only the first keeps a journal).
     pub fn open(
         dir: &Path,
         key: &[u8; 32],
         index: &Index,
         excluded: &HashSet<PackId>,
-        grid: u64,
+        (grid, max_chunk): (u64, u64),
         size: u64,
-    ) -> Result<DiskResume> {
+    ) -> Result<Option<DiskResume>> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let name: String = key.iter().map(|b| format!("{b:02x}")).collect();
         let path = dir.join(format!("{name}.journal"));
@@ -171,6 +177,18 @@ impl Journal {
             .truncate(false)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
+        // One writer per journal; the kernel drops the lock with the
+        // process, however it ends.
+        // SAFETY: flock on a descriptor this function owns.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            return Ok(None);
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(|e| io_err(&path, e))?;
         let (extents, _) = decode_journal(&bytes, key);
@@ -180,14 +198,14 @@ impl Journal {
         for (l, id) in extents {
             if let Some(id) = &id {
                 match index.lookup(id) {
-                    Some(loc) if !excluded.contains(&loc.pack) => {}
+                    Some(loc) if !excluded.contains(&loc.pack) && l <= max_chunk => {}
                     _ => break,
                 }
             }
-            if len + l > size {
-                break;
+            match len.checked_add(l) {
+                Some(end) if end <= size => len = end,
+                _ => break,
             }
-            len += l;
             prefix.push((l, id));
             if len % grid.max(1) == 0 {
                 aligned = prefix.len();
@@ -209,11 +227,11 @@ impl Journal {
             file.sync_data()
         };
         write(&mut file).map_err(|e| io_err(&path, e))?;
-        Ok(DiskResume {
+        Ok(Some(DiskResume {
             journal: Journal { path, file },
             prefix,
             prefix_len: aligned_len,
-        })
+        }))
     }
 
     /// Appends `extents` (durable ones) as one or more records, synced.
