@@ -335,6 +335,16 @@ impl NbdConnection {
             } else {
                 format!("NBD read from {}", self.peer)
             };
+            // The server closing mid-reply is a dropped connection (a
+            // network-type failure), not a short file.
+            let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the connection closed in the middle of a reply",
+                )
+            } else {
+                e
+            };
             Error::io(what, e)
         })
     }
@@ -941,7 +951,10 @@ impl NbdSource {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        if self.reconnect_window.is_zero() || matches!(first, Error::InvalidArgument(_)) {
+        // Only a connection that failed is re-established: an error the
+        // server answered (a bad sector's EIO) or a request out of range
+        // would fail the same way again.
+        if self.reconnect_window.is_zero() || !matches!(first, Error::Io { .. }) {
             return Err(first);
         }
         let start = std::time::Instant::now();
@@ -955,18 +968,26 @@ impl NbdSource {
         loop {
             let left = self.reconnect_window.saturating_sub(start.elapsed());
             if left.is_zero() {
-                return Err(Error::Protocol {
-                    peer: self.uri.clone(),
-                    detail: format!(
-                        "the connection could not be re-established within the reconnect \
-                         window of {}: {last}",
+                // A network-type failure still: a job may retry it later.
+                return Err(Error::io(
+                    format!(
+                        "NBD {}: the connection could not be re-established within the \
+                         reconnect window of {} (last: {last})",
+                        self.uri,
                         humantime::format_duration(self.reconnect_window)
                     ),
-                });
+                    std::io::Error::from(std::io::ErrorKind::TimedOut),
+                ));
             }
             std::thread::sleep(backoff.min(left));
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            match NbdConnection::connect_with(&self.uri, &contexts, self.timeout, self.timeout) {
+            // A handshake never outlasts the window.
+            let left = self
+                .reconnect_window
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(100));
+            let handshake = self.timeout.min(left);
+            match NbdConnection::connect_with(&self.uri, &contexts, handshake, self.timeout) {
                 Ok(c) if c.size() != self.size => {
                     return Err(Error::Protocol {
                         peer: self.uri.clone(),
