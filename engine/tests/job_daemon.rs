@@ -255,3 +255,45 @@ fn missed_runs_are_reported_and_run_once_when_asked() {
         "{late:?}"
     );
 }
+
+/// Weeks down with a half-hourly job: more than a thousand runs missed are
+/// reported once, and the catch-up run stands for the latest of them —
+/// run once, not again at the next pass.
+#[test]
+fn thousands_of_missed_runs_make_one_report_and_one_run() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    let notes = MemoryNotifier::default();
+    add(&state, "often", "hourly every 30m", true);
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
+    assert!(ran(&daemon.tick(t("2026-01-01T00:10:00Z"))).is_empty());
+    drop(daemon);
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
+    // 30 days later (1 440 occurrences), at 00:20: the latest missed one
+    // (before the 5-minute grace) is 00:00.
+    let r = ran(&daemon.tick(t("2026-01-31T00:20:00Z")));
+    assert_eq!(
+        r,
+        [(
+            "often".to_string(),
+            Trigger::Missed,
+            "2026-01-31T00:00:00Z".to_string()
+        )]
+    );
+    assert!(ran(&daemon.tick(t("2026-01-31T00:21:00Z"))).is_empty());
+    let reports: Vec<_> = notes
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::RunsMissed)
+        .collect();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert!(
+        reports[0]
+            .message
+            .starts_with("at least 1000 scheduled run(s) missed since 2026-01-01T00:30:00Z"),
+        "{}",
+        reports[0].message
+    );
+    assert_eq!(state.runs("often").unwrap().len(), 1);
+}

@@ -54,6 +54,9 @@ pub struct ScheduleState {
     pub claimed: Option<String>,
     /// Whether the claimed occurrence's run ended.
     pub finished: bool,
+    /// The latest missed occurrence already reported (RFC 3339).
+    #[serde(default)]
+    pub reported: Option<String>,
 }
 
 /// What one pass of the daemon did for a job.
@@ -166,6 +169,7 @@ impl<'a> Daemon<'a> {
                     since: now.to_string(),
                     claimed: None,
                     finished: true,
+                    reported: None,
                 };
                 self.state.write_json(&path, &fresh)?;
                 fresh
@@ -232,20 +236,48 @@ impl<'a> Daemon<'a> {
         // Due: within the grace period (the latest of them runs).
         let due_from = if base > cutoff { base } else { cutoff };
         let due = occurrences(due_from, now, 10_000);
-        let missed = if base < cutoff {
-            occurrences(base, cutoff, 1000)
+        // Missed: counted up to 1000 for the report; the latest of them
+        // is the one a catch-up run stands for.
+        let (missed, latest_missed) = if base < cutoff {
+            let counted = occurrences(base, cutoff, 1000);
+            let latest = if counted.len() < 1000 {
+                counted.last().copied()
+            } else {
+                // Search back from the cutoff in growing windows.
+                [2i64, 64, 1500, 150_000].iter().find_map(|days| {
+                    let from = cutoff
+                        .checked_sub(jiff::SignedDuration::from_hours(24 * days))
+                        .unwrap_or(base);
+                    let from = if from > base { from } else { base };
+                    occurrences(from, cutoff, usize::MAX).last().copied()
+                })
+            };
+            (counted, latest)
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
-        if !missed.is_empty() {
-            self.runner.report_missed(job, &missed);
+        // Reported once, even when the run they lead to must wait (the
+        // job busy with a run by hand).
+        let reported = st
+            .reported
+            .as_deref()
+            .and_then(|r| r.parse::<Timestamp>().ok());
+        if let Some(last) = latest_missed.filter(|l| reported.is_none_or(|r| *l > r)) {
+            let fresh: Vec<Timestamp> = missed
+                .iter()
+                .copied()
+                .filter(|t| reported.is_none_or(|r| *t > r))
+                .collect();
+            self.runner.report_missed(job, &fresh, missed.len() >= 1000);
+            st.reported = Some(last.to_string());
+            self.state.write_json(&path, &st)?;
         }
         if let Some(t) = due.last() {
             return self
                 .run_claimed(job, &path, st, *t, Trigger::Schedule)
                 .map(Some);
         }
-        if let Some(t) = missed.last() {
+        if let Some(t) = latest_missed.as_ref() {
             if def.run_missed {
                 return self
                     .run_claimed(job, &path, st, *t, Trigger::Missed)

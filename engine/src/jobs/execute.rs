@@ -127,13 +127,21 @@ impl<'a> JobRunner<'a> {
     }
 
     /// Reports runs missed while no daemon ran the job (to the notifier;
-    /// there is no run to log them in).
-    pub fn report_missed(&self, job: &Job, missed: &[Timestamp]) {
+    /// there is no run to log them in); `more`: there were more than
+    /// those counted.
+    pub fn report_missed(&self, job: &Job, missed: &[Timestamp], more: bool) {
         if let (Some(first), Some(last)) = (missed.first(), missed.last()) {
-            let message = format!(
-                "{} scheduled run(s) missed between {first} and {last}",
-                missed.len()
-            );
+            let message = if more {
+                format!(
+                    "at least {} scheduled run(s) missed since {first}",
+                    missed.len()
+                )
+            } else {
+                format!(
+                    "{} scheduled run(s) missed between {first} and {last}",
+                    missed.len()
+                )
+            };
             let event = JobEvent::new(EventKind::RunsMissed, job.name(), "", None, message);
             let _ = self.notifier.notify(&event);
         }
