@@ -76,67 +76,85 @@ pub fn run_script(
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let input = child.stdin.take();
-    let outcome = std::thread::scope(|scope| {
-        if let (Some(mut pipe), Some(bytes)) = (input, stdin) {
-            scope.spawn(move || {
-                // A script that does not read its input closes the pipe.
-                let _ = pipe.write_all(bytes);
-            });
-        }
-        for stream in [
-            stdout.map(|s| Box::new(s) as Box<dyn Read + Send>),
-            stderr.map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            scope.spawn(move || {
-                for line in BufReader::new(stream).lines() {
-                    match line {
-                        Ok(l) => output(&l),
-                        Err(_) => break,
-                    }
-                }
-            });
-        }
-        let start = Instant::now();
-        let mut nap = Duration::from_millis(2);
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    // What it started may still hold the pipes open.
-                    kill_group(pid);
-                    return Ok(match (status.code(), status.signal()) {
-                        (Some(c), _) => ScriptOutcome::Exited(c),
-                        (None, Some(s)) => ScriptOutcome::Signalled(s),
-                        (None, None) => ScriptOutcome::Exited(-1),
-                    });
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    kill_group(pid);
-                    let _ = child.wait();
-                    return Err(Error::io(format!("waiting for script {command:?}"), e));
+    // The pipes are read on threads of their own that hand lines over a
+    // channel: a process that left the script's group and still holds a
+    // pipe must not keep the job waiting past the script's end.
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    if let (Some(mut pipe), Some(bytes)) = (input, stdin) {
+        let bytes = bytes.to_vec();
+        std::thread::spawn(move || {
+            // A script that does not read its input closes the pipe.
+            let _ = pipe.write_all(&bytes);
+        });
+    }
+    for stream in [
+        stdout.map(|s| Box::new(s) as Box<dyn Read + Send>),
+        stderr.map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = line_tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(l) = line else { break };
+                if tx.send(l).is_err() {
+                    break;
                 }
             }
-            let over = if cancel.is_cancelled() {
-                Some(ScriptOutcome::Cancelled)
-            } else if start.elapsed() >= timeout {
-                Some(ScriptOutcome::TimedOut)
-            } else {
-                None
-            };
-            if let Some(o) = over {
+        });
+    }
+    drop(line_tx);
+    let drain = |wait: Duration| {
+        let end = Instant::now() + wait;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match line_rx.recv_timeout(left) {
+                Ok(line) => output(&line),
+                Err(_) => break,
+            }
+        }
+    };
+    let start = Instant::now();
+    let mut nap = Duration::from_millis(2);
+    loop {
+        drain(Duration::ZERO);
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                // What it started may still hold the pipes open.
+                kill_group(pid);
+                // The rest of its output, for a moment at most.
+                drain(Duration::from_millis(500));
+                return Ok(match (status.code(), status.signal()) {
+                    (Some(c), _) => ScriptOutcome::Exited(c),
+                    (None, Some(s)) => ScriptOutcome::Signalled(s),
+                    (None, None) => ScriptOutcome::Exited(-1),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
                 kill_group(pid);
                 let _ = child.wait();
-                return Ok(o);
+                return Err(Error::io(format!("waiting for script {command:?}"), e));
             }
-            std::thread::sleep(nap.min(timeout.saturating_sub(start.elapsed())));
-            nap = (nap * 2).min(Duration::from_millis(50));
         }
-    });
-    outcome
+        let over = if cancel.is_cancelled() {
+            Some(ScriptOutcome::Cancelled)
+        } else if start.elapsed() >= timeout {
+            Some(ScriptOutcome::TimedOut)
+        } else {
+            None
+        };
+        if let Some(o) = over {
+            kill_group(pid);
+            let _ = child.wait();
+            drain(Duration::from_millis(200));
+            return Ok(o);
+        }
+        std::thread::sleep(nap.min(timeout.saturating_sub(start.elapsed())));
+        nap = (nap * 2).min(Duration::from_millis(50));
+    }
 }
 
 fn kill_group(pid: i32) {
@@ -209,6 +227,29 @@ mod tests {
         // A finished script's background child does not hold the job either.
         let start = Instant::now();
         let (o, _) = run("sleep 30 & exit 0", &[], None, 60);
+        assert!(o.success());
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    /// A process that left the script's group (setsid) and holds its
+    /// output pipe does not keep the job past the script's timeout.
+    #[test]
+    fn an_escaped_child_holding_the_pipe_does_not_hold_the_job() {
+        let start = Instant::now();
+        let (o, lines) = run("echo begun; setsid sleep 30 & sleep 30", &[], None, 1);
+        assert_eq!(o, ScriptOutcome::TimedOut);
+        assert_eq!(lines, ["begun"]);
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
+        let start = Instant::now();
+        let (o, _) = run("setsid sleep 30 & exit 0", &[], None, 60);
         assert!(o.success());
         assert!(
             start.elapsed() < Duration::from_secs(20),
