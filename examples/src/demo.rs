@@ -21,10 +21,9 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> Failure + '_ {
 
 pub fn run(dir: Option<&Path>, size_mib: u64) -> Result<u8, Failure> {
     if !(1..=65_536).contains(&size_mib) {
-        return Err(Failure {
-            code: 2,
-            message: format!("--size-mib {size_mib} out of range 1–65536"),
-        });
+        return Err(Failure::usage(format!(
+            "--size-mib {size_mib} out of range 1–65536"
+        )));
     }
     let (work, temporary) = match dir {
         Some(d) => (d.to_path_buf(), false),

@@ -11,6 +11,7 @@
 
 mod cbt_cmd;
 mod demo;
+mod job_args;
 mod job_cmd;
 mod output;
 mod rate_args;
@@ -120,6 +121,8 @@ enum Command {
         threads: usize,
         #[command(flatten)]
         rate: rate_args::RateArgs,
+        #[command(flatten)]
+        job: job_args::JobArgs,
         #[arg(long)]
         json: bool,
     },
@@ -263,7 +266,7 @@ enum Command {
 }
 
 /// `cairn backup` arguments.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 struct BackupArgs {
     pool: String,
     /// VM name recorded in the snapshot.
@@ -339,6 +342,8 @@ struct BackupArgs {
     /// continues where it stopped instead of reading them from the start.
     #[arg(long, value_name = "DIR")]
     resume_dir: Option<PathBuf>,
+    #[command(flatten)]
+    job: job_args::JobArgs,
     #[arg(long)]
     json: bool,
 }
@@ -348,6 +353,8 @@ struct BackupArgs {
 pub struct Failure {
     pub code: u8,
     pub message: String,
+    /// A network-type failure (`--retries` tries again).
+    pub transient: bool,
 }
 
 impl From<Error> for Failure {
@@ -372,6 +379,7 @@ impl From<Error> for Failure {
         Failure {
             code,
             message: format!("{e}{hint}"),
+            transient: e.is_transient(),
         }
     }
 }
@@ -386,12 +394,14 @@ impl Failure {
         Failure {
             code: 1,
             message: message.into(),
+            transient: false,
         }
     }
     pub fn usage(message: impl Into<String>) -> Self {
         Failure {
             code: 2,
             message: message.into(),
+            transient: false,
         }
     }
 }
@@ -663,7 +673,16 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             json,
         ),
         Command::Sets { pool, json } => cmd_sets(&pool, json),
-        Command::Backup(args) => cmd_backup(*args),
+        Command::Backup(args) => {
+            let job = args.job.clone();
+            if job.retries() > 0 && args.stdin.is_some() {
+                return Err(Failure::usage(
+                    "--retries cannot replay --stdin (a stream is read once)",
+                ));
+            }
+            let vm = args.vm.clone();
+            job.run("backup", &vm, || cmd_backup((*args).clone()))
+        }
         Command::Snapshots { pool, vm, json } => cmd_snapshots(&pool, vm.as_deref(), json),
         Command::Restore {
             pool,
@@ -674,16 +693,19 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             format,
             threads,
             rate,
+            job,
             json,
-        } => cmd_restore(
-            &pool,
-            (&snapshot, vm.as_deref()),
-            &to,
-            force,
-            format,
-            (threads, &rate),
-            json,
-        ),
+        } => job.run("restore", vm.as_deref().unwrap_or(""), || {
+            cmd_restore(
+                &pool,
+                (&snapshot, vm.as_deref()),
+                &to,
+                force,
+                format,
+                (threads, &rate),
+                json,
+            )
+        }),
         Command::Copy {
             from,
             to,
@@ -930,6 +952,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         lease_renewal,
         resume_dir,
         rate,
+        job: _,
         json,
     } = args;
     let throttle = rate.throttle()?;

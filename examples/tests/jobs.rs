@@ -481,3 +481,128 @@ fn a_killed_or_stopped_daemon_resumes_its_run_once() {
         .unwrap();
     assert_eq!(n, 2, "{snaps}");
 }
+
+/// Job options as backup/restore flags: a pre-condition that says no (exit
+/// 4, nothing written), pre- and post-scripts with the result, retries of
+/// a network-type failure (a refused NBD connection), bad values exit 2
+/// naming the option and its range.
+#[test]
+fn job_flags_on_backup_and_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("disk.img");
+    make_image(&image, 2 << 20, 3);
+    let pool = p(&d.join("pool"));
+    ok(&["init", &pool]);
+    let img = p(&image);
+    let out = cairn(&[
+        "backup",
+        &pool,
+        "--vm",
+        "v",
+        &img,
+        "--pre-condition",
+        "exit 3",
+    ]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("exited with code 3"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        json(&["snapshots", &pool, "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let result = d.join("result");
+    let post = format!(
+        "echo \"$CAIRN_KIND $CAIRN_VM $CAIRN_RESULT\" >> {}",
+        p(&result)
+    );
+    ok(&[
+        "backup",
+        &pool,
+        "--vm",
+        "v",
+        &img,
+        "--pre-script",
+        "true",
+        "--post-script",
+        &post,
+    ]);
+    let restored = d.join("restored");
+    ok(&[
+        "restore",
+        &pool,
+        "latest",
+        "--vm",
+        "v",
+        "--to",
+        &p(&restored),
+        "--post-script",
+        &post,
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(&result).unwrap(),
+        "backup v succeeded\nrestore v succeeded\n"
+    );
+    let out = cairn(&[
+        "restore",
+        &pool,
+        "latest",
+        "--vm",
+        "v",
+        "--to",
+        &p(&restored),
+        "--pre-script",
+        "exit 1",
+    ]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+
+    // A socket nobody listens on: connection refused, a network-type
+    // failure, tried three times.
+    let sock = d.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let uri = format!("nbd+unix:///?socket={}", p(&sock));
+    let out = cairn(&[
+        "backup",
+        &pool,
+        "--vm",
+        "n",
+        "--nbd",
+        &uri,
+        "--retries",
+        "2",
+        "--retry-interval",
+        "0s",
+    ]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("retry 1 of 2") && err.contains("retry 2 of 2"),
+        "{err}"
+    );
+    assert!(!err.contains("retry 3"), "{err}");
+
+    for (flag, value, want) in [
+        ("--retries", "11", "--retries 11 is out of range (0–10)"),
+        (
+            "--retry-interval",
+            "3h",
+            "--retry-interval 3h is out of range (0–120 min)",
+        ),
+        (
+            "--script-timeout",
+            "0s",
+            "--script-timeout 0s is out of range (1s–24h)",
+        ),
+    ] {
+        let out = cairn(&["backup", &pool, "--vm", "v", &img, flag, value]);
+        assert_eq!(code(&out), 2, "{flag} {value}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{}", stderr(&out));
+    }
+}
