@@ -99,7 +99,7 @@ fn parse_args() -> Result<Args, String> {
                     .max(1)
             }
             "-h" | "--help" => {
-                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog|rebuild|copy] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
+                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog|rebuild|copy|jobs] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -954,6 +954,172 @@ fn catalog(a: &Args, rows: &mut Vec<Row>) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The job runner's cost over a direct backup (both medians of 3, fresh
+/// pools, the image through the inventory platform), a backup cancelled at
+/// half the image and resumed (share of the image the resumed run reads),
+/// the rate limit on the real clock at 50 MiB/s and 2 GiB/s, and the
+/// daemon idling for 10 s.
+fn jobs(a: &Args, rows: &mut Vec<Row>) {
+    use cairn_engine::jobs::{
+        Daemon, Job, JobDefinition, JobEnvironment, JobRunner, NoNotifier, RateLimit, StateDir,
+        Throttle, Trigger,
+    };
+    let (base, _, size) = images(a, rows);
+    warm(&base);
+    let work = a.dir.join("jobs");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("jobs dir");
+    let (row, ()) = median(3, || {
+        let repo = fresh_repo(&work.join("direct"));
+        measure("backup, direct", || {
+            let s = run_backup(&repo, &base, a);
+            (size, (), note(&s))
+        })
+    });
+    let direct = row.wall;
+    rows.push(row);
+
+    struct Env(PathBuf);
+    impl JobEnvironment for Env {
+        fn platform(&self, _: &Job) -> cairn_engine::Result<Arc<dyn cairn_engine::Platform>> {
+            Ok(Arc::new(cairn_cas::InventoryPlatform::open(
+                &self.0,
+                cairn_cas::ReadSettings::default(),
+            )?))
+        }
+        fn pool(&self, job: &Job) -> cairn_engine::Result<DynPool> {
+            Ok(Arc::new(
+                LocalPool::open(&job.definition.pool).map_err(cairn_engine::Error::from)?,
+            ))
+        }
+    }
+    let inventory = work.join("inventory.toml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "restore_dir = \"restored\"\n[[vm]]\nname = \"bench\"\n[[vm.disk]]\ndevice = \"disk.img\"\npath = \"{}\"\n",
+            base.display()
+        ),
+    )
+    .expect("inventory");
+    let env = Env(inventory);
+    let state = StateDir::new(work.join("state"));
+    let pool_dir = work.join("job-pool");
+    let job = JobDefinition::from_toml(
+        &format!(
+            "name = \"bench\"\nkind = \"backup\"\nplatform = \"inventory:x\"\npool = \"{}\"\n\
+             [select]\nvms = [\"bench\"]\n[capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n",
+            pool_dir.display()
+        ),
+        "bench.toml",
+    )
+    .expect("job")
+    .resolve()
+    .expect("job");
+    let (row, ()) = median(3, || {
+        fresh_repo(&pool_dir);
+        let runner = JobRunner::new(&state, &env, &NoNotifier);
+        measure("backup, through a job", || {
+            let r = runner.run(&job, Trigger::Manual, None).expect("job run");
+            assert_eq!(r.status, cairn_engine::jobs::RunStatus::Succeeded, "{r:?}");
+            (size, (), format!("{} VM, {:.0} MB new", r.vms.len(), r.bytes_new as f64 / 1e6))
+        })
+    });
+    let overhead = (row.wall / direct - 1.0) * 100.0;
+    rows.push(Row {
+        note: format!("{} ({overhead:+.1} % vs direct)", row.note),
+        ..row
+    });
+
+    // Cancelled at half the image, then resumed.
+    struct Half {
+        seen: std::sync::atomic::AtomicU64,
+        at: u64,
+        cancel: cairn_engine::CancelToken,
+    }
+    impl cairn_engine::Progress for Half {
+        fn advance(&self, bytes: u64) {
+            use std::sync::atomic::Ordering;
+            if self.seen.fetch_add(bytes, Ordering::SeqCst) + bytes >= self.at {
+                self.cancel.cancel();
+            }
+        }
+    }
+    let repo = fresh_repo(&work.join("resume-pool"));
+    let journals = work.join("journals");
+    let cancel = cairn_engine::CancelToken::new();
+    let opts = BackupOptions::new("bench")
+        .with_threads(NonZeroUsize::new(a.threads))
+        .with_resume_dir(&journals);
+    let stopped = opts
+        .clone()
+        .with_cancel(cancel.clone())
+        .with_progress(Arc::new(Half {
+            seen: Default::default(),
+            at: size / 2,
+            cancel,
+        }));
+    let _ = repo.backup(vec![disk(&base, false)], &stopped);
+    let (row, ()) = measure("backup resumed at 50 %", || {
+        let s = repo.backup(vec![disk(&base, false)], &opts).expect("resume");
+        (
+            s.bytes_read,
+            (),
+            format!(
+                "read {:.1} % of the image, resumed {:.1} %",
+                s.bytes_read as f64 * 100.0 / size as f64,
+                s.bytes_resumed as f64 * 100.0 / size as f64
+            ),
+        )
+    });
+    rows.push(row);
+
+    // The rate limit on the real clock.
+    for (rule, rate) in [("50MiB/s", 50u64 << 20), ("2GiB/s", 2u64 << 30)] {
+        let limit = RateLimit::parse(&[rule]).expect("rule");
+        let throttle = Throttle::new(
+            limit,
+            jiff::tz::TimeZone::UTC,
+            Arc::new(cairn_engine::jobs::SystemClock),
+        );
+        let (row, ()) = measure(&format!("rate limit {rule}"), || {
+            let t0 = Instant::now();
+            let mut moved = 0u64;
+            while t0.elapsed() < std::time::Duration::from_secs(5) {
+                throttle.take(1 << 20);
+                moved += 1 << 20;
+            }
+            let got = moved as f64 / t0.elapsed().as_secs_f64();
+            (
+                moved,
+                (),
+                format!("{:+.1} % of the limit", (got / rate as f64 - 1.0) * 100.0),
+            )
+        });
+        rows.push(row);
+    }
+
+    // The daemon idling: one job, next due in a year.
+    let idle_state = StateDir::new(work.join("idle-state"));
+    let mut idle = job.definition.clone();
+    idle.schedule = "monthly jan 1 03:00".into();
+    idle_state.add_job(&idle, true).expect("idle job");
+    let runner = JobRunner::new(&idle_state, &env, &NoNotifier);
+    let daemon = Daemon::new(&idle_state, runner).expect("daemon");
+    let stop = cairn_engine::CancelToken::new();
+    let (row, ()) = measure("daemon idle 10 s", || {
+        let stopper = stop.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            stopper.cancel();
+        });
+        daemon.run(std::time::Duration::from_secs(1), &stop, &mut |_| {});
+        t.join().expect("timer");
+        (0, (), String::from("CPU s over 10 s of wall time"))
+    });
+    rows.push(row);
+}
+
 fn main() {
     let a = match parse_args() {
         Ok(a) => a,
@@ -999,6 +1165,9 @@ fn main() {
     }
     if only == Some("rebuild") {
         rebuild(&a, &mut rows);
+    }
+    if only == Some("jobs") {
+        jobs(&a, &mut rows);
     }
     println!("| phase | MB/s | wall s | CPU s | peak RSS MiB | notes |");
     println!("|---|---:|---:|---:|---:|---|");
