@@ -227,6 +227,22 @@ impl InventoryPlatform {
     }
 }
 
+/// A file's device, inode, size, mtime and ctime.
+fn file_identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
 fn disk_size(path: &Path, format: &str) -> Result<u64> {
     if format == "qcow2" {
         let info = Qcow2Image::new(path).info()?;
@@ -250,16 +266,22 @@ impl PlatformSnapshot for InventorySnapshot {
             .get(device)
             .ok_or_else(|| Error::InvalidArgument(format!("no disk {device} in the snapshot")))?;
         match export {
-            Some(export) => Ok(Box::new(
-                NbdSource::connect_many_with_timeout(
+            Some(export) => {
+                let mut source = NbdSource::connect_many_with_timeout(
                     &export.uri(),
                     None,
                     self.read.connections,
                     self.read.timeout,
                 )?
                 .with_reconnect(self.read.reconnect_window)
-                .with_read_request_size(self.read.request_size)?,
-            )),
+                .with_read_request_size(self.read.request_size)?;
+                // The image file unchanged (nothing wrote it since): an
+                // interrupted backup of it may resume.
+                if let Some(id) = file_identity(Path::new(&disk.path)) {
+                    source = source.with_identity(format!("qcow2:{id}"));
+                }
+                Ok(Box::new(source))
+            }
             None => Ok(Box::new(RawFileSource::open(&disk.path)?)),
         }
     }

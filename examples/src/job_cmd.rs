@@ -206,8 +206,17 @@ fn record_json(r: &RunRecord) -> serde_json::Value {
     serde_json::to_value(r).unwrap_or(serde_json::Value::Null)
 }
 
-fn next_runs(job: &Job, count: usize) -> Vec<Timestamp> {
-    job.schedule.upcoming(&job.zone, Timestamp::now(), count)
+/// The next `count` runs, as RFC 3339 times with the job's zone offset.
+fn next_runs(job: &Job, count: usize) -> Vec<String> {
+    job.schedule
+        .upcoming(&job.zone, Timestamp::now(), count)
+        .into_iter()
+        .map(|t| {
+            t.to_zoned(job.zone.clone())
+                .strftime("%Y-%m-%dT%H:%M:%S%:z")
+                .to_string()
+        })
+        .collect()
 }
 
 /// `cairn job …`.
@@ -257,7 +266,7 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
                                 "last_run": last.as_ref().map(|r| r.run.clone()),
                                 "last_status": last.as_ref().map(status_word),
                                 "last_started": last.as_ref().map(|r| r.started.clone()),
-                                "next_run": next.map(|t| t.to_string()),
+                                "next_run": next,
                             })
                         })
                         .collect(),
@@ -285,7 +294,7 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
                         schedule,
                         last.as_ref().map_or("never", status_word),
                         last.as_ref().map_or("-", |r| r.started.as_str()),
-                        next.map_or("-".to_string(), |t| t.to_string())
+                        next.as_deref().unwrap_or("-")
                     );
                 }
             }
@@ -300,7 +309,7 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
                 output::print_json(&serde_json::json!({
                     "job": serde_json::to_value(&job.definition).unwrap_or_default(),
                     "last_run": last.as_ref().map(record_json),
-                    "next_runs": next.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+                    "next_runs": next,
                 }));
             } else {
                 print!("{}", job.definition.to_toml()?);
@@ -309,7 +318,6 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
                     Some(r) => print_record(r),
                     None => println!("last run: never"),
                 }
-                let next: Vec<String> = next.iter().map(|t| t.to_string()).collect();
                 println!(
                     "next runs: {}",
                     if next.is_empty() {

@@ -302,7 +302,7 @@ fn jobs_back_up_and_restore_an_inventory_record_runs_and_notify() {
     assert!(listed[0]["next_run"]
         .as_str()
         .unwrap()
-        .ends_with("T02:30:00Z"));
+        .ends_with("T02:30:00+00:00"));
     let history = json_env(&["job", "history", "nightly", "--json"], &s.env());
     assert_eq!(history.as_array().unwrap().len(), 2);
     let log = ok_env(&["job", "log", "nightly"], &s.env());

@@ -965,6 +965,7 @@ fn jobs(a: &Args, rows: &mut Vec<Row>) {
         Throttle, Trigger,
     };
     let (base, _, size) = images(a, rows);
+    let base = base.canonicalize().expect("image path");
     warm(&base);
     let work = a.dir.join("jobs");
     let _ = std::fs::remove_dir_all(&work);
@@ -997,7 +998,7 @@ fn jobs(a: &Args, rows: &mut Vec<Row>) {
     std::fs::write(
         &inventory,
         format!(
-            "restore_dir = \"restored\"\n[[vm]]\nname = \"bench\"\n[[vm.disk]]\ndevice = \"disk.img\"\npath = \"{}\"\n",
+            "restore_dir = \"restored\"\n[[vm]]\nname = \"bench\"\n[[vm.disk]]\ndevice = \"vda\"\npath = \"{}\"\n",
             base.display()
         ),
     )
@@ -1022,7 +1023,11 @@ fn jobs(a: &Args, rows: &mut Vec<Row>) {
         measure("backup, through a job", || {
             let r = runner.run(&job, Trigger::Manual, None).expect("job run");
             assert_eq!(r.status, cairn_engine::jobs::RunStatus::Succeeded, "{r:?}");
-            (size, (), format!("{} VM, {:.0} MB new", r.vms.len(), r.bytes_new as f64 / 1e6))
+            (
+                size,
+                (),
+                format!("{} VM, {:.0} MB new", r.vms.len(), r.bytes_new as f64 / 1e6),
+            )
         })
     });
     let overhead = (row.wall / direct - 1.0) * 100.0;
@@ -1061,7 +1066,9 @@ fn jobs(a: &Args, rows: &mut Vec<Row>) {
         }));
     let _ = repo.backup(vec![disk(&base, false)], &stopped);
     let (row, ()) = measure("backup resumed at 50 %", || {
-        let s = repo.backup(vec![disk(&base, false)], &opts).expect("resume");
+        let s = repo
+            .backup(vec![disk(&base, false)], &opts)
+            .expect("resume");
         (
             s.bytes_read,
             (),

@@ -836,6 +836,8 @@ pub struct NbdSource {
     reconnects: std::sync::atomic::AtomicU64,
     /// Largest read request (see [`NbdConnection::set_max_read`]).
     max_read: u32,
+    /// What the export serves, when the caller knows (resume keys on it).
+    identity: Option<String>,
 }
 
 /// First pause before a reconnect attempt; doubled up to [`MAX_BACKOFF`].
@@ -910,7 +912,17 @@ impl NbdSource {
             reconnect_window: Duration::ZERO,
             reconnects: std::sync::atomic::AtomicU64::new(0),
             max_read: MAX_REQUEST,
+            identity: None,
         })
+    }
+
+    /// Says what the export serves (a string that changes whenever its
+    /// content may have: the platform snapshot's id, an image file's
+    /// device, inode, size and times), so an interrupted backup of it can
+    /// resume (see [`DiskSource::identity`]).
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = Some(identity.into());
+        self
     }
 
     /// Reads with requests of at most `bytes` (4 KiB–32 MiB; spec B16's
@@ -1112,6 +1124,10 @@ impl DiskSource for NbdSource {
 
     fn describe(&self) -> String {
         self.uri.clone()
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.identity.clone()
     }
 }
 
