@@ -227,22 +227,6 @@ impl InventoryPlatform {
     }
 }
 
-/// A file's device, inode, size, mtime and ctime.
-fn file_identity(path: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(format!(
-        "{}:{}:{}:{}.{}:{}.{}",
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    ))
-}
-
 fn disk_size(path: &Path, format: &str) -> Result<u64> {
     if format == "qcow2" {
         let info = Qcow2Image::new(path).info()?;
@@ -277,8 +261,9 @@ impl PlatformSnapshot for InventorySnapshot {
                 .with_read_request_size(self.read.request_size)?;
                 // The image file unchanged (nothing wrote it since): an
                 // interrupted backup of it may resume.
-                if let Some(id) = file_identity(Path::new(&disk.path)) {
-                    source = source.with_identity(format!("qcow2:{id}"));
+                if let Ok(m) = std::fs::metadata(&disk.path) {
+                    source =
+                        source.with_identity(format!("qcow2:{}", cairn_engine::file_identity(&m)));
                 }
                 Ok(Box::new(source))
             }

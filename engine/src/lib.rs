@@ -118,9 +118,9 @@ pub use repo::Repository;
 pub use retention::{KeepReason, Period, RetentionDecision, RetentionPolicy, MAX_KEEP};
 pub use snapshots::{DiskInfo, PoolInfo, SnapshotInfo, SnapshotList, SnapshotSelector, MIN_PREFIX};
 pub use source::{
-    align_extents, partial_path, publish_file, DiskSource, DiskTarget, MappedBytes, MappedDisk,
-    MemorySource, MemoryTarget, NbdAddress, NbdConnection, NbdSource, NbdTarget, RawFileSource,
-    SparseFileTarget,
+    align_extents, file_identity, partial_path, publish_file, DiskSource, DiskTarget, MappedBytes,
+    MappedDisk, MemorySource, MemoryTarget, NbdAddress, NbdConnection, NbdSource, NbdTarget,
+    RawFileSource, SparseFileTarget,
 };
 pub use store::blob::Compression;
 pub use store::config::PoolConfig;

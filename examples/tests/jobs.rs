@@ -398,17 +398,21 @@ fn a_killed_or_stopped_daemon_resumes_its_run_once() {
     let s = JobSetup::new();
     let inside = s.path("inside");
     let go = s.path("go");
-    s.add(
-        "now",
-        "backup",
-        "",
-        &format!(
-            "[select]\nvms = [\"db\"]\n[scripts]\n\
-             pre = \"touch {inside}; i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\"\n",
-            inside = p(&inside),
-            go = p(&go)
-        ),
-    );
+    // An immediate job whose pre-script waits (up to 30 s) for `go`.
+    let add_job = || {
+        s.add(
+            "now",
+            "backup",
+            "",
+            &format!(
+                "[select]\nvms = [\"db\"]\n[scripts]\n\
+                 pre = \"touch {inside}; i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\"\n",
+                inside = p(&inside),
+                go = p(&go)
+            ),
+        )
+    };
+    add_job();
     let history = || json_env(&["job", "history", "now", "--json"], &s.env());
     for signal in [libc::SIGKILL, libc::SIGTERM] {
         let _ = std::fs::remove_file(&inside);
@@ -416,17 +420,7 @@ fn a_killed_or_stopped_daemon_resumes_its_run_once() {
         if signal == libc::SIGTERM {
             // A fresh occurrence: the job again, as a new immediate job.
             ok_env(&["job", "remove", "now", "--purge"], &s.env());
-            s.add(
-                "now",
-                "backup",
-                "",
-                &format!(
-                    "[select]\nvms = [\"db\"]\n[scripts]\n\
-                     pre = \"touch {inside}; i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\"\n",
-                    inside = p(&inside),
-                    go = p(&go)
-                ),
-            );
+            add_job();
         }
         let mut daemon = Command::new(env!("CARGO_BIN_EXE_cairn"))
             .args(["daemon", "--poll", "1s"])

@@ -16,7 +16,7 @@ use crate::error::Result;
 
 pub use memory::{MemorySource, MemoryTarget};
 pub use nbd::{NbdAddress, NbdConnection, NbdSource, NbdTarget};
-pub use raw::RawFileSource;
+pub use raw::{file_identity, RawFileSource};
 pub use target::{partial_path, publish_file, SparseFileTarget};
 
 /// A disk image readable at any offset.

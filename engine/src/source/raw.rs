@@ -35,6 +35,22 @@ impl MappedBytes for FileMapping {
     }
 }
 
+/// What changes whenever a file's content may have: its device, inode,
+/// size, mtime and ctime (the identity resume keys on).
+pub fn file_identity(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
+}
+
 /// A raw image file or block device.
 pub struct RawFileSource {
     file: File,
@@ -133,20 +149,8 @@ impl DiskSource for RawFileSource {
     /// Regular files only: a block device's times say nothing about its
     /// content.
     fn identity(&self) -> Option<String> {
-        use std::os::unix::fs::MetadataExt;
         let m = self.file.metadata().ok()?;
-        m.is_file().then(|| {
-            format!(
-                "file:{}:{}:{}:{}.{}:{}.{}",
-                m.dev(),
-                m.ino(),
-                m.size(),
-                m.mtime(),
-                m.mtime_nsec(),
-                m.ctime(),
-                m.ctime_nsec()
-            )
-        })
+        m.is_file().then(|| format!("file:{}", file_identity(&m)))
     }
 
     #[allow(clippy::single_range_in_vec_init)] // one extent: the whole disk
