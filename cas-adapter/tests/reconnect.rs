@@ -53,6 +53,11 @@ struct Plan {
     stall_after: Mutex<Vec<(usize, u64)>>,
     /// Reply bytes passed to clients, over all connections.
     passed: std::sync::atomic::AtomicU64,
+    /// Every this many read data chunks (over all connections), the chunk
+    /// is replaced by an NBD error reply (EIO) and the connection closed.
+    error_every: Mutex<Option<usize>>,
+    /// Read data chunks seen.
+    data_chunks: AtomicUsize,
 }
 
 impl Plan {
@@ -115,16 +120,30 @@ fn start_proxy(listen: &Path, target: PathBuf, plan: Arc<Plan>) {
             let (mut c_read, mut s_write) =
                 (client.try_clone().unwrap(), server.try_clone().unwrap());
             let recorder = plan.clone();
+            // Set once the client sent its first request: the server's
+            // bytes from then on are replies, chunk after chunk.
+            let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let requested_by_client = requested.clone();
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 4096];
                 while let Ok(k) = c_read.read(&mut buf) {
-                    if k == 0 || s_write.write_all(&buf[..k]).is_err() {
+                    if k == 0 {
+                        break;
+                    }
+                    if buf[..k].windows(4).any(|w| w == [0x25, 0x60, 0x95, 0x13]) {
+                        requested_by_client.store(true, Ordering::SeqCst);
+                    }
+                    if s_write.write_all(&buf[..k]).is_err() {
                         break;
                     }
                     recorder.sent.lock().unwrap().extend_from_slice(&buf[..k]);
                 }
                 let _ = s_write.shutdown(std::net::Shutdown::Both);
             });
+            if plan.error_every.lock().unwrap().is_some() {
+                std::thread::spawn(move || inject_errors(server, client, &plan, &requested));
+                continue;
+            }
             std::thread::spawn(move || {
                 let (mut s_read, mut c_write) = (server, client);
                 let mut passed = 0u64;
@@ -163,6 +182,67 @@ fn start_proxy(listen: &Path, target: PathBuf, plan: Arc<Plan>) {
             });
         }
     });
+}
+
+/// Forwards the server's replies chunk by chunk once the client has sent
+/// its first request (`requested`), replacing every
+/// `plan.error_every`-th read data chunk with an EIO error chunk and then
+/// closing the connection (the rest of that reply never arrives).
+fn inject_errors(
+    mut s_read: UnixStream,
+    mut c_write: UnixStream,
+    plan: &Plan,
+    requested: &std::sync::atomic::AtomicBool,
+) {
+    const MAGIC: [u8; 4] = [0x66, 0x8e, 0x33, 0xef];
+    let every = plan.error_every.lock().unwrap().unwrap_or(usize::MAX);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    'outer: loop {
+        let k = match s_read.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => k,
+        };
+        if !requested.load(Ordering::SeqCst) {
+            // The handshake: passed on as it comes.
+            if c_write.write_all(&buf[..k]).is_err() {
+                break;
+            }
+            continue;
+        }
+        pending.extend_from_slice(&buf[..k]);
+        // Header: magic u32, flags u16, type u16, cookie u64, length u32.
+        while pending.len() >= 20 {
+            let len = u32::from_be_bytes(pending[16..20].try_into().unwrap()) as usize;
+            if pending.len() < 20 + len {
+                break;
+            }
+            let kind = u16::from_be_bytes([pending[6], pending[7]]);
+            if kind == 1 {
+                let n = plan.data_chunks.fetch_add(1, Ordering::SeqCst) + 1;
+                if n % every == 0 {
+                    let mut err = Vec::new();
+                    err.extend_from_slice(&MAGIC);
+                    err.extend_from_slice(&1u16.to_be_bytes()); // DONE
+                    err.extend_from_slice(&((1u16 << 15) | 1).to_be_bytes()); // ERROR
+                    err.extend_from_slice(&pending[8..16]); // cookie
+                    err.extend_from_slice(&6u32.to_be_bytes());
+                    err.extend_from_slice(&5u32.to_be_bytes()); // EIO
+                    err.extend_from_slice(&0u16.to_be_bytes()); // no message
+                    let _ = c_write.write_all(&err);
+                    plan.faults.fetch_add(1, Ordering::SeqCst);
+                    break 'outer;
+                }
+            }
+            if c_write.write_all(&pending[..20 + len]).is_err() {
+                break 'outer;
+            }
+            plan.passed.fetch_add((20 + len) as u64, Ordering::SeqCst);
+            pending.drain(..20 + len);
+        }
+    }
+    let _ = c_write.shutdown(std::net::Shutdown::Both);
+    let _ = s_read.shutdown(std::net::Shutdown::Both);
 }
 
 struct Fixture {
@@ -408,4 +488,24 @@ fn a_stalled_connection_times_out_and_is_reestablished() {
     assert!(restored == f.reference, "the restored disk differs");
     assert_eq!(reconnects, 1);
     assert_eq!(plan.faults.load(Ordering::SeqCst), 1);
+}
+
+/// A share of reads answered with an NBD error (EIO): each such request is
+/// tried again on a renewed connection and the backup is whole; without a
+/// reconnect window the first error fails it.
+#[test]
+fn reads_failing_with_nbd_errors_are_retried() {
+    let f = fixture();
+    let plan = Arc::new(Plan::default());
+    *plan.error_every.lock().unwrap() = Some(7);
+    let (restored, reconnects) =
+        back_up_with(&f, plan.clone(), Duration::from_secs(60), 64 << 10).unwrap();
+    assert!(restored == f.reference, "the restored disk differs");
+    let faults = plan.faults.load(Ordering::SeqCst) as u64;
+    assert!(faults >= 5, "{faults} errors injected");
+    assert_eq!(reconnects, faults);
+    let plan = Arc::new(Plan::default());
+    *plan.error_every.lock().unwrap() = Some(7);
+    let e = back_up_with(&f, plan, Duration::ZERO, 64 << 10).unwrap_err();
+    assert!(e.to_string().contains("server error 5"), "{e}");
 }

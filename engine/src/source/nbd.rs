@@ -844,6 +844,8 @@ pub struct NbdSource {
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Tries of a request the server answers with an error.
+const ANSWERED_TRIES: usize = 3;
 
 impl NbdSource {
     /// Connects and negotiates `base:allocation` and, if given, the dirty
@@ -963,12 +965,18 @@ impl NbdSource {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        // Only a connection that failed is re-established: an error the
-        // server answered (a bad sector's EIO) or a request out of range
-        // would fail the same way again.
-        if self.reconnect_window.is_zero() || !matches!(first, Error::Io { .. }) {
+        // A connection that failed (I/O) is re-established until the
+        // window ends; after an error the server answered (EIO) or a reply
+        // that made no sense the connection is renewed too (the rest of
+        // that reply is still on the wire), but the request is tried at
+        // most `ANSWERED_TRIES` times: a bad sector stays bad.
+        let answered = |e: &Error| matches!(e, Error::Protocol { .. });
+        if self.reconnect_window.is_zero()
+            || !(matches!(first, Error::Io { .. }) || answered(&first))
+        {
             return Err(first);
         }
+        let mut answers = usize::from(answered(&first));
         let start = std::time::Instant::now();
         let mut backoff = FIRST_BACKOFF;
         let mut last = first;
@@ -1020,6 +1028,13 @@ impl NbdSource {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     match op(&mut guard) {
                         Ok(v) => return Ok(v),
+                        Err(e) if answered(&e) => {
+                            answers += 1;
+                            if answers >= ANSWERED_TRIES {
+                                return Err(e);
+                            }
+                            last = e;
+                        }
                         Err(e) => last = e,
                     }
                 }
