@@ -260,7 +260,7 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
                         .map(|(name, def, last, next)| {
                             serde_json::json!({
                                 "job": name,
-                                "kind": def.as_ref().ok().map(|d| serde_json::to_value(d.kind).unwrap_or_default()),
+                                "kind": def.as_ref().ok().map(|d| d.kind.as_str()),
                                 "schedule": def.as_ref().ok().map(|d| d.schedule.clone()),
                                 "error": def.as_ref().err().map(|e| e.to_string()),
                                 "last_run": last.as_ref().map(|r| r.run.clone()),
@@ -278,14 +278,8 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
                 );
                 for (name, def, last, next) in &rows {
                     let (kind, schedule) = match def {
-                        Ok(d) => (
-                            serde_json::to_value(d.kind)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_string))
-                                .unwrap_or_default(),
-                            d.schedule.clone(),
-                        ),
-                        Err(e) => ("?".into(), format!("(unreadable: {e})")),
+                        Ok(d) => (d.kind.as_str(), d.schedule.clone()),
+                        Err(e) => ("?", format!("(unreadable: {e})")),
                     };
                     println!(
                         "{:<24} {:<8} {:<28} {:<12} {:<26} {}",
@@ -381,10 +375,7 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
                     println!(
                         "{:<28} {:<9} {:<12} {:<26} {:>5} {:>12} {:>12}",
                         r.run,
-                        serde_json::to_value(r.trigger)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default(),
+                        r.trigger.as_str(),
                         status_word(r),
                         r.started,
                         format!("{done}/{}", r.vms.len()),
@@ -435,10 +426,7 @@ fn print_record(r: &RunRecord) {
         r.ended.as_deref().unwrap_or("-")
     );
     for v in &r.vms {
-        let status = serde_json::to_value(v.status)
-            .ok()
-            .and_then(|s| s.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let status = v.status.as_str();
         println!(
             "  {:<24} {:<10} {:<14} {:>10} logical {:>10} new{}",
             v.vm,
@@ -476,10 +464,7 @@ pub fn daemon(args: DaemonArgs) -> Result<u8, Failure> {
                     "{} job {job}: run {} ({}, for {}) {}",
                     Timestamp::now(),
                     r.run,
-                    serde_json::to_value(r.trigger)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
+                    r.trigger.as_str(),
                     r.scheduled.as_deref().unwrap_or("-"),
                     status_word(r)
                 ),

@@ -60,6 +60,16 @@ pub enum JobKind {
     Restore,
 }
 
+impl JobKind {
+    /// The lower-case word used in job files, records and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+        }
+    }
+}
+
 /// Full or incremental backups.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

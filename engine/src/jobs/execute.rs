@@ -163,15 +163,9 @@ impl<'a> JobRunner<'a> {
             LogLevel::Info,
             format!(
                 "{} job {name}: run {} started ({})",
-                match job.definition.kind {
-                    JobKind::Backup => "backup",
-                    JobKind::Restore => "restore",
-                },
+                job.definition.kind.as_str(),
                 log.run_id(),
-                serde_json::to_value(trigger)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
+                trigger.as_str()
             ),
         );
         let status = match self.run_logged(job, &log) {
@@ -317,13 +311,7 @@ impl<'a> JobRunner<'a> {
             ("CAIRN_JOB", job.name().to_string()),
             ("CAIRN_RUN", log.run_id()),
             ("CAIRN_PHASE", phase.to_string()),
-            (
-                "CAIRN_KIND",
-                match job.definition.kind {
-                    JobKind::Backup => "backup".to_string(),
-                    JobKind::Restore => "restore".to_string(),
-                },
-            ),
+            ("CAIRN_KIND", job.definition.kind.as_str().to_string()),
         ];
         env.extend(extra.iter().cloned());
         log.log(LogLevel::Info, format!("{phase} script: {cmd}"));
@@ -514,13 +502,7 @@ impl<'a> JobRunner<'a> {
         }
         if let Some(cmd) = &def.scripts.post {
             let mut env = vm_env(&rec);
-            env.push((
-                "CAIRN_RESULT",
-                serde_json::to_value(rec.status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
-            ));
+            env.push(("CAIRN_RESULT", rec.status.as_str().to_string()));
             env.push(("CAIRN_ERROR", rec.error.clone().unwrap_or_default()));
             match self.script(job, log, "post", cmd, &env) {
                 Ok(o) if o.success() => {}

@@ -48,6 +48,18 @@ pub enum Trigger {
     Resumed,
 }
 
+impl Trigger {
+    /// The lower-case word used in records and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Schedule => "schedule",
+            Trigger::Missed => "missed",
+            Trigger::Resumed => "resumed",
+        }
+    }
+}
+
 /// A run's outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,6 +108,18 @@ pub enum VmStatus {
     Skipped,
     /// Stopped by a cancellation.
     Cancelled,
+}
+
+impl VmStatus {
+    /// The lower-case word used in records, tables and `CAIRN_RESULT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmStatus::Succeeded => "succeeded",
+            VmStatus::Failed => "failed",
+            VmStatus::Skipped => "skipped",
+            VmStatus::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// One VM's part of a run.
@@ -593,6 +617,42 @@ mod tests {
             "t",
         )
         .unwrap()
+    }
+
+    /// The words tables and scripts print are the ones records store.
+    #[test]
+    fn words_match_the_records() {
+        let word = |v: serde_json::Value| v.as_str().unwrap().to_string();
+        for t in [
+            Trigger::Manual,
+            Trigger::Schedule,
+            Trigger::Missed,
+            Trigger::Resumed,
+        ] {
+            assert_eq!(word(serde_json::to_value(t).unwrap()), t.as_str());
+        }
+        for v in [
+            VmStatus::Succeeded,
+            VmStatus::Failed,
+            VmStatus::Skipped,
+            VmStatus::Cancelled,
+        ] {
+            assert_eq!(word(serde_json::to_value(v).unwrap()), v.as_str());
+        }
+        for r in [
+            RunStatus::Running,
+            RunStatus::Succeeded,
+            RunStatus::Partial,
+            RunStatus::Failed,
+            RunStatus::Skipped,
+            RunStatus::Cancelled,
+            RunStatus::Interrupted,
+        ] {
+            assert_eq!(word(serde_json::to_value(r).unwrap()), r.as_str());
+        }
+        for k in [JobKind::Backup, JobKind::Restore] {
+            assert_eq!(word(serde_json::to_value(k).unwrap()), k.as_str());
+        }
     }
 
     #[test]
