@@ -37,13 +37,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_engine::cbt::CbtDisk;
 use cairn_engine::{
-    Datastore, DiskSource, DiskTarget, Error, NbdSource, Platform, PlatformSnapshot, RawFileSource,
-    Result, SparseFileTarget, VmDisk, VmInfo,
+    CbtOpen, Datastore, DiskSource, DiskTarget, Error, NbdSource, Platform, PlatformSnapshot,
+    RawFileSource, Result, SparseFileTarget, VmDisk, VmInfo,
 };
 use serde::Deserialize;
 
-use crate::qemu::{Qcow2Image, Qcow2Target, QemuNbdExport};
+use crate::qemu::backup::{plan_disk, validate_chain, DiskPlan, ImageLock};
+use crate::qemu::{Qcow2Disk, Qcow2Image, Qcow2Target, QemuNbdExport};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -237,48 +239,155 @@ fn disk_size(path: &Path, format: &str) -> Result<u64> {
         .map_err(|e| Error::io(format!("disk image {}", path.display()), e))
 }
 
-/// A snapshot: the raw files as they are, qcow2 images served read-only.
+/// A snapshot: the raw files as they are, qcow2 images served read-only
+/// (each export started when the disk is first opened).
 struct InventorySnapshot {
-    disks: BTreeMap<String, (VmDisk, Option<QemuNbdExport>)>,
+    disks: BTreeMap<String, VmDisk>,
+    /// The exports started, per device.
+    exports: std::sync::Mutex<BTreeMap<String, QemuNbdExport>>,
     read: ReadSettings,
+    /// Disks opened through CBT: their plan and the image lock held until
+    /// the backup ended.
+    cbt: Vec<(DiskPlan, ImageLock)>,
+    /// The CBT request's chain and pool (for retiring bitmaps).
+    chain: String,
+    pool_id: String,
+}
+
+impl InventorySnapshot {
+    fn exports_guard(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, QemuNbdExport>> {
+        // A panic while holding it leaves a map that is still whole.
+        self.exports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn disk(&self, device: &str) -> Result<&VmDisk> {
+        self.disks
+            .get(device)
+            .ok_or_else(|| Error::InvalidArgument(format!("no disk {device} in the snapshot")))
+    }
+
+    /// A source on `uri` with the job's read settings.
+    fn connect(
+        read: ReadSettings,
+        path: &str,
+        uri: &str,
+        bitmap: Option<&str>,
+    ) -> Result<NbdSource> {
+        let mut source =
+            NbdSource::connect_many_with_timeout(uri, bitmap, read.connections, read.timeout)?
+                .with_reconnect(read.reconnect_window)
+                .with_read_request_size(read.request_size)?;
+        // The image file unchanged (nothing wrote it since): an interrupted
+        // backup of it may resume.
+        if let Ok(m) = std::fs::metadata(path) {
+            source = source.with_identity(format!("qcow2:{}", cairn_engine::file_identity(&m)));
+        }
+        Ok(source)
+    }
+
+    /// Stops every export (before bitmaps change: qemu-img needs the image
+    /// unlocked); the first failure is returned.
+    fn stop_exports(&self) -> Result<()> {
+        let mut first = Ok(());
+        for (_, export) in std::mem::take(&mut *self.exports_guard()) {
+            let r = export.stop();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
 }
 
 impl PlatformSnapshot for InventorySnapshot {
     fn open_disk(&self, device: &str) -> Result<Box<dyn DiskSource>> {
-        let (disk, export) = self
-            .disks
-            .get(device)
-            .ok_or_else(|| Error::InvalidArgument(format!("no disk {device} in the snapshot")))?;
-        match export {
-            Some(export) => {
-                let mut source = NbdSource::connect_many_with_timeout(
-                    &export.uri(),
-                    None,
-                    self.read.connections,
-                    self.read.timeout,
-                )?
-                .with_reconnect(self.read.reconnect_window)
-                .with_read_request_size(self.read.request_size)?;
-                // The image file unchanged (nothing wrote it since): an
-                // interrupted backup of it may resume.
-                if let Ok(m) = std::fs::metadata(&disk.path) {
-                    source =
-                        source.with_identity(format!("qcow2:{}", cairn_engine::file_identity(&m)));
-                }
-                Ok(Box::new(source))
+        let disk = self.disk(device)?;
+        if disk.format != "qcow2" {
+            return Ok(Box::new(RawFileSource::open(&disk.path)?));
+        }
+        let mut exports = self.exports_guard();
+        if !exports.contains_key(device) {
+            let export =
+                Qcow2Image::new(&disk.path).export_read_only(None, self.read.connections)?;
+            exports.insert(device.to_string(), export);
+        }
+        let uri = exports[device].uri();
+        Ok(Box::new(Self::connect(self.read, &disk.path, &uri, None)?))
+    }
+
+    /// qcow2 disks track changed blocks with persistent bitmaps, as
+    /// `cairn backup --qcow2` does (see [`crate::qemu`] for the lifecycle);
+    /// raw disks have none.
+    fn open_cbt(&mut self, device: &str, request: &CbtOpen<'_>) -> Result<Option<CbtDisk>> {
+        let disk = self.disk(device)?.clone();
+        if disk.format != "qcow2" {
+            return Ok(None);
+        }
+        if self.exports_guard().contains_key(device) {
+            return Err(Error::InvalidArgument(format!(
+                "disk {device} is open already; open it through CBT first"
+            )));
+        }
+        validate_chain(request.chain)?;
+        self.chain = request.chain.to_string();
+        self.pool_id = request.pool_id.to_string();
+        let lock = ImageLock::take(Path::new(&disk.path))?;
+        let image = Qcow2Disk {
+            image: Qcow2Image::new(&disk.path),
+            name: device.to_string(),
+        };
+        let plan = plan_disk(
+            request.parent.cloned(),
+            image,
+            request.chain,
+            request.pool_id,
+        )?;
+        plan.start_next(request.granularity)?;
+        let read = self.read;
+        let path = disk.path.clone();
+        let connect =
+            move |uri: &str, bitmap: Option<&str>| Self::connect(read, &path, uri, bitmap);
+        match plan.open(request.chain, self.read.connections, &connect) {
+            Ok((export, cbt_disk)) => {
+                self.exports_guard().insert(device.to_string(), export);
+                self.cbt.push((plan, lock));
+                Ok(Some(cbt_disk))
             }
-            None => Ok(Box::new(RawFileSource::open(&disk.path)?)),
+            Err(e) => {
+                let _ = plan.drop_next();
+                Err(e)
+            }
         }
     }
 
+    fn backup_ended(&mut self, stored: bool) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Err(e) = self.stop_exports() {
+            warnings.push(format!("stopping qemu-nbd: {e}"));
+        }
+        for (plan, _lock) in self.cbt.drain(..) {
+            if stored {
+                warnings.extend(plan.retire_consumed(&self.chain, &self.pool_id));
+            } else if let Err(e) = plan.drop_next() {
+                warnings.push(format!(
+                    "{}: could not remove the bitmap {:?} this run started: {e}",
+                    plan.disk.name, plan.next
+                ));
+            }
+        }
+        warnings
+    }
+
     fn release(self: Box<Self>) -> Result<()> {
-        let mut first = Ok(());
-        for (_, (_, export)) in self.disks {
-            if let Some(e) = export {
-                let r = e.stop();
-                if first.is_ok() {
-                    first = r;
-                }
+        let stopped = self.stop_exports();
+        // A snapshot released without `backup_ended`: nothing was stored.
+        let mut first = stopped;
+        for (plan, _lock) in &self.cbt {
+            let r = plan.drop_next();
+            if first.is_ok() {
+                first = r;
             }
         }
         first
@@ -296,18 +405,18 @@ impl Platform for InventoryPlatform {
             .iter()
             .find(|v| v.id == vm.id)
             .ok_or_else(|| bad(&self.file, format!("no VM {}", vm.id)))?;
-        let mut disks = BTreeMap::new();
-        for d in &known.disks {
-            let export = if d.format == "qcow2" {
-                Some(Qcow2Image::new(&d.path).export_read_only(None, self.read.connections)?)
-            } else {
-                None
-            };
-            disks.insert(d.device.clone(), (d.clone(), export));
-        }
+        let disks = known
+            .disks
+            .iter()
+            .map(|d| (d.device.clone(), d.clone()))
+            .collect();
         Ok(Box::new(InventorySnapshot {
             disks,
+            exports: std::sync::Mutex::new(BTreeMap::new()),
             read: self.read,
+            cbt: Vec::new(),
+            chain: String::new(),
+            pool_id: String::new(),
         }))
     }
 

@@ -92,3 +92,203 @@ fn vms_identities_space_and_targets() {
     let e = InventoryPlatform::open(&d.join("key.toml"), ReadSettings::default()).unwrap_err();
     assert!(e.to_string().contains("colour"), "{e}");
 }
+
+/// A CBT job on the inventory platform with real qcow2 bitmaps: the first
+/// run starts a bitmap per qcow2 disk, writes made with qemu-io are all the
+/// next run reads of it (the raw disk is read whole), the snapshot restores
+/// bit-identical to `qemu-img convert`'s raw image; a lost bitmap falls
+/// back to a full read; a run that stores nothing leaves the bitmap it
+/// consumed in place.
+#[test]
+fn cbt_jobs_on_qcow2_read_only_what_qemu_io_wrote() {
+    use cairn_engine::jobs::{
+        Job, JobDefinition, JobEnvironment, JobRunner, MemoryNotifier, RunStatus, StateDir,
+        Trigger, VmStatus,
+    };
+    use cairn_engine::{DynPool, Repository, RestoreOptions, SnapshotId};
+    use std::sync::Arc;
+
+    use cairn_engine::{FileKind, ObjectWriter, Pool, PoolWrapper, VmInfo, WrappedPool};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The pool, refusing to store snapshot manifests: a backup that reads
+    /// everything and then fails.
+    struct NoManifests(DynPool);
+    impl PoolWrapper for NoManifests {
+        fn inner(&self) -> &dyn Pool {
+            &*self.0
+        }
+        fn create(
+            &self,
+            kind: FileKind,
+            name: &str,
+        ) -> cairn_engine::Result<Box<dyn ObjectWriter>> {
+            if kind == FileKind::Snapshot {
+                return Err(cairn_engine::Error::InvalidArgument(
+                    "test: no manifests today".into(),
+                ));
+            }
+            self.0.create(kind, name)
+        }
+    }
+    struct Env {
+        inventory: std::path::PathBuf,
+        pool: DynPool,
+        fail_manifests: AtomicBool,
+    }
+    impl JobEnvironment for Env {
+        fn backup_pool(
+            &self,
+            _: &Job,
+            _: &VmInfo,
+            pool: &DynPool,
+        ) -> cairn_engine::Result<Option<DynPool>> {
+            Ok(self
+                .fail_manifests
+                .load(Ordering::SeqCst)
+                .then(|| Arc::new(WrappedPool(NoManifests(pool.clone()))) as DynPool))
+        }
+        fn platform(&self, _: &Job) -> cairn_engine::Result<Arc<dyn Platform>> {
+            Ok(Arc::new(InventoryPlatform::open(
+                &self.inventory,
+                ReadSettings::default(),
+            )?))
+        }
+        fn pool(&self, _: &Job) -> cairn_engine::Result<DynPool> {
+            Ok(self.pool.clone())
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let q = d.join("web.qcow2");
+    let qs = q.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", qs, "8M"]);
+    run(
+        "qemu-io",
+        &["-c", "write -P 3 0 1M", "-c", "write -P 4 5M 512K", qs],
+    );
+    let raw: Vec<u8> = (0..1u32 << 19).map(|i| (i % 251) as u8).collect();
+    std::fs::write(d.join("data.img"), &raw).unwrap();
+    std::fs::write(
+        d.join("inv.toml"),
+        "restore_dir = \"out\"\n[[vm]]\nname = \"web\"\n\
+         [[vm.disk]]\ndevice = \"vda\"\npath = \"web.qcow2\"\n\
+         [[vm.disk]]\ndevice = \"vdb\"\npath = \"data.img\"\n",
+    )
+    .unwrap();
+    let pool: DynPool = Arc::new(cairn_pools::MemoryPool::new());
+    let repo = Repository::create(pool.clone()).unwrap();
+    let env = Env {
+        inventory: d.join("inv.toml"),
+        pool,
+        fail_manifests: AtomicBool::new(false),
+    };
+    let state = StateDir::new(d.join("state"));
+    let notes = MemoryNotifier::default();
+    let runner = JobRunner::new(&state, &env, &notes);
+    let job = JobDefinition::from_toml(
+        "name = \"nightly\"\nkind = \"backup\"\nplatform = \"inventory\"\npool = \"mem\"\n\
+         [select]\nvms = [\"web\"]\n[capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n\
+         [cbt]\nenabled = true\n",
+        "nightly.toml",
+    )
+    .unwrap()
+    .resolve()
+    .unwrap();
+    let bitmaps = || -> Vec<String> {
+        let info = cairn_cas::qemu::Qcow2Image::new(&q).info().unwrap();
+        info.bitmaps.iter().map(|b| b.name.clone()).collect()
+    };
+    let backup = || {
+        let rec = runner.run(&job, Trigger::Manual, None).unwrap();
+        assert_eq!(rec.status, RunStatus::Succeeded, "{rec:?}");
+        rec.vms[0].clone()
+    };
+    let restored_matches = |snapshot: &str| {
+        let out = d.join("restored");
+        let _ = std::fs::remove_dir_all(&out);
+        let id = SnapshotId::from_hex(snapshot).unwrap();
+        repo.restore_to_dir(&id, &out, &RestoreOptions::default())
+            .unwrap();
+        let flat = d.join("flat.raw");
+        run(
+            "qemu-img",
+            &["convert", "-O", "raw", qs, flat.to_str().unwrap()],
+        );
+        assert!(std::fs::read(out.join("vda")).unwrap() == std::fs::read(&flat).unwrap());
+        assert!(std::fs::read(out.join("vdb")).unwrap() == raw);
+    };
+
+    // The first run reads the allocated 1.5 MiB and the raw disk, and
+    // starts one bitmap of chain "nightly".
+    let first = backup();
+    assert_eq!(first.bytes_read, (3 << 19) + raw.len() as u64, "{first:?}");
+    let started = bitmaps();
+    assert_eq!(started.len(), 1);
+    assert!(started[0].starts_with("nightly."), "{started:?}");
+    // Two writes, in two 64 KiB chunks: the next run reads those only.
+    run(
+        "qemu-io",
+        &["-c", "write -P 9 100K 4K", "-c", "write -P 8 7M 1K", qs],
+    );
+    let second = backup();
+    assert_eq!(second.mode.as_deref(), Some("cbt"), "{second:?}");
+    assert_eq!(
+        second.bytes_read,
+        2 * 65536 + raw.len() as u64,
+        "{second:?}"
+    );
+    let now = bitmaps();
+    assert_eq!(now.len(), 1, "the consumed bitmap is retired: {now:?}");
+    assert_ne!(now, started);
+    restored_matches(second.snapshot.as_deref().unwrap());
+
+    // A run that stores nothing (it reads, then the pool refuses its
+    // manifest) removes the bitmap it started and keeps the one it would
+    // have consumed.
+    run("qemu-io", &["-c", "write -P 5 2M 4K", qs]);
+    env.fail_manifests.store(true, Ordering::SeqCst);
+    let rec = runner.run(&job, Trigger::Manual, None).unwrap();
+    env.fail_manifests.store(false, Ordering::SeqCst);
+    assert_eq!(rec.vms[0].status, VmStatus::Failed, "{rec:?}");
+    assert!(
+        rec.vms[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("no manifests today"),
+        "{rec:?}"
+    );
+    assert_eq!(
+        bitmaps(),
+        now,
+        "the started bitmap is gone, the consumed one kept"
+    );
+    // The next run reads the one changed chunk again (the raw disk the
+    // failed run read completely is resumed from its journal).
+    let third = backup();
+    assert_eq!(third.mode.as_deref(), Some("cbt"), "{third:?}");
+    assert!(third.bytes_read >= 65536, "{third:?}");
+    assert_eq!(
+        third.bytes_read + third.bytes_resumed,
+        65536 + raw.len() as u64,
+        "{third:?}"
+    );
+    restored_matches(third.snapshot.as_deref().unwrap());
+
+    // The bitmap is removed behind the job's back: a full read (policy
+    // full), still bit-identical, and a fresh bitmap.
+    for b in bitmaps() {
+        run("qemu-img", &["bitmap", "--remove", qs, &b]);
+    }
+    let fourth = backup();
+    // Allocated now: the first 1.5 MiB and the clusters at 2 MiB and 7 MiB.
+    assert_eq!(
+        fourth.bytes_read,
+        (3 << 19) + 2 * 65536 + raw.len() as u64,
+        "{fourth:?}"
+    );
+    assert_eq!(bitmaps().len(), 1);
+    restored_matches(fourth.snapshot.as_deref().unwrap());
+}

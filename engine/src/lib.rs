@@ -110,7 +110,7 @@ pub use pipeline::backup::{BackupOptions, BackupStats};
 pub use pipeline::input::{validate_disk_name, BackupDisk, ChangedBlocks, DiskInput};
 pub use pipeline::restore::{MakeTarget, RestoreOptions, RestoreStats};
 pub use pipeline::verify::{Damage, DamageKind, DamagedRange, VerifyOptions, VerifyReport};
-pub use platform::{Datastore, Platform, PlatformSnapshot, VmDisk, VmInfo};
+pub use platform::{CbtOpen, Datastore, Platform, PlatformSnapshot, VmDisk, VmInfo};
 pub use progress::{CancelToken, NoProgress, Progress};
 pub use prune::{PruneOptions, PruneReport};
 pub use repair::PackRepairReport;

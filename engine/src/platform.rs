@@ -10,8 +10,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::cbt::CbtDisk;
 use crate::error::Result;
+use crate::id::SnapshotId;
 use crate::source::{DiskSource, DiskTarget};
+use crate::store::manifest::Snapshot;
 
 /// A VM as the platform describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -63,10 +66,81 @@ pub struct Datastore {
     pub free: u64,
 }
 
+/// What a CBT backup of one disk asks of the platform
+/// ([`PlatformSnapshot::open_cbt`]).
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct CbtOpen<'a> {
+    /// The job's bitmap chain: the platform names the bitmaps it starts
+    /// after it, so two jobs (or a job and a hand-run backup) never consume
+    /// each other's.
+    pub chain: &'a str,
+    /// The pool's id (hex): bitmaps started for one pool are never consumed
+    /// by a backup into another.
+    pub pool_id: &'a str,
+    /// The disk's newest snapshot in the pool (the incremental's parent;
+    /// its disk entry names the bitmap it started,
+    /// [`PROP_NEXT_BITMAP`](crate::format::PROP_NEXT_BITMAP)). `None`: a
+    /// full backup that only starts a bitmap.
+    pub parent: Option<&'a (SnapshotId, Snapshot)>,
+    /// The bitmap granularity: the backup's fixed chunk size.
+    pub granularity: u64,
+}
+
+impl<'a> CbtOpen<'a> {
+    /// A request for chain `chain` of pool `pool_id` against `parent`.
+    pub fn new(
+        chain: &'a str,
+        pool_id: &'a str,
+        parent: Option<&'a (SnapshotId, Snapshot)>,
+        granularity: u64,
+    ) -> Self {
+        CbtOpen {
+            chain,
+            pool_id,
+            parent,
+            granularity,
+        }
+    }
+
+    /// The bitmap the parent's disk `device` started, if it recorded one.
+    pub fn recorded_bitmap(&self, device: &str) -> Option<&'a str> {
+        self.parent.and_then(|(_, s)| {
+            s.disks
+                .iter()
+                .find(|d| d.name == device)
+                .and_then(|d| d.properties.get(crate::format::PROP_NEXT_BITMAP))
+                .map(String::as_str)
+        })
+    }
+}
+
 /// A point-in-time view of a VM's disks held by the platform for a backup.
 pub trait PlatformSnapshot: Send {
     /// Opens a disk of the snapshot for reading.
     fn open_disk(&self, device: &str) -> Result<Box<dyn DiskSource>>;
+    /// Opens disk `device` for a changed-block-tracking backup (spec B3):
+    /// the disk, the dirty ranges of the bitmap that recorded writes since
+    /// `request.parent` (or why they cannot be had: missing, inconsistent,
+    /// lost at a power cycle) and the bitmap that records writes from now
+    /// on, which the platform starts here. The engine decides whether to
+    /// trust the ranges ([`decide`](crate::cbt::decide)). `Ok(None)`: the
+    /// disk has no CBT here (a raw disk, a platform without it) and is read
+    /// whole against the parent. The default: `Ok(None)`.
+    fn open_cbt(&mut self, device: &str, request: &CbtOpen<'_>) -> Result<Option<CbtDisk>> {
+        let _ = (device, request);
+        Ok(None)
+    }
+    /// The backup of this snapshot ended: `stored` when its snapshot is
+    /// committed (the bitmaps it consumed can go, the ones it started now
+    /// track changes since it), otherwise failed or skipped (the bitmaps it
+    /// started go, the consumed ones keep recording for the next attempt).
+    /// Returns warnings (a bitmap that could not be removed); called before
+    /// [`release`](Self::release). The default: nothing to do.
+    fn backup_ended(&mut self, stored: bool) -> Vec<String> {
+        let _ = stored;
+        Vec::new()
+    }
     /// Releases the snapshot (deleting or merging it back).
     fn release(self: Box<Self>) -> Result<()>;
 }

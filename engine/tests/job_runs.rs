@@ -389,3 +389,148 @@ fn a_run_stopped_during_its_precondition_is_cancelled_not_skipped() {
     assert!(notes.events().is_empty(), "{:?}", notes.events());
     assert_eq!(env.platform.snapshots_taken.load(Ordering::SeqCst), 0);
 }
+
+/// A job with changed-block tracking: the first run starts a bitmap per
+/// CBT disk, the next reads only what the guest wrote since (a disk
+/// without CBT is read whole), the snapshot restores bit-identical; a
+/// bitmap lost at a power cycle falls back to a full read, or skips the
+/// VM with an alert, or silently — as the job's `cbt.missing` says.
+#[test]
+fn cbt_jobs_read_only_what_changed_and_follow_the_missing_policy() {
+    let env = env();
+    for (vm, device) in [
+        ("cvk1/web0", "vda"),
+        ("cvk1/web0", "vdb"),
+        ("cvk1/web1", "vda"),
+    ] {
+        env.platform.enable_cbt(vm, device);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    let notes = MemoryNotifier::default();
+    let runner = JobRunner::new(&state, &env, &notes);
+    let cbt_job = |missing: &str| {
+        JobDefinition::from_toml(
+            &format!(
+                "name = \"cbt.job\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
+                 [select]\nvms = [\"web0\", \"web1\"]\n[cbt]\nenabled = true\nmissing = \"{missing}\"\n"
+            ),
+            "cbt.toml",
+        )
+        .unwrap()
+        .resolve()
+        .unwrap()
+    };
+    let (vda, vdb) = (1u64 << 20, 300u64 << 10);
+    let vm = |rec: &cairn_engine::jobs::RunRecord, name: &str| {
+        rec.vms.iter().find(|v| v.vm == name).unwrap().clone()
+    };
+    // First run: no parent, every disk read whole; bitmaps start.
+    let first = runner.run(&cbt_job("full"), Trigger::Manual, None).unwrap();
+    assert_eq!(first.status, RunStatus::Succeeded, "{first:?}");
+    assert_eq!(vm(&first, "web0").bytes_read, vda + vdb);
+    let started = env.platform.bitmaps("cvk1/web0", "vda");
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert!(started[0].starts_with("cbt_job."), "{started:?}");
+    assert!(env.platform.bitmaps("cvk1/web1", "vdb").is_empty());
+    // The guests write; the next run reads one 64 KiB chunk per write.
+    env.platform.write("cvk1/web0", "vda", 70_000, b"changed!");
+    env.platform.write("cvk1/web0", "vdb", 131_072, &[7u8; 100]);
+    env.platform.write("cvk1/web1", "vda", 500_000, b"x");
+    let second = runner.run(&cbt_job("full"), Trigger::Manual, None).unwrap();
+    assert_eq!(second.status, RunStatus::Succeeded, "{second:?}");
+    let web0 = vm(&second, "web0");
+    assert_eq!(web0.bytes_read, 2 * 65536, "{web0:?}");
+    assert_eq!(web0.mode.as_deref(), Some("cbt"));
+    // web1's vdb has no CBT: read whole beside vda's one chunk.
+    assert_eq!(vm(&second, "web1").bytes_read, 65536 + vdb);
+    // The consumed bitmap is gone, the new one records.
+    let now = env.platform.bitmaps("cvk1/web0", "vda");
+    assert_eq!(now.len(), 1);
+    assert_ne!(now, started);
+    // Bit-identical to the disks as they are now.
+    let repo = Repository::open(env.pool.clone()).unwrap();
+    let id = cairn_engine::SnapshotId::from_hex(web0.snapshot.as_deref().unwrap()).unwrap();
+    let out = dir.path().join("restored");
+    repo.restore_to_dir(&id, &out, &cairn_engine::RestoreOptions::default())
+        .unwrap();
+    let mut want_vda = bytes(1 << 20, 0);
+    want_vda[70_000..70_008].copy_from_slice(b"changed!");
+    let mut want_vdb = bytes(300 << 10, 10);
+    want_vdb[131_072..131_172].fill(7);
+    assert!(std::fs::read(out.join("vda")).unwrap() == want_vda);
+    assert!(std::fs::read(out.join("vdb")).unwrap() == want_vdb);
+
+    // A power cycle loses web0's bitmaps. Policy full: read whole.
+    env.platform.lose_cbt("cvk1/web0");
+    let third = runner.run(&cbt_job("full"), Trigger::Manual, None).unwrap();
+    assert_eq!(third.status, RunStatus::Succeeded, "{third:?}");
+    assert_eq!(vm(&third, "web0").bytes_read, vda + vdb);
+    assert_eq!(vm(&third, "web1").bytes_read, vdb, "web1 kept its bitmap");
+    let log = std::fs::read_to_string(state.log_path("cbt.job", &third.run)).unwrap();
+    assert!(
+        log.contains("disk vda: changed-block tracking not used") && log.contains("missing"),
+        "{log}"
+    );
+    assert!(notes.events().is_empty(), "{:?}", notes.events());
+
+    // Policy skip-alert: web0 is left out with an event; the bitmap the
+    // skipped run started is removed again.
+    env.platform.lose_cbt("cvk1/web0");
+    let fourth = runner
+        .run(&cbt_job("skip-alert"), Trigger::Manual, None)
+        .unwrap();
+    assert_eq!(fourth.status, RunStatus::Partial, "{fourth:?}");
+    let skipped = vm(&fourth, "web0");
+    assert_eq!(skipped.status, VmStatus::Skipped);
+    assert!(
+        skipped
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("changed-block tracking"),
+        "{skipped:?}"
+    );
+    assert!(env.platform.bitmaps("cvk1/web0", "vda").is_empty());
+    let events = notes.events();
+    assert!(
+        events.iter().any(|e| e.kind == EventKind::VmSkipped
+            && e.vm.as_deref() == Some("web0")
+            && e.message.contains("changed-block tracking")),
+        "{events:?}"
+    );
+    // Policy skip: left out without an event.
+    let before = notes.events().len();
+    let fifth = runner.run(&cbt_job("skip"), Trigger::Manual, None).unwrap();
+    assert_eq!(vm(&fifth, "web0").status, VmStatus::Skipped);
+    let new_events: Vec<_> = notes.events().into_iter().skip(before).collect();
+    assert!(
+        new_events.iter().all(|e| e.kind != EventKind::VmSkipped),
+        "{new_events:?}"
+    );
+}
+
+#[test]
+fn cbt_settings_are_checked() {
+    let def = |cbt: &str| {
+        JobDefinition::from_toml(
+            &format!(
+                "name = \"c\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
+                 [select]\nvms = [\"web0\"]\n[cbt]\n{cbt}\n"
+            ),
+            "c.toml",
+        )
+        .and_then(|d| d.resolve())
+    };
+    let err = |cbt: &str| def(cbt).unwrap_err().to_string();
+    assert!(err("enabled = true\nchain = \"a.b\"").contains("cbt.chain"));
+    assert!(err("enabled = true\nspot_check = 65")
+        .contains("cbt.spot_check: 65 is out of range (0–64)"));
+    assert!(err("enabled = true\nmissing = \"maybe\"").contains("missing"));
+    assert!(err("enable = true").contains("unknown field"));
+    assert_eq!(
+        def("enabled = true").unwrap().cbt_chain.as_deref(),
+        Some("c")
+    );
+    assert_eq!(def("").unwrap().cbt_chain, None);
+}

@@ -10,6 +10,7 @@ use cairn_engine::{
     SnapshotId,
 };
 
+use super::export::QemuNbdExport;
 use super::image::{ImageInfo, Qcow2Image};
 
 /// Settings of [`backup_qcow2`].
@@ -65,13 +66,13 @@ pub struct Qcow2Disk {
 /// POSIX lock that would clash with qemu's own locks). Released when
 /// dropped or when the process dies. Backups on different hosts of an image
 /// on shared storage are kept apart by qemu's image locks.
-struct ImageLock {
+pub(crate) struct ImageLock {
     /// Holds the lock while open.
     _file: std::fs::File,
 }
 
 impl ImageLock {
-    fn take(path: &std::path::Path) -> Result<Self> {
+    pub(crate) fn take(path: &std::path::Path) -> Result<Self> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         use std::os::unix::io::AsRawFd;
         let meta = std::fs::metadata(path)
@@ -144,7 +145,7 @@ pub(super) fn new_bitmap_name(chain: &str, pool_id: &str) -> Result<String> {
     Ok(format!("{}{token}", pool_prefix(chain, pool_id)))
 }
 
-pub(super) fn validate_chain(chain: &str) -> Result<()> {
+pub(crate) fn validate_chain(chain: &str) -> Result<()> {
     let ok = !chain.is_empty()
         && chain.len() <= 64
         && chain
@@ -160,30 +161,29 @@ pub(super) fn validate_chain(chain: &str) -> Result<()> {
 }
 
 /// What one disk's run knows before its export starts.
-struct DiskPlan<'a> {
-    disk: &'a Qcow2Disk,
+pub(crate) struct DiskPlan {
+    pub(crate) disk: Qcow2Disk,
     info: ImageInfo,
     /// The disk's newest snapshot.
     parent: Option<(SnapshotId, Snapshot)>,
     /// The bitmap that snapshot started.
     recorded: Option<String>,
     /// The bitmap this run consumes (see [`plan_disk`]).
-    consume: Option<String>,
+    pub(crate) consume: Option<String>,
     /// `consume` when it can be exported, else why not.
-    usable: std::result::Result<String, String>,
+    pub(crate) usable: std::result::Result<String, String>,
     /// The bitmap this run starts.
-    next: String,
+    pub(crate) next: String,
 }
 
-fn plan_disk<'a>(
-    repo: &Repository,
-    vm: &str,
-    disk: &'a Qcow2Disk,
+/// Plans one disk's run against `parent`, the disk's newest snapshot.
+pub(crate) fn plan_disk(
+    parent: Option<(SnapshotId, Snapshot)>,
+    disk: Qcow2Disk,
     chain: &str,
     pool_id: &str,
-) -> Result<DiskPlan<'a>> {
+) -> Result<DiskPlan> {
     let info = disk.image.info()?;
-    let parent = repo.latest_with_disk(vm, &disk.name)?;
     let recorded = parent.as_ref().and_then(|(_, s)| {
         s.disks
             .iter()
@@ -292,45 +292,31 @@ pub fn backup_qcow2_vm(
     let pool_id = repo.config().pool_id.to_hex();
     let plans = disks
         .iter()
-        .map(|d| plan_disk(repo, &opts.vm, d, &qcow2.chain, &pool_id))
+        .map(|d| {
+            let parent = repo.latest_with_disk(&opts.vm, &d.name)?;
+            plan_disk(parent, d.clone(), &qcow2.chain, &pool_id)
+        })
         .collect::<Result<Vec<_>>>()?;
     // Start every next bitmap; undo them all if one fails.
-    let mut added: Vec<&DiskPlan<'_>> = Vec::new();
+    let mut added: Vec<&DiskPlan> = Vec::new();
     for plan in &plans {
-        if let Err(e) = plan.disk.image.add_bitmap(&plan.next, grid as u64) {
+        if let Err(e) = plan.start_next(grid as u64) {
             for p in added {
-                let _ = p.disk.image.remove_bitmap(&p.next);
+                let _ = p.drop_next();
             }
             return Err(e);
         }
         added.push(plan);
     }
     let result = backup_with_exports(repo, &plans, opts, qcow2);
-    let prefix = format!("{}.", qcow2.chain);
-    let ours = pool_prefix(&qcow2.chain, &pool_id);
     match result {
         Ok(Qcow2Outcome::Done {
             stats,
             mut warnings,
             next_bitmaps,
         }) => {
-            // Per disk, retire the bitmap the previous snapshot started
-            // (`next` supersedes it) and any this pool's runs left behind
-            // when they were killed. Bitmaps of other chains and other pools
-            // are left alone.
             for plan in &plans {
-                for b in &plan.info.bitmaps {
-                    let stale =
-                        b.name.starts_with(&ours) || Some(&b.name) == plan.recorded.as_ref();
-                    if stale && b.name != plan.next && b.name.starts_with(&prefix) {
-                        if let Err(e) = plan.disk.image.remove_bitmap(&b.name) {
-                            warnings.push(format!(
-                                "{}: could not remove bitmap {:?}: {e}",
-                                plan.disk.name, b.name
-                            ));
-                        }
-                    }
-                }
+                warnings.extend(plan.retire_consumed(&qcow2.chain, &pool_id));
             }
             Ok(Qcow2Outcome::Done {
                 stats,
@@ -343,7 +329,7 @@ pub fn backup_qcow2_vm(
             // keep recording for the next attempt.
             let mut cleanup = Ok(());
             for plan in &plans {
-                let r = plan.disk.image.remove_bitmap(&plan.next);
+                let r = plan.drop_next();
                 if cleanup.is_ok() {
                     cleanup = r;
                 }
@@ -355,43 +341,95 @@ pub fn backup_qcow2_vm(
     }
 }
 
+impl DiskPlan {
+    /// Adds the bitmap this run starts, enabled: it records every write
+    /// from now on.
+    pub(crate) fn start_next(&self, granularity: u64) -> Result<()> {
+        self.disk.image.add_bitmap(&self.next, granularity)
+    }
+
+    /// The run stored nothing: removes the bitmap it started (the one it
+    /// consumed keeps recording for the next attempt).
+    pub(crate) fn drop_next(&self) -> Result<()> {
+        self.disk.image.remove_bitmap(&self.next)
+    }
+
+    /// The run's snapshot is committed: retires the bitmap the previous
+    /// snapshot started (`next` supersedes it) and any this pool's runs
+    /// left behind when they were killed. Bitmaps of other chains and
+    /// other pools are left alone. Returns warnings.
+    pub(crate) fn retire_consumed(&self, chain: &str, pool_id: &str) -> Vec<String> {
+        let prefix = format!("{chain}.");
+        let ours = pool_prefix(chain, pool_id);
+        let mut warnings = Vec::new();
+        for b in &self.info.bitmaps {
+            let stale = b.name.starts_with(&ours) || Some(&b.name) == self.recorded.as_ref();
+            if stale && b.name != self.next && b.name.starts_with(&prefix) {
+                if let Err(e) = self.disk.image.remove_bitmap(&b.name) {
+                    warnings.push(format!(
+                        "{}: could not remove bitmap {:?}: {e}",
+                        self.disk.name, b.name
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
+    /// Exports the image read-only with the bitmap to consume, connects
+    /// through `connect(uri, bitmap)` and reads the dirty extents: the
+    /// export (stop it before [`drop_next`](Self::drop_next) or
+    /// [`retire_consumed`](Self::retire_consumed)) and the disk for
+    /// [`prepare_cbt`](Repository::prepare_cbt) — its parent still to set.
+    pub(crate) fn open(
+        &self,
+        chain: &str,
+        connections: usize,
+        connect: &dyn Fn(&str, Option<&str>) -> Result<NbdSource>,
+    ) -> Result<(QemuNbdExport, CbtDisk)> {
+        let bitmap = self.usable.as_deref().ok();
+        let export = self.disk.image.export_read_only(bitmap, connections)?;
+        let source = match connect(&export.uri(), bitmap) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = export.stop();
+                return Err(e);
+            }
+        };
+        let dirty = match &self.usable {
+            Ok(name) => source.dirty_extents(name).map_err(|e| e.to_string()),
+            Err(why) => Err(why.clone()),
+        };
+        let disk = CbtDisk::new(
+            self.disk.name.clone(),
+            Box::new(source),
+            self.consume.clone().unwrap_or_else(|| format!("{chain}.*")),
+            dirty,
+            self.next.clone(),
+        )
+        .with_property(PROP_SOURCE, self.disk.image.path().display().to_string())
+        .with_property("format", "qcow2");
+        Ok((export, disk))
+    }
+}
+
 fn backup_with_exports(
     repo: &Repository,
-    plans: &[DiskPlan<'_>],
+    plans: &[DiskPlan],
     opts: &BackupOptions,
     qcow2: &Qcow2BackupOptions,
 ) -> Result<Qcow2Outcome> {
     let mut exports = Vec::new();
     let mut cbt_disks = Vec::new();
+    let connect =
+        |uri: &str, bitmap: Option<&str>| NbdSource::connect_many(uri, bitmap, qcow2.connections);
     for plan in plans {
-        let export = plan
-            .disk
-            .image
-            .export_read_only(plan.usable.as_deref().ok(), qcow2.connections)?;
-        let source = NbdSource::connect_many(
-            &export.uri(),
-            plan.usable.as_deref().ok(),
-            qcow2.connections,
-        )?;
+        let (export, disk) = plan.open(&qcow2.chain, qcow2.connections, &connect)?;
         exports.push(export);
-        let dirty = match &plan.usable {
-            Ok(name) => source.dirty_extents(name).map_err(|e| e.to_string()),
-            Err(why) => Err(why.clone()),
-        };
-        let cbt_disk = CbtDisk::new(
-            plan.disk.name.clone(),
-            Box::new(source),
-            plan.consume
-                .clone()
-                .unwrap_or_else(|| format!("{}.*", qcow2.chain)),
-            dirty,
-            plan.next.clone(),
-        )
-        .with_property(PROP_SOURCE, plan.disk.image.path().display().to_string())
-        .with_property("format", "qcow2")
-        .with_spot_check(qcow2.spot_check)
-        .with_parent(plan.parent.clone());
-        cbt_disks.push(cbt_disk);
+        cbt_disks.push(
+            disk.with_spot_check(qcow2.spot_check)
+                .with_parent(plan.parent.clone()),
+        );
     }
     let prepared = repo.prepare_cbt(&opts.vm, cbt_disks, opts.chunking, qcow2.policy)?;
     let (inputs, parent_id) = match prepared {

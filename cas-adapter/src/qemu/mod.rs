@@ -39,7 +39,7 @@
 //! makes `qemu-img` fail, and the error says so. A running VM's disk is
 //! backed up through its own NBD export (libvirt pull mode) instead.
 
-mod backup;
+pub(crate) mod backup;
 mod export;
 mod image;
 mod target;

@@ -41,6 +41,7 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::cbt::CbtPolicy;
 use crate::chunker::parse_size;
 use crate::jobs::capacity::CapacityRule;
 use crate::jobs::rate::{Direction, RateLimit};
@@ -190,6 +191,52 @@ impl Default for SourceOptions {
             log_level: LogLevel::Info,
         }
     }
+}
+
+/// What a job does when a disk's changed-block tracking is missing or
+/// cannot be trusted (spec B4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CbtMissing {
+    /// Read the whole disk against its previous snapshot (only changed
+    /// chunks are stored). The default.
+    #[default]
+    Full,
+    /// Leave the VM out of this run and raise an alert.
+    SkipAlert,
+    /// Leave the VM out of this run silently.
+    Skip,
+}
+
+impl CbtMissing {
+    /// The engine's policy.
+    pub fn policy(self) -> CbtPolicy {
+        match self {
+            CbtMissing::Full => CbtPolicy::Full,
+            CbtMissing::SkipAlert => CbtPolicy::SkipAlert,
+            CbtMissing::Skip => CbtPolicy::Skip,
+        }
+    }
+}
+
+/// `[cbt]`: changed-block tracking (spec B3, B4). Enabled, every backup
+/// starts a dirty bitmap on each disk that supports one (qcow2), and an
+/// incremental backup reads only what the previous one's bitmap marks
+/// dirty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CbtOptions {
+    /// Track changed blocks (off by default).
+    pub enabled: bool,
+    /// When a bitmap is missing or not trusted: `full`, `skip-alert` or
+    /// `skip`.
+    pub missing: CbtMissing,
+    /// The bitmaps' chain name (1–64 of `A-Z a-z 0-9 - _`); the job's name
+    /// (other characters as `_`) when absent.
+    pub chain: Option<String>,
+    /// Clean extents per disk read back and compared with the previous
+    /// snapshot before a bitmap is trusted, 0–64 (0: none).
+    pub spot_check: u32,
 }
 
 /// `[scripts]`: commands run by `sh -c` (B15), each with a timeout.
@@ -370,6 +417,9 @@ pub struct JobDefinition {
     /// Restore jobs: what to restore.
     #[serde(default)]
     pub restore: RestoreJobOptions,
+    /// Changed-block tracking (backups).
+    #[serde(default)]
+    pub cbt: CbtOptions,
 }
 
 /// A checked job: the definition and its typed values.
@@ -402,6 +452,8 @@ pub struct Job {
     pub timeout: Duration,
     /// Script timeout.
     pub script_timeout: Duration,
+    /// The CBT bitmap chain, when CBT is enabled.
+    pub cbt_chain: Option<String>,
 }
 
 impl Job {
@@ -647,6 +699,46 @@ impl JobDefinition {
                 ));
             }
         }
+        let cbt_chain = if self.cbt.enabled {
+            if self.kind == JobKind::Restore {
+                return Err(err("cbt.enabled", "applies to backup jobs only".into()));
+            }
+            let chain = match &self.cbt.chain {
+                Some(c) => {
+                    let ok = !c.is_empty()
+                        && c.len() <= 64
+                        && c.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+                    if !ok {
+                        return Err(err(
+                            "cbt.chain",
+                            format!("{c:?} is not 1–64 of A-Z a-z 0-9 - _"),
+                        ));
+                    }
+                    c.clone()
+                }
+                None => self
+                    .name
+                    .bytes()
+                    .map(|b| {
+                        if b.is_ascii_alphanumeric() || b == b'-' {
+                            b as char
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect(),
+            };
+            if self.cbt.spot_check > 64 {
+                return Err(err(
+                    "cbt.spot_check",
+                    format!("{} is out of range (0–64)", self.cbt.spot_check),
+                ));
+            }
+            Some(chain)
+        } else {
+            None
+        };
         Ok(Job {
             definition: self.clone(),
             schedule,
@@ -661,6 +753,7 @@ impl JobDefinition {
             buffer: buffer as usize,
             timeout,
             script_timeout,
+            cbt_chain,
         })
     }
 }

@@ -16,17 +16,30 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 
+use crate::cbt::PreparedVm;
 use crate::jobs::definition::{BackupMode, Job, JobKind, LogLevel};
 use crate::jobs::lock::ResourceLock;
 use crate::jobs::notify::{EventKind, JobEvent, Notifier};
 use crate::jobs::rate::{Clock, Direction, SystemClock, Throttle, ThrottledPool};
 use crate::jobs::script::run_script;
 use crate::jobs::state::{RunLog, RunRecord, RunStatus, StateDir, Trigger, VmRecord, VmStatus};
-use crate::platform::{Platform, VmDisk, VmInfo};
+use crate::platform::{CbtOpen, Platform, PlatformSnapshot, VmDisk, VmInfo};
 use crate::{
-    BackupDisk, BackupOptions, CancelToken, DiskInput, DynPool, Error, PruneOptions, Repository,
-    RestoreOptions, Result, SnapshotSelector, WrappedPool,
+    BackupDisk, BackupOptions, BackupStats, CancelToken, ChunkingParams, DiskInput, DynPool, Error,
+    PruneOptions, Repository, RestoreOptions, Result, SnapshotSelector, WrappedPool,
 };
+
+/// A VM left out of a run, and whether that raises an alert.
+struct Skipped {
+    why: String,
+    alert: bool,
+}
+
+impl Skipped {
+    fn alert(why: String) -> Self {
+        Skipped { why, alert: true }
+    }
+}
 
 /// What a job needs from the application running it: its platform and its
 /// pool, by the addresses the job names.
@@ -454,8 +467,14 @@ impl<'a> JobRunner<'a> {
                         rec.error = None;
                         break;
                     }
-                    Ok(Some(why)) => {
+                    Ok(Some(Skipped { why, alert: true })) => {
                         skip(&mut rec, why);
+                        break;
+                    }
+                    Ok(Some(Skipped { why, alert: false })) => {
+                        log.log(LogLevel::Info, format!("VM {}: skipped: {why}", vm.name));
+                        rec.status = VmStatus::Skipped;
+                        rec.error = Some(why);
                         break;
                     }
                     Err(e) if self.cancel.is_cancelled() || matches!(e, Error::Cancelled) => {
@@ -514,10 +533,9 @@ impl<'a> JobRunner<'a> {
         rec
     }
 
-    /// Backs up `vm`; `Ok(Some(why))`: skipped.
-    fn backup_vm(&self, run: &Run<'_>, vm: &VmInfo, rec: &mut VmRecord) -> Result<Option<String>> {
+    /// Backs up `vm`; `Ok(Some(_))`: skipped.
+    fn backup_vm(&self, run: &Run<'_>, vm: &VmInfo, rec: &mut VmRecord) -> Result<Option<Skipped>> {
         let job = run.job;
-        let def = &job.definition;
         let _lock = ResourceLock::acquire(self.state.root(), &vm_resource(vm), job.name())?;
         let own;
         let repo = match self.environment.backup_pool(job, vm, &run.pool)? {
@@ -535,12 +553,6 @@ impl<'a> JobRunner<'a> {
                 &own
             }
         };
-        let parent = match def.mode {
-            BackupMode::Full => None,
-            BackupMode::Incremental => repo
-                .resolve(&SnapshotSelector::latest_of(vm.name.clone()))
-                .ok(),
-        };
         run.log.log(
             LogLevel::Info,
             format!(
@@ -548,32 +560,13 @@ impl<'a> JobRunner<'a> {
                 vm.name, vm.id, vm.host
             ),
         );
-        let snapshot = run.platform.snapshot(vm)?;
-        let opened: Result<Vec<BackupDisk>> = vm
-            .disks
-            .iter()
-            .map(|d| {
-                let disk = BackupDisk::new(
-                    d.device.clone(),
-                    DiskInput::Image(snapshot.open_disk(&d.device)?),
-                );
-                Ok(match &run.throttle {
-                    Some(t) => disk.throttled(t.clone()),
-                    None => disk,
-                })
-            })
-            .collect();
-        let result = opened.and_then(|disks| {
-            let mut opts = BackupOptions::new(vm.name.clone())
-                .with_compression(job.compression)
-                .with_parent(parent)
-                .with_property("job", def.name.clone())
-                .with_property("vm_id", vm.id.clone())
-                .with_property("host", vm.host.clone());
-            opts.cancel = self.cancel.clone();
-            opts.resume_dir = Some(self.state.resume_dir());
-            repo.backup(disks, &opts)
-        });
+        let mut snapshot = run.platform.snapshot(vm)?;
+        let result = self.backup_snapshot(run, repo, vm, &mut *snapshot);
+        let stored = matches!(result, Ok(Ok(_)));
+        for warning in snapshot.backup_ended(stored) {
+            run.log
+                .log(LogLevel::Warn, format!("VM {}: {warning}", vm.name));
+        }
         if let Err(e) = snapshot.release() {
             run.log.log(
                 LogLevel::Warn,
@@ -583,7 +576,10 @@ impl<'a> JobRunner<'a> {
                 ),
             );
         }
-        let stats = result?;
+        let stats = match result? {
+            Ok(stats) => stats,
+            Err(skipped) => return Ok(Some(skipped)),
+        };
         rec.snapshot = Some(stats.snapshot.to_string());
         rec.mode = Some(stats.mode.as_str().to_string());
         rec.bytes_logical = stats.bytes_logical;
@@ -614,8 +610,117 @@ impl<'a> JobRunner<'a> {
         Ok(None)
     }
 
-    /// Restores `vm`'s snapshot; `Ok(Some(why))`: skipped (none to restore).
-    fn restore_vm(&self, run: &Run<'_>, vm: &VmInfo, rec: &mut VmRecord) -> Result<Option<String>> {
+    /// The backup of one platform snapshot: each disk opened (through its
+    /// dirty bitmap when the job tracks changed blocks and the platform
+    /// offers one), the CBT decision made, the snapshot written.
+    /// `Ok(Err(_))`: the CBT policy skips the VM.
+    fn backup_snapshot(
+        &self,
+        run: &Run<'_>,
+        repo: &Repository,
+        vm: &VmInfo,
+        snapshot: &mut dyn PlatformSnapshot,
+    ) -> Result<std::result::Result<BackupStats, Skipped>> {
+        let job = run.job;
+        let def = &job.definition;
+        let chunking = ChunkingParams::default();
+        let latest = match def.mode {
+            BackupMode::Full => None,
+            BackupMode::Incremental => repo
+                .resolve(&SnapshotSelector::latest_of(vm.name.clone()))
+                .ok(),
+        };
+        // Per disk, in the VM's order: its input, or its place among the
+        // disks prepared through CBT.
+        let mut plain: Vec<Option<BackupDisk>> = Vec::new();
+        let mut cbt_disks = Vec::new();
+        if let Some(chain) = &job.cbt_chain {
+            let pool_id = repo.config().pool_id.to_hex();
+            let grid = chunking.max_chunk() as u64;
+            for d in &vm.disks {
+                let parent = match def.mode {
+                    BackupMode::Full => None,
+                    BackupMode::Incremental => repo.latest_with_disk(&vm.name, &d.device)?,
+                };
+                let request = CbtOpen::new(chain, &pool_id, parent.as_ref(), grid);
+                match snapshot.open_cbt(&d.device, &request)? {
+                    Some(disk) => {
+                        cbt_disks
+                            .push(disk.with_parent(parent).with_spot_check(def.cbt.spot_check));
+                        plain.push(None);
+                    }
+                    None => plain.push(Some(BackupDisk::new(
+                        d.device.clone(),
+                        DiskInput::Image(snapshot.open_disk(&d.device)?),
+                    ))),
+                }
+            }
+        } else {
+            for d in &vm.disks {
+                plain.push(Some(BackupDisk::new(
+                    d.device.clone(),
+                    DiskInput::Image(snapshot.open_disk(&d.device)?),
+                )));
+            }
+        }
+        let mut parent = latest;
+        let mut prepared = Vec::new();
+        if !cbt_disks.is_empty() {
+            match repo.prepare_cbt(&vm.name, cbt_disks, chunking, def.cbt.missing.policy())? {
+                PreparedVm::Skip { reason, alert } => {
+                    return Ok(Err(Skipped {
+                        why: format!("not backed up: changed-block tracking: {reason}"),
+                        alert,
+                    }));
+                }
+                PreparedVm::Backup {
+                    disks,
+                    parent: cbt_parent,
+                    fallbacks,
+                } => {
+                    for (disk, reason) in fallbacks {
+                        run.log.log(
+                            LogLevel::Warn,
+                            format!(
+                                "VM {} disk {disk}: changed-block tracking not used ({reason}): \
+                                 the disk is read whole",
+                                vm.name
+                            ),
+                        );
+                    }
+                    parent = cbt_parent.or(parent);
+                    prepared = disks;
+                }
+            }
+        }
+        let mut prepared = prepared.into_iter();
+        let disks: Vec<BackupDisk> = plain
+            .into_iter()
+            .filter_map(|d| d.or_else(|| prepared.next()))
+            .map(|disk| match &run.throttle {
+                Some(t) => disk.throttled(t.clone()),
+                None => disk,
+            })
+            .collect();
+        let mut opts = BackupOptions::new(vm.name.clone())
+            .with_chunking(chunking)
+            .with_compression(job.compression)
+            .with_parent(parent)
+            .with_property("job", def.name.clone())
+            .with_property("vm_id", vm.id.clone())
+            .with_property("host", vm.host.clone());
+        opts.cancel = self.cancel.clone();
+        opts.resume_dir = Some(self.state.resume_dir());
+        repo.backup(disks, &opts).map(Ok)
+    }
+
+    /// Restores `vm`'s snapshot; `Ok(Some(_))`: skipped (none to restore).
+    fn restore_vm(
+        &self,
+        run: &Run<'_>,
+        vm: &VmInfo,
+        rec: &mut VmRecord,
+    ) -> Result<Option<Skipped>> {
         let job = run.job;
         let def = &job.definition;
         let _lock = ResourceLock::acquire(self.state.root(), &vm_resource(vm), job.name())?;
@@ -623,19 +728,19 @@ impl<'a> JobRunner<'a> {
         let id = match run.repo.resolve(&selector) {
             Ok(id) => id,
             Err(e) if e.is_not_found() => {
-                return Ok(Some(format!(
+                return Ok(Some(Skipped::alert(format!(
                     "no snapshot {:?} of VM {} in the pool",
                     def.restore.snapshot, vm.name
-                )))
+                ))))
             }
             Err(e) => return Err(e),
         };
         let snap = run.repo.load_snapshot(&id)?;
         if snap.vm != vm.name {
-            return Ok(Some(format!(
+            return Ok(Some(Skipped::alert(format!(
                 "no snapshot {:?} of VM {} in the pool (snapshot {id} is of VM {})",
                 def.restore.snapshot, vm.name, snap.vm
-            )));
+            ))));
         }
         rec.snapshot = Some(id.to_string());
         let mut opts = RestoreOptions {

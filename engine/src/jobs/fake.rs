@@ -2,19 +2,31 @@
 //! the engine's own tests; never in the library's production path): an
 //! inventory of VMs on hosts, disks held in memory, datastores whose free
 //! space a test sets, and counters of what jobs asked of it.
+//!
+//! Disks can track changed blocks like qcow2 persistent bitmaps
+//! ([`FakePlatform::enable_cbt`]): every bitmap a backup starts records the
+//! writes a test makes ([`FakePlatform::write`]) until a later backup
+//! consumes it; [`FakePlatform::lose_cbt`] drops them as a power cycle
+//! does on the real platform.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::platform::{Datastore, Platform, PlatformSnapshot, VmDisk, VmInfo};
+use crate::cbt::CbtDisk;
+use crate::platform::{CbtOpen, Datastore, Platform, PlatformSnapshot, VmDisk, VmInfo};
 use crate::source::{DiskSource, DiskTarget, MemorySource, MemoryTarget};
 use crate::{Error, Result};
 
 /// (VM id, device) → the disk's bytes.
 type Disks = BTreeMap<(String, String), Arc<Vec<u8>>>;
+
+/// (VM id, device) → its bitmaps: name → the ranges written since it
+/// started. A disk is in the map once CBT is enabled on it.
+type Bitmaps = BTreeMap<(String, String), BTreeMap<String, Vec<Range<u64>>>>;
 
 /// The fake platform (see the module docs).
 #[derive(Debug, Default)]
@@ -30,6 +42,9 @@ pub struct FakePlatform {
     /// Faults the next snapshots meet, in order (`true`: a dropped
     /// connection, a network-type failure; `false`: a refusal).
     faults: Mutex<std::collections::VecDeque<bool>>,
+    bitmaps: Arc<Mutex<Bitmaps>>,
+    /// Bitmaps started so far (names them).
+    bitmaps_started: Arc<AtomicU64>,
 }
 
 impl FakePlatform {
@@ -92,6 +107,53 @@ impl FakePlatform {
         self.faults.lock().extend(faults.iter().copied());
     }
 
+    /// Turns on changed-block tracking for disk `device` of VM `vm_id`
+    /// (as a qcow2 disk that can hold persistent bitmaps).
+    pub fn enable_cbt(&self, vm_id: &str, device: &str) {
+        self.bitmaps
+            .lock()
+            .entry((vm_id.into(), device.into()))
+            .or_default();
+    }
+
+    /// The guest writes `bytes` at `offset` of disk `device` of VM `vm_id`:
+    /// the disk changes (snapshots taken before keep the old bytes) and
+    /// every bitmap of the disk records the range.
+    pub fn write(&self, vm_id: &str, device: &str, offset: u64, bytes: &[u8]) {
+        let key = (vm_id.to_string(), device.to_string());
+        let mut disks = self.disks.lock();
+        let Some(disk) = disks.get_mut(&key) else {
+            panic!("fake platform: no disk {device} of VM {vm_id}");
+        };
+        let disk = Arc::make_mut(disk);
+        let start = offset as usize;
+        disk[start..start + bytes.len()].copy_from_slice(bytes);
+        if let Some(maps) = self.bitmaps.lock().get_mut(&key) {
+            for ranges in maps.values_mut() {
+                ranges.push(offset..offset + bytes.len() as u64);
+            }
+        }
+    }
+
+    /// The VM powers off and on: its disks' bitmaps are lost (their
+    /// changed-block tracking stays enabled).
+    pub fn lose_cbt(&self, vm_id: &str) {
+        for ((id, _), maps) in self.bitmaps.lock().iter_mut() {
+            if id == vm_id {
+                maps.clear();
+            }
+        }
+    }
+
+    /// The names of disk `device`'s bitmaps.
+    pub fn bitmaps(&self, vm_id: &str, device: &str) -> Vec<String> {
+        self.bitmaps
+            .lock()
+            .get(&(vm_id.into(), device.into()))
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// What was restored into disk `device` of VM `vm_id`, once finished.
     pub fn restored(&self, vm_id: &str, device: &str) -> Option<Vec<u8>> {
         self.restored
@@ -102,8 +164,26 @@ impl FakePlatform {
 }
 
 struct FakeSnapshot {
+    vm_id: String,
     disks: BTreeMap<String, Arc<Vec<u8>>>,
     released: Arc<AtomicU64>,
+    bitmaps: Arc<Mutex<Bitmaps>>,
+    bitmaps_started: Arc<AtomicU64>,
+    /// Per disk opened through CBT: the bitmap consumed, the one started.
+    cbt: Vec<(String, Option<String>, String)>,
+}
+
+/// Sorted, merged ranges.
+fn merged(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 impl PlatformSnapshot for FakeSnapshot {
@@ -114,6 +194,51 @@ impl PlatformSnapshot for FakeSnapshot {
             .ok_or_else(|| Error::InvalidArgument(format!("no disk {device} in the snapshot")))?;
         Ok(Box::new(MemorySource::new(device, bytes.to_vec())))
     }
+
+    fn open_cbt(&mut self, device: &str, request: &CbtOpen<'_>) -> Result<Option<CbtDisk>> {
+        let key = (self.vm_id.clone(), device.to_string());
+        let mut all = self.bitmaps.lock();
+        let Some(maps) = all.get_mut(&key) else {
+            return Ok(None);
+        };
+        let consumed = request.recorded_bitmap(device).map(str::to_string);
+        let dirty = match &consumed {
+            None => Err("the disk's previous snapshot started no bitmap".to_string()),
+            Some(name) => maps
+                .get(name)
+                .map(|r| merged(r.clone()))
+                .ok_or_else(|| format!("bitmap {name:?} is missing (lost at a power cycle?)")),
+        };
+        let n = self.bitmaps_started.fetch_add(1, Ordering::SeqCst);
+        let pool: String = request.pool_id.chars().take(8).collect();
+        let next = format!("{}.{pool}{n:08x}", request.chain);
+        maps.insert(next.clone(), Vec::new());
+        drop(all);
+        self.cbt
+            .push((device.to_string(), consumed.clone(), next.clone()));
+        let source = self.open_disk(device)?;
+        Ok(Some(CbtDisk::new(
+            device,
+            source,
+            consumed.unwrap_or_else(|| format!("{}.*", request.chain)),
+            dirty,
+            next,
+        )))
+    }
+
+    fn backup_ended(&mut self, stored: bool) -> Vec<String> {
+        let mut all = self.bitmaps.lock();
+        for (device, consumed, next) in self.cbt.drain(..) {
+            if let Some(maps) = all.get_mut(&(self.vm_id.clone(), device)) {
+                let gone = if stored { consumed } else { Some(next) };
+                if let Some(name) = gone {
+                    maps.remove(&name);
+                }
+            }
+        }
+        Vec::new()
+    }
+
     fn release(self: Box<Self>) -> Result<()> {
         self.released.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -145,8 +270,12 @@ impl Platform for FakePlatform {
             .map(|((_, d), b)| (d.clone(), b.clone()))
             .collect();
         Ok(Box::new(FakeSnapshot {
+            vm_id: vm.id.clone(),
             disks,
             released: self.snapshots_released.clone(),
+            bitmaps: self.bitmaps.clone(),
+            bitmaps_started: self.bitmaps_started.clone(),
+            cbt: Vec::new(),
         }))
     }
 
