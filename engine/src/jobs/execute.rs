@@ -704,6 +704,7 @@ impl<'a> JobRunner<'a> {
             .collect();
         let mut opts = BackupOptions::new(vm.name.clone())
             .with_chunking(chunking)
+            .with_parallel_disks(def.limits.disks_per_vm)
             .with_compression(job.compression)
             .with_parent(parent)
             .with_property("job", def.name.clone())

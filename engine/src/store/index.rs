@@ -324,6 +324,17 @@ impl SegmentBuilder {
         }
     }
 
+    /// Adds everything `other` holds (its packs, then its entries).
+    pub fn append(&mut self, other: SegmentBuilder) {
+        let map: Vec<u32> = other.packs.iter().map(|p| self.add_pack(*p)).collect();
+        self.entries.extend(
+            other
+                .entries
+                .into_iter()
+                .map(|(id, p, len, off)| (id, map[p as usize], len, off)),
+        );
+    }
+
     /// A builder holding exactly what `seg` holds (its packs in their order,
     /// its entries), so `encode` reproduces a canonical segment byte for
     /// byte: what the canonical-form tests and fuzz targets compare against.

@@ -93,6 +93,11 @@ pub struct BackupOptions {
     /// disk whose source has an [identity](crate::DiskSource::identity)
     /// continues from its journal instead of being read from the start.
     pub resume_dir: Option<std::path::PathBuf>,
+    /// Disks read at the same time (spec B8's disks per VM, 1–5; default
+    /// 1: one after another). With more than one, each disk runs its own
+    /// reader and assembler (the worker threads are shared out among them)
+    /// and the snapshot is written once all are done.
+    pub parallel_disks: usize,
 }
 
 impl std::fmt::Debug for BackupOptions {
@@ -128,7 +133,15 @@ impl BackupOptions {
             cancel: CancelToken::new(),
             lease_renewal: crate::lease::LEASE_RENEW_INTERVAL,
             resume_dir: None,
+            parallel_disks: 1,
         }
+    }
+
+    /// Reads up to `n` disks at the same time (see
+    /// [`parallel_disks`](Self::parallel_disks)).
+    pub fn with_parallel_disks(mut self, n: usize) -> Self {
+        self.parallel_disks = n;
+        self
     }
 
     /// Keeps resume journals in `dir` (see [`resume_dir`](Self::resume_dir)).
@@ -178,6 +191,12 @@ impl BackupOptions {
                 "VM name must be 1–4096 bytes".into(),
             ));
         }
+        if !(1..=64).contains(&self.parallel_disks) {
+            return Err(Error::InvalidArgument(format!(
+                "parallel disks: {} is out of range (1–64)",
+                self.parallel_disks
+            )));
+        }
         Ok(())
     }
 }
@@ -218,6 +237,18 @@ pub struct BackupStats {
 }
 
 impl BackupStats {
+    /// Adds the counters the assembler keeps of another part of the same
+    /// backup.
+    fn absorb(&mut self, other: &BackupStats) {
+        self.bytes_read += other.bytes_read;
+        self.bytes_new += other.bytes_new;
+        self.chunks_total += other.chunks_total;
+        self.chunks_new += other.chunks_new;
+        self.bytes_new_raw += other.bytes_new_raw;
+        self.packs_written += other.packs_written;
+        self.bytes_resumed += other.bytes_resumed;
+    }
+
     fn empty() -> Self {
         BackupStats {
             snapshot: SnapshotId([0; 32]),
@@ -395,9 +426,16 @@ pub(crate) fn run(
             }
         }
     }
-    let assembled = run_pipeline(
-        pool, index, excluded, guard, disks, prefixes, journals, opts,
-    )?;
+    let assembled = if opts.parallel_disks > 1 && disks.len() > 1 {
+        run_parallel(
+            pool, index, excluded, guard, disks, prefixes, journals, opts,
+        )?
+    } else {
+        let claims = worker::Claims::new();
+        run_pipeline(
+            pool, index, excluded, guard, disks, prefixes, journals, opts, &claims,
+        )?
+    };
     let stats = commit(pool, index, excluded, guard, assembled, &plan, opts)?;
     // The snapshot exists: the journals have served.
     for p in paths {
@@ -459,13 +497,13 @@ fn run_pipeline(
     prefixes: Vec<Option<(u64, Vec<resume::Extent>)>>,
     journals: assembler::Journals,
     opts: &BackupOptions,
+    claims: &worker::Claims,
 ) -> Result<Assembled> {
     let threads = worker_threads(opts.threads);
     let max_chunk = opts.chunking.max_chunk();
     // A batch holds whole chunks: at least two maximal ones.
     let batch_size = opts.batch_size.max(2 * max_chunk).div_ceil(max_chunk) * max_chunk;
     let buffer_pairs = threads + 3;
-    let claims = worker::Claims::new();
     let failure = Failure::new();
 
     let (free_tx, free_rx) = bounded::<Buffers>(buffer_pairs);
@@ -502,7 +540,7 @@ fn run_pipeline(
         }
         for _ in 0..threads {
             let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
-            let (claims, failure) = (&claims, &failure);
+            let failure = &failure;
             let compression = opts.compression;
             scope.spawn(move || {
                 let index = worker::Lookup { index, excluded };
@@ -517,7 +555,7 @@ fn run_pipeline(
             pool,
             index,
             guard,
-            claims: &claims,
+            claims,
             failure: &failure,
             opts,
             free_tx: &free_tx,
@@ -536,6 +574,125 @@ fn run_pipeline(
         (Err(e), None) => Err(e),
         (Ok(v), None) => Ok(v),
     }
+}
+
+/// Runs one pipeline per disk, at most `opts.parallel_disks` at once, each
+/// taking the next disk as it finishes one, with the worker threads shared
+/// out among them and one set of claims (a chunk new to several disks is
+/// stored once). A failure stops the others; the extent lists come back in
+/// the disks' order and the index entries together, for one commit.
+#[allow(clippy::too_many_arguments)]
+fn run_parallel(
+    pool: &dyn Pool,
+    index: &Index,
+    excluded: &HashSet<PackId>,
+    guard: &(dyn Fn() -> Result<()> + Sync),
+    disks: Vec<BackupDisk>,
+    prefixes: Vec<Option<(u64, Vec<resume::Extent>)>>,
+    journals: assembler::Journals,
+    opts: &BackupOptions,
+) -> Result<Assembled> {
+    let n = disks.len();
+    let lanes = opts.parallel_disks.min(n);
+    let mut lane_opts = opts.clone();
+    lane_opts.threads = NonZeroUsize::new((worker_threads(opts.threads) / lanes).max(1));
+    // The lanes stop together: on the caller's cancel or one's failure.
+    lane_opts.cancel = CancelToken::new();
+    let claims = worker::Claims::new();
+    let assembler::Journals {
+        journals: disk_journals,
+        done,
+    } = journals;
+    let queue: parking_lot::Mutex<std::collections::VecDeque<_>> = parking_lot::Mutex::new(
+        disks
+            .into_iter()
+            .zip(prefixes)
+            .zip(disk_journals.into_iter().zip(done))
+            .enumerate()
+            .collect(),
+    );
+    let results: parking_lot::Mutex<Vec<Option<Assembled>>> =
+        parking_lot::Mutex::new((0..n).map(|_| None).collect());
+    let first_error: parking_lot::Mutex<Option<Error>> = parking_lot::Mutex::new(None);
+    let finished = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let lane_opts = &lane_opts;
+        scope.spawn(|| {
+            while !finished.load(std::sync::atomic::Ordering::SeqCst) {
+                if opts.cancel.is_cancelled() {
+                    lane_opts.cancel.cancel();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let handles: Vec<_> = (0..lanes)
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let Some((i, ((disk, prefix), (journal, done)))) = queue.lock().pop_front()
+                    else {
+                        return;
+                    };
+                    if lane_opts.cancel.is_cancelled() {
+                        return;
+                    }
+                    let journals = assembler::Journals {
+                        journals: vec![journal],
+                        done: vec![done],
+                    };
+                    match run_pipeline(
+                        pool,
+                        index,
+                        excluded,
+                        guard,
+                        vec![disk],
+                        vec![prefix],
+                        journals,
+                        lane_opts,
+                        &claims,
+                    ) {
+                        Ok(a) => results.lock()[i] = Some(a),
+                        Err(e) => {
+                            let mut first = first_error.lock();
+                            // The cause, not the sibling's "cancelled".
+                            if first.is_none() || matches!(*first, Some(Error::Cancelled)) {
+                                *first = Some(e);
+                            }
+                            lane_opts.cancel.cancel();
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Err(panic) = h.join() {
+                finished.store(true, std::sync::atomic::Ordering::SeqCst);
+                std::panic::resume_unwind(panic);
+            }
+        }
+        finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    if opts.cancel.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    if let Some(e) = first_error.into_inner() {
+        return Err(e);
+    }
+    let mut merged = Assembled {
+        disks: Vec::with_capacity(n),
+        stats: BackupStats::empty(),
+        segment: crate::store::index::SegmentBuilder::new(),
+    };
+    for a in results.into_inner() {
+        let Some(a) = a else {
+            return Err(Error::Internal("a disk of the backup was not read".into()));
+        };
+        merged.disks.extend(a.disks);
+        merged.stats.absorb(&a.stats);
+        merged.segment.append(a.segment);
+    }
+    Ok(merged)
 }
 
 /// Writes the index segment (this backup's packs, plus packs an interrupted
