@@ -748,6 +748,7 @@ impl<'a> JobRunner<'a> {
             cancel: self.cancel.clone(),
             threads: std::num::NonZeroUsize::new(def.restore.channels as usize),
             overwrite: true,
+            write_size: Some(job.buffer),
             ..RestoreOptions::default()
         };
         if let Some(t) = &run.throttle {

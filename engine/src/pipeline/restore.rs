@@ -50,6 +50,10 @@ pub struct RestoreOptions {
     /// Writes to the targets pass this throttle (a rate limit on writes;
     /// limit reads by restoring from a [`ThrottledPool`](crate::jobs::ThrottledPool)).
     pub write_throttle: Option<Arc<crate::jobs::Throttle>>,
+    /// Largest write request to a target in bytes (spec R7's write buffer,
+    /// 64 KiB–8 MiB; `None`: whole read runs, up to 4 MiB, or a chunk).
+    /// Each piece passes the write throttle on its own.
+    pub write_size: Option<usize>,
 }
 
 impl Default for RestoreOptions {
@@ -61,6 +65,7 @@ impl Default for RestoreOptions {
             progress: Arc::new(NoProgress),
             cancel: CancelToken::new(),
             write_throttle: None,
+            write_size: None,
         }
     }
 }
@@ -87,6 +92,12 @@ impl RestoreOptions {
     /// Restores only the named disks.
     pub fn with_disks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, disks: I) -> Self {
         self.disks = Some(disks.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Writes to the targets in requests of at most `bytes` (64 KiB–8 MiB).
+    pub fn with_write_size(mut self, bytes: usize) -> Self {
+        self.write_size = Some(bytes);
         self
     }
 
@@ -196,14 +207,24 @@ pub(crate) fn run(
         chunks: 0,
         seconds: 0.0,
     };
+    if let Some(size) = opts.write_size {
+        if !(64 << 10..=8 << 20).contains(&size) {
+            return Err(Error::InvalidArgument(format!(
+                "write size {size} is out of range (64 KiB–8 MiB)"
+            )));
+        }
+    }
     // Every target first, so a failure to create one leaves nothing behind.
-    let mut targets = Vec::with_capacity(disks.len());
+    let mut targets: Vec<Box<dyn DiskTarget>> = Vec::with_capacity(disks.len());
     for disk in &disks {
-        let target = make_target(disk)?;
-        targets.push(match &opts.write_throttle {
-            Some(t) => Box::new(crate::jobs::ThrottledTarget::new(target, t.clone())),
-            None => target,
-        });
+        let mut target = make_target(disk)?;
+        if let Some(t) = &opts.write_throttle {
+            target = Box::new(crate::jobs::ThrottledTarget::new(target, t.clone()));
+        }
+        if let Some(max) = opts.write_size {
+            target = Box::new(SplitWrites { inner: target, max });
+        }
+        targets.push(target);
     }
     if sequential_media(store, &disks)? {
         // Tape: every chunk of every disk sorted by where it lies, so each
@@ -281,6 +302,26 @@ fn decode_chunk(
             format!("chunk {id} at offset {offset} of pack {pack}"),
             e,
         )),
+    }
+}
+
+/// A target written in requests of at most `max` bytes.
+struct SplitWrites {
+    inner: Box<dyn DiskTarget>,
+    max: usize,
+}
+
+impl DiskTarget for SplitWrites {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut at = offset;
+        for piece in data.chunks(self.max) {
+            self.inner.write_at(at, piece)?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.inner.finish()
     }
 }
 
