@@ -297,3 +297,49 @@ fn thousands_of_missed_runs_make_one_report_and_one_run() {
     );
     assert_eq!(state.runs("often").unwrap().len(), 1);
 }
+
+/// A run whose record cannot be completed on disk (here its file became a
+/// directory during the run) still ran: the daemon marks the occurrence
+/// finished and never runs it again, and the record it got says why.
+#[test]
+fn a_run_whose_record_cannot_be_saved_is_not_run_again() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    let notes = MemoryNotifier::default();
+    let def = JobDefinition::from_toml(
+        &format!(
+            "name = \"broken\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
+             schedule = \"daily 02:30\"\ntimezone = \"UTC\"\n[select]\nvms = [\"web\"]\n\
+             [scripts]\npost = \"r={}/runs/$CAIRN_JOB/$CAIRN_RUN.json; rm -f $r; mkdir -p $r/x\"\n",
+            dir.path().display()
+        ),
+        "t",
+    )
+    .unwrap();
+    state.add_job(&def, true).unwrap();
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
+    assert!(ran(&daemon.tick(t("2026-01-01T01:00:00Z"))).is_empty());
+    let first = daemon.tick(t("2026-01-01T02:31:00Z"));
+    let [(_, TickOutcome::Ran(record))] = &first[..] else {
+        panic!("{first:?}");
+    };
+    assert_eq!(record.status, RunStatus::Succeeded);
+    assert!(
+        record
+            .errors
+            .iter()
+            .any(|e| e.contains("record could not be saved")),
+        "{record:?}"
+    );
+    assert!(ran(&daemon.tick(t("2026-01-01T02:32:00Z"))).is_empty());
+    drop(daemon);
+    let daemon = Daemon::new(&state, JobRunner::new(&state, &env, &notes)).unwrap();
+    assert!(ran(&daemon.tick(t("2026-01-01T02:33:00Z"))).is_empty());
+    assert_eq!(
+        env.platform
+            .snapshots_taken
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}

@@ -144,9 +144,9 @@ impl JobEnvironment for CliEnvironment {
     }
 
     fn pool(&self, job: &Job) -> cairn_engine::Result<DynPool> {
-        crate::open_pool(&job.definition.pool, false)
+        crate::open_pool_raw(&job.definition.pool, false, false)
             .map(|p| p.pool)
-            .map_err(failure_to_error)
+            .map_err(Error::from)
     }
 
     fn backup_pool(
@@ -172,8 +172,16 @@ fn is_tape(address: &str) -> bool {
     )
 }
 
+/// Back to an engine error, keeping whether it is worth a retry.
 fn failure_to_error(f: Failure) -> Error {
-    Error::InvalidArgument(f.message)
+    if f.transient {
+        Error::io(
+            f.message,
+            std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
+        )
+    } else {
+        Error::InvalidArgument(f.message)
+    }
 }
 
 /// Events go to the job's `notify.command` when it has one (read from the

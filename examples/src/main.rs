@@ -449,17 +449,25 @@ pub fn open_pool(spec: &str, create: bool) -> Result<OpenedPool, Failure> {
 /// [`open_pool`]; `bypass_cache` reads everything from the pool itself
 /// (verify and repair check the pool, not a local copy of it).
 pub fn open_pool_with(spec: &str, create: bool, bypass_cache: bool) -> Result<OpenedPool, Failure> {
-    let (cache_dir, no_cache) = CACHE.get().cloned().unwrap_or_default();
-    let no_cache = no_cache || bypass_cache;
-    let mut options = cairn_pools::OpenOptions::default();
-    options.cache_dir = cache_dir;
-    options.no_cache = no_cache;
-    options.create = create;
-    let opened = cairn_pools::open_with(spec, &options);
-    opened.map_err(|e| match e {
+    open_pool_raw(spec, create, bypass_cache).map_err(|e| match e {
         PoolOpenError::BadAddress { .. } => Failure::usage(e.to_string()),
         e => Failure::new(e.to_string()),
     })
+}
+
+/// [`open_pool_with`] with the pools' own error (jobs keep its kind: an
+/// I/O error of a network type is retried).
+pub fn open_pool_raw(
+    spec: &str,
+    create: bool,
+    bypass_cache: bool,
+) -> Result<OpenedPool, PoolOpenError> {
+    let (cache_dir, no_cache) = CACHE.get().cloned().unwrap_or_default();
+    let mut options = cairn_pools::OpenOptions::default();
+    options.cache_dir = cache_dir;
+    options.no_cache = no_cache || bypass_cache;
+    options.create = create;
+    cairn_pools::open_with(spec, &options)
 }
 
 /// An open repository and what its pool reports about itself.

@@ -161,8 +161,9 @@ impl<'a> JobRunner<'a> {
     }
 
     /// Runs `job` now and returns its record. Fails without a record only
-    /// when the job is running already (the error names the holder) or the
-    /// record cannot be written.
+    /// when the job is running already (the error names the holder) or its
+    /// record cannot be started; a run whose record cannot be completed on
+    /// disk still returns it, with that error among its `errors`.
     pub fn run(
         &self,
         job: &Job,
@@ -206,7 +207,17 @@ impl<'a> JobRunner<'a> {
             _ => {}
         }
         log.log(LogLevel::Info, format!("run ended: {}", status.as_str()));
-        log.finish(status)
+        match log.finish(status) {
+            Ok(record) => Ok(record),
+            // The run happened: say so (a daemon must not run it again),
+            // with why its record on disk is not complete.
+            Err(e) => {
+                let why = format!("the run's record could not be saved: {e}");
+                log.log(LogLevel::Error, why.clone());
+                log.update(|r| r.errors.push(why));
+                Ok(log.record())
+            }
+        }
     }
 
     fn run_logged(&self, job: &Job, log: &RunLog) -> Result<RunStatus> {
