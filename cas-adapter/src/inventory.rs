@@ -39,8 +39,8 @@ use std::time::Duration;
 
 use cairn_engine::cbt::CbtDisk;
 use cairn_engine::{
-    CbtOpen, Datastore, DiskSource, DiskTarget, Error, NbdSource, Platform, PlatformSnapshot,
-    RawFileSource, Result, SparseFileTarget, VmDisk, VmInfo,
+    CancelToken, CbtOpen, Datastore, DiskSource, DiskTarget, Error, NbdSource, Platform,
+    PlatformSnapshot, RawFileSource, Result, SparseFileTarget, VmDisk, VmInfo,
 };
 use serde::Deserialize;
 
@@ -136,6 +136,8 @@ pub struct InventoryPlatform {
     /// (host, datastore name) → its directory.
     datastores: BTreeMap<(String, String), PathBuf>,
     read: ReadSettings,
+    /// Ends reconnect waits of the disks it opens.
+    cancel: Option<CancelToken>,
 }
 
 fn bad(file: &Path, why: impl std::fmt::Display) -> Error {
@@ -225,7 +227,15 @@ impl InventoryPlatform {
             vms,
             datastores,
             read,
+            cancel: None,
         })
+    }
+
+    /// Disks opened from now on stop reconnecting when `cancel` fires (a
+    /// job's cancellation), instead of waiting out the reconnect window.
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 }
 
@@ -246,6 +256,7 @@ struct InventorySnapshot {
     /// The exports started, per device.
     exports: std::sync::Mutex<BTreeMap<String, QemuNbdExport>>,
     read: ReadSettings,
+    cancel: Option<CancelToken>,
     /// Disks opened through CBT: their plan and the image lock held until
     /// the backup ended.
     cbt: Vec<(DiskPlan, ImageLock)>,
@@ -271,6 +282,7 @@ impl InventorySnapshot {
     /// A source on `uri` with the job's read settings.
     fn connect(
         read: ReadSettings,
+        cancel: Option<&CancelToken>,
         path: &str,
         uri: &str,
         bitmap: Option<&str>,
@@ -279,6 +291,9 @@ impl InventorySnapshot {
             NbdSource::connect_many_with_timeout(uri, bitmap, read.connections, read.timeout)?
                 .with_reconnect(read.reconnect_window)
                 .with_read_request_size(read.request_size)?;
+        if let Some(c) = cancel {
+            source = source.with_cancel(c.clone());
+        }
         // The image file unchanged (nothing wrote it since): an interrupted
         // backup of it may resume.
         if let Ok(m) = std::fs::metadata(path) {
@@ -314,7 +329,13 @@ impl PlatformSnapshot for InventorySnapshot {
             exports.insert(device.to_string(), export);
         }
         let uri = exports[device].uri();
-        Ok(Box::new(Self::connect(self.read, &disk.path, &uri, None)?))
+        Ok(Box::new(Self::connect(
+            self.read,
+            self.cancel.as_ref(),
+            &disk.path,
+            &uri,
+            None,
+        )?))
     }
 
     /// qcow2 disks track changed blocks with persistent bitmaps, as
@@ -345,10 +366,11 @@ impl PlatformSnapshot for InventorySnapshot {
             request.pool_id,
         )?;
         plan.start_next(request.granularity)?;
-        let read = self.read;
+        let (read, cancel) = (self.read, self.cancel.clone());
         let path = disk.path.clone();
-        let connect =
-            move |uri: &str, bitmap: Option<&str>| Self::connect(read, &path, uri, bitmap);
+        let connect = move |uri: &str, bitmap: Option<&str>| {
+            Self::connect(read, cancel.as_ref(), &path, uri, bitmap)
+        };
         match plan.open(request.chain, self.read.connections, &connect) {
             Ok((export, cbt_disk)) => {
                 self.exports_guard().insert(device.to_string(), export);
@@ -414,6 +436,7 @@ impl Platform for InventoryPlatform {
             disks,
             exports: std::sync::Mutex::new(BTreeMap::new()),
             read: self.read,
+            cancel: self.cancel.clone(),
             cbt: Vec::new(),
             chain: String::new(),
             pool_id: String::new(),

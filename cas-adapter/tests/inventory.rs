@@ -148,7 +148,11 @@ fn cbt_jobs_on_qcow2_read_only_what_qemu_io_wrote() {
                 .load(Ordering::SeqCst)
                 .then(|| Arc::new(WrappedPool(NoManifests(pool.clone()))) as DynPool))
         }
-        fn platform(&self, _: &Job) -> cairn_engine::Result<Arc<dyn Platform>> {
+        fn platform(
+            &self,
+            _: &Job,
+            _: &cairn_engine::CancelToken,
+        ) -> cairn_engine::Result<Arc<dyn Platform>> {
             Ok(Arc::new(InventoryPlatform::open(
                 &self.inventory,
                 ReadSettings::default(),

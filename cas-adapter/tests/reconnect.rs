@@ -509,3 +509,56 @@ fn reads_failing_with_nbd_errors_are_retried() {
     let e = back_up_with(&f, plan, Duration::ZERO, 64 << 10).unwrap_err();
     assert!(e.to_string().contains("server error 5"), "{e}");
 }
+
+/// A cancelled job does not wait out the reconnect window: a source with
+/// a cancel token stops reconnecting as soon as it fires, and the read
+/// fails with `Cancelled` (here a 10-minute window, a 60 s outage, the
+/// token fired 300 ms into it).
+#[test]
+fn cancelling_ends_a_reconnect_wait() {
+    let f = fixture();
+    let plan = Arc::new(Plan::default());
+    *plan.cut_after.lock().unwrap() = vec![(0, 1 << 20)];
+    let cancel = cairn_engine::CancelToken::new();
+    {
+        let (plan, cancel) = (plan.clone(), cancel.clone());
+        std::thread::spawn(move || {
+            while plan.accepted.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *plan.down_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(60));
+            while plan.faults.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            cancel.cancel();
+        });
+    }
+    let export = Qcow2Image::new(&f.image).export_read_only(None, 2).unwrap();
+    let socket = export.uri().split_once("socket=").unwrap().1.to_string();
+    let proxy = f.dir.path().join(format!("proxy-{}.sock", rand_suffix()));
+    start_proxy(&proxy, PathBuf::from(socket), plan.clone());
+    let source = NbdSource::connect_many_with_timeout(
+        &format!("nbd+unix:///?socket={}", proxy.display()),
+        None,
+        1,
+        Duration::from_secs(2),
+    )
+    .unwrap()
+    .with_reconnect(Duration::from_secs(600))
+    .with_cancel(cancel);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let repo = Repository::create(Arc::new(cairn_pools::MemoryPool::new())).unwrap();
+        let disk = BackupDisk::new("vda", DiskInput::Image(Box::new(source)));
+        let _ = tx.send(repo.backup(vec![disk], &BackupOptions::new("vm")));
+    });
+    // Without the token the read would wait up to 60 s for the server.
+    let result = rx
+        .recv_timeout(Duration::from_secs(45))
+        .expect("the cancelled read did not return");
+    let e = result.unwrap_err();
+    assert!(matches!(e, cairn_engine::Error::Cancelled), "{e}");
+    assert!(plan.faults.load(Ordering::SeqCst) >= 1);
+    export.stop().unwrap();
+}

@@ -21,7 +21,11 @@ struct Env {
 }
 
 impl JobEnvironment for Env {
-    fn platform(&self, _: &Job) -> cairn_engine::Result<Arc<dyn Platform>> {
+    fn platform(
+        &self,
+        _: &Job,
+        _: &cairn_engine::CancelToken,
+    ) -> cairn_engine::Result<Arc<dyn Platform>> {
         Ok(self.platform.clone())
     }
     fn pool(&self, _: &Job) -> cairn_engine::Result<DynPool> {

@@ -28,7 +28,7 @@ struct Env {
 }
 
 impl JobEnvironment for Env {
-    fn platform(&self, job: &Job) -> cairn_engine::Result<Arc<dyn Platform>> {
+    fn platform(&self, job: &Job, _: &CancelToken) -> cairn_engine::Result<Arc<dyn Platform>> {
         assert_eq!(job.definition.platform, "fake:");
         Ok(self.platform.clone())
     }

@@ -124,7 +124,11 @@ pub struct DaemonArgs {
 struct CliEnvironment;
 
 impl JobEnvironment for CliEnvironment {
-    fn platform(&self, job: &Job) -> cairn_engine::Result<Arc<dyn Platform>> {
+    fn platform(
+        &self,
+        job: &Job,
+        cancel: &cairn_engine::CancelToken,
+    ) -> cairn_engine::Result<Arc<dyn Platform>> {
         let address = &job.definition.platform;
         match address.split_once(':') {
             Some(("inventory", path)) if !path.is_empty() => {
@@ -134,7 +138,9 @@ impl JobEnvironment for CliEnvironment {
                     job.reconnect_window,
                     job.buffer as u32,
                 );
-                Ok(Arc::new(InventoryPlatform::open(path.as_ref(), read)?))
+                Ok(Arc::new(
+                    InventoryPlatform::open(path.as_ref(), read)?.with_cancel(cancel.clone()),
+                ))
             }
             _ => Err(Error::InvalidArgument(format!(
                 "job {:?}: platform {address:?} is not one this tool knows (inventory:PATH)",

@@ -982,7 +982,11 @@ fn jobs(a: &Args, rows: &mut Vec<Row>) {
 
     struct Env(PathBuf);
     impl JobEnvironment for Env {
-        fn platform(&self, _: &Job) -> cairn_engine::Result<Arc<dyn cairn_engine::Platform>> {
+        fn platform(
+            &self,
+            _: &Job,
+            _: &cairn_engine::CancelToken,
+        ) -> cairn_engine::Result<Arc<dyn cairn_engine::Platform>> {
             Ok(Arc::new(cairn_cas::InventoryPlatform::open(
                 &self.0,
                 cairn_cas::ReadSettings::default(),

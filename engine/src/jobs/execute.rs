@@ -45,8 +45,10 @@ impl Skipped {
 /// pool, by the addresses the job names.
 pub trait JobEnvironment: Send + Sync {
     /// The platform the job names (`job.definition.platform`), reading
-    /// disks with the job's source options (timeout, streams per disk).
-    fn platform(&self, job: &Job) -> Result<Arc<dyn Platform>>;
+    /// disks with the job's source options (timeout, streams per disk,
+    /// reconnect window); waits it makes (a reconnect) end when `cancel`
+    /// fires.
+    fn platform(&self, job: &Job, cancel: &CancelToken) -> Result<Arc<dyn Platform>>;
     /// The pool the job names (`job.definition.pool`).
     fn pool(&self, job: &Job) -> Result<DynPool>;
     /// Where a backup of `vm` writes within `pool`, when not the pool
@@ -233,7 +235,7 @@ impl<'a> JobRunner<'a> {
         }
         self.cancel.check()?;
         let platform = self.with_retries(job, log, "opening the platform", || {
-            self.environment.platform(job)
+            self.environment.platform(job, &self.cancel)
         })?;
         // A limit on the pool's side wraps the pool itself.
         let throttle = (!job.rate_limit.is_unlimited()).then(|| {

@@ -838,6 +838,8 @@ pub struct NbdSource {
     max_read: u32,
     /// What the export serves, when the caller knows (resume keys on it).
     identity: Option<String>,
+    /// Ends reconnect waits early.
+    cancel: Option<crate::CancelToken>,
 }
 
 /// First pause before a reconnect attempt; doubled up to [`MAX_BACKOFF`].
@@ -915,6 +917,7 @@ impl NbdSource {
             reconnects: std::sync::atomic::AtomicU64::new(0),
             max_read: MAX_REQUEST,
             identity: None,
+            cancel: None,
         })
     }
 
@@ -943,6 +946,13 @@ impl NbdSource {
     /// (the default): a failed request fails at once.
     pub fn with_reconnect(mut self, window: Duration) -> Self {
         self.reconnect_window = window;
+        self
+    }
+
+    /// Stops reconnecting (the read fails with [`Error::Cancelled`]) as
+    /// soon as `cancel` fires, instead of waiting out the window.
+    pub fn with_cancel(mut self, cancel: crate::CancelToken) -> Self {
+        self.cancel = Some(cancel);
         self
     }
 
@@ -999,7 +1009,17 @@ impl NbdSource {
                     std::io::Error::from(std::io::ErrorKind::TimedOut),
                 ));
             }
-            std::thread::sleep(backoff.min(left));
+            let pause_end = std::time::Instant::now() + backoff.min(left);
+            loop {
+                if self.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+                    return Err(Error::Cancelled);
+                }
+                let rest = pause_end.saturating_duration_since(std::time::Instant::now());
+                if rest.is_zero() {
+                    break;
+                }
+                std::thread::sleep(rest.min(Duration::from_millis(50)));
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
             // A handshake never outlasts the window.
             let left = self
