@@ -121,7 +121,14 @@ pub struct DaemonArgs {
 }
 
 /// Opens platforms and pools by the addresses jobs name.
-struct CliEnvironment;
+#[derive(Default)]
+struct CliEnvironment {
+    /// Tape pools a run opened, by address: a VM's backup goes into the
+    /// open media set through the run's own handle (one process drives a
+    /// tape, and opening it twice is refused). Weak: the tape closes when
+    /// the run ends.
+    tapes: std::sync::Mutex<std::collections::HashMap<String, cairn_pools::tape::WeakTapePool>>,
+}
 
 impl JobEnvironment for CliEnvironment {
     fn platform(
@@ -150,9 +157,15 @@ impl JobEnvironment for CliEnvironment {
     }
 
     fn pool(&self, job: &Job) -> cairn_engine::Result<DynPool> {
-        crate::open_pool_raw(&job.definition.pool, false, false)
-            .map(|p| p.pool)
-            .map_err(Error::from)
+        let opened =
+            crate::open_pool_raw(&job.definition.pool, false, false).map_err(Error::from)?;
+        if let Some(tape) = &opened.tape {
+            self.tapes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(job.definition.pool.clone(), tape.downgrade());
+        }
+        Ok(opened.pool)
     }
 
     fn backup_pool(
@@ -162,6 +175,17 @@ impl JobEnvironment for CliEnvironment {
         _pool: &DynPool,
     ) -> cairn_engine::Result<Option<DynPool>> {
         let address = &job.definition.pool;
+        if is_tape(address) {
+            let tape = self
+                .tapes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(address)
+                .and_then(|w| w.upgrade());
+            if let Some(tape) = tape {
+                return Ok(Some(Arc::new(tape.current_set()?)));
+            }
+        }
         if crate::standard_dir(address).is_some() || is_tape(address) {
             let opened =
                 crate::open_repo_for_backup(address, &vm.name).map_err(failure_to_error)?;
@@ -343,7 +367,7 @@ pub fn run(command: JobCommand) -> Result<u8, Failure> {
             let notifier = StateNotifier {
                 state: state.clone(),
             };
-            let environment = CliEnvironment;
+            let environment = CliEnvironment::default();
             let runner =
                 JobRunner::new(&state, &environment, &notifier).with_cancel(signals::token());
             let record = runner.run(&job, Trigger::Manual, None)?;
@@ -468,7 +492,7 @@ pub fn daemon(args: DaemonArgs) -> Result<u8, Failure> {
     let notifier = StateNotifier {
         state: state.clone(),
     };
-    let environment = CliEnvironment;
+    let environment = CliEnvironment::default();
     let runner = JobRunner::new(&state, &environment, &notifier).with_cancel(token.clone());
     let daemon = Daemon::new(&state, runner)?.with_grace(args.grace);
     let mut report = |outcomes: &cairn_engine::jobs::PassOutcomes| {

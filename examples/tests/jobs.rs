@@ -228,6 +228,11 @@ impl JobSetup {
 
     /// Writes job `name` (`body` after the common keys) and adds it.
     fn add(&self, name: &str, kind: &str, top: &str, tables: &str) {
+        self.add_to(name, kind, &p(&self.path("pool")), top, tables);
+    }
+
+    /// [`add`](Self::add) with the pool at `pool`.
+    fn add_to(&self, name: &str, kind: &str, pool: &str, top: &str, tables: &str) {
         let file = self.path(&format!("{name}.toml"));
         std::fs::write(
             &file,
@@ -235,7 +240,7 @@ impl JobSetup {
                 "name = \"{name}\"\nkind = \"{kind}\"\nplatform = \"inventory:{}\"\npool = \"{}\"\n{top}\n\
                  [capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n[retries]\ninterval = \"0s\"\n{tables}",
                 p(&self.path("inv.toml")),
-                p(&self.path("pool"))
+                pool
             ),
         )
         .unwrap();
@@ -342,6 +347,90 @@ fn jobs_back_up_and_restore_an_inventory_record_runs_and_notify() {
             .len(),
         1
     );
+}
+
+/// Jobs into a tape pool (each VM into the open media set, two VMs at
+/// once) and a standard pool (each VM into its own backup set), with CBT
+/// on: everything restores bit-identical from each, and the second run of
+/// the qcow2 VM reads only what changed.
+#[test]
+fn jobs_into_tape_and_standard_pools() {
+    let s = JobSetup::new();
+    let tape = format!("tape:{}", p(&s.path("tape")));
+    ok(&[
+        "init",
+        &tape,
+        "--cartridges",
+        "4",
+        "--cartridge-size",
+        "64M",
+    ]);
+    let standard = format!("standard:{}", p(&s.path("standard")));
+    ok(&["init", &standard]);
+    for (name, pool) in [("to-tape", &tape), ("to-standard", &standard)] {
+        s.add_to(
+            name,
+            "backup",
+            pool,
+            "",
+            "[select]\nvms = [\"web1\", \"web2\"]\n[limits]\nvms_per_job = 2\n[cbt]\nenabled = true\n",
+        );
+        let out = s.run(&["job", "run", name, "--json"]);
+        assert_eq!(
+            code(&out),
+            0,
+            "{name}: {} {}",
+            stderr(&out),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The guest writes 4 KiB; the next runs read one 64 KiB chunk of web2.
+    tool(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x33 2M 4K",
+            &p(&s.path("images/web2.qcow2")),
+        ],
+    );
+    for (name, pool) in [("to-tape", &tape), ("to-standard", &standard)] {
+        let out = s.run(&["job", "run", name, "--json"]);
+        assert_eq!(code(&out), 0, "{name}: {}", stderr(&out));
+        let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let web2 = rec["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm"] == "web2")
+            .unwrap()
+            .clone();
+        assert_eq!(web2["mode"], "cbt", "{name}: {web2}");
+        assert_eq!(web2["bytes_read"], 65536, "{name}: {web2}");
+        let restore = format!("{name}-back");
+        s.add_to(
+            &restore,
+            "restore",
+            pool,
+            "",
+            "[select]\nvms = [\"web1\", \"web2\"]\n",
+        );
+        let _ = std::fs::remove_dir_all(s.path("restored"));
+        let out = s.run(&["job", "run", &restore]);
+        assert_eq!(code(&out), 0, "{restore}: {}", stderr(&out));
+        assert!(
+            std::fs::read(s.path("restored/web1/vda.img")).unwrap()
+                == std::fs::read(s.path("images/web1.img")).unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            raw_of(&s.path("restored/web2/vda.qcow2"), &s.path("a.raw")),
+            raw_of(&s.path("images/web2.qcow2"), &s.path("b.raw")),
+            "{name}"
+        );
+    }
+    // The standard pool keeps a backup set per VM.
+    let sets = json(&["sets", &standard, "--json"]);
+    assert_eq!(sets.as_array().unwrap().len(), 2, "{sets}");
 }
 
 #[test]

@@ -30,7 +30,7 @@ mod virtual_library;
 
 pub use pool::{
     MediaSetInfo, MediaSetState, RetiredSet, TapeMediaSet, TapePool, TapeRebuild, TapeWriteStats,
-    DATA_BLOCK,
+    WeakTapePool, DATA_BLOCK,
 };
 
 pub use virtual_library::{

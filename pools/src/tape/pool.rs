@@ -224,6 +224,20 @@ impl std::fmt::Debug for TapePool {
     }
 }
 
+/// A handle to a [`TapePool`] that does not keep it open: the pool (and
+/// the tape it drives) closes when the last [`TapePool`] goes.
+#[derive(Clone, Debug, Default)]
+pub struct WeakTapePool {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl WeakTapePool {
+    /// The pool, while something else keeps it open.
+    pub fn upgrade(&self) -> Option<TapePool> {
+        self.shared.upgrade().map(|shared| TapePool { shared })
+    }
+}
+
 struct Shared {
     dir: PathBuf,
     store: LocalPool,
@@ -403,6 +417,13 @@ impl TapePool {
                 info
             })
             .collect()
+    }
+
+    /// A handle that does not keep the pool open.
+    pub fn downgrade(&self) -> WeakTapePool {
+        WeakTapePool {
+            shared: Arc::downgrade(&self.shared),
+        }
     }
 
     /// The media set new objects go to, as a pool of its own
