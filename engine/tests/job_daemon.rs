@@ -347,3 +347,60 @@ fn a_run_whose_record_cannot_be_saved_is_not_run_again() {
         1
     );
 }
+
+/// The daemon runs jobs side by side: two immediate jobs whose
+/// pre-scripts each wait for the other's to have started both succeed
+/// (one after the other, the first would give up after 20 s and skip its
+/// VM).
+#[test]
+fn the_daemon_runs_jobs_side_by_side() {
+    let platform = FakePlatform::new();
+    platform.add_vm("a", "cvk1", "pool", vec![("vda", vec![1u8; 128 << 10])]);
+    platform.add_vm("b", "cvk1", "pool", vec![("vda", vec![2u8; 128 << 10])]);
+    let pool: DynPool = Arc::new(cairn_pools::MemoryPool::new());
+    Repository::create(pool.clone()).unwrap();
+    let env = Env {
+        platform: Arc::new(platform),
+        pool,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path().join("state"));
+    let marks = dir.path();
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        let def = JobDefinition::from_toml(
+            &format!(
+                "name = \"{me}\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
+                 [select]\nvms = [\"{me}\"]\n[capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n\
+                 [scripts]\npre = \"touch {m}/{me}; i=0; while [ ! -e {m}/{other} ]; do \
+                 i=$((i+1)); [ $i -gt 200 ] && exit 1; sleep 0.1; done\"\n",
+                m = marks.display()
+            ),
+            "t",
+        )
+        .unwrap();
+        state.add_job(&def, true).unwrap();
+    }
+    let notes = MemoryNotifier::default();
+    let cancel = cairn_engine::CancelToken::new();
+    let runner = JobRunner::new(&state, &env, &notes).with_cancel(cancel.clone());
+    let daemon = Daemon::new(&state, runner).unwrap();
+    let mut outcomes = Vec::new();
+    daemon.run(std::time::Duration::from_millis(200), &cancel, &mut |pass| {
+        for (job, o) in pass {
+            if let TickOutcome::Ran(r) = o {
+                outcomes.push((job.clone(), r.status));
+            }
+        }
+        if outcomes.len() == 2 {
+            cancel.cancel();
+        }
+    });
+    outcomes.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        outcomes,
+        [
+            ("a".to_string(), RunStatus::Succeeded),
+            ("b".to_string(), RunStatus::Succeeded)
+        ]
+    );
+}

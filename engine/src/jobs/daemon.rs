@@ -17,13 +17,15 @@
 //!   first pass, less a grace period) are *missed*: reported to the
 //!   notifier, and with the job's `run_missed` run once (trigger
 //!   `missed`); otherwise the job waits for its next occurrence.
-//!   Occurrences that came while this daemon was busy with another job
-//!   are late, not missed: the latest of them runs.
+//!   Occurrences that came while this daemon was busy with the job's
+//!   previous run are late, not missed: the latest of them runs.
 //!
 //! An immediate job runs once when the daemon first sees it, unless it has
-//! run already (by hand). A changed schedule or time zone starts the job's state afresh (its
-//! occurrences so far are not missed). One daemon per state directory (a
-//! lock).
+//! run already (by hand). A changed schedule or time zone starts the job's
+//! state afresh (its occurrences so far are not missed). One daemon per
+//! state directory (a lock). Jobs run side by side, each on its own
+//! thread; a job never overlaps itself (and its `job:` lock keeps a run by
+//! hand apart too); two jobs never work on one VM at once (`vm:` locks).
 
 use std::time::Duration;
 
@@ -119,7 +121,8 @@ impl<'a> Daemon<'a> {
     }
 
     /// One pass over every job at time `now`: each job due runs (one after
-    /// the other), interrupted runs are resumed, missed runs reported.
+    /// the other, here; [`run`](Self::run) runs them side by side),
+    /// interrupted runs are resumed, missed runs reported.
     pub fn tick(&self, now: Timestamp) -> PassOutcomes {
         let names = match self.state.job_names() {
             Ok(n) => n,
@@ -332,33 +335,77 @@ impl<'a> Daemon<'a> {
             .min()
     }
 
-    /// Runs passes until `cancel` fires: a pass, then a sleep until the
-    /// next occurrence of any job or `poll` (jobs added or changed are seen
-    /// within `poll`). `on_pass` sees each pass's outcomes.
+    /// Runs until `cancel` fires: every job whose turn it is starts on a
+    /// thread of its own (jobs run side by side; a job never overlaps
+    /// itself), then the daemon sleeps until the next occurrence of any
+    /// job, a job's end or `poll` (jobs added or changed are seen within
+    /// `poll`). `on_pass` sees each job's outcome as it ends. On `cancel`
+    /// no job starts any more and the running ones are waited for (they
+    /// stop at their next checkpoint).
     pub fn run(
         &self,
         poll: Duration,
         cancel: &CancelToken,
         on_pass: &mut dyn FnMut(&PassOutcomes),
     ) {
-        while !cancel.is_cancelled() {
-            let now = Timestamp::now();
-            let outcomes = self.tick(now);
-            if !outcomes.is_empty() {
-                on_pass(&outcomes);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(String, Option<TickOutcome>)>();
+        let mut running = std::collections::HashSet::new();
+        std::thread::scope(|scope| {
+            loop {
+                if !cancel.is_cancelled() && !self.runner.is_cancelled() {
+                    let now = Timestamp::now();
+                    match self.state.job_names() {
+                        Ok(names) => {
+                            for name in names {
+                                if running.contains(&name) {
+                                    continue;
+                                }
+                                running.insert(name.clone());
+                                let done_tx = done_tx.clone();
+                                scope.spawn(move || {
+                                    let outcome = self.tick_job(&name, now);
+                                    let _ = done_tx.send((name, outcome));
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            on_pass(&vec![(String::new(), TickOutcome::Error(e.to_string()))])
+                        }
+                    }
+                }
+                let now = Timestamp::now();
+                let wait = self
+                    .next_wake(now)
+                    .and_then(|t| Duration::try_from(t.duration_since(now)).ok())
+                    .map_or(poll, |d| d.min(poll));
+                let end = std::time::Instant::now() + wait;
+                // Sleep until then, a job's end or the cancel.
+                loop {
+                    let left = end.saturating_duration_since(std::time::Instant::now());
+                    let stopping = cancel.is_cancelled();
+                    if stopping && running.is_empty() {
+                        return;
+                    }
+                    if left.is_zero() && !stopping {
+                        break;
+                    }
+                    let slice = if stopping {
+                        Duration::from_millis(100)
+                    } else {
+                        left.clamp(Duration::from_millis(1), Duration::from_millis(100))
+                    };
+                    if let Ok((name, outcome)) = done_rx.recv_timeout(slice) {
+                        running.remove(&name);
+                        if let Some(o) = outcome {
+                            on_pass(&vec![(name, o)]);
+                        }
+                        // A job ended: others may be due now.
+                        if !stopping {
+                            break;
+                        }
+                    }
+                }
             }
-            let now = Timestamp::now();
-            let wait = self
-                .next_wake(now)
-                .and_then(|t| Duration::try_from(t.duration_since(now)).ok())
-                .map_or(poll, |d| d.min(poll));
-            let end = std::time::Instant::now() + wait;
-            while !cancel.is_cancelled() && std::time::Instant::now() < end {
-                std::thread::sleep(
-                    end.saturating_duration_since(std::time::Instant::now())
-                        .min(Duration::from_millis(100)),
-                );
-            }
-        }
+        });
     }
 }
