@@ -385,16 +385,20 @@ fn the_daemon_runs_jobs_side_by_side() {
     let runner = JobRunner::new(&state, &env, &notes).with_cancel(cancel.clone());
     let daemon = Daemon::new(&state, runner).unwrap();
     let mut outcomes = Vec::new();
-    daemon.run(std::time::Duration::from_millis(200), &cancel, &mut |pass| {
-        for (job, o) in pass {
-            if let TickOutcome::Ran(r) = o {
-                outcomes.push((job.clone(), r.status));
+    daemon.run(
+        std::time::Duration::from_millis(200),
+        &cancel,
+        &mut |pass| {
+            for (job, o) in pass {
+                if let TickOutcome::Ran(r) = o {
+                    outcomes.push((job.clone(), r.status));
+                }
             }
-        }
-        if outcomes.len() == 2 {
-            cancel.cancel();
-        }
-    });
+            if outcomes.len() == 2 {
+                cancel.cancel();
+            }
+        },
+    );
     outcomes.sort_by(|x, y| x.0.cmp(&y.0));
     assert_eq!(
         outcomes,

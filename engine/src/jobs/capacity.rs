@@ -56,8 +56,14 @@ impl CapacityRule {
     pub fn shortfall(&self, store: &Datastore) -> Option<String> {
         let mut why = Vec::new();
         if let Some(p) = self.min_free_percent {
+            // A datastore of no size (or less than its free space) says
+            // nothing about its share: the check cannot pass.
+            if store.capacity == 0 || store.free > store.capacity {
+                why.push(format!(
+                    "its size is not known; {p} % free cannot be checked"
+                ));
             // free / capacity < p %, without floating point.
-            if u128::from(store.free) * 100 < u128::from(store.capacity) * u128::from(p) {
+            } else if u128::from(store.free) * 100 < u128::from(store.capacity) * u128::from(p) {
                 why.push(format!("below {p} % free"));
             }
         }
@@ -171,6 +177,11 @@ mod tests {
         assert_eq!(bytes_only.shortfall(&store(1_000 * GIB, GIB)), None);
         assert!(bytes_only.shortfall(&store(1_000 * GIB, GIB - 1)).is_some());
         assert_eq!(CapacityRule::off().shortfall(&store(GIB, 0)), None);
+        // A size of 0 (unknown) fails the share check, not the bytes one.
+        let why = share_only.shortfall(&store(0, 0)).unwrap();
+        assert!(why.contains("size is not known"), "{why}");
+        assert!(share_only.shortfall(&store(GIB, 2 * GIB)).is_some());
+        assert_eq!(bytes_only.shortfall(&store(0, 2 * GIB)), None);
         for p in [0u8, 100] {
             assert!(matches!(
                 CapacityRule::new(Some(p), None),

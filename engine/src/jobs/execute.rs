@@ -239,11 +239,10 @@ impl<'a> JobRunner<'a> {
         })?;
         // A limit on the pool's side wraps the pool itself.
         let throttle = (!job.rate_limit.is_unlimited()).then(|| {
-            Arc::new(Throttle::new(
-                job.rate_limit.clone(),
-                job.zone.clone(),
-                self.clock.clone(),
-            ))
+            Arc::new(
+                Throttle::new(job.rate_limit.clone(), job.zone.clone(), self.clock.clone())
+                    .with_cancel(self.cancel.clone()),
+            )
         });
         let pool_side = matches!(
             (def.kind, job.rate_direction),

@@ -19,8 +19,14 @@ pub struct ResourceLock {
     _file: File,
 }
 
+/// Longest encoded name kept whole (file names end at 255 bytes).
+const NAME_MAX: usize = 200;
+
 /// A file-name-safe form of a resource name (a VM id, a pool address):
-/// letters, digits, `-`, `_` and `.` kept, everything else `%XX`.
+/// letters, digits, `-`, `_` and `.` kept, everything else `%XX`; a name
+/// longer than [`NAME_MAX`] so encoded keeps its first 160 bytes and adds
+/// `~` and 32 hex digits of the whole name's BLAKE3 hash (still one file
+/// per resource).
 fn file_name(resource: &str) -> String {
     let mut out = String::with_capacity(resource.len());
     for b in resource.bytes() {
@@ -29,6 +35,12 @@ fn file_name(resource: &str) -> String {
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
+    }
+    if out.len() > NAME_MAX {
+        let hash = blake3::hash(resource.as_bytes()).to_hex();
+        out.truncate(160);
+        out.push('~');
+        out.push_str(&hash[..32]);
     }
     out
 }
@@ -119,5 +131,14 @@ mod tests {
         let again = ResourceLock::acquire(dir.path(), "vm:web/01", "weekly").unwrap();
         drop(again);
         assert!(ResourceLock::acquire(dir.path(), "", "x").is_err());
+        // Long names (100 non-ASCII characters: 600 encoded bytes) lock
+        // too, each its own file.
+        let long_a = format!("vm:{}", "ü".repeat(100));
+        let long_b = format!("vm:{}ä", "ü".repeat(99));
+        let la = ResourceLock::acquire(dir.path(), &long_a, "x").unwrap();
+        let lb = ResourceLock::acquire(dir.path(), &long_b, "x").unwrap();
+        assert_ne!(la.path(), lb.path());
+        assert!(la.path().file_name().unwrap().len() < 255);
+        assert!(ResourceLock::acquire(dir.path(), &long_a, "y").is_err());
     }
 }

@@ -317,6 +317,9 @@ pub struct Throttle {
     zone: TimeZone,
     clock: Arc<dyn Clock>,
     bucket: Mutex<Bucket>,
+    /// Lets everything pass once it fires (the job stops at its next
+    /// checkpoint rather than after a long wait).
+    cancel: Option<crate::CancelToken>,
 }
 
 impl fmt::Debug for Throttle {
@@ -338,7 +341,14 @@ impl Throttle {
                 tokens: 0.0,
                 last: None,
             }),
+            cancel: None,
         }
+    }
+
+    /// Stops waiting as soon as `cancel` fires.
+    pub fn with_cancel(mut self, cancel: crate::CancelToken) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// The limit it enforces.
@@ -355,31 +365,42 @@ impl Throttle {
             .rate_at(local.hour() as u16 * 60 + local.minute() as u16)
     }
 
-    /// Lets `bytes` pass, waiting as long as the rate requires.
+    /// Lets `bytes` pass, waiting as long as the rate requires. A large
+    /// request passes in pieces of at most a tenth of a second's worth,
+    /// each at the rate in force when it goes (a window that changes
+    /// mid-request applies from the next piece), and a cancelled throttle
+    /// stops waiting.
     pub fn take(&self, bytes: u64) {
-        let wait = {
-            let mut b = self.bucket.lock();
-            let now = self.clock.now();
-            let Some(rate) = self.rate_now(now) else {
-                b.last = Some(now);
-                b.tokens = 0.0;
-                return;
-            };
-            let rate = rate as f64;
-            let burst = rate / 10.0;
-            // A new bucket starts empty: the first bytes wait their turn.
-            let elapsed = b
-                .last
-                .map_or(0.0, |last| now.duration_since(last).as_secs_f64().max(0.0));
-            b.tokens = (b.tokens + elapsed * rate).min(burst);
-            b.last = Some(now);
-            b.tokens -= bytes as f64;
-            if b.tokens >= 0.0 {
+        let mut left = bytes;
+        while left > 0 {
+            if self.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
                 return;
             }
-            Duration::from_secs_f64(-b.tokens / rate)
-        };
-        self.clock.sleep(wait);
+            let wait = {
+                let mut b = self.bucket.lock();
+                let now = self.clock.now();
+                let Some(rate) = self.rate_now(now) else {
+                    b.last = Some(now);
+                    b.tokens = 0.0;
+                    return;
+                };
+                let rate = rate as f64;
+                let burst = rate / 10.0;
+                // A new bucket starts empty: the first bytes wait their turn.
+                let elapsed = b
+                    .last
+                    .map_or(0.0, |last| now.duration_since(last).as_secs_f64().max(0.0));
+                b.tokens = (b.tokens + elapsed * rate).min(burst);
+                b.last = Some(now);
+                let piece = left.min((burst as u64).max(1));
+                left -= piece;
+                b.tokens -= piece as f64;
+                (b.tokens < 0.0).then(|| Duration::from_secs_f64(-b.tokens / rate))
+            };
+            if let Some(wait) = wait {
+                self.clock.sleep(wait);
+            }
+        }
     }
 }
 
@@ -683,6 +704,31 @@ mod tests {
         for _ in 0..1000 {
             free.take(1 << 30);
         }
+        assert_eq!(clock.now(), before);
+    }
+
+    /// A request larger than a window's remaining time passes at each
+    /// window's rate (not all of it at the rate in force when it began),
+    /// and a cancelled throttle stops waiting.
+    #[test]
+    fn large_requests_follow_window_changes_and_cancel() {
+        let zone = TimeZone::get("Europe/Berlin").unwrap();
+        // 17:59:50 in Berlin: 10 s of 1 MiB/s left, then 200 MiB/s.
+        let start: Timestamp = "2026-11-27T16:59:50Z".parse().unwrap();
+        let clock = Arc::new(FakeClock::new(start));
+        let limit = RateLimit::parse(&["200MiB/s", "08:00-18:00=1MiB/s"]).unwrap();
+        let cancel = crate::CancelToken::new();
+        let t = Throttle::new(limit, zone, clock.clone()).with_cancel(cancel.clone());
+        t.take(100 * MIB);
+        let took = clock.now().duration_since(start).as_secs_f64();
+        // 10 MiB in the last 10 s of the window, 90 MiB at 200 MiB/s: about
+        // 10.45 s, not the 100 s the window's rate alone would take.
+        assert!((10.0..11.0).contains(&took), "{took}");
+        // Back in the slow window, cancelled: a large request waits no more.
+        clock.advance(Duration::from_secs(14 * 3600));
+        cancel.cancel();
+        let before = clock.now();
+        t.take(1 << 30);
         assert_eq!(clock.now(), before);
     }
 

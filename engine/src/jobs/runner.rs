@@ -124,6 +124,7 @@ struct Queue<T, R> {
 /// that an item whose key is at its share waits while later items of
 /// other keys go first. Once `cancel` is triggered no further item starts
 /// (those come back with `None`). Results come back in the items' order.
+/// `workers` and `per_key` below 1 count as 1.
 pub fn run_limited<T: Send + Sync, R: Send>(
     items: Vec<T>,
     workers: usize,
@@ -133,6 +134,8 @@ pub fn run_limited<T: Send + Sync, R: Send>(
     work: impl Fn(&T) -> R + Sync,
 ) -> Vec<(T, Option<R>)> {
     let n = items.len();
+    // Zero would block every item forever: at least one per key.
+    let per_key = per_key.max(1);
     let queue = Mutex::new(Queue {
         waiting: items.into_iter().enumerate().collect(),
         running: HashMap::new(),
@@ -308,6 +311,29 @@ mod tests {
         }));
         assert!(outcome.is_err(), "the panic reaches the caller");
         assert_eq!(ran.load(Ordering::SeqCst), 6, "the other items still ran");
+    }
+
+    /// Zero workers or zero per key (limits built without `validate`)
+    /// run every item, one at a time, instead of hanging.
+    #[test]
+    fn zero_limits_count_as_one() {
+        let gauge = Gauge::default();
+        let out = run_limited(
+            (0..4).collect::<Vec<u32>>(),
+            0,
+            0,
+            |_| "h".to_string(),
+            &CancelToken::new(),
+            |i| {
+                gauge.enter();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                gauge.leave();
+                *i * 2
+            },
+        );
+        let results: Vec<Option<u32>> = out.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(results, [Some(0), Some(2), Some(4), Some(6)]);
+        assert_eq!(gauge.peak(), 1);
     }
 
     #[test]
