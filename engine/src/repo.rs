@@ -18,14 +18,14 @@ use crate::id::{IdScheme, PackId, PoolId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{condemned_packs, delete_retrying, WriterLease};
 use crate::pipeline::backup::{self, BackupOptions, BackupStats};
-use crate::pipeline::input::{BackupDisk, DiskInput};
+use crate::pipeline::input::{BackupDisk, ChangedBlocks, DiskInput};
 use crate::pipeline::restore::{self, MakeTarget, RestoreOptions, RestoreStats};
 use crate::pipeline::verify::{self, VerifyOptions, VerifyReport};
 use crate::random::random_16;
 use crate::snapshots::{PoolInfo, SnapshotInfo, SnapshotList, SnapshotSelector};
 use crate::store::catalog;
 use crate::store::config::PoolConfig;
-use crate::store::format::CONFIG_NAME;
+use crate::store::format::{CONFIG_NAME, PROP_SOURCE_STATE};
 use crate::store::index::{rebuild, Index, RebuildReport};
 use crate::store::manifest::{list_snapshot_ids, read_manifest, read_snapshot, Snapshot};
 use crate::store::pool::DynPool;
@@ -435,6 +435,7 @@ impl Repository {
         // Packs the index names but the pool no longer lists (a collection
         // or repair removed them since the index was built).
         excluded.extend(index.absent_packs());
+        self.mark_unchanged(&mut disks, opts)?;
         // An incremental reuses its parent's chunks without looking them
         // up: re-read those the index no longer holds outside excluded
         // packs (the parent may have been pruned and collected since it
@@ -529,6 +530,44 @@ impl Repository {
             return Ok(reloaded);
         }
         Ok(index)
+    }
+
+    /// Records the state of each disk read from a regular file, and turns
+    /// a disk whose file is in the state its newest snapshot recorded into
+    /// a reuse of that snapshot's extents (nothing read), unless
+    /// `opts.reuse_unchanged` is off or the chunking changed.
+    fn mark_unchanged(&self, disks: &mut [BackupDisk], opts: &BackupOptions) -> Result<()> {
+        for disk in disks.iter_mut() {
+            let state = match &disk.input {
+                DiskInput::Image(src) if src.identity_proves_content() => src.identity(),
+                _ => None,
+            };
+            let Some(state) = state else { continue };
+            disk.properties
+                .insert(PROP_SOURCE_STATE.to_string(), state.clone());
+            if !opts.reuse_unchanged {
+                continue;
+            }
+            let Some((parent_id, parent)) = self.latest_with_disk(&opts.vm, &disk.name)? else {
+                continue;
+            };
+            let same = parent.chunking == opts.chunking
+                && parent.disks.iter().any(|d| {
+                    d.name == disk.name && d.properties.get(PROP_SOURCE_STATE) == Some(&state)
+                });
+            if !same {
+                continue;
+            }
+            let changed = ChangedBlocks::unchanged_file(parent_id, &parent, &disk.name)?;
+            let input = std::mem::replace(
+                &mut disk.input,
+                DiskInput::Stream(Box::new(std::io::empty())),
+            );
+            if let DiskInput::Image(source) = input {
+                disk.input = DiskInput::Incremental { source, changed };
+            }
+        }
+        Ok(())
     }
 
     /// Prepares a VM's disks for a CBT backup: per disk, finds its newest

@@ -342,6 +342,11 @@ struct BackupArgs {
     /// continues where it stopped instead of reading them from the start.
     #[arg(long, value_name = "DIR")]
     resume_dir: Option<PathBuf>,
+    /// Read every image file, even one whose device, inode, size and
+    /// times equal those its disk's newest snapshot recorded (such a file
+    /// is otherwise not read: that snapshot's extents are reused).
+    #[arg(long)]
+    force_read: bool,
     #[command(flatten)]
     job: job_args::JobArgs,
     #[arg(long)]
@@ -959,6 +964,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         mmap,
         lease_renewal,
         resume_dir,
+        force_read,
         rate,
         job: _,
         json,
@@ -1051,6 +1057,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
     if let Some(dir) = resume_dir {
         opts = opts.with_resume_dir(dir);
     }
+    opts.reuse_unchanged = !force_read;
     // A test knob (undocumented on purpose): flush index segments after
     // this many new chunks, so memory tests cross a flush with small disks.
     if let Some(n) = std::env::var("CAIRN_SEGMENT_FLUSH_ENTRIES")

@@ -36,6 +36,7 @@ pub fn backup_json(vm: &str, s: &BackupStats) -> Value {
         "chunks_new": s.chunks_new,
         "packs_written": s.packs_written,
         "bytes_resumed": s.bytes_resumed,
+        "unchanged": s.unchanged,
         "seconds": s.seconds,
     })
 }

@@ -444,6 +444,9 @@ impl DiskSource for ThrottledSource {
     fn identity(&self) -> Option<String> {
         self.inner.identity()
     }
+    fn identity_proves_content(&self) -> bool {
+        self.inner.identity_proves_content()
+    }
     fn mapped(&self) -> Option<MappedDisk> {
         None
     }

@@ -134,6 +134,9 @@ pub struct ChangedBlocks {
     parent: DiskManifest,
     parent_chunking: ChunkingParams,
     dirty: Vec<Range<u64>>,
+    /// Nothing changed because the source file is the one the parent read
+    /// (its state recorded), not because a bitmap said so.
+    unchanged_file: bool,
 }
 
 impl ChangedBlocks {
@@ -162,7 +165,25 @@ impl ChangedBlocks {
             parent: copy.clone(),
             parent_chunking: parent.chunking,
             dirty,
+            unchanged_file: false,
         })
+    }
+
+    /// Disk `disk` of `parent` again, unread: its source file's state
+    /// equals the one recorded there.
+    pub(crate) fn unchanged_file(
+        parent_id: SnapshotId,
+        parent: &Snapshot,
+        disk: &str,
+    ) -> Result<Self> {
+        let mut c = Self::new(parent_id, parent, disk, Vec::new())?;
+        c.unchanged_file = true;
+        Ok(c)
+    }
+
+    /// Whether this is an unchanged file (see [`unchanged_file`](Self::unchanged_file)).
+    pub(crate) fn is_unchanged_file(&self) -> bool {
+        self.unchanged_file
     }
 
     /// A value from its parts (unit tests of the pipeline and CBT).
@@ -177,6 +198,7 @@ impl ChangedBlocks {
             parent,
             parent_chunking: chunking,
             dirty,
+            unchanged_file: false,
         }
     }
 

@@ -49,6 +49,17 @@ pub trait DiskSource: Send + Sync {
         None
     }
 
+    /// Whether an unchanged [`identity`](Self::identity) proves the content
+    /// unchanged — a regular file's device, inode, size and modification and
+    /// change times, as restic's and borg's files caches assume: a backup
+    /// then reuses the disk's previous snapshot instead of reading it
+    /// ([`BackupOptions::reuse_unchanged`](crate::BackupOptions::reuse_unchanged)).
+    /// Block devices and network sources: false (their times say nothing).
+    /// The default: false.
+    fn identity_proves_content(&self) -> bool {
+        false
+    }
+
     /// The whole disk mapped into memory, when the source was opened that
     /// way ([`RawFileSource::open_mapped`]): the pipeline then hashes and
     /// compresses straight from the mapping instead of copying into buffers.

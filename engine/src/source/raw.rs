@@ -153,6 +153,12 @@ impl DiskSource for RawFileSource {
         m.is_file().then(|| format!("file:{}", file_identity(&m)))
     }
 
+    /// Regular files: their state changes with every write (the change
+    /// time cannot be set back).
+    fn identity_proves_content(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| m.is_file())
+    }
+
     #[allow(clippy::single_range_in_vec_init)] // one extent: the whole disk
     fn data_extents(&self) -> Result<Vec<Range<u64>>> {
         let fd = self.file.as_raw_fd();

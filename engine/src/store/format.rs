@@ -65,6 +65,14 @@ pub const MAX_STRING: usize = 4096;
 pub const MODE_FULL: &str = "full";
 /// Manifest mode string of a snapshot whose disks were read through CBT.
 pub const MODE_CBT: &str = "cbt";
+/// Snapshot mode: no disk was read — each disk's source file was unchanged
+/// (device, inode, size, modification and change times) since the disk's
+/// previous snapshot, whose extents it reuses.
+pub const MODE_UNCHANGED: &str = "unchanged";
+/// Disk property: the state of the regular file a disk was read from
+/// (device, inode, size and times); an equal state at the next backup
+/// means the file is unchanged and is not read again.
+pub const PROP_SOURCE_STATE: &str = "source.state";
 /// Manifest chunking code: fixed-size chunks.
 pub const CHUNKING_FIXED: u8 = 1;
 /// Manifest chunking code: FastCDC (2020).

@@ -34,7 +34,7 @@ use crate::store::blob::Compression;
 use crate::store::format::{
     CHUNKING_FASTCDC, CHUNKING_FIXED, COMPRESSION_NONE, COMPRESSION_ZSTD, EXTENT_CHUNK,
     EXTENT_ZERO, MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1, MAX_CHUNK_SIZE, MAX_STRING, MODE_CBT,
-    MODE_FULL,
+    MODE_FULL, MODE_UNCHANGED,
 };
 use crate::store::pool::{PoolList, PoolRead};
 use crate::store::wire::{split_checksummed, DecodeError, Decoder, Encoder};
@@ -46,9 +46,13 @@ use crate::store::wire::{split_checksummed, DecodeError, Decoder, Encoder};
 pub enum SnapshotMode {
     /// Every allocated extent was read.
     Full,
-    /// At least one disk was read through changed-block tracking: only its
-    /// dirty ranges, reusing the parent's extents elsewhere.
+    /// At least one disk reused its parent's extents outside what it read:
+    /// only its dirty ranges were read (changed-block tracking), or nothing
+    /// (its source file was unchanged) while another disk was read.
     Cbt,
+    /// No disk was read: every disk's source file was unchanged since its
+    /// previous snapshot, whose extents it reuses.
+    Unchanged,
 }
 
 impl SnapshotMode {
@@ -57,6 +61,7 @@ impl SnapshotMode {
         match self {
             SnapshotMode::Full => MODE_FULL,
             SnapshotMode::Cbt => MODE_CBT,
+            SnapshotMode::Unchanged => MODE_UNCHANGED,
         }
     }
 
@@ -65,6 +70,7 @@ impl SnapshotMode {
         match name {
             MODE_FULL => Some(SnapshotMode::Full),
             MODE_CBT => Some(SnapshotMode::Cbt),
+            MODE_UNCHANGED => Some(SnapshotMode::Unchanged),
             _ => None,
         }
     }
@@ -733,7 +739,11 @@ mod tests {
 
     #[test]
     fn modes_print_as_they_are_stored() {
-        for mode in [SnapshotMode::Full, SnapshotMode::Cbt] {
+        for mode in [
+            SnapshotMode::Full,
+            SnapshotMode::Cbt,
+            SnapshotMode::Unchanged,
+        ] {
             assert_eq!(mode.to_string(), mode.as_str());
             assert_eq!(SnapshotMode::from_name(&mode.to_string()), Some(mode));
         }

@@ -98,6 +98,11 @@ pub struct BackupOptions {
     /// reader and assembler (the worker threads are shared out among them)
     /// and the snapshot is written once all are done.
     pub parallel_disks: usize,
+    /// Reuse the previous snapshot of a disk whose source file is unchanged
+    /// (its [identity](crate::DiskSource::identity_proves_content) equals
+    /// the one recorded) instead of reading it. Default: on; off reads
+    /// every disk (`--force-read`).
+    pub reuse_unchanged: bool,
 }
 
 impl std::fmt::Debug for BackupOptions {
@@ -134,6 +139,7 @@ impl BackupOptions {
             lease_renewal: crate::lease::LEASE_RENEW_INTERVAL,
             resume_dir: None,
             parallel_disks: 1,
+            reuse_unchanged: true,
         }
     }
 
@@ -234,6 +240,9 @@ pub struct BackupStats {
     /// with the reason (their [`PROP_FALLBACK`](crate::format::PROP_FALLBACK)
     /// property); they were read in full against the parent.
     pub cbt_fallback: BTreeMap<String, String>,
+    /// Disks not read because their source file was unchanged since their
+    /// previous snapshot (its extents reused).
+    pub unchanged: Vec<String>,
 }
 
 impl BackupStats {
@@ -264,6 +273,7 @@ impl BackupStats {
             packs_written: 0,
             seconds: 0.0,
             cbt_fallback: BTreeMap::new(),
+            unchanged: Vec::new(),
         }
     }
 }
@@ -338,6 +348,8 @@ struct Plan {
     mode: SnapshotMode,
     parent: Option<SnapshotId>,
     bytes_dirty: u64,
+    /// Disks whose source file is unchanged (not read).
+    unchanged: Vec<String>,
 }
 
 /// Checks options and disks before anything is read: names, duplicates,
@@ -354,6 +366,7 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
         mode: SnapshotMode::Full,
         parent: None,
         bytes_dirty: 0,
+        unchanged: Vec::new(),
     };
     for d in disks {
         validate_disk_name(&d.name)?;
@@ -365,6 +378,9 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
         }
         if let DiskInput::Incremental { source, changed } = &d.input {
             changed.check(&d.name, source.size(), opts.chunking)?;
+            if changed.is_unchanged_file() {
+                plan.unchanged.push(d.name.clone());
+            }
             plan.mode = SnapshotMode::Cbt;
             plan.parent = plan.parent.or(Some(changed.parent_id()));
             let grid = opts.chunking.max_chunk() as u64;
@@ -375,6 +391,9 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
         }
     }
     plan.parent = plan.parent.or(opts.parent);
+    if plan.unchanged.len() == disks.len() {
+        plan.mode = SnapshotMode::Unchanged;
+    }
     Ok(plan)
 }
 
@@ -758,6 +777,7 @@ fn commit(
     stats.snapshot = id;
     stats.mode = plan.mode;
     stats.bytes_dirty = plan.bytes_dirty;
+    stats.unchanged = plan.unchanged.clone();
     stats.bytes_logical = snapshot.bytes_logical();
     Ok(stats)
 }
