@@ -48,6 +48,8 @@ struct Args {
     gc_pool: Option<PathBuf>,
     rebuild_pool: Option<PathBuf>,
     verify_pool: Option<PathBuf>,
+    /// The phases' figures also go here, as JSON.
+    json: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -67,6 +69,7 @@ fn parse_args() -> Result<Args, String> {
         gc_pool: None,
         rebuild_pool: None,
         verify_pool: None,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -92,6 +95,18 @@ fn parse_args() -> Result<Args, String> {
             "--gc-pool" => a.gc_pool = Some(PathBuf::from(val()?)),
             "--rebuild-pool" => a.rebuild_pool = Some(PathBuf::from(val()?)),
             "--verify-pool" => a.verify_pool = Some(PathBuf::from(val()?)),
+            "--json" => a.json = Some(PathBuf::from(val()?)),
+            // The regression guard of `.ci/run`: 128 MiB, one run each, the
+            // pipeline (restores checked bit-identical) and a 500 000-chunk
+            // index, figures in target/bench-quick.json; under 30 s.
+            "--quick" => {
+                a.size_gib = 0.125;
+                a.repeat = 1;
+                a.index_chunks = 500_000;
+                a.only = Some("quick".into());
+                a.dir = PathBuf::from("target/bench-quick");
+                a.json = Some(PathBuf::from("target/bench-quick.json"));
+            }
             "--repeat" => {
                 a.repeat = val()?
                     .parse::<usize>()
@@ -99,7 +114,7 @@ fn parse_args() -> Result<Args, String> {
                     .max(1)
             }
             "-h" | "--help" => {
-                println!("cairn-bench [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog|rebuild|copy|jobs] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
+                println!("cairn-bench [--quick] [--json FILE] [--size-gib N] [--dir DIR] [--threads N] [--index-chunks N] [--only pipeline|index|cbt|s3|gc|catalog|rebuild|copy|jobs] [--gc-chunks N] [--s3 ADDRESS] [--repeat N] [--huge-pages] [--mmap] [--pool-dir DIR] [--connections N]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -193,7 +208,13 @@ fn warm(path: &Path) {
 }
 
 fn run_backup(repo: &Repository, path: &Path, a: &Args) -> BackupStats {
-    let opts = BackupOptions::new("bench").with_threads(NonZeroUsize::new(a.threads));
+    run_backup_with(repo, path, a, true)
+}
+
+/// [`run_backup`]; `reuse_unchanged` off reads an unchanged file anyway.
+fn run_backup_with(repo: &Repository, path: &Path, a: &Args, reuse_unchanged: bool) -> BackupStats {
+    let mut opts = BackupOptions::new("bench").with_threads(NonZeroUsize::new(a.threads));
+    opts.reuse_unchanged = reuse_unchanged;
     repo.backup(vec![disk(path, a.mmap)], &opts)
         .expect("backup")
 }
@@ -401,6 +422,13 @@ fn pipeline(a: &Args, rows: &mut Vec<Row>) {
     let (r, _) = median(a.repeat, || {
         measure("unchanged re-backup", || {
             let s = run_backup(&repo, &base, a);
+            (s.bytes_logical, (), note(&s))
+        })
+    });
+    rows.push(r);
+    let (r, _) = median(a.repeat, || {
+        measure("unchanged re-backup, --force-read", || {
+            let s = run_backup_with(&repo, &base, a, false);
             (s.bytes_logical, (), note(&s))
         })
     });
@@ -1153,10 +1181,10 @@ fn main() {
     }
     let mut rows = Vec::new();
     let only = a.only.as_deref();
-    if only.is_none_or(|o| o == "pipeline") {
+    if only.is_none_or(|o| o == "pipeline" || o == "quick") {
         pipeline(&a, &mut rows);
     }
-    if only.is_none_or(|o| o == "index") {
+    if only.is_none_or(|o| o == "index" || o == "quick") {
         index(&a, &mut rows);
     }
     if only.is_none_or(|o| o == "cbt") {
@@ -1179,6 +1207,36 @@ fn main() {
     }
     if only == Some("jobs") {
         jobs(&a, &mut rows);
+    }
+    if let Some(path) = &a.json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "phase": r.phase,
+                    "bytes": r.bytes,
+                    "mb_per_s": if r.bytes > 0 { r.bytes as f64 / r.wall / 1e6 } else { 0.0 },
+                    "wall_s": r.wall,
+                    "cpu_s": r.cpu,
+                    "peak_rss_mib": r.rss,
+                    "note": r.note,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "size_gib": a.size_gib,
+            "repeat": a.repeat,
+            "threads": a.threads,
+            "phases": list,
+        });
+        let text = serde_json::to_string_pretty(&doc).expect("JSON");
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("cairn-bench: writing {}: {e}", path.display());
+            std::process::exit(1);
+        }
     }
     println!("| phase | MB/s | wall s | CPU s | peak RSS MiB | notes |");
     println!("|---|---:|---:|---:|---:|---|");

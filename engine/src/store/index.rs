@@ -47,15 +47,6 @@ pub struct BlobLocation {
     pub length: u32,
 }
 
-/// Bytes 1..9 of an id (or entry) as a big-endian integer: the interpolation key.
-fn key64(id: &[u8]) -> u64 {
-    let mut k = [0u8; 8];
-    if let Some(b) = id.get(1..9) {
-        k.copy_from_slice(b);
-    }
-    u64::from_be_bytes(k)
-}
-
 /// One decoded, validated, immutable index segment.
 pub struct Segment {
     data: Bytes,
@@ -63,6 +54,52 @@ pub struct Segment {
     fanout: [u32; 256],
     entries_start: usize,
     entry_count: usize,
+    /// The first 8 bytes of every [`SUMMARY_EVERY`]th entry's id (big
+    /// endian), so a lookup finds its block of entries in this small,
+    /// cache-resident array and touches the mapped segment in one place.
+    summary: Vec<u64>,
+}
+
+/// One summary key per this many entries (0.125 B of heap per entry;
+/// a block is 64 × 48 B = 3 KiB of the segment).
+const SUMMARY_EVERY: usize = 64;
+
+/// The index of the first key in the sorted `keys` that is at least
+/// `key`: ids are uniform hashes, so one interpolation step lands within a
+/// few places and a short walk ends there; a walk that goes on (skewed
+/// keys) gives way to a binary search.
+fn first_at_or_above(keys: &[u64], key: u64) -> usize {
+    let (Some(&first), Some(&last)) = (keys.first(), keys.last()) else {
+        return 0;
+    };
+    if key <= first {
+        return 0;
+    }
+    if key > last {
+        return keys.len();
+    }
+    let span = u128::from(last - first).max(1);
+    let guess = (u128::from(key - first) * (keys.len() - 1) as u128 / span) as usize;
+    let mut at = guess.min(keys.len() - 1);
+    for _ in 0..8 {
+        if keys[at] < key {
+            at += 1;
+        } else if at > 0 && keys[at - 1] >= key {
+            at -= 1;
+        } else {
+            return at;
+        }
+    }
+    keys.partition_point(|k| *k < key)
+}
+
+/// The first 8 bytes of an id, big endian: ordered as the ids are.
+fn prefix64(id: &[u8]) -> u64 {
+    let mut k = [0u8; 8];
+    if let Some(b) = id.get(..8) {
+        k.copy_from_slice(b);
+    }
+    u64::from_be_bytes(k)
 }
 
 impl std::fmt::Debug for Segment {
@@ -111,13 +148,15 @@ impl Segment {
             *f = d.u32()?;
         }
         let entries_start = d.position();
-        let seg = Segment {
+        let mut seg = Segment {
             data: data.clone(),
             packs,
             fanout,
             entries_start,
             entry_count,
+            summary: Vec::with_capacity(entry_count.div_ceil(SUMMARY_EVERY)),
         };
+        let mut summary = Vec::with_capacity(entry_count.div_ceil(SUMMARY_EVERY));
         // Validate ordering, fan-out and pack references once, so lookups can
         // rely on them.
         let mut counts = [0u32; 256];
@@ -132,6 +171,9 @@ impl Segment {
                 return Err(DecodeError::Invalid(format!("entry {i} is out of order")));
             }
             prev = Some(id);
+            if i % SUMMARY_EVERY == 0 {
+                summary.push(prefix64(id));
+            }
             counts[id[0] as usize] += 1;
             let mut ed = Decoder::new(&e[32..]);
             let pack_index = ed.u32()? as usize;
@@ -149,6 +191,7 @@ impl Segment {
                 return Err(DecodeError::Invalid(format!("fan-out entry {b} is wrong")));
             }
         }
+        seg.summary = summary;
         Ok(seg)
     }
 
@@ -169,10 +212,10 @@ impl Segment {
         })
     }
 
-    /// Finds a chunk: fan-out on the first byte, then interpolation search on
-    /// the next 8 bytes (ids are uniform BLAKE3 output, so each probe lands
-    /// close: O(log log n) probes), at most 6 rounds, then binary search for
-    /// what remains (which also bounds the cost for skewed ids).
+    /// Finds a chunk: the fan-out on its first byte and the summary (every
+    /// 64th entry's first 8 bytes, in RAM) give the one block of at most
+    /// 64 entries (3 KiB of the segment) that can hold it, where a binary
+    /// search ends — one place in the mapped segment per lookup.
     pub fn lookup(&self, id: &ChunkId) -> Option<BlobLocation> {
         let mut out = [None];
         self.lookup_many(std::slice::from_ref(id), &mut out);
@@ -181,90 +224,172 @@ impl Segment {
 
     /// Looks up many ids at once: `out[i]` is the location of `ids[i]`.
     ///
-    /// Same search as [`lookup`](Self::lookup), but the interpolation probes
-    /// of 16 lookups are issued in lock-step, so their memory accesses (each
-    /// usually a cache and TLB miss on a large segment) overlap instead of
-    /// waiting for one another.
+    /// Same search as [`lookup`](Self::lookup), 16 lookups at a time: first
+    /// each one's block and its guessed place in it (ids are uniform
+    /// hashes, so interpolating between the block's first key and the
+    /// next block's lands within a few entries), with the 16 guessed
+    /// entries read one after another so their cache misses overlap; then
+    /// each walks the few entries to its place, comparing 8-byte keys and
+    /// the whole id only when those are equal.
     pub fn lookup_many(&self, ids: &[ChunkId], out: &mut [Option<BlobLocation>]) {
         const GROUP: usize = 16;
         for (ids, out) in ids.chunks(GROUP).zip(out.chunks_mut(GROUP)) {
-            // Per lookup: lo, hi, lo_key, hi_key, state (0 searching, 1 found, 2 narrow)
-            let mut st = [(0usize, 0usize, 0u128, 0u128, 0u8); GROUP];
+            let mut at = [(0usize, 0usize, 0usize); GROUP];
+            let mut first_key = [0u64; GROUP];
             for (i, id) in ids.iter().enumerate() {
-                let first = id.0[0] as usize;
-                let lo = if first == 0 {
-                    0
+                let (lo, hi) = self.block_of(id);
+                let guess = self.guess(lo, hi, prefix64(&id.0));
+                at[i] = (lo, hi, guess);
+            }
+            for (i, (lo, hi, guess)) in at.iter().enumerate().take(ids.len()) {
+                if lo < hi {
+                    first_key[i] = self.key_at(*guess);
+                }
+            }
+            for (i, id) in ids.iter().enumerate() {
+                let (lo, hi, guess) = at[i];
+                out[i] = if lo < hi {
+                    self.walk(lo, hi, guess, first_key[i], id)
                 } else {
-                    self.fanout[first - 1] as usize
+                    None
                 };
-                let hi = self.fanout[first] as usize;
-                st[i] = (lo, hi, 0, 1u128 << 64, 0);
-                out[i] = None;
-            }
-            for _round in 0..6 {
-                let mut active = false;
-                for (i, id) in ids.iter().enumerate() {
-                    let (lo, hi, lo_key, hi_key, state) = &mut st[i];
-                    if *state != 0 {
-                        continue;
-                    }
-                    if *hi - *lo <= 16 {
-                        *state = 2;
-                        continue;
-                    }
-                    active = true;
-                    let key = key64(&id.0) as u128;
-                    let span = hi_key.saturating_sub(*lo_key).max(1);
-                    let pos = (*lo
-                        + ((key.saturating_sub(*lo_key) * (*hi - *lo) as u128) / span) as usize)
-                        .clamp(*lo, *hi - 1);
-                    let Some(e) = self.entry_bytes(pos) else {
-                        *state = 2;
-                        continue;
-                    };
-                    match e[..32].cmp(&id.0[..]) {
-                        std::cmp::Ordering::Less => {
-                            *lo = pos + 1;
-                            *lo_key = key64(e) as u128;
-                        }
-                        std::cmp::Ordering::Greater => {
-                            *hi = pos;
-                            *hi_key = key64(e) as u128 + 1;
-                        }
-                        std::cmp::Ordering::Equal => {
-                            out[i] = self.decode_entry(e);
-                            *state = 1;
-                        }
-                    }
-                }
-                if !active {
-                    break;
-                }
-            }
-            for (i, id) in ids.iter().enumerate() {
-                let (mut lo, mut hi, _, _, state) = st[i];
-                if state == 1 {
-                    continue;
-                }
-                while lo < hi {
-                    let mid = lo + (hi - lo) / 2;
-                    match self.compare(mid, id) {
-                        Some(std::cmp::Ordering::Less) => lo = mid + 1,
-                        Some(std::cmp::Ordering::Greater) => hi = mid,
-                        Some(std::cmp::Ordering::Equal) => {
-                            out[i] = self.entry_bytes(mid).and_then(|e| self.decode_entry(e));
-                            break;
-                        }
-                        None => break,
-                    }
-                }
             }
         }
     }
 
-    /// Orders entry `i`'s id against `id`.
-    fn compare(&self, i: usize, id: &ChunkId) -> Option<std::cmp::Ordering> {
-        Some(self.entry_bytes(i)?.get(..32)?.cmp(&id.0[..]))
+    /// The 8-byte key of entry `i` (past the end: the largest key).
+    fn key_at(&self, i: usize) -> u64 {
+        self.entry_bytes(i).map_or(u64::MAX, prefix64)
+    }
+
+    /// Where in `lo..hi` an entry with 8-byte key `key` should be, by
+    /// interpolating between the keys that bound the range.
+    fn guess(&self, lo: usize, hi: usize, key: u64) -> usize {
+        if hi <= lo + 1 {
+            return lo;
+        }
+        let k_lo = self
+            .summary
+            .get(lo / SUMMARY_EVERY)
+            .copied()
+            .filter(|_| lo % SUMMARY_EVERY == 0)
+            .unwrap_or(0);
+        let k_hi = if hi % SUMMARY_EVERY == 0 {
+            self.summary.get(hi / SUMMARY_EVERY).copied()
+        } else {
+            None
+        }
+        .unwrap_or(u64::MAX);
+        if key <= k_lo || k_hi <= k_lo {
+            return lo;
+        }
+        let span = u128::from(k_hi - k_lo);
+        let off = (u128::from(key - k_lo) * (hi - lo) as u128 / span) as usize;
+        (lo + off).min(hi - 1)
+    }
+
+    /// Finds `id` in `lo..hi` starting at `guess` (whose key is `key_at`):
+    /// a short walk to the first entry whose key is not below the id's,
+    /// then the entries sharing that key. A walk longer than 8 entries
+    /// (keys that are not uniform) finishes with a binary search.
+    fn walk(
+        &self,
+        lo: usize,
+        hi: usize,
+        guess: usize,
+        key_at: u64,
+        id: &ChunkId,
+    ) -> Option<BlobLocation> {
+        let key = prefix64(&id.0);
+        let mut p = guess;
+        let mut steps = 0;
+        if key_at < key {
+            // Right: the first entry at or above the key.
+            p += 1;
+            while p < hi && self.key_at(p) < key {
+                p += 1;
+                steps += 1;
+                if steps > 8 {
+                    p = lo + self.partition(lo, hi, key);
+                    break;
+                }
+            }
+        } else {
+            // Left, while the entry before is still at or above the key.
+            while p > lo && self.key_at(p - 1) >= key {
+                p -= 1;
+                steps += 1;
+                if steps > 8 {
+                    p = lo + self.partition(lo, hi, key);
+                    break;
+                }
+            }
+        }
+        while p < hi {
+            let e = self.entry_bytes(p)?;
+            if prefix64(e) != key {
+                return None;
+            }
+            match e[..32].cmp(&id.0[..]) {
+                std::cmp::Ordering::Less => p += 1,
+                std::cmp::Ordering::Equal => return self.decode_entry(e),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+        None
+    }
+
+    /// How many entries of `lo..hi` have a key below `key` (binary search).
+    fn partition(&self, lo: usize, hi: usize, key: u64) -> usize {
+        let (mut a, mut b) = (lo, hi);
+        while a < b {
+            let mid = a + (b - a) / 2;
+            if self.key_at(mid) < key {
+                a = mid + 1;
+            } else {
+                b = mid;
+            }
+        }
+        a - lo
+    }
+
+    /// The entries that can hold `id`: its fan-out bucket, narrowed by the
+    /// summary to the blocks whose first keys bracket its first 8 bytes
+    /// (one block, unless ids share those 8 bytes across a block start).
+    fn block_of(&self, id: &ChunkId) -> (usize, usize) {
+        let first = id.0[0] as usize;
+        let lo = if first == 0 {
+            0
+        } else {
+            self.fanout[first - 1] as usize
+        };
+        let hi = (self.fanout[first] as usize).min(self.entry_count);
+        if hi <= lo || hi - lo <= SUMMARY_EVERY {
+            return (lo, hi.max(lo));
+        }
+        let key = prefix64(&id.0);
+        let (s_lo, s_hi) = (lo / SUMMARY_EVERY, (hi - 1) / SUMMARY_EVERY + 1);
+        let Some(blocks) = self.summary.get(s_lo..s_hi) else {
+            return (lo, hi);
+        };
+        // The first block starting at or above the key, and the first
+        // starting above it: the id lies after the start of the block
+        // before the former and before the start of the latter.
+        let at_or_above = first_at_or_above(blocks, key);
+        let mut above = at_or_above;
+        while blocks.get(above).is_some_and(|k| *k == key) {
+            above += 1;
+        }
+        let start = match at_or_above {
+            0 => lo,
+            a => ((s_lo + a - 1) * SUMMARY_EVERY).max(lo),
+        };
+        let end = if above == blocks.len() {
+            hi
+        } else {
+            ((s_lo + above) * SUMMARY_EVERY).min(hi)
+        };
+        (start, end.max(start))
     }
 
     /// Number of entries.
@@ -1119,6 +1244,44 @@ mod tests {
             for e in &e1 { prop_assert_eq!(seg.lookup(&e.id).map(|l| l.pack), Some(p1)); }
             let all: Vec<_> = seg.iter().collect();
             prop_assert_eq!(all.len(), seg.len());
+        }
+
+        /// The summary never hides an entry: ids in clusters that share
+        /// their first 8 bytes (across block starts, within and across
+        /// fan-out buckets) are all found, and near misses are not.
+        #[test]
+        fn summary_lookups_find_exactly_what_is_stored(
+            n in 0usize..2500,
+            cluster in 1usize..200,
+            seed in any::<u64>(),
+        ) {
+            let mut rng = crate::random::Sampler::seeded(seed);
+            let mut es = Vec::new();
+            let mut prefix = [0u8; 8];
+            for i in 0..n {
+                if i % cluster == 0 {
+                    prefix = rng.next_u64().to_be_bytes();
+                    // Few first bytes: buckets larger than a block.
+                    prefix[0] %= 4;
+                }
+                let mut id = [0u8; 32];
+                id[..8].copy_from_slice(&prefix);
+                id[8..16].copy_from_slice(&rng.next_u64().to_be_bytes());
+                id[16..24].copy_from_slice(&(i as u64).to_be_bytes());
+                es.push(PackEntry { id: ChunkId(id), offset: i as u64, length: 1, raw_length: 1 });
+            }
+            let mut b = SegmentBuilder::new();
+            b.add_entries(PackId([1; 16]), &es);
+            let seg = Segment::decode(Bytes::from(b.encode())).unwrap();
+            let ids: Vec<ChunkId> = es.iter().map(|e| e.id).collect();
+            let mut out = vec![None; ids.len()];
+            seg.lookup_many(&ids, &mut out);
+            for (e, got) in es.iter().zip(&out) {
+                prop_assert_eq!(got.map(|l| l.offset), Some(e.offset));
+                let mut miss = e.id;
+                miss.0[31] ^= 1;
+                prop_assert_eq!(seg.lookup(&miss), None);
+            }
         }
     }
 }
