@@ -354,6 +354,22 @@ impl PlatformSnapshot for InventorySnapshot {
         validate_chain(request.chain)?;
         self.chain = request.chain.to_string();
         self.pool_id = request.pool_id.to_string();
+        // Two devices of one VM on one image would each start and retire
+        // bitmaps on it.
+        use std::os::unix::fs::MetadataExt;
+        let key = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+        let this = key(Path::new(&disk.path));
+        if this.is_some()
+            && self
+                .cbt
+                .iter()
+                .any(|(p, _)| key(p.disk.image.path()) == this)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "disk {device}: image {} is another disk of this VM too",
+                disk.path
+            )));
+        }
         let lock = ImageLock::take(Path::new(&disk.path))?;
         let image = Qcow2Disk {
             image: Qcow2Image::new(&disk.path),
@@ -378,6 +394,10 @@ impl PlatformSnapshot for InventorySnapshot {
                 Ok(Some(cbt_disk))
             }
             Err(e) => {
+                // The error that stopped the run is the one to report (its
+                // kind decides retries); a bitmap that could not be removed
+                // here has this pool's prefix, and this chain's next
+                // successful run retires it.
                 let _ = plan.drop_next();
                 Err(e)
             }
@@ -402,17 +422,31 @@ impl PlatformSnapshot for InventorySnapshot {
         warnings
     }
 
-    fn release(self: Box<Self>) -> Result<()> {
-        let stopped = self.stop_exports();
-        // A snapshot released without `backup_ended`: nothing was stored.
-        let mut first = stopped;
-        for (plan, _lock) in &self.cbt {
+    fn release(mut self: Box<Self>) -> Result<()> {
+        self.abandon()
+    }
+}
+
+impl InventorySnapshot {
+    /// Stops the exports and, for disks whose backup never ended, drops
+    /// the bitmaps this snapshot started (nothing was stored).
+    fn abandon(&mut self) -> Result<()> {
+        let mut first = self.stop_exports();
+        for (plan, _lock) in self.cbt.drain(..) {
             let r = plan.drop_next();
             if first.is_ok() {
                 first = r;
             }
         }
         first
+    }
+}
+
+impl Drop for InventorySnapshot {
+    /// A snapshot dropped without `release` (a panic in the caller): no
+    /// bitmap it started keeps recording.
+    fn drop(&mut self) {
+        let _ = self.abandon();
     }
 }
 

@@ -408,3 +408,59 @@ fn the_daemon_runs_jobs_side_by_side() {
         ]
     );
 }
+
+/// A job whose run panics (a buggy platform adapter) is that job's error:
+/// the daemon goes on running the others and still stops on request.
+#[test]
+fn a_panicking_job_does_not_stop_the_daemon() {
+    let platform = FakePlatform::new();
+    platform.add_vm("ok", "cvk1", "pool", vec![("vda", vec![1u8; 64 << 10])]);
+    platform.add_vm("boom", "cvk1", "pool", vec![("vda", vec![2u8; 64 << 10])]);
+    platform.panic_on_snapshot("boom");
+    let pool: DynPool = Arc::new(cairn_pools::MemoryPool::new());
+    Repository::create(pool.clone()).unwrap();
+    let env = Env {
+        platform: Arc::new(platform),
+        pool,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    for vm in ["ok", "boom"] {
+        let def = JobDefinition::from_toml(
+            &format!(
+                "name = \"{vm}\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
+                 [select]\nvms = [\"{vm}\"]\n[capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        state.add_job(&def, true).unwrap();
+    }
+    let notes = MemoryNotifier::default();
+    let cancel = cairn_engine::CancelToken::new();
+    let runner = JobRunner::new(&state, &env, &notes).with_cancel(cancel.clone());
+    let daemon = Daemon::new(&state, runner).unwrap();
+    let mut seen = Vec::new();
+    daemon.run(
+        std::time::Duration::from_millis(100),
+        &cancel,
+        &mut |pass| {
+            for (job, o) in pass {
+                seen.push(match o {
+                    TickOutcome::Ran(r) => format!("{job}: {}", r.status.as_str()),
+                    TickOutcome::Error(e) => format!("{job}: error {e}"),
+                    _ => format!("{job}: other"),
+                });
+            }
+            if seen.len() == 2 {
+                cancel.cancel();
+            }
+        },
+    );
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["boom: error the job's run panicked", "ok: succeeded"],
+        "{seen:?}"
+    );
+}

@@ -157,13 +157,20 @@ impl JobEnvironment for CliEnvironment {
     }
 
     fn pool(&self, job: &Job) -> cairn_engine::Result<DynPool> {
+        // A tape another run of this process drives: through its handle
+        // (opening the tape twice is refused). Held while opening, so two
+        // runs starting together share one handle.
+        let mut tapes = self
+            .tapes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(tape) = tapes.get(&job.definition.pool).and_then(|w| w.upgrade()) {
+            return Ok(Arc::new(tape));
+        }
         let opened =
             crate::open_pool_raw(&job.definition.pool, false, false).map_err(Error::from)?;
         if let Some(tape) = &opened.tape {
-            self.tapes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(job.definition.pool.clone(), tape.downgrade());
+            tapes.insert(job.definition.pool.clone(), tape.downgrade());
         }
         Ok(opened.pool)
     }

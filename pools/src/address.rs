@@ -453,8 +453,14 @@ fn open_parsed(address: PoolAddress, options: &OpenOptions) -> Result<OpenedPool
                 crate::tape::VirtualTapeLibrary::open(&library_dir)
             }
             .map_err(|e| settings(e.to_string()))?;
-            let pool = crate::tape::TapePool::open(dir, Box::new(library))
-                .map_err(|e| settings(e.to_string()))?;
+            let pool =
+                crate::tape::TapePool::open(dir, Box::new(library)).map_err(|e| match e {
+                    cairn_engine::Error::PoolBusy(reason) => PoolOpenError::Busy {
+                        address: address.to_string(),
+                        reason,
+                    },
+                    e => settings(e.to_string()),
+                })?;
             Ok(OpenedPool {
                 pool: Arc::new(pool.clone()),
                 address,
@@ -499,8 +505,14 @@ fn open_parsed(address: PoolAddress, options: &OpenOptions) -> Result<OpenedPool
             } else if !dir.is_dir() {
                 return Err(PoolOpenError::Missing(dir.clone()));
             }
-            let pool = crate::tape::TapePool::open(dir, Box::new(changer))
-                .map_err(|e| settings(e.to_string()))?;
+            let pool =
+                crate::tape::TapePool::open(dir, Box::new(changer)).map_err(|e| match e {
+                    cairn_engine::Error::PoolBusy(reason) => PoolOpenError::Busy {
+                        address: address.to_string(),
+                        reason,
+                    },
+                    e => settings(e.to_string()),
+                })?;
             Ok(OpenedPool {
                 pool: Arc::new(pool.clone()),
                 address: address.clone(),

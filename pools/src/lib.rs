@@ -69,6 +69,15 @@ pub enum PoolOpenError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The pool is in use by another process that must be the only one
+    /// (a tape pool: one process drives the tape). Worth trying again later.
+    #[error("pool {address}: {reason}")]
+    Busy {
+        /// The pool's address.
+        address: String,
+        /// Who holds it.
+        reason: String,
+    },
     /// The pool's settings or credentials are unusable.
     #[error("pool {address}: {reason}")]
     Settings {
@@ -81,14 +90,28 @@ pub enum PoolOpenError {
 
 impl From<PoolOpenError> for cairn_engine::Error {
     fn from(e: PoolOpenError) -> Self {
+        // Kept as their kind, so a job retries the network-type and busy
+        // ones (an NFS mount timing out, a tape held by another run).
+        let e = match e {
+            PoolOpenError::Io { path, source } => {
+                return cairn_engine::Error::io(
+                    format!("pool directory {}", path.display()),
+                    source,
+                )
+            }
+            PoolOpenError::Busy { address, reason } => {
+                return cairn_engine::Error::PoolBusy(format!("pool {address}: {reason}"))
+            }
+            e => e,
+        };
         let (location, missing) = match &e {
             PoolOpenError::Io { path, .. } | PoolOpenError::NotADirectory(path) => {
                 (path.display().to_string(), false)
             }
             PoolOpenError::Missing(path) => (path.display().to_string(), true),
-            PoolOpenError::BadAddress { address, .. } | PoolOpenError::Settings { address, .. } => {
-                (address.clone(), false)
-            }
+            PoolOpenError::BadAddress { address, .. }
+            | PoolOpenError::Settings { address, .. }
+            | PoolOpenError::Busy { address, .. } => (address.clone(), false),
         };
         cairn_engine::Error::PoolOpen {
             location,

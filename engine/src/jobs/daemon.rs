@@ -39,6 +39,23 @@ use crate::jobs::schedule::Schedule;
 use crate::jobs::state::{RunRecord, RunStatus, StateDir, Trigger};
 use crate::{CancelToken, Error, Result};
 
+/// A job's thread reports its end to the daemon's loop when dropped, so
+/// the job is never left "running" whatever happened to its run.
+struct Done {
+    tx: std::sync::mpsc::Sender<(String, Option<TickOutcome>)>,
+    name: Option<String>,
+    outcome: Option<TickOutcome>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let Some(name) = self.name.take() else {
+            return;
+        };
+        let _ = self.tx.send((name, self.outcome.take()));
+    }
+}
+
 /// Occurrences later than this behind "now" are missed, not due.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5 * 60);
 
@@ -361,10 +378,25 @@ impl<'a> Daemon<'a> {
                                     continue;
                                 }
                                 running.insert(name.clone());
-                                let done_tx = done_tx.clone();
+                                let done = Done {
+                                    tx: done_tx.clone(),
+                                    name: Some(name),
+                                    outcome: None,
+                                };
                                 scope.spawn(move || {
-                                    let outcome = self.tick_job(&name, now);
-                                    let _ = done_tx.send((name, outcome));
+                                    let mut done = done;
+                                    let name = done.name.clone().unwrap_or_default();
+                                    // A panicking run is this job's error,
+                                    // not the daemon's end.
+                                    let run =
+                                        std::panic::AssertUnwindSafe(|| self.tick_job(&name, now));
+                                    done.outcome = match std::panic::catch_unwind(run) {
+                                        Ok(o) => o,
+                                        Err(_) => Some(TickOutcome::Error(
+                                            "the job's run panicked".into(),
+                                        )),
+                                    };
+                                    // `done` reports when dropped.
                                 });
                             }
                         }
@@ -382,7 +414,7 @@ impl<'a> Daemon<'a> {
                 // Sleep until then, a job's end or the cancel.
                 loop {
                     let left = end.saturating_duration_since(std::time::Instant::now());
-                    let stopping = cancel.is_cancelled();
+                    let stopping = cancel.is_cancelled() || self.runner.is_cancelled();
                     if stopping && running.is_empty() {
                         return;
                     }

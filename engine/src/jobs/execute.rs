@@ -724,6 +724,8 @@ impl<'a> JobRunner<'a> {
             .with_property("host", vm.host.clone());
         opts.cancel = self.cancel.clone();
         opts.resume_dir = Some(self.state.resume_dir());
+        // A full job reads every disk, unchanged image files too.
+        opts.reuse_unchanged = def.mode == BackupMode::Incremental;
         repo.backup(disks, &opts).map(Ok)
     }
 

@@ -45,6 +45,8 @@ pub struct FakePlatform {
     bitmaps: Arc<Mutex<Bitmaps>>,
     /// Bitmaps started so far (names them).
     bitmaps_started: Arc<AtomicU64>,
+    /// VMs whose snapshot panics (a bug in a platform adapter).
+    panics: Mutex<Vec<String>>,
 }
 
 impl FakePlatform {
@@ -105,6 +107,11 @@ impl FakePlatform {
     /// refusal (not retried).
     pub fn fail_snapshots(&self, faults: &[bool]) {
         self.faults.lock().extend(faults.iter().copied());
+    }
+
+    /// Makes every snapshot of VM `name` panic (as a buggy adapter might).
+    pub fn panic_on_snapshot(&self, name: &str) {
+        self.panics.lock().push(name.to_string());
     }
 
     /// Turns on changed-block tracking for disk `device` of VM `vm_id`
@@ -251,6 +258,9 @@ impl Platform for FakePlatform {
     }
 
     fn snapshot(&self, vm: &VmInfo) -> Result<Box<dyn PlatformSnapshot>> {
+        if self.panics.lock().contains(&vm.name) {
+            panic!("fake platform: snapshot of VM {} panics", vm.name);
+        }
         if let Some(network) = self.faults.lock().pop_front() {
             return Err(if network {
                 Error::io(

@@ -633,6 +633,8 @@ fn run_parallel(
     let results: parking_lot::Mutex<Vec<Option<Assembled>>> =
         parking_lot::Mutex::new((0..n).map(|_| None).collect());
     let first_error: parking_lot::Mutex<Option<Error>> = parking_lot::Mutex::new(None);
+    let panicked: parking_lot::Mutex<Option<Box<dyn std::any::Any + Send>>> =
+        parking_lot::Mutex::new(None);
     let finished = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let lane_opts = &lane_opts;
@@ -659,17 +661,29 @@ fn run_parallel(
                         journals: vec![journal],
                         done: vec![done],
                     };
-                    match run_pipeline(
-                        pool,
-                        index,
-                        excluded,
-                        guard,
-                        vec![disk],
-                        vec![prefix],
-                        journals,
-                        lane_opts,
-                        &claims,
-                    ) {
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        run_pipeline(
+                            pool,
+                            index,
+                            excluded,
+                            guard,
+                            vec![disk],
+                            vec![prefix],
+                            journals,
+                            lane_opts,
+                            &claims,
+                        )
+                    });
+                    let outcome = match std::panic::catch_unwind(run) {
+                        Ok(outcome) => outcome,
+                        Err(panic) => {
+                            // The others stop; the panic goes on once they have.
+                            lane_opts.cancel.cancel();
+                            *panicked.lock() = Some(panic);
+                            return;
+                        }
+                    };
+                    match outcome {
                         Ok(a) => results.lock()[i] = Some(a),
                         Err(e) => {
                             let mut first = first_error.lock();
@@ -686,12 +700,14 @@ fn run_parallel(
             .collect();
         for h in handles {
             if let Err(panic) = h.join() {
-                finished.store(true, std::sync::atomic::Ordering::SeqCst);
-                std::panic::resume_unwind(panic);
+                *panicked.lock() = Some(panic);
             }
         }
         finished.store(true, std::sync::atomic::Ordering::SeqCst);
     });
+    if let Some(panic) = panicked.into_inner() {
+        std::panic::resume_unwind(panic);
+    }
     if opts.cancel.is_cancelled() {
         return Err(Error::Cancelled);
     }
