@@ -87,6 +87,7 @@ impl Fixture {
             policy,
             connections: 2,
             spot_check: 0,
+            read: None,
         })
     }
 
@@ -540,6 +541,7 @@ fn a_vm_with_two_disks_is_one_snapshot_and_one_untrusted_disk_decides_alone() {
         policy,
         connections: 1,
         spot_check: 0,
+        read: None,
     };
     let go =
         |policy| backup_qcow2_vm(&f.repo, &disks, &BackupOptions::new("vm"), &q(policy)).unwrap();
@@ -607,6 +609,7 @@ fn spot_check_catches_a_bitmap_recreated_under_its_name() {
         policy: CbtPolicy::Full,
         connections: 1,
         spot_check: 4096, // every clean extent: deterministic
+        read: None,
     };
     let (stats, _) = Fixture::expect_done(f.backup_with(&q));
     assert_eq!(stats.mode.as_str(), "full");

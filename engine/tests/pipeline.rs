@@ -256,7 +256,10 @@ fn sparse_file_holes_are_skipped_and_restored_as_holes() {
         };
         assert_eq!(src.as_ref().unwrap().mapped().is_some(), mapped);
         let disk = BackupDisk::new("sparse.img", DiskInput::Image(Box::new(src.unwrap())));
-        let s = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap();
+        // Read each time (the file is unchanged: it would be reused).
+        let mut opts = BackupOptions::new("vm");
+        opts.reuse_unchanged = false;
+        let s = backup(&repo, vec![disk], &opts, &NoProgress).unwrap();
         let snap = repo.load_snapshot(&s.snapshot).unwrap();
         ids.push((snap.disks[0].extents.clone(), s.bytes_read));
     }
@@ -265,7 +268,9 @@ fn sparse_file_holes_are_skipped_and_restored_as_holes() {
         "sparse.img",
         DiskInput::Image(Box::new(RawFileSource::open(&img).unwrap())),
     );
-    let s = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap();
+    let mut opts = BackupOptions::new("vm");
+    opts.reuse_unchanged = false;
+    let s = backup(&repo, vec![disk], &opts, &NoProgress).unwrap();
     // Only the allocated blocks, rounded out to the 64 KiB grid, are read.
     assert!(
         s.bytes_read <= 4 * (128 << 10) + 2 * 100_000,

@@ -61,6 +61,12 @@ pub struct CbtRun {
     pub nbd_timeout: std::time::Duration,
     pub spot_check: u32,
     pub disk_names: Vec<String>,
+    /// Largest NBD read request (`--read-buffer`).
+    pub read_buffer: Option<usize>,
+    /// How long dropped connections are re-established (`--reconnect-window`).
+    pub reconnect_window: Option<std::time::Duration>,
+    /// Print warnings (not with `--log-level error`).
+    pub warnings: bool,
     /// A rate limit, on disk reads or pool writes.
     pub throttle: Option<(
         std::sync::Arc<cairn_engine::jobs::Throttle>,
@@ -136,6 +142,14 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
             policy: run.policy,
             connections: run.connections,
             spot_check: run.spot_check,
+            read: (run.reconnect_window.is_some() || run.read_buffer.is_some()).then(|| {
+                cairn_cas::ReadSettings::new(
+                    run.connections,
+                    run.nbd_timeout,
+                    run.reconnect_window.unwrap_or_default(),
+                    run.read_buffer.unwrap_or(32 << 20) as u32,
+                )
+            }),
         };
         let outcome = backup_qcow2_vm(&repo, &disks, &opts, &q);
         bar.finish();
@@ -157,7 +171,7 @@ pub fn run_backup(run: CbtRun, opts: BackupOptions, bar: &Bar) -> Result<u8, Fai
         Ran::Done { stats, .. } => repo.requests_json("per_gib_stored", stats.bytes_new),
         Ran::Skipped { .. } => repo.requests_json("per_gib_stored", 0),
     };
-    report(&vm, ran, run.json, requests)
+    report(&vm, ran, (run.json, run.warnings), requests)
 }
 
 /// Disk names for NBD exports: `--disk-name` by position, else the export
@@ -198,12 +212,19 @@ fn backup_nbd(
     let mut connections = usize::MAX;
     let mut sources = Vec::new();
     for (uri, name) in run.nbd.iter().zip(names) {
-        let source = NbdSource::connect_many_with_timeout(
+        let mut source = NbdSource::connect_many_with_timeout(
             uri,
             run.bitmap.as_deref(),
             run.connections,
             run.nbd_timeout,
-        )?;
+        )?
+        .with_cancel(crate::signals::token());
+        if let Some(w) = run.reconnect_window {
+            source = source.with_reconnect(w);
+        }
+        if let Some(n) = run.read_buffer {
+            source = source.with_read_request_size(n as u32)?;
+        }
         connections = connections.min(source.connections());
         sources.push((uri, name, source));
     }
@@ -265,7 +286,12 @@ fn backup_nbd(
     })
 }
 
-fn report(vm: &str, ran: Ran, json: bool, requests: serde_json::Value) -> Result<u8, Failure> {
+fn report(
+    vm: &str,
+    ran: Ran,
+    (json, show_warnings): (bool, bool),
+    requests: serde_json::Value,
+) -> Result<u8, Failure> {
     match ran {
         Ran::Done {
             stats,
@@ -273,7 +299,7 @@ fn report(vm: &str, ran: Ran, json: bool, requests: serde_json::Value) -> Result
             connections,
             warnings,
         } => {
-            for w in &warnings {
+            for w in warnings.iter().filter(|_| show_warnings) {
                 eprintln!("cairn: warning: {w}");
             }
             let fallback = fallback_text(&stats);

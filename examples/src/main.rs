@@ -18,6 +18,7 @@ mod rate_args;
 mod retention_cmd;
 mod schedule_cmd;
 mod signals;
+mod source_args;
 mod tape_cmd;
 
 use std::collections::BTreeMap;
@@ -117,8 +118,11 @@ enum Command {
         /// raw (sparse, default) or qcow2 (thin, written through qemu-nbd).
         #[arg(long, default_value = "raw")]
         format: cbt_cmd::RestoreFormat,
-        #[arg(long, default_value_t = 0)]
+        /// Worker threads, or channels (1–64; default: one per CPU).
+        #[arg(long, visible_alias = "channels", default_value_t = 0)]
         threads: usize,
+        #[command(flatten)]
+        write: source_args::WriteArgs,
         #[command(flatten)]
         rate: rate_args::RateArgs,
         #[command(flatten)]
@@ -347,6 +351,8 @@ struct BackupArgs {
     /// is otherwise not read: that snapshot's extents are reused).
     #[arg(long)]
     force_read: bool,
+    #[command(flatten)]
+    source: source_args::SourceArgs,
     #[command(flatten)]
     job: job_args::JobArgs,
     #[arg(long)]
@@ -705,6 +711,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             force,
             format,
             threads,
+            write,
             rate,
             job,
             json,
@@ -715,7 +722,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 &to,
                 force,
                 format,
-                (threads, &rate),
+                (threads, &rate, &write),
                 json,
             )
         }),
@@ -965,10 +972,18 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         lease_renewal,
         resume_dir,
         force_read,
+        source,
         rate,
         job: _,
         json,
     } = args;
+    source.check()?;
+    let files: Vec<PathBuf> = disks.iter().chain(&qcow2).cloned().collect();
+    if let Some(why) = source.capacity_shortfall(&files)? {
+        eprintln!("cairn: not backed up: {why}");
+        return Ok(4);
+    }
+    let show_progress = !json && source.log_level == source_args::LogLevel::Info;
     let throttle = rate.throttle()?;
     let lease_renewal = humantime::parse_duration(&lease_renewal).map_err(|e| {
         Failure::usage(format!(
@@ -976,8 +991,9 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         ))
     })?;
     if !nbd.is_empty() || !qcow2.is_empty() {
-        let bar = Arc::new(Bar::new(!json));
+        let bar = Arc::new(Bar::new(show_progress));
         let opts = BackupOptions::new(vm.clone())
+            .with_parallel_disks(source.parallel_disks()?)
             .with_chunking(chunking.unwrap_or_default())
             .with_compression(compression)
             .with_threads(self::threads(threads))
@@ -1003,6 +1019,9 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
             spot_check: cbt_spot_check,
             disk_names: names,
             throttle,
+            read_buffer: source.read_buffer()?,
+            reconnect_window: source.reconnect_window()?,
+            warnings: source.log_level < source_args::LogLevel::Error,
             json,
         };
         return cbt_cmd::run_backup(run, opts, &bar);
@@ -1041,8 +1060,9 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
             BackupDisk::stream(name.clone(), std::io::stdin()).with_property(PROP_SOURCE, "stdin"),
         );
     }
-    let bar = Arc::new(Bar::new(!json));
+    let bar = Arc::new(Bar::new(show_progress));
     let opts = BackupOptions::new(vm.clone())
+        .with_parallel_disks(source.parallel_disks()?)
         .with_chunking(chunking.unwrap_or(if disks.is_empty() {
             ChunkingParams::cdc()
         } else {
@@ -1058,6 +1078,15 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         opts = opts.with_resume_dir(dir);
     }
     opts.reuse_unchanged = !force_read;
+    if let Some(n) = source.read_buffer()? {
+        // Reads of image files are one request per batch.
+        opts.batch_size = n;
+    }
+    if source.reconnect_window()?.is_some() {
+        return Err(Failure::usage(
+            "--reconnect-window applies to --nbd and --qcow2 sources (files are local)",
+        ));
+    }
     // A test knob (undocumented on purpose): flush index segments after
     // this many new chunks, so memory tests cross a flush with small disks.
     if let Some(n) = std::env::var("CAIRN_SEGMENT_FLUSH_ENTRIES")
@@ -1166,10 +1195,17 @@ fn cmd_restore(
     to: &Path,
     force: bool,
     format: cbt_cmd::RestoreFormat,
-    (threads, rate): (usize, &rate_args::RateArgs),
+    (threads, rate, write): (usize, &rate_args::RateArgs, &source_args::WriteArgs),
     json: bool,
 ) -> Result<u8, Failure> {
     let throttle = rate.throttle()?;
+    if threads > 64 {
+        return Err(Failure::usage(format!(
+            "--threads (--channels) {threads} is out of range (1–64, or 0: one per CPU)"
+        )));
+    }
+    let write_size = write.write_buffer()?;
+    let parallel_disks = write.parallel_disks()?;
     let mut repo = open_repo(pool)?;
     let id = repo.resolve(&SnapshotSelector::parse(snapshot, vm)?)?;
     if let Some(tape) = repo.pool.tape.clone() {
@@ -1187,8 +1223,10 @@ fn cmd_restore(
     let mut opts = RestoreOptions::default()
         .with_threads(self::threads(threads))
         .with_overwrite(force)
+        .with_parallel_disks(parallel_disks)
         .with_progress(bar.clone())
         .with_cancel(signals::token());
+    opts.write_size = write_size;
     match throttle {
         Some((t, rate_args::RateOn::Reads)) => {
             repo = rate_args::throttle_pool(repo, t, cairn_engine::jobs::Direction::Reads)?;

@@ -689,3 +689,99 @@ fn job_flags_on_backup_and_restore() {
         assert!(stderr(&out).contains(want), "{}", stderr(&out));
     }
 }
+
+/// The source and limit options of jobs as flags (#15 point 10): bad
+/// values exit 2 naming the option and its range; a capacity shortfall
+/// exits 4 without a snapshot; two disks read and written side by side
+/// with small read and write requests restore bit-identical.
+#[test]
+fn source_and_limit_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b) = (d.join("a.img"), d.join("b.img"));
+    make_image(&a, 8 << 20, 5);
+    make_image(&b, 7 << 20, 6);
+    let pool = p(&d.join("pool"));
+    ok(&["init", &pool]);
+    let backup = |extra: &[&str]| {
+        let mut args = vec!["backup", &pool, "--vm", "v"];
+        let (pa, pb) = (p(&a), p(&b));
+        let mut all: Vec<String> = args.drain(..).map(String::from).collect();
+        all.push(pa);
+        all.push(pb);
+        all.extend(extra.iter().map(|s| s.to_string()));
+        cairn(&all)
+    };
+    for (flags, want) in [
+        (
+            vec!["--parallel-disks", "6"],
+            "--parallel-disks 6 is out of range (1–5)",
+        ),
+        (
+            vec!["--read-buffer", "32K"],
+            "--read-buffer 32K is out of range (64KiB–8MiB)",
+        ),
+        (vec!["--read-buffer", "many"], "--read-buffer \"many\""),
+        (
+            vec!["--reconnect-window", "30s"],
+            "--reconnect-window 30s is out of range (1–60 min)",
+        ),
+        (
+            vec!["--min-free-percent", "100"],
+            "--min-free-percent 100 is out of range (1–99)",
+        ),
+        (vec!["--log-level", "loud"], "invalid value 'loud'"),
+    ] {
+        let out = backup(&flags);
+        assert_eq!(code(&out), 2, "{flags:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{flags:?}: {}", stderr(&out));
+    }
+    // 99 % free is more than this file system has: not backed up.
+    let out = backup(&["--min-free-percent", "99"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("below 99 % free"), "{}", stderr(&out));
+    assert_eq!(
+        json(&["snapshots", &pool, "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let out = backup(&[
+        "--parallel-disks",
+        "2",
+        "--read-buffer",
+        "128K",
+        "--min-free",
+        "1M",
+        "--log-level",
+        "warn",
+        "--json",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let logical = std::fs::metadata(&a).unwrap().len() + std::fs::metadata(&b).unwrap().len();
+    assert_eq!(stats["bytes_logical"], logical);
+    let to = d.join("out");
+    for bad in [["--write-buffer", "9M"], ["--channels", "65"]] {
+        let out = cairn(&["restore", &pool, "latest", "--to", &p(&to), bad[0], bad[1]]);
+        assert_eq!(code(&out), 2, "{bad:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("out of range"), "{}", stderr(&out));
+    }
+    ok(&[
+        "restore",
+        &pool,
+        "latest",
+        "--to",
+        &p(&to),
+        "--write-buffer",
+        "64K",
+        "--parallel-disks",
+        "2",
+        "--channels",
+        "2",
+    ]);
+    assert!(std::fs::read(to.join("a.img")).unwrap() == std::fs::read(&a).unwrap());
+    assert!(std::fs::read(to.join("b.img")).unwrap() == std::fs::read(&b).unwrap());
+}

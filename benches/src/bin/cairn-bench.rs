@@ -284,6 +284,7 @@ fn cbt(a: &Args, rows: &mut Vec<Row>) {
         policy: Default::default(),
         connections: a.connections,
         spot_check: 0,
+        read: None,
     };
     let opts = BackupOptions::new("bench").with_threads(NonZeroUsize::new(a.threads));
     let run = |label: &str| {

@@ -25,6 +25,10 @@ pub struct Qcow2BackupOptions {
     /// Clean extents per disk to read back and compare with the parent
     /// before trusting a bitmap ([`spot_check`](cairn_engine::cbt::spot_check)); 0 = none.
     pub spot_check: u32,
+    /// How the exports are read: request timeout, reconnect window and
+    /// largest request (its `connections` is ignored: see above). `None`:
+    /// a 60 s timeout, no reconnect, 32 MiB requests.
+    pub read: Option<crate::ReadSettings>,
 }
 
 /// What [`backup_qcow2`] did.
@@ -421,8 +425,14 @@ fn backup_with_exports(
 ) -> Result<Qcow2Outcome> {
     let mut exports = Vec::new();
     let mut cbt_disks = Vec::new();
-    let connect =
-        |uri: &str, bitmap: Option<&str>| NbdSource::connect_many(uri, bitmap, qcow2.connections);
+    let connect = |uri: &str, bitmap: Option<&str>| match &qcow2.read {
+        None => NbdSource::connect_many(uri, bitmap, qcow2.connections),
+        Some(read) => {
+            NbdSource::connect_many_with_timeout(uri, bitmap, qcow2.connections, read.timeout)?
+                .with_reconnect(read.reconnect_window)
+                .with_read_request_size(read.request_size)
+        }
+    };
     for plan in plans {
         let (export, disk) = plan.open(&qcow2.chain, qcow2.connections, &connect)?;
         exports.push(export);

@@ -763,6 +763,7 @@ impl<'a> JobRunner<'a> {
             threads: std::num::NonZeroUsize::new(def.restore.channels as usize),
             overwrite: true,
             write_size: Some(job.buffer),
+            parallel_disks: def.limits.disks_per_vm,
             ..RestoreOptions::default()
         };
         if let Some(t) = &run.throttle {

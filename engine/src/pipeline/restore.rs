@@ -54,6 +54,9 @@ pub struct RestoreOptions {
     /// 64 KiB–8 MiB; `None`: whole read runs, up to 4 MiB, or a chunk).
     /// Each piece passes the write throttle on its own.
     pub write_size: Option<usize>,
+    /// Disks restored at the same time (spec R7's disks per VM, 1–64;
+    /// default 1), the worker threads shared out among them.
+    pub parallel_disks: usize,
 }
 
 impl Default for RestoreOptions {
@@ -66,6 +69,7 @@ impl Default for RestoreOptions {
             cancel: CancelToken::new(),
             write_throttle: None,
             write_size: None,
+            parallel_disks: 1,
         }
     }
 }
@@ -92,6 +96,12 @@ impl RestoreOptions {
     /// Restores only the named disks.
     pub fn with_disks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, disks: I) -> Self {
         self.disks = Some(disks.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Restores up to `n` disks at the same time.
+    pub fn with_parallel_disks(mut self, n: usize) -> Self {
+        self.parallel_disks = n;
         self
     }
 
@@ -207,6 +217,12 @@ pub(crate) fn run(
         chunks: 0,
         seconds: 0.0,
     };
+    if !(1..=64).contains(&opts.parallel_disks) {
+        return Err(Error::InvalidArgument(format!(
+            "parallel disks: {} is out of range (1–64)",
+            opts.parallel_disks
+        )));
+    }
     if let Some(size) = opts.write_size {
         if !(64 << 10..=8 << 20).contains(&size) {
             return Err(Error::InvalidArgument(format!(
@@ -234,6 +250,12 @@ pub(crate) fn run(
             stats.bytes_written += disk.data_bytes();
             stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
         }
+    } else if opts.parallel_disks > 1 && disks.len() > 1 {
+        restore_parallel(store, id, &disks, &targets, threads, opts)?;
+        for disk in &disks {
+            stats.bytes_written += disk.data_bytes();
+            stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+        }
     } else {
         for (disk, target) in disks.iter().zip(&targets) {
             progress.message(&disk.name);
@@ -251,6 +273,46 @@ pub(crate) fn run(
     }
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+/// Restores up to `opts.parallel_disks` disks at once, each lane taking
+/// the next disk when it finishes one, with `threads` shared out; the
+/// first failure stops further disks from starting and is returned once
+/// the running ones end.
+fn restore_parallel(
+    store: &Store<'_>,
+    id: &SnapshotId,
+    disks: &[&DiskManifest],
+    targets: &[Box<dyn DiskTarget>],
+    threads: usize,
+    opts: &RestoreOptions,
+) -> Result<()> {
+    let lanes = opts.parallel_disks.min(disks.len());
+    let per_lane = (threads / lanes).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first: parking_lot::Mutex<Option<Error>> = parking_lot::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..lanes {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (Some(disk), Some(target)) = (disks.get(i), targets.get(i)) else {
+                    return;
+                };
+                if first.lock().is_some() || opts.cancel.is_cancelled() {
+                    return;
+                }
+                opts.progress.message(&disk.name);
+                if let Err(e) = restore_disk(store, id, disk, &**target, per_lane, opts) {
+                    first.lock().get_or_insert(e);
+                    return;
+                }
+            });
+        }
+    });
+    match first.into_inner() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// The disks named in `names`, in the snapshot's order; an unknown name is

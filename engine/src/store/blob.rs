@@ -65,19 +65,25 @@ impl fmt::Display for Compression {
 
 impl FromStr for Compression {
     type Err = String;
-    /// `none`, `fast` (zstd:1), `zstd` (zstd:3) or `zstd:LEVEL`.
+    /// `none`, `fast` (zstd:1), `zstd` (zstd:3), `zstd:LEVEL` or `LEVEL`
+    /// (as a job file writes it).
     fn from_str(s: &str) -> Result<Self, String> {
         let c = match s {
             "none" => Compression::None,
             "fast" => Compression::Zstd { level: 1 },
             "zstd" => Compression::Zstd { level: 3 },
-            _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
+            _ => match s
+                .strip_prefix("zstd:")
+                .unwrap_or(s)
+                .parse::<i32>()
+                .ok()
+                .filter(|_| !s.starts_with(['+', '-']))
+                .map(Ok::<i32, ()>)
+            {
                 Some(Ok(level)) => Compression::Zstd { level },
-                _ => {
-                    return Err(format!(
-                        "{s:?} is not a compression; use none, fast, zstd or zstd:LEVEL"
-                    ))
-                }
+                _ => return Err(format!(
+                    "{s:?} is not a compression; use none, fast, zstd, zstd:LEVEL or LEVEL (1–19)"
+                )),
             },
         };
         c.validate()?;
@@ -338,6 +344,7 @@ mod tests {
             ("fast", Compression::Zstd { level: 1 }, "zstd:1"),
             ("zstd", Compression::Zstd { level: 3 }, "zstd:3"),
             ("zstd:19", Compression::Zstd { level: 19 }, "zstd:19"),
+            ("5", Compression::Zstd { level: 5 }, "zstd:5"),
         ] {
             assert_eq!(text.parse::<Compression>(), Ok(c), "{text}");
             assert_eq!(c.to_string(), shown);
@@ -345,6 +352,9 @@ mod tests {
         }
         assert!("zstd:x".parse::<Compression>().is_err());
         assert!("lz4".parse::<Compression>().is_err());
+        for bad in ["0", "20", "-3", "+3"] {
+            assert!(bad.parse::<Compression>().is_err(), "{bad}");
+        }
         let codec = BlobCodec::new(Compression::Zstd { level: 7 });
         assert!(format!("{codec:?}").contains("level: 7"), "{codec:?}");
     }
