@@ -753,7 +753,11 @@ fn index(a: &Args, rows: &mut Vec<Row>) {
         });
         let lookups = per_thread as f64 * threads as f64;
         // A correctness check too (the quick run in CI relies on it).
-        let want = if hits { per_thread as usize * threads } else { 0 };
+        let want = if hits {
+            per_thread as usize * threads
+        } else {
+            0
+        };
         assert_eq!(found, want, "index lookups found {found} of {want}");
         r.note = format!(
             "{:.1} M lookups/s ({threads} threads, {found} found)",

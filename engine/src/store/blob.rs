@@ -81,9 +81,11 @@ impl FromStr for Compression {
                 .map(Ok::<i32, ()>)
             {
                 Some(Ok(level)) => Compression::Zstd { level },
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "{s:?} is not a compression; use none, fast, zstd, zstd:LEVEL or LEVEL (1–19)"
-                )),
+                ))
+                }
             },
         };
         c.validate()?;
