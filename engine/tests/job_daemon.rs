@@ -348,98 +348,47 @@ fn a_run_whose_record_cannot_be_saved_is_not_run_again() {
     );
 }
 
-/// The daemon runs jobs side by side: two immediate jobs whose
-/// pre-scripts each wait for the other's to have started both succeed
-/// (one after the other, the first would give up after 20 s and skip its
-/// VM).
-#[test]
-fn the_daemon_runs_jobs_side_by_side() {
+/// An environment with one small VM per name (the platform returned to
+/// set faults on) and a fresh memory pool.
+fn env_of(vms: &[&str]) -> Env {
     let platform = FakePlatform::new();
-    platform.add_vm("a", "cvk1", "pool", vec![("vda", vec![1u8; 128 << 10])]);
-    platform.add_vm("b", "cvk1", "pool", vec![("vda", vec![2u8; 128 << 10])]);
+    for (i, vm) in vms.iter().enumerate() {
+        platform.add_vm(
+            vm,
+            "cvk1",
+            "pool",
+            vec![("vda", vec![i as u8 + 1; 64 << 10])],
+        );
+    }
     let pool: DynPool = Arc::new(cairn_pools::MemoryPool::new());
     Repository::create(pool.clone()).unwrap();
-    let env = Env {
+    Env {
         platform: Arc::new(platform),
         pool,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateDir::new(dir.path().join("state"));
-    let marks = dir.path();
-    for (me, other) in [("a", "b"), ("b", "a")] {
-        let def = JobDefinition::from_toml(
-            &format!(
-                "name = \"{me}\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
-                 [select]\nvms = [\"{me}\"]\n[capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n\
-                 [scripts]\npre = \"touch {m}/{me}; i=0; while [ ! -e {m}/{other} ]; do \
-                 i=$((i+1)); [ $i -gt 200 ] && exit 1; sleep 0.1; done\"\n",
-                m = marks.display()
-            ),
-            "t",
-        )
-        .unwrap();
-        state.add_job(&def, true).unwrap();
     }
-    let notes = MemoryNotifier::default();
-    let cancel = cairn_engine::CancelToken::new();
-    let runner = JobRunner::new(&state, &env, &notes).with_cancel(cancel.clone());
-    let daemon = Daemon::new(&state, runner).unwrap();
-    let mut outcomes = Vec::new();
-    daemon.run(
-        std::time::Duration::from_millis(200),
-        &cancel,
-        &mut |pass| {
-            for (job, o) in pass {
-                if let TickOutcome::Ran(r) = o {
-                    outcomes.push((job.clone(), r.status));
-                }
-            }
-            if outcomes.len() == 2 {
-                cancel.cancel();
-            }
-        },
-    );
-    outcomes.sort_by(|x, y| x.0.cmp(&y.0));
-    assert_eq!(
-        outcomes,
-        [
-            ("a".to_string(), RunStatus::Succeeded),
-            ("b".to_string(), RunStatus::Succeeded)
-        ]
-    );
 }
 
-/// A job whose run panics (a buggy platform adapter) is that job's error:
-/// the daemon goes on running the others and still stops on request.
-#[test]
-fn a_panicking_job_does_not_stop_the_daemon() {
-    let platform = FakePlatform::new();
-    platform.add_vm("ok", "cvk1", "pool", vec![("vda", vec![1u8; 64 << 10])]);
-    platform.add_vm("boom", "cvk1", "pool", vec![("vda", vec![2u8; 64 << 10])]);
-    platform.panic_on_snapshot("boom");
-    let pool: DynPool = Arc::new(cairn_pools::MemoryPool::new());
-    Repository::create(pool.clone()).unwrap();
-    let env = Env {
-        platform: Arc::new(platform),
-        pool,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateDir::new(dir.path());
-    for vm in ["ok", "boom"] {
-        let def = JobDefinition::from_toml(
-            &format!(
-                "name = \"{vm}\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
-                 [select]\nvms = [\"{vm}\"]\n[capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n"
-            ),
-            "t",
-        )
-        .unwrap();
-        state.add_job(&def, true).unwrap();
-    }
+/// Adds immediate backup job `name` of VM `name` (no capacity check),
+/// with `tables` after.
+fn add_immediate(state: &StateDir, name: &str, tables: &str) {
+    let def = JobDefinition::from_toml(
+        &format!(
+            "name = \"{name}\"\nkind = \"backup\"\nplatform = \"fake:\"\npool = \"mem\"\n\
+             [select]\nvms = [\"{name}\"]\n[capacity]\nmin_free_percent = 0\nmin_free = \"0\"\n{tables}"
+        ),
+        "t",
+    )
+    .unwrap();
+    state.add_job(&def, true).unwrap();
+}
+
+/// Runs a daemon over `state` until `count` jobs ended; their outcomes as
+/// "job: status" or "job: error …", sorted.
+fn run_daemon_until(state: &StateDir, env: &Env, count: usize) -> Vec<String> {
     let notes = MemoryNotifier::default();
     let cancel = cairn_engine::CancelToken::new();
-    let runner = JobRunner::new(&state, &env, &notes).with_cancel(cancel.clone());
-    let daemon = Daemon::new(&state, runner).unwrap();
+    let runner = JobRunner::new(state, env, &notes).with_cancel(cancel.clone());
+    let daemon = Daemon::new(state, runner).unwrap();
     let mut seen = Vec::new();
     daemon.run(
         std::time::Duration::from_millis(100),
@@ -452,15 +401,54 @@ fn a_panicking_job_does_not_stop_the_daemon() {
                     _ => format!("{job}: other"),
                 });
             }
-            if seen.len() == 2 {
+            if seen.len() >= count {
                 cancel.cancel();
             }
         },
     );
     seen.sort();
+    seen
+}
+
+/// The daemon runs jobs side by side: two immediate jobs whose
+/// pre-scripts each wait for the other's to have started both succeed
+/// (one after the other, the first would give up after 20 s and skip its
+/// VM).
+#[test]
+fn the_daemon_runs_jobs_side_by_side() {
+    let env = env_of(&["a", "b"]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path().join("state"));
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        add_immediate(
+            &state,
+            me,
+            &format!(
+                "[scripts]\npre = \"touch {m}/{me}; i=0; while [ ! -e {m}/{other} ]; do \
+                 i=$((i+1)); [ $i -gt 200 ] && exit 1; sleep 0.1; done\"\n",
+                m = dir.path().display()
+            ),
+        );
+    }
     assert_eq!(
-        seen,
-        ["boom: error the job's run panicked", "ok: succeeded"],
-        "{seen:?}"
+        run_daemon_until(&state, &env, 2),
+        ["a: succeeded", "b: succeeded"]
+    );
+}
+
+/// A job whose run panics (a buggy platform adapter) is that job's error:
+/// the daemon goes on running the others and still stops on request.
+#[test]
+fn a_panicking_job_does_not_stop_the_daemon() {
+    let env = env_of(&["ok", "boom"]);
+    env.platform.panic_on_snapshot("boom");
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    for vm in ["ok", "boom"] {
+        add_immediate(&state, vm, "");
+    }
+    assert_eq!(
+        run_daemon_until(&state, &env, 2),
+        ["boom: error the job's run panicked", "ok: succeeded"]
     );
 }

@@ -453,20 +453,7 @@ fn open_parsed(address: PoolAddress, options: &OpenOptions) -> Result<OpenedPool
                 crate::tape::VirtualTapeLibrary::open(&library_dir)
             }
             .map_err(|e| settings(e.to_string()))?;
-            let pool =
-                crate::tape::TapePool::open(dir, Box::new(library)).map_err(|e| match e {
-                    cairn_engine::Error::PoolBusy(reason) => PoolOpenError::Busy {
-                        address: address.to_string(),
-                        reason,
-                    },
-                    e => settings(e.to_string()),
-                })?;
-            Ok(OpenedPool {
-                pool: Arc::new(pool.clone()),
-                address,
-                requests: None,
-                tape: Some(pool),
-            })
+            open_tape(dir, Box::new(library), address.clone())
         }
         PoolAddress::Standard(dir) => {
             let pool = if create {
@@ -505,20 +492,7 @@ fn open_parsed(address: PoolAddress, options: &OpenOptions) -> Result<OpenedPool
             } else if !dir.is_dir() {
                 return Err(PoolOpenError::Missing(dir.clone()));
             }
-            let pool =
-                crate::tape::TapePool::open(dir, Box::new(changer)).map_err(|e| match e {
-                    cairn_engine::Error::PoolBusy(reason) => PoolOpenError::Busy {
-                        address: address.to_string(),
-                        reason,
-                    },
-                    e => settings(e.to_string()),
-                })?;
-            Ok(OpenedPool {
-                pool: Arc::new(pool.clone()),
-                address: address.clone(),
-                requests: None,
-                tape: Some(pool),
-            })
+            open_tape(dir, Box::new(changer), address.clone())
         }
         PoolAddress::Local(dir) => {
             let pool = if create {
@@ -544,6 +518,32 @@ fn open_parsed(address: PoolAddress, options: &OpenOptions) -> Result<OpenedPool
             })
         }
     }
+}
+
+/// Opens the tape pool in `dir` on `library`: a tape another process
+/// drives is [`PoolOpenError::Busy`] (worth trying again), any other
+/// failure the pool's settings.
+fn open_tape(
+    dir: &std::path::Path,
+    library: Box<dyn crate::tape::TapeLibrary>,
+    address: PoolAddress,
+) -> Result<OpenedPool, PoolOpenError> {
+    let pool = crate::tape::TapePool::open(dir, library).map_err(|e| match e {
+        cairn_engine::Error::PoolBusy(reason) => PoolOpenError::Busy {
+            address: address.to_string(),
+            reason,
+        },
+        e => PoolOpenError::Settings {
+            address: address.to_string(),
+            reason: e.to_string(),
+        },
+    })?;
+    Ok(OpenedPool {
+        pool: Arc::new(pool.clone()),
+        address,
+        requests: None,
+        tape: Some(pool),
+    })
 }
 
 #[cfg(test)]
