@@ -174,6 +174,9 @@ fn cbt_jobs_on_qcow2_read_only_what_qemu_io_wrote() {
     );
     let raw: Vec<u8> = (0..1u32 << 19).map(|i| (i % 251) as u8).collect();
     std::fs::write(d.join("data.img"), &raw).unwrap();
+    // A file changed in the last 2 s is always read: let it settle, so the
+    // runs below can reuse it unread.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     std::fs::write(
         d.join("inv.toml"),
         "restore_dir = \"out\"\n[[vm]]\nname = \"web\"\n\

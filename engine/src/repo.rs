@@ -559,6 +559,15 @@ impl Repository {
                 continue;
             }
             let changed = ChangedBlocks::unchanged_file(parent_id, &parent, &disk.name)?;
+            // Only what an incremental can splice (fixed chunking, the
+            // parent's size); anything else is read as usual.
+            let size = match &disk.input {
+                DiskInput::Image(src) => src.size(),
+                _ => continue,
+            };
+            if changed.check(&disk.name, size, opts.chunking).is_err() {
+                continue;
+            }
             let input = std::mem::replace(
                 &mut disk.input,
                 DiskInput::Stream(Box::new(std::io::empty())),

@@ -1,7 +1,8 @@
 //! `cairn` — the example command-line tool over cairn-engine and cairn-pools.
 //!
 //! Exit codes: 0 success, 1 error, 2 usage error, 3 damage found,
-//! 4 backup skipped with an alert (`--on-missing-cbt skip-alert`), 5 busy
+//! 4 nothing done, on purpose (`--on-missing-cbt skip-alert`, a
+//! pre-condition or pre-script that says no, a capacity shortfall), 5 busy
 //! (a concurrent job), 6 a snapshot selector that matches several snapshots,
 //! 7 a job run that did only part of its VMs.
 
@@ -978,6 +979,11 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         json,
     } = args;
     source.check()?;
+    if nbd.is_empty() && qcow2.is_empty() && source.reconnect_window()?.is_some() {
+        return Err(Failure::usage(
+            "--reconnect-window applies to --nbd and --qcow2 sources (files are local)",
+        ));
+    }
     let files: Vec<PathBuf> = disks.iter().chain(&qcow2).cloned().collect();
     if let Some(why) = source.capacity_shortfall(&files)? {
         eprintln!("cairn: not backed up: {why}");
@@ -1082,11 +1088,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         // Reads of image files are one request per batch.
         opts.batch_size = n;
     }
-    if source.reconnect_window()?.is_some() {
-        return Err(Failure::usage(
-            "--reconnect-window applies to --nbd and --qcow2 sources (files are local)",
-        ));
-    }
+
     // A test knob (undocumented on purpose): flush index segments after
     // this many new chunks, so memory tests cross a flush with small disks.
     if let Some(n) = std::env::var("CAIRN_SEGMENT_FLUSH_ENTRIES")

@@ -40,7 +40,7 @@ pub struct SourceArgs {
     #[arg(long, value_name = "DURATION")]
     reconnect_window: Option<String>,
     /// Do nothing (exit 4) when the file system of an image file has less
-    /// than this share free (1–99 %).
+    /// than this share free (1–99 %; block devices are not checked).
     #[arg(long, value_name = "PERCENT")]
     min_free_percent: Option<u8>,
     /// Do nothing (exit 4) when the file system of an image file has less
@@ -158,6 +158,10 @@ impl SourceArgs {
             return Ok(None);
         };
         for f in files {
+            // Block devices have no file system of theirs to check.
+            if !std::fs::metadata(f).is_ok_and(|m| m.is_file()) {
+                continue;
+            }
             let dir = f
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())

@@ -287,28 +287,67 @@ fn restore_parallel(
     threads: usize,
     opts: &RestoreOptions,
 ) -> Result<()> {
-    let lanes = opts.parallel_disks.min(disks.len());
+    // Each lane takes at least one worker: never more lanes than workers.
+    let lanes = opts.parallel_disks.min(disks.len()).min(threads.max(1));
     let per_lane = (threads / lanes).max(1);
+    // The lanes stop together: on the caller's cancel or a lane's failure.
+    let mut lane_opts = opts.clone();
+    lane_opts.cancel = CancelToken::new();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let first: parking_lot::Mutex<Option<Error>> = parking_lot::Mutex::new(None);
+    let panicked: parking_lot::Mutex<Option<Box<dyn std::any::Any + Send>>> =
+        parking_lot::Mutex::new(None);
+    let finished = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
-        for _ in 0..lanes {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let (Some(disk), Some(target)) = (disks.get(i), targets.get(i)) else {
-                    return;
-                };
-                if first.lock().is_some() || opts.cancel.is_cancelled() {
+        let lane_opts = &lane_opts;
+        scope.spawn(|| {
+            while !finished.load(std::sync::atomic::Ordering::SeqCst) {
+                if opts.cancel.is_cancelled() {
+                    lane_opts.cancel.cancel();
                     return;
                 }
-                opts.progress.message(&disk.name);
-                if let Err(e) = restore_disk(store, id, disk, &**target, per_lane, opts) {
-                    first.lock().get_or_insert(e);
-                    return;
-                }
-            });
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let handles: Vec<_> = (0..lanes)
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let (Some(disk), Some(target)) = (disks.get(i), targets.get(i)) else {
+                        return;
+                    };
+                    if lane_opts.cancel.is_cancelled() {
+                        return;
+                    }
+                    lane_opts.progress.message(&disk.name);
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        restore_disk(store, id, disk, &**target, per_lane, lane_opts)
+                    });
+                    match std::panic::catch_unwind(run) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            first.lock().get_or_insert(e);
+                            lane_opts.cancel.cancel();
+                            return;
+                        }
+                        Err(panic) => {
+                            *panicked.lock() = Some(panic);
+                            lane_opts.cancel.cancel();
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            let _ = h.join();
         }
+        finished.store(true, std::sync::atomic::Ordering::SeqCst);
     });
+    if let Some(panic) = panicked.into_inner() {
+        std::panic::resume_unwind(panic);
+    }
+    opts.cancel.check()?;
     match first.into_inner() {
         Some(e) => Err(e),
         None => Ok(()),

@@ -51,6 +51,26 @@ pub fn file_identity(m: &std::fs::Metadata) -> String {
     )
 }
 
+/// Whether `file` lives on a network or FUSE file system (NFS, SMB/CIFS,
+/// Ceph, GlusterFS via FUSE …), whose attributes may be cached.
+fn remote_file_system(file: &File) -> bool {
+    // SAFETY: fstatfs fills the zeroed struct; the descriptor is ours.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return true;
+    }
+    const REMOTE: [i64; 7] = [
+        0x6969,      // NFS
+        0x517B,      // SMB
+        0xFF53_4D42, // CIFS
+        0xFE53_4D42, // SMB2
+        0x6573_5546, // FUSE
+        0x00C3_6400, // Ceph
+        0x0BD0_0BD0, // Lustre
+    ];
+    REMOTE.contains(&(st.f_type as i64))
+}
+
 /// A raw image file or block device.
 pub struct RawFileSource {
     file: File,
@@ -153,10 +173,25 @@ impl DiskSource for RawFileSource {
         m.is_file().then(|| format!("file:{}", file_identity(&m)))
     }
 
-    /// Regular files: their state changes with every write (the change
-    /// time cannot be set back).
+    /// Regular files on a local file system whose change time is over
+    /// 2 s old: their state changes with every write (the change time
+    /// cannot be set back). A file changed in the last 2 s may change
+    /// again within the same clock tick of its change time, unseen (git's
+    /// "racily clean" rule), and network or FUSE file systems may report
+    /// cached attributes: those are always read.
     fn identity_proves_content(&self) -> bool {
-        self.file.metadata().is_ok_and(|m| m.is_file())
+        use std::os::unix::fs::MetadataExt;
+        let Ok(m) = self.file.metadata() else {
+            return false;
+        };
+        if !m.is_file() || remote_file_system(&self.file) {
+            return false;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let changed = i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec());
+        now - changed >= 2_000_000_000
     }
 
     #[allow(clippy::single_range_in_vec_init)] // one extent: the whole disk

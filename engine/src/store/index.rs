@@ -268,18 +268,25 @@ impl Segment {
         if hi <= lo + 1 {
             return lo;
         }
+        // The range lies in the fan-out bucket of the key's first byte:
+        // its keys are within that byte's share of the key space, unless a
+        // block start nearer is known.
+        let first = key >> 56;
+        let bucket_lo = first << 56;
+        let bucket_hi = bucket_lo | ((1u64 << 56) - 1);
         let k_lo = self
             .summary
             .get(lo / SUMMARY_EVERY)
             .copied()
-            .filter(|_| lo % SUMMARY_EVERY == 0)
-            .unwrap_or(0);
+            .filter(|k| lo % SUMMARY_EVERY == 0 && *k >= bucket_lo)
+            .unwrap_or(bucket_lo);
         let k_hi = if hi % SUMMARY_EVERY == 0 {
             self.summary.get(hi / SUMMARY_EVERY).copied()
         } else {
             None
         }
-        .unwrap_or(u64::MAX);
+        .filter(|k| *k <= bucket_hi)
+        .unwrap_or(bucket_hi);
         if key <= k_lo || k_hi <= k_lo {
             return lo;
         }

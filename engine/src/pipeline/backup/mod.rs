@@ -378,7 +378,8 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
         }
         if let DiskInput::Incremental { source, changed } = &d.input {
             changed.check(&d.name, source.size(), opts.chunking)?;
-            if changed.is_unchanged_file() {
+            // Unless chunks the parent lost are read again.
+            if changed.is_unchanged_file() && changed.dirty().is_empty() {
                 plan.unchanged.push(d.name.clone());
             }
             plan.mode = SnapshotMode::Cbt;
