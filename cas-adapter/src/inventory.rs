@@ -380,6 +380,7 @@ impl PlatformSnapshot for InventorySnapshot {
             image,
             request.chain,
             request.pool_id,
+            true,
         )?;
         plan.start_next(request.granularity)?;
         let (read, cancel) = (self.read, self.cancel.clone());
@@ -393,14 +394,8 @@ impl PlatformSnapshot for InventorySnapshot {
                 self.cbt.push((plan, lock));
                 Ok(Some(cbt_disk))
             }
-            Err(e) => {
-                // The error that stopped the run is the one to report (its
-                // kind decides retries); a bitmap that could not be removed
-                // here has this pool's prefix, and this chain's next
-                // successful run retires it.
-                let _ = plan.drop_next();
-                Err(e)
-            }
+            // The bitmap stays for the next run to adopt.
+            Err(e) => Err(e),
         }
     }
 
@@ -410,13 +405,11 @@ impl PlatformSnapshot for InventorySnapshot {
             warnings.push(format!("stopping qemu-nbd: {e}"));
         }
         for (plan, _lock) in self.cbt.drain(..) {
+            // Nothing stored: the bitmap this run started stays for the next
+            // run to adopt (it records a superset; the image is not written
+            // again, so that run's resume journal still matches).
             if stored {
                 warnings.extend(plan.retire_consumed(&self.chain, &self.pool_id));
-            } else if let Err(e) = plan.drop_next() {
-                warnings.push(format!(
-                    "{}: could not remove the bitmap {:?} this run started: {e}",
-                    plan.disk.name, plan.next
-                ));
             }
         }
         warnings
@@ -428,23 +421,17 @@ impl PlatformSnapshot for InventorySnapshot {
 }
 
 impl InventorySnapshot {
-    /// Stops the exports and, for disks whose backup never ended, drops
-    /// the bitmaps this snapshot started (nothing was stored).
+    /// Stops the exports; the bitmaps started for disks whose backup never
+    /// ended stay for the next run to adopt (see `backup_ended`).
     fn abandon(&mut self) -> Result<()> {
-        let mut first = self.stop_exports();
-        for (plan, _lock) in self.cbt.drain(..) {
-            let r = plan.drop_next();
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        first
+        self.cbt.clear();
+        self.stop_exports()
     }
 }
 
 impl Drop for InventorySnapshot {
-    /// A snapshot dropped without `release` (a panic in the caller): no
-    /// bitmap it started keeps recording.
+    /// A snapshot dropped without `release` (a panic in the caller): its
+    /// exports stop (the image lock goes with them).
     fn drop(&mut self) {
         let _ = self.abandon();
     }

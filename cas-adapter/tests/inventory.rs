@@ -248,8 +248,8 @@ fn cbt_jobs_on_qcow2_read_only_what_qemu_io_wrote() {
     restored_matches(second.snapshot.as_deref().unwrap());
 
     // A run that stores nothing (it reads, then the pool refuses its
-    // manifest) removes the bitmap it started and keeps the one it would
-    // have consumed.
+    // manifest) keeps the bitmap it would have consumed, and leaves the one
+    // it started for the next run to adopt.
     run("qemu-io", &["-c", "write -P 5 2M 4K", qs]);
     env.fail_manifests.store(true, Ordering::SeqCst);
     let rec = runner.run(&job, Trigger::Manual, None).unwrap();
@@ -263,25 +263,41 @@ fn cbt_jobs_on_qcow2_read_only_what_qemu_io_wrote() {
             .contains("no manifests today"),
         "{rec:?}"
     );
-    assert_eq!(
-        bitmaps(),
-        now,
-        "the started bitmap is gone, the consumed one kept"
-    );
-    // The next run reads the one changed chunk again.
+    let after_failure = bitmaps();
+    assert_eq!(after_failure.len(), 2, "{after_failure:?}");
+    assert!(after_failure.contains(&now[0]), "the consumed one is kept");
+    let left = after_failure
+        .iter()
+        .find(|b| **b != now[0])
+        .unwrap()
+        .clone();
+    // The next run reads the one changed chunk again, adopts the bitmap
+    // left behind and retires the consumed one.
     let third = backup();
     assert_eq!(third.mode.as_deref(), Some("cbt"), "{third:?}");
     assert_eq!(third.bytes_read, 65536, "{third:?}");
+    assert_eq!(bitmaps(), [left]);
     restored_matches(third.snapshot.as_deref().unwrap());
 
     // The bitmap is removed behind the job's back: a full read (policy
-    // full), still bit-identical, and a fresh bitmap.
+    // full). Interrupted (the pool refuses the manifest), it resumes: the
+    // run after reads nothing again (the bitmap the first attempt started
+    // is adopted, so the image's state — what the journal is keyed on —
+    // did not change), and is bit-identical, with one bitmap.
     for b in bitmaps() {
         run("qemu-img", &["bitmap", "--remove", qs, &b]);
     }
+    // New data, so the interrupted run seals packs (journaled at each seal;
+    // data the pool has already is journaled only every 64 MiB).
+    run("qemu-io", &["-c", "write -P 0x77 3M 1M", qs]);
+    env.fail_manifests.store(true, Ordering::SeqCst);
+    let rec = runner.run(&job, Trigger::Manual, None).unwrap();
+    env.fail_manifests.store(false, Ordering::SeqCst);
+    assert_eq!(rec.vms[0].status, VmStatus::Failed, "{rec:?}");
     let fourth = backup();
-    // Allocated now: the first 1.5 MiB and the clusters at 2 MiB and 7 MiB.
-    assert_eq!(fourth.bytes_read, (3 << 19) + 2 * 65536, "{fourth:?}");
+    assert_eq!(fourth.bytes_read, 0, "{fourth:?}");
+    // The journal covers the whole 8 MiB disk (its holes too).
+    assert_eq!(fourth.bytes_resumed, 8 << 20, "{fourth:?}");
     assert_eq!(bitmaps().len(), 1);
     restored_matches(fourth.snapshot.as_deref().unwrap());
 }

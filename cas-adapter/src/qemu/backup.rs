@@ -178,14 +178,22 @@ pub(crate) struct DiskPlan {
     pub(crate) usable: std::result::Result<String, String>,
     /// The bitmap this run starts.
     pub(crate) next: String,
+    /// `next` is a bitmap an earlier run started and left (see
+    /// [`plan_disk`]): it records already.
+    pub(crate) adopted: bool,
 }
 
 /// Plans one disk's run against `parent`, the disk's newest snapshot.
+/// `adopt`: a bitmap of this chain and pool that no snapshot recorded (left
+/// by a run that stored nothing) becomes this run's next bitmap instead of
+/// a new one — a superset of what a new one would record, and the image
+/// is not written (so a resume journal keyed on its state still matches).
 pub(crate) fn plan_disk(
     parent: Option<(SnapshotId, Snapshot)>,
     disk: Qcow2Disk,
     chain: &str,
     pool_id: &str,
+    adopt: bool,
 ) -> Result<DiskPlan> {
     let info = disk.image.info()?;
     let recorded = parent.as_ref().and_then(|(_, s)| {
@@ -228,6 +236,22 @@ pub(crate) fn plan_disk(
             },
         },
     };
+    let ours = pool_prefix(chain, pool_id);
+    let leftover = info
+        .bitmaps
+        .iter()
+        .rev()
+        .find(|b| {
+            adopt
+                && b.name.starts_with(&ours)
+                && Some(&b.name) != recorded.as_ref()
+                && b.problem().is_none()
+        })
+        .map(|b| b.name.clone());
+    let (next, adopted) = match leftover {
+        Some(name) => (name, true),
+        None => (new_bitmap_name(chain, pool_id)?, false),
+    };
     Ok(DiskPlan {
         disk,
         info,
@@ -235,7 +259,8 @@ pub(crate) fn plan_disk(
         recorded,
         consume,
         usable,
-        next: new_bitmap_name(chain, pool_id)?,
+        next,
+        adopted,
     })
 }
 
@@ -298,7 +323,7 @@ pub fn backup_qcow2_vm(
         .iter()
         .map(|d| {
             let parent = repo.latest_with_disk(&opts.vm, &d.name)?;
-            plan_disk(parent, d.clone(), &qcow2.chain, &pool_id)
+            plan_disk(parent, d.clone(), &qcow2.chain, &pool_id, false)
         })
         .collect::<Result<Vec<_>>>()?;
     // Start every next bitmap; undo them all if one fails.
@@ -349,6 +374,9 @@ impl DiskPlan {
     /// Adds the bitmap this run starts, enabled: it records every write
     /// from now on.
     pub(crate) fn start_next(&self, granularity: u64) -> Result<()> {
+        if self.adopted {
+            return Ok(());
+        }
         self.disk.image.add_bitmap(&self.next, granularity)
     }
 
