@@ -29,7 +29,10 @@
 //! 5. on success remove the consumed bitmap and any other bitmap of this
 //!    chain and pool (left by a run that was killed); on failure or skip
 //!    remove the new one, so the previous bitmap keeps recording and the
-//!    next run retries from it.
+//!    next run retries from it. (Jobs on the inventory platform keep the
+//!    new one instead and the next run adopts it rather than adding
+//!    another: the image is then not written between the two runs, so an
+//!    interrupted full read resumes.)
 //!
 //! Between steps 2 and 4 the image is either unlocked for a moment or held
 //! read-only by the export; a write in that moment lands in both bitmaps and

@@ -6,7 +6,7 @@
 //! header       magic "CAIRNSN1" | version u16 = 1 | reserved u16 = 0 | reserved u32 = 0
 //! time         seconds since the Unix epoch i64 | nanoseconds u32
 //! vm           str                      (str = u32 byte length + UTF-8)
-//! mode         str                      ("full" or "cbt")
+//! mode         str                      ("full", "cbt" or "unchanged")
 //! parent       u8 (0 none, 1 present) [+ snapshot id 32 B]
 //! id scheme    u8 (1 = BLAKE3-256 of plaintext)
 //! chunking     u8 kind (1 fixed, 2 FastCDC-2020) | u32 | u32 | u32   (fixed: size,0,0; cdc: min,avg,max)
