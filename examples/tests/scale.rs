@@ -7,6 +7,8 @@
 //! reader) finds them identical to the sources. Sparse files this large
 //! cost no disk space. The wall time of each step is printed, not asserted.
 
+#![allow(clippy::unwrap_used)] // a failed step is a failed test
+
 mod common;
 
 use std::os::unix::fs::{FileExt, MetadataExt};
