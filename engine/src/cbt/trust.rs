@@ -512,4 +512,63 @@ mod tests {
         assert!("maybe".parse::<CbtPolicy>().is_err());
         assert_eq!(CbtPolicy::default(), CbtPolicy::Full);
     }
+
+    /// The spot check runs only when asked for (`spot_check > 0`): asked
+    /// for, it records what it checked, or falls back when the disk does
+    /// not match its parent; not asked for, nothing is read back.
+    #[test]
+    fn prepare_disk_spot_checks_only_when_asked() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut disk = DiskManifest::new("vda");
+        for c in data.chunks(65536) {
+            disk.push(65536, Some(ChunkId::of(c)));
+        }
+        disk.properties
+            .insert(PROP_NEXT_BITMAP.to_string(), "c.1".to_string());
+        let mut p = parent(None);
+        p.disks = vec![disk];
+        let id = SnapshotId([3; 32]);
+        // The bitmap marks 64 KiB dirty; the rest must equal the parent.
+        let run = |content: Vec<u8>, samples: u32| {
+            let cbt = CbtDisk::new(
+                "vda",
+                Box::new(crate::source::MemorySource::new("vda", content)),
+                "c.1",
+                Ok(vec![0..65536]),
+                "c.2",
+            )
+            .with_spot_check(samples);
+            let debug = format!("{cbt:?}");
+            assert!(
+                debug.contains("\"vda\"") && debug.contains("\"c.2\""),
+                "{debug}"
+            );
+            match prepare_disk(
+                Some(&(id, p.clone())),
+                cbt,
+                ChunkingParams::default(),
+                CbtPolicy::Full,
+            )
+            .unwrap()
+            {
+                PreparedDisk::Backup { disk, fallback, .. } => {
+                    (disk.properties.get(PROP_SPOT_CHECK).cloned(), fallback)
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(run(data.clone(), 0), (None, None));
+        let (checked, fallback) = run(data.clone(), 2);
+        assert_eq!(checked.as_deref(), Some("2 clean extents match the parent"));
+        assert_eq!(fallback, None);
+        // Every clean chunk differs from its parent's.
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+        assert_eq!(run(other.clone(), 0), (None, None));
+        let (checked, fallback) = run(other, 2);
+        assert_eq!(checked, None);
+        assert!(
+            fallback.is_some_and(|f| f.contains("spot check")),
+            "fallback"
+        );
+    }
 }
