@@ -60,6 +60,28 @@ fn stages(c: &mut Criterion) {
             black_box(out.len())
         })
     });
+    // What a restore does per chunk: decode and check the id.
+    g.bench_function("decode_verified_64k", |b| {
+        let mut codec = BlobCodec::new(Compression::default());
+        let blobs: Vec<(Vec<u8>, ChunkId)> = data
+            .chunks(64 << 10)
+            .map(|c| {
+                let mut blob = Vec::new();
+                codec.encode_into(c, &mut blob).ok();
+                (blob, ChunkId::of(c))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(4 << 20);
+        b.iter(|| {
+            for (blob, id) in &blobs {
+                if out.len() + (64 << 10) > out.capacity() {
+                    out.clear();
+                }
+                codec.decode_verified_append(blob, id, &mut out).ok();
+            }
+            black_box(out.len())
+        })
+    });
     g.finish();
 }
 

@@ -225,7 +225,9 @@ impl BlobCodec {
                 out.extend_from_slice(body);
             }
             _ => {
-                out.resize(start + header.raw_len as usize, 0);
+                // Decompress into the spare capacity after `start`: no
+                // memset of bytes zstd overwrites anyway.
+                out.reserve(header.raw_len as usize);
                 let decompressor = match &mut self.decompressor {
                     Some(d) => d,
                     None => self.decompressor.insert(
@@ -233,7 +235,11 @@ impl BlobCodec {
                             .map_err(|e| DecodeError::Invalid(format!("zstd: {e}")))?,
                     ),
                 };
-                let n = match decompressor.decompress_to_buffer(body, &mut out[start..]) {
+                let mut cursor = std::io::Cursor::new(std::mem::take(out));
+                cursor.set_position(start as u64);
+                let result = decompressor.decompress_to_buffer(body, &mut cursor);
+                *out = cursor.into_inner();
+                let n = match result {
                     Ok(n) => n,
                     Err(e) => {
                         out.truncate(start);
