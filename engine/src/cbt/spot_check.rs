@@ -118,4 +118,20 @@ mod tests {
             assert_eq!(spot_check(&src, &dirty, 65536, 100).unwrap(), Ok(15));
         }
     }
+
+    /// A zero run that ends off the grid (a disk size that is not a
+    /// multiple of it) is checked up to the disk's end, not a grid past it.
+    #[test]
+    fn a_zero_run_ending_off_the_grid_is_checked_to_the_end() {
+        let size = (2u64 << 16) + 100;
+        let mut data = vec![0u8; size as usize];
+        data[..1 << 16].fill(3);
+        let mut parent = DiskManifest::new("vda");
+        parent.push(65536, Some(ChunkId::of(&data[..1 << 16])));
+        parent.push(65536 + 100, None);
+        let changed = ChangedBlocks::from_parts(parent, ChunkingParams::default(), vec![]);
+        let src = MemorySource::new("vda", data);
+        // Pieces: the chunk, 64 KiB of zeros, the last 100 bytes.
+        assert_eq!(spot_check(&src, &changed, 65536, 100).unwrap(), Ok(3));
+    }
 }
