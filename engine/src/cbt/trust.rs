@@ -517,6 +517,7 @@ mod tests {
     /// for, it records what it checked, or falls back when the disk does
     /// not match its parent; not asked for, nothing is read back.
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one dirty range
     fn prepare_disk_spot_checks_only_when_asked() {
         let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
         let mut disk = DiskManifest::new("vda");

@@ -9,6 +9,7 @@
 pub(crate) mod backup;
 pub(crate) mod failure;
 pub(crate) mod input;
+pub(crate) mod lanes;
 pub(crate) mod restore;
 pub(crate) mod verify;
 

@@ -293,65 +293,19 @@ fn restore_parallel(
     // The lanes stop together: on the caller's cancel or a lane's failure.
     let mut lane_opts = opts.clone();
     lane_opts.cancel = CancelToken::new();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let first: parking_lot::Mutex<Option<Error>> = parking_lot::Mutex::new(None);
-    let panicked: parking_lot::Mutex<Option<Box<dyn std::any::Any + Send>>> =
-        parking_lot::Mutex::new(None);
-    let finished = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let lane_opts = &lane_opts;
-        scope.spawn(|| {
-            while !finished.load(std::sync::atomic::Ordering::SeqCst) {
-                if opts.cancel.is_cancelled() {
-                    lane_opts.cancel.cancel();
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        });
-        let handles: Vec<_> = (0..lanes)
-            .map(|_| {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let (Some(disk), Some(target)) = (disks.get(i), targets.get(i)) else {
-                        return;
-                    };
-                    if lane_opts.cancel.is_cancelled() {
-                        return;
-                    }
-                    lane_opts.progress.message(&disk.name);
-                    let run = std::panic::AssertUnwindSafe(|| {
-                        restore_disk(store, id, disk, &**target, per_lane, lane_opts)
-                    });
-                    match std::panic::catch_unwind(run) {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            first.lock().get_or_insert(e);
-                            lane_opts.cancel.cancel();
-                            return;
-                        }
-                        Err(panic) => {
-                            *panicked.lock() = Some(panic);
-                            lane_opts.cancel.cancel();
-                            return;
-                        }
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            let _ = h.join();
-        }
-        finished.store(true, std::sync::atomic::Ordering::SeqCst);
-    });
-    if let Some(panic) = panicked.into_inner() {
-        std::panic::resume_unwind(panic);
-    }
-    opts.cancel.check()?;
-    match first.into_inner() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    let items: Vec<_> = disks.iter().zip(targets).collect();
+    let lane_cancel = lane_opts.cancel.clone();
+    crate::pipeline::lanes::run_lanes(
+        items,
+        lanes,
+        &opts.cancel,
+        &lane_cancel,
+        |(disk, target)| {
+            lane_opts.progress.message(&disk.name);
+            restore_disk(store, id, disk, &**target, per_lane, &lane_opts)
+        },
+    )?;
+    Ok(())
 }
 
 /// The disks named in `names`, in the snapshot's order; an unknown name is

@@ -623,107 +623,41 @@ fn run_parallel(
         journals: disk_journals,
         done,
     } = journals;
-    let queue: parking_lot::Mutex<std::collections::VecDeque<_>> = parking_lot::Mutex::new(
-        disks
-            .into_iter()
-            .zip(prefixes)
-            .zip(disk_journals.into_iter().zip(done))
-            .enumerate()
-            .collect(),
-    );
-    let results: parking_lot::Mutex<Vec<Option<Assembled>>> =
-        parking_lot::Mutex::new((0..n).map(|_| None).collect());
-    let first_error: parking_lot::Mutex<Option<Error>> = parking_lot::Mutex::new(None);
-    let panicked: parking_lot::Mutex<Option<Box<dyn std::any::Any + Send>>> =
-        parking_lot::Mutex::new(None);
-    let finished = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        let lane_opts = &lane_opts;
-        scope.spawn(|| {
-            while !finished.load(std::sync::atomic::Ordering::SeqCst) {
-                if opts.cancel.is_cancelled() {
-                    lane_opts.cancel.cancel();
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        });
-        let handles: Vec<_> = (0..lanes)
-            .map(|_| {
-                scope.spawn(|| loop {
-                    let Some((i, ((disk, prefix), (journal, done)))) = queue.lock().pop_front()
-                    else {
-                        return;
-                    };
-                    if lane_opts.cancel.is_cancelled() {
-                        return;
-                    }
-                    let journals = assembler::Journals {
-                        journals: vec![journal],
-                        done: vec![done],
-                    };
-                    let run = std::panic::AssertUnwindSafe(|| {
-                        run_pipeline(
-                            pool,
-                            index,
-                            excluded,
-                            guard,
-                            vec![disk],
-                            vec![prefix],
-                            journals,
-                            lane_opts,
-                            &claims,
-                        )
-                    });
-                    let outcome = match std::panic::catch_unwind(run) {
-                        Ok(outcome) => outcome,
-                        Err(panic) => {
-                            // The others stop; the panic goes on once they have.
-                            lane_opts.cancel.cancel();
-                            *panicked.lock() = Some(panic);
-                            return;
-                        }
-                    };
-                    match outcome {
-                        Ok(a) => results.lock()[i] = Some(a),
-                        Err(e) => {
-                            let mut first = first_error.lock();
-                            // The cause, not the sibling's "cancelled".
-                            if first.is_none() || matches!(*first, Some(Error::Cancelled)) {
-                                *first = Some(e);
-                            }
-                            lane_opts.cancel.cancel();
-                            return;
-                        }
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            if let Err(panic) = h.join() {
-                *panicked.lock() = Some(panic);
-            }
-        }
-        finished.store(true, std::sync::atomic::Ordering::SeqCst);
-    });
-    if let Some(panic) = panicked.into_inner() {
-        std::panic::resume_unwind(panic);
-    }
-    if opts.cancel.is_cancelled() {
-        return Err(Error::Cancelled);
-    }
-    if let Some(e) = first_error.into_inner() {
-        return Err(e);
-    }
+    let items: Vec<_> = disks
+        .into_iter()
+        .zip(prefixes)
+        .zip(disk_journals.into_iter().zip(done))
+        .collect();
+    let lane_cancel = lane_opts.cancel.clone();
+    let results = crate::pipeline::lanes::run_lanes(
+        items,
+        lanes,
+        &opts.cancel,
+        &lane_cancel,
+        |((disk, prefix), (journal, done))| {
+            let journals = assembler::Journals {
+                journals: vec![journal],
+                done: vec![done],
+            };
+            run_pipeline(
+                pool,
+                index,
+                excluded,
+                guard,
+                vec![disk],
+                vec![prefix],
+                journals,
+                &lane_opts,
+                &claims,
+            )
+        },
+    )?;
     let mut merged = Assembled {
         disks: Vec::with_capacity(n),
         stats: BackupStats::empty(),
         segment: crate::store::index::SegmentBuilder::new(),
     };
-    for a in results.into_inner() {
-        let Some(a) = a else {
-            return Err(Error::Internal("a disk of the backup was not read".into()));
-        };
+    for a in results {
         merged.disks.extend(a.disks);
         merged.stats.absorb(&a.stats);
         merged.segment.append(a.segment);
