@@ -74,6 +74,7 @@ mod damage;
 mod error;
 mod external_sort;
 mod failpoint;
+mod file_lock;
 mod gc;
 mod id;
 mod kind;

@@ -7,7 +7,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
@@ -66,28 +65,22 @@ impl ResourceLock {
         // this process is starting (fork copies the descriptor; exec closes
         // it): try for up to 200 ms before calling it busy.
         let mut tries = 0;
-        let rc = loop {
-            // SAFETY: flock on a descriptor this function owns; no memory passed.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            let busy = rc != 0
-                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK);
-            if !busy || tries == 10 {
-                break rc;
+        loop {
+            let taken = crate::file_lock::try_lock_exclusive(&file)
+                .map_err(|e| Error::io(path.display().to_string(), e))?;
+            if taken {
+                break;
+            }
+            if tries == 10 {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Err(Error::PoolBusy(format!(
+                    "{resource} is in use by another job ({}); one job at a time per resource",
+                    holder.trim()
+                )));
             }
             tries += 1;
             std::thread::sleep(std::time::Duration::from_millis(20));
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(Error::io(path.display().to_string(), err));
-            }
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            return Err(Error::PoolBusy(format!(
-                "{resource} is in use by another job ({}); one job at a time per resource",
-                holder.trim()
-            )));
         }
         let since = jiff::Timestamp::now();
         let me = format!("job {job}, {}, since {since}", crate::process::owner_tag());

@@ -179,14 +179,7 @@ impl Journal {
             .map_err(|e| io_err(&path, e))?;
         // One writer per journal; the kernel drops the lock with the
         // process, however it ends.
-        // SAFETY: flock on a descriptor this function owns.
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if rc != 0 {
+        if !crate::file_lock::try_lock_exclusive(&file).unwrap_or(false) {
             return Ok(None);
         }
         let mut bytes = Vec::new();
