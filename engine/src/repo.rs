@@ -287,20 +287,46 @@ impl Repository {
     /// fail to load are passed over (an older parent only makes CBT fall
     /// back, never wrong).
     pub fn latest_with_disk(&self, vm: &str, disk: &str) -> Result<Option<(SnapshotId, Snapshot)>> {
+        Ok(self.latest_with_disks(vm, &[disk])?.pop().flatten())
+    }
+
+    /// [`latest_with_disk`](Self::latest_with_disk) for each of `disks` of
+    /// one VM, in their order: one listing of the pool, and each manifest
+    /// read and decoded once however many of the disks it is the parent of
+    /// (usually all of them).
+    pub fn latest_with_disks(
+        &self,
+        vm: &str,
+        disks: &[&str],
+    ) -> Result<Vec<Option<(SnapshotId, Snapshot)>>> {
         let list = self.snapshots()?;
-        let newest = list
-            .snapshots
-            .iter()
-            .rev()
-            .filter(|s| s.vm == vm && s.disks.iter().any(|d| d.name == disk));
-        for info in newest {
-            match self.load_snapshot(&info.id) {
-                Ok(s) => return Ok(Some((info.id, s))),
-                Err(e) if e.is_damage() || e.is_not_found() => continue,
-                Err(e) => return Err(e),
+        let mut loaded: Vec<(SnapshotId, Snapshot)> = Vec::new();
+        let mut found = Vec::with_capacity(disks.len());
+        for disk in disks {
+            let newest = list
+                .snapshots
+                .iter()
+                .rev()
+                .filter(|s| s.vm == vm && s.disks.iter().any(|d| d.name == *disk));
+            let mut parent = None;
+            for info in newest {
+                if let Some((id, s)) = loaded.iter().find(|(id, _)| *id == info.id) {
+                    parent = Some((*id, s.clone()));
+                    break;
+                }
+                match self.load_snapshot(&info.id) {
+                    Ok(s) => {
+                        parent = Some((info.id, s.clone()));
+                        loaded.push((info.id, s));
+                        break;
+                    }
+                    Err(e) if e.is_damage() || e.is_not_found() => continue,
+                    Err(e) => return Err(e),
+                }
             }
+            found.push(parent);
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// The snapshot a selector names. `latest` considers the snapshots
@@ -537,6 +563,23 @@ impl Repository {
     /// a reuse of that snapshot's extents (nothing read), unless
     /// `opts.reuse_unchanged` is off or the chunking changed.
     fn mark_unchanged(&self, disks: &mut [BackupDisk], opts: &BackupOptions) -> Result<()> {
+        // The parents of the disks that could be unchanged, found together.
+        let candidates: Vec<&str> = disks
+            .iter()
+            .filter(|d| matches!(&d.input, DiskInput::Image(src) if src.identity_proves_content()))
+            .map(|d| d.name.as_str())
+            .collect();
+        let mut parents: Vec<(String, Option<(SnapshotId, Snapshot)>)> =
+            if opts.reuse_unchanged && !candidates.is_empty() {
+                let found = self.latest_with_disks(&opts.vm, &candidates)?;
+                candidates
+                    .iter()
+                    .map(|n| n.to_string())
+                    .zip(found)
+                    .collect()
+            } else {
+                Vec::new()
+            };
         for disk in disks.iter_mut() {
             let state = match &disk.input {
                 DiskInput::Image(src) if src.identity_proves_content() => src.identity(),
@@ -548,7 +591,11 @@ impl Repository {
             if !opts.reuse_unchanged {
                 continue;
             }
-            let Some((parent_id, parent)) = self.latest_with_disk(&opts.vm, &disk.name)? else {
+            let parent = parents
+                .iter_mut()
+                .find(|(name, _)| *name == disk.name)
+                .and_then(|(_, p)| p.take());
+            let Some((parent_id, parent)) = parent else {
                 continue;
             };
             let same = parent.chunking == opts.chunking

@@ -179,3 +179,64 @@ fn latest_follows_recorded_time_not_write_order() {
         .unwrap();
     assert_eq!(latest, ahead.max(twin));
 }
+
+/// The parents of several disks of one VM: one listing and each manifest
+/// read once, each disk given the newest snapshot that holds it.
+#[test]
+fn the_parents_of_a_vms_disks_are_found_with_one_read_per_manifest() {
+    let base: DynPool = Arc::new(MemoryPool::new());
+    let counted = Arc::new(WrappedPool(Counted {
+        inner: base.clone(),
+        manifest_reads: AtomicU64::new(0),
+        catalog_reads: AtomicU64::new(0),
+    }));
+    let pool: DynPool = counted.clone();
+    let repo = Repository::create(pool.clone()).unwrap();
+    let put_disks = |secs: u64, names: &[&str]| {
+        let disks = names
+            .iter()
+            .map(|n| {
+                let mut d = DiskManifest::new(*n);
+                d.push(65536, Some(ChunkId::of(format!("{n}{secs}").as_bytes())));
+                d
+            })
+            .collect();
+        let bytes = Snapshot {
+            time: UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs),
+            vm: "web".into(),
+            mode: SnapshotMode::Full,
+            parent: None,
+            id_scheme: IdScheme::Blake3,
+            chunking: ChunkingParams::default(),
+            compression: Compression::default(),
+            properties: BTreeMap::new(),
+            disks,
+        }
+        .encode();
+        let id = SnapshotId::of_manifest(&bytes);
+        base.write(FileKind::Snapshot, &id.to_hex(), &bytes)
+            .unwrap();
+        id
+    };
+    // vdc only in the oldest snapshot; vda and vdb in the newest.
+    let old = put_disks(1, &["vda", "vdc"]);
+    let _middle = put_disks(2, &["vda", "vdb"]);
+    let new = put_disks(3, &["vda", "vdb"]);
+    repo.snapshots().unwrap(); // the catalog
+    counted.0.manifest_reads.store(0, Ordering::SeqCst);
+    let found = repo
+        .latest_with_disks("web", &["vda", "vdb", "vdc", "vdz"])
+        .unwrap();
+    let ids: Vec<Option<SnapshotId>> = found
+        .iter()
+        .map(|p| p.as_ref().map(|(id, _)| *id))
+        .collect();
+    assert_eq!(ids, vec![Some(new), Some(new), Some(old), None]);
+    assert_eq!(found[1].as_ref().unwrap().1.disks[1].name, "vdb");
+    assert_eq!(
+        counted.0.manifest_reads.load(Ordering::SeqCst),
+        2,
+        "the newest manifest once for two disks, the oldest once"
+    );
+    assert_eq!(repo.latest_with_disks("other", &["vda"]).unwrap().len(), 1);
+}

@@ -649,11 +649,14 @@ impl<'a> JobRunner<'a> {
         if let Some(chain) = &job.cbt_chain {
             let pool_id = repo.config().pool_id.to_hex();
             let grid = chunking.max_chunk() as u64;
+            let devices: Vec<&str> = vm.disks.iter().map(|d| d.device.as_str()).collect();
+            let mut parents = match def.mode {
+                BackupMode::Full => Vec::new(),
+                BackupMode::Incremental => repo.latest_with_disks(&vm.name, &devices)?,
+            }
+            .into_iter();
             for d in &vm.disks {
-                let parent = match def.mode {
-                    BackupMode::Full => None,
-                    BackupMode::Incremental => repo.latest_with_disk(&vm.name, &d.device)?,
-                };
+                let parent = parents.next().flatten();
                 let request = CbtOpen::new(chain, &pool_id, parent.as_ref(), grid);
                 match snapshot.open_cbt(&d.device, &request)? {
                     Some(disk) => {
