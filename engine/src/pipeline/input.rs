@@ -403,6 +403,18 @@ mod tests {
         assert_eq!(image.size(), Some(5000));
         let stream = BackupDisk::stream("s", std::io::empty());
         assert_eq!(stream.size(), None);
+        // Debug names the kind of input and its source.
+        assert_eq!(format!("{:?}", image.input), "Image(memory:vda)");
+        assert_eq!(format!("{:?}", stream.input), "Stream");
+        let incremental = DiskInput::Incremental {
+            source: Box::new(crate::source::MemorySource::new("vdb", vec![0u8; 10])),
+            changed: ChangedBlocks::from_parts(
+                crate::store::manifest::DiskManifest::new("vdb"),
+                crate::chunker::ChunkingParams::default(),
+                Vec::new(),
+            ),
+        };
+        assert_eq!(format!("{incremental:?}"), "Incremental(memory:vdb)");
     }
 
     #[test]
