@@ -732,3 +732,55 @@ fn commit(
     stats.bytes_logical = snapshot.bytes_logical();
     Ok(stats)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunker::ChunkingParams;
+    use crate::id::IdScheme;
+    use crate::pipeline::input::ChangedBlocks;
+    use crate::source::MemorySource;
+    use crate::store::blob::Compression;
+    use crate::store::manifest::{DiskManifest, Snapshot};
+
+    /// A backup whose every disk is an unread, unchanged file is mode
+    /// `unchanged`; a CBT incremental with nothing dirty is not.
+    #[test]
+    fn only_unchanged_files_make_a_snapshot_unchanged() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+        let mut disk = DiskManifest::new("vda");
+        for c in data.chunks(65536) {
+            disk.push(65536, Some(ChunkId::of(c)));
+        }
+        let parent = Snapshot {
+            time: std::time::UNIX_EPOCH,
+            vm: "vm".into(),
+            mode: SnapshotMode::Full,
+            parent: None,
+            id_scheme: IdScheme::Blake3,
+            chunking: ChunkingParams::default(),
+            compression: Compression::default(),
+            properties: Default::default(),
+            disks: vec![disk],
+        };
+        let id = SnapshotId([9; 32]);
+        let input = |changed: ChangedBlocks| BackupDisk {
+            name: "vda".into(),
+            input: DiskInput::Incremental {
+                source: Box::new(MemorySource::new("vda", data.clone())),
+                changed,
+            },
+            properties: Default::default(),
+        };
+        let opts = BackupOptions::new("vm");
+        let unchanged = ChangedBlocks::unchanged_file(id, &parent, "vda").unwrap();
+        let p = plan(&[input(unchanged)], &opts).unwrap();
+        assert_eq!(p.mode, SnapshotMode::Unchanged);
+        assert_eq!(p.unchanged, vec!["vda".to_string()]);
+        assert_eq!(p.parent, Some(id));
+        let cbt = ChangedBlocks::new(id, &parent, "vda", Vec::new()).unwrap();
+        let p = plan(&[input(cbt)], &opts).unwrap();
+        assert_eq!(p.mode, SnapshotMode::Cbt);
+        assert!(p.unchanged.is_empty());
+    }
+}
