@@ -28,6 +28,10 @@ use crate::store::config::PoolConfig;
 use crate::store::format::{CONFIG_NAME, PROP_SOURCE_STATE};
 use crate::store::index::{rebuild, Index, RebuildReport};
 use crate::store::manifest::{list_snapshot_ids, read_manifest, read_snapshot, Snapshot};
+
+/// Manifests read once each, and per disk the place of its parent among
+/// them (see `Repository::parents_of`).
+type LoadedParents = (Vec<(SnapshotId, Snapshot)>, Vec<Option<usize>>);
 use crate::store::pool::DynPool;
 
 /// An open pool: its configuration, its (lazily loaded) index, and every
@@ -299,9 +303,20 @@ impl Repository {
         vm: &str,
         disks: &[&str],
     ) -> Result<Vec<Option<(SnapshotId, Snapshot)>>> {
+        let (loaded, parents) = self.parents_of(vm, disks)?;
+        Ok(parents
+            .into_iter()
+            .map(|p| p.map(|i| loaded[i].clone()))
+            .collect())
+    }
+
+    /// The manifests [`latest_with_disks`](Self::latest_with_disks) reads,
+    /// each once, and per disk the place of its parent among them: one
+    /// copy of each manifest, however many disks it is the parent of.
+    fn parents_of(&self, vm: &str, disks: &[&str]) -> Result<LoadedParents> {
         let list = self.snapshots()?;
         let mut loaded: Vec<(SnapshotId, Snapshot)> = Vec::new();
-        let mut found = Vec::with_capacity(disks.len());
+        let mut parents = Vec::with_capacity(disks.len());
         for disk in disks {
             let newest = list
                 .snapshots
@@ -310,23 +325,23 @@ impl Repository {
                 .filter(|s| s.vm == vm && s.disks.iter().any(|d| d.name == *disk));
             let mut parent = None;
             for info in newest {
-                if let Some((id, s)) = loaded.iter().find(|(id, _)| *id == info.id) {
-                    parent = Some((*id, s.clone()));
+                if let Some(i) = loaded.iter().position(|(id, _)| *id == info.id) {
+                    parent = Some(i);
                     break;
                 }
                 match self.load_snapshot(&info.id) {
                     Ok(s) => {
-                        parent = Some((info.id, s.clone()));
                         loaded.push((info.id, s));
+                        parent = Some(loaded.len() - 1);
                         break;
                     }
                     Err(e) if e.is_damage() || e.is_not_found() => continue,
                     Err(e) => return Err(e),
                 }
             }
-            found.push(parent);
+            parents.push(parent);
         }
-        Ok(found)
+        Ok((loaded, parents))
     }
 
     /// The snapshot a selector names. `latest` considers the snapshots
@@ -569,17 +584,17 @@ impl Repository {
             .filter(|d| matches!(&d.input, DiskInput::Image(src) if src.identity_proves_content()))
             .map(|d| d.name.as_str())
             .collect();
-        let mut parents: Vec<(String, Option<(SnapshotId, Snapshot)>)> =
-            if opts.reuse_unchanged && !candidates.is_empty() {
-                let found = self.latest_with_disks(&opts.vm, &candidates)?;
-                candidates
-                    .iter()
-                    .map(|n| n.to_string())
-                    .zip(found)
-                    .collect()
-            } else {
-                Vec::new()
-            };
+        let (loaded, parents) = if opts.reuse_unchanged && !candidates.is_empty() {
+            self.parents_of(&opts.vm, &candidates)?
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        // Per candidate disk, the place of its parent in `loaded`.
+        let parents: Vec<(String, Option<usize>)> = candidates
+            .iter()
+            .map(|n| n.to_string())
+            .zip(parents)
+            .collect();
         for disk in disks.iter_mut() {
             let state = match &disk.input {
                 DiskInput::Image(src) if src.identity_proves_content() => src.identity(),
@@ -592,10 +607,10 @@ impl Repository {
                 continue;
             }
             let parent = parents
-                .iter_mut()
+                .iter()
                 .find(|(name, _)| *name == disk.name)
-                .and_then(|(_, p)| p.take());
-            let Some((parent_id, parent)) = parent else {
+                .and_then(|(_, p)| *p);
+            let Some((parent_id, parent)) = parent.map(|i| (loaded[i].0, &loaded[i].1)) else {
                 continue;
             };
             let same = parent.chunking == opts.chunking
@@ -605,7 +620,7 @@ impl Repository {
             if !same {
                 continue;
             }
-            let changed = ChangedBlocks::unchanged_file(parent_id, &parent, &disk.name)?;
+            let changed = ChangedBlocks::unchanged_file(parent_id, parent, &disk.name)?;
             // Only what an incremental can splice (fixed chunking, the
             // parent's size); anything else is read as usual.
             let size = match &disk.input {

@@ -224,6 +224,7 @@ fn the_parents_of_a_vms_disks_are_found_with_one_read_per_manifest() {
     let new = put_disks(3, &["vda", "vdb"]);
     repo.snapshots().unwrap(); // the catalog
     counted.0.manifest_reads.store(0, Ordering::SeqCst);
+    counted.0.catalog_reads.store(0, Ordering::SeqCst);
     let found = repo
         .latest_with_disks("web", &["vda", "vdb", "vdc", "vdz"])
         .unwrap();
@@ -237,6 +238,11 @@ fn the_parents_of_a_vms_disks_are_found_with_one_read_per_manifest() {
         counted.0.manifest_reads.load(Ordering::SeqCst),
         2,
         "the newest manifest once for two disks, the oldest once"
+    );
+    assert_eq!(
+        counted.0.catalog_reads.load(Ordering::SeqCst),
+        1,
+        "one listing"
     );
     assert_eq!(repo.latest_with_disks("other", &["vda"]).unwrap().len(), 1);
 }

@@ -96,6 +96,15 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// Waits until `ready` (at most 10 s: a lane that never starts fails
+    /// the test's own assertions).
+    fn wait_for(ready: impl Fn() -> bool) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !ready() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn results_come_in_item_order_and_lanes_overlap() {
         let (running, peak) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -112,12 +121,8 @@ mod tests {
                     one_started.store(true, Ordering::SeqCst);
                 }
                 // Item 0 waits for item 1 (taken by another lane) to start.
-                let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                while i == 0
-                    && !one_started.load(Ordering::SeqCst)
-                    && std::time::Instant::now() < until
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                if i == 0 {
+                    wait_for(|| one_started.load(Ordering::SeqCst));
                 }
                 // Later items finish first.
                 std::thread::sleep(std::time::Duration::from_millis(12 - 2 * i));
@@ -143,9 +148,9 @@ mod tests {
             |i| {
                 started.fetch_add(1, Ordering::SeqCst);
                 if i == 0 {
-                    // A sibling that sees the cancel reports "cancelled"
-                    // after the cause.
-                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    // Fails once item 1 runs on the other lane, which then
+                    // sees the cancel and reports "cancelled" after the cause.
+                    wait_for(|| started.load(Ordering::SeqCst) >= 2);
                     return Err::<u32, _>(Error::InvalidArgument("disk 0 failed".into()));
                 }
                 while !lane_cancel.is_cancelled() {
@@ -186,6 +191,7 @@ mod tests {
     fn a_panic_reaches_the_caller_after_the_lanes_stop() {
         let lane_cancel = CancelToken::new();
         let other_stopped = AtomicBool::new(false);
+        let other_running = AtomicBool::new(false);
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_lanes(
                 (0..2u32).collect(),
@@ -194,9 +200,10 @@ mod tests {
                 &lane_cancel,
                 |i| {
                     if i == 0 {
-                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        wait_for(|| other_running.load(Ordering::SeqCst));
                         panic!("lane 0");
                     }
+                    other_running.store(true, Ordering::SeqCst);
                     while !lane_cancel.is_cancelled() {
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
