@@ -542,7 +542,7 @@ fn write_speed(dir: &Path) -> (u64, f64) {
 /// `--scale-gib` sizes (default 1, 4, 16 GiB), one run per phase, each
 /// restore checked bit-identical. Pools go to `--pool-dir`, restores to
 /// `--restore-dir` (default: the pool directory); a size whose pool or
-/// restore does not fit is reported as skipped. The write + fsync speed of
+/// restore does not fit is reported as skipped (a row of its own). The write + fsync speed of
 /// both directories is measured first: a phase writing there at close to
 /// it is bound by the disk, not by Cairn. CPU seconds per GiB are the
 /// steadier figure on a noisy machine.
@@ -579,28 +579,63 @@ fn scale(a: &Args, rows: &mut Vec<Row>) {
     for &gib in &a.scale_gib {
         let size = gib << 30;
         let img = a.dir.join(format!("mixed-{size}.img"));
+        let skipped = |rows: &mut Vec<Row>, why: String| {
+            eprintln!("{gib} GiB: skipped, {why}");
+            rows.push(Row {
+                phase: format!("{gib} GiB"),
+                bytes: 0,
+                wall: 0.0,
+                cpu: 0.0,
+                rss: 0.0,
+                note: format!("skipped: {why}"),
+            });
+        };
         if !img.exists() {
             if free_bytes(&a.dir) < size {
-                eprintln!(
-                    "{gib} GiB: skipped, {} has less than {gib} GiB free",
-                    a.dir.display()
+                skipped(
+                    rows,
+                    format!("{} has less than {gib} GiB free", a.dir.display()),
                 );
                 continue;
             }
+            // Generated under a temporary name: an interrupted run leaves
+            // no partial image to be taken for a whole one.
+            let partial = a.dir.join(format!("mixed-{size}.img.partial"));
             let (r, ()) = measure(&format!("generate {gib} GiB"), || {
-                generate_image(&img, size, 1).expect("generate");
+                generate_image(&partial, size, 1).expect("generate");
+                std::fs::rename(&partial, &img).expect("rename the image");
                 (size, (), String::new())
             });
             rows.push(r);
         }
-        // Stored: ≈ 45 % of the image; restored: its data, ≈ 80 %.
-        if free_bytes(&work) < size / 2 || free_bytes(&restore_dir) < size * 4 / 5 {
-            eprintln!(
-                "{gib} GiB: skipped, the pool needs {} GB free in {} and the restore {} GB in {}",
-                size / 2 / 1_000_000_000,
-                work.display(),
-                size * 4 / 5 / 1_000_000_000,
-                restore_dir.display()
+        // Stored: ≈ 45 % of the image; restored: its data, ≈ 80 %; both
+        // at once when they share a filesystem.
+        let (pool_need, restore_need) = (size / 2, size * 4 / 5);
+        let same_fs = {
+            use std::os::unix::fs::MetadataExt;
+            let dev = |d: &Path| std::fs::metadata(d).map(|m| m.dev()).ok();
+            dev(&work).is_some() && dev(&work) == dev(&restore_dir)
+        };
+        let fits = if same_fs {
+            free_bytes(&work) >= pool_need + restore_need
+        } else {
+            free_bytes(&work) >= pool_need && free_bytes(&restore_dir) >= restore_need
+        };
+        if !fits {
+            skipped(
+                rows,
+                format!(
+                    "the pool needs {} GB free in {} and the restore {} GB in {}{}",
+                    pool_need / 1_000_000_000,
+                    work.display(),
+                    restore_need / 1_000_000_000,
+                    restore_dir.display(),
+                    if same_fs {
+                        " (the same filesystem)"
+                    } else {
+                        ""
+                    }
+                ),
             );
             continue;
         }
