@@ -38,6 +38,20 @@ impl PoolWrapper for Counted {
     }
 }
 
+/// A repository on a memory pool whose reads are counted: the bare pool
+/// (to write without counting), the counter, the repository.
+fn counted_repo() -> (DynPool, Arc<WrappedPool<Counted>>, Repository) {
+    let base: DynPool = Arc::new(MemoryPool::new());
+    let counted = Arc::new(WrappedPool(Counted {
+        inner: base.clone(),
+        manifest_reads: AtomicU64::new(0),
+        catalog_reads: AtomicU64::new(0),
+    }));
+    let pool: DynPool = counted.clone();
+    let repo = Repository::create(pool).unwrap();
+    (base, counted, repo)
+}
+
 fn manifest(i: u64) -> Vec<u8> {
     let mut disk = DiskManifest::new("vda");
     disk.push(65536, Some(ChunkId::of(&i.to_le_bytes())));
@@ -68,14 +82,7 @@ fn put(pool: &DynPool, i: u64) -> SnapshotId {
 
 #[test]
 fn listing_ten_thousand_snapshots_reads_the_catalog_not_the_manifests() {
-    let base: DynPool = Arc::new(MemoryPool::new());
-    let counted = Arc::new(WrappedPool(Counted {
-        inner: base.clone(),
-        manifest_reads: AtomicU64::new(0),
-        catalog_reads: AtomicU64::new(0),
-    }));
-    let pool: DynPool = counted.clone();
-    let repo = Repository::create(pool.clone()).unwrap();
+    let (base, counted, repo) = counted_repo();
     let ids: Vec<SnapshotId> = (0..10_000).map(|i| put(&base, i)).collect();
     let reads = |c: &Counted| {
         (
@@ -184,14 +191,7 @@ fn latest_follows_recorded_time_not_write_order() {
 /// read once, each disk given the newest snapshot that holds it.
 #[test]
 fn the_parents_of_a_vms_disks_are_found_with_one_read_per_manifest() {
-    let base: DynPool = Arc::new(MemoryPool::new());
-    let counted = Arc::new(WrappedPool(Counted {
-        inner: base.clone(),
-        manifest_reads: AtomicU64::new(0),
-        catalog_reads: AtomicU64::new(0),
-    }));
-    let pool: DynPool = counted.clone();
-    let repo = Repository::create(pool.clone()).unwrap();
+    let (base, counted, repo) = counted_repo();
     let put_disks = |secs: u64, names: &[&str]| {
         let disks = names
             .iter()

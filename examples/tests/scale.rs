@@ -154,19 +154,22 @@ fn an_8_tib_sparse_disk_backs_up_restores_and_verifies_in_flat_memory() {
             .expect("qemu-io (run scripts/test.sh to install it)");
         assert!(out.status.success(), "qemu-io: {}", stderr(&out));
     };
+    let backup = || -> Value {
+        let (out, _) = measured(&[
+            "backup",
+            &pool,
+            "--vm",
+            "q",
+            "--qcow2",
+            &p(&q),
+            "--bitmap",
+            "b",
+            "--json",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
     writes(7, 0, "4M");
-    let (out, _) = measured(&[
-        "backup",
-        &pool,
-        "--vm",
-        "q",
-        "--qcow2",
-        &p(&q),
-        "--bitmap",
-        "b",
-        "--json",
-    ]);
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = backup();
     assert_eq!(v["mode"], "full", "{v}");
     assert_eq!(
         v["bytes_read"],
@@ -175,18 +178,7 @@ fn an_8_tib_sparse_disk_backs_up_restores_and_verifies_in_flat_memory() {
     );
     // 64 KiB at 1 GiB past each region: the incremental reads those alone.
     writes(9, 1 << 30, "64k");
-    let (out, _) = measured(&[
-        "backup",
-        &pool,
-        "--vm",
-        "q",
-        "--qcow2",
-        &p(&q),
-        "--bitmap",
-        "b",
-        "--json",
-    ]);
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = backup();
     assert_eq!(v["mode"], "cbt", "{v}");
     assert_eq!(
         v["bytes_read"],

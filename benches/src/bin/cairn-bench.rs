@@ -251,6 +251,24 @@ fn note(s: &BackupStats) -> String {
     )
 }
 
+/// Restores `snapshot` into `out` (overwriting), for [`measure`].
+fn restore_phase(
+    repo: &Repository,
+    snapshot: &cairn_engine::SnapshotId,
+    out: &Path,
+    a: &Args,
+) -> (u64, (), String) {
+    let opts = RestoreOptions::default()
+        .with_threads(NonZeroUsize::new(a.threads))
+        .with_overwrite(true);
+    let s = repo.restore_to_dir(snapshot, out, &opts).expect("restore");
+    (
+        s.bytes_logical,
+        (),
+        format!("wrote {:.0} MB of data", s.bytes_written as f64 / 1e6),
+    )
+}
+
 /// The generated image and its 2 % rewrite (made once, kept in `--dir`).
 fn images(a: &Args, rows: &mut Vec<Row>) -> (PathBuf, PathBuf, u64) {
     std::fs::create_dir_all(&a.dir).expect("bench dir");
@@ -468,17 +486,7 @@ fn pipeline(a: &Args, rows: &mut Vec<Row>) {
     let (r, _) = median(a.repeat, || {
         let _ = std::fs::remove_dir_all(&out);
         measure("restore (sparse file)", || {
-            let opts = RestoreOptions::default()
-                .with_threads(NonZeroUsize::new(a.threads))
-                .with_overwrite(true);
-            let s = repo
-                .restore_to_dir(&full.snapshot, &out, &opts)
-                .expect("restore");
-            (
-                s.bytes_logical,
-                (),
-                format!("wrote {:.0} MB of data", s.bytes_written as f64 / 1e6),
-            )
+            restore_phase(&repo, &full.snapshot, &out, a)
         })
     });
     rows.push(r);
@@ -656,17 +664,7 @@ fn scale(a: &Args, rows: &mut Vec<Row>) {
         let out = restore_dir.join("scale-restore");
         let _ = std::fs::remove_dir_all(&out);
         let (mut r, ()) = measure(&format!("restore {gib} GiB"), || {
-            let opts = RestoreOptions::default()
-                .with_threads(NonZeroUsize::new(a.threads))
-                .with_overwrite(true);
-            let s = repo
-                .restore_to_dir(&full.snapshot, &out, &opts)
-                .expect("restore");
-            (
-                s.bytes_logical,
-                (),
-                format!("wrote {:.0} MB of data", s.bytes_written as f64 / 1e6),
-            )
+            restore_phase(&repo, &full.snapshot, &out, a)
         });
         r.note = format!("{}; {}", r.note, per_gib(&r));
         rows.push(r);
