@@ -187,6 +187,14 @@ mod tests {
     }
 
     #[test]
+    fn a_bitmap_knows_its_size_and_granularity() {
+        let b = DirtyBitmap::new(10 << 20, 65536).unwrap();
+        assert_eq!((b.size(), b.granularity()), (10 << 20, 65536));
+        let again = DirtyBitmap::decode(&b.encode()).unwrap();
+        assert_eq!((again.size(), again.granularity()), (10 << 20, 65536));
+    }
+
+    #[test]
     fn set_test_extents_merge() {
         let mut b = DirtyBitmap::new(1_000_000, 65536).unwrap();
         b.set_range(100..200);
