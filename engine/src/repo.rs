@@ -29,10 +29,11 @@ use crate::store::format::{CONFIG_NAME, PROP_SOURCE_STATE};
 use crate::store::index::{rebuild, Index, RebuildReport};
 use crate::store::manifest::{list_snapshot_ids, read_manifest, read_snapshot, Snapshot};
 
+use crate::store::pool::DynPool;
+
 /// Manifests read once each, and per disk the place of its parent among
 /// them (see `Repository::parents_of`).
 type LoadedParents = (Vec<(SnapshotId, Snapshot)>, Vec<Option<usize>>);
-use crate::store::pool::DynPool;
 
 /// An open pool: its configuration, its (lazily loaded) index, and every
 /// job as a method.
@@ -589,27 +590,25 @@ impl Repository {
         } else {
             (Vec::new(), Vec::new())
         };
-        // Per candidate disk, the place of its parent in `loaded`.
-        let parents: Vec<(String, Option<usize>)> = candidates
-            .iter()
-            .map(|n| n.to_string())
-            .zip(parents)
-            .collect();
+        // The candidates' parents, in the disks' order.
+        let mut parents = parents.into_iter();
         for disk in disks.iter_mut() {
-            let state = match &disk.input {
-                DiskInput::Image(src) if src.identity_proves_content() => src.identity(),
-                _ => None,
+            let DiskInput::Image(src) = &disk.input else {
+                continue;
             };
-            let Some(state) = state else { continue };
+            if !src.identity_proves_content() {
+                continue;
+            }
+            // A candidate: its parent comes next, whatever is decided below.
+            let parent = parents.next().flatten();
+            let Some(state) = src.identity() else {
+                continue;
+            };
             disk.properties
                 .insert(PROP_SOURCE_STATE.to_string(), state.clone());
             if !opts.reuse_unchanged {
                 continue;
             }
-            let parent = parents
-                .iter()
-                .find(|(name, _)| *name == disk.name)
-                .and_then(|(_, p)| *p);
             let Some((parent_id, parent)) = parent.map(|i| (loaded[i].0, &loaded[i].1)) else {
                 continue;
             };

@@ -294,12 +294,11 @@ fn restore_parallel(
     let mut lane_opts = opts.clone();
     lane_opts.cancel = CancelToken::new();
     let items: Vec<_> = disks.iter().zip(targets).collect();
-    let lane_cancel = lane_opts.cancel.clone();
     crate::pipeline::lanes::run_lanes(
         items,
         lanes,
         &opts.cancel,
-        &lane_cancel,
+        &lane_opts.cancel,
         |(disk, target)| {
             lane_opts.progress.message(&disk.name);
             restore_disk(store, id, disk, &**target, per_lane, &lane_opts)

@@ -628,12 +628,11 @@ fn run_parallel(
         .zip(prefixes)
         .zip(disk_journals.into_iter().zip(done))
         .collect();
-    let lane_cancel = lane_opts.cancel.clone();
     let results = crate::pipeline::lanes::run_lanes(
         items,
         lanes,
         &opts.cancel,
-        &lane_cancel,
+        &lane_opts.cancel,
         |((disk, prefix), (journal, done))| {
             let journals = assembler::Journals {
                 journals: vec![journal],
