@@ -163,7 +163,7 @@ impl Fixture {
     }
 
     fn disk(&self, id: &SnapshotId) -> DiskManifest {
-        self.repo.load_snapshot(id).unwrap().disks[0].clone()
+        self.repo.load_snapshot_with_extents(id).unwrap().disks[0].clone()
     }
 }
 

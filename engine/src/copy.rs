@@ -42,7 +42,9 @@ use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{condemned_packs, delete_retrying, WriterLease};
 use crate::pipeline::backup::{DEFAULT_PACK_TARGET, SEGMENT_FLUSH_ENTRIES};
+use crate::pipeline::extents::visit_manifest_chunks;
 use crate::pipeline::failure::Failure;
+use crate::pipeline::restore::Store;
 use crate::pipeline::{read_pack_range, worker_threads};
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::repo::Repository;
@@ -380,7 +382,11 @@ fn copy_one(
     let mut orders: std::collections::HashMap<PackId, u64> = std::collections::HashMap::new();
     let mut failed: Option<Error> = None;
     let mut referenced = 0u64;
-    Snapshot::decode_visiting_chunks(manifest, &mut |c| {
+    let store = Store {
+        pool: &**source.pool(),
+        index: sindex,
+    };
+    visit_manifest_chunks(&store, id, manifest, &mut |c| {
         if failed.is_some() {
             return;
         }
@@ -422,8 +428,7 @@ fn copy_one(
                 })
             }
         }
-    })
-    .map_err(corrupt)?;
+    })?;
     if let Some(e) = failed {
         return Err(e);
     }

@@ -11,8 +11,9 @@ use std::collections::{BTreeSet, HashSet};
 use crate::error::Result;
 use crate::id::{PackId, SnapshotId};
 use crate::kind::FileKind;
+use crate::pipeline::extents::visit_snapshot_chunks;
+use crate::pipeline::restore::Store;
 use crate::repo::Repository;
-use crate::store::manifest::visit_snapshot_chunks;
 
 impl Repository {
     /// Snapshots marked damaged by a repair and not healed since.
@@ -58,7 +59,11 @@ impl Repository {
         let mut healed = Vec::new();
         for id in marks {
             let mut whole = true;
-            let visited = visit_snapshot_chunks(&**self.pool(), &id, &mut |c| {
+            let store = Store {
+                pool: &**self.pool(),
+                index: &index,
+            };
+            let visited = visit_snapshot_chunks(&store, &id, &mut |c| {
                 if whole {
                     whole = index
                         .lookup(&c.id)

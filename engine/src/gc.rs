@@ -34,11 +34,14 @@ use crate::failpoint;
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{delete_retrying, list_leases, SweepNotice, WriterLease, LEASE_RENEW_INTERVAL};
+use crate::pipeline::extents::visit_snapshot_chunks;
+use crate::pipeline::restore::Store;
 use crate::progress::CancelToken;
 use crate::repo::Repository;
 use crate::store::blob::{BlobCodec, Compression};
+use crate::store::index::Index;
 use crate::store::index::{write_sorted_segment, EntryRecord, Segment};
-use crate::store::manifest::{list_snapshot_ids, visit_snapshot_chunks};
+use crate::store::manifest::list_snapshot_ids;
 use crate::store::pack::{read_pack_table, PackWriter};
 use crate::store::pool::DynPool;
 
@@ -294,6 +297,7 @@ impl Record for CopyRecord {
 /// The ids go through an external sort: memory does not grow with them.
 fn mark(
     pool: &DynPool,
+    index: &Index,
     cancel: &CancelToken,
     scratch: &ScratchDir,
     seed: Option<&Sorted<ChunkId>>,
@@ -312,7 +316,11 @@ fn mark(
     for id in listed {
         cancel.check()?;
         let mut failed = None;
-        let visited = visit_snapshot_chunks(&**pool, &id, &mut |c| {
+        let store = Store {
+            pool: &**pool,
+            index,
+        };
+        let visited = visit_snapshot_chunks(&store, &id, &mut |c| {
             if failed.is_none() {
                 if let Err(e) = live.push(c.id) {
                     failed = Some(e);
@@ -512,7 +520,16 @@ impl Repository {
         // 1. Mark, and read every pack's table (segments listed first, so
         //    every pack a listed segment covers is in the pack listing).
         let mut known_snapshots = BTreeSet::new();
-        let (snapshots, live1) = mark(&pool, &opts.cancel, &scratch, None, &mut known_snapshots)?;
+        // Extent pages are found through the index (refreshed on a miss).
+        let index = self.fresh_index()?;
+        let (snapshots, live1) = mark(
+            &pool,
+            &index,
+            &opts.cancel,
+            &scratch,
+            None,
+            &mut known_snapshots,
+        )?;
         let old_segments = pool.list(FileKind::Index)?;
         let mut packs = Packs::new();
         let sizes: HashMap<String, u64> = match pool.list_sizes(FileKind::Pack)? {
@@ -627,6 +644,7 @@ impl Repository {
             condemned.retain(|p| packs.contains_key(p));
             let (_, live2) = mark(
                 &pool,
+                &index,
                 &opts.cancel,
                 &scratch,
                 Some(&live),

@@ -126,7 +126,7 @@ pub use source::{
 pub use store::blob::Compression;
 pub use store::config::PoolConfig;
 pub use store::index::RebuildReport;
-pub use store::manifest::{DiskManifest, Extent, Snapshot, SnapshotMode};
+pub use store::manifest::{DiskManifest, Extent, PageRef, Snapshot, SnapshotMode};
 pub use store::pool::{
     DynPool, ObjectWriter, Pool, PoolDelete, PoolList, PoolRead, PoolWrapper, PoolWrite,
     WrappedPool,
@@ -145,6 +145,7 @@ pub mod internals {
     pub use crate::store::catalog::{
         decode as decode_catalog, encode as encode_catalog, CatalogEntry,
     };
+    pub use crate::store::extent_page::{cut_pages, decode_page, PagePlace, SealedPage};
     pub use crate::store::index::{Index, Segment, SegmentBuilder};
     pub use crate::store::pack::{
         encode_table, pack_header, parse_pack, read_pack_table, PackEntry, PackWriter,

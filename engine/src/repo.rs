@@ -27,7 +27,9 @@ use crate::store::catalog;
 use crate::store::config::PoolConfig;
 use crate::store::format::{CONFIG_NAME, PROP_SOURCE_STATE};
 use crate::store::index::{rebuild, Index, RebuildReport};
-use crate::store::manifest::{list_snapshot_ids, read_manifest, read_snapshot, Snapshot};
+use crate::store::manifest::{
+    list_snapshot_ids, read_manifest, read_snapshot, DiskManifest, Extent, Snapshot,
+};
 
 use crate::store::pool::DynPool;
 
@@ -168,6 +170,49 @@ impl Repository {
             Error::NotFound { .. } => Error::SnapshotNotFound(id.to_hex()),
             e => e,
         })
+    }
+
+    /// Calls `f` with every extent of disk `disk` of snapshot `id` (loaded
+    /// as `snapshot`), in disk order. A version 2 manifest's extent pages
+    /// are read and verified one at a time, so memory does not grow with
+    /// the disk.
+    pub fn for_each_extent(
+        &self,
+        id: &SnapshotId,
+        snapshot: &Snapshot,
+        disk: &DiskManifest,
+        f: &mut dyn FnMut(Extent),
+    ) -> Result<()> {
+        let index = self.index()?;
+        let store = crate::pipeline::restore::Store {
+            pool: &*self.pool,
+            index: &index,
+        };
+        for e in
+            crate::pipeline::extents::DiskExtents::new(Some(&store), *id, snapshot.chunking, disk)
+        {
+            f(e?);
+        }
+        Ok(())
+    }
+
+    /// [`load_snapshot`](Self::load_snapshot) with every disk's extents in
+    /// `extents` (a version 2 manifest's pages read and expanded; `pages`
+    /// left empty). Holds every extent in memory: for inspection and
+    /// tests; the pipelines stream them instead.
+    pub fn load_snapshot_with_extents(&self, id: &SnapshotId) -> Result<Snapshot> {
+        let mut snapshot = self.load_snapshot(id)?;
+        for i in 0..snapshot.disks.len() {
+            if !snapshot.disks[i].is_paged() {
+                continue;
+            }
+            let mut extents = Vec::new();
+            self.for_each_extent(id, &snapshot, &snapshot.disks[i], &mut |e| extents.push(e))?;
+            let disk = &mut snapshot.disks[i];
+            disk.extents = extents;
+            disk.pages.clear();
+        }
+        Ok(snapshot)
     }
 
     /// Every snapshot, oldest first, without their extent lists; manifests
@@ -484,9 +529,10 @@ impl Repository {
         // was read, or a collection is about to delete their pack).
         for disk in &mut disks {
             if let DiskInput::Incremental { changed, .. } = &mut disk.input {
+                changed.attach_pages(self.pool.clone(), index.clone());
                 changed.reread_unless(|c| {
                     index.lookup(c).is_some_and(|l| !excluded.contains(&l.pack))
-                });
+                })?;
             }
         }
         crate::failpoint::pause("backup-after-index");

@@ -106,7 +106,7 @@ fn listing_ten_thousand_snapshots_reads_the_catalog_not_the_manifests() {
     let (id, s) = repo.latest_with_disk("vm-7", "vda").unwrap().unwrap();
     assert_eq!(id, ids[9907]);
     assert_eq!(
-        s.disks[0].extents.len(),
+        s.disks[0].extent_count(),
         2,
         "the parent comes with its extents"
     );

@@ -117,8 +117,8 @@ fn parallel_disks_write_the_sequential_snapshot_and_read_at_once() {
     }
     // vdc equals vda: its 32 chunks are not new.
     assert_eq!(par.chunks_new, par.chunks_total - 32, "{par:?}");
-    let s = seq_repo.load_snapshot(&seq.snapshot).unwrap();
-    let p = repo.load_snapshot(&par.snapshot).unwrap();
+    let s = seq_repo.load_snapshot_with_extents(&seq.snapshot).unwrap();
+    let p = repo.load_snapshot_with_extents(&par.snapshot).unwrap();
     assert_eq!(
         s.disks.iter().map(|d| &d.name).collect::<Vec<_>>(),
         ["vda", "vdb", "vdc", "vdd"]

@@ -122,7 +122,7 @@ fn restore_bytes(
     dir: &Path,
 ) -> BTreeMap<String, Vec<u8>> {
     restore_to_dir(repo, id, dir, &RestoreOptions::default(), &NoProgress).unwrap();
-    let snap = repo.load_snapshot(id).unwrap();
+    let snap = repo.load_snapshot_with_extents(id).unwrap();
     snap.disks
         .iter()
         .map(|d| (d.name.clone(), std::fs::read(dir.join(&d.name)).unwrap()))
@@ -184,7 +184,7 @@ fn round_trip_fixed_and_cdc_with_exact_dedup() {
         )
         .unwrap();
         assert!(report.is_ok(), "{:?}", report.damage);
-        assert_eq!(report.blobs_read, s1.chunks_new);
+        assert_eq!(report.blobs_read, s1.chunks_new + s1.pages_new);
     }
 }
 
@@ -200,8 +200,10 @@ fn zero_chunks_are_never_stored() {
     .unwrap();
     assert_eq!(s.chunks_new, 0);
     assert_eq!(s.chunks_total, 0);
-    assert_eq!(s.packs_written, 0);
-    let snap = repo.load_snapshot(&s.snapshot).unwrap();
+    // Only the disk's extent page (one zero run) is stored.
+    assert_eq!(s.pages_new, 1);
+    assert_eq!(s.packs_written, 1);
+    let snap = repo.load_snapshot_with_extents(&s.snapshot).unwrap();
     assert_eq!(snap.disks[0].extents.len(), 1);
     assert_eq!(snap.disks[0].extents[0].chunk, None);
 }
@@ -260,7 +262,7 @@ fn sparse_file_holes_are_skipped_and_restored_as_holes() {
         let mut opts = BackupOptions::new("vm");
         opts.reuse_unchanged = false;
         let s = backup(&repo, vec![disk], &opts, &NoProgress).unwrap();
-        let snap = repo.load_snapshot(&s.snapshot).unwrap();
+        let snap = repo.load_snapshot_with_extents(&s.snapshot).unwrap();
         ids.push((snap.disks[0].extents.clone(), s.bytes_read));
     }
     assert_eq!(ids[0], ids[1]);
@@ -361,7 +363,7 @@ fn interrupted_backup_keeps_earlier_snapshots_and_its_packs_are_reused() {
     // Exactly the chunks not yet stored are new: nothing the interrupted
     // run sealed is stored again.
     let needed: std::collections::HashSet<_> = repo
-        .load_snapshot(&s2.snapshot)
+        .load_snapshot_with_extents(&s2.snapshot)
         .unwrap()
         .disks
         .iter()
@@ -574,7 +576,7 @@ fn damaged_or_missing_manifest_is_reported() {
             }
         };
         pool.tamper(FileKind::Snapshot, &name, bad);
-        let err = repo.load_snapshot(&s.snapshot).unwrap_err();
+        let err = repo.load_snapshot_with_extents(&s.snapshot).unwrap_err();
         assert!(err.to_string().contains(&name), "{err}");
         let report = verify(&repo, &VerifyOptions::default(), &NoProgress).unwrap();
         assert_eq!(report.damage.len(), 1);
@@ -597,7 +599,10 @@ fn damaged_or_missing_manifest_is_reported() {
     .unwrap();
     pool.delete(FileKind::Snapshot, &s.snapshot.to_hex())
         .unwrap();
-    assert!(repo.load_snapshot(&s.snapshot).unwrap_err().is_not_found());
+    assert!(repo
+        .load_snapshot_with_extents(&s.snapshot)
+        .unwrap_err()
+        .is_not_found());
     assert!(matches!(
         resolve_snapshot(&repo, &s.snapshot.to_hex()[..8], None),
         Err(Error::SnapshotNotFound(_))
@@ -839,7 +844,7 @@ mod incremental {
         data: &[u8],
         bitmap: &DirtyBitmap,
     ) -> cairn_engine::Result<cairn_engine::BackupStats> {
-        let snap = repo.load_snapshot(&parent).unwrap();
+        let snap = repo.load_snapshot_with_extents(&parent).unwrap();
         let changed = ChangedBlocks::new(parent, &snap, "d", bitmap.dirty_extents())?;
         let opts = BackupOptions::new("vm");
         let disk = BackupDisk::new(
@@ -877,7 +882,7 @@ mod incremental {
             assert_eq!(s.bytes_dirty, cells.len() as u64 * 65536);
             assert!(s.bytes_read <= s.bytes_dirty, "{s:?}");
             assert!(s.bytes_read > 0);
-            let snap = repo.load_snapshot(&s.snapshot).unwrap();
+            let snap = repo.load_snapshot_with_extents(&s.snapshot).unwrap();
             assert_eq!(snap.parent, Some(parent));
             assert_eq!(snap.mode.as_str(), "cbt");
             points.push((s.snapshot, data.clone()));

@@ -76,6 +76,7 @@ pub struct CbtRun {
 }
 
 /// What happened, for printing.
+#[allow(clippy::large_enum_variant)] // one per run, moved once
 enum Ran {
     Done {
         stats: BackupStats,

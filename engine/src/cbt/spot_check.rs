@@ -25,33 +25,40 @@ pub fn spot_check(
         let i = dirty.partition_point(|r| r.end <= start);
         dirty.get(i).is_some_and(|r| r.start < end)
     };
-    // Clean candidates: chunk extents, and grid-sized pieces of zero runs.
-    let mut candidates: Vec<(u64, u64, Option<ChunkId>)> = Vec::new();
-    for e in &changed.parent_disk().extents {
-        match e.chunk {
-            Some(id) if !is_dirty(e.offset, e.end()) => {
-                candidates.push((e.offset, e.length, Some(id)))
-            }
-            Some(_) => {}
-            None => {
-                let mut at = e.offset;
-                while at < e.end() {
-                    let len = grid.min(e.end() - at);
-                    if !is_dirty(at, at + len) {
-                        candidates.push((at, len, None));
-                    }
-                    at += len;
-                }
+    // Clean candidates: chunk extents, and grid-sized pieces of zero runs,
+    // sampled as they stream past (reservoir sampling: each candidate is
+    // kept with equal chance, memory holds `samples` of them).
+    let mut rng = Sampler::from_os()?;
+    let n = samples as usize;
+    let mut chosen: Vec<(u64, u64, Option<ChunkId>)> = Vec::with_capacity(n.min(1 << 16));
+    let mut seen = 0u64;
+    let mut offer = |c: (u64, u64, Option<ChunkId>)| {
+        if chosen.len() < n {
+            chosen.push(c);
+        } else {
+            let j = rng.below(seen + 1);
+            if let Some(slot) = usize::try_from(j).ok().and_then(|j| chosen.get_mut(j)) {
+                *slot = c;
             }
         }
-    }
-    let mut rng = Sampler::from_os()?;
-    // Partial Fisher–Yates: the first `samples` candidates, in random order.
-    let n = (samples as usize).min(candidates.len());
-    for i in 0..n {
-        let j = i + rng.below((candidates.len() - i) as u64) as usize;
-        candidates.swap(i, j);
-    }
+        seen += 1;
+    };
+    changed.for_each_parent_extent(&mut |e| match e.chunk {
+        Some(id) if !is_dirty(e.offset, e.end()) => offer((e.offset, e.length, Some(id))),
+        Some(_) => {}
+        None => {
+            let mut at = e.offset;
+            while at < e.end() {
+                let len = grid.min(e.end() - at);
+                if !is_dirty(at, at + len) {
+                    offer((at, len, None));
+                }
+                at += len;
+            }
+        }
+    })?;
+    let candidates = chosen;
+    let n = candidates.len();
     let mut buf = Vec::new();
     for &(offset, len, id) in candidates.iter().take(n) {
         buf.resize(len as usize, 0);

@@ -174,6 +174,8 @@ pub struct CbtDisk {
     pub spot_check: u32,
     /// The disk's previous snapshot.
     pub parent: CbtParent,
+    /// Where a version 2 parent's extent pages are read (for the spot check).
+    pages: Option<crate::pipeline::input::PageStore>,
 }
 
 impl CbtDisk {
@@ -196,7 +198,18 @@ impl CbtDisk {
             properties: BTreeMap::new(),
             spot_check: 0,
             parent: CbtParent::Find,
+            pages: None,
         }
+    }
+
+    /// Reads the parent's extent pages (a spot check reads the parent's
+    /// extents) from `repo`, the pool the parent is in.
+    pub fn with_pages_from(mut self, repo: &crate::Repository) -> Result<Self> {
+        self.pages = Some(crate::pipeline::input::PageStore {
+            pool: repo.pool().clone(),
+            index: repo.index()?,
+        });
+        Ok(self)
     }
 
     /// Records `key = value` in the disk's manifest entry.
@@ -270,7 +283,10 @@ pub fn prepare_disk(
     };
     let mut decision = decide(&request, policy);
     let mut properties = disk.properties;
-    if let CbtDecision::Incremental { parent, changed } = &decision {
+    if let CbtDecision::Incremental { parent, changed } = &mut decision {
+        if let Some(pages) = disk.pages.clone() {
+            changed.attach_pages(pages.pool, pages.index);
+        }
         if disk.spot_check > 0 {
             let grid = chunking.max_chunk() as u64;
             match spot_check(&*disk.source, changed, grid, disk.spot_check)? {

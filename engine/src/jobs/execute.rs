@@ -660,8 +660,11 @@ impl<'a> JobRunner<'a> {
                 let request = CbtOpen::new(chain, &pool_id, parent.as_ref(), grid);
                 match snapshot.open_cbt(&d.device, &request)? {
                     Some(disk) => {
-                        cbt_disks
-                            .push(disk.with_parent(parent).with_spot_check(def.cbt.spot_check));
+                        cbt_disks.push(
+                            disk.with_parent(parent)
+                                .with_spot_check(def.cbt.spot_check)
+                                .with_pages_from(repo)?,
+                        );
                         plain.push(None);
                     }
                     None => plain.push(Some(BackupDisk::new(

@@ -6,13 +6,22 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::ops::Range;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId};
+use crate::pipeline::extents::read_page;
+use crate::pipeline::restore::Store;
 use crate::source::DiskSource;
+use crate::store::blob::{BlobCodec, Compression};
+use crate::store::extent_page::{decode_page, page_span, PagePlace};
 use crate::store::format::MAX_STRING;
-use crate::store::manifest::{DiskManifest, Snapshot};
+use crate::store::index::Index;
+use crate::store::manifest::{DiskManifest, Extent, Snapshot};
+use crate::store::pool::DynPool;
 
 /// What to read for one disk.
 #[non_exhaustive]
@@ -137,6 +146,45 @@ pub struct ChangedBlocks {
     /// Nothing changed because the source file is the one the parent read
     /// (its state recorded), not because a bitmap said so.
     unchanged_file: bool,
+    /// A version 2 parent's pages: where they start and how to read them.
+    paged: Box<PagedParent>,
+}
+
+/// A decoded page, by its index in the disk.
+type CachedPage = Option<(usize, Arc<Vec<Extent>>)>;
+
+/// How a version 2 parent's pages are found and read.
+#[derive(Debug, Default)]
+struct PagedParent {
+    /// Where each page starts.
+    starts: Vec<u64>,
+    /// The pool to read them from (attached by the repository).
+    store: Option<PageStore>,
+    /// The page read last, decoded (the reader walks the disk in order).
+    cache: Mutex<CachedPage>,
+}
+
+impl Clone for PagedParent {
+    fn clone(&self) -> Self {
+        PagedParent {
+            starts: self.starts.clone(),
+            store: self.store.clone(),
+            cache: Mutex::new(None),
+        }
+    }
+}
+
+/// Where a version 2 parent's extent pages are read from.
+#[derive(Clone)]
+pub(crate) struct PageStore {
+    pub(crate) pool: DynPool,
+    pub(crate) index: Arc<Index>,
+}
+
+impl std::fmt::Debug for PageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageStore({})", self.pool.location())
+    }
 }
 
 impl ChangedBlocks {
@@ -160,12 +208,127 @@ impl ChangedBlocks {
             })?;
         let mut dirty = dirty;
         dirty.sort_by_key(|r| r.start);
-        Ok(ChangedBlocks {
+        Ok(Self::with_parent(
             parent_id,
-            parent: copy.clone(),
-            parent_chunking: parent.chunking,
+            copy.clone(),
+            parent.chunking,
+            dirty,
+        ))
+    }
+
+    fn with_parent(
+        parent_id: SnapshotId,
+        parent: DiskManifest,
+        parent_chunking: ChunkingParams,
+        dirty: Vec<Range<u64>>,
+    ) -> Self {
+        let starts = parent
+            .pages
+            .iter()
+            .scan(0u64, |at, p| {
+                let start = *at;
+                *at += p.length;
+                Some(start)
+            })
+            .collect();
+        ChangedBlocks {
+            parent_id,
+            parent,
+            parent_chunking,
             dirty,
             unchanged_file: false,
+            paged: Box::new(PagedParent {
+                starts,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Where a version 2 parent's extent pages are read from.
+    pub(crate) fn attach_pages(&mut self, pool: DynPool, index: Arc<Index>) {
+        self.paged.store = Some(PageStore { pool, index });
+    }
+
+    /// Extents of page `p` of a version 2 parent, read and checked.
+    fn page_extents(&self, p: usize) -> Result<Arc<Vec<Extent>>> {
+        if let Some((cached, extents)) = &*self.paged.cache.lock() {
+            if *cached == p {
+                return Ok(extents.clone());
+            }
+        }
+        let (Some(page), Some(&start)) = (self.parent.pages.get(p), self.paged.starts.get(p))
+        else {
+            return Err(Error::Internal(format!("parent page {p} out of range")));
+        };
+        let what = || {
+            format!(
+                "extent page of snapshot {}, disk {:?} at offset {start}",
+                self.parent_id, self.parent.name
+            )
+        };
+        let Some(pages) = &self.paged.store else {
+            return Err(Error::Internal(format!(
+                "{}: the parent's pages are read without a pool",
+                what()
+            )));
+        };
+        let store = Store {
+            pool: &*pages.pool,
+            index: &pages.index,
+        };
+        let mut codec = BlobCodec::new(Compression::None);
+        let bytes = read_page(&store, &mut codec, page, &what)?;
+        let place = PagePlace {
+            start,
+            span: page_span(self.parent_chunking),
+            last: p + 1 == self.parent.pages.len(),
+            follows_zero: false,
+        };
+        let extents = Arc::new(
+            decode_page(&bytes, page, place)
+                .map_err(|e| Error::corrupt(format!("extent page {} ({})", page.id, what()), e))?,
+        );
+        *self.paged.cache.lock() = Some((p, extents.clone()));
+        Ok(extents)
+    }
+
+    /// Calls `f` with the parent's extents from the one holding `from` on,
+    /// in order, until it returns false.
+    fn walk_parent(&self, from: u64, f: &mut dyn FnMut(&Extent) -> Result<bool>) -> Result<()> {
+        if !self.parent.is_paged() {
+            let extents = &self.parent.extents;
+            let first = extents.partition_point(|e| e.end() <= from);
+            for e in extents.get(first..).unwrap_or_default() {
+                if !f(e)? {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        let mut p = self
+            .paged
+            .starts
+            .partition_point(|&s| s <= from)
+            .saturating_sub(1);
+        while p < self.parent.pages.len() {
+            let extents = self.page_extents(p)?;
+            let first = extents.partition_point(|e| e.end() <= from);
+            for e in extents.get(first..).unwrap_or_default() {
+                if !f(e)? {
+                    return Ok(());
+                }
+            }
+            p += 1;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every extent of the parent, in order (a version 2
+    /// parent's pages are read one at a time).
+    pub(crate) fn for_each_parent_extent(&self, f: &mut dyn FnMut(&Extent)) -> Result<()> {
+        self.walk_parent(0, &mut |e| {
+            f(e);
+            Ok(true)
         })
     }
 
@@ -193,13 +356,7 @@ impl ChangedBlocks {
         chunking: ChunkingParams,
         dirty: Vec<Range<u64>>,
     ) -> Self {
-        ChangedBlocks {
-            parent_id: SnapshotId([0; 32]),
-            parent,
-            parent_chunking: chunking,
-            dirty,
-            unchanged_file: false,
-        }
+        Self::with_parent(SnapshotId([0; 32]), parent, chunking, dirty)
     }
 
     /// The snapshot the incremental builds on.
@@ -220,18 +377,19 @@ impl ChangedBlocks {
     /// Marks every parent chunk extent whose chunk `reusable` rejects as
     /// dirty, so it is read again instead of reused (a garbage collection
     /// is about to delete the only pack holding it). Returns how many.
-    pub(crate) fn reread_unless(&mut self, reusable: impl Fn(&ChunkId) -> bool) -> usize {
-        let before = self.dirty.len();
-        for e in &self.parent.extents {
+    pub(crate) fn reread_unless(&mut self, reusable: impl Fn(&ChunkId) -> bool) -> Result<usize> {
+        let mut added = Vec::new();
+        self.for_each_parent_extent(&mut |e| {
             if e.chunk.is_some_and(|c| !reusable(&c)) {
-                self.dirty.push(e.offset..e.end());
+                added.push(e.offset..e.end());
             }
-        }
-        let added = self.dirty.len() - before;
-        if added > 0 {
+        })?;
+        let n = added.len();
+        if n > 0 {
+            self.dirty.extend(added);
             self.dirty.sort_by_key(|r| r.start);
         }
-        added
+        Ok(n)
     }
 
     /// Checks that the parent can be reused for a disk of `size` bytes cut
@@ -256,14 +414,10 @@ impl ChangedBlocks {
                 self.parent.size
             )));
         }
-        // Every chunk extent of the parent must sit on the grid.
+        // Every chunk extent of the parent must sit on the grid (a version
+        // 2 parent's extents are checked as they are reused).
         for e in &self.parent.extents {
-            if e.chunk.is_some() && (e.offset % grid as u64 != 0 || e.length > grid as u64) {
-                return Err(untrusted(format!(
-                    "the parent's extent at {} is not on the {grid}-byte grid",
-                    e.offset
-                )));
-            }
+            off_grid(e, grid).map_err(untrusted)?;
         }
         Ok(())
     }
@@ -271,12 +425,38 @@ impl ChangedBlocks {
     /// The parent's extents covering `range` (grid-aligned), as
     /// (length, chunk) pairs; zero runs are clipped to the range.
     pub fn reuse(&self, range: Range<u64>) -> Result<Vec<(u64, Option<ChunkId>)>> {
-        let extents = &self.parent.extents;
-        let first = extents.partition_point(|e| e.end() <= range.start);
         let mut out = Vec::new();
-        for e in extents.get(first..).unwrap_or_default() {
+        self.reuse_pieces(range, usize::MAX, &mut |piece| {
+            out.extend(piece);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Like [`reuse`](Self::reuse), handing the extents to `f` in pieces
+    /// of at most `max` (memory stays flat for a disk of any size). Returns
+    /// false when `f` did.
+    pub(crate) fn reuse_pieces(
+        &self,
+        range: Range<u64>,
+        max: usize,
+        f: &mut dyn FnMut(Vec<(u64, Option<ChunkId>)>) -> bool,
+    ) -> Result<bool> {
+        let grid = match self.parent_chunking {
+            ChunkingParams::Fixed { size } => size,
+            _ => 0,
+        };
+        let mut piece = Vec::new();
+        let mut running = true;
+        self.walk_parent(range.start, &mut |e| {
             if e.offset >= range.end {
-                break;
+                return Ok(false);
+            }
+            if grid > 0 && self.parent.is_paged() {
+                off_grid(e, grid).map_err(|reason| Error::CbtNotTrusted {
+                    disk: self.parent.name.clone(),
+                    reason,
+                })?;
             }
             let start = e.offset.max(range.start);
             let end = e.end().min(range.end);
@@ -286,10 +466,28 @@ impl ChangedBlocks {
                     e.offset
                 )));
             }
-            out.push((end - start, e.chunk));
+            piece.push((end - start, e.chunk));
+            if piece.len() >= max {
+                running = f(std::mem::take(&mut piece));
+            }
+            Ok(running)
+        })?;
+        if running && !piece.is_empty() {
+            running = f(piece);
         }
-        Ok(out)
+        Ok(running)
     }
+}
+
+/// Why a chunk extent of a parent is not on the `grid`, if it is not.
+fn off_grid(e: &Extent, grid: u32) -> std::result::Result<(), String> {
+    if e.chunk.is_some() && (e.offset % grid as u64 != 0 || e.length > grid as u64) {
+        return Err(format!(
+            "the parent's extent at {} is not on the {grid}-byte grid",
+            e.offset
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a disk name: non-empty, no path separators, no `.`/`..`, no NUL.
@@ -386,12 +584,12 @@ mod tests {
         );
         let b = ChunkId::of(b"b");
         let a = ChunkId::of(b"a");
-        assert_eq!(cb.reread_unless(|c| *c != b && *c != a), 2);
+        assert_eq!(cb.reread_unless(|c| *c != b && *c != a).unwrap(), 2);
         assert_eq!(
             cb.dirty(),
             &[0..K64, 3 * K64..4 * K64, 4 * K64..4 * K64 + 1000]
         );
-        assert_eq!(cb.reread_unless(|_| true), 0);
+        assert_eq!(cb.reread_unless(|_| true).unwrap(), 0);
     }
 
     #[test]

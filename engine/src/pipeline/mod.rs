@@ -7,6 +7,7 @@
 //! arrives as [`ChangedBlocks`](input::ChangedBlocks) in a disk's input.
 
 pub(crate) mod backup;
+pub(crate) mod extents;
 pub(crate) mod failure;
 pub(crate) mod input;
 pub(crate) mod lanes;

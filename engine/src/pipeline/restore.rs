@@ -15,12 +15,14 @@ use std::collections::HashMap;
 
 use crossbeam_channel::bounded;
 
+use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
 use crate::external_sort::{
     sort_budget, ExternalSorter, FieldReader, FieldWriter, Record, ScratchDir, Sorted,
 };
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
+use crate::pipeline::extents::DiskExtents;
 use crate::pipeline::failure::Failure;
 use crate::pipeline::input::validate_disk_name;
 use crate::pipeline::{read_pack_range, worker_threads};
@@ -170,7 +172,11 @@ pub(crate) struct Store<'a> {
 impl Store<'_> {
     /// Where chunk `id` lives; on a miss the index is refreshed once (another
     /// writer may have stored it since this handle loaded its index).
-    fn locate(&self, id: &ChunkId, refreshed: &mut bool) -> Result<Option<BlobLocation>> {
+    pub(crate) fn locate(
+        &self,
+        id: &ChunkId,
+        refreshed: &mut bool,
+    ) -> Result<Option<BlobLocation>> {
         if let Some(loc) = self.index.lookup(id) {
             return Ok(Some(loc));
         }
@@ -245,23 +251,39 @@ pub(crate) fn run(
     if sequential_media(store, &disks)? {
         // Tape: every chunk of every disk sorted by where it lies, so each
         // cartridge is passed once.
-        restore_in_medium_order(store, id, &disks, &targets, threads, opts)?;
+        restore_in_medium_order(
+            store,
+            id,
+            snapshot.chunking,
+            &disks,
+            &targets,
+            threads,
+            opts,
+        )?;
         for disk in &disks {
             stats.bytes_written += disk.data_bytes();
-            stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+            stats.chunks += disk.chunk_count();
         }
     } else if opts.parallel_disks > 1 && disks.len() > 1 {
-        restore_parallel(store, id, &disks, &targets, threads, opts)?;
+        restore_parallel(
+            store,
+            id,
+            snapshot.chunking,
+            &disks,
+            &targets,
+            threads,
+            opts,
+        )?;
         for disk in &disks {
             stats.bytes_written += disk.data_bytes();
-            stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+            stats.chunks += disk.chunk_count();
         }
     } else {
         for (disk, target) in disks.iter().zip(&targets) {
             progress.message(&disk.name);
-            restore_disk(store, id, disk, &**target, threads, opts)?;
+            restore_disk(store, id, snapshot.chunking, disk, &**target, threads, opts)?;
             stats.bytes_written += disk.data_bytes();
-            stats.chunks += disk.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+            stats.chunks += disk.chunk_count();
             crate::failpoint::pause("restore-after-disk");
         }
     }
@@ -282,6 +304,7 @@ pub(crate) fn run(
 fn restore_parallel(
     store: &Store<'_>,
     id: &SnapshotId,
+    chunking: ChunkingParams,
     disks: &[&DiskManifest],
     targets: &[Box<dyn DiskTarget>],
     threads: usize,
@@ -301,7 +324,7 @@ fn restore_parallel(
         &lane_opts.cancel,
         |(disk, target)| {
             lane_opts.progress.message(&disk.name);
-            restore_disk(store, id, disk, &**target, per_lane, &lane_opts)
+            restore_disk(store, id, chunking, disk, &**target, per_lane, &lane_opts)
         },
     )?;
     Ok(())
@@ -336,7 +359,7 @@ fn select_disks<'a>(
 
 /// Decodes the blob of chunk `id` (at `offset` in `pack`), appends the
 /// verified plaintext to `out`, and names the chunk and pack on failure.
-fn decode_chunk(
+pub(crate) fn decode_chunk(
     codec: &mut BlobCodec,
     blob: &[u8],
     id: &ChunkId,
@@ -444,6 +467,7 @@ fn read_run(
 fn restore_disk(
     store: &Store<'_>,
     snapshot: &SnapshotId,
+    chunking: ChunkingParams,
     disk: &DiskManifest,
     target: &dyn DiskTarget,
     threads: usize,
@@ -499,7 +523,7 @@ fn restore_disk(
                 }
             });
         }
-        if let Err(e) = send_runs(store, snapshot, disk, &run_tx, &first, opts) {
+        if let Err(e) = send_runs(store, snapshot, chunking, disk, &run_tx, &first, opts) {
             first.set(e);
         }
         drop(run_tx);
@@ -518,6 +542,7 @@ fn restore_disk(
 fn send_runs(
     store: &Store<'_>,
     snapshot: &SnapshotId,
+    chunking: ChunkingParams,
     disk: &DiskManifest,
     run_tx: &crossbeam_channel::Sender<Run>,
     first: &Failure,
@@ -526,7 +551,8 @@ fn send_runs(
     let mut current: Option<Run> = None;
     let send = |run: Option<Run>| -> bool { run.is_none_or(|r| run_tx.send(r).is_ok()) };
     let mut refreshed = false;
-    for e in &disk.extents {
+    for e in DiskExtents::new(Some(store), *snapshot, chunking, disk) {
+        let e = e?;
         if first.check(&opts.cancel) {
             return Ok(());
         }
@@ -579,10 +605,13 @@ fn send_runs(
 /// Whether the pool wants reads in medium order (tape): asked about the
 /// pack of the first chunk the disks need.
 fn sequential_media(store: &Store<'_>, disks: &[&DiskManifest]) -> Result<bool> {
-    let first = disks
-        .iter()
-        .flat_map(|d| d.extents.iter())
-        .find_map(|e| e.chunk);
+    // A version 2 disk's first page is a chunk in a pack as well.
+    let first = disks.iter().find_map(|d| {
+        d.pages
+            .first()
+            .map(|p| p.id)
+            .or_else(|| d.extents.iter().find_map(|e| e.chunk))
+    });
     let Some(first) = first else {
         return Ok(false);
     };
@@ -658,6 +687,7 @@ struct PlacedRun {
 fn restore_in_medium_order(
     store: &Store<'_>,
     snapshot: &SnapshotId,
+    chunking: ChunkingParams,
     disks: &[&DiskManifest],
     targets: &[Box<dyn DiskTarget>],
     threads: usize,
@@ -669,7 +699,8 @@ fn restore_in_medium_order(
     let mut refreshed = false;
     for (d, disk) in disks.iter().enumerate() {
         opts.progress.message(&disk.name);
-        for e in &disk.extents {
+        for e in DiskExtents::new(Some(store), *snapshot, chunking, disk) {
+            let e = e?;
             opts.cancel.check()?;
             let Some(id) = e.chunk else {
                 opts.progress.advance(e.length);

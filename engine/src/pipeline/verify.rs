@@ -18,12 +18,14 @@ use crate::external_sort::{
 };
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
+use crate::pipeline::extents::visit_snapshot_chunks;
+use crate::pipeline::restore::Store;
 use crate::pipeline::worker_threads;
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::store::blob::{BlobCodec, Compression};
 use crate::store::format::PACK_HEADER_LEN;
 use crate::store::index::Index;
-use crate::store::manifest::{list_snapshot_ids, visit_snapshot_chunks};
+use crate::store::manifest::list_snapshot_ids;
 use crate::store::pack::{check_pack_header, read_pack_table, PackEntry};
 use crate::store::pool::Pool;
 
@@ -300,6 +302,7 @@ impl Record for Reference {
 /// grow with the pool).
 fn collect_references(
     pool: &dyn Pool,
+    index: &Index,
     scratch: &ScratchDir,
     report: &mut VerifyReport,
     cancel: &CancelToken,
@@ -310,7 +313,7 @@ fn collect_references(
     for id in &ids {
         cancel.check()?;
         let mut failed = None;
-        let visited = visit_snapshot_chunks(pool, id, &mut |c| {
+        let visited = visit_snapshot_chunks(&Store { pool, index }, id, &mut |c| {
             if failed.is_none() {
                 if let Err(e) = chunks.push(c.id) {
                     failed = Some(e);
@@ -422,6 +425,7 @@ const MAX_RANGES_PER_FINDING: usize = 1024;
 /// verify (a snapshot must not go unnamed).
 fn attribute_damage(
     pool: &dyn Pool,
+    index: &Index,
     report: &mut VerifyReport,
     cancel: &CancelToken,
 ) -> Result<()> {
@@ -439,7 +443,7 @@ fn attribute_damage(
         cancel.check()?;
         // Per finding: its ranges in this snapshot.
         let mut hits: HashMap<usize, Vec<DamagedRange>> = HashMap::new();
-        let visited = visit_snapshot_chunks(pool, &id, &mut |c| {
+        let visited = visit_snapshot_chunks(&Store { pool, index }, &id, &mut |c| {
             let Some(findings) = by_chunk.get(&c.id) else {
                 return;
             };
@@ -476,7 +480,8 @@ fn attribute_damage(
                         detail: e.to_string(),
                     });
                 }
-                continue;
+                // A version 2 manifest names the damaged chunks met before
+                // its unreadable page (the page itself among them).
             }
             Err(e) => return Err(e),
         }
@@ -503,7 +508,7 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
     // Manifests first, then the index and the packs: a backup writes its
     // packs, then its segment, then its manifest, so everything a manifest
     // listed here names is already in what is listed after it.
-    let chunks = collect_references(pool, &scratch, &mut report, &opts.cancel)?;
+    let chunks = collect_references(pool, index, &scratch, &mut report, &opts.cancel)?;
     index.refresh(pool)?;
     let listed: HashSet<PackId> = pool
         .list(FileKind::Pack)?
@@ -574,7 +579,7 @@ pub(crate) fn run(pool: &dyn Pool, index: &Index, opts: &VerifyOptions) -> Resul
     report.blobs_read = blobs;
     report.bytes_read = bytes;
     report.damage.extend(checker.found.into_inner());
-    attribute_damage(pool, &mut report, &opts.cancel)?;
+    attribute_damage(pool, index, &mut report, &opts.cancel)?;
     report.damage.sort_by_key(|d| (d.kind, d.pack, d.chunk));
     Ok(report)
 }

@@ -85,6 +85,21 @@ pub const COMPRESSION_ZSTD: u8 = 1;
 pub const EXTENT_ZERO: u8 = 0;
 /// Manifest extent tag: one chunk.
 pub const EXTENT_CHUNK: u8 = 1;
+/// First 8 bytes of a version 2 manifest (extent lists in pages).
+pub const MANIFEST_MAGIC_V2: [u8; 8] = *b"CAIRNSN2";
+/// Manifest layout version 2, stored after the magic.
+pub const MANIFEST_VERSION_V2: u16 = 2;
+/// Encoded length of a page reference in a version 2 manifest.
+pub const PAGE_REF_LEN: usize = 56;
+
+// ---- extent pages -----------------------------------------------------------
+
+/// First 8 bytes of an extent page's plaintext (a page is stored as a chunk).
+pub const EXTENT_PAGE_MAGIC_V1: [u8; 8] = *b"CAIRNEP1";
+/// Most extents one page holds.
+pub const PAGE_MAX_EXTENTS: u32 = 65_536;
+/// A page's span is this many times the chunking's smallest chunk.
+pub const PAGE_SPAN_CHUNKS: u64 = 16_384;
 
 // ---- dirty bitmaps ----------------------------------------------------------
 

@@ -19,7 +19,18 @@
 //! checksum     BLAKE3 of everything above [32]
 //! ```
 //! Extent offsets are implicit: extents are contiguous from offset 0 and must
-//! sum to the disk's size. The snapshot id is the BLAKE3 hash of the whole
+//! sum to the disk's size.
+//!
+//! **Version 2** (magic `CAIRNSN2`, version 2) keeps the header and
+//! properties and replaces each disk's extent list by references to extent
+//! pages (see `extent_page`), each stored as a chunk:
+//! ```text
+//!   disk       name str | logical size u64 | properties | u32 page count | page*
+//!   page       chunk id [32] | covered length u64 | u32 extent count | u32 chunk count | u64 data bytes
+//! ```
+//! Pages tile the disk in order (their lengths sum to its size). A backup
+//! writes version 2; every reader accepts both. A version 2 manifest has at
+//! least one page (one without any would be the same snapshot as version 1). The snapshot id is the BLAKE3 hash of the whole
 //! encoded manifest, so the name of a manifest checks its content too.
 //! A manifest is written last: a snapshot exists only once its manifest does.
 
@@ -33,8 +44,9 @@ use crate::kind::FileKind;
 use crate::store::blob::Compression;
 use crate::store::format::{
     CHUNKING_FASTCDC, CHUNKING_FIXED, COMPRESSION_NONE, COMPRESSION_ZSTD, EXTENT_CHUNK,
-    EXTENT_ZERO, MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1, MAX_CHUNK_SIZE, MAX_STRING, MODE_CBT,
-    MODE_FULL, MODE_UNCHANGED,
+    EXTENT_ZERO, MANIFEST_MAGIC_V1, MANIFEST_MAGIC_V2, MANIFEST_VERSION_V1, MANIFEST_VERSION_V2,
+    MAX_CHUNK_SIZE, MAX_STRING, MODE_CBT, MODE_FULL, MODE_UNCHANGED, PAGE_MAX_EXTENTS,
+    PAGE_REF_LEN,
 };
 use crate::store::pool::{PoolList, PoolRead};
 use crate::store::wire::{split_checksummed, DecodeError, Decoder, Encoder};
@@ -100,6 +112,23 @@ impl Extent {
     }
 }
 
+/// A version 2 manifest's reference to one extent page (a chunk), with
+/// the counts that let listings, stats and restore planning work without
+/// reading it. Checked against the page on every read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRef {
+    /// The page's chunk id (BLAKE3 of its plaintext).
+    pub id: ChunkId,
+    /// Bytes of the disk its extents cover.
+    pub length: u64,
+    /// Extents it holds.
+    pub extents: u32,
+    /// Of those, chunk extents.
+    pub chunks: u32,
+    /// Bytes its chunk extents cover.
+    pub data_bytes: u64,
+}
+
 /// One disk of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DiskManifest {
@@ -109,8 +138,11 @@ pub struct DiskManifest {
     pub size: u64,
     /// Free-form facts about the disk (source format, bitmap consumed, …).
     pub properties: BTreeMap<String, String>,
-    /// Extents tiling the disk from offset 0, in order.
+    /// Version 1: extents tiling the disk from offset 0, in order. Empty
+    /// when the extents are in `pages` (read them with `DiskExtents`).
     pub extents: Vec<Extent>,
+    /// Version 2: the extent pages tiling the disk, in order.
+    pub pages: Vec<PageRef>,
 }
 
 impl DiskManifest {
@@ -146,11 +178,29 @@ impl DiskManifest {
 
     /// Bytes held in chunks (not zero runs).
     pub fn data_bytes(&self) -> u64 {
-        self.extents
+        let listed: u64 = self
+            .extents
             .iter()
             .filter(|e| e.chunk.is_some())
             .map(|e| e.length)
-            .sum()
+            .sum();
+        listed + self.pages.iter().map(|p| p.data_bytes).sum::<u64>()
+    }
+
+    /// Chunk references (zero runs excluded), with repetitions.
+    pub fn chunk_count(&self) -> u64 {
+        let listed = self.extents.iter().filter(|e| e.chunk.is_some()).count() as u64;
+        listed + self.pages.iter().map(|p| u64::from(p.chunks)).sum::<u64>()
+    }
+
+    /// Extents, counting those in pages.
+    pub fn extent_count(&self) -> u64 {
+        self.extents.len() as u64 + self.pages.iter().map(|p| u64::from(p.extents)).sum::<u64>()
+    }
+
+    /// Whether the extents are in pages (version 2).
+    pub fn is_paged(&self) -> bool {
+        !self.pages.is_empty()
     }
 }
 
@@ -183,11 +233,17 @@ impl Snapshot {
         self.disks.iter().map(|d| d.size).sum()
     }
 
-    /// Every chunk reference, with repetitions.
+    /// Every chunk reference of the version 1 extent lists, with
+    /// repetitions (not the chunks inside pages).
     pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
         self.disks
             .iter()
             .flat_map(|d| d.extents.iter().filter_map(|e| e.chunk))
+    }
+
+    /// Whether the manifest is version 2 (some disk's extents are in pages).
+    pub fn is_paged(&self) -> bool {
+        self.disks.iter().any(DiskManifest::is_paged)
     }
 
     /// Checks what encoding cannot represent.
@@ -200,9 +256,20 @@ impl Snapshot {
         if !props_ok(&self.properties) {
             return Err("property longer than 4096 bytes".into());
         }
+        let paged = self.is_paged();
         for d in &self.disks {
             if long(&d.name) || !props_ok(&d.properties) {
                 return Err(format!("disk {:?}: name or property too long", d.name));
+            }
+            if paged && !d.extents.is_empty() {
+                return Err(format!(
+                    "disk {:?}: extents listed in a manifest whose extents are in pages",
+                    d.name
+                ));
+            }
+            let covered = d.pages.iter().fold(0u64, |a, p| a.saturating_add(p.length));
+            if d.is_paged() && covered != d.size {
+                return Err(format!("disk {:?}: pages do not cover its size", d.name));
             }
         }
         Ok(())
@@ -210,9 +277,15 @@ impl Snapshot {
 
     /// Encodes the manifest (header, body, checksum).
     pub fn encode(&self) -> Vec<u8> {
+        let paged = self.is_paged();
         let mut out = Vec::new();
-        out.extend_from_slice(&MANIFEST_MAGIC_V1);
-        out.put_u16(MANIFEST_VERSION_V1);
+        if paged {
+            out.extend_from_slice(&MANIFEST_MAGIC_V2);
+            out.put_u16(MANIFEST_VERSION_V2);
+        } else {
+            out.extend_from_slice(&MANIFEST_MAGIC_V1);
+            out.put_u16(MANIFEST_VERSION_V1);
+        }
         out.put_u16(0);
         out.put_u32(0);
         let since = self.time.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -258,6 +331,17 @@ impl Snapshot {
             out.put_str(&d.name);
             out.put_u64(d.size);
             put_properties(&mut out, &d.properties);
+            if paged {
+                out.put_u32(d.pages.len() as u32);
+                for p in &d.pages {
+                    out.extend_from_slice(p.id.as_bytes());
+                    out.put_u64(p.length);
+                    out.put_u32(p.extents);
+                    out.put_u32(p.chunks);
+                    out.put_u64(p.data_bytes);
+                }
+                continue;
+            }
             out.put_u64(d.extents.len() as u64);
             for e in &d.extents {
                 match e.chunk {
@@ -320,12 +404,13 @@ fn decode(
     keep_extents: bool,
     on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
 ) -> Result<Snapshot, DecodeError> {
-    if data.len() >= 8 && data[..8] != MANIFEST_MAGIC_V1 {
+    let paged = data.len() >= 8 && data[..8] == MANIFEST_MAGIC_V2;
+    if data.len() >= 8 && data[..8] != MANIFEST_MAGIC_V1 && !paged {
         return Err(DecodeError::BadMagic);
     }
     let body = split_checksummed(data)?;
     let mut d = Decoder::new(body);
-    let mut snapshot = decode_header(&mut d)?;
+    let mut snapshot = decode_header(&mut d, paged)?;
     let disk_count = d.u32()? as usize;
     // Each disk takes at least 24 bytes: bound allocations by the input.
     if disk_count > d.remaining() / 24 {
@@ -335,17 +420,29 @@ fn decode(
     }
     snapshot.disks.reserve(disk_count);
     for _ in 0..disk_count {
-        snapshot
-            .disks
-            .push(decode_disk(&mut d, keep_extents, on_chunk)?);
+        let disk = if paged {
+            decode_paged_disk(&mut d)?
+        } else {
+            decode_disk(&mut d, keep_extents, on_chunk)?
+        };
+        snapshot.disks.push(disk);
     }
     d.expect_end()?;
+    if paged && !snapshot.is_paged() {
+        return Err(DecodeError::Invalid(
+            "a version 2 manifest without any extent page (it is written as version 1)".into(),
+        ));
+    }
     Ok(snapshot)
 }
 
 /// Everything before the disks.
-fn decode_header(d: &mut Decoder<'_>) -> Result<Snapshot, DecodeError> {
-    d.magic_version(&MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1)?;
+fn decode_header(d: &mut Decoder<'_>, paged: bool) -> Result<Snapshot, DecodeError> {
+    if paged {
+        d.magic_version(&MANIFEST_MAGIC_V2, MANIFEST_VERSION_V2)?;
+    } else {
+        d.magic_version(&MANIFEST_MAGIC_V1, MANIFEST_VERSION_V1)?;
+    }
     d.zero_u16("reserved header u16")?;
     d.zero_u32("reserved header u32")?;
     let secs = d.i64()?;
@@ -480,6 +577,63 @@ fn decode_disk(
         size,
         properties,
         extents,
+        pages: Vec::new(),
+    })
+}
+
+/// One disk of a version 2 manifest: name, size, properties, page
+/// references (each checked for counts that can be true; that they tile
+/// the disk).
+fn decode_paged_disk(d: &mut Decoder<'_>) -> Result<DiskManifest, DecodeError> {
+    let name = d.string(MAX_STRING)?;
+    let size = d.u64()?;
+    let properties = get_properties(d)?;
+    let count = d.u32()? as usize;
+    if count > d.remaining() / PAGE_REF_LEN {
+        return Err(DecodeError::Invalid(format!(
+            "disk {name:?}: {count} pages cannot fit"
+        )));
+    }
+    let mut pages = Vec::with_capacity(count);
+    let mut offset = 0u64;
+    for _ in 0..count {
+        let page = PageRef {
+            id: ChunkId(d.array()?),
+            length: d.u64()?,
+            extents: d.u32()?,
+            chunks: d.u32()?,
+            data_bytes: d.u64()?,
+        };
+        let possible = page.length > 0
+            && (1..=PAGE_MAX_EXTENTS).contains(&page.extents)
+            && page.chunks <= page.extents
+            && u64::from(page.extents - page.chunks) <= u64::from(page.chunks) + 1
+            && page.data_bytes <= page.length
+            && page.data_bytes >= u64::from(page.chunks)
+            && page.data_bytes <= u64::from(page.chunks) * MAX_CHUNK_SIZE as u64;
+        if !possible {
+            return Err(DecodeError::Invalid(format!(
+                "disk {name:?}: page at {offset} claims {} bytes in {} extents, {} chunks \
+                 holding {} bytes",
+                page.length, page.extents, page.chunks, page.data_bytes
+            )));
+        }
+        offset = offset
+            .checked_add(page.length)
+            .ok_or_else(|| DecodeError::Invalid(format!("disk {name:?}: pages overflow")))?;
+        pages.push(page);
+    }
+    if offset != size {
+        return Err(DecodeError::Invalid(format!(
+            "disk {name:?}: pages cover {offset} bytes, size is {size}"
+        )));
+    }
+    Ok(DiskManifest {
+        name,
+        size,
+        properties,
+        extents: Vec::new(),
+        pages,
     })
 }
 
@@ -512,21 +666,6 @@ pub(crate) fn read_manifest<P: PoolRead + ?Sized>(
         ));
     }
     Ok(bytes)
-}
-
-/// Reads and checks (content hash = name) one manifest, and calls
-/// `on_chunk` with every chunk extent it holds, without building its extent
-/// lists. The manifest is validated whole first, so `on_chunk` is called
-/// only for a manifest that decodes (and then for all its chunks).
-pub(crate) fn visit_snapshot_chunks<P: PoolRead + ?Sized>(
-    pool: &P,
-    id: &SnapshotId,
-    on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
-) -> EngineResult<Snapshot> {
-    let bytes = read_manifest(pool, id)?;
-    let corrupt = |e| Error::corrupt(format!("snapshot manifest {id}"), e);
-    Snapshot::decode_without_extents(&bytes).map_err(corrupt)?;
-    Snapshot::decode_visiting_chunks(&bytes, on_chunk).map_err(corrupt)
 }
 
 /// Reads, checks (content hash = name) and decodes one manifest.
@@ -785,6 +924,129 @@ mod tests {
     #[test]
     fn every_flipped_byte_and_truncation_is_detected() {
         let bytes = sample().encode();
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x80;
+            assert!(Snapshot::decode(&bad).is_err(), "flip at {i}");
+        }
+        for n in 0..bytes.len() {
+            assert!(Snapshot::decode(&bytes[..n]).is_err(), "length {n}");
+        }
+    }
+
+    /// The sample's disk in pages (the default chunking's span holds it
+    /// in one), plus a second, empty disk (no pages).
+    fn sample_v2() -> Snapshot {
+        let mut s = sample();
+        let d = &mut s.disks[0];
+        let pages = crate::store::extent_page::cut_pages(
+            d.extents.iter().map(|e| (e.length, e.chunk)),
+            crate::store::extent_page::page_span(s.chunking),
+        );
+        d.extents.clear();
+        d.pages = pages.iter().map(|p| p.reference).collect();
+        s.disks.push(DiskManifest::new("empty"));
+        s
+    }
+
+    #[test]
+    fn version_2_round_trip_and_layout() {
+        let s = sample_v2();
+        let bytes = s.encode();
+        assert_eq!(&bytes[..16], b"CAIRNSN2\x02\x00\x00\x00\x00\x00\x00\x00");
+        assert_eq!(Snapshot::decode(&bytes).unwrap(), s);
+        assert_eq!(Snapshot::decode(&bytes).unwrap().encode(), bytes);
+        // The disks, pinned by hand: after the header and properties.
+        let p = s.disks[0].pages[0];
+        let mut disks = Vec::new();
+        disks.extend_from_slice(&2u32.to_le_bytes());
+        disks.extend_from_slice(&7u32.to_le_bytes());
+        disks.extend_from_slice(b"vda.img");
+        disks.extend_from_slice(&(65536u64 + 196608 + 100).to_le_bytes());
+        disks.extend_from_slice(&1u32.to_le_bytes());
+        disks.extend_from_slice(&6u32.to_le_bytes());
+        disks.extend_from_slice(b"source");
+        disks.extend_from_slice(&3u32.to_le_bytes());
+        disks.extend_from_slice(b"raw");
+        disks.extend_from_slice(&1u32.to_le_bytes());
+        disks.extend_from_slice(p.id.as_bytes());
+        disks.extend_from_slice(&(65536u64 + 196608 + 100).to_le_bytes());
+        disks.extend_from_slice(&3u32.to_le_bytes());
+        disks.extend_from_slice(&2u32.to_le_bytes());
+        disks.extend_from_slice(&65636u64.to_le_bytes());
+        disks.extend_from_slice(&5u32.to_le_bytes());
+        disks.extend_from_slice(b"empty");
+        disks.extend_from_slice(&0u64.to_le_bytes());
+        disks.extend_from_slice(&0u32.to_le_bytes());
+        disks.extend_from_slice(&0u32.to_le_bytes());
+        let body = &bytes[..bytes.len() - 32];
+        assert!(body.ends_with(&disks), "disk layout changed");
+        assert_eq!(
+            &bytes[bytes.len() - 32..],
+            blake3::hash(body).as_bytes(),
+            "checksum"
+        );
+        assert_eq!(s.disks[0].data_bytes(), 65636);
+        assert_eq!(s.disks[0].chunk_count(), 2);
+        assert_eq!(s.disks[0].extent_count(), 3);
+    }
+
+    #[test]
+    fn version_2_refuses_what_cannot_be_true() {
+        let good = sample_v2();
+        let refused = |f: &dyn Fn(&mut Snapshot)| {
+            let mut s = good.clone();
+            f(&mut s);
+            Snapshot::decode(&s.encode()).is_err()
+        };
+        assert!(
+            refused(&|s| s.disks[0].pages[0].length += 1),
+            "pages must tile"
+        );
+        assert!(refused(&|s| s.disks[0].size += 1), "size");
+        assert!(refused(&|s| s.disks[0].pages[0].extents = 0));
+        assert!(refused(
+            &|s| s.disks[0].pages[0].extents = PAGE_MAX_EXTENTS + 1
+        ));
+        assert!(
+            refused(&|s| s.disks[0].pages[0].chunks = 4),
+            "more chunks than extents"
+        );
+        assert!(
+            refused(&|s| s.disks[0].pages[0].extents = 3 + 3),
+            "zero runs not merged"
+        );
+        assert!(
+            refused(&|s| s.disks[0].pages[0].data_bytes = 1),
+            "fewer bytes than chunks"
+        );
+        assert!(refused(&|s| s.disks[0].pages[0].data_bytes = 1 << 40));
+        // A version 2 manifest without a page is version 1's snapshot.
+        let mut v1 = sample();
+        v1.disks[0] = DiskManifest::new("vda.img");
+        let mut bytes = v1.encode();
+        bytes[..8].copy_from_slice(b"CAIRNSN2");
+        bytes[8] = 2;
+        // (v1 writes a u64 extent count where v2 has a u32 page count:
+        // re-encode the body by hand as version 2.)
+        let n = bytes.len();
+        bytes.truncate(n - 32);
+        let n = bytes.len();
+        bytes.truncate(n - 8);
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        let sum = blake3::hash(&bytes);
+        bytes.extend_from_slice(sum.as_bytes());
+        let err = Snapshot::decode(&bytes).unwrap_err();
+        assert!(err.to_string().contains("without any extent page"), "{err}");
+        // Mixing listed extents with pages is not encodable.
+        let mut mixed = good.clone();
+        mixed.disks[1].push(4096, None);
+        assert!(mixed.validate().is_err());
+    }
+
+    #[test]
+    fn version_2_flipped_bytes_and_truncations_are_detected() {
+        let bytes = sample_v2().encode();
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x80;

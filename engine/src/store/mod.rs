@@ -6,6 +6,7 @@
 pub(crate) mod blob;
 pub(crate) mod catalog;
 pub(crate) mod config;
+pub(crate) mod extent_page;
 pub mod format;
 pub(crate) mod index;
 pub(crate) mod manifest;

@@ -1,10 +1,10 @@
 //! The assembler (the caller's thread): takes processed batches back in
 //! order, appends new blobs to the open pack, hands full packs to a sealer
 //! thread (table, fsync, commit) so chunking goes on while a pack is made
-//! durable, flushes index segments as they grow, and builds the manifest's
-//! extent lists.
+//! durable, flushes index segments as they grow, and cuts the disks'
+//! extent lists into extent pages, stored as chunks beside the data.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
@@ -15,6 +15,8 @@ use super::{BackupOptions, BackupStats, Buffers, Done, DoneBody};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 use crate::pipeline::failure::Failure;
+use crate::store::blob::BlobCodec;
+use crate::store::extent_page::{PageBuilder, SealedPage};
 use crate::store::index::{Index, SegmentBuilder};
 use crate::store::manifest::DiskManifest;
 use crate::store::pack::{PackEntry, PackWriter};
@@ -24,6 +26,8 @@ use crate::store::pool::Pool;
 pub(super) struct Context<'a> {
     pub(super) pool: &'a dyn Pool,
     pub(super) index: &'a Index,
+    /// Packs a garbage collection is about to delete (not reused).
+    pub(super) excluded: &'a HashSet<PackId>,
     /// Called before each index segment is written (see `backup::run`).
     pub(super) guard: &'a (dyn Fn() -> Result<()> + Sync),
     pub(super) claims: &'a Claims,
@@ -76,6 +80,12 @@ struct State<'a> {
     watermarks: std::collections::VecDeque<(usize, u64)>,
     /// Bytes of extents pushed since the last journal append.
     unjournaled: u64,
+    /// Per disk: cuts its extents into pages.
+    pages: Vec<Option<PageBuilder>>,
+    /// Per disk with a journal: the extents not yet journaled.
+    recent: Vec<DiskManifest>,
+    /// Compresses pages.
+    codec: BlobCodec,
 }
 
 /// Consumes every processed batch, in order, and returns the assembled
@@ -113,10 +123,18 @@ pub(super) fn assemble(
         journals,
         watermarks: std::collections::VecDeque::new(),
         unjournaled: 0,
+        pages: meta
+            .iter()
+            .map(|_| Some(PageBuilder::new(ctx.opts.chunking)))
+            .collect(),
+        recent: meta.iter().map(|_| DiskManifest::default()).collect(),
+        codec: BlobCodec::new(ctx.opts.compression),
     };
     let outcome = std::thread::scope(|scope| {
         scope.spawn(move || seal_packs(seal_rx, sealed_tx));
-        let result = state.take_batches(done_rx);
+        let result = state
+            .take_batches(done_rx)
+            .and_then(|()| state.close_pages());
         state.finish(result)
     });
     outcome?;
@@ -190,7 +208,7 @@ impl State<'_> {
         match done.body {
             DoneBody::Reuse(extents) => {
                 for (len, id) in extents {
-                    self.push_extent(disk, len, id);
+                    self.push_extent(disk, len, id)?;
                     progress.advance(len);
                 }
             }
@@ -207,11 +225,11 @@ impl State<'_> {
                 }
                 self.out.stats.bytes_read += bytes_read;
                 for (id, raw_len, range) in new_blobs {
-                    self.add_blob(id, raw_len, &buffers.output[range])?;
+                    self.add_blob(id, raw_len, &buffers.output[range], true)?;
                 }
                 let mut advanced = 0;
                 for (len, id) in chunks {
-                    self.push_extent(disk, len as u64, id);
+                    self.push_extent(disk, len as u64, id)?;
                     advanced += len as u64;
                 }
                 progress.advance(advanced);
@@ -246,12 +264,15 @@ impl State<'_> {
             };
             let target = if d < disk { manifest.size } else { offset };
             let mut at = self.journals.done[d];
-            let mut i = manifest
+            let Some(recent) = self.recent.get_mut(d) else {
+                continue;
+            };
+            let mut i = recent
                 .extents
                 .partition_point(|e| e.offset + e.length <= at);
             let mut out: Vec<Extent> = Vec::new();
             while at < target {
-                let Some(e) = manifest.extents.get(i) else {
+                let Some(e) = recent.extents.get(i) else {
                     break;
                 };
                 let end = e.offset + e.length;
@@ -267,6 +288,11 @@ impl State<'_> {
                     i += 1;
                 }
             }
+            // Keep only what is not journaled yet.
+            let whole = recent
+                .extents
+                .partition_point(|e| e.offset + e.length <= at);
+            recent.extents.drain(..whole);
             self.journals.done[d] = at;
             if journal.append(&out).is_err() {
                 self.journals.journals[d] = None;
@@ -274,18 +300,73 @@ impl State<'_> {
         }
     }
 
-    fn push_extent(&mut self, disk: usize, len: u64, id: Option<ChunkId>) {
+    fn push_extent(&mut self, disk: usize, len: u64, id: Option<ChunkId>) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut sealed = Vec::new();
+        if let Some(Some(pages)) = self.pages.get_mut(disk) {
+            pages.push(len, id, &mut sealed);
+        }
         if let Some(d) = self.out.disks.get_mut(disk) {
-            d.push(len, id);
+            d.size += len;
+        }
+        if matches!(self.journals.journals.get(disk), Some(Some(_))) {
+            if let Some(r) = self.recent.get_mut(disk) {
+                r.push(len, id);
+            }
         }
         self.unjournaled += len;
         if id.is_some() {
             self.out.stats.chunks_total += 1;
         }
+        for page in sealed {
+            self.store_page(disk, page)?;
+        }
+        Ok(())
     }
 
-    /// Appends a new blob to the open pack, sealing it when full.
-    fn add_blob(&mut self, id: ChunkId, raw_len: u32, blob: &[u8]) -> Result<()> {
+    /// Closes every disk's last page (all batches are in).
+    fn close_pages(&mut self) -> Result<()> {
+        for disk in 0..self.pages.len() {
+            let mut sealed = Vec::new();
+            if let Some(pages) = self.pages.get_mut(disk).and_then(Option::take) {
+                pages.finish(&mut sealed);
+            }
+            for page in sealed {
+                self.store_page(disk, page)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a sealed page in its disk's manifest and stores it as a
+    /// chunk unless the pool (or this backup) already holds it.
+    fn store_page(&mut self, disk: usize, page: SealedPage) -> Result<()> {
+        let SealedPage { bytes, reference } = page;
+        if let Some(d) = self.out.disks.get_mut(disk) {
+            d.pages.push(reference);
+        }
+        let id = reference.id;
+        let stored = self
+            .ctx
+            .index
+            .lookup(&id)
+            .is_some_and(|loc| !self.ctx.excluded.contains(&loc.pack));
+        if stored || !self.ctx.claims.claim(&id) {
+            return Ok(());
+        }
+        let mut blob = Vec::with_capacity(bytes.len() / 2 + 64);
+        self.codec
+            .encode_into(&bytes, &mut blob)
+            .map_err(|e| Error::Internal(format!("compressing extent page {id}: {e}")))?;
+        self.out.stats.pages_new += 1;
+        self.add_blob(id, bytes.len() as u32, &blob, false)
+    }
+
+    /// Appends a new blob to the open pack, sealing it when full. `data`:
+    /// a chunk of disk data (counted as such), not an extent page.
+    fn add_blob(&mut self, id: ChunkId, raw_len: u32, blob: &[u8], data: bool) -> Result<()> {
         let writer = match &mut self.pack {
             Some(p) => p,
             None => self.pack.insert(PackWriter::create(self.ctx.pool)?),
@@ -296,8 +377,10 @@ impl State<'_> {
             self.pack = None;
             return Err(e);
         }
-        self.out.stats.chunks_new += 1;
-        self.out.stats.bytes_new_raw += raw_len as u64;
+        if data {
+            self.out.stats.chunks_new += 1;
+            self.out.stats.bytes_new_raw += raw_len as u64;
+        }
         let opts = self.ctx.opts;
         if writer.raw_bytes() >= opts.pack_max_input || writer.stored_bytes() >= opts.pack_target {
             if let Some(p) = self.pack.take() {

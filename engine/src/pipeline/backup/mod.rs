@@ -231,6 +231,9 @@ pub struct BackupStats {
     pub bytes_new_raw: u64,
     /// Packs sealed by this backup.
     pub packs_written: u64,
+    /// Extent pages stored by this backup (chunks holding the manifest's
+    /// extent lists; not counted in `chunks_new`).
+    pub pages_new: u64,
     /// Bytes of the disks taken from resume journals instead of being read
     /// (an interrupted backup of the same sources continued).
     pub bytes_resumed: u64,
@@ -255,6 +258,7 @@ impl BackupStats {
         self.chunks_new += other.chunks_new;
         self.bytes_new_raw += other.bytes_new_raw;
         self.packs_written += other.packs_written;
+        self.pages_new += other.pages_new;
         self.bytes_resumed += other.bytes_resumed;
     }
 
@@ -271,6 +275,7 @@ impl BackupStats {
             bytes_resumed: 0,
             bytes_new_raw: 0,
             packs_written: 0,
+            pages_new: 0,
             seconds: 0.0,
             cbt_fallback: BTreeMap::new(),
             unchanged: Vec::new(),
@@ -574,6 +579,7 @@ fn run_pipeline(
         let ctx = assembler::Context {
             pool,
             index,
+            excluded,
             guard,
             claims,
             failure: &failure,

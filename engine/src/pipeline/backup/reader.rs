@@ -141,13 +141,12 @@ fn read_image(
         if feed.failure.check(feed.cancel) {
             return Ok(false);
         }
-        let pieces = match changed {
-            None => vec![vec![(range.end - range.start, None)]],
-            Some(c) => c.reuse(range)?.chunks(1 << 16).map(<[_]>::to_vec).collect(),
-        };
-        Ok(pieces
-            .into_iter()
-            .all(|piece| feed.send(BatchBody::Reuse(piece))))
+        match changed {
+            None => Ok(feed.send(BatchBody::Reuse(vec![(range.end - range.start, None)]))),
+            Some(c) => c.reuse_pieces(range, 1 << 16, &mut |piece| {
+                feed.send(BatchBody::Reuse(piece))
+            }),
+        }
     };
     let size = src.size();
     let extents = match changed {

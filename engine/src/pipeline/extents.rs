@@ -1,0 +1,213 @@
+//! One reader of a disk's extents for every consumer (restore, verify, GC,
+//! copy, CBT): [`DiskExtents`] yields a disk's extents in order from either
+//! manifest version — a version 1 manifest's decoded list, or a version 2
+//! manifest's extent pages, read, verified against their chunk ids and
+//! decoded one at a time, so no consumer holds a disk's whole extent list.
+
+use crate::chunker::ChunkingParams;
+use crate::error::{Error, Result};
+use crate::id::SnapshotId;
+use crate::pipeline::read_pack_range;
+use crate::pipeline::restore::{decode_chunk, Store};
+use crate::store::blob::{BlobCodec, Compression};
+use crate::store::extent_page::{decode_page, page_span, PagePlace};
+use crate::store::manifest::{read_manifest, ChunkExtent, DiskManifest, Extent, PageRef, Snapshot};
+
+/// Reads one extent page's plaintext, verified against its chunk id.
+/// `needed_by` names the snapshot and disk for errors.
+pub(crate) fn read_page(
+    store: &Store<'_>,
+    codec: &mut BlobCodec,
+    page: &PageRef,
+    needed_by: &dyn Fn() -> String,
+) -> Result<Vec<u8>> {
+    let mut refreshed = false;
+    let loc = store
+        .locate(&page.id, &mut refreshed)?
+        .ok_or_else(|| Error::ChunkMissing {
+            chunk: page.id,
+            needed_by: needed_by(),
+        })?;
+    let blob = read_pack_range(
+        store.pool,
+        loc.pack,
+        (loc.offset, u64::from(loc.length)),
+        Some(page.id),
+        needed_by,
+    )?;
+    let mut out = Vec::new();
+    decode_chunk(codec, &blob, &page.id, loc.pack, loc.offset, &mut out)?;
+    Ok(out)
+}
+
+/// A disk's extents in disk order, each `Ok(extent)` or, once, the error
+/// that stopped the walk (a page missing, damaged or cut against the rule).
+pub(crate) struct DiskExtents<'a> {
+    store: Option<&'a Store<'a>>,
+    snapshot: SnapshotId,
+    disk: &'a DiskManifest,
+    span: u64,
+    /// Version 1: the next extent's index.
+    next_listed: usize,
+    /// Version 2: the next page's index and where it starts.
+    next_page: usize,
+    page_start: u64,
+    /// The extents of the page being walked.
+    current: std::vec::IntoIter<Extent>,
+    follows_zero: bool,
+    codec: BlobCodec,
+    failed: bool,
+}
+
+impl<'a> DiskExtents<'a> {
+    /// The extents of `disk` of snapshot `snapshot` (chunked with
+    /// `chunking`); pages are read through `store`. A version 2 disk with
+    /// no store fails on its first page.
+    pub(crate) fn new(
+        store: Option<&'a Store<'a>>,
+        snapshot: SnapshotId,
+        chunking: ChunkingParams,
+        disk: &'a DiskManifest,
+    ) -> Self {
+        DiskExtents {
+            store,
+            snapshot,
+            disk,
+            span: page_span(chunking),
+            next_listed: 0,
+            next_page: 0,
+            page_start: 0,
+            current: Vec::new().into_iter(),
+            follows_zero: false,
+            codec: BlobCodec::new(Compression::None),
+            failed: false,
+        }
+    }
+
+    fn needed_by(&self, at: u64) -> String {
+        format!(
+            "extent page of snapshot {}, disk {:?} at offset {at}",
+            self.snapshot, self.disk.name
+        )
+    }
+
+    /// Reads the next page into `current`; `None` at the disk's end.
+    fn load_page(&mut self) -> Option<Result<()>> {
+        let page = *self.disk.pages.get(self.next_page)?;
+        let start = self.page_start;
+        let Some(store) = self.store else {
+            return Some(Err(Error::Internal(format!(
+                "{}: read without access to the pool",
+                self.needed_by(start)
+            ))));
+        };
+        let (snapshot, name) = (self.snapshot, &self.disk.name);
+        let needed_by =
+            || format!("extent page of snapshot {snapshot}, disk {name:?} at offset {start}");
+        let bytes = match read_page(store, &mut self.codec, &page, &needed_by) {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
+        let place = PagePlace {
+            start,
+            span: self.span,
+            last: self.next_page + 1 == self.disk.pages.len(),
+            follows_zero: self.follows_zero,
+        };
+        match decode_page(&bytes, &page, place) {
+            Ok(extents) => {
+                self.follows_zero = extents.last().is_some_and(|e| e.chunk.is_none());
+                self.current = extents.into_iter();
+                self.page_start += page.length;
+                self.next_page += 1;
+                Some(Ok(()))
+            }
+            Err(e) => Some(Err(Error::corrupt(
+                format!("extent page {} ({})", page.id, self.needed_by(start)),
+                e,
+            ))),
+        }
+    }
+}
+
+impl Iterator for DiskExtents<'_> {
+    type Item = Result<Extent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        if !self.disk.is_paged() {
+            let e = self.disk.extents.get(self.next_listed).copied()?;
+            self.next_listed += 1;
+            return Some(Ok(e));
+        }
+        loop {
+            if let Some(e) = self.current.next() {
+                return Some(Ok(e));
+            }
+            match self.load_page()? {
+                Ok(()) => {}
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Reads and checks (content hash = name) one manifest and calls
+/// `on_chunk` with every chunk it references, in disk order: for a
+/// version 2 disk first each extent page (covering its span), then the
+/// chunks of its extents, read page by page. A version 1 manifest is
+/// validated whole first (then `on_chunk` sees all its chunks); a version
+/// 2 manifest's page that cannot be read or is damaged ends the walk with
+/// its error after the chunks before it were visited.
+pub(crate) fn visit_snapshot_chunks(
+    store: &Store<'_>,
+    id: &SnapshotId,
+    on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
+) -> Result<Snapshot> {
+    let bytes = read_manifest(store.pool, id)?;
+    visit_manifest_chunks(store, id, &bytes, on_chunk)
+}
+
+/// [`visit_snapshot_chunks`] on a manifest already read (and checked
+/// against its name), `bytes`.
+pub(crate) fn visit_manifest_chunks(
+    store: &Store<'_>,
+    id: &SnapshotId,
+    bytes: &[u8],
+    on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
+) -> Result<Snapshot> {
+    let corrupt = |e| Error::corrupt(format!("snapshot manifest {id}"), e);
+    let summary = Snapshot::decode_without_extents(bytes).map_err(corrupt)?;
+    if !summary.is_paged() {
+        return Snapshot::decode_visiting_chunks(bytes, on_chunk).map_err(corrupt);
+    }
+    for disk in &summary.disks {
+        let mut offset = 0;
+        for page in &disk.pages {
+            on_chunk(ChunkExtent {
+                disk: &disk.name,
+                offset,
+                length: page.length,
+                id: page.id,
+            });
+            offset += page.length;
+        }
+        for e in DiskExtents::new(Some(store), *id, summary.chunking, disk) {
+            let e = e?;
+            if let Some(chunk) = e.chunk {
+                on_chunk(ChunkExtent {
+                    disk: &disk.name,
+                    offset: e.offset,
+                    length: e.length,
+                    id: chunk,
+                });
+            }
+        }
+    }
+    Ok(summary)
+}
