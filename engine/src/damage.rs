@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::id::{PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::extents::visit_snapshot_chunks;
-use crate::pipeline::restore::Store;
+use crate::pipeline::extents::Store;
 use crate::repo::Repository;
 
 impl Repository {

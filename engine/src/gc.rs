@@ -35,7 +35,7 @@ use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{delete_retrying, list_leases, SweepNotice, WriterLease, LEASE_RENEW_INTERVAL};
 use crate::pipeline::extents::visit_snapshot_chunks;
-use crate::pipeline::restore::Store;
+use crate::pipeline::extents::Store;
 use crate::progress::CancelToken;
 use crate::repo::Repository;
 use crate::store::blob::{BlobCodec, Compression};

@@ -184,7 +184,7 @@ impl Repository {
         f: &mut dyn FnMut(Extent),
     ) -> Result<()> {
         let index = self.index()?;
-        let store = crate::pipeline::restore::Store {
+        let store = crate::pipeline::extents::Store {
             pool: &*self.pool,
             index: &index,
         };
@@ -762,7 +762,7 @@ impl Repository {
     ) -> Result<RestoreStats> {
         let snapshot = self.load_snapshot(id)?;
         let index = self.fresh_index()?;
-        let store = restore::Store {
+        let store = crate::pipeline::extents::Store {
             pool: &*self.pool,
             index: &index,
         };

@@ -6,12 +6,69 @@
 
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
-use crate::id::SnapshotId;
+use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::pipeline::read_pack_range;
-use crate::pipeline::restore::{decode_chunk, Store};
 use crate::store::blob::{BlobCodec, Compression};
 use crate::store::extent_page::{decode_page, page_span, PagePlace};
+use crate::store::index::{BlobLocation, Index};
 use crate::store::manifest::{read_manifest, ChunkExtent, DiskManifest, Extent, PageRef, Snapshot};
+use crate::store::pool::Pool;
+use crate::store::wire::DecodeError;
+
+/// What the restore workers read from.
+pub(crate) struct Store<'a> {
+    pub(crate) pool: &'a dyn Pool,
+    pub(crate) index: &'a Index,
+}
+
+impl Store<'_> {
+    /// Where chunk `id` lives; on a miss the index is refreshed once (another
+    /// writer may have stored it since this handle loaded its index).
+    pub(crate) fn locate(
+        &self,
+        id: &ChunkId,
+        refreshed: &mut bool,
+    ) -> Result<Option<BlobLocation>> {
+        if let Some(loc) = self.index.lookup(id) {
+            return Ok(Some(loc));
+        }
+        if !*refreshed {
+            *refreshed = true;
+            self.index.refresh(self.pool)?;
+            if let Some(loc) = self.index.lookup(id) {
+                return Ok(Some(loc));
+            }
+        }
+        // Only in a pack the pool no longer holds: reading it names the
+        // missing pack (a clearer error than "no segment knows it").
+        Ok(self.index.lookup_including_absent(id))
+    }
+}
+
+/// Decodes the blob of chunk `id` (at `offset` in `pack`), appends the
+/// verified plaintext to `out`, and names the chunk and pack on failure.
+pub(crate) fn decode_chunk(
+    codec: &mut BlobCodec,
+    blob: &[u8],
+    id: &ChunkId,
+    pack: PackId,
+    offset: u64,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    match codec.decode_verified_append(blob, id, out) {
+        Ok(()) => Ok(()),
+        Err(DecodeError::ChecksumMismatch { got, .. }) => Err(Error::ChunkHashMismatch {
+            chunk: *id,
+            pack,
+            // `got` is the hex of the content's id, made by the codec.
+            got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
+        }),
+        Err(e) => Err(Error::corrupt(
+            format!("chunk {id} at offset {offset} of pack {pack}"),
+            e,
+        )),
+    }
+}
 
 /// Reads one extent page's plaintext, verified against its chunk id.
 /// `needed_by` names the snapshot and disk for errors.

@@ -14,7 +14,7 @@ use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId};
 use crate::pipeline::extents::read_page;
-use crate::pipeline::restore::Store;
+use crate::pipeline::extents::Store;
 use crate::source::DiskSource;
 use crate::store::blob::{BlobCodec, Compression};
 use crate::store::extent_page::{decode_page, page_span, PagePlace};

@@ -22,16 +22,14 @@ use crate::external_sort::{
 };
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
-use crate::pipeline::extents::DiskExtents;
+use crate::pipeline::extents::{decode_chunk, DiskExtents, Store};
 use crate::pipeline::failure::Failure;
 use crate::pipeline::input::validate_disk_name;
 use crate::pipeline::{read_pack_range, worker_threads};
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::source::{DiskTarget, SparseFileTarget};
 use crate::store::blob::{BlobCodec, Compression};
-use crate::store::index::{BlobLocation, Index};
 use crate::store::manifest::{DiskManifest, Snapshot};
-use crate::store::pool::Pool;
 use crate::store::wire::DecodeError;
 
 /// Restore settings. Start from [`RestoreOptions::default`] and change what
@@ -161,36 +159,6 @@ pub(crate) fn dir_targets(dir: &Path, overwrite: bool) -> Result<Box<MakeTarget<
         let t = SparseFileTarget::create(&dir.join(&disk.name), disk.size, overwrite)?;
         Ok(Box::new(t) as Box<dyn DiskTarget>)
     }))
-}
-
-/// What the restore workers read from.
-pub(crate) struct Store<'a> {
-    pub(crate) pool: &'a dyn Pool,
-    pub(crate) index: &'a Index,
-}
-
-impl Store<'_> {
-    /// Where chunk `id` lives; on a miss the index is refreshed once (another
-    /// writer may have stored it since this handle loaded its index).
-    pub(crate) fn locate(
-        &self,
-        id: &ChunkId,
-        refreshed: &mut bool,
-    ) -> Result<Option<BlobLocation>> {
-        if let Some(loc) = self.index.lookup(id) {
-            return Ok(Some(loc));
-        }
-        if !*refreshed {
-            *refreshed = true;
-            self.index.refresh(self.pool)?;
-            if let Some(loc) = self.index.lookup(id) {
-                return Ok(Some(loc));
-            }
-        }
-        // Only in a pack the pool no longer holds: reading it names the
-        // missing pack (a clearer error than "no segment knows it").
-        Ok(self.index.lookup_including_absent(id))
-    }
 }
 
 /// Restores the disks of `snapshot` (selected by `opts.disks`) into targets
@@ -355,31 +323,6 @@ fn select_disks<'a>(
         .iter()
         .filter(|d| names.contains(&d.name))
         .collect())
-}
-
-/// Decodes the blob of chunk `id` (at `offset` in `pack`), appends the
-/// verified plaintext to `out`, and names the chunk and pack on failure.
-pub(crate) fn decode_chunk(
-    codec: &mut BlobCodec,
-    blob: &[u8],
-    id: &ChunkId,
-    pack: PackId,
-    offset: u64,
-    out: &mut Vec<u8>,
-) -> Result<()> {
-    match codec.decode_verified_append(blob, id, out) {
-        Ok(()) => Ok(()),
-        Err(DecodeError::ChecksumMismatch { got, .. }) => Err(Error::ChunkHashMismatch {
-            chunk: *id,
-            pack,
-            // `got` is the hex of the content's id, made by the codec.
-            got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
-        }),
-        Err(e) => Err(Error::corrupt(
-            format!("chunk {id} at offset {offset} of pack {pack}"),
-            e,
-        )),
-    }
 }
 
 /// A target written in requests of at most `max` bytes.

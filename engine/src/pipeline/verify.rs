@@ -19,7 +19,7 @@ use crate::external_sort::{
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::extents::visit_snapshot_chunks;
-use crate::pipeline::restore::Store;
+use crate::pipeline::extents::Store;
 use crate::pipeline::worker_threads;
 use crate::progress::{CancelToken, NoProgress, Progress};
 use crate::store::blob::{BlobCodec, Compression};

@@ -125,7 +125,11 @@ pub(super) fn assemble(
         unjournaled: 0,
         pages: meta
             .iter()
-            .map(|_| Some(PageBuilder::new(ctx.opts.chunking)))
+            .map(|_| {
+                ctx.opts
+                    .extent_pages
+                    .then(|| PageBuilder::new(ctx.opts.chunking))
+            })
             .collect(),
         recent: meta.iter().map(|_| DiskManifest::default()).collect(),
         codec: BlobCodec::new(ctx.opts.compression),
@@ -305,11 +309,14 @@ impl State<'_> {
             return Ok(());
         }
         let mut sealed = Vec::new();
-        if let Some(Some(pages)) = self.pages.get_mut(disk) {
-            pages.push(len, id, &mut sealed);
-        }
-        if let Some(d) = self.out.disks.get_mut(disk) {
-            d.size += len;
+        match (self.pages.get_mut(disk), self.out.disks.get_mut(disk)) {
+            (Some(Some(pages)), Some(d)) => {
+                pages.push(len, id, &mut sealed);
+                d.size += len;
+            }
+            // Version 1: the extent list itself.
+            (_, Some(d)) => d.push(len, id),
+            _ => {}
         }
         if matches!(self.journals.journals.get(disk), Some(Some(_))) {
             if let Some(r) = self.recent.get_mut(disk) {
