@@ -151,9 +151,10 @@ pub struct CopyStats {
     /// unreadable manifest, a missing or corrupt chunk), with why. The
     /// other snapshots are copied.
     pub failed: Vec<(SnapshotId, String)>,
-    /// Chunk extents the copied manifests reference (repeats counted).
+    /// Chunk extents the copied manifests reference (repeats counted; a
+    /// version 2 manifest's extent pages are chunks it references too).
     pub chunks_referenced: u64,
-    /// Distinct chunks moved (the target lacked them).
+    /// Distinct chunks moved (the target lacked them), extent pages included.
     pub chunks_copied: u64,
     /// Stored bytes of the chunks moved (blob headers and bodies).
     pub bytes_copied: u64,

@@ -544,6 +544,17 @@ impl Repository {
             opts,
         )?;
         let guard = || lease.ensure_held();
+        // Sequential media: extent lists stay in the manifest (reading
+        // pages would cost cartridge passes outside the sorted restore).
+        let sequential;
+        let opts = if opts.extent_pages && self.pool.sequential_media() {
+            let mut o = opts.clone();
+            o.extent_pages = false;
+            sequential = o;
+            &sequential
+        } else {
+            opts
+        };
         let result = match self.pool.preferred_pack_size() {
             // The pool wants other packs and the caller kept the defaults.
             Some(size) if opts.pack_target == backup::DEFAULT_PACK_TARGET => {
@@ -591,7 +602,8 @@ impl Repository {
     /// let disk = BackupDisk::image("vda", MemorySource::new("vda", vec![7u8; 1 << 20]));
     /// let snap = here.backup(vec![disk], &BackupOptions::new("web01"))?.snapshot;
     /// let first = here.copy_to(&there, &CopyOptions::default())?;
-    /// assert_eq!((first.copied.as_slice(), first.chunks_copied), (&[snap][..], 1));
+    /// // The one distinct chunk, and the disk's extent page.
+    /// assert_eq!((first.copied.as_slice(), first.chunks_copied), (&[snap][..], 2));
     /// // Nothing left to move the second time.
     /// let again = here.copy_to(&there, &CopyOptions::default())?;
     /// assert_eq!((again.present.as_slice(), again.chunks_copied), (&[snap][..], 0));
@@ -730,6 +742,17 @@ impl Repository {
         chunking: ChunkingParams,
         policy: CbtPolicy,
     ) -> Result<PreparedVm> {
+        // A spot check reads the parent's extents: from this pool.
+        let disks = disks
+            .into_iter()
+            .map(|d| {
+                if d.pages.is_some() {
+                    Ok(d)
+                } else {
+                    d.with_pages_from(self)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         prepare_vm(disks, chunking, policy, &mut |disk| {
             self.latest_with_disk(vm, disk)
         })

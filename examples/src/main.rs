@@ -352,6 +352,12 @@ struct BackupArgs {
     /// is otherwise not read: that snapshot's extents are reused).
     #[arg(long)]
     force_read: bool,
+    /// Manifest version to write: 2 (extent lists in extent pages, memory
+    /// flat at any disk size) or 1 (extent lists in the manifest, for
+    /// pools that builds without version 2 must read). Tape pools always
+    /// get 1.
+    #[arg(long, value_name = "1|2", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=2))]
+    manifest_version: u16,
     #[command(flatten)]
     source: source_args::SourceArgs,
     #[command(flatten)]
@@ -419,6 +425,7 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
+    fix_malloc_threshold();
     let cli = Cli::parse();
     if let Some(dir) = &cli.scratch_dir {
         // Read by the engine's external sort; set before any thread starts.
@@ -440,6 +447,21 @@ fn main() -> ExitCode {
         print_peak_rss();
     }
     ExitCode::from(code)
+}
+
+/// glibc raises its mmap threshold each time a block above it is freed (up
+/// to 32 MiB); blocks below the raised threshold then come from per-thread
+/// arenas, which keep what is freed. Peak memory would then grow with how
+/// much a command processed (a verify that decoded large extent pages
+/// first, then read gigabytes of packs) rather than with what it holds. A
+/// fixed threshold keeps large buffers mapped and returns them when freed.
+fn fix_malloc_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
 }
 
 /// Diagnostics for memory tests and benchmarks: prints the process's peak
@@ -973,6 +995,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         lease_renewal,
         resume_dir,
         force_read,
+        manifest_version,
         source,
         rate,
         job: _,
@@ -1084,6 +1107,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
         opts = opts.with_resume_dir(dir);
     }
     opts.reuse_unchanged = !force_read;
+    opts.extent_pages = manifest_version == 2;
     if let Some(n) = source.read_buffer()? {
         // Reads of image files are one request per batch.
         opts.batch_size = n;

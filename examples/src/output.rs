@@ -35,6 +35,7 @@ pub fn backup_json(vm: &str, s: &BackupStats) -> Value {
         "chunks_total": s.chunks_total,
         "chunks_new": s.chunks_new,
         "packs_written": s.packs_written,
+        "pages_new": s.pages_new,
         "bytes_resumed": s.bytes_resumed,
         "unchanged": s.unchanged,
         "seconds": s.seconds,

@@ -77,9 +77,15 @@ fn backup_restore_is_bit_identical_and_dedup_is_exact() {
     assert_eq!(total, blocks.len() as u64, "{first}");
     assert_eq!(new, distinct.len() as u64, "{first}");
     assert!(new < total, "the duplicated region must dedup: {first}");
+    // Each disk's extent list is one extent page (a chunk of its own).
+    assert_eq!(first["pages_new"], 2, "{first}");
 
     let second = json(&["backup", &s.pool, "--vm", "web01", &p(&a), &p(&b), "--json"]);
     assert_eq!(second["chunks_new"], 0, "{second}");
+    assert_eq!(
+        second["pages_new"], 0,
+        "unchanged disks give the same pages: {second}"
+    );
     assert_eq!(second["chunks_total"], total);
     // Only the manifest is added.
     assert!(second["bytes_new"].as_u64().unwrap() < 4096, "{second}");
@@ -103,8 +109,8 @@ fn backup_restore_is_bit_identical_and_dedup_is_exact() {
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(
         v["blobs_read"],
-        distinct.len() as u64,
-        "one blob per distinct block"
+        distinct.len() as u64 + 2,
+        "one blob per distinct block, and the two disks' extent pages"
     );
 }
 

@@ -175,7 +175,7 @@ pub struct CbtDisk {
     /// The disk's previous snapshot.
     pub parent: CbtParent,
     /// Where a version 2 parent's extent pages are read (for the spot check).
-    pages: Option<crate::pipeline::input::PageStore>,
+    pub(crate) pages: Option<crate::pipeline::input::PageStore>,
 }
 
 impl CbtDisk {

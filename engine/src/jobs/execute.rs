@@ -660,11 +660,8 @@ impl<'a> JobRunner<'a> {
                 let request = CbtOpen::new(chain, &pool_id, parent.as_ref(), grid);
                 match snapshot.open_cbt(&d.device, &request)? {
                     Some(disk) => {
-                        cbt_disks.push(
-                            disk.with_parent(parent)
-                                .with_spot_check(def.cbt.spot_check)
-                                .with_pages_from(repo)?,
-                        );
+                        cbt_disks
+                            .push(disk.with_parent(parent).with_spot_check(def.cbt.spot_check));
                         plain.push(None);
                     }
                     None => plain.push(Some(BackupDisk::new(

@@ -239,10 +239,13 @@ pub(crate) fn visit_manifest_chunks(
     on_chunk: &mut dyn FnMut(ChunkExtent<'_>),
 ) -> Result<Snapshot> {
     let corrupt = |e| Error::corrupt(format!("snapshot manifest {id}"), e);
-    let summary = Snapshot::decode_without_extents(bytes).map_err(corrupt)?;
-    if !summary.is_paged() {
+    if !Snapshot::is_paged_encoding(bytes) {
+        // Checked whole first, so `on_chunk` sees a valid manifest only.
+        Snapshot::decode_without_extents(bytes).map_err(corrupt)?;
         return Snapshot::decode_visiting_chunks(bytes, on_chunk).map_err(corrupt);
     }
+    // Version 2: the page references (small), then one page at a time.
+    let summary = Snapshot::decode(bytes).map_err(corrupt)?;
     for disk in &summary.disks {
         let mut offset = 0;
         for page in &disk.pages {

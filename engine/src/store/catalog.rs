@@ -29,6 +29,7 @@ pub fn summary_of(s: &Snapshot) -> Snapshot {
     let mut out = s.clone();
     for d in &mut out.disks {
         d.extents.clear();
+        d.pages.clear();
         let size = d.size;
         d.size = 0;
         d.push(size, None);

@@ -368,11 +368,21 @@ impl Snapshot {
     }
 
     /// Decodes a manifest without keeping its extent lists (every extent
-    /// is still checked): the disks come back with empty `extents`, their
-    /// `size` set. For listings, which must not hold every extent of every
-    /// snapshot in memory.
+    /// and page reference is still checked): the disks come back with
+    /// empty `extents` and `pages`, their `size` set. For listings, which
+    /// must not hold every extent of every snapshot in memory.
     pub fn decode_without_extents(data: &[u8]) -> Result<Self, DecodeError> {
-        decode(data, false, &mut |_| {})
+        let mut s = decode(data, false, &mut |_| {})?;
+        for d in &mut s.disks {
+            d.pages = Vec::new();
+        }
+        Ok(s)
+    }
+
+    /// Whether `data` is a version 2 manifest (extent lists in pages), by
+    /// its magic; says nothing of whether it decodes.
+    pub fn is_paged_encoding(data: &[u8]) -> bool {
+        data.starts_with(&MANIFEST_MAGIC_V2)
     }
 
     /// Like [`decode_without_extents`](Self::decode_without_extents), and

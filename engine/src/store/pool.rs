@@ -55,6 +55,15 @@ pub trait PoolRead: Send + Sync {
     fn read_order(&self, _kind: FileKind, _name: &str) -> Option<u64> {
         None
     }
+
+    /// Whether the pool's packs lie on sequential media (tape), where every
+    /// read outside a sorted pass costs a seek or a cartridge load: backups
+    /// then keep extent lists in the manifest (version 1) instead of in
+    /// extent pages stored in packs, so a restore passes each cartridge
+    /// once.
+    fn sequential_media(&self) -> bool {
+        false
+    }
 }
 
 /// A streaming, create-only, atomic write of one object.
@@ -145,6 +154,9 @@ macro_rules! forward_pool {
             }
             fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
                 (**self).read_order(kind, name)
+            }
+            fn sequential_media(&self) -> bool {
+                (**self).sequential_media()
             }
         }
 
@@ -242,6 +254,10 @@ pub trait PoolWrapper: Send + Sync {
     fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
         self.inner().read_order(kind, name)
     }
+    /// See [`PoolRead::sequential_media`].
+    fn sequential_media(&self) -> bool {
+        self.inner().sequential_media()
+    }
     /// See [`PoolWrite::create`].
     fn create(&self, kind: FileKind, name: &str) -> Result<Box<dyn ObjectWriter>> {
         self.inner().create(kind, name)
@@ -301,6 +317,9 @@ impl<W: PoolWrapper> PoolRead for WrappedPool<W> {
     }
     fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
         self.0.read_order(kind, name)
+    }
+    fn sequential_media(&self) -> bool {
+        self.0.sequential_media()
     }
 }
 

@@ -2010,6 +2010,9 @@ impl PoolRead for TapePool {
     fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
         self.shared.read_order(kind, name, None)
     }
+    fn sequential_media(&self) -> bool {
+        true
+    }
 }
 
 impl PoolWrite for TapePool {
@@ -2136,6 +2139,9 @@ impl PoolRead for TapeMediaSet {
 
     fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
         self.shared.read_order(kind, name, Some(&self.set))
+    }
+    fn sequential_media(&self) -> bool {
+        true
     }
 }
 

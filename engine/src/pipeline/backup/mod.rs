@@ -74,10 +74,10 @@ pub struct BackupOptions {
     /// Write an index segment mid-backup once this many new entries are
     /// pending, bounding memory on huge disks.
     pub segment_flush_entries: usize,
-    /// Write the extent lists in extent pages (manifest version 2: memory
-    /// does not grow with a disk's extents; every reader accepts it).
-    /// Off by default until its flat-memory check is in the suite; then
-    /// version 2 becomes the default.
+    /// Write the extent lists in extent pages (manifest version 2, the
+    /// default: memory does not grow with a disk's extents). `false`
+    /// writes version 1 manifests, for pools that builds without version
+    /// 2 must still read.
     pub extent_pages: bool,
     /// Recorded in the manifest.
     pub properties: BTreeMap<String, String>,
@@ -134,7 +134,7 @@ impl BackupOptions {
             compression: Compression::default(),
             threads: None,
             batch_size: 4 << 20,
-            extent_pages: false,
+            extent_pages: true,
             pack_max_input: DEFAULT_PACK_MAX_INPUT,
             pack_target: DEFAULT_PACK_TARGET,
             segment_flush_entries: SEGMENT_FLUSH_ENTRIES,
