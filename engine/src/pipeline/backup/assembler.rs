@@ -240,10 +240,22 @@ impl State<'_> {
                 let _ = self.ctx.free_tx.send(buffers);
             }
         }
-        // Nothing pending: everything pushed is durable.
-        if self.unjournaled >= JOURNAL_EVERY && self.pack.is_none() && self.watermarks.is_empty() {
-            let end = self.position();
-            self.journal_upto(end);
+        if self.unjournaled >= JOURNAL_EVERY && self.watermarks.is_empty() {
+            match self.pack.take() {
+                // Nothing pending: everything pushed is durable.
+                None => {
+                    let end = self.position();
+                    self.journal_upto(end);
+                }
+                // Mostly deduplicated data fills a pack slowly: seal it
+                // early when a journal waits on it, so the extents kept
+                // for the journal stay bounded (≈ JOURNAL_EVERY of them).
+                Some(p) if self.journals.journals.iter().any(Option::is_some) => {
+                    self.seal(p)?;
+                    self.absorb(false)?;
+                }
+                Some(p) => self.pack = Some(p),
+            }
         }
         Ok(())
     }
