@@ -28,6 +28,7 @@ core=(
   engine/src/store/pack.rs
   engine/src/store/index.rs
   engine/src/store/manifest.rs
+  engine/src/store/extent_page.rs
   engine/src/store/catalog.rs
   engine/src/retention.rs
 )

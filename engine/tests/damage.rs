@@ -376,3 +376,67 @@ fn an_index_entry_at_the_wrong_offset_is_an_index_mismatch() {
         ((7 * BLOCK) as u64, BLOCK as u64)
     );
 }
+
+/// A damaged extent page: verify names the snapshot (the page as a corrupt
+/// chunk covering the disk, and the snapshot's extents as unreadable), a
+/// restore fails naming the page, and garbage collection stops instead of
+/// taking the snapshot's chunks for unreferenced — every pack stays.
+#[test]
+fn a_damaged_extent_page_is_found_and_stops_garbage_collection() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalPool::create(dir.path()).unwrap());
+    let pool: DynPool = local.clone();
+    let repo = Repository::create(pool.clone()).unwrap();
+    let mut rng = SampleRng::new(21);
+    let image = random_blocks(&mut rng, 40).concat();
+    let id = backup_blocks(&repo, "vm", &image);
+    let page = repo.load_snapshot(&id).unwrap().disks[0].pages[0];
+    // Flip a byte in the middle of the page's blob.
+    let mut flipped = false;
+    for name in pool.list(FileKind::Pack).unwrap() {
+        let pack = cairn_engine::PackId::from_hex(&name).unwrap();
+        for e in read_pack_table(&*pool, &pack).unwrap() {
+            if e.id == page.id {
+                let path = local.path_of(FileKind::Pack, &name).unwrap();
+                let mut bytes = std::fs::read(&path).unwrap();
+                bytes[(e.offset + e.length as u64 / 2) as usize] ^= 0x5a;
+                std::fs::write(&path, &bytes).unwrap();
+                flipped = true;
+            }
+        }
+    }
+    assert!(flipped, "the page is stored in a pack");
+
+    let report = repo
+        .verify(&VerifyOptions::default().with_read_data(true))
+        .unwrap();
+    let kinds: BTreeSet<DamageKind> = report.damage.iter().map(|d| d.kind).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([DamageKind::ChunkCorrupt, DamageKind::ManifestUnreadable]),
+        "{:?}",
+        report.damage
+    );
+    for d in &report.damage {
+        assert_eq!(d.snapshots, vec![id], "{d}");
+        if d.kind == DamageKind::ChunkCorrupt {
+            assert_eq!(d.chunk, Some(page.id));
+            assert_eq!(
+                (d.ranges[0].offset, d.ranges[0].length),
+                (0, image.len() as u64)
+            );
+        }
+    }
+
+    let scratch = tempfile::tempdir().unwrap();
+    let err = repo
+        .restore_to_dir(&id, scratch.path(), &RestoreOptions::default())
+        .unwrap_err();
+    assert!(err.is_damage(), "{err}");
+    assert!(err.to_string().contains(&page.id.to_hex()), "{err}");
+
+    let packs_before = pool.list(FileKind::Pack).unwrap();
+    let err = repo.gc(&cairn_engine::GcOptions::default()).unwrap_err();
+    assert!(err.is_damage(), "{err}");
+    assert_eq!(pool.list(FileKind::Pack).unwrap(), packs_before);
+}

@@ -15,7 +15,8 @@ use crate::store::manifest::{read_manifest, ChunkExtent, DiskManifest, Extent, P
 use crate::store::pool::Pool;
 use crate::store::wire::DecodeError;
 
-/// What the restore workers read from.
+/// Where chunks are read from: the pool and its index (restore, extent
+/// pages).
 pub(crate) struct Store<'a> {
     pub(crate) pool: &'a dyn Pool,
     pub(crate) index: &'a Index,
