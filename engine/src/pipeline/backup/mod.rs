@@ -445,10 +445,15 @@ pub(crate) fn run(
         match r {
             Some(r) => {
                 resumed += r.prefix_len;
-                paths.push(r.journal.path().to_path_buf());
+                let path = r.journal.path().to_path_buf();
+                paths.push(path.clone());
                 journals.done.push(r.prefix_len);
                 journals.journals.push(Some(r.journal));
-                prefixes.push(Some((r.prefix_len, r.prefix)));
+                prefixes.push(Some(resume::Prefix {
+                    len: r.prefix_len,
+                    path,
+                    key: r.key,
+                }));
             }
             None => {
                 journals.done.push(0);
@@ -525,7 +530,7 @@ fn run_pipeline(
     excluded: &HashSet<PackId>,
     guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
-    prefixes: Vec<Option<(u64, Vec<resume::Extent>)>>,
+    prefixes: Vec<Option<resume::Prefix>>,
     journals: assembler::Journals,
     opts: &BackupOptions,
     claims: &worker::Claims,
@@ -620,7 +625,7 @@ fn run_parallel(
     excluded: &HashSet<PackId>,
     guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
-    prefixes: Vec<Option<(u64, Vec<resume::Extent>)>>,
+    prefixes: Vec<Option<resume::Prefix>>,
     journals: assembler::Journals,
     opts: &BackupOptions,
 ) -> Result<Assembled> {

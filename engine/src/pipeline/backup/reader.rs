@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::resume::Extent;
+use super::resume::{read_prefix, Prefix};
 use super::{Batch, BatchBody, Buffers};
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
@@ -87,7 +87,7 @@ impl<'a> Feed<'a> {
 /// Reader thread: turns disks into batches.
 pub(super) fn read_disks(
     disks: Vec<BackupDisk>,
-    prefixes: Vec<Option<(u64, Vec<Extent>)>>,
+    prefixes: Vec<Option<Prefix>>,
     mut feed: Feed<'_>,
 ) -> Result<()> {
     let mut prefixes = prefixes.into_iter();
@@ -134,7 +134,7 @@ fn read_image(
     feed: &mut Feed<'_>,
     src: &dyn DiskSource,
     changed: Option<&ChangedBlocks>,
-    prefix: Option<(u64, Vec<Extent>)>,
+    prefix: Option<Prefix>,
 ) -> Result<bool> {
     // Emits a range not read: a hole, or the parent's extents in pieces.
     let gap = |feed: &mut Feed<'_>, range: Range<u64>| -> Result<bool> {
@@ -160,13 +160,15 @@ fn read_image(
     crate::failpoint::pause("backup-after-extents");
     let map = src.mapped();
     let mut pos = 0u64;
-    if let Some((len, prefix)) = prefix {
-        for piece in prefix.chunks(1 << 16) {
-            if feed.failure.check(feed.cancel) || !feed.send(BatchBody::Reuse(piece.to_vec())) {
-                return Ok(false);
-            }
+    if let Some(prefix) = prefix {
+        // Read back from the journal one record at a time.
+        let sent = read_prefix(&prefix.path, &prefix.key, prefix.len, &mut |piece| {
+            !feed.failure.check(feed.cancel) && feed.send(BatchBody::Reuse(piece))
+        })?;
+        if !sent {
+            return Ok(false);
         }
-        pos = len;
+        pos = prefix.len;
     }
     for region in align_extents(&extents, grid, size) {
         if region.end <= pos {

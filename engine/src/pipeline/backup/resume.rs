@@ -82,29 +82,63 @@ pub fn encode_record(extents: &[Extent]) -> Vec<u8> {
     out
 }
 
-/// Decodes a journal's bytes for `key`: the extents of every whole, valid
-/// record from the start, and how many bytes those records span (a torn
-/// or damaged tail — a crash mid-append — ends the journal there). A
-/// journal of another key, or without the magic, holds nothing.
-pub fn decode_journal(bytes: &[u8], key: &[u8; 32]) -> (Vec<Extent>, usize) {
-    let mut extents = Vec::new();
-    if bytes.len() < 40 || &bytes[..8] != JOURNAL_MAGIC || &bytes[8..40] != key {
-        return (extents, 0);
+/// Reads a journal's records one at a time from any reader: each whole,
+/// valid record's extents, until the end or the first torn or damaged
+/// record (a crash mid-append ends the journal there). Memory holds one
+/// record (at most [`MAX_RECORD_ENTRIES`] extents).
+pub struct RecordReader<R> {
+    input: R,
+    /// Bytes of valid records (and header) read so far.
+    pos: u64,
+    done: bool,
+}
+
+impl<R: Read> RecordReader<R> {
+    /// Reads the header; a journal of another key, or without the magic,
+    /// holds no record.
+    pub fn new(mut input: R, key: &[u8; 32]) -> Self {
+        let mut head = [0u8; 40];
+        let ok =
+            input.read_exact(&mut head).is_ok() && &head[..8] == JOURNAL_MAGIC && &head[8..] == key;
+        RecordReader {
+            input,
+            pos: if ok { 40 } else { 0 },
+            done: !ok,
+        }
     }
-    let mut pos = 40;
-    while let Some(count) = bytes.get(pos..pos + 4) {
-        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
+
+    /// Bytes of the header and the valid records read so far (0 when the
+    /// header is not this key's).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The next valid record's extents; `None` at the end of the valid ones.
+    pub fn next_record(&mut self) -> Option<Vec<Extent>> {
+        if self.done {
+            return None;
+        }
+        let record = self.read_record();
+        if record.is_none() {
+            self.done = true;
+        }
+        record
+    }
+
+    fn read_record(&mut self) -> Option<Vec<Extent>> {
+        let mut count = [0u8; 4];
+        self.input.read_exact(&mut count).ok()?;
+        let count = u32::from_le_bytes(count);
         if count == 0 || count > MAX_RECORD_ENTRIES {
-            break;
+            return None;
         }
         let body = 4 + count as usize * ENTRY_LEN;
-        let Some(record) = bytes.get(pos..pos + body + 16) else {
-            break;
-        };
+        let mut record = vec![0u8; body + 16];
+        record[..4].copy_from_slice(&count.to_le_bytes());
+        self.input.read_exact(&mut record[4..]).ok()?;
         if blake3::hash(&record[..body]).as_bytes()[..16] != record[body..] {
-            break;
+            return None;
         }
-        let mut ok = true;
         let mut parsed = Vec::with_capacity(count as usize);
         for e in record[4..body].chunks_exact(ENTRY_LEN) {
             let mut len = [0u8; 8];
@@ -115,19 +149,32 @@ pub fn decode_journal(bytes: &[u8], key: &[u8; 32]) -> (Vec<Extent>, usize) {
             match e[8] {
                 0 if id == [0u8; 32] && len > 0 => parsed.push((len, None)),
                 1 if len > 0 => parsed.push((len, Some(ChunkId(id)))),
-                _ => {
-                    ok = false;
-                    break;
-                }
+                _ => return None,
             }
         }
-        if !ok {
-            break;
-        }
-        extents.extend(parsed);
-        pos += body + 16;
+        self.pos += record.len() as u64;
+        Some(parsed)
     }
-    (extents, pos)
+}
+
+/// Decodes a journal's bytes for `key`: the extents of every whole, valid
+/// record from the start, and how many bytes those records span (a torn
+/// or damaged tail — a crash mid-append — ends the journal there). A
+/// journal of another key, or without the magic, holds nothing.
+#[cfg(any(test, feature = "internals"))]
+pub fn decode_journal(bytes: &[u8], key: &[u8; 32]) -> (Vec<Extent>, usize) {
+    let mut r = RecordReader::new(bytes, key);
+    let mut extents = Vec::new();
+    while let Some(record) = r.next_record() {
+        extents.extend(record);
+    }
+    // Without a valid header nothing counts, as before (0 bytes used).
+    let used = if r.position() == 0 {
+        0
+    } else {
+        r.position() as usize
+    };
+    (extents, used)
 }
 
 /// A disk's journal, open for appending.
@@ -142,10 +189,61 @@ pub struct Journal {
 pub struct DiskResume {
     /// The journal, appended as the backup goes on.
     pub journal: Journal,
-    /// The extents the backup starts with (not read again).
-    pub prefix: Vec<Extent>,
-    /// Their total length: the offset reading starts at.
+    /// Its total length: the offset reading starts at. The extents that
+    /// make it are the journal's records from the start (read again,
+    /// record by record, by [`read_prefix`]).
     pub prefix_len: u64,
+    /// The journal's key (to read the prefix back).
+    pub key: [u8; 32],
+}
+
+/// Where a resumed disk's prefix is read from: the first `len` bytes of
+/// extents in the journal at `path` (of `key`).
+#[derive(Debug, Clone)]
+pub struct Prefix {
+    /// Bytes of the disk the prefix covers.
+    pub len: u64,
+    /// The journal.
+    pub path: PathBuf,
+    /// Its key.
+    pub key: [u8; 32],
+}
+
+/// Calls `f` with the extents of the first `len` bytes the journal at
+/// `path` (of `key`) holds, one record at a time, until `f` returns false.
+/// Returns whether every piece was taken. The journal holds at least that
+/// much: [`Journal::open`] cut it to exactly its usable prefix.
+pub fn read_prefix(
+    path: &Path,
+    key: &[u8; 32],
+    len: u64,
+    f: &mut dyn FnMut(Vec<Extent>) -> bool,
+) -> Result<bool> {
+    let file = File::open(path).map_err(|e| io_err(path, e))?;
+    let mut records = RecordReader::new(std::io::BufReader::new(file), key);
+    let mut at = 0u64;
+    while at < len {
+        let Some(mut record) = records.next_record() else {
+            return Err(Error::Internal(format!(
+                "resume journal {} ends at {at} of its prefix of {len} bytes",
+                path.display()
+            )));
+        };
+        // Keep what lies before `len` (it ends on a record's extent).
+        let mut keep = 0;
+        for (l, _) in &record {
+            if at >= len {
+                break;
+            }
+            at += l;
+            keep += 1;
+        }
+        record.truncate(keep);
+        if !f(record) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -182,48 +280,65 @@ impl Journal {
         if !crate::file_lock::try_lock_exclusive(&file).unwrap_or(false) {
             return Ok(None);
         }
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| io_err(&path, e))?;
-        let (extents, _) = decode_journal(&bytes, key);
-        // The usable prefix: chunks the index holds, on the grid.
-        let mut prefix = Vec::new();
-        let (mut len, mut aligned, mut aligned_len) = (0u64, 0usize, 0u64);
-        for (l, id) in extents {
-            if let Some(id) = &id {
-                match index.lookup(id) {
-                    Some(loc) if !excluded.contains(&loc.pack) && l <= max_chunk => {}
-                    _ => break,
+        // The usable prefix, record by record: chunks the index holds
+        // outside `excluded`, none longer than a chunk, within `size`,
+        // ending on the grid. Only where it ends is kept: the byte offset
+        // of the last whole record before it, and the entries of the
+        // record it ends in (at most one record's worth).
+        let reader = file.try_clone().map_err(|e| io_err(&path, e))?;
+        let mut records = RecordReader::new(std::io::BufReader::new(reader), key);
+        let (mut len, mut aligned_len) = (0u64, 0u64);
+        // Where the prefix ends: whole records up to `cut`, then `tail`.
+        let (mut cut, mut tail): (u64, Vec<Extent>) = (records.position(), Vec::new());
+        'records: loop {
+            let start = records.position();
+            let Some(record) = records.next_record() else {
+                break;
+            };
+            let n = record.len();
+            for (i, (l, id)) in record.iter().enumerate() {
+                if let Some(id) = id {
+                    match index.lookup(id) {
+                        Some(loc) if !excluded.contains(&loc.pack) && *l <= max_chunk => {}
+                        _ => break 'records,
+                    }
+                }
+                match len.checked_add(*l) {
+                    Some(end) if end <= size => len = end,
+                    _ => break 'records,
+                }
+                if len % grid.max(1) == 0 {
+                    aligned_len = len;
+                    if i + 1 == n {
+                        (cut, tail) = (records.position(), Vec::new());
+                    } else {
+                        (cut, tail) = (start, record[..=i].to_vec());
+                    }
                 }
             }
-            match len.checked_add(l) {
-                Some(end) if end <= size => len = end,
-                _ => break,
-            }
-            prefix.push((l, id));
-            if len % grid.max(1) == 0 {
-                aligned = prefix.len();
-                aligned_len = len;
-            }
         }
-        prefix.truncate(aligned);
-        // Rewrite the journal as exactly that prefix.
-        let mut fresh = Vec::with_capacity(40 + prefix.len() * ENTRY_LEN);
-        fresh.extend_from_slice(JOURNAL_MAGIC);
-        fresh.extend_from_slice(key);
-        for piece in prefix.chunks(MAX_RECORD_ENTRIES as usize) {
-            fresh.extend_from_slice(&encode_record(piece));
-        }
+        // Cut the journal to exactly that prefix (a fresh header when it
+        // held none of this key).
         let write = |file: &mut File| -> std::io::Result<()> {
-            file.set_len(0)?;
-            file.seek(SeekFrom::Start(0))?;
-            file.write_all(&fresh)?;
+            if cut == 0 {
+                file.set_len(0)?;
+                file.seek(SeekFrom::Start(0))?;
+                file.write_all(JOURNAL_MAGIC)?;
+                file.write_all(key)?;
+            } else {
+                file.set_len(cut)?;
+                file.seek(SeekFrom::Start(cut))?;
+                if !tail.is_empty() {
+                    file.write_all(&encode_record(&tail))?;
+                }
+            }
             file.sync_data()
         };
         write(&mut file).map_err(|e| io_err(&path, e))?;
         Ok(Some(DiskResume {
             journal: Journal { path, file },
-            prefix,
             prefix_len: aligned_len,
+            key: *key,
         }))
     }
 
