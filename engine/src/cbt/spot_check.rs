@@ -43,7 +43,7 @@ pub fn spot_check(
         }
         seen += 1;
     };
-    changed.for_each_parent_extent(&mut |e| match e.chunk {
+    let walked = changed.for_each_parent_extent(&mut |e| match e.chunk {
         Some(id) if !is_dirty(e.offset, e.end()) => offer((e.offset, e.length, Some(id))),
         Some(_) => {}
         None => {
@@ -56,7 +56,18 @@ pub fn spot_check(
                 at += len;
             }
         }
-    })?;
+    });
+    match walked {
+        Ok(()) => {}
+        // The parent's extent pages are damaged or gone: nothing to compare
+        // with, so the bitmap cannot be trusted (the policy decides).
+        Err(e) if e.is_damage() => {
+            return Ok(Err(format!(
+                "spot check: the previous snapshot's extents cannot be read: {e}"
+            )))
+        }
+        Err(e) => return Err(e),
+    }
     let candidates = chosen;
     let n = candidates.len();
     let mut buf = Vec::new();

@@ -227,7 +227,7 @@ impl ChangedBlocks {
             .iter()
             .scan(0u64, |at, p| {
                 let start = *at;
-                *at += p.length;
+                *at = at.saturating_add(p.length);
                 Some(start)
             })
             .collect();
@@ -294,7 +294,13 @@ impl ChangedBlocks {
 
     /// Calls `f` with the parent's extents from the one holding `from` on,
     /// in order, until it returns false.
-    fn walk_parent(&self, from: u64, f: &mut dyn FnMut(&Extent) -> Result<bool>) -> Result<()> {
+    /// Pages starting at or past `until` are not read (a clean range
+    /// never reads a page that lies wholly in a dirty one).
+    fn walk_parent(
+        &self,
+        (from, until): (u64, u64),
+        f: &mut dyn FnMut(&Extent) -> Result<bool>,
+    ) -> Result<()> {
         if !self.parent.is_paged() {
             let extents = &self.parent.extents;
             let first = extents.partition_point(|e| e.end() <= from);
@@ -311,6 +317,9 @@ impl ChangedBlocks {
             .partition_point(|&s| s <= from)
             .saturating_sub(1);
         while p < self.parent.pages.len() {
+            if self.paged.starts.get(p).is_some_and(|&s| s >= until) {
+                break;
+            }
             let extents = self.page_extents(p)?;
             let first = extents.partition_point(|e| e.end() <= from);
             for e in extents.get(first..).unwrap_or_default() {
@@ -326,7 +335,7 @@ impl ChangedBlocks {
     /// Calls `f` with every extent of the parent, in order (a version 2
     /// parent's pages are read one at a time).
     pub(crate) fn for_each_parent_extent(&self, f: &mut dyn FnMut(&Extent)) -> Result<()> {
-        self.walk_parent(0, &mut |e| {
+        self.walk_parent((0, u64::MAX), &mut |e| {
             f(e);
             Ok(true)
         })
@@ -379,11 +388,36 @@ impl ChangedBlocks {
     /// is about to delete the only pack holding it). Returns how many.
     pub(crate) fn reread_unless(&mut self, reusable: impl Fn(&ChunkId) -> bool) -> Result<usize> {
         let mut added = Vec::new();
-        self.for_each_parent_extent(&mut |e| {
-            if e.chunk.is_some_and(|c| !reusable(&c)) {
-                added.push(e.offset..e.end());
+        if self.parent.is_paged() {
+            // Page by page: a page that is not reusable itself, or cannot
+            // be read (damaged, or its pack gone since the parent was
+            // written), makes its whole span dirty — read again, never
+            // reused, and never read later.
+            for (p, page) in self.parent.pages.iter().enumerate() {
+                let start = self.paged.starts.get(p).copied().unwrap_or(0);
+                let span = start..start.saturating_add(page.length);
+                if !reusable(&page.id) {
+                    added.push(span);
+                    continue;
+                }
+                match self.page_extents(p) {
+                    Ok(extents) => added.extend(
+                        extents
+                            .iter()
+                            .filter(|e| e.chunk.is_some_and(|c| !reusable(&c)))
+                            .map(|e| e.offset..e.end()),
+                    ),
+                    Err(e) if e.is_damage() => added.push(span),
+                    Err(e) => return Err(e),
+                }
             }
-        })?;
+        } else {
+            for e in &self.parent.extents {
+                if e.chunk.is_some_and(|c| !reusable(&c)) {
+                    added.push(e.offset..e.end());
+                }
+            }
+        }
         let n = added.len();
         if n > 0 {
             self.dirty.extend(added);
@@ -448,7 +482,7 @@ impl ChangedBlocks {
         };
         let mut piece = Vec::new();
         let mut running = true;
-        self.walk_parent(range.start, &mut |e| {
+        self.walk_parent((range.start, range.end), &mut |e| {
             if e.offset >= range.end {
                 return Ok(false);
             }

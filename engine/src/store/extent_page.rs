@@ -420,6 +420,42 @@ mod tests {
             }
             assert!(decode_page(&pages[0].bytes, &r, place(false)).is_err());
         }
+        // No extent, or more than the cap, even with a reference that
+        // says so.
+        let empty = b"CAIRNEP1\0\0\0\0".to_vec();
+        let none = PageRef {
+            id: ChunkId::of(&empty),
+            length: 0,
+            extents: 0,
+            chunks: 0,
+            data_bytes: 0,
+        };
+        assert!(decode_page(&empty, &none, place(true)).is_err());
+        let n = PAGE_MAX_EXTENTS + 1;
+        let mut over = b"CAIRNEP1".to_vec();
+        over.extend_from_slice(&n.to_le_bytes());
+        for i in 0..n {
+            put_extent(&mut over, 1, id(i));
+        }
+        let too_many = PageRef {
+            id: ChunkId::of(&over),
+            length: u64::from(n),
+            extents: n,
+            chunks: n,
+            data_bytes: u64::from(n),
+        };
+        let err = decode_page(&over, &too_many, place(true)).unwrap_err();
+        assert!(err.to_string().contains("extents (1..="), "{err}");
+        // A chunk extent of the largest chunk size is fine, one byte more
+        // is not.
+        for (len, ok) in [
+            (MAX_CHUNK_SIZE as u64, true),
+            (MAX_CHUNK_SIZE as u64 + 1, false),
+        ] {
+            let page = cut_pages([(len, id(1))], 1 << 40);
+            let got = decode_page(&page[0].bytes, &page[0].reference, place(true));
+            assert_eq!(got.is_ok(), ok, "{len}: {got:?}");
+        }
         // A zero run after a page ending in zeros.
         let z = cut_pages([(K4, None), (K4, id(1))], span);
         let mut p = place(true);

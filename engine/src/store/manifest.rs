@@ -422,8 +422,9 @@ fn decode(
     let mut d = Decoder::new(body);
     let mut snapshot = decode_header(&mut d, paged)?;
     let disk_count = d.u32()? as usize;
-    // Each disk takes at least 24 bytes: bound allocations by the input.
-    if disk_count > d.remaining() / 24 {
+    // Each disk takes at least 24 bytes (version 2: 20, a disk without
+    // pages): bound allocations by the input.
+    if disk_count > d.remaining() / if paged { 20 } else { 24 } {
         return Err(DecodeError::Invalid(format!(
             "{disk_count} disks cannot fit"
         )));
