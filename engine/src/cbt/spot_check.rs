@@ -68,10 +68,8 @@ pub fn spot_check(
         }
         Err(e) => return Err(e),
     }
-    let candidates = chosen;
-    let n = candidates.len();
     let mut buf = Vec::new();
-    for &(offset, len, id) in candidates.iter().take(n) {
+    for &(offset, len, id) in &chosen {
         buf.resize(len as usize, 0);
         source.read_at(offset, &mut buf)?;
         let same = match id {
@@ -86,7 +84,7 @@ pub fn spot_check(
             )));
         }
     }
-    Ok(Ok(n as u32))
+    Ok(Ok(chosen.len() as u32))
 }
 
 #[cfg(test)]

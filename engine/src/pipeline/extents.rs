@@ -117,6 +117,12 @@ pub(crate) struct DiskExtents<'a> {
     failed: bool,
 }
 
+/// How errors name the extent page of `disk` of `snapshot` that starts at
+/// `offset`.
+pub(crate) fn page_place(snapshot: SnapshotId, disk: &str, offset: u64) -> String {
+    format!("extent page of snapshot {snapshot}, disk {disk:?} at offset {offset}")
+}
+
 impl<'a> DiskExtents<'a> {
     /// The extents of `disk` of snapshot `snapshot` (chunked with
     /// `chunking`); pages are read through `store`. A version 2 disk with
@@ -143,10 +149,7 @@ impl<'a> DiskExtents<'a> {
     }
 
     fn needed_by(&self, at: u64) -> String {
-        format!(
-            "extent page of snapshot {}, disk {:?} at offset {at}",
-            self.snapshot, self.disk.name
-        )
+        page_place(self.snapshot, &self.disk.name, at)
     }
 
     /// Reads the next page into `current`; `None` at the disk's end.
@@ -160,8 +163,7 @@ impl<'a> DiskExtents<'a> {
             ))));
         };
         let (snapshot, name) = (self.snapshot, &self.disk.name);
-        let needed_by =
-            || format!("extent page of snapshot {snapshot}, disk {name:?} at offset {start}");
+        let needed_by = || page_place(snapshot, name, start);
         let bytes = match read_page(store, &mut self.codec, &page, &needed_by) {
             Ok(b) => b,
             Err(e) => return Some(Err(e)),

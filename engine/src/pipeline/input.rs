@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId};
-use crate::pipeline::extents::read_page;
 use crate::pipeline::extents::Store;
+use crate::pipeline::extents::{page_place, read_page};
 use crate::source::DiskSource;
 use crate::store::blob::{BlobCodec, Compression};
 use crate::store::extent_page::{decode_page, page_span, PagePlace};
@@ -260,12 +260,7 @@ impl ChangedBlocks {
         else {
             return Err(Error::Internal(format!("parent page {p} out of range")));
         };
-        let what = || {
-            format!(
-                "extent page of snapshot {}, disk {:?} at offset {start}",
-                self.parent_id, self.parent.name
-            )
-        };
+        let what = || page_place(self.parent_id, &self.parent.name, start);
         let Some(pages) = &self.paged.store else {
             return Err(Error::Internal(format!(
                 "{}: the parent's pages are read without a pool",

@@ -228,10 +228,6 @@ pub(crate) fn run(
             threads,
             opts,
         )?;
-        for disk in &disks {
-            stats.bytes_written += disk.data_bytes();
-            stats.chunks += disk.chunk_count();
-        }
     } else if opts.parallel_disks > 1 && disks.len() > 1 {
         restore_parallel(
             store,
@@ -242,18 +238,16 @@ pub(crate) fn run(
             threads,
             opts,
         )?;
-        for disk in &disks {
-            stats.bytes_written += disk.data_bytes();
-            stats.chunks += disk.chunk_count();
-        }
     } else {
         for (disk, target) in disks.iter().zip(&targets) {
             progress.message(&disk.name);
             restore_disk(store, id, snapshot.chunking, disk, &**target, threads, opts)?;
-            stats.bytes_written += disk.data_bytes();
-            stats.chunks += disk.chunk_count();
             crate::failpoint::pause("restore-after-disk");
         }
+    }
+    for disk in &disks {
+        stats.bytes_written += disk.data_bytes();
+        stats.chunks += disk.chunk_count();
     }
     // Every disk is complete: publish them (unless cancelled meanwhile:
     // a cancelled restore publishes nothing).

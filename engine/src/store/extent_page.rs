@@ -21,11 +21,8 @@
 
 use crate::chunker::ChunkingParams;
 use crate::id::ChunkId;
-use crate::store::format::{
-    EXTENT_CHUNK, EXTENT_PAGE_MAGIC_V1, EXTENT_ZERO, MAX_CHUNK_SIZE, PAGE_MAX_EXTENTS,
-    PAGE_SPAN_CHUNKS,
-};
-use crate::store::manifest::{Extent, PageRef};
+use crate::store::format::{EXTENT_PAGE_MAGIC_V1, PAGE_MAX_EXTENTS, PAGE_SPAN_CHUNKS};
+use crate::store::manifest::{decode_extent, put_extent, Extent, PageRef};
 use crate::store::wire::{DecodeError, Decoder, Encoder};
 
 /// The span pages are cut on for `chunking`: 16 384 of its smallest chunks.
@@ -154,20 +151,6 @@ impl PageBuilder {
     }
 }
 
-fn put_extent(out: &mut Vec<u8>, length: u64, chunk: Option<ChunkId>) {
-    match chunk {
-        None => {
-            out.put_u8(EXTENT_ZERO);
-            out.put_u64(length);
-        }
-        Some(id) => {
-            out.put_u8(EXTENT_CHUNK);
-            out.put_u32(length as u32);
-            out.extend_from_slice(id.as_bytes());
-        }
-    }
-}
-
 /// Cuts a whole extent list into pages (tests and fuzzing).
 #[cfg(any(test, feature = "internals"))]
 pub fn cut_pages(
@@ -227,22 +210,7 @@ pub fn decode_page(
     let mut prev_zero = place.follows_zero;
     let (mut chunks, mut data_bytes) = (0u32, 0u64);
     for i in 0..count {
-        let (length, chunk) = match d.u8()? {
-            EXTENT_ZERO => (d.u64()?, None),
-            EXTENT_CHUNK => {
-                let len = u64::from(d.u32()?);
-                if len as usize > MAX_CHUNK_SIZE {
-                    return Err(DecodeError::Invalid(format!(
-                        "chunk extent of {len} bytes at {offset}"
-                    )));
-                }
-                (len, Some(ChunkId(d.array()?)))
-            }
-            x => return Err(DecodeError::Invalid(format!("unknown extent tag {x}"))),
-        };
-        if length == 0 {
-            return Err(DecodeError::Invalid(format!("empty extent at {offset}")));
-        }
+        let (length, chunk) = decode_extent(&mut d, offset)?;
         if chunk.is_none() && prev_zero {
             return Err(DecodeError::Invalid(format!(
                 "zero run at {offset} follows a zero run (they are merged)"
@@ -296,6 +264,7 @@ pub fn decode_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::format::MAX_CHUNK_SIZE;
     use proptest::prelude::*;
 
     const K4: u64 = 4096;

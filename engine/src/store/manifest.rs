@@ -344,17 +344,7 @@ impl Snapshot {
             }
             out.put_u64(d.extents.len() as u64);
             for e in &d.extents {
-                match e.chunk {
-                    None => {
-                        out.put_u8(EXTENT_ZERO);
-                        out.put_u64(e.length);
-                    }
-                    Some(id) => {
-                        out.put_u8(EXTENT_CHUNK);
-                        out.put_u32(e.length as u32);
-                        out.extend_from_slice(id.as_bytes());
-                    }
-                }
+                put_extent(&mut out, e.length, e.chunk);
             }
         }
         let sum = blake3::hash(&out);
@@ -520,6 +510,51 @@ fn decode_header(d: &mut Decoder<'_>, paged: bool) -> Result<Snapshot, DecodeErr
 }
 
 /// One disk: name, size, properties and extents (kept or only checked).
+/// Encodes one extent: `tag | length | chunk id` (the layout shared by
+/// version 1 disks and extent pages).
+pub(crate) fn put_extent(out: &mut Vec<u8>, length: u64, chunk: Option<ChunkId>) {
+    match chunk {
+        None => {
+            out.put_u8(EXTENT_ZERO);
+            out.put_u64(length);
+        }
+        Some(id) => {
+            out.put_u8(EXTENT_CHUNK);
+            out.put_u32(length as u32);
+            out.extend_from_slice(id.as_bytes());
+        }
+    }
+}
+
+/// Decodes one extent that starts at `at` (named in errors): a zero run
+/// or a chunk of at most `MAX_CHUNK_SIZE` bytes, never empty.
+pub(crate) fn decode_extent(
+    d: &mut Decoder<'_>,
+    at: u64,
+) -> Result<(u64, Option<ChunkId>), DecodeError> {
+    let (length, chunk) = match d.u8()? {
+        EXTENT_ZERO => (d.u64()?, None),
+        EXTENT_CHUNK => {
+            let len = u64::from(d.u32()?);
+            if len as usize > MAX_CHUNK_SIZE {
+                return Err(DecodeError::Invalid(format!(
+                    "chunk extent of {len} bytes at {at}"
+                )));
+            }
+            (len, Some(ChunkId(d.array()?)))
+        }
+        x => {
+            return Err(DecodeError::Invalid(format!(
+                "unknown extent tag {x} at {at}"
+            )))
+        }
+    };
+    if length == 0 {
+        return Err(DecodeError::Invalid(format!("empty extent at {at}")));
+    }
+    Ok((length, chunk))
+}
+
 fn decode_disk(
     d: &mut Decoder<'_>,
     keep_extents: bool,
@@ -537,28 +572,10 @@ fn decode_disk(
     let mut extents = Vec::with_capacity(if keep_extents { count as usize } else { 0 });
     let mut offset = 0u64;
     for _ in 0..count {
-        let (length, chunk) = match d.u8()? {
-            EXTENT_ZERO => (d.u64()?, None),
-            EXTENT_CHUNK => {
-                let len = d.u32()? as u64;
-                if len as usize > MAX_CHUNK_SIZE {
-                    return Err(DecodeError::Invalid(format!(
-                        "disk {name:?}: chunk extent of {len} bytes"
-                    )));
-                }
-                (len, Some(ChunkId(d.array()?)))
-            }
-            x => {
-                return Err(DecodeError::Invalid(format!(
-                    "disk {name:?}: unknown extent tag {x}"
-                )))
-            }
-        };
-        if length == 0 {
-            return Err(DecodeError::Invalid(format!(
-                "disk {name:?}: empty extent at {offset}"
-            )));
-        }
+        let (length, chunk) = decode_extent(d, offset).map_err(|e| match e {
+            DecodeError::Invalid(why) => DecodeError::Invalid(format!("disk {name:?}: {why}")),
+            other => other,
+        })?;
         if let Some(id) = chunk {
             on_chunk(ChunkExtent {
                 disk: &name,
@@ -1000,6 +1017,36 @@ mod tests {
         assert_eq!(s.disks[0].data_bytes(), 65636);
         assert_eq!(s.disks[0].chunk_count(), 2);
         assert_eq!(s.disks[0].extent_count(), 3);
+    }
+
+    #[test]
+    fn version_2_decodes_many_empty_disks() {
+        // An empty version 2 disk with a one-byte name takes 21 bytes, less
+        // than version 1's smallest disk (24): the disk count's bound must
+        // be version 2's own, or this manifest would be refused.
+        let mut s = sample_v2();
+        for c in ('a'..='z').chain('A'..='Z').chain('0'..='9') {
+            s.disks.push(DiskManifest::new(c.to_string()));
+        }
+        let bytes = s.encode();
+        let without_disks = {
+            let mut t = s.clone();
+            t.disks.clear();
+            t.encode().len()
+        };
+        assert!(
+            (bytes.len() - without_disks) / 24 < s.disks.len(),
+            "the test needs disks smaller than version 1's"
+        );
+        assert_eq!(Snapshot::decode(&bytes).unwrap(), s);
+        assert_eq!(Snapshot::decode(&bytes).unwrap().encode(), bytes);
+        assert_eq!(
+            Snapshot::decode_without_extents(&bytes)
+                .unwrap()
+                .disks
+                .len(),
+            64
+        );
     }
 
     #[test]
