@@ -138,17 +138,22 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses lower- or upper-case hex into exactly `N` bytes.
+/// Parses lower-case hex (the one spelling ids are written in: object
+/// names, notices) into exactly `N` bytes. Input typed by people is
+/// lower-cased before (see `SnapshotSelector`).
 pub fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let b = s.as_bytes();
     if b.len() != N * 2 {
         return None;
     }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     let mut out = [0u8; N];
     for (i, pair) in b.chunks_exact(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Some(out)
 }
@@ -170,7 +175,10 @@ mod tests {
     fn hex_round_trip() {
         let v = [0u8, 1, 0xab, 0xff];
         assert_eq!(hex(&v), "0001abff");
-        assert_eq!(parse_hex::<4>("0001ABff"), Some(v));
+        assert_eq!(parse_hex::<4>("0001abff"), Some(v));
+        // One spelling: upper case is not an id's name.
+        assert_eq!(parse_hex::<4>("0001ABff"), None);
+        assert_eq!(parse_hex::<4>("0001abfF"), None);
         assert_eq!(parse_hex::<4>("0001abf"), None);
         assert_eq!(parse_hex::<4>("0001abfg"), None);
     }

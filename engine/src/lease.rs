@@ -72,11 +72,15 @@ impl LeaseName {
             && digits(beat)
             && digits(interval)
             && interval.len() <= 12;
+        // One spelling per lease (an interval of `030000` would name an
+        // object its own `name()` does not, and a collection could never
+        // delete it).
         ok.then(|| LeaseName {
             writer: writer.to_string(),
             heartbeat: beat.parse().unwrap_or(0),
             interval_ms: interval.parse().unwrap_or(0),
         })
+        .filter(|l| l.name() == name)
     }
 
     /// The object name.
@@ -394,9 +398,14 @@ mod tests {
             "0123456789abcdef0123456789abcdef.1.30000",
             "0123456789abcdef0123456789abcdef.01800000000123456789",
             "0123456789abcdef0123456789abcdef.01800000000123456789.",
+            // A second spelling of the interval.
+            "0123456789abcdef0123456789abcdef.01800000000123456789.030000",
         ] {
             assert_eq!(LeaseName::parse(bad), None, "{bad}");
         }
+        assert!(
+            LeaseName::parse("0123456789abcdef0123456789abcdef.01800000000123456789.0").is_some()
+        );
     }
 
     #[test]

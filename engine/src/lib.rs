@@ -139,7 +139,7 @@ pub use store::wire::DecodeError;
 #[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::lease::SweepNotice;
+    pub use crate::lease::{LeaseName, SweepNotice};
     pub use crate::pipeline::backup::resume::{decode_journal, encode_record, JOURNAL_MAGIC};
     pub use crate::store::blob::{BlobCodec, BlobHeader};
     pub use crate::store::catalog::{

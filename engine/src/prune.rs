@@ -21,6 +21,24 @@ use crate::retention::{RetentionDecision, RetentionPolicy};
 /// Name prefix of stored retention policies (`retention.<nanos>.<random>`).
 const POLICY_PREFIX: &str = "retention.";
 
+/// Whether `name` is a stored policy's name, `retention.<20 digits>.<8
+/// lower-case hex>` (in that one spelling: the newest sorts last); other
+/// names are foreign and ignored.
+fn is_policy_name(name: &str) -> bool {
+    let Some((nanos, random)) = name
+        .strip_prefix(POLICY_PREFIX)
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return false;
+    };
+    nanos.len() == 20
+        && nanos.bytes().all(|b| b.is_ascii_digit())
+        && random.len() == 8
+        && random
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// What [`Repository::prune`] does.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
@@ -236,7 +254,7 @@ impl Repository {
             .pool()
             .list(FileKind::Setting)?
             .into_iter()
-            .filter(|n| n.starts_with(POLICY_PREFIX))
+            .filter(|n| is_policy_name(n))
             .collect();
         names.sort();
         Ok(names)
@@ -313,5 +331,26 @@ impl Repository {
             }
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_names_have_one_shape() {
+        assert!(is_policy_name("retention.01800000000123456789.0a1b2c3d"));
+        for foreign in [
+            "retention.zzz",
+            "retention.1800000000123456789.0a1b2c3d", // 19 digits
+            "retention.01800000000123456789.0A1B2C3D", // upper case
+            "retention.01800000000123456789.0a1b2c3", // 7 hex
+            "retention.01800000000123456789.0a1b2c3d.x", // more
+            "retention.0180000000012345678x.0a1b2c3d",
+            "policy.01800000000123456789.0a1b2c3d",
+        ] {
+            assert!(!is_policy_name(foreign), "{foreign}");
+        }
     }
 }

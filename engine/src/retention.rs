@@ -359,6 +359,9 @@ impl RetentionPolicy {
                 "lines are repeated or out of order (one encoding per policy)".into(),
             ));
         }
+        if policy.is_empty() {
+            return Err(bad("no keep rule (a stored policy keeps something)".into()));
+        }
         Ok(policy)
     }
 }
@@ -698,6 +701,8 @@ mod tests {
             "cairn-retention 1\ntime-zone Nowhere/Land\n",    // zone
             "cairn-retention 1\nkeep-last 3\n\n",             // empty line
             "cairn-retention 1\nkeep-last 3\ntime-zone europe/berlin\n", // zone spelling
+            "cairn-retention 1\n",                            // no keep rule
+            "cairn-retention 1\ntime-zone Europe/Berlin\n",   // no keep rule
         ] {
             let e = RetentionPolicy::decode(bad.as_bytes()).unwrap_err();
             assert!(e.is_damage(), "{bad:?}: {e}");

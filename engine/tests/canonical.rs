@@ -11,12 +11,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use cairn_engine::bytes::Bytes;
 use cairn_engine::cbt::DirtyBitmap;
 use cairn_engine::internals::{
-    cut_pages, decode_page, encode_table, pack_header, parse_pack, BlobCodec, BlobHeader,
-    PackEntry, PagePlace, Segment, SegmentBuilder,
+    cut_pages, decode_catalog, decode_page, encode_catalog, encode_table, pack_header, parse_pack,
+    BlobCodec, BlobHeader, LeaseName, PackEntry, PagePlace, Segment, SegmentBuilder, SweepNotice,
 };
 use cairn_engine::{
-    ChunkId, ChunkingParams, Compression, DiskManifest, IdScheme, PackId, PoolConfig, PoolId,
-    Snapshot, SnapshotId, SnapshotMode,
+    ChunkId, ChunkingParams, Compression, DiskManifest, IdScheme, PackId, Period, PoolConfig,
+    PoolId, RetentionPolicy, Snapshot, SnapshotId, SnapshotMode,
 };
 use proptest::prelude::*;
 
@@ -152,6 +152,23 @@ fn mutate_pack(good: &[u8], flips: &[(usize, u8)]) -> Vec<u8> {
     b
 }
 
+/// Changes bytes of a text structure: with `ascii`, each chosen byte
+/// becomes one of the characters these formats use (digits, letters,
+/// `.`, space, newline, `s`), otherwise it is xored with a random byte.
+fn mutate_text(good: &str, flips: &[(usize, u8)], ascii: bool) -> Vec<u8> {
+    const CHARS: &[u8] = b"0123456789abcdefzAZ. \n-s/";
+    let mut b = good.as_bytes().to_vec();
+    for &(at, x) in flips {
+        let at = at % b.len();
+        if ascii {
+            b[at] = CHARS[x as usize % CHARS.len()];
+        } else {
+            b[at] ^= x.max(1);
+        }
+    }
+    b
+}
+
 /// Applies `flips` (position, xor) to a copy of `good`, fixing the checksum.
 fn mutate(good: &[u8], flips: &[(usize, u8)], checksummed: bool) -> Vec<u8> {
     let mut b = good.to_vec();
@@ -165,8 +182,89 @@ fn mutate(good: &[u8], flips: &[(usize, u8)], checksummed: bool) -> Vec<u8> {
     b
 }
 
+/// A catalog of two snapshots (the sample manifest and a second VM's).
+fn sample_catalog() -> Vec<u8> {
+    let a = Snapshot::decode(&sample_manifest()).unwrap();
+    let mut b = a.clone();
+    b.vm = "db".into();
+    b.parent = None;
+    let entries = [a, b].map(|s| (SnapshotId::of_manifest(&s.encode()), s));
+    encode_catalog(&entries)
+}
+
+fn sample_policy() -> String {
+    RetentionPolicy::new()
+        .with_keep_last(3)
+        .unwrap()
+        .with_keep_within(Duration::from_secs(3600))
+        .unwrap()
+        .with_keep(Period::Daily, 7)
+        .unwrap()
+        .with_keep(Period::Monthly, 12)
+        .unwrap()
+        .with_time_zone("Europe/Berlin")
+        .unwrap()
+        .encode()
+}
+
+fn sample_notice() -> String {
+    SweepNotice {
+        packs: [PackId([0x12; 16]), PackId([0xab; 16]), PackId([0x3c; 16])].into(),
+    }
+    .encode()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn catalogs_have_one_encoding(flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4)) {
+        let b = mutate(&sample_catalog(), &flips, true);
+        if let Ok(entries) = decode_catalog(&b) {
+            prop_assert_eq!(encode_catalog(&entries), b);
+        }
+    }
+
+    /// Text structures: flips stay in ASCII letters and digits often
+    /// enough to reach the parsers (a random byte is mostly not UTF-8).
+    #[test]
+    fn retention_policies_have_one_encoding(
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..3),
+        ascii in any::<bool>(),
+    ) {
+        let b = mutate_text(&sample_policy(), &flips, ascii);
+        if let Ok(p) = RetentionPolicy::decode(&b) {
+            prop_assert_eq!(p.encode().into_bytes(), b);
+        }
+    }
+
+    #[test]
+    fn sweep_notices_have_one_encoding(
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..3),
+        ascii in any::<bool>(),
+    ) {
+        let b = mutate_text(&sample_notice(), &flips, ascii);
+        if let Ok(n) = SweepNotice::decode(&b) {
+            prop_assert_eq!(n.encode().into_bytes(), b);
+        }
+    }
+
+    #[test]
+    fn lease_names_have_one_spelling(
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..3),
+        ascii in any::<bool>(),
+    ) {
+        let good = LeaseName {
+            writer: "0123456789abcdef0123456789abcdef".into(),
+            heartbeat: 1_800_000_000_123_456_789,
+            interval_ms: 30_000,
+        }
+        .name();
+        let b = mutate_text(&good, &flips, ascii);
+        if let Some(l) = std::str::from_utf8(&b).ok().and_then(LeaseName::parse) {
+            prop_assert_eq!(l.name().into_bytes(), b);
+        }
+    }
 
     #[test]
     fn manifests_have_one_encoding(flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4)) {

@@ -225,6 +225,14 @@ impl BlobCodec {
                 out.extend_from_slice(body);
             }
             _ => {
+                // One frame, nothing after it (zstd would also decode
+                // frames back to back, or skippable frames: other
+                // encodings of the same blob).
+                if zstd::zstd_safe::find_frame_compressed_size(body) != Ok(body.len()) {
+                    return Err(DecodeError::Invalid(
+                        "zstd body is not exactly one frame".into(),
+                    ));
+                }
                 // Decompress into the spare capacity after `start`: no
                 // memset of bytes zstd overwrites anyway.
                 out.reserve(header.raw_len as usize);
@@ -434,6 +442,47 @@ mod tests {
             }
         }
         assert!(rejected > 20_000, "only {rejected} flips were rejected");
+    }
+
+    #[test]
+    fn a_zstd_body_is_exactly_one_frame() {
+        let data = vec![b'x'; 4096];
+        let one = zstd::bulk::compress(&data, 1).unwrap();
+        let half = zstd::bulk::compress(&data[..2048], 1).unwrap();
+        // A skippable frame: magic 0x184D2A50, length, payload.
+        let mut skippable = 0x184D_2A50u32.to_le_bytes().to_vec();
+        skippable.extend_from_slice(&3u32.to_le_bytes());
+        skippable.extend_from_slice(b"abc");
+        let blob_of = |body: &[u8]| {
+            let mut b = BlobHeader {
+                compression: 1,
+                raw_len: 4096,
+                body_len: body.len() as u32,
+            }
+            .encode()
+            .to_vec();
+            b.extend_from_slice(body);
+            b
+        };
+        let mut codec = BlobCodec::new(Compression::None);
+        let mut out = Vec::new();
+        codec.decode_into(&blob_of(&one), &mut out).unwrap();
+        assert_eq!(out, data);
+        // Other encodings zstd itself would decode to the same 4 096 bytes.
+        for (what, body) in [
+            ("two frames", [half.clone(), half.clone()].concat()),
+            (
+                "a skippable frame after",
+                [one.clone(), skippable.clone()].concat(),
+            ),
+            (
+                "a skippable frame before",
+                [skippable.clone(), one.clone()].concat(),
+            ),
+        ] {
+            let e = codec.decode_into(&blob_of(&body), &mut out).unwrap_err();
+            assert!(e.to_string().contains("one frame"), "{what}: {e}");
+        }
     }
 
     #[test]

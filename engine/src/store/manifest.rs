@@ -495,6 +495,7 @@ fn decode_header(d: &mut Decoder<'_>, paged: bool) -> Result<Snapshot, DecodeErr
         COMPRESSION_ZSTD => Compression::Zstd { level },
         x => return Err(DecodeError::Invalid(format!("unknown compression {x}"))),
     };
+    compression.validate().map_err(DecodeError::Invalid)?;
     let properties = get_properties(d)?;
     Ok(Snapshot {
         time,
@@ -571,11 +572,19 @@ fn decode_disk(
     }
     let mut extents = Vec::with_capacity(if keep_extents { count as usize } else { 0 });
     let mut offset = 0u64;
+    let mut prev_zero = false;
     for _ in 0..count {
         let (length, chunk) = decode_extent(d, offset).map_err(|e| match e {
             DecodeError::Invalid(why) => DecodeError::Invalid(format!("disk {name:?}: {why}")),
             other => other,
         })?;
+        // One encoding per disk: two zero runs side by side are one run.
+        if chunk.is_none() && prev_zero {
+            return Err(DecodeError::Invalid(format!(
+                "disk {name:?}: zero run at {offset} follows a zero run (they are merged)"
+            )));
+        }
+        prev_zero = chunk.is_none();
         if let Some(id) = chunk {
             on_chunk(ChunkExtent {
                 disk: &name,
@@ -1017,6 +1026,44 @@ mod tests {
         assert_eq!(s.disks[0].data_bytes(), 65636);
         assert_eq!(s.disks[0].chunk_count(), 2);
         assert_eq!(s.disks[0].extent_count(), 3);
+    }
+
+    #[test]
+    fn zstd_levels_are_those_a_backup_accepts() {
+        for (level, ok) in [(0, false), (1, true), (19, true), (20, false), (-1, false)] {
+            let mut s = sample();
+            s.compression = Compression::Zstd { level };
+            assert_eq!(Snapshot::decode(&s.encode()).is_ok(), ok, "level {level}");
+        }
+    }
+
+    #[test]
+    fn two_zero_runs_side_by_side_are_refused() {
+        // The same disk as one merged run decodes; split in two it would be
+        // a second encoding (a second snapshot id) of the same contents.
+        let mut s = sample();
+        let merged = s.encode();
+        assert!(Snapshot::decode(&merged).is_ok());
+        let run = s.disks[0].extents[1];
+        assert_eq!(run.chunk, None);
+        let half = run.length / 2;
+        s.disks[0].extents.splice(
+            1..2,
+            [
+                Extent {
+                    offset: run.offset,
+                    length: half,
+                    chunk: None,
+                },
+                Extent {
+                    offset: run.offset + half,
+                    length: run.length - half,
+                    chunk: None,
+                },
+            ],
+        );
+        let e = Snapshot::decode(&s.encode()).unwrap_err();
+        assert!(e.to_string().contains("follows a zero run"), "{e}");
     }
 
     #[test]
