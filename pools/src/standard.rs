@@ -101,6 +101,9 @@ fn whole_pool_only(kind: FileKind) -> bool {
     matches!(kind, FileKind::Catalog | FileKind::Lease | FileKind::Sweep)
 }
 
+/// The most incrementals a set may hold (`standard.json`'s `set_length`).
+pub const MAX_SET_LENGTH: u32 = 365;
+
 impl StandardPool {
     /// Creates the layout in `dir` (which may exist and be empty) with
     /// `set_length` incrementals per set, or opens the pool there.
@@ -109,6 +112,12 @@ impl StandardPool {
         set_length: u32,
     ) -> std::result::Result<Self, PoolOpenError> {
         let root = dir.as_ref().to_path_buf();
+        if set_length > MAX_SET_LENGTH {
+            return Err(PoolOpenError::Settings {
+                address: root.display().to_string(),
+                reason: format!("set_length {set_length} is out of range (0–{MAX_SET_LENGTH})"),
+            });
+        }
         std::fs::create_dir_all(root.join("sets")).map_err(io(&root))?;
         let settings_path = root.join(SETTINGS_FILE);
         if !settings_path.exists() {
@@ -161,6 +170,15 @@ impl StandardPool {
             return Err(PoolOpenError::Settings {
                 address: settings_path.display().to_string(),
                 reason: format!("version {} is not supported", settings.version),
+            });
+        }
+        if settings.set_length > MAX_SET_LENGTH {
+            return Err(PoolOpenError::Settings {
+                address: settings_path.display().to_string(),
+                reason: format!(
+                    "set_length {} is out of range (0–{MAX_SET_LENGTH})",
+                    settings.set_length
+                ),
             });
         }
         let shared = Arc::new(LocalPool::open(root.join("shared"))?);

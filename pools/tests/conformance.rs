@@ -146,3 +146,27 @@ fn the_object_pool_works_from_threads_with_and_without_a_runtime() {
     // The last handle may go away inside async code without a panic.
     rt.block_on(async move { drop(pool) });
 }
+
+/// A set length out of range (0–365) is refused at creation and when a
+/// pool's `standard.json` holds one, naming the file.
+#[test]
+fn a_standard_pool_refuses_a_set_length_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let Err(e) = StandardPool::create(dir.path().join("a"), 366) else {
+        panic!("a set length of 366 was accepted")
+    };
+    assert!(e.to_string().contains("set_length 366"), "{e}");
+    let root = dir.path().join("b");
+    StandardPool::create(&root, 365).unwrap();
+    let settings = root.join("standard.json");
+    std::fs::write(&settings, br#"{"version": 1, "set_length": 366}"#).unwrap();
+    let Err(e) = StandardPool::open(&root) else {
+        panic!("a stored set length of 366 was accepted")
+    };
+    assert!(
+        e.to_string().contains("set_length 366") && e.to_string().contains("standard.json"),
+        "{e}"
+    );
+    std::fs::write(&settings, br#"{"version": 1, "set_length": 365}"#).unwrap();
+    assert_eq!(StandardPool::open(&root).unwrap().set_length(), 365);
+}

@@ -683,3 +683,67 @@ fn media_sets_rotate_by_age_and_old_catalogs_are_rewritten() {
     assert_eq!(second.list(FileKind::Pack).unwrap(), Vec::<String>::new());
     assert_eq!(&pool.read(FileKind::Pack, PACK).unwrap()[..], b"first week");
 }
+
+/// The pool's local files are checked when it opens: `media.json` of
+/// another version or with a rotation out of range, and a catalog line
+/// naming a kind of object this build does not know, are damage errors
+/// naming the file (and the line), not values taken or lines skipped.
+#[test]
+fn local_files_out_of_range_are_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = tape_pool(dir.path(), 2, 4 << 20);
+    set(&pool).write(FileKind::Pack, PACK, b"kept").unwrap();
+    drop(pool);
+    let open = |dir: &Path| {
+        let lib = VirtualTapeLibrary::open(dir.join("library")).unwrap();
+        TapePool::open(dir, Box::new(lib))
+    };
+    let media_path = dir.path().join("media.json");
+    let good_media = std::fs::read(&media_path).unwrap();
+    for (field, value, named) in [
+        ("version", 2u64, "version 2"),
+        ("rotation_days", 3651, "rotation_days 3651"),
+    ] {
+        let mut media: serde_json::Value = serde_json::from_slice(&good_media).unwrap();
+        media[field] = value.into();
+        std::fs::write(&media_path, serde_json::to_vec(&media).unwrap()).unwrap();
+        let Err(e) = open(dir.path()) else {
+            panic!("{field}: not refused")
+        };
+        let text = e.to_string();
+        assert!(e.is_damage(), "{field}: {text}");
+        assert!(
+            text.contains("media.json") && text.contains(named),
+            "{text}"
+        );
+    }
+    let mut media: serde_json::Value = serde_json::from_slice(&good_media).unwrap();
+    media["rotation_days"] = 3650.into();
+    std::fs::write(&media_path, serde_json::to_vec(&media).unwrap()).unwrap();
+    assert_eq!(open(dir.path()).unwrap().rotation_days(), 3650);
+
+    let catalog = dir.path().join("tape-catalog");
+    let good_catalog = std::fs::read_to_string(&catalog).unwrap();
+    let mut line: serde_json::Value =
+        serde_json::from_str(good_catalog.lines().next().unwrap()).unwrap();
+    line["add"]["kind"] = "holograms".into();
+    std::fs::write(&catalog, format!("{good_catalog}{line}\n")).unwrap();
+    let Err(e) = open(dir.path()) else {
+        panic!("an unknown kind was not refused")
+    };
+    let text = e.to_string();
+    assert!(e.is_damage(), "{text}");
+    let n = good_catalog.lines().count() + 1;
+    assert!(
+        text.contains(&format!("line {n}")) && text.contains("holograms"),
+        "{text}"
+    );
+    std::fs::write(&catalog, &good_catalog).unwrap();
+    assert_eq!(
+        &open(dir.path())
+            .unwrap()
+            .read(FileKind::Pack, PACK)
+            .unwrap()[..],
+        b"kept"
+    );
+}

@@ -229,4 +229,70 @@ mod tests {
             assert!(DirtyBitmap::decode(&bytes[..n]).is_err());
         }
     }
+
+    #[test]
+    fn merge_needs_the_same_size_and_grid() {
+        let mut a = DirtyBitmap::new(1 << 20, 65536).unwrap();
+        // Each differing alone is refused.
+        assert!(a.merge(&DirtyBitmap::new(2 << 20, 65536).unwrap()).is_err());
+        assert!(a.merge(&DirtyBitmap::new(1 << 20, 4096).unwrap()).is_err());
+        assert!(a.merge(&DirtyBitmap::new(1 << 20, 65536).unwrap()).is_ok());
+    }
+
+    /// The encoding of a bitmap built field by field (no checks).
+    fn raw(granularity: u64, size: u64, words: Vec<u64>) -> Vec<u8> {
+        DirtyBitmap {
+            granularity,
+            size,
+            words,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn decode_checks_the_grid_the_word_count_and_bits_past_the_end() {
+        // Granularity: a power of two of at least 512.
+        assert!(DirtyBitmap::decode(&raw(512, 512, vec![1])).is_ok());
+        for bad in [256, 1000, 0] {
+            let e = DirtyBitmap::decode(&raw(bad, 512 * 64, vec![0])).unwrap_err();
+            assert!(e.to_string().contains("granularity"), "{bad}: {e}");
+        }
+        // Word count: what the size needs, and no more than the input holds
+        // (refused as such, before anything is allocated for it).
+        assert!(DirtyBitmap::decode(&raw(512, 512 * 65, vec![0])).is_err());
+        assert!(DirtyBitmap::decode(&raw(512, 512 * 64, vec![0, 0])).is_err());
+        let mut short = raw(512, 512 * 65, vec![0, 0]);
+        let words_end = short.len() - 32;
+        short.drain(words_end - 8..words_end); // one word left for a count of 2
+        let n = short.len() - 32;
+        let sum = blake3::hash(&short[..n]);
+        short[n..].copy_from_slice(sum.as_bytes());
+        let e = DirtyBitmap::decode(&short).unwrap_err();
+        assert!(e.to_string().contains("words do not describe"), "{e}");
+        // A count that agrees with a huge size but not with the input
+        // (2^49 words: allocating them first would abort).
+        let size = u64::MAX - 511;
+        let mut huge = raw(512, size, Vec::new());
+        huge[32..40].copy_from_slice(&size.div_ceil(512).div_ceil(64).to_le_bytes());
+        let n = huge.len() - 32;
+        let sum = blake3::hash(&huge[..n]);
+        huge[n..].copy_from_slice(sum.as_bytes());
+        let e = DirtyBitmap::decode(&huge).unwrap_err();
+        assert!(e.to_string().contains("words do not describe"), "{e}");
+        // Bits past the last block: 100 blocks in 2 words (36 bits used in
+        // the second); the last block's bit is fine, the next is not.
+        let size = 100 * 512;
+        assert!(DirtyBitmap::decode(&raw(512, size, vec![0, 1 << 35])).is_ok());
+        for bit in [36, 40, 63] {
+            let e = DirtyBitmap::decode(&raw(512, size, vec![0, 1 << bit])).unwrap_err();
+            assert!(
+                e.to_string().contains("past the disk's end"),
+                "bit {bit}: {e}"
+            );
+        }
+        // A whole last word (128 blocks): every bit of it is a block.
+        let b = DirtyBitmap::decode(&raw(512, 128 * 512, vec![0, 1 << 63])).unwrap();
+        assert!(b.test(127) && !b.test(128));
+        assert!(DirtyBitmap::decode(&raw(512, 127 * 512 + 1, vec![0, 1 << 63])).is_ok());
+    }
 }

@@ -74,6 +74,9 @@ fn on_tape(kind: FileKind) -> bool {
     )
 }
 
+/// The longest media set rotation (`media.json`'s `rotation_days`).
+pub const MAX_ROTATION_DAYS: u32 = 3650;
+
 fn kind_named(name: &str) -> Option<FileKind> {
     FileKind::ALL.into_iter().find(|k| k.dir_name() == name)
 }
@@ -495,7 +498,7 @@ impl TapePool {
     /// is `days` old starts a new set (0: sets are only closed by hand or
     /// by a write error). At most 3650.
     pub fn set_rotation_days(&self, days: u32) -> Result<()> {
-        if days > 3650 {
+        if days > MAX_ROTATION_DAYS {
             return Err(Error::InvalidArgument(format!(
                 "media set rotation of {days} days: the range is 0 (none) to 3650"
             )));
@@ -859,13 +862,26 @@ type ScannedPart = (Header, Part, Option<(u64, String)>);
 
 fn load_media(dir: &Path) -> Result<MediaState> {
     let path = dir.join(MEDIA_FILE);
+    let bad = |why: String| {
+        Error::corrupt(
+            format!("tape media state {}", path.display()),
+            cairn_engine::DecodeError::Invalid(why),
+        )
+    };
     match std::fs::read(&path) {
-        Ok(raw) => serde_json::from_slice(&raw).map_err(|e| {
-            Error::corrupt(
-                format!("tape media state {}", path.display()),
-                cairn_engine::DecodeError::Invalid(e.to_string()),
-            )
-        }),
+        Ok(raw) => {
+            let media: MediaState = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
+            if media.version != 1 {
+                return Err(bad(format!("version {} is not supported", media.version)));
+            }
+            if media.rotation_days > MAX_ROTATION_DAYS {
+                return Err(bad(format!(
+                    "rotation_days {} is out of range (0–{MAX_ROTATION_DAYS})",
+                    media.rotation_days
+                )));
+            }
+            Ok(media)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(MediaState {
             version: 1,
             ..MediaState::default()
@@ -976,6 +992,16 @@ fn read_catalog(dir: &Path, media: &MediaState) -> Result<(File, Objects, bool)>
     let mut raw = Vec::new();
     file.read_to_end(&mut raw).map_err(io_err(&path))?;
     let complete = raw.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    // A kind this build does not know is an error, not a line to skip: the
+    // object would vanish from the pool.
+    let known_kind = |kind: &str, n: usize| {
+        kind_named(kind).ok_or_else(|| {
+            Error::corrupt(
+                format!("tape catalog {} line {}", path.display(), n + 1),
+                cairn_engine::DecodeError::Invalid(format!("unknown object kind {kind:?}")),
+            )
+        })
+    };
     for (n, line) in raw[..complete].lines().enumerate() {
         let line = line.map_err(io_err(&path))?;
         let parsed: CatalogLine = serde_json::from_str(&line).map_err(|e| {
@@ -993,45 +1019,43 @@ fn read_catalog(dir: &Path, media: &MediaState) -> Result<(File, Objects, bool)>
                 blake3,
                 parts,
             } => {
-                if let Some(k) = kind_named(&kind) {
-                    legacy |= media_set.is_empty();
-                    let set = if media_set.is_empty() {
-                        parts
-                            .first()
-                            .and_then(|p| set_of(media, &p.barcode))
-                            .unwrap_or_default()
-                    } else {
-                        media_set
-                    };
-                    put_copy(
-                        &mut objects,
-                        (k, name),
-                        Entry {
-                            set,
-                            size,
-                            blake3,
-                            parts,
-                        },
-                    );
-                }
+                let k = known_kind(&kind, n)?;
+                legacy |= media_set.is_empty();
+                let set = if media_set.is_empty() {
+                    parts
+                        .first()
+                        .and_then(|p| set_of(media, &p.barcode))
+                        .unwrap_or_default()
+                } else {
+                    media_set
+                };
+                put_copy(
+                    &mut objects,
+                    (k, name),
+                    Entry {
+                        set,
+                        size,
+                        blake3,
+                        parts,
+                    },
+                );
             }
             CatalogLine::Delete {
                 kind,
                 name,
                 media_set,
             } => {
-                if let Some(k) = kind_named(&kind) {
-                    let key = (k, name);
-                    match media_set {
-                        None => {
-                            objects.remove(&key);
-                        }
-                        Some(set) => {
-                            if let Some(copies) = objects.get_mut(&key) {
-                                copies.retain(|c| c.set != set);
-                                if copies.is_empty() {
-                                    objects.remove(&key);
-                                }
+                let k = known_kind(&kind, n)?;
+                let key = (k, name);
+                match media_set {
+                    None => {
+                        objects.remove(&key);
+                    }
+                    Some(set) => {
+                        if let Some(copies) = objects.get_mut(&key) {
+                            copies.retain(|c| c.set != set);
+                            if copies.is_empty() {
+                                objects.remove(&key);
                             }
                         }
                     }
