@@ -420,12 +420,26 @@ fn decode(
         )));
     }
     snapshot.disks.reserve(disk_count);
+    let mut names = std::collections::HashSet::with_capacity(disk_count);
     for _ in 0..disk_count {
         let disk = if paged {
             decode_paged_disk(&mut d)?
         } else {
             decode_disk(&mut d, keep_extents, on_chunk)?
         };
+        // Names are plain file names, each once: what a restore creates.
+        if crate::pipeline::input::validate_disk_name(&disk.name).is_err() {
+            return Err(DecodeError::Invalid(format!(
+                "disk name {:?} is not a plain file name",
+                disk.name
+            )));
+        }
+        if !names.insert(disk.name.clone()) {
+            return Err(DecodeError::Invalid(format!(
+                "disk {:?} is listed twice",
+                disk.name
+            )));
+        }
         snapshot.disks.push(disk);
     }
     d.expect_end()?;
@@ -1026,6 +1040,22 @@ mod tests {
         assert_eq!(s.disks[0].data_bytes(), 65636);
         assert_eq!(s.disks[0].chunk_count(), 2);
         assert_eq!(s.disks[0].extent_count(), 3);
+    }
+
+    #[test]
+    fn disk_names_are_plain_file_names_each_once() {
+        for (names, ok) in [
+            (&["vda", "vdb"][..], true),
+            (&["vda", "vda"][..], false),
+            (&[""][..], false),
+            (&[".."][..], false),
+            (&["a/b"][..], false),
+        ] {
+            let mut s = sample();
+            s.disks = names.iter().map(|n| DiskManifest::new(*n)).collect();
+            let r = Snapshot::decode(&s.encode());
+            assert_eq!(r.is_ok(), ok, "{names:?}: {r:?}");
+        }
     }
 
     #[test]
