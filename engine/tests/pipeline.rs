@@ -1006,3 +1006,37 @@ fn hash_mismatch_names_chunk_pack_and_the_damaged_content_id() {
         other => panic!("expected a hash mismatch, got {other}"),
     }
 }
+
+/// The index loads every stored segment and names them; a refresh takes
+/// in exactly the segments written since (counted), and nothing when none
+/// was. Counted against the pool's own listing, not the index's.
+#[test]
+fn an_index_loads_and_refreshes_exactly_the_stored_segments() {
+    use cairn_engine::internals::Index;
+    use cairn_engine::{FileKind, PoolList};
+    let (pool, repo) = memory_repo();
+    backup_image(&repo, "d", mixed_image(1 << 20, 1));
+    let stored = |pool: &MemoryPool| {
+        let mut names = pool.list(FileKind::Index).unwrap();
+        names.sort();
+        names
+    };
+    let first = stored(&pool);
+    assert_eq!(first.len(), 1);
+    let index = Index::load(&pool).unwrap();
+    assert_eq!(index.segment_count(), 1);
+    let (segments, mut names) = index.segments();
+    names.sort();
+    assert_eq!((segments.len(), names), (1, first));
+    assert!(!segments[0].is_empty());
+    assert_eq!(index.refresh(&pool).unwrap(), 0, "nothing new");
+
+    backup_image(&repo, "d", mixed_image(1 << 20, 2));
+    let second = stored(&pool);
+    assert_eq!(second.len(), 2);
+    assert_eq!(index.refresh(&pool).unwrap(), 1, "one new segment");
+    assert_eq!(index.segment_count(), 2);
+    let (_, mut names) = index.segments();
+    names.sort();
+    assert_eq!(names, second);
+}
