@@ -1036,7 +1036,21 @@ fn an_index_loads_and_refreshes_exactly_the_stored_segments() {
     assert_eq!(second.len(), 2);
     assert_eq!(index.refresh(&pool).unwrap(), 1, "one new segment");
     assert_eq!(index.segment_count(), 2);
-    let (_, mut names) = index.segments();
+    let (segments, mut names) = index.segments();
     names.sort();
     assert_eq!(names, second);
+    let entries: usize = segments.iter().map(|s| s.len()).sum();
+    assert_eq!(index.entry_count(), entries);
+
+    // A rebuild from the packs alone says what it did, in numbers counted
+    // from the pool: every pack, the same chunks, both old segments gone.
+    let packs = pool.list(FileKind::Pack).unwrap().len();
+    let report = repo.repair_index().unwrap();
+    assert_eq!(
+        report.to_string(),
+        format!(
+            "index rebuilt from {packs} packs: {entries} chunks, 2 old segments removed, \
+             0 damaged packs skipped"
+        )
+    );
 }
