@@ -85,7 +85,12 @@ macro_rules! hex_id {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, String> {
                 Self::from_hex(s).ok_or_else(|| {
-                    format!("{:?} is not a {}-character hex {}", s, $len * 2, stringify!($name))
+                    format!(
+                        "{:?} is not a {}-character lower-case hex {}",
+                        s,
+                        $len * 2,
+                        stringify!($name)
+                    )
                 })
             }
         }

@@ -199,7 +199,15 @@ impl Repository {
             return Ok(None);
         };
         let bytes = self.pool().read(FileKind::Setting, &name)?;
-        RetentionPolicy::decode(&bytes).map(Some)
+        RetentionPolicy::decode(&bytes)
+            .map(Some)
+            .map_err(|e| match e {
+                Error::Corrupt { what, reason } => Error::Corrupt {
+                    what: format!("{what} settings/{name}"),
+                    reason,
+                },
+                other => other,
+            })
     }
 
     /// Stores `policy` in the pool (`None`: removes the stored policy).

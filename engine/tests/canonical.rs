@@ -153,8 +153,8 @@ fn mutate_pack(good: &[u8], flips: &[(usize, u8)]) -> Vec<u8> {
 }
 
 /// Changes bytes of a text structure: with `ascii`, each chosen byte
-/// becomes one of the characters these formats use (digits, letters,
-/// `.`, space, newline, `s`), otherwise it is xored with a random byte.
+/// becomes one of `CHARS` (digits, hex and other letters, `.`, space,
+/// newline, `-`, `/`), otherwise it is xored with a random byte.
 fn mutate_text(good: &str, flips: &[(usize, u8)], ascii: bool) -> Vec<u8> {
     const CHARS: &[u8] = b"0123456789abcdefzAZ. \n-s/";
     let mut b = good.as_bytes().to_vec();

@@ -1009,7 +1009,9 @@ fn hash_mismatch_names_chunk_pack_and_the_damaged_content_id() {
 
 /// The index loads every stored segment and names them; a refresh takes
 /// in exactly the segments written since (counted), and nothing when none
-/// was. Counted against the pool's own listing, not the index's.
+/// was. Segment names and packs are counted from the pool's own listing;
+/// the entry count is checked against the segments' own lengths and the
+/// rebuild's count from the pack tables.
 #[test]
 fn an_index_loads_and_refreshes_exactly_the_stored_segments() {
     use cairn_engine::internals::Index;

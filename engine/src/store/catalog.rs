@@ -83,7 +83,12 @@ pub fn decode(data: &[u8]) -> Result<Vec<CatalogEntry>, DecodeError> {
         }
         let len = d.u32()? as usize;
         let bytes = d.bytes(len)?;
-        let full = Snapshot::decode(bytes)?;
+        let full = Snapshot::decode(bytes).map_err(|e| match e {
+            DecodeError::Invalid(why) => {
+                DecodeError::Invalid(format!("entry {i} (snapshot {id}): {why}"))
+            }
+            other => other,
+        })?;
         if summary_of(&full).encode() != bytes {
             return Err(DecodeError::Invalid(format!(
                 "entry {i}: not the summary of a manifest"

@@ -524,7 +524,6 @@ fn decode_header(d: &mut Decoder<'_>, paged: bool) -> Result<Snapshot, DecodeErr
     })
 }
 
-/// One disk: name, size, properties and extents (kept or only checked).
 /// Encodes one extent: `tag | length | chunk id` (the layout shared by
 /// version 1 disks and extent pages).
 pub(crate) fn put_extent(out: &mut Vec<u8>, length: u64, chunk: Option<ChunkId>) {
@@ -570,6 +569,7 @@ pub(crate) fn decode_extent(
     Ok((length, chunk))
 }
 
+/// One disk: name, size, properties and extents (kept or only checked).
 fn decode_disk(
     d: &mut Decoder<'_>,
     keep_extents: bool,
