@@ -4,7 +4,7 @@
 //! stays correct for as long as it lives: it picks up index segments and
 //! manifests that other handles or processes write.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,10 +14,10 @@ use parking_lot::Mutex;
 use crate::cbt::{prepare_vm, CbtDisk, CbtPolicy, PreparedVm};
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
-use crate::id::{IdScheme, PackId, PoolId, SnapshotId};
+use crate::id::{IdScheme, PoolId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{condemned_packs, delete_retrying, WriterLease};
-use crate::pipeline::backup::{self, BackupOptions, BackupStats};
+use crate::pipeline::backup::{self, BackupOptions, BackupStats, Excluded};
 use crate::pipeline::input::{BackupDisk, ChangedBlocks, DiskInput};
 use crate::pipeline::restore::{self, MakeTarget, RestoreOptions, RestoreStats};
 use crate::pipeline::verify::{self, VerifyOptions, VerifyReport};
@@ -517,22 +517,28 @@ impl Repository {
         // waits for this backup) or announced its sweep before it (and this
         // backup reads the notice below and reuses nothing it condemns).
         let lease = WriterLease::acquire(&self.pool, opts.lease_renewal)?;
-        let mut excluded: HashSet<PackId> = condemned_packs(&self.pool)?.into_iter().collect();
+        let mut excluded = Excluded {
+            packs: condemned_packs(&self.pool)?.into_iter().collect(),
+            ..Excluded::default()
+        };
         let index = self.fresh_index()?;
         // Packs the index names but the pool no longer lists (a collection
         // or repair removed them since the index was built).
-        excluded.extend(index.absent_packs());
+        excluded.packs.extend(index.absent_packs());
         self.mark_unchanged(&mut disks, opts)?;
         // An incremental reuses its parent's chunks without looking them
         // up: re-read those the index no longer holds outside excluded
         // packs (the parent may have been pruned and collected since it
-        // was read, or a collection is about to delete their pack).
+        // was read, or a collection is about to delete their pack), and
+        // the spans of extent pages that cannot be read. A page found
+        // damaged is stored again when its span is cut anew: its damaged
+        // copy is not reused.
         for disk in &mut disks {
             if let DiskInput::Incremental { changed, .. } = &mut disk.input {
                 changed.attach_pages(self.pool.clone(), index.clone());
-                changed.reread_unless(|c| {
-                    index.lookup(c).is_some_and(|l| !excluded.contains(&l.pack))
-                })?;
+                let reread = changed
+                    .reread_unless(|c| index.lookup(c).is_some_and(|l| excluded.reusable(c, &l)))?;
+                excluded.blobs.extend(reread.damaged_pages);
             }
         }
         crate::failpoint::pause("backup-after-index");

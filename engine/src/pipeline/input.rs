@@ -131,6 +131,15 @@ impl BackupDisk {
     }
 }
 
+/// What [`ChangedBlocks::reread_unless`] marked to be read again.
+#[derive(Debug, Default)]
+pub(crate) struct Reread {
+    /// Extent pages of the parent read and found damaged: their spans are
+    /// read again, and their stored copies must not be reused when the
+    /// same page is cut anew.
+    pub(crate) damaged_pages: Vec<ChunkId>,
+}
+
 /// Turns a disk's backup into an incremental against its parent snapshot:
 /// the parent's copy of the disk, the parent's id (recorded as the new
 /// snapshot's parent) and the ranges that may have changed since.
@@ -380,9 +389,11 @@ impl ChangedBlocks {
 
     /// Marks every parent chunk extent whose chunk `reusable` rejects as
     /// dirty, so it is read again instead of reused (a garbage collection
-    /// is about to delete the only pack holding it). Returns how many.
-    pub(crate) fn reread_unless(&mut self, reusable: impl Fn(&ChunkId) -> bool) -> Result<usize> {
+    /// is about to delete the only pack holding it), and the whole span of
+    /// a version 2 parent's page that is rejected or cannot be read.
+    pub(crate) fn reread_unless(&mut self, reusable: impl Fn(&ChunkId) -> bool) -> Result<Reread> {
         let mut added = Vec::new();
+        let mut damaged_pages = Vec::new();
         if self.parent.is_paged() {
             // Page by page: a page that is not reusable itself, or cannot
             // be read (damaged, or its pack gone since the parent was
@@ -402,7 +413,10 @@ impl ChangedBlocks {
                             .filter(|e| e.chunk.is_some_and(|c| !reusable(&c)))
                             .map(|e| e.offset..e.end()),
                     ),
-                    Err(e) if e.is_damage() => added.push(span),
+                    Err(e) if e.is_damage() => {
+                        added.push(span);
+                        damaged_pages.push(page.id);
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -413,12 +427,11 @@ impl ChangedBlocks {
                 }
             }
         }
-        let n = added.len();
-        if n > 0 {
+        if !added.is_empty() {
             self.dirty.extend(added);
             self.dirty.sort_by_key(|r| r.start);
         }
-        Ok(n)
+        Ok(Reread { damaged_pages })
     }
 
     /// Checks that the parent can be reused for a disk of `size` bytes cut
@@ -613,12 +626,12 @@ mod tests {
         );
         let b = ChunkId::of(b"b");
         let a = ChunkId::of(b"a");
-        assert_eq!(cb.reread_unless(|c| *c != b && *c != a).unwrap(), 2);
-        assert_eq!(
-            cb.dirty(),
-            &[0..K64, 3 * K64..4 * K64, 4 * K64..4 * K64 + 1000]
-        );
-        assert_eq!(cb.reread_unless(|_| true).unwrap(), 0);
+        let reread = cb.reread_unless(|c| *c != b && *c != a).unwrap();
+        assert!(reread.damaged_pages.is_empty());
+        let dirty = [0..K64, 3 * K64..4 * K64, 4 * K64..4 * K64 + 1000];
+        assert_eq!(cb.dirty(), &dirty);
+        cb.reread_unless(|_| true).unwrap();
+        assert_eq!(cb.dirty(), &dirty);
     }
 
     #[test]

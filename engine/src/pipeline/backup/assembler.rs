@@ -4,14 +4,14 @@
 //! durable, flushes index segments as they grow, and cuts the disks'
 //! extent lists into extent pages, stored as chunks beside the data.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use super::resume::{Extent, Journal};
 
 use super::worker::Claims;
-use super::{BackupOptions, BackupStats, Buffers, Done, DoneBody};
+use super::{BackupOptions, BackupStats, Buffers, Done, DoneBody, Excluded};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 use crate::pipeline::failure::Failure;
@@ -26,8 +26,8 @@ use crate::store::pool::Pool;
 pub(super) struct Context<'a> {
     pub(super) pool: &'a dyn Pool,
     pub(super) index: &'a Index,
-    /// Packs a garbage collection is about to delete (not reused).
-    pub(super) excluded: &'a HashSet<PackId>,
+    /// Stored copies not reused (see `Excluded`).
+    pub(super) excluded: &'a Excluded,
     /// Called before each index segment is written (see `backup::run`).
     pub(super) guard: &'a (dyn Fn() -> Result<()> + Sync),
     pub(super) claims: &'a Claims,
@@ -371,7 +371,7 @@ impl State<'_> {
             .ctx
             .index
             .lookup(&id)
-            .is_some_and(|loc| !self.ctx.excluded.contains(&loc.pack));
+            .is_some_and(|loc| self.ctx.excluded.reusable(&id, &loc));
         if stored || !self.ctx.claims.claim(&id) {
             return Ok(());
         }

@@ -15,6 +15,7 @@
 //! not by disk size (plus the manifest: ~56 B per chunk).
 
 mod assembler;
+pub(crate) mod excluded;
 mod reader;
 pub(crate) mod resume;
 mod worker;
@@ -29,7 +30,7 @@ use crossbeam_channel::bounded;
 
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, IdScheme, PackId, SnapshotId};
+use crate::id::{ChunkId, IdScheme, SnapshotId};
 use crate::kind::FileKind;
 use crate::pipeline::failure::Failure;
 use crate::pipeline::input::{validate_disk_name, BackupDisk, DiskInput};
@@ -41,6 +42,7 @@ use crate::store::format::{MAX_STRING, PROP_FALLBACK};
 use crate::store::index::Index;
 use crate::store::manifest::{Snapshot, SnapshotMode};
 use crate::store::pool::Pool;
+pub(crate) use excluded::Excluded;
 
 use assembler::Assembled;
 
@@ -411,8 +413,8 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
 
 /// Runs a backup of `disks` into the pool and writes its manifest.
 ///
-/// Chunks the index places in an `excluded` pack (one a garbage collection
-/// is about to delete) are stored again instead of reused.
+/// Chunks `excluded` passes over (in a pack a garbage collection is about
+/// to delete, or found damaged) are stored again instead of reused.
 ///
 /// `guard` is called before every index segment and before the manifest
 /// is written; an error from it stops the backup there (a writer whose
@@ -420,7 +422,7 @@ fn plan(disks: &[BackupDisk], opts: &BackupOptions) -> Result<Plan> {
 pub(crate) fn run(
     pool: &dyn Pool,
     index: &Index,
-    excluded: &HashSet<PackId>,
+    excluded: &Excluded,
     guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
     resumes: Vec<Option<resume::DiskResume>>,
@@ -489,7 +491,7 @@ pub(crate) fn run(
 pub(crate) fn prepare_resume(
     pool_id: &[u8],
     index: &Index,
-    excluded: &HashSet<PackId>,
+    excluded: &Excluded,
     disks: &[BackupDisk],
     opts: &BackupOptions,
 ) -> Result<Vec<Option<resume::DiskResume>>> {
@@ -527,7 +529,7 @@ pub(crate) fn prepare_resume(
 fn run_pipeline(
     pool: &dyn Pool,
     index: &Index,
-    excluded: &HashSet<PackId>,
+    excluded: &Excluded,
     guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
     prefixes: Vec<Option<resume::Prefix>>,
@@ -622,7 +624,7 @@ fn run_pipeline(
 fn run_parallel(
     pool: &dyn Pool,
     index: &Index,
-    excluded: &HashSet<PackId>,
+    excluded: &Excluded,
     guard: &(dyn Fn() -> Result<()> + Sync),
     disks: Vec<BackupDisk>,
     prefixes: Vec<Option<resume::Prefix>>,
@@ -686,7 +688,7 @@ fn run_parallel(
 fn commit(
     pool: &dyn Pool,
     index: &Index,
-    excluded: &HashSet<PackId>,
+    excluded: &Excluded,
     guard: &(dyn Fn() -> Result<()> + Sync),
     assembled: Assembled,
     plan: &Plan,
@@ -700,7 +702,7 @@ fn commit(
     // Packs a sweep is about to delete are not covered: no segment may
     // name a pack after the sweep deleted it.
     for (pack, entries) in index.take_uncovered_packs() {
-        if !excluded.contains(&pack) {
+        if !excluded.packs.contains(&pack) {
             segment.add_entries(pack, &entries);
         }
     }

@@ -21,15 +21,16 @@
 //!
 //! [`DiskSource::identity`]: crate::DiskSource::identity
 
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, PackId};
+use crate::id::ChunkId;
 use crate::store::index::Index;
+
+use super::Excluded;
 
 /// The journal's magic and version.
 pub const JOURNAL_MAGIC: &[u8; 8] = b"CAIRNRJ1";
@@ -252,16 +253,16 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 
 impl Journal {
     /// Opens (or starts) the journal of `key` in `dir` and returns the
-    /// usable prefix: the journaled extents whose chunks `index` holds
-    /// outside `excluded` packs, none longer than `max_chunk`, cut back to
-    /// a multiple of `grid` and to at most `size`. The file is cut to that
+    /// usable prefix: the journaled extents whose chunks `index` holds in
+    /// copies `excluded` lets be reused, none longer than `max_chunk`, cut
+    /// back to a multiple of `grid` and to at most `size`. The file is cut to that
     /// prefix. `Ok(None)` when another backup holds the journal (two
     /// backups of one disk at once: only the first keeps a journal).
     pub fn open(
         dir: &Path,
         key: &[u8; 32],
         index: &Index,
-        excluded: &HashSet<PackId>,
+        excluded: &Excluded,
         (grid, max_chunk): (u64, u64),
         size: u64,
     ) -> Result<Option<DiskResume>> {
@@ -299,7 +300,7 @@ impl Journal {
             for (i, (l, id)) in record.iter().enumerate() {
                 if let Some(id) = id {
                     match index.lookup(id) {
-                        Some(loc) if !excluded.contains(&loc.pack) && *l <= max_chunk => {}
+                        Some(loc) if excluded.reusable(id, &loc) && *l <= max_chunk => {}
                         _ => break 'records,
                     }
                 }

@@ -7,10 +7,10 @@ use std::hash::{BuildHasherDefault, Hasher};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::{Batch, BatchBody, Done, DoneBody};
+use super::{Batch, BatchBody, Done, DoneBody, Excluded};
 use crate::chunker::is_zero;
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, PackId};
+use crate::id::ChunkId;
 use crate::store::blob::{BlobCodec, Compression};
 use crate::store::index::Index;
 
@@ -58,12 +58,12 @@ impl Claims {
     }
 }
 
-/// Where a worker looks chunks up: the index, minus packs a garbage
-/// collection is about to delete.
+/// Where a worker looks chunks up: the index, minus the copies a backup
+/// passes over (see `Excluded`).
 #[derive(Clone, Copy)]
 pub(super) struct Lookup<'a> {
     pub(super) index: &'a Index,
-    pub(super) excluded: &'a HashSet<PackId>,
+    pub(super) excluded: &'a Excluded,
 }
 
 /// Worker thread: zero check, hash, dedup, compress.
@@ -108,8 +108,8 @@ pub(super) fn work(
                 // Pass 2: one batched index lookup (overlapping memory accesses).
                 index.index.lookup_many(&ids, &mut found);
                 if !index.excluded.is_empty() {
-                    for f in found.iter_mut() {
-                        if f.is_some_and(|l| index.excluded.contains(&l.pack)) {
+                    for (f, id) in found.iter_mut().zip(&ids) {
+                        if f.is_some_and(|l| !index.excluded.reusable(id, &l)) {
                             *f = None;
                         }
                     }

@@ -1,0 +1,61 @@
+//! What a backup must not reuse although the index holds it: packs a
+//! garbage collection condemned or the pool no longer lists, and blobs
+//! the backup found damaged while it read its parents' extent pages.
+//! Chunks excluded here are stored again, in a new pack, under a new
+//! index entry that lookups find first.
+
+use std::collections::HashSet;
+
+use crate::id::{ChunkId, PackId};
+use crate::store::index::BlobLocation;
+
+/// Stored copies a backup passes over (see the module doc).
+#[derive(Debug, Default)]
+pub(crate) struct Excluded {
+    /// Packs a garbage collection is about to delete, or that the pool
+    /// no longer lists: nothing in them is reused, and a segment this
+    /// backup writes covers none of them.
+    pub(crate) packs: HashSet<PackId>,
+    /// Blobs read and found damaged (an extent page of a parent): the
+    /// chunk is stored again wherever the index places it.
+    pub(crate) blobs: HashSet<ChunkId>,
+}
+
+impl Excluded {
+    /// Whether the copy of `id` at `at` may be reused.
+    pub(crate) fn reusable(&self, id: &ChunkId, at: &BlobLocation) -> bool {
+        !self.packs.contains(&at.pack) && !self.blobs.contains(id)
+    }
+
+    /// True when every copy the index holds may be reused.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.packs.is_empty() && self.blobs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_is_reusable_unless_its_pack_or_its_blob_is_excluded() {
+        let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
+        let at = |p: u8| BlobLocation {
+            pack: PackId([p; 16]),
+            offset: 16,
+            length: 40,
+        };
+        let mut excluded = Excluded::default();
+        assert!(excluded.is_empty());
+        assert!(excluded.reusable(&a, &at(1)));
+        excluded.packs.insert(PackId([1; 16]));
+        assert!(!excluded.is_empty());
+        assert!(!excluded.reusable(&a, &at(1)));
+        assert!(excluded.reusable(&a, &at(2)));
+        excluded.packs.clear();
+        excluded.blobs.insert(b);
+        assert!(!excluded.is_empty());
+        assert!(!excluded.reusable(&b, &at(2)));
+        assert!(excluded.reusable(&a, &at(2)));
+    }
+}
