@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use cairn_engine::bytes::Bytes;
-use cairn_engine::internals::read_pack_table;
+use cairn_engine::internals::{read_pack_table, PackEntry};
 use cairn_engine::sample::SampleRng;
 use cairn_engine::{
     BackupDisk, BackupOptions, ChunkId, ChunkingParams, Compression, DamageKind, DynPool, FileKind,
@@ -118,11 +118,8 @@ fn the_same_with_every_sort_on_disk() {
 }
 
 fn scenario() {
-    let dir = tempfile::tempdir().unwrap();
+    let (_dir, local, pool, repo) = local_repo();
     let scratch = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalPool::create(dir.path()).unwrap());
-    let pool: DynPool = local.clone();
-    let repo = Repository::create(pool.clone()).unwrap();
     let backup = |vm: &str, image: &[u8]| backup_blocks(&repo, vm, image);
     let images = images();
     let snaps: Vec<(SnapshotId, &[u8])> = images
@@ -264,26 +261,47 @@ fn scenario() {
 /// Flips a byte in the middle of the blob of chunk `id`, in every pack
 /// that holds it.
 fn flip_blob(local: &LocalPool, id: &ChunkId) {
-    let mut flipped = false;
-    for name in local.list(FileKind::Pack).unwrap() {
-        let pack = cairn_engine::PackId::from_hex(&name).unwrap();
-        for e in read_pack_table(local, &pack).unwrap() {
-            if e.id == *id {
-                let path = local.path_of(FileKind::Pack, &name).unwrap();
-                let mut bytes = std::fs::read(&path).unwrap();
-                bytes[(e.offset + e.length as u64 / 2) as usize] ^= 0x5a;
-                std::fs::write(&path, &bytes).unwrap();
-                flipped = true;
-            }
+    let holding = packs_holding(local, id);
+    assert!(!holding.is_empty(), "chunk {id} is stored in a pack");
+    for (name, table) in holding {
+        for e in table.iter().filter(|e| e.id == *id) {
+            let path = local.path_of(FileKind::Pack, &name).unwrap();
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[(e.offset + e.length as u64 / 2) as usize] ^= 0x5a;
+            std::fs::write(&path, &bytes).unwrap();
         }
     }
-    assert!(flipped, "chunk {id} is stored in a pack");
+}
+
+/// The packs whose table lists `id`: each pack's name and whole table.
+fn packs_holding(local: &LocalPool, id: &ChunkId) -> Vec<(String, Vec<PackEntry>)> {
+    let mut out = Vec::new();
+    for name in local.list(FileKind::Pack).unwrap() {
+        let pack = cairn_engine::PackId::from_hex(&name).unwrap();
+        let table = read_pack_table(local, &pack).unwrap();
+        if table.iter().any(|e| e.id == *id) {
+            out.push((name, table));
+        }
+    }
+    out
+}
+
+/// A repository on a local pool in a temporary directory (kept while the
+/// returned guard lives).
+fn local_repo() -> (tempfile::TempDir, Arc<LocalPool>, DynPool, Repository) {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalPool::create(dir.path()).unwrap());
+    let pool: DynPool = local.clone();
+    let repo = Repository::create(pool.clone()).unwrap();
+    (dir, local, pool, repo)
 }
 
 /// A CBT incremental whose parent's extent page is damaged, or whose pack
 /// is gone: the page's span cannot be reused, so it is read again from the
 /// source (not a failed backup), and the new snapshot restores
-/// bit-identical while verify names the parent alone.
+/// bit-identical while verify names the parent alone — or, when the damaged
+/// page is cut again identical, names both until `repair` moves the damaged
+/// copy aside.
 #[test]
 fn an_incremental_over_a_damaged_or_lost_parent_page_reads_its_span_again() {
     // A flipped page on a one-page disk (block 5's change makes the new
@@ -293,10 +311,7 @@ fn an_incremental_over_a_damaged_or_lost_parent_page_reads_its_span_again() {
     // damaged copy); a lost page on a two-page disk, where exactly that
     // page's span is read again.
     for (lose_pack, two_pages) in [(false, false), (false, true), (true, true)] {
-        let dir = tempfile::tempdir().unwrap();
-        let local = Arc::new(LocalPool::create(dir.path()).unwrap());
-        let pool: DynPool = local.clone();
-        let repo = Repository::create(pool.clone()).unwrap();
+        let (_dir, local, _pool, repo) = local_repo();
         let mut rng = SampleRng::new(33);
         // Two pages (a page spans 16 384 blocks): 40 blocks of data, zeros
         // to the end of the first span, and 40 blocks of data after it. The
@@ -319,13 +334,9 @@ fn an_incremental_over_a_damaged_or_lost_parent_page_reads_its_span_again() {
         image[5 * BLOCK..6 * BLOCK].copy_from_slice(&random_blocks(&mut rng, 1)[0]);
         let mut lost = BTreeSet::new();
         if lose_pack {
-            for name in local.list(FileKind::Pack).unwrap() {
-                let pack = cairn_engine::PackId::from_hex(&name).unwrap();
-                let table = read_pack_table(&*local, &pack).unwrap();
-                if table.iter().any(|e| e.id == pages[0].id) {
-                    lost.extend(table.iter().map(|e| e.id));
-                    std::fs::remove_file(local.path_of(FileKind::Pack, &name).unwrap()).unwrap();
-                }
+            for (name, table) in packs_holding(&local, &pages[0].id) {
+                lost.extend(table.iter().map(|e| e.id));
+                std::fs::remove_file(local.path_of(FileKind::Pack, &name).unwrap()).unwrap();
             }
         } else {
             flip_blob(&local, &pages[0].id);
@@ -419,10 +430,7 @@ fn backup_blocks(repo: &Repository, vm: &str, image: &[u8]) -> SnapshotId {
 /// each finding names the first snapshot only, at the block's offset.
 #[test]
 fn lost_packs_are_pack_missing_then_chunk_missing_naming_their_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalPool::create(dir.path()).unwrap());
-    let pool: DynPool = local.clone();
-    let repo = Repository::create(pool.clone()).unwrap();
+    let (_dir, local, pool, repo) = local_repo();
     let mut rng = SampleRng::new(11);
     let one = random_blocks(&mut rng, 40).concat();
     let two = random_blocks(&mut rng, 40).concat();
@@ -473,10 +481,7 @@ fn lost_packs_are_pack_missing_then_chunk_missing_naming_their_snapshot() {
 #[test]
 fn an_index_entry_at_the_wrong_offset_is_an_index_mismatch() {
     use cairn_engine::internals::{PackEntry, Segment, SegmentBuilder};
-    let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalPool::create(dir.path()).unwrap());
-    let pool: DynPool = local.clone();
-    let repo = Repository::create(pool.clone()).unwrap();
+    let (_dir, local, pool, repo) = local_repo();
     let mut rng = SampleRng::new(12);
     let image = random_blocks(&mut rng, 30).concat();
     let snap = backup_blocks(&repo, "vm", &image);
@@ -525,10 +530,7 @@ fn an_index_entry_at_the_wrong_offset_is_an_index_mismatch() {
 /// taking the snapshot's chunks for unreferenced — every pack stays.
 #[test]
 fn a_damaged_extent_page_is_found_and_stops_garbage_collection() {
-    let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalPool::create(dir.path()).unwrap());
-    let pool: DynPool = local.clone();
-    let repo = Repository::create(pool.clone()).unwrap();
+    let (_dir, local, pool, repo) = local_repo();
     let mut rng = SampleRng::new(21);
     let image = random_blocks(&mut rng, 40).concat();
     let id = backup_blocks(&repo, "vm", &image);
@@ -567,4 +569,43 @@ fn a_damaged_extent_page_is_found_and_stops_garbage_collection() {
     let err = repo.gc(&cairn_engine::GcOptions::default()).unwrap_err();
     assert!(err.is_damage(), "{err}");
     assert_eq!(pool.list(FileKind::Pack).unwrap(), packs_before);
+}
+
+/// A pack no index segment covers (its backup stopped before writing one)
+/// whose table cannot be read: verify names it `pack-unreadable`, beside
+/// the chunks no segment holds.
+#[test]
+fn an_uncovered_pack_whose_table_cannot_be_read_is_a_finding() {
+    let (_dir, local, pool, repo) = local_repo();
+    let mut rng = SampleRng::new(44);
+    let image = random_blocks(&mut rng, 8).concat();
+    backup_blocks(&repo, "vm", &image);
+    for name in local.list(FileKind::Index).unwrap() {
+        std::fs::remove_file(local.path_of(FileKind::Index, &name).unwrap()).unwrap();
+    }
+    let packs = local.list(FileKind::Pack).unwrap();
+    assert_eq!(packs.len(), 1);
+    // Its trailer cut short: the table cannot be found.
+    let path = local.path_of(FileKind::Pack, &packs[0]).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(len - 8).unwrap();
+    drop(file);
+
+    let repo = Repository::open(pool).unwrap();
+    let report = repo.verify(&VerifyOptions::default()).unwrap();
+    let unreadable: Vec<_> = report
+        .damage
+        .iter()
+        .filter(|d| d.kind == DamageKind::PackUnreadable)
+        .collect();
+    assert_eq!(unreadable.len(), 1, "{report}");
+    assert_eq!(
+        unreadable[0].pack.map(|p| p.to_hex()),
+        Some(packs[0].clone())
+    );
+    assert!(report
+        .damage
+        .iter()
+        .any(|d| d.kind == DamageKind::ChunkMissing));
 }

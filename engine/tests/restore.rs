@@ -1,7 +1,9 @@
 //! The restore pipeline's options, statistics and error mapping, through the
 //! library: disk selection, overwriting, exact counters, and which failures
 //! count as damage (a pack shorter than its table, a blob that does not
-//! decode — named with its exact offset) and which do not (an I/O error).
+//! decode — named with its exact offset) and which do not (an I/O error);
+//! the medium-order restore of sequential media (runs within one pack, its
+//! sort spilled to scratch files).
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
 
 use std::sync::Arc;
@@ -183,4 +185,63 @@ fn a_blob_that_does_not_decode_is_named_with_its_pack_and_offset() {
             && m.contains(&entry.id.to_hex()),
         "{m}"
     );
+}
+
+/// A pool on sequential media: every pack has a place on the medium (all
+/// the same here: packs sort by id), so restores read in medium order.
+struct Sequential(DynPool);
+
+impl PoolWrapper for Sequential {
+    fn inner(&self) -> &dyn Pool {
+        &*self.0
+    }
+    fn read_order(&self, _kind: FileKind, _name: &str) -> Option<u64> {
+        Some(0)
+    }
+    fn sequential_media(&self) -> bool {
+        true
+    }
+}
+
+/// The medium-order restore joins blobs into runs only within one pack:
+/// two packs each holding one chunk of the snapshot at the same offset
+/// (their first blob) are two runs. And its sort of the extents spills to
+/// scratch files (16 records a run) and reads them back whole.
+#[test]
+fn the_medium_order_restore_joins_runs_within_a_pack_and_spills_its_sort() {
+    let base: DynPool = Arc::new(MemoryPool::new());
+    let repo = Repository::open_or_init(base.clone()).unwrap();
+    let opts = BackupOptions::new("web").with_compression(Compression::None);
+    let backup = |image: &[u8]| {
+        let disk = BackupDisk::image("vda", MemorySource::new("vda", image.to_vec()));
+        repo.backup(vec![disk], &opts).unwrap().snapshot
+    };
+    // The first pack: c0 (its first blob), x1. The second: n1 (its first
+    // blob). The snapshot restored needs c0 and n1 only.
+    let c0 = random(CHUNK, 10);
+    backup(&[c0.clone(), random(CHUNK, 11)].concat());
+    let two_packs = [c0, random(CHUNK, 12)].concat();
+    let small = backup(&two_packs);
+    let packs = base.list(FileKind::Pack).unwrap();
+    assert_eq!(packs.len(), 2);
+    for p in &packs {
+        let table = read_pack_table(&*base, &p.parse().unwrap()).unwrap();
+        assert_eq!(table[0].offset, 16, "pack {p}");
+    }
+    // 40 chunks, more than one sort run of 16 records.
+    let big_image = random(40 * CHUNK, 13);
+    let big = backup(&big_image);
+
+    std::env::set_var("CAIRN_SORT_BUDGET", "0");
+    let sequential: DynPool = Arc::new(WrappedPool(Sequential(base.clone())));
+    let repo = Repository::open(sequential).unwrap();
+    for (id, image) in [(small, &two_packs), (big, &big_image)] {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = repo
+            .restore_to_dir(&id, dir.path(), &RestoreOptions::default())
+            .unwrap();
+        assert_eq!(stats.bytes_written, image.len() as u64);
+        assert!(std::fs::read(dir.path().join("vda")).unwrap() == *image);
+    }
+    std::env::remove_var("CAIRN_SORT_BUDGET");
 }

@@ -1138,6 +1138,18 @@ mod tests {
     }
 
     #[test]
+    fn a_builder_lists_the_ids_it_holds_in_the_order_added() {
+        let (pack, es) = entries(10, 5);
+        let mut b = SegmentBuilder::new();
+        assert_eq!(b.ids().count(), 0);
+        b.add_entries(pack, &es);
+        b.add_entries(PackId([9; 16]), &es[..3]);
+        let ids: Vec<ChunkId> = b.ids().collect();
+        let added: Vec<ChunkId> = es.iter().chain(&es[..3]).map(|e| e.id).collect();
+        assert_eq!(ids, added);
+    }
+
+    #[test]
     fn lookup_many_matches_lookup() {
         let (pack, es) = entries(3000, 4);
         let mut b = SegmentBuilder::new();
