@@ -90,7 +90,7 @@ fn index_lookup(c: &mut Criterion) {
     let entries: Vec<PackEntry> = (0..n)
         .map(|i| PackEntry {
             id: ChunkId::of(&i.to_le_bytes()),
-            offset: i as u64 * 100,
+            offset: 16 + i as u64 * 100,
             length: 100,
             raw_length: 65536,
         })

@@ -32,8 +32,9 @@ use crate::external_sort::{
 use crate::id::{ChunkId, PackId, SegmentId};
 use crate::kind::FileKind;
 use crate::store::format::{
-    INDEX_ENTRY_LEN as ENTRY_LEN, INDEX_FANOUT_LEN as FANOUT_LEN, INDEX_HEADER_LEN as HEADER_LEN,
-    INDEX_MAGIC_V1, INDEX_VERSION_V1,
+    BLOB_HEADER_LEN, INDEX_ENTRY_LEN as ENTRY_LEN, INDEX_FANOUT_LEN as FANOUT_LEN,
+    INDEX_HEADER_LEN as HEADER_LEN, INDEX_MAGIC_V1, INDEX_VERSION_V1, MAX_CHUNK_SIZE,
+    PACK_HEADER_LEN,
 };
 use crate::store::pack::{read_pack_table, PackEntry};
 use crate::store::pool::{Pool, PoolList, PoolRead, PoolWrite};
@@ -181,6 +182,19 @@ impl Segment {
                 return Err(DecodeError::Invalid(format!(
                     "entry {i} names pack #{pack_index} of {}",
                     seg.packs.len()
+                )));
+            }
+            // A blob as a pack's table admits it: after the pack header,
+            // a blob header and at least one byte, no longer than a chunk.
+            let length = ed.u32()? as usize;
+            let offset = ed.u64()?;
+            if offset < PACK_HEADER_LEN as u64
+                || length <= BLOB_HEADER_LEN
+                || length > BLOB_HEADER_LEN + MAX_CHUNK_SIZE
+                || offset.checked_add(length as u64).is_none()
+            {
+                return Err(DecodeError::Invalid(format!(
+                    "entry {i} (offset {offset}, length {length}) cannot be a blob"
                 )));
             }
         }
@@ -1150,6 +1164,32 @@ mod tests {
     }
 
     #[test]
+    fn entries_that_cannot_be_blobs_are_refused() {
+        let max = (BLOB_HEADER_LEN + MAX_CHUNK_SIZE) as u32;
+        let decodes = |offset: u64, length: u32| {
+            let mut b = SegmentBuilder::new();
+            let e = PackEntry {
+                id: ChunkId([7; 32]),
+                offset,
+                length,
+                raw_length: 1,
+            };
+            b.add_entries(PackId([1; 16]), &[e]);
+            Segment::decode(Bytes::from(b.encode())).is_ok()
+        };
+        // At the bounds: right after the pack header, a blob header and
+        // one byte, the longest chunk stored raw.
+        assert!(decodes(16, 13));
+        assert!(decodes(16, max));
+        assert!(decodes(u64::MAX - 13, 13));
+        // One past them.
+        assert!(!decodes(15, 13));
+        assert!(!decodes(16, 12));
+        assert!(!decodes(16, max + 1));
+        assert!(!decodes(u64::MAX - 12, 13));
+    }
+
+    #[test]
     fn lookup_many_matches_lookup() {
         let (pack, es) = entries(3000, 4);
         let mut b = SegmentBuilder::new();
@@ -1287,7 +1327,7 @@ mod tests {
                 id[..8].copy_from_slice(&prefix);
                 id[8..16].copy_from_slice(&rng.next_u64().to_be_bytes());
                 id[16..24].copy_from_slice(&(i as u64).to_be_bytes());
-                es.push(PackEntry { id: ChunkId(id), offset: i as u64, length: 1, raw_length: 1 });
+                es.push(PackEntry { id: ChunkId(id), offset: 16 + i as u64, length: 13, raw_length: 1 });
             }
             let mut b = SegmentBuilder::new();
             b.add_entries(PackId([1; 16]), &es);
