@@ -3,7 +3,8 @@
 //! count as damage (a pack shorter than its table, a blob that does not
 //! decode — named with its exact offset) and which do not (an I/O error);
 //! the medium-order restore of sequential media (runs within one pack, its
-//! sort spilled to scratch files).
+//! sort spilled to scratch files); the reads both restore paths make, to
+//! the byte.
 #![allow(clippy::unwrap_used)] // test code: a failed step is a failed test
 
 use std::sync::Arc;
@@ -244,4 +245,167 @@ fn the_medium_order_restore_joins_runs_within_a_pack_and_spills_its_sort() {
         assert!(std::fs::read(dir.path().join("vda")).unwrap() == *image);
     }
     std::env::remove_var("CAIRN_SORT_BUDGET");
+}
+
+/// Records every read of a pack (name, offset, length); on sequential
+/// media when asked (every pack at the same place, as `Sequential`).
+struct CountedReads {
+    inner: DynPool,
+    sequential: bool,
+    reads: std::sync::Mutex<Vec<(String, u64, usize)>>,
+}
+
+impl PoolWrapper for CountedReads {
+    fn inner(&self) -> &dyn Pool {
+        &*self.inner
+    }
+    fn read_range(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> cairn_engine::Result<Bytes> {
+        if kind == FileKind::Pack {
+            self.reads
+                .lock()
+                .unwrap()
+                .push((name.to_string(), offset, len));
+        }
+        self.inner.read_range(kind, name, offset, len)
+    }
+    fn read_order(&self, kind: FileKind, name: &str) -> Option<u64> {
+        self.sequential
+            .then_some(0)
+            .or(self.inner.read_order(kind, name))
+    }
+    fn sequential_media(&self) -> bool {
+        self.sequential
+    }
+}
+
+/// A restore reads blobs lying back to back in one pack with one read, up
+/// to 4 MiB a read — of disk data when restoring disk by disk (the run
+/// also ends where the disk's extents stop being contiguous), of pack
+/// bytes in medium order, where a blob needed at several places is read
+/// once. The expected reads are worked out from the packs' tables, not
+/// asked of the engine.
+#[test]
+fn a_restore_reads_each_run_of_blobs_at_once_up_to_4_mib() {
+    const RUN_MAX: u64 = 4 << 20;
+    let base: DynPool = Arc::new(MemoryPool::new());
+    let repo = Repository::open_or_init(base.clone()).unwrap();
+    let mut opts = BackupOptions::new("web").with_compression(Compression::None);
+    opts.pack_target = 6 << 20;
+    // 167 chunks: 100, a hole of 4, 60, then the sixth chunk 3 times
+    // again (and two packs).
+    let mut image = random(100 * CHUNK, 20);
+    image.extend_from_slice(&vec![0u8; 4 * CHUNK]);
+    image.extend_from_slice(&random(60 * CHUNK, 21));
+    let sixth = image[5 * CHUNK..6 * CHUNK].to_vec();
+    for _ in 0..3 {
+        image.extend_from_slice(&sixth);
+    }
+    let disk = BackupDisk::image("vda", MemorySource::new("vda", image.clone()));
+    let id = repo.backup(vec![disk], &opts).unwrap().snapshot;
+    let page = repo.load_snapshot(&id).unwrap().disks[0].pages[0].id;
+
+    // Where each blob lies: chunk id → (pack, offset, length).
+    let mut place = std::collections::HashMap::new();
+    let mut packs = base.list(FileKind::Pack).unwrap();
+    packs.sort();
+    assert!(packs.len() >= 2, "{packs:?}");
+    for p in &packs {
+        for e in read_pack_table(&*base, &p.parse().unwrap()).unwrap() {
+            place.insert(e.id, (p.clone(), e.offset, e.length as u64));
+        }
+    }
+    // The disk's chunks in disk order (offset, blob place), holes left out.
+    let chunks: Vec<(u64, (String, u64, u64))> = image
+        .chunks(CHUNK)
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|b| *b != 0))
+        .map(|(i, c)| {
+            (
+                (i * CHUNK) as u64,
+                place[&cairn_engine::ChunkId::of(c)].clone(),
+            )
+        })
+        .collect();
+
+    // Disk by disk: a run grows while the next chunk follows it on the
+    // disk and in the same pack, up to 4 MiB of disk data.
+    let mut by_disk: Vec<(String, u64, usize)> = Vec::new();
+    let mut run: Option<(String, u64, u64, u64, u64)> = None; // pack, offset, len, disk end, disk len
+    for (at, (pack, offset, len)) in &chunks {
+        if let Some(r) = &mut run {
+            if r.0 == *pack && r.1 + r.2 == *offset && r.3 == *at && r.4 + CHUNK as u64 <= RUN_MAX {
+                r.2 += len;
+                r.3 += CHUNK as u64;
+                r.4 += CHUNK as u64;
+                continue;
+            }
+            by_disk.push((r.0.clone(), r.1, r.2 as usize));
+        }
+        run = Some((pack.clone(), *offset, *len, at + CHUNK as u64, CHUNK as u64));
+    }
+    let r = run.unwrap();
+    by_disk.push((r.0, r.1, r.2 as usize));
+
+    // Medium order: by pack, then offset; a run grows while the next blob
+    // follows it in the same pack, up to 4 MiB of pack bytes; a blob needed
+    // again right after (a chunk at several places) is not read again.
+    let mut sorted: Vec<(String, u64, u64)> = chunks.iter().map(|(_, p)| p.clone()).collect();
+    sorted.sort();
+    let mut in_order: Vec<(String, u64, usize)> = Vec::new();
+    let mut run: Option<(String, u64, u64, u64)> = None; // pack, offset, len, last blob's offset
+    for (pack, offset, len) in &sorted {
+        if let Some(r) = &mut run {
+            if r.0 == *pack && r.3 == *offset {
+                continue;
+            }
+            if r.0 == *pack && r.1 + r.2 == *offset && r.2 + len <= RUN_MAX {
+                r.2 += len;
+                r.3 = *offset;
+                continue;
+            }
+            in_order.push((r.0.clone(), r.1, r.2 as usize));
+        }
+        run = Some((pack.clone(), *offset, *len, *offset));
+    }
+    let r = run.unwrap();
+    in_order.push((r.0, r.1, r.2 as usize));
+    // Disk by disk, the sixth chunk's copies are read on their own.
+    let (p6, o6, l6) = place[&cairn_engine::ChunkId::of(&sixth)].clone();
+    let alone = (p6, o6, l6 as usize);
+    assert_eq!(by_disk.iter().filter(|r| **r == alone).count(), 3);
+    assert!(!in_order.contains(&alone));
+    // Both plans have runs of the whole 4 MiB and runs cut short.
+    assert!(by_disk.len() > 3 && in_order.len() > 3);
+
+    for (sequential, expected) in [(false, by_disk), (true, in_order)] {
+        let counted = Arc::new(WrappedPool(CountedReads {
+            inner: base.clone(),
+            sequential,
+            reads: Default::default(),
+        }));
+        let pool: DynPool = counted.clone();
+        let dir = tempfile::tempdir().unwrap();
+        Repository::open(pool)
+            .unwrap()
+            .restore_to_dir(&id, dir.path(), &RestoreOptions::default())
+            .unwrap();
+        assert!(std::fs::read(dir.path().join("vda")).unwrap() == image);
+        // The page's blob is read on its own; every other read is a run.
+        let (page_pack, page_offset, page_len) = place[&page].clone();
+        let mut reads = counted.0.reads.lock().unwrap().clone();
+        let page_read = (page_pack, page_offset, page_len as usize);
+        assert!(reads.contains(&page_read), "sequential {sequential}");
+        reads.retain(|r| *r != page_read);
+        // Runs are read on several threads: compared as sets of reads.
+        let mut expected = expected;
+        reads.sort();
+        expected.sort();
+        assert_eq!(reads, expected, "sequential {sequential}");
+    }
 }
