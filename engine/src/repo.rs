@@ -531,14 +531,19 @@ impl Repository {
         // packs (the parent may have been pruned and collected since it
         // was read, or a collection is about to delete their pack), and
         // the spans of extent pages that cannot be read. A page found
-        // damaged is stored again when its span is cut anew: its damaged
-        // copy is not reused.
+        // damaged is stored again when its span is cut anew: the copy it
+        // was read from (where this handle's index places it) is not
+        // reused.
         for disk in &mut disks {
             if let DiskInput::Incremental { changed, .. } = &mut disk.input {
                 changed.attach_pages(self.pool.clone(), index.clone());
                 let reread = changed
                     .reread_unless(|c| index.lookup(c).is_some_and(|l| excluded.reusable(c, &l)))?;
-                excluded.blobs.extend(reread.damaged_pages);
+                for page in reread.damaged_pages {
+                    if let Some(at) = index.lookup(&page) {
+                        excluded.blobs.insert((page, at));
+                    }
+                }
             }
         }
         crate::failpoint::pause("backup-after-index");

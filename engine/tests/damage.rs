@@ -385,12 +385,14 @@ fn an_incremental_over_a_damaged_or_lost_parent_page_reads_its_span_again() {
         assert!(!report.damage.is_empty(), "{case}");
         if two_pages && !lose_pack {
             // The page cut anew is the damaged one: both snapshots name it.
-            // Two copies are stored, and which one a lookup finds first
-            // depends on the order segments load in; verify reads every
-            // blob, so it finds the damaged copy, and `repair` moves its
-            // pack aside. Then both snapshots restore from the copy this
-            // backup stored (with the damaged copy reused instead, the
-            // page would be lost with the pack).
+            // Two copies are stored. This handle wrote the newer one's
+            // segment last, so its lookups find that copy (another process
+            // may find either until `repair`): the snapshots' pages read,
+            // and the one finding is the damaged copy, which verify meets
+            // reading every blob. `repair` moves its pack aside; then both
+            // snapshots restore from the copy this backup stored (with the
+            // damaged copy reused instead, the page would be lost with the
+            // pack).
             assert_eq!(report.damage.len(), 1, "{case}: {report}");
             let d = &report.damage[0];
             assert_eq!(d.kind, DamageKind::ChunkCorrupt, "{d}");

@@ -131,12 +131,14 @@ impl BackupDisk {
     }
 }
 
-/// What [`ChangedBlocks::reread_unless`] marked to be read again.
+/// What [`ChangedBlocks::reread_unless`] learnt beside the spans it
+/// marked dirty.
 #[derive(Debug, Default)]
 pub(crate) struct Reread {
-    /// Extent pages of the parent read and found damaged: their spans are
-    /// read again, and their stored copies must not be reused when the
-    /// same page is cut anew.
+    /// Extent pages of the parent that `reusable` accepted but that could
+    /// not be read as damage (the copy the index names is damaged, or its
+    /// pack is gone): their spans are read again, and the copy read must
+    /// not be reused when the same page is cut anew.
     pub(crate) damaged_pages: Vec<ChunkId>,
 }
 
@@ -391,6 +393,7 @@ impl ChangedBlocks {
     /// dirty, so it is read again instead of reused (a garbage collection
     /// is about to delete the only pack holding it), and the whole span of
     /// a version 2 parent's page that is rejected or cannot be read.
+    /// Returns the pages that could not be read.
     pub(crate) fn reread_unless(&mut self, reusable: impl Fn(&ChunkId) -> bool) -> Result<Reread> {
         let mut added = Vec::new();
         let mut damaged_pages = Vec::new();

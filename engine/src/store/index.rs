@@ -41,7 +41,7 @@ use crate::store::pool::{Pool, PoolList, PoolRead, PoolWrite};
 use crate::store::wire::{split_checksummed, DecodeError, Decoder, Encoder};
 
 /// Where a chunk's blob lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlobLocation {
     pub pack: PackId,
     pub offset: u64,

@@ -252,6 +252,7 @@ pub fn decode_table(table: &[u8], trailer: &PackTrailer) -> Result<Vec<PackEntry
         let ok = offset == next_free
             && end.is_some_and(|e| e <= trailer.table_offset)
             && (length as usize) > BLOB_HEADER_LEN
+            && (length as usize) <= BLOB_HEADER_LEN + raw_length as usize
             && (raw_length as usize) <= MAX_CHUNK_SIZE
             && raw_length > 0;
         if !ok {
@@ -488,6 +489,31 @@ mod tests {
         let e = parse_pack(&one_blob_pack(b"ab", 3)).unwrap_err();
         assert!(e.to_string().contains("disagrees"), "{e}");
         let e = parse_pack(&one_blob_pack(b"ab", 0)).unwrap_err();
+        assert!(e.to_string().contains("out of bounds"), "{e}");
+    }
+
+    /// The table alone (what an index rebuild reads) refuses an entry
+    /// whose stored length exceeds 12 + its plaintext length: no blob body
+    /// is longer than its plaintext.
+    #[test]
+    fn a_table_entry_longer_than_its_plaintext_allows_is_refused() {
+        let table_of = |length: u32| {
+            let entry = PackEntry {
+                id: ChunkId::of(b"ab"),
+                offset: 16,
+                length,
+                raw_length: 2,
+            };
+            let table_offset = 16 + length as u64;
+            let tail = encode_table(&[entry], table_offset);
+            let size = table_offset + tail.len() as u64;
+            let (table, trailer) = tail.split_at(tail.len() - PACK_TRAILER_LEN);
+            let trailer = PackTrailer::decode(trailer, size).unwrap();
+            decode_table(table, &trailer)
+        };
+        let most = (BLOB_HEADER_LEN + 2) as u32;
+        assert_eq!(table_of(most).unwrap()[0].length, most);
+        let e = table_of(most + 1).unwrap_err();
         assert!(e.to_string().contains("out of bounds"), "{e}");
     }
 

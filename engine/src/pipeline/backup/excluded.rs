@@ -1,8 +1,10 @@
 //! What a backup must not reuse although the index holds it: packs a
-//! garbage collection condemned or the pool no longer lists, and blobs
-//! the backup found damaged while it read its parents' extent pages.
-//! Chunks excluded here are stored again, in a new pack, under a new
-//! index entry that lookups find first.
+//! garbage collection condemned or the pool no longer lists, and copies
+//! of blobs the backup found damaged while it read its parents' extent
+//! pages. A chunk whose copy is excluded is stored again, in a new pack.
+//! Lookups of this process find the new copy first (its segment is the
+//! newest); another process may find either until `repair` moves the
+//! damaged pack aside.
 
 use std::collections::HashSet;
 
@@ -16,15 +18,16 @@ pub(crate) struct Excluded {
     /// no longer lists: nothing in them is reused, and a segment this
     /// backup writes covers none of them.
     pub(crate) packs: HashSet<PackId>,
-    /// Blobs read and found damaged (an extent page of a parent): the
-    /// chunk is stored again wherever the index places it.
-    pub(crate) blobs: HashSet<ChunkId>,
+    /// Copies read and found damaged (an extent page of a parent), by
+    /// chunk and place: the chunk is stored again rather than deduplicated
+    /// against that copy (another copy of it may be reused).
+    pub(crate) blobs: HashSet<(ChunkId, BlobLocation)>,
 }
 
 impl Excluded {
     /// Whether the copy of `id` at `at` may be reused.
     pub(crate) fn reusable(&self, id: &ChunkId, at: &BlobLocation) -> bool {
-        !self.packs.contains(&at.pack) && !self.blobs.contains(id)
+        !self.packs.contains(&at.pack) && !self.blobs.contains(&(*id, *at))
     }
 
     /// True when every copy the index holds may be reused.
@@ -38,7 +41,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_copy_is_reusable_unless_its_pack_or_its_blob_is_excluded() {
+    fn a_copy_is_reusable_unless_its_pack_or_itself_is_excluded() {
         let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
         let at = |p: u8| BlobLocation {
             pack: PackId([p; 16]),
@@ -53,9 +56,11 @@ mod tests {
         assert!(!excluded.reusable(&a, &at(1)));
         assert!(excluded.reusable(&a, &at(2)));
         excluded.packs.clear();
-        excluded.blobs.insert(b);
+        excluded.blobs.insert((b, at(2)));
         assert!(!excluded.is_empty());
         assert!(!excluded.reusable(&b, &at(2)));
+        // Another copy of it, and another chunk at that place.
+        assert!(excluded.reusable(&b, &at(3)));
         assert!(excluded.reusable(&a, &at(2)));
     }
 }
