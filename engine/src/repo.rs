@@ -534,11 +534,13 @@ impl Repository {
         // damaged is stored again when its span is cut anew: the copy it
         // was read from (where this handle's index places it) is not
         // reused.
+        let mut parent_pages_damaged = 0;
         for disk in &mut disks {
             if let DiskInput::Incremental { changed, .. } = &mut disk.input {
                 changed.attach_pages(self.pool.clone(), index.clone());
                 let reread = changed
                     .reread_unless(|c| index.lookup(c).is_some_and(|l| excluded.reusable(c, &l)))?;
+                parent_pages_damaged += reread.damaged_pages.len() as u64;
                 for page in reread.damaged_pages {
                     if let Some(at) = index.lookup(&page) {
                         excluded.blobs.insert((page, at));
@@ -584,7 +586,8 @@ impl Repository {
             }
             _ => backup::run(&*self.pool, &index, &excluded, &guard, disks, resumes, opts),
         };
-        let stats = result?;
+        let mut stats = result?;
+        stats.parent_pages_damaged = parent_pages_damaged;
         crate::failpoint::pause("backup-after-manifest");
         let lease_name = lease.name();
         // Any doubt (evicted, or the check itself failed) withdraws the

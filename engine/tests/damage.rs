@@ -377,6 +377,9 @@ fn an_incremental_over_a_damaged_or_lost_parent_page_reads_its_span_again() {
         // Every page is stored: the first is new (block 5), the second
         // lost or damaged (stored again even when cut identical).
         assert_eq!(stats.pages_new, 1 + two_pages as u64, "{case}");
+        // A damaged page is reported; a lost pack the index knows is gone
+        // is not read at all.
+        assert_eq!(stats.parent_pages_damaged, !lose_pack as u64, "{case}");
 
         let scratch = tempfile::tempdir().unwrap();
         let report = repo

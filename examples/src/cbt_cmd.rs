@@ -304,6 +304,7 @@ fn report(
                 eprintln!("cairn: warning: {w}");
             }
             let fallback = fallback_text(&stats);
+            output::backup_warnings(&stats);
             if json {
                 let mut v = output::backup_json(vm, &stats);
                 if let Some(o) = v.as_object_mut() {

@@ -1143,6 +1143,7 @@ fn cmd_backup(args: BackupArgs) -> Result<u8, Failure> {
     let stats = repo.backup(inputs, &opts);
     bar.finish();
     let stats = stats?;
+    output::backup_warnings(&stats);
     if json {
         let mut v = output::backup_json(&vm, &stats);
         if let Some(o) = v.as_object_mut() {

@@ -22,6 +22,16 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// Warns on stderr about damage a backup met and worked around.
+pub fn backup_warnings(s: &BackupStats) {
+    if s.parent_pages_damaged > 0 {
+        eprintln!(
+            "cairn: warning: {} extent pages of the parent could not be read; their spans were read again and stored anew. The pool holds damage: run `cairn verify --read-data`, then `cairn repair --packs`",
+            s.parent_pages_damaged
+        );
+    }
+}
+
 pub fn backup_json(vm: &str, s: &BackupStats) -> Value {
     json!({
         "snapshot": s.snapshot.to_hex(),
@@ -37,6 +47,7 @@ pub fn backup_json(vm: &str, s: &BackupStats) -> Value {
         "packs_written": s.packs_written,
         "pages_new": s.pages_new,
         "bytes_resumed": s.bytes_resumed,
+        "parent_pages_damaged": s.parent_pages_damaged,
         "unchanged": s.unchanged,
         "seconds": s.seconds,
     })

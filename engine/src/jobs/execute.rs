@@ -607,6 +607,15 @@ impl<'a> JobRunner<'a> {
                 ),
             );
         }
+        if stats.parent_pages_damaged > 0 {
+            run.log.log(
+                LogLevel::Warn,
+                format!(
+                    "VM {}: {} extent pages of the parent could not be read; their spans were read again and stored anew (the pool holds damage: verify with read_data, then repair packs)",
+                    vm.name, stats.parent_pages_damaged
+                ),
+            );
+        }
         run.log.log(
             LogLevel::Info,
             format!(

@@ -254,6 +254,13 @@ pub struct BackupStats {
     /// Disks not read because their source file was unchanged since their
     /// previous snapshot (its extents reused).
     pub unchanged: Vec<String>,
+    /// Extent pages of a CBT parent found damaged when read (or their pack
+    /// gone since the index was loaded): their spans were read again and
+    /// the pages stored anew. Non-zero means the pool holds damage: run
+    /// `verify` with `read_data`, then `repair_packs`. (A page in a pack
+    /// the index already knows is gone is not counted: its span is read
+    /// again without trying it.)
+    pub parent_pages_damaged: u64,
 }
 
 impl BackupStats {
@@ -287,6 +294,7 @@ impl BackupStats {
             seconds: 0.0,
             cbt_fallback: BTreeMap::new(),
             unchanged: Vec::new(),
+            parent_pages_damaged: 0,
         }
     }
 }
