@@ -188,22 +188,6 @@ fn a_blob_that_does_not_decode_is_named_with_its_pack_and_offset() {
     );
 }
 
-/// A pool on sequential media: every pack has a place on the medium (all
-/// the same here: packs sort by id), so restores read in medium order.
-struct Sequential(DynPool);
-
-impl PoolWrapper for Sequential {
-    fn inner(&self) -> &dyn Pool {
-        &*self.0
-    }
-    fn read_order(&self, _kind: FileKind, _name: &str) -> Option<u64> {
-        Some(0)
-    }
-    fn sequential_media(&self) -> bool {
-        true
-    }
-}
-
 /// The medium-order restore joins blobs into runs only within one pack:
 /// two packs each holding one chunk of the snapshot at the same offset
 /// (their first blob) are two runs. And its sort of the extents spills to
@@ -241,7 +225,11 @@ fn the_medium_order_restore_joins_runs_within_a_pack_and_spills_its_sort() {
     let big = backup(&big_image);
 
     std::env::set_var("CAIRN_SORT_BUDGET", "0");
-    let sequential: DynPool = Arc::new(WrappedPool(Sequential(base.clone())));
+    let sequential: DynPool = Arc::new(WrappedPool(CountedReads {
+        inner: base.clone(),
+        sequential: true,
+        reads: Default::default(),
+    }));
     let repo = Repository::open(sequential).unwrap();
     for (id, image) in [(small, &two_packs), (big, &big_image)] {
         let dir = tempfile::tempdir().unwrap();
@@ -255,7 +243,8 @@ fn the_medium_order_restore_joins_runs_within_a_pack_and_spills_its_sort() {
 }
 
 /// Records every read of a pack (name, offset, length); on sequential
-/// media when asked (every pack at the same place, as `Sequential`).
+/// media when asked (every pack at the same place on the medium: packs
+/// sort by id, and restores read in medium order).
 struct CountedReads {
     inner: DynPool,
     sequential: bool,
