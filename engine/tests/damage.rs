@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use cairn_engine::bytes::Bytes;
-use cairn_engine::internals::{read_pack_table, PackEntry};
+use cairn_engine::internals::{read_pack_table, PackEntry, SegmentBuilder};
 use cairn_engine::sample::SampleRng;
 use cairn_engine::{
     BackupDisk, BackupOptions, ChunkId, ChunkingParams, Compression, DamageKind, DynPool, FileKind,
@@ -630,4 +630,29 @@ fn an_uncovered_pack_whose_table_cannot_be_read_is_a_finding() {
         .damage
         .iter()
         .any(|d| d.kind == DamageKind::ChunkMissing));
+}
+
+/// A chunk whose newest index entry names a pack the pool no longer holds
+/// (a segment written before a repair moved that pack aside, say) is found
+/// where an older segment places it: verify and restore pass the entry
+/// over.
+#[test]
+fn an_entry_in_a_pack_the_pool_no_longer_holds_is_passed_over() {
+    let (_dir, local, pool, repo) = local_repo();
+    let mut rng = SampleRng::new(45);
+    let image = random_blocks(&mut rng, 8).concat();
+    let snapshot = backup_blocks(&repo, "vm", &image);
+    let packs = local.list(FileKind::Pack).unwrap();
+    assert_eq!(packs.len(), 1);
+    let table = read_pack_table(&*local, &packs[0].parse().unwrap()).unwrap();
+    // Every chunk again, in a pack that is not there. This handle loads
+    // that segment last, so its lookups try it first.
+    let mut gone = SegmentBuilder::new();
+    gone.add_entries(cairn_engine::PackId([0xee; 16]), &table);
+    gone.write(&*pool).unwrap();
+
+    let report = repo.verify(&VerifyOptions::default()).unwrap();
+    assert!(report.is_ok(), "{report}");
+    let scratch = tempfile::tempdir().unwrap();
+    assert!(restores(&repo, &snapshot, &image, scratch.path()));
 }

@@ -1156,7 +1156,9 @@ mod tests {
         let (pack, es) = entries(10, 5);
         let mut b = SegmentBuilder::new();
         assert_eq!(b.ids().count(), 0);
+        assert!(b.is_empty());
         b.add_entries(pack, &es);
+        assert!(!b.is_empty());
         b.add_entries(PackId([9; 16]), &es[..3]);
         let ids: Vec<ChunkId> = b.ids().collect();
         let added: Vec<ChunkId> = es.iter().chain(&es[..3]).map(|e| e.id).collect();
