@@ -175,17 +175,27 @@ fn a_blob_that_does_not_decode_is_named_with_its_pack_and_offset() {
     bytes[entry.offset as usize] ^= 0xff;
     pool.delete(FileKind::Pack, &pack).unwrap();
     pool.write(FileKind::Pack, &pack, &bytes).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let e = repo
-        .restore_to_dir(&id, dir.path(), &RestoreOptions::default())
-        .unwrap_err();
-    assert!(e.is_damage(), "{e}");
-    let m = e.to_string();
-    assert!(
-        m.contains(&format!("at offset {} of pack {pack}", entry.offset))
-            && m.contains(&entry.id.to_hex()),
-        "{m}"
-    );
+    drop(repo);
+    // Disk by disk, and in medium order (sequential media).
+    for sequential in [false, true] {
+        let counted: DynPool = Arc::new(WrappedPool(CountedReads {
+            inner: pool.clone(),
+            sequential,
+            reads: Default::default(),
+        }));
+        let dir = tempfile::tempdir().unwrap();
+        let e = Repository::open(counted)
+            .unwrap()
+            .restore_to_dir(&id, dir.path(), &RestoreOptions::default())
+            .unwrap_err();
+        assert!(e.is_damage(), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains(&format!("at offset {} of pack {pack}", entry.offset))
+                && m.contains(&entry.id.to_hex()),
+            "sequential {sequential}: {m}"
+        );
+    }
 }
 
 /// The medium-order restore joins blobs into runs only within one pack:
