@@ -428,45 +428,6 @@ fn owner(group: &[TableRecord], packs: &Packs) -> Option<TableRecord> {
     })
 }
 
-/// Like [`owner`], for a live chunk some of whose copies are about to be
-/// deleted: the first copy, in `owner`'s order, whose blob reads and
-/// hashes to the chunk (copies are interchangeable only while intact — a
-/// backup stores a page again when it finds the stored copy damaged, and
-/// keeping the damaged one would lose the page). When none does, `owner`'s
-/// choice: a condemned one then fails its verified copy and stops the
-/// collection; a kept one leaves the damage to `verify` and `repair`.
-fn intact_owner(
-    pool: &DynPool,
-    group: &[TableRecord],
-    packs: &Packs,
-    codec: &mut BlobCodec,
-    plain: &mut Vec<u8>,
-) -> Result<Option<TableRecord>> {
-    let mut order: Vec<TableRecord> = group.to_vec();
-    order.sort_by_key(|r| {
-        (
-            std::cmp::Reverse(packs.get(&r.pack).map_or(0, |u| u.raw_live)),
-            r.pack,
-        )
-    });
-    for r in &order {
-        let blob = match pool.read_range(
-            FileKind::Pack,
-            &r.pack.to_hex(),
-            r.offset,
-            r.length as usize,
-        ) {
-            Ok(blob) => blob,
-            Err(e) if e.is_damage() || e.is_not_found() => continue,
-            Err(e) => return Err(e),
-        };
-        if codec.decode_verified(&blob, &r.id, plain).is_ok() {
-            return Ok(Some(*r));
-        }
-    }
-    Ok(owner(group, packs))
-}
-
 /// Packs with no live blob, or a live share below `repack_below`; each
 /// pack's live bytes are recounted, a chunk counting only in the pack that
 /// owns it. Two passes over the sorted table records.
@@ -700,16 +661,9 @@ impl Repository {
         //    segment.
         let mut copies = ExternalSorter::new(&scratch, "copies", sort_budget(), false);
         let mut segment = ExternalSorter::new(&scratch, "segment", sort_budget(), false);
-        let (mut codec, mut plain) = (BlobCodec::new(Compression::None), Vec::new());
         for_each_chunk(&tables, &live, &packs, &opts.cancel, |group, is_live| {
             if is_live {
-                // A copy about to go is kept only if the one staying is intact.
-                let kept = if group.len() > 1 && group.iter().any(|r| condemned.contains(&r.pack)) {
-                    intact_owner(&pool, group, &packs, &mut codec, &mut plain)?
-                } else {
-                    owner(group, &packs)
-                };
-                if let Some(o) = kept.filter(|o| condemned.contains(&o.pack)) {
+                if let Some(o) = owner(group, &packs).filter(|o| condemned.contains(&o.pack)) {
                     copies.push(CopyRecord {
                         pack: o.pack,
                         offset: o.offset,

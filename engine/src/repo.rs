@@ -540,10 +540,11 @@ impl Repository {
                 changed.attach_pages(self.pool.clone(), index.clone());
                 let reread = changed
                     .reread_unless(|c| index.lookup(c).is_some_and(|l| excluded.reusable(c, &l)))?;
-                parent_pages_damaged += reread.damaged_pages.len() as u64;
                 for page in reread.damaged_pages {
                     if let Some(at) = index.lookup(&page) {
-                        excluded.blobs.insert((page, at));
+                        if excluded.blobs.insert((page, at)) {
+                            parent_pages_damaged += 1;
+                        }
                     }
                 }
             }

@@ -26,7 +26,7 @@ pub fn human(bytes: u64) -> String {
 pub fn backup_warnings(s: &BackupStats) {
     if s.parent_pages_damaged > 0 {
         eprintln!(
-            "cairn: warning: {} extent pages of the parent could not be read; their spans were read again and stored anew. The pool holds damage: run `cairn verify --read-data`, then `cairn repair --packs`",
+            "cairn: warning: extent pages of the parent that could not be read: {}; their spans were read again and stored anew. The pool holds damage: run `cairn verify --read-data`, then `cairn repair --packs`",
             s.parent_pages_damaged
         );
     }

@@ -611,7 +611,7 @@ impl<'a> JobRunner<'a> {
             run.log.log(
                 LogLevel::Warn,
                 format!(
-                    "VM {}: {} extent pages of the parent could not be read; their spans were read again and stored anew (the pool holds damage: verify with read_data, then repair packs)",
+                    "VM {}: extent pages of the parent that could not be read: {}; their spans were read again and stored anew (the pool holds damage: verify with read_data, then repair packs)",
                     vm.name, stats.parent_pages_damaged
                 ),
             );

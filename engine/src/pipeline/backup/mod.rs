@@ -254,9 +254,10 @@ pub struct BackupStats {
     /// Disks not read because their source file was unchanged since their
     /// previous snapshot (its extents reused).
     pub unchanged: Vec<String>,
-    /// Extent pages of a CBT parent found damaged when read (or their pack
-    /// gone since the index was loaded): their spans were read again and
-    /// the pages stored anew. Non-zero means the pool holds damage: run
+    /// Distinct extent pages of a parent (a CBT incremental's, or an
+    /// unchanged file's) found damaged when read (or their pack gone since
+    /// the index was loaded): their spans were read again and the pages
+    /// stored anew. Non-zero means the pool holds damage: run
     /// `verify` with `read_data`, then `repair_packs`. (A page in a pack
     /// the index already knows is gone is not counted: its span is read
     /// again without trying it.)
