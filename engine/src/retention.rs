@@ -547,6 +547,9 @@ mod tests {
         assert_eq!(kept(&p, &snaps), vec![5, 3, 2]);
         let d = p.apply(&snaps, &BTreeSet::new()).unwrap();
         assert_eq!(d[0].reasons[0].to_string(), "daily 2026-05-04");
+        // Only the N newest days count: with two, the first of May goes.
+        let p = utc(RetentionPolicy::new().with_keep(Period::Daily, 2).unwrap());
+        assert_eq!(kept(&p, &snaps), vec![5, 3]);
     }
 
     #[test]
@@ -664,6 +667,25 @@ mod tests {
         assert!(RetentionPolicy::new()
             .with_keep_within(Duration::from_millis(10))
             .is_err());
+        // The bounds themselves are accepted; one past them is not.
+        assert!(RetentionPolicy::new().with_keep_last(MAX_KEEP).is_ok());
+        assert!(RetentionPolicy::new().with_keep_last(1).is_ok());
+        assert!(RetentionPolicy::new()
+            .with_keep(Period::Yearly, MAX_KEEP)
+            .is_ok());
+        assert!(RetentionPolicy::new()
+            .with_keep(Period::Yearly, MAX_KEEP + 1)
+            .is_err());
+        // keep-within: whole seconds, at least one.
+        assert!(RetentionPolicy::new()
+            .with_keep_within(Duration::from_secs(1))
+            .is_ok());
+        assert!(RetentionPolicy::new()
+            .with_keep_within(Duration::ZERO)
+            .is_err());
+        assert!(RetentionPolicy::new()
+            .with_keep_within(Duration::from_millis(1500))
+            .is_err());
         let e = RetentionPolicy::new()
             .with_time_zone("Mars/Olympus")
             .unwrap_err();
@@ -689,6 +711,14 @@ mod tests {
             "cairn-retention 1\nkeep-last 3\nkeep-within 3600s\nkeep-daily 7\nkeep-weekly 4\ntime-zone Europe/Berlin\n"
         );
         assert_eq!(RetentionPolicy::decode(text.as_bytes()).unwrap(), p);
+        assert_eq!(
+            p.to_string(),
+            "keep-last 3, keep-within 1h, keep-daily 7, keep-weekly 4, time zone Europe/Berlin"
+        );
+        assert_eq!(
+            RetentionPolicy::new().to_string(),
+            "no rule, local time zone"
+        );
         for bad in [
             "cairn-retention 1\nkeep-last 3",                 // no newline
             "cairn-retention 2\nkeep-last 3\n",               // version

@@ -936,6 +936,39 @@ mod incremental {
     }
 
     #[test]
+    fn a_copy_of_the_changes_over_a_paged_parent_reads_its_pages() {
+        // The parent is version 2 (extent lists in pages); the caller
+        // hands the backup a clone of the change set, made before the
+        // repository attached its pool.
+        let (_pool, repo) = memory_repo();
+        let mut data = mixed_image(2 << 20, 5);
+        let full = backup_image(&repo, "d", data.clone());
+        let parent = repo.load_snapshot(&full.snapshot).unwrap();
+        assert!(parent.is_paged() && !parent.disks[0].pages.is_empty());
+        data[700_000..700_100].fill(0xab);
+        let mut bitmap = DirtyBitmap::new(data.len() as u64, 65536).unwrap();
+        bitmap.set_range(700_000..700_100);
+        let changed =
+            ChangedBlocks::new(full.snapshot, &parent, "d", bitmap.dirty_extents()).unwrap();
+        let disk = BackupDisk::new(
+            "d",
+            DiskInput::Incremental {
+                source: Box::new(MemSource::new(data.clone())),
+                changed: changed.clone(),
+            },
+        );
+        drop(changed);
+        let s = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap();
+        assert_eq!(s.mode.as_str(), "cbt");
+        // Only the dirty block: the parent's page (short, and its disk's
+        // last) was read and accepted, not taken for damage.
+        assert_eq!(s.bytes_read, 65536);
+        assert_eq!(s.parent_pages_damaged, 0);
+        let dir = tempfile::tempdir().unwrap();
+        assert!(restore_bytes(&repo, &s.snapshot, dir.path())["d"] == data);
+    }
+
+    #[test]
     fn untrusted_change_information_is_refused_before_reading() {
         let (_pool, repo) = memory_repo();
         let data = mixed_image(2 << 20, 3);
