@@ -1169,6 +1169,27 @@ mod tests {
             "fewer bytes than chunks"
         );
         assert!(refused(&|s| s.disks[0].pages[0].data_bytes = 1 << 40));
+        // An empty page, even where the pages still tile the disk.
+        assert!(
+            refused(&|s| {
+                let mut empty = s.disks[0].pages[0];
+                (empty.length, empty.extents, empty.chunks, empty.data_bytes) = (0, 1, 0, 0);
+                s.disks[0].pages.push(empty);
+            }),
+            "an empty page"
+        );
+        // At the bounds: two chunks of the largest size in a page, and a
+        // page of one zero run (no chunk, no data).
+        let largest = MAX_CHUNK_SIZE as u64;
+        let mut at_bound = good.clone();
+        let page = &mut at_bound.disks[0].pages[0];
+        (page.length, page.extents, page.chunks, page.data_bytes) =
+            (2 * largest, 2, 2, 2 * largest);
+        at_bound.disks[0].size = 2 * largest;
+        assert_eq!(Snapshot::decode(&at_bound.encode()).unwrap(), at_bound);
+        let page = &mut at_bound.disks[0].pages[0];
+        (page.extents, page.chunks, page.data_bytes) = (1, 0, 0);
+        assert_eq!(Snapshot::decode(&at_bound.encode()).unwrap(), at_bound);
         // A version 2 manifest without a page is version 1's snapshot.
         let mut v1 = sample();
         v1.disks[0] = DiskManifest::new("vda.img");
