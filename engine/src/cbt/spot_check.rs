@@ -135,6 +135,27 @@ mod tests {
         }
     }
 
+    /// Samples are drawn from the whole disk, each clean extent with the
+    /// same chance: a change in one of 16 chunks with 4 samples is caught
+    /// in about a quarter of the checks, neither never nor always (each
+    /// of those has a chance below 10^-24 in 200 checks).
+    #[test]
+    fn samples_are_drawn_from_the_whole_disk() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut parent = DiskManifest::new("vda");
+        for c in data.chunks(65536) {
+            parent.push(65536, Some(ChunkId::of(c)));
+        }
+        let changed = ChangedBlocks::from_parts(parent, ChunkingParams::default(), vec![]);
+        let mut d = data.clone();
+        d[9 << 16] ^= 1;
+        let src = MemorySource::new("vda", d);
+        let caught = (0..200)
+            .filter(|_| spot_check(&src, &changed, 65536, 4).unwrap().is_err())
+            .count();
+        assert!((1..200).contains(&caught), "caught {caught} of 200");
+    }
+
     /// A zero run that ends off the grid (a disk size that is not a
     /// multiple of it) is checked up to the disk's end, not a grid past it.
     #[test]
