@@ -420,3 +420,57 @@ fn a_restore_reads_each_run_of_blobs_at_once_up_to_4_mib() {
         assert_eq!(reads, expected, "sequential {sequential}");
     }
 }
+
+/// A spot check reads the parent's extent pages: damage there makes the
+/// bitmap untrusted (the policy decides), an I/O error fails the disk's
+/// preparation (nothing is decided on a pool that cannot be read).
+#[test]
+fn a_spot_check_tells_damaged_parent_pages_from_an_io_error() {
+    use cairn_engine::cbt::{prepare_disk, CbtDisk, CbtPolicy, PreparedDisk};
+    use cairn_engine::format::PROP_NEXT_BITMAP;
+    let base: DynPool = Arc::new(MemoryPool::new());
+    let (repo, id, vda, _) = two_disks(base.clone());
+    let mut parent = repo.load_snapshot(&id).unwrap();
+    assert!(parent.is_paged());
+    parent.disks[0]
+        .properties
+        .insert(PROP_NEXT_BITMAP.to_string(), "b1".to_string());
+    let parent = (id, parent);
+    for (kind, damage) in [
+        (std::io::ErrorKind::UnexpectedEof, true),
+        (std::io::ErrorKind::PermissionDenied, false),
+    ] {
+        let pool: DynPool = Arc::new(WrappedPool(FailingReads {
+            inner: base.clone(),
+            kind,
+        }));
+        let failing = Repository::open(pool).unwrap();
+        let disk = CbtDisk::new(
+            "vda",
+            Box::new(MemorySource::new("vda", vda.clone())),
+            "b1",
+            Ok(Vec::new()),
+            "b2",
+        )
+        .with_spot_check(4)
+        .with_pages_from(&failing)
+        .unwrap();
+        let prepared = prepare_disk(
+            Some(&parent),
+            disk,
+            cairn_engine::ChunkingParams::default(),
+            CbtPolicy::Full,
+        );
+        match (prepared, damage) {
+            (
+                Ok(PreparedDisk::Backup {
+                    fallback: Some(why),
+                    ..
+                }),
+                true,
+            ) => assert!(why.contains("extents cannot be read"), "{why}"),
+            (Err(e), false) => assert!(matches!(e, Error::PoolIo { .. }), "{e}"),
+            (other, _) => panic!("{kind:?}: {other:?}"),
+        }
+    }
+}
