@@ -969,6 +969,42 @@ mod incremental {
     }
 
     #[test]
+    fn a_paged_parent_whose_extents_are_off_the_grid_is_not_spliced() {
+        // A version 2 parent chunked with CDC, presented as if chunked on
+        // the 64 KiB grid (what a forged or corrupt manifest would say):
+        // its extents are only seen page by page, and the first one off
+        // the grid stops the incremental.
+        let (_pool, repo) = memory_repo();
+        let data = mixed_image(2 << 20, 9);
+        let mut opts = BackupOptions::new("vm");
+        opts.chunking = ChunkingParams::cdc();
+        let full = backup(
+            &repo,
+            vec![image_disk("d", data.clone())],
+            &opts,
+            &NoProgress,
+        )
+        .unwrap();
+        let mut parent = repo.load_snapshot(&full.snapshot).unwrap();
+        assert!(parent.is_paged());
+        parent.chunking = ChunkingParams::default();
+        let mut bitmap = DirtyBitmap::new(data.len() as u64, 65536).unwrap();
+        bitmap.set_range(0..1);
+        let changed =
+            ChangedBlocks::new(full.snapshot, &parent, "d", bitmap.dirty_extents()).unwrap();
+        let disk = BackupDisk::new(
+            "d",
+            DiskInput::Incremental {
+                source: Box::new(MemSource::new(data.clone())),
+                changed,
+            },
+        );
+        let err = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap_err();
+        assert!(matches!(err, Error::CbtNotTrusted { .. }), "{err}");
+        assert!(err.to_string().contains("grid"), "{err}");
+    }
+
+    #[test]
     fn untrusted_change_information_is_refused_before_reading() {
         let (_pool, repo) = memory_repo();
         let data = mixed_image(2 << 20, 3);
