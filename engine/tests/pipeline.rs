@@ -876,7 +876,15 @@ mod incremental {
     ) -> cairn_engine::Result<cairn_engine::BackupStats> {
         let snap = repo.load_snapshot_with_extents(&parent).unwrap();
         let changed = ChangedBlocks::new(parent, &snap, "d", bitmap.dirty_extents())?;
-        let opts = BackupOptions::new("vm");
+        backup_changed(repo, changed, data)
+    }
+
+    /// Backs up `data` as disk "d" of VM "vm", an incremental by `changed`.
+    fn backup_changed(
+        repo: &Repository,
+        changed: ChangedBlocks,
+        data: &[u8],
+    ) -> cairn_engine::Result<cairn_engine::BackupStats> {
         let disk = BackupDisk::new(
             "d",
             DiskInput::Incremental {
@@ -884,7 +892,7 @@ mod incremental {
                 changed,
             },
         );
-        backup(repo, vec![disk], &opts, &NoProgress)
+        backup(repo, vec![disk], &BackupOptions::new("vm"), &NoProgress)
     }
 
     #[test]
@@ -950,15 +958,9 @@ mod incremental {
         bitmap.set_range(700_000..700_100);
         let changed =
             ChangedBlocks::new(full.snapshot, &parent, "d", bitmap.dirty_extents()).unwrap();
-        let disk = BackupDisk::new(
-            "d",
-            DiskInput::Incremental {
-                source: Box::new(MemSource::new(data.clone())),
-                changed: changed.clone(),
-            },
-        );
+        let copy = changed.clone();
         drop(changed);
-        let s = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap();
+        let s = backup_changed(&repo, copy, &data).unwrap();
         assert_eq!(s.mode.as_str(), "cbt");
         // Only the dirty block: the parent's page (short, and its disk's
         // last) was read and accepted, not taken for damage.
@@ -992,14 +994,7 @@ mod incremental {
         bitmap.set_range(0..1);
         let changed =
             ChangedBlocks::new(full.snapshot, &parent, "d", bitmap.dirty_extents()).unwrap();
-        let disk = BackupDisk::new(
-            "d",
-            DiskInput::Incremental {
-                source: Box::new(MemSource::new(data.clone())),
-                changed,
-            },
-        );
-        let err = backup(&repo, vec![disk], &BackupOptions::new("vm"), &NoProgress).unwrap_err();
+        let err = backup_changed(&repo, changed, &data).unwrap_err();
         assert!(matches!(err, Error::CbtNotTrusted { .. }), "{err}");
         assert!(err.to_string().contains("grid"), "{err}");
     }
