@@ -129,19 +129,28 @@ impl PoolWrapper for FailingReads {
     }
 }
 
+/// The pack read errors injected, and whether each is damage: a short
+/// read is, a permission error is not.
+const FAILURES: [(std::io::ErrorKind, bool); 2] = [
+    (std::io::ErrorKind::UnexpectedEof, true),
+    (std::io::ErrorKind::PermissionDenied, false),
+];
+
+/// A repository on `base` whose pack reads fail with `kind`.
+fn failing_repo(base: &DynPool, kind: std::io::ErrorKind) -> Repository {
+    let pool: DynPool = Arc::new(WrappedPool(FailingReads {
+        inner: base.clone(),
+        kind,
+    }));
+    Repository::open(pool).unwrap()
+}
+
 #[test]
 fn a_short_pack_is_damage_and_an_io_error_is_not() {
     let base: DynPool = Arc::new(MemoryPool::new());
     let (_, id, _, _) = two_disks(base.clone());
-    for (kind, damage) in [
-        (std::io::ErrorKind::UnexpectedEof, true),
-        (std::io::ErrorKind::PermissionDenied, false),
-    ] {
-        let pool: DynPool = Arc::new(WrappedPool(FailingReads {
-            inner: base.clone(),
-            kind,
-        }));
-        let repo = Repository::open(pool).unwrap();
+    for (kind, damage) in FAILURES {
+        let repo = failing_repo(&base, kind);
         let dir = tempfile::tempdir().unwrap();
         let e = repo
             .restore_to_dir(&id, dir.path(), &RestoreOptions::default())
@@ -436,15 +445,8 @@ fn a_spot_check_tells_damaged_parent_pages_from_an_io_error() {
         .properties
         .insert(PROP_NEXT_BITMAP.to_string(), "b1".to_string());
     let parent = (id, parent);
-    for (kind, damage) in [
-        (std::io::ErrorKind::UnexpectedEof, true),
-        (std::io::ErrorKind::PermissionDenied, false),
-    ] {
-        let pool: DynPool = Arc::new(WrappedPool(FailingReads {
-            inner: base.clone(),
-            kind,
-        }));
-        let failing = Repository::open(pool).unwrap();
+    for (kind, damage) in FAILURES {
+        let failing = failing_repo(&base, kind);
         let disk = CbtDisk::new(
             "vda",
             Box::new(MemorySource::new("vda", vda.clone())),
