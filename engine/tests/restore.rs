@@ -476,3 +476,34 @@ fn a_spot_check_tells_damaged_parent_pages_from_an_io_error() {
         }
     }
 }
+
+/// An incremental reads its version 2 parent's pages: a page that cannot
+/// be read for damage has its span read again (and is counted), an I/O
+/// error fails the backup.
+#[test]
+fn an_incremental_tells_damaged_parent_pages_from_an_io_error() {
+    let base: DynPool = Arc::new(MemoryPool::new());
+    let (repo, id, vda, _) = two_disks(base.clone());
+    let parent = repo.load_snapshot(&id).unwrap();
+    assert!(parent.is_paged());
+    for (kind, damage) in FAILURES {
+        let failing = failing_repo(&base, kind);
+        let changed = cairn_engine::ChangedBlocks::new(id, &parent, "vda", Vec::new()).unwrap();
+        let disk = BackupDisk::new(
+            "vda",
+            cairn_engine::DiskInput::Incremental {
+                source: Box::new(MemorySource::new("vda", vda.clone())),
+                changed,
+            },
+        );
+        let opts = BackupOptions::new("web").with_compression(Compression::None);
+        match (failing.backup(vec![disk], &opts), damage) {
+            (Ok(stats), true) => {
+                assert_eq!(stats.parent_pages_damaged, 1);
+                assert_eq!(stats.bytes_read, vda.len() as u64);
+            }
+            (Err(e), false) => assert!(matches!(e, Error::PoolIo { .. }), "{e}"),
+            (other, _) => panic!("{kind:?}: {other:?}"),
+        }
+    }
+}
