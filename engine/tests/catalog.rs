@@ -11,9 +11,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use cairn_engine::bytes::Bytes;
 use cairn_engine::{
-    ChunkId, ChunkingParams, Compression, DiskManifest, DynPool, FileKind, IdScheme, Pool,
-    PoolRead, PoolWrapper, PoolWrite, Repository, Result, Snapshot, SnapshotId, SnapshotMode,
-    WrappedPool,
+    BackupDisk, BackupOptions, ChunkId, ChunkingParams, Compression, DiskInput, DiskManifest,
+    DiskSource, DynPool, FileKind, IdScheme, MemorySource, Pool, PoolRead, PoolWrapper, PoolWrite,
+    Repository, Result, Snapshot, SnapshotId, SnapshotMode, WrappedPool,
 };
 use cairn_pools::MemoryPool;
 
@@ -245,4 +245,57 @@ fn the_parents_of_a_vms_disks_are_found_with_one_read_per_manifest() {
         "one listing"
     );
     assert_eq!(repo.latest_with_disks("other", &["vda"]).unwrap().len(), 1);
+}
+
+/// A file whose recorded state proves its content (as a regular file's
+/// does once its change time is 2 s old), without the wait.
+struct SettledFile(MemorySource);
+
+impl DiskSource for SettledFile {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn describe(&self) -> String {
+        "settled file".into()
+    }
+    fn identity(&self) -> Option<String> {
+        Some("file:1:2:3".into())
+    }
+    fn identity_proves_content(&self) -> bool {
+        true
+    }
+}
+
+/// An unchanged file's parent is looked up (one manifest read) only when
+/// reuse of unchanged files is on: with it off, a backup reads no
+/// manifest, and reads the whole file.
+#[test]
+fn the_parents_of_unchanged_files_are_read_only_when_reused() {
+    let (_base, counted, repo) = counted_repo();
+    let data = vec![7u8; 200_000];
+    let run = |reuse: bool| {
+        let disk = BackupDisk::new(
+            "vda",
+            DiskInput::Image(Box::new(SettledFile(MemorySource::new(
+                "vda",
+                data.clone(),
+            )))),
+        );
+        let mut opts = BackupOptions::new("web");
+        opts.reuse_unchanged = reuse;
+        repo.snapshots().unwrap(); // the catalog, up to date
+        counted.0.manifest_reads.store(0, Ordering::SeqCst);
+        let stats = repo.backup(vec![disk], &opts).unwrap();
+        (
+            counted.0.manifest_reads.load(Ordering::SeqCst),
+            stats.bytes_read,
+        )
+    };
+    // The first backup has no parent to look up.
+    assert_eq!(run(true), (0, 200_000));
+    assert_eq!(run(false), (0, 200_000), "reuse off: no lookup, all read");
+    assert_eq!(run(true), (1, 0), "reuse on: the parent read, nothing else");
 }

@@ -477,6 +477,54 @@ fn a_spot_check_tells_damaged_parent_pages_from_an_io_error() {
     }
 }
 
+/// The change set `prepare_disk` builds over a version 2 parent carries the
+/// pool its pages are read from, and says which in its debug output.
+#[test]
+fn a_prepared_change_set_names_the_pool_of_its_parent_pages() {
+    use cairn_engine::cbt::{prepare_disk, CbtDisk, CbtPolicy, PreparedDisk};
+    use cairn_engine::format::PROP_NEXT_BITMAP;
+    let base: DynPool = Arc::new(MemoryPool::new());
+    let (repo, id, vda, _) = two_disks(base);
+    let mut parent = repo.load_snapshot(&id).unwrap();
+    parent.disks[0]
+        .properties
+        .insert(PROP_NEXT_BITMAP.to_string(), "b1".to_string());
+    let disk = CbtDisk::new(
+        "vda",
+        Box::new(MemorySource::new("vda", vda)),
+        "b1",
+        Ok(Vec::new()),
+        "b2",
+    );
+    let debug_of = |disk: CbtDisk| {
+        let prepared = prepare_disk(
+            Some(&(id, parent.clone())),
+            disk,
+            cairn_engine::ChunkingParams::default(),
+            CbtPolicy::Full,
+        );
+        match prepared {
+            Ok(PreparedDisk::Backup {
+                disk:
+                    BackupDisk {
+                        input: cairn_engine::DiskInput::Incremental { changed, .. },
+                        ..
+                    },
+                fallback: None,
+                ..
+            }) => format!("{changed:?}"),
+            Ok(PreparedDisk::Backup { fallback, .. }) => panic!("not incremental: {fallback:?}"),
+            Ok(PreparedDisk::Skip { reason, .. }) => panic!("skipped: {reason}"),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let attached = debug_of(disk.with_pages_from(&repo).unwrap());
+    assert!(
+        attached.contains("store: Some(PageStore(memory pool))"),
+        "{attached}"
+    );
+}
+
 /// An incremental reads its version 2 parent's pages: a page that cannot
 /// be read for damage has its span read again (and is counted), an I/O
 /// error fails the backup.

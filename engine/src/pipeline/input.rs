@@ -468,7 +468,9 @@ impl ChangedBlocks {
     }
 
     /// The parent's extents covering `range` (grid-aligned), as
-    /// (length, chunk) pairs; zero runs are clipped to the range.
+    /// (length, chunk) pairs; zero runs are clipped to the range. Fails
+    /// ([`Error::CbtNotTrusted`]) at a chunk extent of a fixed-size parent
+    /// that is off its grid, whether or not [`check`](Self::check) ran.
     pub fn reuse(&self, range: Range<u64>) -> Result<Vec<(u64, Option<ChunkId>)>> {
         let mut out = Vec::new();
         self.reuse_pieces(range, usize::MAX, &mut |piece| {
@@ -497,7 +499,10 @@ impl ChangedBlocks {
             if e.offset >= range.end {
                 return Ok(false);
             }
-            if grid > 0 && self.parent.is_paged() {
+            // `check` saw a version 1 parent's extents whole, but the
+            // public `reuse` may be called without it, and a version 2
+            // parent's are only seen here, page by page.
+            if grid > 0 {
                 off_grid(e, grid).map_err(|reason| Error::CbtNotTrusted {
                     disk: self.parent.name.clone(),
                     reason,
@@ -618,6 +623,29 @@ mod tests {
         assert!(cb.reuse(K64 / 2..K64).is_err());
         assert!(cb.reuse(3 * K64..3 * K64 + 10).is_err());
         assert_eq!(cb.reuse(5 * K64..6 * K64).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn reuse_refuses_chunks_off_the_grid_without_a_check_first() {
+        // A chunk inside a grid cell but not at its start.
+        let mut off = DiskManifest::new("vda");
+        off.push(1000, None);
+        off.push(1000, Some(ChunkId::of(b"y")));
+        let cb = ChangedBlocks::from_parts(off.clone(), grid(), vec![]);
+        match cb.reuse(0..2000) {
+            Err(Error::CbtNotTrusted { disk, reason }) => {
+                assert_eq!(disk, "vda");
+                assert!(reason.contains("1000"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A parent chunked by content has no grid: its extents are reused
+        // as they are (an unchanged file).
+        let cb = ChangedBlocks::from_parts(off, ChunkingParams::cdc(), vec![]);
+        assert_eq!(
+            cb.reuse(0..2000).unwrap(),
+            vec![(1000, None), (1000, Some(ChunkId::of(b"y")))]
+        );
     }
 
     #[test]
