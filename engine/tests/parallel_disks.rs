@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use cairn_engine::sample::SampleRng;
 use cairn_engine::{
-    BackupDisk, BackupOptions, DiskSource, Error, MemorySource, Repository, RestoreOptions,
+    BackupDisk, BackupOptions, DiskSource, Error, FileKind, MemorySource, PoolList, Repository,
+    RestoreOptions,
 };
 
 /// A memory disk whose reads are counted while they run (each one lasts a
@@ -141,6 +142,30 @@ fn parallel_disks_write_the_sequential_snapshot_and_read_at_once() {
         );
     }
     assert!(reopened.verify(&Default::default()).unwrap().is_ok());
+    // The lanes' index entries merged into one segment, which covers
+    // every pack written: a fresh open reads no pack table.
+    let index = reopened.index().unwrap();
+    assert!(index.uncovered_packs().is_empty());
+    let (segments, _) = index.segments();
+    assert_eq!(segments.len(), 1);
+    // Its entries: the new chunks and the manifest's extent pages (vda's
+    // and vdc's are the same page).
+    let pages: std::collections::HashSet<_> = repo
+        .load_snapshot(&par.snapshot)
+        .unwrap()
+        .disks
+        .iter()
+        .flat_map(|d| d.pages.iter().map(|p| p.id))
+        .collect();
+    assert_eq!(pages.len(), 3);
+    assert_eq!(segments[0].len() as u64, par.chunks_new + 3);
+    let packs = repo.pool().list(FileKind::Pack).unwrap();
+    assert_eq!(segments[0].packs().len(), packs.len());
+    // Nothing new, nothing written: no pack, no empty segment.
+    let (again, _) = backup(&reopened, 3, None);
+    assert_eq!(again.unwrap().chunks_new, 0);
+    assert_eq!(repo.pool().list(FileKind::Pack).unwrap(), packs);
+    assert_eq!(repo.pool().list(FileKind::Index).unwrap().len(), 1);
 }
 
 #[test]

@@ -65,6 +65,30 @@ pub struct Segment {
 /// a block is 64 × 48 B = 3 KiB of the segment).
 const SUMMARY_EVERY: usize = 64;
 
+/// What a search costs, counted per thread by the unit tests (the module
+/// promises one place in the segment per lookup, and a walk that gives
+/// way to a binary search only for keys that are not uniform).
+#[cfg(test)]
+mod cost {
+    use std::cell::Cell;
+    thread_local! {
+        /// Entries of a segment read.
+        pub(super) static ENTRY_READS: Cell<u64> = const { Cell::new(0) };
+        /// Walks that gave way to a binary search.
+        pub(super) static BINARY_SEARCHES: Cell<u64> = const { Cell::new(0) };
+    }
+    pub(super) fn count(what: &'static std::thread::LocalKey<Cell<u64>>) {
+        what.with(|c| c.set(c.get() + 1));
+    }
+    /// Both counts, set back to zero.
+    pub(super) fn take() -> (u64, u64) {
+        (
+            ENTRY_READS.with(|c| c.replace(0)),
+            BINARY_SEARCHES.with(|c| c.replace(0)),
+        )
+    }
+}
+
 /// The index of the first key in the sorted `keys` that is at least
 /// `key`: ids are uniform hashes, so one interpolation step lands within a
 /// few places and a short walk ends there; a walk that goes on (skewed
@@ -91,6 +115,8 @@ fn first_at_or_above(keys: &[u64], key: u64) -> usize {
             return at;
         }
     }
+    #[cfg(test)]
+    cost::count(&cost::BINARY_SEARCHES);
     keys.partition_point(|k| *k < key)
 }
 
@@ -210,6 +236,8 @@ impl Segment {
     }
 
     fn entry_bytes(&self, i: usize) -> Option<&[u8]> {
+        #[cfg(test)]
+        cost::count(&cost::ENTRY_READS);
         let start = self.entries_start + i * ENTRY_LEN;
         self.data.get(start..start + ENTRY_LEN)
     }
@@ -362,6 +390,8 @@ impl Segment {
 
     /// How many entries of `lo..hi` have a key below `key` (binary search).
     fn partition(&self, lo: usize, hi: usize, key: u64) -> usize {
+        #[cfg(test)]
+        cost::count(&cost::BINARY_SEARCHES);
         let (mut a, mut b) = (lo, hi);
         while a < b {
             let mid = a + (b - a) / 2;
@@ -1191,6 +1221,148 @@ mod tests {
         assert!(!decodes(u64::MAX - 12, 13));
     }
 
+    /// A segment of `entries` from one pack.
+    fn segment_of(pack: PackId, es: &[PackEntry]) -> Segment {
+        let mut b = SegmentBuilder::new();
+        b.add_entries(pack, es);
+        Segment::decode(Bytes::from(b.encode())).unwrap()
+    }
+
+    /// Entries whose ids start with the 8-byte keys `keys` (any order),
+    /// then the key's index.
+    fn entries_with_keys(keys: impl Iterator<Item = u64>) -> Vec<PackEntry> {
+        keys.enumerate()
+            .map(|(i, k)| {
+                let mut id = [0u8; 32];
+                id[..8].copy_from_slice(&k.to_be_bytes());
+                id[24..].copy_from_slice(&(i as u64).to_be_bytes());
+                PackEntry {
+                    id: ChunkId(id),
+                    offset: 16 + i as u64,
+                    length: 13,
+                    raw_length: 1,
+                }
+            })
+            .collect()
+    }
+
+    /// Lookups of uniform ids (hashes) in a segment whose fan-out buckets
+    /// span several blocks: each reads a few entries of the segment, and
+    /// hardly ever needs a binary search; `lookup_many` reads what the
+    /// single lookups read.
+    #[test]
+    fn uniform_ids_are_found_in_a_few_reads() {
+        let n = 50_000u32;
+        let (pack, es) = entries(n, 1);
+        let seg = segment_of(pack, &es);
+        cost::take();
+        let (mut reads, mut searches) = ((0, 0), (0, 0));
+        for (i, e) in es.iter().enumerate() {
+            assert_eq!(seg.lookup(&e.id).map(|l| l.offset), Some(e.offset));
+            let (r, s) = cost::take();
+            reads.0 += r;
+            searches.0 += s;
+            let absent = ChunkId::of(&(i as u32 + 10_000_000).to_le_bytes());
+            assert_eq!(seg.lookup(&absent), None);
+            let (r, s) = cost::take();
+            reads.1 += r;
+            searches.1 += s;
+        }
+        // 4.9 reads a lookup, a binary search in 0.7 % of them (at
+        // 2026-11-29): the fan-out and summary give a block of 64, the
+        // interpolation a place within a few entries of the id's.
+        for (what, r, s) in [
+            ("present", reads.0, searches.0),
+            ("absent", reads.1, searches.1),
+        ] {
+            assert!(r <= 5 * u64::from(n), "{what}: {r} reads for {n} lookups");
+            assert!(s <= u64::from(n) / 100, "{what}: {s} binary searches");
+        }
+        let ids: Vec<ChunkId> = es.iter().map(|e| e.id).collect();
+        let mut out = vec![None; ids.len()];
+        seg.lookup_many(&ids, &mut out);
+        assert!(out.iter().all(Option::is_some));
+        assert_eq!(cost::take(), (reads.0, searches.0));
+    }
+
+    /// An id whose fan-out bucket is empty costs no read of the segment.
+    #[test]
+    fn an_id_in_an_empty_bucket_reads_nothing() {
+        let es = entries_with_keys((0..100u64).map(|i| (1 << 56) + i));
+        let seg = segment_of(PackId([1; 16]), &es);
+        cost::take();
+        for first in [0u8, 2, 255] {
+            let id = ChunkId([first; 32]);
+            assert_eq!(seg.lookup(&id), None);
+            let mut out = [Some(BlobLocation {
+                pack: PackId([0; 16]),
+                offset: 0,
+                length: 0,
+            })];
+            seg.lookup_many(&[id], &mut out);
+            assert_eq!(out, [None]);
+            assert_eq!(cost::take(), (0, 0), "bucket {first}");
+        }
+        // Its only occupied bucket: found.
+        assert!(seg.lookup(&es[50].id).is_some());
+    }
+
+    /// Keys that interpolation guesses badly (in each block of 64, all but
+    /// the last crowd at its start): a walk gives way to a binary search
+    /// after 8 steps, so no lookup reads more than a few dozen entries.
+    #[test]
+    fn a_long_walk_gives_way_to_a_binary_search() {
+        let keys =
+            (0..4096u64).map(|i| (i / 64) << 40 | if i % 64 == 63 { 1 << 39 } else { i % 64 });
+        let es = entries_with_keys(keys);
+        let seg = segment_of(PackId([1; 16]), &es);
+        cost::take();
+        let (mut most, mut searches) = (0, 0);
+        for e in &es {
+            assert_eq!(seg.lookup(&e.id).map(|l| l.offset), Some(e.offset));
+            let (r, s) = cost::take();
+            most = most.max(r);
+            searches += s;
+        }
+        // 18 at most (2026-11-29): 9 steps of the walk, then 6 of the
+        // binary search in the block, then the entry; the walk alone would
+        // take up to 63.
+        assert!(most <= 20, "{most} reads");
+        assert!(searches > 0);
+    }
+
+    /// `first_at_or_above` agrees with a binary search on any sorted keys,
+    /// and on uniform keys (a segment's summary) needs none.
+    #[test]
+    fn first_at_or_above_is_a_partition_point() {
+        let (pack, es) = entries(50_000, 1);
+        let uniform = segment_of(pack, &es).summary;
+        let skewed: Vec<u64> = (0..700u64).map(|i| i.pow(5)).chain([u64::MAX; 3]).collect();
+        for (keys, uniform) in [
+            (&uniform, true),
+            (&skewed, false),
+            (&vec![], false),
+            (&vec![7], false),
+        ] {
+            cost::take();
+            let probes = keys
+                .iter()
+                .flat_map(|&k| [k.saturating_sub(1), k, k.saturating_add(1)])
+                .chain([0, u64::MAX]);
+            for key in probes {
+                assert_eq!(
+                    first_at_or_above(keys, key),
+                    keys.partition_point(|k| *k < key),
+                    "{key}"
+                );
+            }
+            let (_, s) = cost::take();
+            if uniform {
+                assert_eq!(s, 0);
+            }
+        }
+    }
+
     #[test]
     fn lookup_many_matches_lookup() {
         let (pack, es) = entries(3000, 4);
@@ -1205,11 +1377,14 @@ mod tests {
             assert_eq!(*got, seg.lookup(id));
         }
         assert_eq!(out.iter().filter(|o| o.is_some()).count(), 3000);
+        assert_eq!(format!("{seg:?}"), "Segment { packs: 1, entries: 3000 }");
         let index = Index::default();
         index.push(SegmentId([1; 16]), seg);
         let mut out2 = Vec::new();
         index.lookup_many(&ids, &mut out2);
         assert_eq!(out, out2);
+        assert!(index.contains(&ids[0]) && index.contains(&ids[2999]));
+        assert!(!index.contains(&ids[3000]));
     }
 
     #[test]
