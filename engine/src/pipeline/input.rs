@@ -640,7 +640,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A parent chunked by content has no grid: its extents are reused
-        // as they are (an unchanged file).
+        // as they are (only a direct call gets here: `check` refuses it).
         let cb = ChangedBlocks::from_parts(off, ChunkingParams::cdc(), vec![]);
         assert_eq!(
             cb.reuse(0..2000).unwrap(),

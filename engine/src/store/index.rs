@@ -66,15 +66,18 @@ pub struct Segment {
 const SUMMARY_EVERY: usize = 64;
 
 /// What a search costs, counted per thread by the unit tests (the module
-/// promises one place in the segment per lookup, and a walk that gives
-/// way to a binary search only for keys that are not uniform).
+/// promises one place in the segment per lookup; a walk gives way to a
+/// binary search rarely on uniform keys, and always bounds one on keys
+/// that are not).
 #[cfg(test)]
 mod cost {
     use std::cell::Cell;
     thread_local! {
-        /// Entries of a segment read.
+        /// Reads of a segment's entries (an entry read twice counts twice:
+        /// a walk reads the key it stops at, then the whole entry).
         pub(super) static ENTRY_READS: Cell<u64> = const { Cell::new(0) };
-        /// Walks that gave way to a binary search.
+        /// Binary searches: a walk in a segment that gave way to one, and
+        /// `first_at_or_above`'s on the summary.
         pub(super) static BINARY_SEARCHES: Cell<u64> = const { Cell::new(0) };
     }
     pub(super) fn count(what: &'static std::thread::LocalKey<Cell<u64>>) {
@@ -1269,14 +1272,17 @@ mod tests {
             searches.1 += s;
         }
         // 4.9 reads a lookup, a binary search in 0.7 % of them (at
-        // 2026-11-29): the fan-out and summary give a block of 64, the
-        // interpolation a place within a few entries of the id's.
+        // 2026-11-29; other sets of random ids give 4.9–5.1 and up to
+        // 1.2 %): the fan-out and summary give a block of 64, the
+        // interpolation a place within a few entries of the id's. A guess
+        // at the block's start, or interpolated over the whole bucket,
+        // gives 12–15 reads and binary searches in over half.
         for (what, r, s) in [
             ("present", reads.0, searches.0),
             ("absent", reads.1, searches.1),
         ] {
-            assert!(r <= 5 * u64::from(n), "{what}: {r} reads for {n} lookups");
-            assert!(s <= u64::from(n) / 100, "{what}: {s} binary searches");
+            assert!(r <= 6 * u64::from(n), "{what}: {r} reads for {n} lookups");
+            assert!(s <= 3 * u64::from(n) / 100, "{what}: {s} binary searches");
         }
         let ids: Vec<ChunkId> = es.iter().map(|e| e.id).collect();
         let mut out = vec![None; ids.len()];
@@ -1324,9 +1330,9 @@ mod tests {
             most = most.max(r);
             searches += s;
         }
-        // 18 at most (2026-11-29): 9 steps of the walk, then 6 of the
-        // binary search in the block, then the entry; the walk alone would
-        // take up to 63.
+        // 18 at most (2026-11-29): the guessed entry, 9 steps of the walk,
+        // 7 of the binary search in the block, then the entry; the walk
+        // alone would take up to 63.
         assert!(most <= 20, "{most} reads");
         assert!(searches > 0);
     }
