@@ -1314,27 +1314,38 @@ mod tests {
     }
 
     /// Keys that interpolation guesses badly (in each block of 64, all but
-    /// the last crowd at its start): a walk gives way to a binary search
-    /// after 8 steps, so no lookup reads more than a few dozen entries.
+    /// the last crowd at its start, so walks go right; or all but the
+    /// first crowd at its end, so walks go left): a walk gives way to a
+    /// binary search after 8 steps, so no lookup reads more than a few
+    /// dozen entries.
     #[test]
     fn a_long_walk_gives_way_to_a_binary_search() {
-        let keys =
-            (0..4096u64).map(|i| (i / 64) << 40 | if i % 64 == 63 { 1 << 39 } else { i % 64 });
-        let es = entries_with_keys(keys);
-        let seg = segment_of(PackId([1; 16]), &es);
-        cost::take();
-        let (mut most, mut searches) = (0, 0);
-        for e in &es {
-            assert_eq!(seg.lookup(&e.id).map(|l| l.offset), Some(e.offset));
-            let (r, s) = cost::take();
-            most = most.max(r);
-            searches += s;
+        let at_start = |i: u64| (i / 64) << 40 | if i % 64 == 63 { 1 << 39 } else { i % 64 };
+        let at_end = |i: u64| {
+            (i / 64) << 40
+                | if i % 64 == 0 {
+                    0
+                } else {
+                    (1 << 40) - 64 + i % 64
+                }
+        };
+        for layout in [&at_start as &dyn Fn(u64) -> u64, &at_end] {
+            let es = entries_with_keys((0..4096u64).map(layout));
+            let seg = segment_of(PackId([1; 16]), &es);
+            cost::take();
+            let (mut most, mut searches) = (0, 0);
+            for e in &es {
+                assert_eq!(seg.lookup(&e.id).map(|l| l.offset), Some(e.offset));
+                let (r, s) = cost::take();
+                most = most.max(r);
+                searches += s;
+            }
+            // 18 at most (2026-11-29): the guessed entry, 9 steps of the
+            // walk, 7 of the binary search in the block, then the entry;
+            // the walk alone would take up to 63.
+            assert!(most <= 20, "{most} reads");
+            assert!(searches > 0);
         }
-        // 18 at most (2026-11-29): the guessed entry, 9 steps of the walk,
-        // 7 of the binary search in the block, then the entry; the walk
-        // alone would take up to 63.
-        assert!(most <= 20, "{most} reads");
-        assert!(searches > 0);
     }
 
     /// `first_at_or_above` agrees with a binary search on any sorted keys,
