@@ -16,6 +16,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+mod failing_reads;
+use failing_reads::FailingReads;
+
 use cairn_engine::bytes::Bytes;
 use cairn_engine::internals::{read_pack_table, PackEntry, SegmentBuilder};
 use cairn_engine::sample::SampleRng;
@@ -615,43 +618,6 @@ fn an_uncovered_pack_whose_table_cannot_be_read_is_a_finding() {
         .any(|d| d.kind == DamageKind::ChunkMissing));
 }
 
-/// Pack reads fail with a permission error: an I/O failure, not damage.
-struct DeniedPackReads(DynPool);
-
-impl DeniedPackReads {
-    fn check(kind: FileKind, name: &str) -> cairn_engine::Result<()> {
-        if kind != FileKind::Pack {
-            return Ok(());
-        }
-        Err(cairn_engine::Error::PoolIo {
-            op: "read",
-            kind,
-            name: name.to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected"),
-        })
-    }
-}
-
-impl cairn_engine::PoolWrapper for DeniedPackReads {
-    fn inner(&self) -> &dyn cairn_engine::Pool {
-        &*self.0
-    }
-    fn read(&self, kind: FileKind, name: &str) -> cairn_engine::Result<Bytes> {
-        Self::check(kind, name)?;
-        self.0.read(kind, name)
-    }
-    fn read_range(
-        &self,
-        kind: FileKind,
-        name: &str,
-        offset: u64,
-        len: usize,
-    ) -> cairn_engine::Result<Bytes> {
-        Self::check(kind, name)?;
-        self.0.read_range(kind, name, offset, len)
-    }
-}
-
 /// An uncovered pack whose table cannot be read for an I/O error (not
 /// damage) fails the index's load with that error: it is not passed over
 /// as unreadable.
@@ -663,7 +629,10 @@ fn an_uncovered_pack_that_cannot_be_read_fails_the_index_load() {
     for name in local.list(FileKind::Index).unwrap() {
         std::fs::remove_file(local.path_of(FileKind::Index, &name).unwrap()).unwrap();
     }
-    let denied: DynPool = Arc::new(cairn_engine::WrappedPool(DeniedPackReads(pool)));
+    let denied: DynPool = Arc::new(cairn_engine::WrappedPool(FailingReads {
+        inner: pool,
+        kind: std::io::ErrorKind::PermissionDenied,
+    }));
     match Repository::open(denied).and_then(|r| r.index().map(|_| ())) {
         Err(cairn_engine::Error::PoolIo { kind, source, .. }) => {
             assert_eq!(kind, FileKind::Pack);

@@ -9,6 +9,9 @@
 
 use std::sync::Arc;
 
+mod failing_reads;
+use failing_reads::FailingReads;
+
 use cairn_engine::bytes::Bytes;
 use cairn_engine::internals::read_pack_table;
 use cairn_engine::sample::SampleRng;
@@ -98,35 +101,6 @@ fn options_select_disks_and_allow_overwriting_and_stats_are_exact() {
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
     assert_eq!(std::fs::read_dir(none.path()).unwrap().count(), 0);
-}
-
-/// Fails pack reads with a chosen I/O error kind.
-struct FailingReads {
-    inner: DynPool,
-    kind: std::io::ErrorKind,
-}
-
-impl PoolWrapper for FailingReads {
-    fn inner(&self) -> &dyn Pool {
-        &*self.inner
-    }
-    fn read_range(
-        &self,
-        kind: FileKind,
-        name: &str,
-        offset: u64,
-        len: usize,
-    ) -> cairn_engine::Result<Bytes> {
-        if kind == FileKind::Pack {
-            return Err(Error::PoolIo {
-                op: "read",
-                kind,
-                name: name.to_string(),
-                source: std::io::Error::new(self.kind, "injected"),
-            });
-        }
-        self.inner.read_range(kind, name, offset, len)
-    }
 }
 
 /// The pack read errors injected, and whether each is damage: a short
