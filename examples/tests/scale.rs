@@ -6,6 +6,12 @@
 //! files allocate only the data, and `qemu-img compare` (an independent
 //! reader) finds them identical to the sources. Sparse files this large
 //! cost no disk space. The wall time of each step is printed, not asserted.
+//!
+//! The two tests take turns ([`one_at_a_time`]): together they would need
+//! the sum of their disk space (about 5 GiB), one at a time the larger
+//! (about 4.2 GiB). Each first checks that the temporary directory's
+//! filesystem has the space it needs, and says so if not, instead of
+//! failing later with a tool's bare exit code.
 
 #![allow(clippy::unwrap_used)] // a failed step is a failed test
 
@@ -14,6 +20,7 @@ mod common;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use common::*;
@@ -23,6 +30,47 @@ const DISK: u64 = 8 << 40;
 const STRIDE: u64 = 64 << 30;
 const DATA: u64 = 4 << 20;
 const PEAK_RSS_LIMIT: u64 = 128 << 20;
+
+/// Held by each test while it runs: see the module's doc.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    // A test that failed while holding it leaves nothing the other needs.
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Bytes free to an unprivileged writer on the filesystem holding `path`,
+/// as `df` reports them.
+fn free_bytes(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .expect("df");
+    assert!(
+        out.status.success(),
+        "df {}: {}",
+        path.display(),
+        stderr(&out)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("df {}: no figure in its output", path.display()))
+}
+
+/// Fails the test at once, with the figures, if `dir`'s filesystem has
+/// less than `need` bytes free.
+fn require_free(dir: &Path, need: u64) {
+    let free = free_bytes(dir);
+    assert!(
+        free >= need,
+        "this test writes up to {} MiB under {}, whose filesystem has {} MiB free",
+        need >> 20,
+        dir.display(),
+        free >> 20
+    );
+}
 
 /// Runs `cairn args`, which must succeed; returns its stdout and its peak
 /// RSS in bytes, and prints how long it took.
@@ -88,11 +136,15 @@ fn region(offset: u64) -> Vec<u8> {
 
 #[test]
 fn an_8_tib_sparse_disk_backs_up_restores_and_verifies_in_flat_memory() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
+    let regions = DISK / STRIDE;
+    // At most two copies of the data at once (a source and its restore),
+    // the pool's copy, and the qcow2 images' metadata.
+    require_free(root, 3 * regions * (DATA + 65536) + (64 << 20));
     let pool = p(&root.join("pool"));
     ok(&["init", &pool]);
-    let regions = DISK / STRIDE;
 
     // Raw file: full backup, restore, verify.
     let img = root.join("big.img");
@@ -152,7 +204,22 @@ fn an_8_tib_sparse_disk_backs_up_restores_and_verifies_in_flat_memory() {
             .args(&args)
             .output()
             .expect("qemu-io (run scripts/test.sh to install it)");
-        assert!(out.status.success(), "qemu-io: {}", stderr(&out));
+        // qemu-io prints a failed command's reason ("write failed: …") on
+        // its standard output, among a line per write done.
+        let said = String::from_utf8_lossy(&out.stdout);
+        let failed: Vec<&str> = said
+            .lines()
+            .filter(|l| !l.starts_with("wrote ") && !l.contains(" ops/sec)"))
+            .collect();
+        assert!(
+            out.status.success(),
+            "qemu-io ({}): {}{} ({} MiB free under {})",
+            out.status,
+            stderr(&out),
+            failed.join("\n"),
+            free_bytes(root) >> 20,
+            root.display()
+        );
     };
     let backup = || -> Value {
         let (out, _) = measured(&[
@@ -273,8 +340,12 @@ fn is_pattern(path: &Path, size: u64) -> bool {
 /// in memory at a time.
 #[test]
 fn a_million_extents_back_up_restore_and_verify_in_the_memory_of_a_few() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
+    // One 4 GiB file at a time (the source is removed before its restore),
+    // and a pool that holds one deduplicated chunk plus its metadata.
+    require_free(root, (4 << 30) + (256 << 20));
     let pool = p(&root.join("pool"));
     ok(&["init", &pool]);
     let mut peaks = Vec::new();
