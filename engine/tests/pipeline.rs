@@ -412,6 +412,87 @@ fn interrupted_backup_keeps_earlier_snapshots_and_its_packs_are_reused() {
     assert!(repo.index().unwrap().uncovered_packs().is_empty());
 }
 
+/// A first backup interrupted after sealing packs leaves them in no
+/// segment. A handle that took them in as uncovered, then saw a collection
+/// delete them (no snapshot references them), is not stale: the pool had
+/// no segment for the collection to replace. Its next backup must not
+/// name the deleted packs in its segment ("no segment may name a pack
+/// after the sweep deleted it"): they are told apart by the index's
+/// absent packs, not by any notice, which the collection removed.
+#[test]
+fn uncovered_packs_a_collection_deleted_are_not_named_by_the_next_segment() {
+    let (pool, repo) = memory_repo();
+    let image = mixed_image(6 << 20, 21);
+    let mut opts = BackupOptions::new("vm");
+    opts.pack_max_input = 1 << 20; // seal often
+    opts.batch_size = 1 << 20;
+    opts.threads = std::num::NonZeroUsize::new(1);
+    let failing = BackupDisk::new(
+        "d",
+        DiskInput::Image(Box::new(MemSource {
+            data: image.clone(),
+            fail_after: Some(4 << 20),
+            read: AtomicU64::new(0),
+        })),
+    );
+    backup(&repo, vec![failing], &opts, &NoProgress).unwrap_err();
+    let sealed: Vec<String> = pool.list(FileKind::Pack).unwrap();
+    assert!(!sealed.is_empty(), "the interrupted run sealed packs");
+    assert!(pool.list(FileKind::Index).unwrap().is_empty());
+
+    let dynpool: DynPool = Arc::new(pool.clone());
+    let writer = Repository::open(dynpool.clone()).unwrap();
+    assert_eq!(
+        writer.index().unwrap().uncovered_packs().len(),
+        sealed.len(),
+        "every sealed pack is taken in from its table"
+    );
+    let report = Repository::open(dynpool)
+        .unwrap()
+        .gc(&cairn_engine::GcOptions::default())
+        .unwrap();
+    assert_eq!(report.packs_deleted, sealed.len(), "{report:?}");
+    let left = pool.list(FileKind::Pack).unwrap();
+    assert!(sealed.iter().all(|p| !left.contains(p)), "{left:?}");
+
+    let s = backup(
+        &writer,
+        vec![image_disk("d", image.clone())],
+        &opts,
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(!writer.index().unwrap().is_stale());
+    let listed: std::collections::HashSet<PackId> = pool
+        .list(FileKind::Pack)
+        .unwrap()
+        .iter()
+        .map(|n| PackId::from_hex(n).unwrap())
+        .collect();
+    let segments = pool.list(FileKind::Index).unwrap();
+    assert!(!segments.is_empty());
+    for name in segments {
+        let seg =
+            cairn_engine::internals::Segment::decode(pool.read(FileKind::Index, &name).unwrap())
+                .unwrap();
+        for pack in seg.packs() {
+            assert!(
+                listed.contains(pack),
+                "segment {name} names pack {pack}, which the collection deleted"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    assert!(restore_bytes(&writer, &s.snapshot, dir.path())["d"] == image);
+    let report = verify(
+        &writer,
+        &VerifyOptions::default().with_read_data(true),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(report.is_ok(), "{:?}", report.damage);
+}
+
 #[test]
 fn mid_backup_segment_flush_keeps_dedup_and_restores() {
     let (pool, repo) = memory_repo();
