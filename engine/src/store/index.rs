@@ -1300,7 +1300,7 @@ mod tests {
         let (pack, es) = entries(n, 1);
         let seg = segment_of(pack, &es);
         // About 195 entries a bucket: buckets 0..=20 start below entry
-        // 64 × 64 = 4 096.
+        // 64 × 64 = 4 096 (as does bucket 21 here, at entry 4 010).
         let first: Vec<&PackEntry> = es.iter().filter(|e| e.id.0[0] <= 20).collect();
         assert!(first.len() > 3_000, "{}", first.len());
         cost::take();

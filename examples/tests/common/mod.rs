@@ -143,6 +143,21 @@ pub fn p(path: &Path) -> String {
 }
 
 /// Runs a tool (qemu-img, qemu-io …); it must succeed.
+/// Bytes free for an unprivileged writer on the filesystem holding `path`
+/// (root may also write the blocks ext4 reserves: a lower bound for it).
+pub fn free_bytes(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs writes into the struct we pass; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::statvfs(c.as_ptr(), &mut s) },
+        0,
+        "statvfs {}",
+        path.display()
+    );
+    s.f_bavail as u64 * s.f_frsize as u64
+}
+
 pub fn tool(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd)
         .args(args)
@@ -191,11 +206,7 @@ impl SmallFs {
 
     /// Bytes free for an unprivileged writer.
     pub fn free(&self) -> u64 {
-        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: statvfs writes into the struct we pass; the path is NUL-terminated.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
-        s.f_bavail as u64 * s.f_frsize as u64
+        free_bytes(&self.path)
     }
 
     /// Fills the filesystem until `leave` bytes are free (a file `filler`).
