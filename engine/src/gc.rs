@@ -23,7 +23,7 @@
 //! Every listing and read before the first deletion must succeed, or the
 //! collection stops having deleted nothing. Atime is never used.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -43,7 +43,7 @@ use crate::store::index::Index;
 use crate::store::index::{write_sorted_segment, EntryRecord, Segment};
 use crate::store::manifest::list_snapshot_ids;
 use crate::store::pack::{read_pack_table, PackWriter};
-use crate::store::pool::DynPool;
+use crate::store::pool::{DynPool, Pool};
 
 /// Default live share below which a pack is repacked.
 pub const DEFAULT_REPACK_BELOW: f64 = 0.5;
@@ -182,6 +182,10 @@ pub struct GcReport {
     pub writers_waited: usize,
     /// Writers evicted because their lease expired.
     pub writers_evicted: usize,
+    /// Copies of live extent pages stored more than once that were found
+    /// damaged and left out of the new index segment, an intact copy kept
+    /// (`repair` moves the damaged ones' packs aside).
+    pub page_copies_damaged: usize,
     /// Wall time.
     pub seconds: f64,
 }
@@ -205,7 +209,15 @@ impl std::fmt::Display for GcReport {
             self.bytes_reclaimed,
             self.segments_before,
             self.segments_after
-        )
+        )?;
+        if self.page_copies_damaged > 0 {
+            write!(
+                f,
+                "; {} damaged copies of extent pages left out of the index (run repair)",
+                self.page_copies_damaged
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -302,6 +314,7 @@ fn mark(
     scratch: &ScratchDir,
     seed: Option<&Sorted<ChunkId>>,
     expected: &mut BTreeSet<SnapshotId>,
+    pages: &mut HashSet<ChunkId>,
 ) -> Result<(usize, Sorted<ChunkId>)> {
     let mut live = ExternalSorter::new(scratch, "live", sort_budget(), true);
     if let Some(seed) = seed {
@@ -331,7 +344,12 @@ fn mark(
             return Err(e);
         }
         match visited {
-            Ok(_) => snapshots += 1,
+            Ok(snapshot) => {
+                snapshots += 1;
+                for disk in &snapshot.disks {
+                    pages.extend(disk.pages.iter().map(|p| p.id));
+                }
+            }
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e),
         }
@@ -411,6 +429,41 @@ fn for_each_chunk(
     if let Some(first) = group.first() {
         let is_live = cursor.contains(&first.id)?;
         f(&group, is_live)?;
+    }
+    Ok(())
+}
+
+/// The copies in `group` (one chunk's table records, an extent page stored
+/// more than once) whose blob reads back intact, into `intact`. A backup
+/// that finds its parent's page damaged stores it again, so the pool holds
+/// a damaged and an intact copy until `repair`; the new segment names one
+/// copy per chunk (the first by pack id) and a repack copies the owner's
+/// alone, so a collection that did not look could keep the damaged one and
+/// delete the other. Pages are a few per disk and rarely duplicated: each
+/// copy is read. A read that fails for another reason than damage fails
+/// the collection (nothing is deleted yet).
+fn intact_copies(
+    pool: &dyn Pool,
+    codec: &mut BlobCodec,
+    scratch: &mut Vec<u8>,
+    group: &[TableRecord],
+    intact: &mut Vec<TableRecord>,
+) -> Result<()> {
+    intact.clear();
+    for r in group {
+        let blob = match pool.read_range(
+            FileKind::Pack,
+            &r.pack.to_hex(),
+            r.offset,
+            r.length as usize,
+        ) {
+            Ok(blob) => blob,
+            Err(e) if e.is_damage() || e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        if codec.decode_verified(&blob, &r.id, scratch).is_ok() {
+            intact.push(*r);
+        }
     }
     Ok(())
 }
@@ -522,6 +575,8 @@ impl Repository {
         let mut known_snapshots = BTreeSet::new();
         // Extent pages are found through the index (refreshed on a miss).
         let index = self.fresh_index()?;
+        // The live chunks that are extent pages (a few per disk).
+        let mut pages = HashSet::new();
         let (snapshots, live1) = mark(
             &pool,
             &index,
@@ -529,6 +584,7 @@ impl Repository {
             &scratch,
             None,
             &mut known_snapshots,
+            &mut pages,
         )?;
         let old_segments = pool.list(FileKind::Index)?;
         let mut packs = Packs::new();
@@ -649,6 +705,7 @@ impl Repository {
                 &scratch,
                 Some(&live),
                 &mut known_snapshots,
+                &mut pages,
             )?;
             live = live2;
             let again = condemn(&mut packs, &tables, &live, opts.repack_below, &opts.cancel)?;
@@ -659,9 +716,27 @@ impl Repository {
         // 5. Plan: live blobs owned by condemned packs are copied (in pack
         //    order); every entry of a pack that stays goes to the new
         //    segment.
+        //    A live extent page stored more than once keeps its intact
+        //    copies only (below).
         let mut copies = ExternalSorter::new(&scratch, "copies", sort_budget(), false);
         let mut segment = ExternalSorter::new(&scratch, "segment", sort_budget(), false);
+        let mut codec = BlobCodec::new(Compression::None);
+        let mut scratch_blob = Vec::new();
+        let mut intact = Vec::new();
         for_each_chunk(&tables, &live, &packs, &opts.cancel, |group, is_live| {
+            let group = if is_live && group.len() > 1 && pages.contains(&group[0].id) {
+                intact_copies(&*pool, &mut codec, &mut scratch_blob, group, &mut intact)?;
+                report.page_copies_damaged += group.len() - intact.len();
+                if intact.is_empty() {
+                    // None intact: the index stays as it was for this page
+                    // (verify names it, repair deals with it).
+                    group
+                } else {
+                    &intact[..]
+                }
+            } else {
+                group
+            };
             if is_live {
                 if let Some(o) = owner(group, &packs).filter(|o| condemned.contains(&o.pack)) {
                     copies.push(CopyRecord {
@@ -687,8 +762,6 @@ impl Repository {
             .collect();
 
         // 6. Copy what is live out of condemned packs, verified.
-        let mut codec = BlobCodec::new(Compression::None);
-        let mut scratch_blob = Vec::new();
         let mut writer: Option<PackWriter> = None;
         let finish_pack = |w: PackWriter,
                            report: &mut GcReport,

@@ -393,7 +393,8 @@ fn an_incremental_over_a_damaged_or_lost_parent_page_reads_its_span_again() {
             // The page cut anew is the damaged one: both snapshots name it.
             // Two copies are stored. This handle wrote the newer one's
             // segment last, so its lookups find that copy (another process
-            // may find either until `repair`): the snapshots' pages read,
+            // may find either, and then reads the other: see
+            // a_page_stored_again_after_damage_…): the snapshots' pages read,
             // and the one finding is the damaged copy, which verify meets
             // reading every blob. `repair` moves its pack aside; then both
             // snapshots restore from the copy this backup stored (with the
@@ -431,6 +432,129 @@ fn backup_blocks(repo: &Repository, vm: &str, image: &[u8]) -> SnapshotId {
         MemorySource::new("vda", Bytes::copy_from_slice(image)),
     );
     repo.backup(vec![disk], &opts).unwrap().snapshot
+}
+
+/// An extent page stored twice, a damaged copy and an intact one: a CBT
+/// incremental finds its parent's page damaged and stores it again, cut
+/// identical (block 5 is said dirty but holds what it held). Every other
+/// process reads the intact copy, whichever its index finds first, and a
+/// collection keeps it and reports the damaged one.
+///
+/// Without looking, a collection loses the intact copy two ways: when the
+/// incremental's pack holds only the page, the parent's pack owns the
+/// chunk (more live bytes) and the other pack, owning nothing live, is
+/// deleted; when it also holds a second disk's new data, it stays, but the
+/// new segment names one copy per chunk, the one in the lower pack id.
+/// Pack ids are random, so that case runs 12 times (the damaged copy is in
+/// the lower pack in about half; the test requires one such round).
+#[test]
+fn a_page_stored_again_after_damage_is_the_copy_readers_and_collections_keep() {
+    let opts = BackupOptions::new("vm")
+        .with_chunking(ChunkingParams::Fixed { size: BLOCK as u32 })
+        .with_compression(Compression::Zstd { level: 1 });
+    let mut damaged_in_lower_pack = 0;
+    for round in 0..13u64 {
+        let with_other_data = round > 0;
+        let (_dir, local, pool, repo) = local_repo();
+        let mut rng = SampleRng::new(60 + round);
+        let image = random_blocks(&mut rng, 40).concat();
+        let parent = backup_blocks(&repo, "vm", &image);
+        let parent_snapshot = repo.load_snapshot(&parent).unwrap();
+        let page = parent_snapshot.disks[0].pages[0].id;
+        let damaged = packs_holding(&local, &page);
+        assert_eq!(damaged.len(), 1);
+        let damaged = damaged[0].0.clone();
+        flip_blob(&local, &page);
+
+        let dirty = std::iter::once((5 * BLOCK) as u64..(6 * BLOCK) as u64).collect();
+        let changed =
+            cairn_engine::ChangedBlocks::new(parent, &parent_snapshot, "vda", dirty).unwrap();
+        let mut disks = vec![BackupDisk::incremental(
+            "vda",
+            MemorySource::new("vda", Bytes::copy_from_slice(&image)),
+            changed,
+        )];
+        let other = random_blocks(&mut rng, 10).concat();
+        if with_other_data {
+            disks.push(BackupDisk::image(
+                "vdb",
+                MemorySource::new("vdb", Bytes::copy_from_slice(&other)),
+            ));
+        }
+        let stats = repo.backup(disks, &opts).unwrap();
+        assert_eq!(stats.parent_pages_damaged, 1);
+        let holding: Vec<String> = packs_holding(&local, &page)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(holding.len(), 2, "the page is stored again");
+        let intact = holding.iter().find(|p| **p != damaged).unwrap().clone();
+        if damaged < intact {
+            damaged_in_lower_pack += 1;
+        }
+
+        let scratch = tempfile::tempdir().unwrap();
+        let case = format!("round {round}");
+        for after_collection in [false, true] {
+            // Another process, with an index of its own.
+            let reader = Repository::open(pool.clone()).unwrap();
+            assert!(restores(&reader, &parent, &image, scratch.path()), "{case}");
+            assert!(
+                restores(&reader, &stats.snapshot, &image, scratch.path()),
+                "{case}"
+            );
+            if with_other_data {
+                let dir = scratch.path().join("vdb");
+                reader
+                    .restore_to_dir(&stats.snapshot, &dir, &RestoreOptions::default())
+                    .unwrap();
+                assert!(std::fs::read(dir.join("vdb")).unwrap() == other, "{case}");
+                std::fs::remove_dir_all(&dir).unwrap();
+            }
+            if !after_collection {
+                let report = reader.gc(&cairn_engine::GcOptions::default()).unwrap();
+                assert_eq!(report.page_copies_damaged, 1, "{case}: {report}");
+                assert_eq!(report.segments_after, 1, "{case}: {report}");
+            }
+        }
+        // The one segment left names an intact copy of the page: the
+        // incremental's, or the repack's copy of it.
+        let segments = pool.list(FileKind::Index).unwrap();
+        assert_eq!(segments.len(), 1, "{case}");
+        let segment = cairn_engine::internals::Segment::decode(
+            pool.read(FileKind::Index, &segments[0]).unwrap(),
+        )
+        .unwrap();
+        let at = segment.lookup(&page).unwrap();
+        assert_ne!(at.pack.to_hex(), damaged, "{case}");
+        if with_other_data {
+            assert_eq!(at.pack.to_hex(), intact, "{case}");
+        }
+        // The damaged copy is still in its pack (which holds the parent's
+        // data): verify, reading every blob, finds it; `repair` moves that
+        // pack aside, salvaging the rest, and nothing is lost.
+        let report = repo
+            .verify(&VerifyOptions::default().with_read_data(true))
+            .unwrap();
+        assert_eq!(report.damage.len(), 1, "{case}: {report}");
+        assert_eq!(report.damage[0].kind, DamageKind::ChunkCorrupt, "{case}");
+        assert_eq!(report.damage[0].chunk, Some(page), "{case}");
+        repo.repair_packs(false).unwrap();
+        let reader = Repository::open(pool.clone()).unwrap();
+        let report = reader
+            .verify(&VerifyOptions::default().with_read_data(true))
+            .unwrap();
+        assert!(report.is_ok(), "{case}: {report}");
+        assert!(restores(&reader, &parent, &image, scratch.path()), "{case}");
+        assert!(
+            restores(&reader, &stats.snapshot, &image, scratch.path()),
+            "{case}"
+        );
+    }
+    assert!(
+        damaged_in_lower_pack > 0,
+        "no round put the damaged copy first"
+    );
 }
 
 /// The packs of the first of two backups deleted: before the index is

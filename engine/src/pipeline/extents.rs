@@ -73,6 +73,11 @@ pub(crate) fn decode_chunk(
 
 /// Reads one extent page's plaintext, verified against its chunk id.
 /// `needed_by` names the snapshot and disk for errors.
+///
+/// A copy found damaged gives way to the page's other copies the index
+/// names (a backup stores a page again when it finds its copy damaged, so
+/// the pool then holds both until `repair`); the first copy's error is
+/// returned when none is intact. Any other error is returned at once.
 pub(crate) fn read_page(
     store: &Store<'_>,
     codec: &mut BlobCodec,
@@ -86,6 +91,30 @@ pub(crate) fn read_page(
             chunk: page.id,
             needed_by: needed_by(),
         })?;
+    let first = match read_page_at(store, codec, page, loc, needed_by) {
+        Err(e) if e.is_damage() => e,
+        done => return done,
+    };
+    for other in store.index.locations(&page.id) {
+        if other == loc {
+            continue;
+        }
+        match read_page_at(store, codec, page, other, needed_by) {
+            Err(e) if e.is_damage() => {}
+            done => return done,
+        }
+    }
+    Err(first)
+}
+
+/// Reads the copy of a page at `loc`, verified.
+fn read_page_at(
+    store: &Store<'_>,
+    codec: &mut BlobCodec,
+    page: &PageRef,
+    loc: BlobLocation,
+    needed_by: &dyn Fn() -> String,
+) -> Result<Vec<u8>> {
     let blob = read_pack_range(
         store.pool,
         loc.pack,

@@ -806,6 +806,25 @@ impl Index {
             .find_map(|s| s.lookup(id).filter(|l| !state.absent.contains(&l.pack)))
     }
 
+    /// Every location of chunk `id` the segments name, newest segment
+    /// first (the first is [`lookup`](Self::lookup)'s), each once, passing
+    /// over packs the pool no longer lists. A chunk is stored more than
+    /// once when two writers stored it at once, or when a backup stored a
+    /// damaged extent page again: a reader that finds one copy damaged
+    /// tries the others.
+    pub fn locations(&self, id: &ChunkId) -> Vec<BlobLocation> {
+        let state = self.state.read();
+        let mut out: Vec<BlobLocation> = Vec::new();
+        for seg in state.segments.iter().rev() {
+            if let Some(l) = seg.lookup(id) {
+                if !state.absent.contains(&l.pack) && !out.contains(&l) {
+                    out.push(l);
+                }
+            }
+        }
+        out
+    }
+
     /// Like [`lookup`](Self::lookup), but also a location in a pack the pool
     /// no longer lists: to tell "the pack holding it is gone" from "no
     /// segment knows it" when the chunk is nowhere else.
@@ -1314,6 +1333,30 @@ mod tests {
         let m = first.len() as u64;
         assert!(2 * reads <= 11 * m, "{reads} reads for {m} lookups");
         assert!(searches <= 3 * m / 100, "{searches} binary searches");
+    }
+
+    /// `locations` names every copy the segments hold, newest segment
+    /// first (its first is `lookup`'s), each once, and none in an absent
+    /// pack.
+    #[test]
+    fn locations_name_every_copy_newest_first_each_once() {
+        let index = Index::default();
+        let (one, first) = entries(10, 1);
+        let (two, second) = entries(10, 2);
+        index.push(SegmentId::random().unwrap(), segment_of(one, &first));
+        index.push(SegmentId::random().unwrap(), segment_of(two, &second));
+        // The second copy named again by a later segment.
+        index.push(SegmentId::random().unwrap(), segment_of(two, &second[..3]));
+        let packs =
+            |id: &ChunkId| -> Vec<PackId> { index.locations(id).iter().map(|l| l.pack).collect() };
+        for e in &first {
+            assert_eq!(packs(&e.id), vec![two, one]);
+            assert_eq!(index.locations(&e.id)[0], index.lookup(&e.id).unwrap());
+            assert_eq!(index.locations(&e.id)[1].offset, e.offset);
+        }
+        assert!(index.locations(&ChunkId([0xee; 32])).is_empty());
+        index.state.write().absent.insert(two);
+        assert_eq!(packs(&first[0].id), vec![one]);
     }
 
     /// An id whose fan-out bucket is empty costs no read of the segment.

@@ -3,8 +3,11 @@
 //! of blobs the backup found damaged while it read its parents' extent
 //! pages. A chunk whose copy is excluded is stored again, in a new pack.
 //! Lookups of this process find the new copy first (its segment is the
-//! newest); another process may find either until `repair` moves the
-//! damaged pack aside.
+//! newest); another process may find either, and a reader of an extent
+//! page that finds its copy damaged tries the others
+//! (`extents::read_page`); a garbage collection keeps the intact copy and
+//! leaves the damaged one out of the index (`gc::intact_copies`), and
+//! `repair` moves the damaged pack aside.
 
 use std::collections::HashSet;
 
