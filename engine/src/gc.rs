@@ -23,7 +23,7 @@
 //! Every listing and read before the first deletion must succeed, or the
 //! collection stops having deleted nothing. Atime is never used.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -184,7 +184,8 @@ pub struct GcReport {
     pub writers_evicted: usize,
     /// Copies of live extent pages stored more than once that were found
     /// damaged and left out of the new index segment, an intact copy kept
-    /// (`repair` moves the damaged ones' packs aside).
+    /// (`repair` moves the damaged ones' packs aside). Not looked for by a
+    /// dry run (0).
     pub page_copies_damaged: usize,
     /// Wall time.
     pub seconds: f64,
@@ -314,7 +315,7 @@ fn mark(
     scratch: &ScratchDir,
     seed: Option<&Sorted<ChunkId>>,
     expected: &mut BTreeSet<SnapshotId>,
-    pages: &mut HashSet<ChunkId>,
+    pages: &mut ExternalSorter<'_, ChunkId>,
 ) -> Result<(usize, Sorted<ChunkId>)> {
     let mut live = ExternalSorter::new(scratch, "live", sort_budget(), true);
     if let Some(seed) = seed {
@@ -346,8 +347,8 @@ fn mark(
         match visited {
             Ok(snapshot) => {
                 snapshots += 1;
-                for disk in &snapshot.disks {
-                    pages.extend(disk.pages.iter().map(|p| p.id));
+                for page in snapshot.disks.iter().flat_map(|d| &d.pages) {
+                    pages.push(page.id)?;
                 }
             }
             Err(e) if e.is_not_found() => continue,
@@ -440,16 +441,18 @@ fn for_each_chunk(
 /// copy per chunk (the first by pack id) and a repack copies the owner's
 /// alone, so a collection that did not look could keep the damaged one and
 /// delete the other. Pages are a few per disk and rarely duplicated: each
-/// copy is read. A read that fails for another reason than damage fails
-/// the collection (nothing is deleted yet).
+/// copy is read. Returns how many copies were found damaged (a pack gone
+/// since the listing is not counted). A read that fails for another
+/// reason than damage fails the collection (nothing is deleted yet).
 fn intact_copies(
     pool: &dyn Pool,
     codec: &mut BlobCodec,
     scratch: &mut Vec<u8>,
     group: &[TableRecord],
     intact: &mut Vec<TableRecord>,
-) -> Result<()> {
+) -> Result<usize> {
     intact.clear();
+    let mut damaged = 0;
     for r in group {
         let blob = match pool.read_range(
             FileKind::Pack,
@@ -458,14 +461,20 @@ fn intact_copies(
             r.length as usize,
         ) {
             Ok(blob) => blob,
-            Err(e) if e.is_damage() || e.is_not_found() => continue,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) if e.is_damage() => {
+                damaged += 1;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         if codec.decode_verified(&blob, &r.id, scratch).is_ok() {
             intact.push(*r);
+        } else {
+            damaged += 1;
         }
     }
-    Ok(())
+    Ok(damaged)
 }
 
 /// Which pack keeps a live chunk stored more than once (two writers stored
@@ -575,8 +584,9 @@ impl Repository {
         let mut known_snapshots = BTreeSet::new();
         // Extent pages are found through the index (refreshed on a miss).
         let index = self.fresh_index()?;
-        // The live chunks that are extent pages (a few per disk).
-        let mut pages = HashSet::new();
+        // The live chunks that are extent pages (sorted on disk, like
+        // every set a collection holds).
+        let mut pages = ExternalSorter::new(&scratch, "pages", sort_budget(), true);
         let (snapshots, live1) = mark(
             &pool,
             &index,
@@ -723,15 +733,19 @@ impl Repository {
         let mut codec = BlobCodec::new(Compression::None);
         let mut scratch_blob = Vec::new();
         let mut intact = Vec::new();
+        let pages = pages.finish()?;
+        let mut pages = pages.cursor()?;
         for_each_chunk(&tables, &live, &packs, &opts.cancel, |group, is_live| {
-            let group = if is_live && group.len() > 1 && pages.contains(&group[0].id) {
-                intact_copies(&*pool, &mut codec, &mut scratch_blob, group, &mut intact)?;
-                report.page_copies_damaged += group.len() - intact.len();
+            let group = if is_live && group.len() > 1 && pages.contains(&group[0].id)? {
+                let damaged =
+                    intact_copies(&*pool, &mut codec, &mut scratch_blob, group, &mut intact)?;
                 if intact.is_empty() {
-                    // None intact: the index stays as it was for this page
-                    // (verify names it, repair deals with it).
+                    // None intact (mark read the page, so a copy was
+                    // intact then): the index stays as it was for this
+                    // page; verify names it, repair deals with it.
                     group
                 } else {
+                    report.page_copies_damaged += damaged;
                     &intact[..]
                 }
             } else {

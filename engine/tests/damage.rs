@@ -436,9 +436,11 @@ fn backup_blocks(repo: &Repository, vm: &str, image: &[u8]) -> SnapshotId {
 
 /// An extent page stored twice, a damaged copy and an intact one: a CBT
 /// incremental finds its parent's page damaged and stores it again, cut
-/// identical (block 5 is said dirty but holds what it held). Every other
-/// process reads the intact copy, whichever its index finds first, and a
-/// collection keeps it and reports the damaged one.
+/// identical (block 5 is said dirty but holds what it held). Another
+/// process whose index finds the damaged copy first reads the intact one
+/// when it restores, and stores the page again when it backs up (it must
+/// not reference the damaged copy); a collection keeps an intact copy and
+/// reports the damaged one.
 ///
 /// Without looking, a collection loses the intact copy two ways: when the
 /// incremental's pack holds only the page, the parent's pack owns the
@@ -452,36 +454,44 @@ fn a_page_stored_again_after_damage_is_the_copy_readers_and_collections_keep() {
     let opts = BackupOptions::new("vm")
         .with_chunking(ChunkingParams::Fixed { size: BLOCK as u32 })
         .with_compression(Compression::Zstd { level: 1 });
-    let mut damaged_in_lower_pack = 0;
-    for round in 0..13u64 {
-        let with_other_data = round > 0;
-        let (_dir, local, pool, repo) = local_repo();
-        let mut rng = SampleRng::new(60 + round);
-        let image = random_blocks(&mut rng, 40).concat();
-        let parent = backup_blocks(&repo, "vm", &image);
+    // An incremental over `parent` whose bitmap says block 5 changed
+    // (it did not), with a second disk `other` if given.
+    let incremental = |repo: &Repository, parent: SnapshotId, image: &[u8], other: &[u8]| {
         let parent_snapshot = repo.load_snapshot(&parent).unwrap();
-        let page = parent_snapshot.disks[0].pages[0].id;
-        let damaged = packs_holding(&local, &page);
-        assert_eq!(damaged.len(), 1);
-        let damaged = damaged[0].0.clone();
-        flip_blob(&local, &page);
-
         let dirty = std::iter::once((5 * BLOCK) as u64..(6 * BLOCK) as u64).collect();
         let changed =
             cairn_engine::ChangedBlocks::new(parent, &parent_snapshot, "vda", dirty).unwrap();
         let mut disks = vec![BackupDisk::incremental(
             "vda",
-            MemorySource::new("vda", Bytes::copy_from_slice(&image)),
+            MemorySource::new("vda", Bytes::copy_from_slice(image)),
             changed,
         )];
-        let other = random_blocks(&mut rng, 10).concat();
-        if with_other_data {
+        if !other.is_empty() {
             disks.push(BackupDisk::image(
                 "vdb",
-                MemorySource::new("vdb", Bytes::copy_from_slice(&other)),
+                MemorySource::new("vdb", Bytes::copy_from_slice(other)),
             ));
         }
-        let stats = repo.backup(disks, &opts).unwrap();
+        repo.backup(disks, &opts).unwrap()
+    };
+    let mut damaged_in_lower_pack = 0;
+    for round in 0..13u64 {
+        let (_dir, local, pool, repo) = local_repo();
+        let mut rng = SampleRng::new(60 + round);
+        let image = random_blocks(&mut rng, 40).concat();
+        let other = if round > 0 {
+            random_blocks(&mut rng, 10).concat()
+        } else {
+            Vec::new()
+        };
+        let parent = backup_blocks(&repo, "vm", &image);
+        let page = repo.load_snapshot(&parent).unwrap().disks[0].pages[0].id;
+        let damaged = packs_holding(&local, &page);
+        assert_eq!(damaged.len(), 1);
+        let damaged = damaged[0].0.clone();
+        flip_blob(&local, &page);
+
+        let stats = incremental(&repo, parent, &image, &other);
         assert_eq!(stats.parent_pages_damaged, 1);
         let holding: Vec<String> = packs_holding(&local, &page)
             .into_iter()
@@ -496,14 +506,19 @@ fn a_page_stored_again_after_damage_is_the_copy_readers_and_collections_keep() {
         let scratch = tempfile::tempdir().unwrap();
         let case = format!("round {round}");
         for after_collection in [false, true] {
-            // Another process, with an index of its own.
-            let reader = Repository::open(pool.clone()).unwrap();
+            // Another process, with an index of its own: before the
+            // collection, one whose lookups find the damaged copy first.
+            let reader = if after_collection {
+                Repository::open(pool.clone()).unwrap()
+            } else {
+                reader_finding(&pool, &page, &damaged)
+            };
             assert!(restores(&reader, &parent, &image, scratch.path()), "{case}");
             assert!(
                 restores(&reader, &stats.snapshot, &image, scratch.path()),
                 "{case}"
             );
-            if with_other_data {
+            if !other.is_empty() {
                 let dir = scratch.path().join("vdb");
                 reader
                     .restore_to_dir(&stats.snapshot, &dir, &RestoreOptions::default())
@@ -511,11 +526,19 @@ fn a_page_stored_again_after_damage_is_the_copy_readers_and_collections_keep() {
                 assert!(std::fs::read(dir.join("vdb")).unwrap() == other, "{case}");
                 std::fs::remove_dir_all(&dir).unwrap();
             }
-            if !after_collection {
-                let report = reader.gc(&cairn_engine::GcOptions::default()).unwrap();
-                assert_eq!(report.page_copies_damaged, 1, "{case}: {report}");
-                assert_eq!(report.segments_after, 1, "{case}: {report}");
+            if after_collection {
+                continue;
             }
+            if round == 0 {
+                // A backup there reads the page where its index finds it,
+                // damaged, so it stores the page once more.
+                let third = incremental(&reader, parent, &image, &other);
+                assert_eq!(third.parent_pages_damaged, 1, "{case}");
+                assert_eq!(packs_holding(&local, &page).len(), 3, "{case}");
+                assert!(restores(&reader, &third.snapshot, &image, scratch.path()));
+            }
+            let report = reader.gc(&cairn_engine::GcOptions::default()).unwrap();
+            assert_eq!(report.page_copies_damaged, 1, "{case}: {report}");
         }
         // The one segment left names an intact copy of the page: the
         // incremental's, or the repack's copy of it.
@@ -527,7 +550,7 @@ fn a_page_stored_again_after_damage_is_the_copy_readers_and_collections_keep() {
         .unwrap();
         let at = segment.lookup(&page).unwrap();
         assert_ne!(at.pack.to_hex(), damaged, "{case}");
-        if with_other_data {
+        if !other.is_empty() {
             assert_eq!(at.pack.to_hex(), intact, "{case}");
         }
         // The damaged copy is still in its pack (which holds the parent's
@@ -553,8 +576,21 @@ fn a_page_stored_again_after_damage_is_the_copy_readers_and_collections_keep() {
     }
     assert!(
         damaged_in_lower_pack > 0,
-        "no round put the damaged copy first"
+        "no round put the damaged copy in the lower pack"
     );
+}
+
+/// A new handle on `pool` (another process's view) whose index finds
+/// chunk `id` in pack `pack` first. Segments load in no set order, so a
+/// few tries find one.
+fn reader_finding(pool: &DynPool, id: &ChunkId, pack: &str) -> Repository {
+    for _ in 0..64 {
+        let reader = Repository::open(pool.clone()).unwrap();
+        if reader.index().unwrap().lookup(id).unwrap().pack.to_hex() == pack {
+            return reader;
+        }
+    }
+    panic!("no handle found chunk {id} in pack {pack} first in 64 tries");
 }
 
 /// The packs of the first of two backups deleted: before the index is

@@ -75,9 +75,12 @@ pub(crate) fn decode_chunk(
 /// `needed_by` names the snapshot and disk for errors.
 ///
 /// A copy found damaged gives way to the page's other copies the index
-/// names (a backup stores a page again when it finds its copy damaged, so
-/// the pool then holds both until `repair`); the first copy's error is
-/// returned when none is intact. Any other error is returned at once.
+/// names, the index refreshed first (a backup stores a page again when it
+/// finds its copy damaged, so the pool then holds both until `repair`);
+/// the first copy's error is returned when none is intact. Any other
+/// error is returned at once. For readers of what a snapshot holds
+/// (restore, verify, collection, copy); a backup reads its parent's pages
+/// with [`read_page_where_found`].
 pub(crate) fn read_page(
     store: &Store<'_>,
     codec: &mut BlobCodec,
@@ -85,16 +88,14 @@ pub(crate) fn read_page(
     needed_by: &dyn Fn() -> String,
 ) -> Result<Vec<u8>> {
     let mut refreshed = false;
-    let loc = store
-        .locate(&page.id, &mut refreshed)?
-        .ok_or_else(|| Error::ChunkMissing {
-            chunk: page.id,
-            needed_by: needed_by(),
-        })?;
+    let loc = locate_page(store, page, &mut refreshed, needed_by)?;
     let first = match read_page_at(store, codec, page, loc, needed_by) {
         Err(e) if e.is_damage() => e,
         done => return done,
     };
+    if !refreshed {
+        store.index.refresh(store.pool)?;
+    }
     for other in store.index.locations(&page.id) {
         if other == loc {
             continue;
@@ -105,6 +106,34 @@ pub(crate) fn read_page(
         }
     }
     Err(first)
+}
+
+/// Reads one extent page from the copy the index finds first, verified,
+/// with no fallback: the copy a backup deduplicates against when it
+/// reuses its parent's extents. A backup must learn that this copy is
+/// damaged, to store the page again instead of referencing it.
+pub(crate) fn read_page_where_found(
+    store: &Store<'_>,
+    codec: &mut BlobCodec,
+    page: &PageRef,
+    needed_by: &dyn Fn() -> String,
+) -> Result<Vec<u8>> {
+    let loc = locate_page(store, page, &mut false, needed_by)?;
+    read_page_at(store, codec, page, loc, needed_by)
+}
+
+fn locate_page(
+    store: &Store<'_>,
+    page: &PageRef,
+    refreshed: &mut bool,
+    needed_by: &dyn Fn() -> String,
+) -> Result<BlobLocation> {
+    store
+        .locate(&page.id, refreshed)?
+        .ok_or_else(|| Error::ChunkMissing {
+            chunk: page.id,
+            needed_by: needed_by(),
+        })
 }
 
 /// Reads the copy of a page at `loc`, verified.

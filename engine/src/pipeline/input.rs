@@ -14,7 +14,7 @@ use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId};
 use crate::pipeline::extents::Store;
-use crate::pipeline::extents::{page_place, read_page};
+use crate::pipeline::extents::{page_place, read_page_where_found};
 use crate::source::DiskSource;
 use crate::store::blob::{BlobCodec, Compression};
 use crate::store::extent_page::{decode_page, page_span, PagePlace};
@@ -283,7 +283,7 @@ impl ChangedBlocks {
             index: &pages.index,
         };
         let mut codec = BlobCodec::new(Compression::None);
-        let bytes = read_page(&store, &mut codec, page, &what)?;
+        let bytes = read_page_where_found(&store, &mut codec, page, &what)?;
         let place = PagePlace {
             start,
             span: page_span(self.parent_chunking),

@@ -3,11 +3,13 @@
 //! of blobs the backup found damaged while it read its parents' extent
 //! pages. A chunk whose copy is excluded is stored again, in a new pack.
 //! Lookups of this process find the new copy first (its segment is the
-//! newest); another process may find either, and a reader of an extent
-//! page that finds its copy damaged tries the others
-//! (`extents::read_page`); a garbage collection keeps the intact copy and
-//! leaves the damaged one out of the index (`gc::intact_copies`), and
-//! `repair` moves the damaged pack aside.
+//! newest); another process may find either. A reader of an extent page
+//! that finds its copy damaged tries the others (`extents::read_page`),
+//! but a backup reads its parents' pages only where its index finds them
+//! (`read_page_where_found`), so it never references a damaged copy. A
+//! garbage collection keeps an intact copy and leaves the damaged one out
+//! of its new segment (`gc::intact_copies`); `repair` moves the damaged
+//! pack aside.
 
 use std::collections::HashSet;
 
