@@ -648,6 +648,37 @@ mod tests {
         );
     }
 
+    /// `reuse_pieces` hands the extents over in pieces of exactly `max`
+    /// (the last one shorter), and stops when `f` says so: the backup
+    /// reader's memory and channel traffic both rest on it.
+    #[test]
+    fn reuse_pieces_come_in_pieces_of_max() {
+        let cb = ChangedBlocks::from_parts(parent(), grid(), vec![]);
+        let all = cb.reuse(0..4 * K64 + 1000).unwrap();
+        assert_eq!(all.len(), 4);
+        for (max, sizes) in [(1, vec![1, 1, 1, 1]), (3, vec![3, 1]), (4, vec![4])] {
+            let mut pieces = Vec::new();
+            let done = cb
+                .reuse_pieces(0..4 * K64 + 1000, max, &mut |p| {
+                    pieces.push(p);
+                    true
+                })
+                .unwrap();
+            assert!(done);
+            assert_eq!(pieces.iter().map(Vec::len).collect::<Vec<_>>(), sizes);
+            assert_eq!(pieces.concat(), all);
+        }
+        let mut calls = 0;
+        let done = cb
+            .reuse_pieces(0..4 * K64 + 1000, 1, &mut |_| {
+                calls += 1;
+                false
+            })
+            .unwrap();
+        assert!(!done);
+        assert_eq!(calls, 1, "no piece after f said stop");
+    }
+
     #[test]
     fn reread_unless_marks_rejected_chunks_dirty_in_order() {
         let mut cb = ChangedBlocks::from_parts(
