@@ -490,9 +490,17 @@ fn a_page_stored_again_after_damage_is_the_copy_readers_and_collections_keep() {
         assert_eq!(damaged.len(), 1);
         let damaged = damaged[0].0.clone();
         flip_blob(&local, &page);
+        // A handle that loaded its index before the page was stored again.
+        let stale = Repository::open(pool.clone()).unwrap();
+        stale.index().unwrap();
 
         let stats = incremental(&repo, parent, &image, &other);
         assert_eq!(stats.parent_pages_damaged, 1);
+        // It reads the parent's extents without a refresh first
+        // (`load_snapshot_with_extents`): meeting the damaged copy, it
+        // refreshes its index and finds the new one.
+        let listed = stale.load_snapshot_with_extents(&parent).unwrap();
+        assert_eq!(listed.disks[0].extents.len(), 40);
         let holding: Vec<String> = packs_holding(&local, &page)
             .into_iter()
             .map(|(name, _)| name)
