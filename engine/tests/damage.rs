@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 mod failing_reads;
-use failing_reads::FailingReads;
+use failing_reads::{BlobReads, FailingReads};
 
 use cairn_engine::bytes::Bytes;
 use cairn_engine::internals::{read_pack_table, PackEntry, SegmentBuilder};
@@ -588,17 +588,204 @@ fn a_page_stored_again_after_damage_is_the_copy_readers_and_collections_keep() {
     );
 }
 
+/// A page stored three times: damaged in the parent's pack, intact in the
+/// packs of two incrementals (the second backed up by a handle whose
+/// index found the damaged copy first). Returns the pool, the parent and
+/// its image, the page, the damaged copy's pack and the two intact ones
+/// with the page's offset in each.
+#[allow(clippy::type_complexity)]
+fn page_in_three_copies(
+    seed: u64,
+) -> (
+    tempfile::TempDir,
+    Arc<LocalPool>,
+    DynPool,
+    SnapshotId,
+    Vec<u8>,
+    ChunkId,
+    String,
+    [(String, u64); 2],
+) {
+    let (dir, local, pool, repo) = local_repo();
+    let mut rng = SampleRng::new(seed);
+    let image = random_blocks(&mut rng, 40).concat();
+    let parent = backup_blocks(&repo, "vm", &image);
+    let page = repo.load_snapshot(&parent).unwrap().disks[0].pages[0].id;
+    let damaged = packs_holding(&local, &page)[0].0.clone();
+    flip_blob(&local, &page);
+    let opts = BackupOptions::new("vm")
+        .with_chunking(ChunkingParams::Fixed { size: BLOCK as u32 })
+        .with_compression(Compression::Zstd { level: 1 });
+    let again = |repo: &Repository| {
+        let parent_snapshot = repo.load_snapshot(&parent).unwrap();
+        let dirty = std::iter::once((5 * BLOCK) as u64..(6 * BLOCK) as u64).collect();
+        let changed =
+            cairn_engine::ChangedBlocks::new(parent, &parent_snapshot, "vda", dirty).unwrap();
+        let disk = BackupDisk::incremental(
+            "vda",
+            MemorySource::new("vda", Bytes::copy_from_slice(&image)),
+            changed,
+        );
+        assert_eq!(
+            repo.backup(vec![disk], &opts).unwrap().parent_pages_damaged,
+            1
+        );
+    };
+    again(&repo);
+    // After the first, so that its index knows both copies.
+    again(&reader_finding(&pool, &page, &damaged));
+    let intact: Vec<(String, u64)> = packs_holding(&local, &page)
+        .into_iter()
+        .filter(|(name, _)| *name != damaged)
+        .map(|(name, table)| {
+            let at = table.iter().find(|e| e.id == page).unwrap().offset;
+            (name, at)
+        })
+        .collect();
+    let intact: [(String, u64); 2] = intact.try_into().unwrap();
+    (dir, local, pool, parent, image, page, damaged, intact)
+}
+
+/// What the pool answers for one copy of a page stored three times (one
+/// copy damaged, the parent's): a reader and a collection treat damage
+/// (and a copy gone since the listing) as "try another copy", any other
+/// error as a failure. A collection whose mark reads another copy meets
+/// the answer when it checks the copies: an I/O error fails it before it
+/// deletes anything; a copy gone is passed over; a damaged one is counted.
+#[test]
+fn copies_of_a_page_tell_damage_from_io_errors() {
+    let denied: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::PoolIo {
+        op: "read",
+        kind: FileKind::Pack,
+        name: name.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected"),
+    };
+    let gone: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::NotFound {
+        kind: FileKind::Pack,
+        name: name.to_string(),
+    };
+    let corrupt: fn(&str) -> cairn_engine::Error = |name| {
+        cairn_engine::Error::corrupt(
+            format!("pack {name}"),
+            cairn_engine::DecodeError::Invalid("injected".into()),
+        )
+    };
+    for (case, fail) in [("denied", denied), ("gone", gone), ("corrupt", corrupt)] {
+        let (_dir, _local, pool, parent, _image, page, damaged, [failing, read]) =
+            page_in_three_copies(70);
+        let wrapped = Arc::new(cairn_engine::WrappedPool(BlobReads {
+            inner: pool.clone(),
+            pack: failing.0.clone(),
+            offset: failing.1,
+            fail: Some(fail),
+            count: Default::default(),
+        }));
+        let dynamic: DynPool = wrapped.clone();
+
+        // Readers whose index finds the failing copy first, or the
+        // damaged one, then the failing one.
+        for order in [&[&*failing.0][..], &[&*damaged, &*failing.0]] {
+            let reader = reader_trying(&dynamic, &page, order);
+            let listed = reader.load_snapshot_with_extents(&parent);
+            match (case, listed) {
+                ("denied", Err(e)) => {
+                    assert!(matches!(e, cairn_engine::Error::PoolIo { .. }), "{e}")
+                }
+                ("gone" | "corrupt", Ok(s)) => assert_eq!(s.disks[0].extents.len(), 40),
+                (_, other) => panic!("{case}, {order:?}: {other:?}"),
+            }
+        }
+
+        // A collection whose mark reads the intact copy the reader did not.
+        let before = pool.list(FileKind::Pack).unwrap();
+        let collector = reader_finding(&dynamic, &page, &read.0);
+        let reads = wrapped.0.reads();
+        let result = collector.gc(&cairn_engine::GcOptions::default());
+        assert_eq!(
+            wrapped.0.reads(),
+            reads + 1,
+            "{case}: one read, the check's"
+        );
+        match (case, result) {
+            ("denied", Err(e)) => {
+                assert!(matches!(e, cairn_engine::Error::PoolIo { .. }), "{e}");
+                assert_eq!(
+                    pool.list(FileKind::Pack).unwrap(),
+                    before,
+                    "nothing deleted"
+                );
+            }
+            ("gone", Ok(report)) => assert_eq!(report.page_copies_damaged, 1, "{report}"),
+            ("corrupt", Ok(report)) => {
+                assert_eq!(report.page_copies_damaged, 2, "{report}");
+                assert!(
+                    report.to_string().ends_with(
+                        "; 2 damaged copies of extent pages left out of the index (run repair)"
+                    ),
+                    "{report}"
+                );
+            }
+            (_, other) => panic!("{case}: {other:?}"),
+        }
+    }
+}
+
+/// A collection over pages stored once reads no page beyond its mark's
+/// one read each: checking copies is for pages stored more than once.
+#[test]
+fn a_collection_reads_a_page_stored_once_only_to_mark() {
+    let (_dir, local, pool, repo) = local_repo();
+    let mut rng = SampleRng::new(80);
+    let first = backup_blocks(&repo, "one", &random_blocks(&mut rng, 40).concat());
+    backup_blocks(&repo, "two", &random_blocks(&mut rng, 40).concat());
+    let page = repo.load_snapshot(&first).unwrap().disks[0].pages[0].id;
+    let holding = packs_holding(&local, &page);
+    assert_eq!(holding.len(), 1);
+    let (pack, table) = &holding[0];
+    let wrapped = Arc::new(cairn_engine::WrappedPool(BlobReads {
+        inner: pool.clone(),
+        pack: pack.clone(),
+        offset: table.iter().find(|e| e.id == page).unwrap().offset,
+        fail: None,
+        count: Default::default(),
+    }));
+    let dynamic: DynPool = wrapped.clone();
+    let report = Repository::open(dynamic)
+        .unwrap()
+        .gc(&cairn_engine::GcOptions::default())
+        .unwrap();
+    // Two segments compacted into one: the plan ran.
+    assert_eq!((report.segments_before, report.segments_after), (2, 1));
+    assert_eq!(report.snapshots, 2, "{report}");
+    assert_eq!(wrapped.0.reads(), 1);
+    assert_eq!(report.page_copies_damaged, 0);
+    assert!(!report.to_string().contains("damaged"), "{report}");
+}
+
 /// A new handle on `pool` (another process's view) whose index finds
 /// chunk `id` in pack `pack` first. Segments load in no set order, so a
 /// few tries find one.
 fn reader_finding(pool: &DynPool, id: &ChunkId, pack: &str) -> Repository {
-    for _ in 0..64 {
+    reader_trying(pool, id, &[pack])
+}
+
+/// A new handle on `pool` whose index lists the copies of chunk `id` in
+/// the packs `order` first, in that order.
+fn reader_trying(pool: &DynPool, id: &ChunkId, order: &[&str]) -> Repository {
+    for _ in 0..200 {
         let reader = Repository::open(pool.clone()).unwrap();
-        if reader.index().unwrap().lookup(id).unwrap().pack.to_hex() == pack {
+        let packs: Vec<String> = reader
+            .index()
+            .unwrap()
+            .locations(id)
+            .iter()
+            .map(|l| l.pack.to_hex())
+            .collect();
+        if packs.len() >= order.len() && packs[..order.len()] == *order {
             return reader;
         }
     }
-    panic!("no handle found chunk {id} in pack {pack} first in 64 tries");
+    panic!("no handle listed chunk {id} in packs {order:?} first in 200 tries");
 }
 
 /// The packs of the first of two backups deleted: before the index is

@@ -1,6 +1,9 @@
-//! A pool wrapper whose pack reads fail with a chosen I/O error kind
-//! (shared by the restore and damage tests: a short read is damage, a
-//! permission error is not).
+//! Pool wrappers whose pack reads fail: every one with a chosen I/O error
+//! kind (shared by the restore and damage tests: a short read is damage,
+//! a permission error is not), or those of one blob, counted.
+#![allow(dead_code)] // each test file uses a subset
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cairn_engine::bytes::Bytes;
 use cairn_engine::{DynPool, Error, FileKind, Pool, PoolWrapper};
@@ -29,6 +32,43 @@ impl PoolWrapper for FailingReads {
                 name: name.to_string(),
                 source: std::io::Error::new(self.kind, "injected"),
             });
+        }
+        self.inner.read_range(kind, name, offset, len)
+    }
+}
+
+/// Counts the reads of one blob (pack `pack` at `offset`), and fails each
+/// with `fail`'s error if given.
+pub struct BlobReads {
+    pub inner: DynPool,
+    pub pack: String,
+    pub offset: u64,
+    pub fail: Option<fn(&str) -> Error>,
+    pub count: AtomicUsize,
+}
+
+impl BlobReads {
+    pub fn reads(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl PoolWrapper for BlobReads {
+    fn inner(&self) -> &dyn Pool {
+        &*self.inner
+    }
+    fn read_range(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> cairn_engine::Result<Bytes> {
+        if kind == FileKind::Pack && name == self.pack && offset == self.offset {
+            self.count.fetch_add(1, Ordering::SeqCst);
+            if let Some(fail) = self.fail {
+                return Err(fail(name));
+            }
         }
         self.inner.read_range(kind, name, offset, len)
     }
