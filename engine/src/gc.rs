@@ -18,7 +18,8 @@
 //! 5. **Copy** the blobs of condemned packs whose chunk is in `live₁ ∪
 //!    live₂` into new packs (verified on the way), write one index segment
 //!    covering every pack that stays, delete the old segments, then the
-//!    condemned packs, then the notice.
+//!    condemned packs, then the notice. A live extent page stored more
+//!    than once keeps its intact copies only (`intact_copies`).
 //!
 //! Every listing and read before the first deletion must succeed, or the
 //! collection stops having deleted nothing. Atime is never used.
@@ -184,8 +185,9 @@ pub struct GcReport {
     pub writers_evicted: usize,
     /// Copies of live extent pages stored more than once that were found
     /// damaged and left out of the new index segment, an intact copy kept
-    /// (`repair` moves the damaged ones' packs aside). Not looked for by a
-    /// dry run (0).
+    /// (`repair --packs` moves the damaged ones' packs aside). 0 when the
+    /// collection did not plan: a dry run, or nothing to delete and the
+    /// index already one segment.
     pub page_copies_damaged: usize,
     /// Wall time.
     pub seconds: f64,
@@ -214,7 +216,7 @@ impl std::fmt::Display for GcReport {
         if self.page_copies_damaged > 0 {
             write!(
                 f,
-                "; {} damaged copies of extent pages left out of the index (run repair)",
+                "; {} damaged copies of extent pages left out of the index (run repair --packs)",
                 self.page_copies_damaged
             )?;
         }

@@ -3,6 +3,9 @@
 //! manifest version — a version 1 manifest's decoded list, or a version 2
 //! manifest's extent pages, read, verified against their chunk ids and
 //! decoded one at a time, so no consumer holds a disk's whole extent list.
+//! A page whose copy is damaged is read from another copy the index names
+//! (`read_page`); a backup reads its parent's pages from the copy it
+//! would reference only (`read_page_where_found`).
 
 use crate::chunker::ChunkingParams;
 use crate::error::{Error, Result};
@@ -79,8 +82,8 @@ pub(crate) fn decode_chunk(
 /// finds its copy damaged, so the pool then holds both until `repair`);
 /// the first copy's error is returned when none is intact. Any other
 /// error is returned at once. For readers of what a snapshot holds
-/// (restore, verify, collection, copy); a backup reads its parent's pages
-/// with [`read_page_where_found`].
+/// (restore, verify, collection, a copy's walk of the extents); a backup
+/// reads its parent's pages with [`read_page_where_found`].
 pub(crate) fn read_page(
     store: &Store<'_>,
     codec: &mut BlobCodec,

@@ -1342,7 +1342,10 @@ mod tests {
     fn locations_name_every_copy_newest_first_each_once() {
         let index = Index::default();
         let (one, first) = entries(10, 1);
-        let (two, second) = entries(10, 2);
+        let (two, mut second) = entries(10, 2);
+        for e in &mut second {
+            e.offset += 7;
+        }
         index.push(SegmentId::random().unwrap(), segment_of(one, &first));
         index.push(SegmentId::random().unwrap(), segment_of(two, &second));
         // The second copy named again by a later segment.
@@ -1353,6 +1356,7 @@ mod tests {
             assert_eq!(packs(&e.id), vec![two, one]);
             assert_eq!(index.locations(&e.id)[0], index.lookup(&e.id).unwrap());
             assert_eq!(index.locations(&e.id)[1].offset, e.offset);
+            assert_eq!(index.locations(&e.id)[0].offset, e.offset + 7);
         }
         assert!(index.locations(&ChunkId([0xee; 32])).is_empty());
         index.state.write().absent.insert(two);

@@ -142,7 +142,6 @@ pub fn p(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// Runs a tool (qemu-img, qemu-io …); it must succeed.
 /// Bytes free for an unprivileged writer on the filesystem holding `path`
 /// (root may also write the blocks ext4 reserves: a lower bound for it).
 pub fn free_bytes(path: &Path) -> u64 {
@@ -158,6 +157,7 @@ pub fn free_bytes(path: &Path) -> u64 {
     s.f_bavail as u64 * s.f_frsize as u64
 }
 
+/// Runs a tool (qemu-img, qemu-io …); it must succeed.
 pub fn tool(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd)
         .args(args)
