@@ -441,7 +441,7 @@ fn copy_one(
         *wanted_so_far += r?.length as u64;
     }
     opts.progress.start(*wanted_so_far);
-    transfer(source, id, &wanted, out, stats)
+    transfer((source, sindex), id, &wanted, out, stats)
 }
 
 /// A chunk to move, sorted by where its blob lies: the source pool's read
@@ -497,7 +497,7 @@ struct Verified {
 
 /// Reads, verifies and appends every referenced blob, in source order.
 fn transfer(
-    source: &Repository,
+    (source, sindex): (&Repository, &Index),
     snapshot: &SnapshotId,
     wanted: &Sorted<Wanted>,
     out: &mut Output<'_>,
@@ -519,7 +519,7 @@ fn transfer(
                     if failure.aborted() {
                         break;
                     }
-                    match verify_run(spool, &mut codec, &mut plain, snapshot, run) {
+                    match verify_run((spool, sindex), &mut codec, &mut plain, snapshot, run) {
                         Ok(v) => {
                             if done_tx.send(v).is_err() {
                                 break;
@@ -633,9 +633,10 @@ fn read_run(pool: &dyn Pool, snapshot: &SnapshotId, run: &Run) -> Result<Bytes> 
 }
 
 /// Reads one run (unless read already) and checks that every blob decodes
-/// to its chunk id.
+/// to its chunk id; a damaged blob is replaced by an intact copy from
+/// another pack if the source's index names one ([`other_copy`]).
 fn verify_run(
-    pool: &dyn Pool,
+    (pool, index): (&dyn Pool, &Index),
     codec: &mut BlobCodec,
     plain: &mut Vec<u8>,
     snapshot: &SnapshotId,
@@ -646,35 +647,95 @@ fn verify_run(
         None => read_run(pool, snapshot, &run)?,
     };
     let mut blobs = Vec::with_capacity(run.blobs.len());
+    // The run's bytes with a damaged blob replaced by an intact copy from
+    // another pack, once one was (the blobs before it as they were read).
+    let mut mended: Option<Vec<u8>> = None;
     let mut at = 0usize;
     for (id, len) in run.blobs {
         let blob = bytes.get(at..at + len as usize).unwrap_or_default();
-        match codec.decode_verified(blob, &id, plain) {
-            Ok(()) => {}
-            Err(DecodeError::ChecksumMismatch { got, .. }) => {
-                return Err(Error::ChunkHashMismatch {
-                    chunk: id,
-                    pack: run.pack,
-                    got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
-                })
+        let used = match verify_blob(codec, plain, blob, &id, run.pack, run.offset + at as u64) {
+            Ok(()) => None,
+            Err(e) if e.is_damage() => {
+                match other_copy((pool, index), codec, plain, &id, run.pack)? {
+                    Some(copy) => Some(copy),
+                    None => return Err(e),
+                }
             }
-            Err(e) => {
-                return Err(Error::corrupt(
-                    format!(
-                        "chunk {id} at offset {} of pack {}",
-                        run.offset + at as u64,
-                        run.pack
-                    ),
-                    e,
-                ))
-            }
+            Err(e) => return Err(e),
+        };
+        if used.is_some() && mended.is_none() {
+            mended = Some(bytes.get(..at).unwrap_or_default().to_vec());
+        }
+        let stored = used.as_deref().unwrap_or(blob);
+        if let Some(m) = &mut mended {
+            m.extend_from_slice(stored);
         }
         let raw = u32::try_from(plain.len())
             .map_err(|_| Error::Internal(format!("chunk {id} is larger than 4 GiB")))?;
-        blobs.push((id, len, raw));
+        let stored_len = u32::try_from(stored.len())
+            .map_err(|_| Error::Internal(format!("blob of chunk {id} is larger than 4 GiB")))?;
+        blobs.push((id, stored_len, raw));
         at += len as usize;
     }
+    let bytes = mended.map_or(bytes, Bytes::from);
     Ok(Verified { bytes, blobs })
+}
+
+/// Decodes `blob` (chunk `id`, at `offset` in `pack`) into `plain`,
+/// verified against its id.
+fn verify_blob(
+    codec: &mut BlobCodec,
+    plain: &mut Vec<u8>,
+    blob: &[u8],
+    id: &ChunkId,
+    pack: PackId,
+    offset: u64,
+) -> Result<()> {
+    match codec.decode_verified(blob, id, plain) {
+        Ok(()) => Ok(()),
+        Err(DecodeError::ChecksumMismatch { got, .. }) => Err(Error::ChunkHashMismatch {
+            chunk: *id,
+            pack,
+            got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
+        }),
+        Err(e) => Err(Error::corrupt(
+            format!("chunk {id} at offset {offset} of pack {pack}"),
+            e,
+        )),
+    }
+}
+
+/// An intact copy of chunk `id` in another pack than `damaged` that the
+/// source's index names (a page a backup stored again because its copy
+/// was damaged, or a chunk two writers stored at once), decoded into
+/// `plain`; `None` when there is none. A copy found damaged or gone is
+/// passed over; any other read error is returned.
+fn other_copy(
+    (pool, index): (&dyn Pool, &Index),
+    codec: &mut BlobCodec,
+    plain: &mut Vec<u8>,
+    id: &ChunkId,
+    damaged: PackId,
+) -> Result<Option<Bytes>> {
+    for loc in index.locations(id) {
+        if loc.pack == damaged {
+            continue;
+        }
+        let blob = match pool.read_range(
+            FileKind::Pack,
+            &loc.pack.to_hex(),
+            loc.offset,
+            loc.length as usize,
+        ) {
+            Ok(blob) => blob,
+            Err(e) if e.is_damage() || e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        if verify_blob(codec, plain, &blob, id, loc.pack, loc.offset).is_ok() {
+            return Ok(Some(blob));
+        }
+    }
+    Ok(None)
 }
 
 /// The target side: the open pack and the pending index segment.

@@ -267,12 +267,18 @@ fn flip_blob(local: &LocalPool, id: &ChunkId) {
     let holding = packs_holding(local, id);
     assert!(!holding.is_empty(), "chunk {id} is stored in a pack");
     for (name, table) in holding {
-        for e in table.iter().filter(|e| e.id == *id) {
-            let path = local.path_of(FileKind::Pack, &name).unwrap();
-            let mut bytes = std::fs::read(&path).unwrap();
-            bytes[(e.offset + e.length as u64 / 2) as usize] ^= 0x5a;
-            std::fs::write(&path, &bytes).unwrap();
-        }
+        flip_copy(local, id, &name, &table);
+    }
+}
+
+/// Flips a byte in the middle of chunk `id`'s blob in pack `name` (whose
+/// table is `table`) only.
+fn flip_copy(local: &LocalPool, id: &ChunkId, name: &str, table: &[PackEntry]) {
+    for e in table.iter().filter(|e| e.id == *id) {
+        let path = local.path_of(FileKind::Pack, name).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(e.offset + e.length as u64 / 2) as usize] ^= 0x5a;
+        std::fs::write(&path, &bytes).unwrap();
     }
 }
 
@@ -713,6 +719,123 @@ fn copies_of_a_page_tell_damage_from_io_errors() {
                     "{report}"
                 );
             }
+            (_, other) => panic!("{case}: {other:?}"),
+        }
+    }
+}
+
+/// A copy to another pool from a handle whose index finds the damaged copy
+/// of a page first: it moves an intact copy (the source's index names
+/// three), and the target's snapshot restores bit-identical and verifies
+/// clean.
+#[test]
+fn a_copy_moves_an_intact_copy_of_a_page_stored_again() {
+    let (_dir, _local, pool, parent, image, page, damaged, _) = page_in_three_copies(90);
+    let source = reader_finding(&pool, &page, &damaged);
+    let (_target_dir, _, _, target) = local_repo();
+    let stats = source
+        .copy_to(
+            &target,
+            &cairn_engine::CopyOptions::default().with_snapshots(vec![parent]),
+        )
+        .unwrap();
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert_eq!(stats.copied, vec![parent]);
+    let scratch = tempfile::tempdir().unwrap();
+    assert!(restores(&target, &parent, &image, scratch.path()));
+    let report = target
+        .verify(&VerifyOptions::default().with_read_data(true))
+        .unwrap();
+    assert!(report.is_ok(), "{report}");
+}
+
+/// Every chunk stored twice (a backup ran while a collection had condemned
+/// the first copy's pack, so it stored everything again; the collection
+/// then stopped), one block's first copy damaged mid-pack: a copy to
+/// another pool from a handle whose index finds the first copies replaces
+/// that blob by its intact copy and keeps the blobs before and after it
+/// in the same run.
+#[test]
+fn a_copy_replaces_a_damaged_blob_mid_run_by_its_other_copy() {
+    let (_dir, local, pool, repo) = local_repo();
+    let mut rng = SampleRng::new(95);
+    let image = random_blocks(&mut rng, 40).concat();
+    let first = backup_blocks(&repo, "vm", &image);
+    let packs = pool.list(FileKind::Pack).unwrap();
+    assert_eq!(packs.len(), 1);
+    let notice = cairn_engine::internals::SweepNotice {
+        packs: [cairn_engine::PackId::from_hex(&packs[0]).unwrap()].into(),
+    };
+    let name = cairn_engine::internals::SweepNotice::new_name("0123456789abcdef0123456789abcdef");
+    pool.write(FileKind::Sweep, &name, notice.encode().as_bytes())
+        .unwrap();
+    backup_blocks(&repo, "vm", &image);
+    pool.delete(FileKind::Sweep, &name).unwrap();
+    let block = block_id(&image[10 * BLOCK..11 * BLOCK]);
+    let holding = packs_holding(&local, &block);
+    assert_eq!(holding.len(), 2, "stored again");
+    let (damaged, table) = holding.iter().find(|(p, _)| *p == packs[0]).unwrap();
+    flip_copy(&local, &block, damaged, table);
+
+    let source = reader_finding(&pool, &block, damaged);
+    let (_target_dir, _, _, target) = local_repo();
+    let stats = source
+        .copy_to(
+            &target,
+            &cairn_engine::CopyOptions::default().with_snapshots(vec![first]),
+        )
+        .unwrap();
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    // 40 blocks and the page, moved once each.
+    assert_eq!(stats.chunks_copied, 41);
+    let scratch = tempfile::tempdir().unwrap();
+    assert!(restores(&target, &first, &image, scratch.path()));
+    let report = target
+        .verify(&VerifyOptions::default().with_read_data(true))
+        .unwrap();
+    assert!(report.is_ok(), "{report}");
+
+    // The other copy cannot be read: gone or damaged, the snapshot is not
+    // copied (the damage named); denied, the copy fails with the pool's
+    // error.
+    let (intact, table) = holding.iter().find(|(p, _)| p != damaged).unwrap();
+    let at = table.iter().find(|e| e.id == block).unwrap().offset;
+    let gone: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::NotFound {
+        kind: FileKind::Pack,
+        name: name.to_string(),
+    };
+    let denied: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::PoolIo {
+        op: "read",
+        kind: FileKind::Pack,
+        name: name.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected"),
+    };
+    let corrupt: fn(&str) -> cairn_engine::Error = |name| {
+        cairn_engine::Error::corrupt(
+            format!("pack {name}"),
+            cairn_engine::DecodeError::Invalid("injected".into()),
+        )
+    };
+    for (case, fail) in [("gone", gone), ("corrupt", corrupt), ("denied", denied)] {
+        let wrapped: DynPool = Arc::new(cairn_engine::WrappedPool(BlobReads {
+            inner: pool.clone(),
+            pack: intact.clone(),
+            offset: at,
+            fail: Some(fail),
+            count: Default::default(),
+        }));
+        let source = reader_finding(&wrapped, &block, damaged);
+        let (_target_dir, _, _, target) = local_repo();
+        let copied = source.copy_to(
+            &target,
+            &cairn_engine::CopyOptions::default().with_snapshots(vec![first]),
+        );
+        match (case, copied) {
+            ("gone" | "corrupt", Ok(stats)) => {
+                assert_eq!(stats.failed.len(), 1, "{stats:?}");
+                assert!(stats.failed[0].1.contains(&block.to_hex()), "{stats:?}");
+            }
+            ("denied", Err(cairn_engine::Error::PoolIo { .. })) => {}
             (_, other) => panic!("{case}: {other:?}"),
         }
     }

@@ -82,8 +82,8 @@ pub(crate) fn decode_chunk(
 /// finds its copy damaged, so the pool then holds both until `repair`);
 /// the first copy's error is returned when none is intact. Any other
 /// error is returned at once. For readers of what a snapshot holds
-/// (restore, verify, collection, a copy's walk of the extents); a backup
-/// reads its parent's pages with [`read_page_where_found`].
+/// (restore, verify, collection, copy); a backup reads its parent's pages
+/// with [`read_page_where_found`].
 pub(crate) fn read_page(
     store: &Store<'_>,
     codec: &mut BlobCodec,
