@@ -691,7 +691,7 @@ fn copies_of_a_page_tell_damage_from_io_errors() {
         }
 
         // A collection whose mark reads the intact copy the reader did not.
-        let before = pool.list(FileKind::Pack).unwrap();
+        let before: BTreeSet<String> = pool.list(FileKind::Pack).unwrap().into_iter().collect();
         let collector = reader_finding(&dynamic, &page, &read.0);
         let reads = wrapped.0.reads();
         let result = collector.gc(&cairn_engine::GcOptions::default());
@@ -703,11 +703,9 @@ fn copies_of_a_page_tell_damage_from_io_errors() {
         match (case, result) {
             ("denied", Err(e)) => {
                 assert!(matches!(e, cairn_engine::Error::PoolIo { .. }), "{e}");
-                assert_eq!(
-                    pool.list(FileKind::Pack).unwrap(),
-                    before,
-                    "nothing deleted"
-                );
+                let after: BTreeSet<String> =
+                    pool.list(FileKind::Pack).unwrap().into_iter().collect();
+                assert_eq!(after, before, "nothing deleted");
             }
             ("gone", Ok(report)) => assert_eq!(report.page_copies_damaged, 1, "{report}"),
             ("corrupt", Ok(report)) => {
@@ -749,16 +747,24 @@ fn a_copy_moves_an_intact_copy_of_a_page_stored_again() {
     assert!(report.is_ok(), "{report}");
 }
 
-/// Every chunk stored twice (a backup ran while a collection had condemned
-/// the first copy's pack, so it stored everything again; the collection
-/// then stopped), one block's first copy damaged mid-pack: a copy to
-/// another pool from a handle whose index finds the first copies replaces
-/// that blob by its intact copy and keeps the blobs before and after it
-/// in the same run.
-#[test]
-fn a_copy_replaces_a_damaged_blob_mid_run_by_its_other_copy() {
-    let (_dir, local, pool, repo) = local_repo();
-    let mut rng = SampleRng::new(95);
+/// A snapshot of 40 blocks whose every chunk is stored twice: a second
+/// backup of the same image ran while a (made-up) collection had
+/// condemned the first one's pack, so it stored everything again; the
+/// notice is gone since. Returns the pool, the image, the snapshot and
+/// the two packs with their tables, the first backup's first.
+#[allow(clippy::type_complexity)]
+fn every_chunk_twice(
+    seed: u64,
+) -> (
+    tempfile::TempDir,
+    Arc<LocalPool>,
+    DynPool,
+    Vec<u8>,
+    SnapshotId,
+    Vec<(String, Vec<PackEntry>)>,
+) {
+    let (dir, local, pool, repo) = local_repo();
+    let mut rng = SampleRng::new(seed);
     let image = random_blocks(&mut rng, 40).concat();
     let first = backup_blocks(&repo, "vm", &image);
     let packs = pool.list(FileKind::Pack).unwrap();
@@ -771,10 +777,86 @@ fn a_copy_replaces_a_damaged_blob_mid_run_by_its_other_copy() {
         .unwrap();
     backup_blocks(&repo, "vm", &image);
     pool.delete(FileKind::Sweep, &name).unwrap();
-    let block = block_id(&image[10 * BLOCK..11 * BLOCK]);
-    let holding = packs_holding(&local, &block);
+    let block = block_id(&image[..BLOCK]);
+    let mut holding = packs_holding(&local, &block);
     assert_eq!(holding.len(), 2, "stored again");
-    let (damaged, table) = holding.iter().find(|(p, _)| *p == packs[0]).unwrap();
+    holding.sort_by_key(|(p, _)| *p != packs[0]);
+    (dir, local, pool, image, first, holding)
+}
+
+/// Restore, from a handle whose index finds the first copies: a damaged
+/// blob mid-run is read from its other copy; a run whose pack cannot be
+/// read (gone) is read chunk by chunk from the other copies; the other
+/// copy denied as well fails the restore with the pool's error.
+#[test]
+fn a_restore_reads_the_other_copy_of_a_damaged_blob_or_a_lost_run() {
+    let (_dir, local, pool, image, first, holding) = every_chunk_twice(96);
+    let scratch = tempfile::tempdir().unwrap();
+    let block = |i: usize| block_id(&image[i * BLOCK..(i + 1) * BLOCK]);
+    let (damaged, table) = &holding[0];
+    flip_copy(&local, &block(10), damaged, table);
+    let reader = reader_finding(&pool, &block(10), damaged);
+    assert!(restores(&reader, &first, &image, scratch.path()));
+
+    // The run's read fails: its first blob is block 0's.
+    let run_start = table.iter().find(|e| e.id == block(0)).unwrap().offset;
+    let gone: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::NotFound {
+        kind: FileKind::Pack,
+        name: name.to_string(),
+    };
+    let wrapped = Arc::new(cairn_engine::WrappedPool(BlobReads {
+        inner: pool.clone(),
+        pack: damaged.clone(),
+        offset: run_start,
+        fail: Some(gone),
+        count: Default::default(),
+    }));
+    let dynamic: DynPool = wrapped.clone();
+    let reader = reader_finding(&dynamic, &block(10), damaged);
+    assert!(restores(&reader, &first, &image, scratch.path()));
+    assert_eq!(
+        wrapped.0.reads(),
+        1,
+        "the run read once, then its chunks elsewhere"
+    );
+
+    // Block 10's other copy denied: the restore fails with that error.
+    let (intact, other) = &holding[1];
+    let denied: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::PoolIo {
+        op: "read",
+        kind: FileKind::Pack,
+        name: name.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected"),
+    };
+    let dynamic: DynPool = Arc::new(cairn_engine::WrappedPool(BlobReads {
+        inner: pool.clone(),
+        pack: intact.clone(),
+        offset: other.iter().find(|e| e.id == block(10)).unwrap().offset,
+        fail: Some(denied),
+        count: Default::default(),
+    }));
+    let reader = reader_finding(&dynamic, &block(10), damaged);
+    let err = reader
+        .restore_to_dir(
+            &first,
+            &scratch.path().join("denied"),
+            &RestoreOptions::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, cairn_engine::Error::PoolIo { .. }), "{err}");
+}
+
+/// Every chunk stored twice (a backup ran while a collection had condemned
+/// the first copy's pack, so it stored everything again; the collection
+/// then stopped), one block's first copy damaged mid-pack: a copy to
+/// another pool from a handle whose index finds the first copies replaces
+/// that blob by its intact copy and keeps the blobs before and after it
+/// in the same run.
+#[test]
+fn a_copy_replaces_a_damaged_blob_mid_run_by_its_other_copy() {
+    let (_dir, local, pool, image, first, holding) = every_chunk_twice(95);
+    let block = block_id(&image[10 * BLOCK..11 * BLOCK]);
+    let (damaged, table) = &holding[0];
     flip_copy(&local, &block, damaged, table);
 
     let source = reader_finding(&pool, &block, damaged);
@@ -798,7 +880,7 @@ fn a_copy_replaces_a_damaged_blob_mid_run_by_its_other_copy() {
     // The other copy cannot be read: gone or damaged, the snapshot is not
     // copied (the damage named); denied, the copy fails with the pool's
     // error.
-    let (intact, table) = holding.iter().find(|(p, _)| p != damaged).unwrap();
+    let (intact, table) = &holding[1];
     let at = table.iter().find(|e| e.id == block).unwrap().offset;
     let gone: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::NotFound {
         kind: FileKind::Pack,
@@ -1041,10 +1123,11 @@ fn a_damaged_extent_page_is_found_and_stops_garbage_collection() {
     assert!(err.is_damage(), "{err}");
     assert!(err.to_string().contains(&page.id.to_hex()), "{err}");
 
-    let packs_before = pool.list(FileKind::Pack).unwrap();
+    let packs_before: BTreeSet<String> = pool.list(FileKind::Pack).unwrap().into_iter().collect();
     let err = repo.gc(&cairn_engine::GcOptions::default()).unwrap_err();
     assert!(err.is_damage(), "{err}");
-    assert_eq!(pool.list(FileKind::Pack).unwrap(), packs_before);
+    let packs_after: BTreeSet<String> = pool.list(FileKind::Pack).unwrap().into_iter().collect();
+    assert_eq!(packs_after, packs_before);
 }
 
 /// A pack no index segment covers (its backup stopped before writing one)

@@ -74,6 +74,40 @@ pub(crate) fn decode_chunk(
     }
 }
 
+/// Appends to `out` the verified plaintext of a copy of chunk `id` in
+/// another pack than `not` that the index names; false when none is
+/// intact. A copy damaged or gone is passed over; any other read error is
+/// returned. `needed_by` names the snapshot and disk for errors.
+pub(crate) fn decode_other_copy(
+    store: &Store<'_>,
+    codec: &mut BlobCodec,
+    id: &ChunkId,
+    not: PackId,
+    needed_by: &dyn Fn() -> String,
+    out: &mut Vec<u8>,
+) -> Result<bool> {
+    for loc in store.index.locations(id) {
+        if loc.pack == not {
+            continue;
+        }
+        let read = read_pack_range(
+            store.pool,
+            loc.pack,
+            (loc.offset, u64::from(loc.length)),
+            Some(*id),
+            needed_by,
+        )
+        .and_then(|blob| decode_chunk(codec, &blob, id, loc.pack, loc.offset, out));
+        match read {
+            Ok(()) => return Ok(true),
+            // The codec leaves `out` as it was on an error.
+            Err(e) if e.is_damage() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
 /// Reads one extent page's plaintext, verified against its chunk id.
 /// `needed_by` names the snapshot and disk for errors.
 ///
@@ -99,14 +133,9 @@ pub(crate) fn read_page(
     if !refreshed {
         store.index.refresh(store.pool)?;
     }
-    for other in store.index.locations(&page.id) {
-        if other == loc {
-            continue;
-        }
-        match read_page_at(store, codec, page, other, needed_by) {
-            Err(e) if e.is_damage() => {}
-            done => return done,
-        }
+    let mut out = Vec::new();
+    if decode_other_copy(store, codec, &page.id, loc.pack, needed_by, &mut out)? {
+        return Ok(out);
     }
     Err(first)
 }

@@ -22,7 +22,7 @@ use crate::external_sort::{
 };
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
-use crate::pipeline::extents::{decode_chunk, DiskExtents, Store};
+use crate::pipeline::extents::{decode_chunk, decode_other_copy, DiskExtents, Store};
 use crate::pipeline::failure::Failure;
 use crate::pipeline::input::validate_disk_name;
 use crate::pipeline::{read_pack_range, worker_threads};
@@ -363,25 +363,52 @@ fn read_run(
     run: &Run,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let blobs = read_pack_range(
+    let needed_by = || {
+        format!(
+            "snapshot {snapshot}, disk {:?} at offset {}",
+            disk.name, run.disk_offset
+        )
+    };
+    // A run that cannot be read for damage (its pack gone or short) is
+    // read chunk by chunk from other copies.
+    let (blobs, mut unreadable) = match read_pack_range(
         store.pool,
         run.pack,
         (run.pack_offset, run.pack_len),
         run.chunks.first().map(|c| c.0),
-        || {
-            format!(
-                "snapshot {snapshot}, disk {:?} at offset {}",
-                disk.name, run.disk_offset
-            )
-        },
-    )?;
+        needed_by,
+    ) {
+        Ok(blobs) => (Some(blobs), None),
+        Err(e) if e.is_damage() => (None, Some(e)),
+        Err(e) => return Err(e),
+    };
     out.clear();
     let mut at = 0usize;
     let mut disk_at = run.disk_offset;
     for (id, blob_len, extent_len) in &run.chunks {
-        let blob = blobs.get(at..at + *blob_len as usize).unwrap_or_default();
         let before = out.len();
-        decode_chunk(codec, blob, id, run.pack, run.pack_offset + at as u64, out)?;
+        match &blobs {
+            Some(blobs) => {
+                let blob = blobs.get(at..at + *blob_len as usize).unwrap_or_default();
+                let offset = run.pack_offset + at as u64;
+                if let Err(e) = decode_chunk(codec, blob, id, run.pack, offset, out) {
+                    // A damaged blob (`out` left as it was): another copy
+                    // the index names, if any.
+                    if !e.is_damage()
+                        || !decode_other_copy(store, codec, id, run.pack, &needed_by, out)?
+                    {
+                        return Err(e);
+                    }
+                }
+            }
+            None => {
+                if !decode_other_copy(store, codec, id, run.pack, &needed_by, out)? {
+                    return Err(unreadable.take().unwrap_or_else(|| {
+                        Error::Internal(format!("chunk {id} of pack {}: no copy read", run.pack))
+                    }));
+                }
+            }
+        }
         if (out.len() - before) as u64 != *extent_len {
             return Err(Error::corrupt(
                 format!("snapshot {snapshot}"),
