@@ -42,8 +42,8 @@ use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::kind::FileKind;
 use crate::lease::{condemned_packs, delete_retrying, WriterLease};
 use crate::pipeline::backup::{DEFAULT_PACK_TARGET, SEGMENT_FLUSH_ENTRIES};
-use crate::pipeline::extents::visit_manifest_chunks;
 use crate::pipeline::extents::Store;
+use crate::pipeline::extents::{decode_chunk, visit_manifest_chunks};
 use crate::pipeline::failure::Failure;
 use crate::pipeline::{read_pack_range, worker_threads};
 use crate::progress::{CancelToken, NoProgress, Progress};
@@ -681,8 +681,8 @@ fn verify_run(
     Ok(Verified { bytes, blobs })
 }
 
-/// Decodes `blob` (chunk `id`, at `offset` in `pack`) into `plain`,
-/// verified against its id.
+/// Decodes `blob` (chunk `id`, at `offset` in `pack`) into `plain`
+/// (cleared first), verified against its id.
 fn verify_blob(
     codec: &mut BlobCodec,
     plain: &mut Vec<u8>,
@@ -691,18 +691,8 @@ fn verify_blob(
     pack: PackId,
     offset: u64,
 ) -> Result<()> {
-    match codec.decode_verified(blob, id, plain) {
-        Ok(()) => Ok(()),
-        Err(DecodeError::ChecksumMismatch { got, .. }) => Err(Error::ChunkHashMismatch {
-            chunk: *id,
-            pack,
-            got: ChunkId::from_hex(&got).unwrap_or(ChunkId([0; 32])),
-        }),
-        Err(e) => Err(Error::corrupt(
-            format!("chunk {id} at offset {offset} of pack {pack}"),
-            e,
-        )),
-    }
+    plain.clear();
+    decode_chunk(codec, blob, id, pack, offset, plain)
 }
 
 /// An intact copy of chunk `id` in another pack than `damaged` that the

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 mod failing_reads;
-use failing_reads::{BlobReads, FailingReads};
+use failing_reads::{corrupt, denied, gone, BlobReads, FailingReads, Failure};
 
 use cairn_engine::bytes::Bytes;
 use cairn_engine::internals::{read_pack_table, PackEntry, SegmentBuilder};
@@ -648,23 +648,11 @@ fn page_in_three_copies(
 /// deletes anything; a copy gone is passed over; a damaged one is counted.
 #[test]
 fn copies_of_a_page_tell_damage_from_io_errors() {
-    let denied: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::PoolIo {
-        op: "read",
-        kind: FileKind::Pack,
-        name: name.to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected"),
-    };
-    let gone: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::NotFound {
-        kind: FileKind::Pack,
-        name: name.to_string(),
-    };
-    let corrupt: fn(&str) -> cairn_engine::Error = |name| {
-        cairn_engine::Error::corrupt(
-            format!("pack {name}"),
-            cairn_engine::DecodeError::Invalid("injected".into()),
-        )
-    };
-    for (case, fail) in [("denied", denied), ("gone", gone), ("corrupt", corrupt)] {
+    for (case, fail) in [
+        ("denied", denied as Failure),
+        ("gone", gone),
+        ("corrupt", corrupt),
+    ] {
         let (_dir, _local, pool, parent, _image, page, damaged, [failing, read]) =
             page_in_three_copies(70);
         let wrapped = Arc::new(cairn_engine::WrappedPool(BlobReads {
@@ -800,10 +788,6 @@ fn a_restore_reads_the_other_copy_of_a_damaged_blob_or_a_lost_run() {
 
     // The run's read fails: its first blob is block 0's.
     let run_start = table.iter().find(|e| e.id == block(0)).unwrap().offset;
-    let gone: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::NotFound {
-        kind: FileKind::Pack,
-        name: name.to_string(),
-    };
     let wrapped = Arc::new(cairn_engine::WrappedPool(BlobReads {
         inner: pool.clone(),
         pack: damaged.clone(),
@@ -822,12 +806,6 @@ fn a_restore_reads_the_other_copy_of_a_damaged_blob_or_a_lost_run() {
 
     // Block 10's other copy denied: the restore fails with that error.
     let (intact, other) = &holding[1];
-    let denied: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::PoolIo {
-        op: "read",
-        kind: FileKind::Pack,
-        name: name.to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected"),
-    };
     let dynamic: DynPool = Arc::new(cairn_engine::WrappedPool(BlobReads {
         inner: pool.clone(),
         pack: intact.clone(),
@@ -882,23 +860,11 @@ fn a_copy_replaces_a_damaged_blob_mid_run_by_its_other_copy() {
     // error.
     let (intact, table) = &holding[1];
     let at = table.iter().find(|e| e.id == block).unwrap().offset;
-    let gone: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::NotFound {
-        kind: FileKind::Pack,
-        name: name.to_string(),
-    };
-    let denied: fn(&str) -> cairn_engine::Error = |name| cairn_engine::Error::PoolIo {
-        op: "read",
-        kind: FileKind::Pack,
-        name: name.to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected"),
-    };
-    let corrupt: fn(&str) -> cairn_engine::Error = |name| {
-        cairn_engine::Error::corrupt(
-            format!("pack {name}"),
-            cairn_engine::DecodeError::Invalid("injected".into()),
-        )
-    };
-    for (case, fail) in [("gone", gone), ("corrupt", corrupt), ("denied", denied)] {
+    for (case, fail) in [
+        ("gone", gone as Failure),
+        ("corrupt", corrupt),
+        ("denied", denied),
+    ] {
         let wrapped: DynPool = Arc::new(cairn_engine::WrappedPool(BlobReads {
             inner: pool.clone(),
             pack: intact.clone(),

@@ -338,13 +338,10 @@ fn sparse_file_holes_are_skipped_and_restored_as_holes() {
     assert!(matches!(again, Err(Error::TargetExists { .. })));
 }
 
-#[test]
-fn interrupted_backup_keeps_earlier_snapshots_and_its_packs_are_reused() {
-    let (pool, repo) = memory_repo();
-    let first = mixed_image(2 << 20, 3);
-    let s1 = backup_image(&repo, "d", first.clone());
-
-    let big = mixed_image(8 << 20, 4);
+/// A backup of `data` as disk "d" of VM "vm" that seals a pack every MiB
+/// and fails after reading `fail_after` bytes (a dropped connection): the
+/// packs it sealed stay, in no segment. Returns its options and error.
+fn interrupted_backup(repo: &Repository, data: &[u8], fail_after: u64) -> (BackupOptions, Error) {
     let mut opts = BackupOptions::new("vm");
     opts.pack_max_input = 1 << 20; // seal often
     opts.batch_size = 1 << 20;
@@ -352,12 +349,23 @@ fn interrupted_backup_keeps_earlier_snapshots_and_its_packs_are_reused() {
     let failing = BackupDisk::new(
         "d",
         DiskInput::Image(Box::new(MemSource {
-            data: big.clone(),
-            fail_after: Some(6 << 20),
+            data: data.to_vec(),
+            fail_after: Some(fail_after),
             read: AtomicU64::new(0),
         })),
     );
-    let err = backup(&repo, vec![failing], &opts, &NoProgress).unwrap_err();
+    let err = backup(repo, vec![failing], &opts, &NoProgress).unwrap_err();
+    (opts, err)
+}
+
+#[test]
+fn interrupted_backup_keeps_earlier_snapshots_and_its_packs_are_reused() {
+    let (pool, repo) = memory_repo();
+    let first = mixed_image(2 << 20, 3);
+    let s1 = backup_image(&repo, "d", first.clone());
+
+    let big = mixed_image(8 << 20, 4);
+    let (opts, err) = interrupted_backup(&repo, &big, 6 << 20);
     assert!(
         err.to_string().contains("simulated dropped connection"),
         "{err}"
@@ -423,19 +431,7 @@ fn interrupted_backup_keeps_earlier_snapshots_and_its_packs_are_reused() {
 fn uncovered_packs_a_collection_deleted_are_not_named_by_the_next_segment() {
     let (pool, repo) = memory_repo();
     let image = mixed_image(6 << 20, 21);
-    let mut opts = BackupOptions::new("vm");
-    opts.pack_max_input = 1 << 20; // seal often
-    opts.batch_size = 1 << 20;
-    opts.threads = std::num::NonZeroUsize::new(1);
-    let failing = BackupDisk::new(
-        "d",
-        DiskInput::Image(Box::new(MemSource {
-            data: image.clone(),
-            fail_after: Some(4 << 20),
-            read: AtomicU64::new(0),
-        })),
-    );
-    backup(&repo, vec![failing], &opts, &NoProgress).unwrap_err();
+    let (opts, _) = interrupted_backup(&repo, &image, 4 << 20);
     let sealed: Vec<String> = pool.list(FileKind::Pack).unwrap();
     assert!(!sealed.is_empty(), "the interrupted run sealed packs");
     assert!(pool.list(FileKind::Index).unwrap().is_empty());

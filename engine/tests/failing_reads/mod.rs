@@ -37,13 +37,42 @@ impl PoolWrapper for FailingReads {
     }
 }
 
+/// The error a failed read of pack `name` gets.
+pub type Failure = fn(&str) -> Error;
+
+/// Permission denied: an I/O error, not damage.
+pub fn denied(name: &str) -> Error {
+    Error::PoolIo {
+        op: "read",
+        kind: FileKind::Pack,
+        name: name.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "injected"),
+    }
+}
+
+/// The pack is gone (deleted since it was listed).
+pub fn gone(name: &str) -> Error {
+    Error::NotFound {
+        kind: FileKind::Pack,
+        name: name.to_string(),
+    }
+}
+
+/// The pool found the bytes damaged.
+pub fn corrupt(name: &str) -> Error {
+    Error::corrupt(
+        format!("pack {name}"),
+        cairn_engine::DecodeError::Invalid("injected".into()),
+    )
+}
+
 /// Counts the reads of one blob (pack `pack` at `offset`), and fails each
 /// with `fail`'s error if given.
 pub struct BlobReads {
     pub inner: DynPool,
     pub pack: String,
     pub offset: u64,
-    pub fail: Option<fn(&str) -> Error>,
+    pub fail: Option<Failure>,
     pub count: AtomicUsize,
 }
 
