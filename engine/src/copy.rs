@@ -552,7 +552,9 @@ fn transfer(
             });
         }
         // Sequential media (tape) get one reader, in medium order: this
-        // thread reads each run before handing it on; the workers verify.
+        // thread reads each run before handing it on; the workers verify
+        // (and read a damaged blob's other copy themselves, out of that
+        // order: a rare cost, paid only where the index names one).
         let sequential = wanted
             .iter()
             .ok()
@@ -711,14 +713,16 @@ fn other_copy(
         if loc.pack == damaged {
             continue;
         }
-        let blob = match pool.read_range(
-            FileKind::Pack,
-            &loc.pack.to_hex(),
-            loc.offset,
-            loc.length as usize,
+        // A pack gone or cut short reads as damage here.
+        let blob = match read_pack_range(
+            pool,
+            loc.pack,
+            (loc.offset, u64::from(loc.length)),
+            Some(*id),
+            || format!("a copy of chunk {id}"),
         ) {
             Ok(blob) => blob,
-            Err(e) if e.is_damage() || e.is_not_found() => continue,
+            Err(e) if e.is_damage() => continue,
             Err(e) => return Err(e),
         };
         if verify_blob(codec, plain, &blob, id, loc.pack, loc.offset).is_ok() {

@@ -737,9 +737,11 @@ fn a_copy_moves_an_intact_copy_of_a_page_stored_again() {
 
 /// A snapshot of 40 blocks whose every chunk is stored twice: a second
 /// backup of the same image ran while a (made-up) collection had
-/// condemned the first one's pack, so it stored everything again; the
-/// notice is gone since. Returns the pool, the image, the snapshot and
-/// the two packs with their tables, the first backup's first.
+/// condemned the first one's pack, so it stored everything again, not
+/// compressed (the blocks compress well: the two copies of a chunk differ
+/// in length); the notice is gone since. Returns the pool, the image, the
+/// snapshot and the two packs with their tables, the first backup's
+/// first.
 #[allow(clippy::type_complexity)]
 fn every_chunk_twice(
     seed: u64,
@@ -752,8 +754,12 @@ fn every_chunk_twice(
     Vec<(String, Vec<PackEntry>)>,
 ) {
     let (dir, local, pool, repo) = local_repo();
-    let mut rng = SampleRng::new(seed);
-    let image = random_blocks(&mut rng, 40).concat();
+    let image: Vec<u8> = (0..40)
+        .flat_map(|i| {
+            let text = format!("seed {seed}, block {i}; ");
+            text.into_bytes().into_iter().cycle().take(BLOCK)
+        })
+        .collect();
     let first = backup_blocks(&repo, "vm", &image);
     let packs = pool.list(FileKind::Pack).unwrap();
     assert_eq!(packs.len(), 1);
@@ -763,12 +769,19 @@ fn every_chunk_twice(
     let name = cairn_engine::internals::SweepNotice::new_name("0123456789abcdef0123456789abcdef");
     pool.write(FileKind::Sweep, &name, notice.encode().as_bytes())
         .unwrap();
-    backup_blocks(&repo, "vm", &image);
+    let disk = BackupDisk::image(
+        "vda",
+        MemorySource::new("vda", Bytes::copy_from_slice(&image)),
+    );
+    let opts = blocks_opts("vm").with_compression(Compression::None);
+    repo.backup(vec![disk], &opts).unwrap();
     pool.delete(FileKind::Sweep, &name).unwrap();
     let block = block_id(&image[..BLOCK]);
     let mut holding = packs_holding(&local, &block);
     assert_eq!(holding.len(), 2, "stored again");
     holding.sort_by_key(|(p, _)| *p != packs[0]);
+    let length = |t: &[PackEntry]| t.iter().find(|e| e.id == block).unwrap().length;
+    assert!(length(&holding[0].1) < length(&holding[1].1));
     (dir, local, pool, image, first, holding)
 }
 
