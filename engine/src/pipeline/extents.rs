@@ -90,15 +90,7 @@ pub(crate) fn decode_other_copy(
         if loc.pack == not {
             continue;
         }
-        let read = read_pack_range(
-            store.pool,
-            loc.pack,
-            (loc.offset, u64::from(loc.length)),
-            Some(*id),
-            needed_by,
-        )
-        .and_then(|blob| decode_chunk(codec, &blob, id, loc.pack, loc.offset, out));
-        match read {
+        match decode_copy_at(store, codec, id, loc, needed_by, out) {
             Ok(()) => return Ok(true),
             // The codec leaves `out` as it was on an error.
             Err(e) if e.is_damage() => {}
@@ -176,16 +168,29 @@ fn read_page_at(
     loc: BlobLocation,
     needed_by: &dyn Fn() -> String,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    decode_copy_at(store, codec, &page.id, loc, needed_by, &mut out)?;
+    Ok(out)
+}
+
+/// Reads the copy of chunk `id` at `loc` and appends its verified
+/// plaintext to `out` (left as it was on an error).
+fn decode_copy_at(
+    store: &Store<'_>,
+    codec: &mut BlobCodec,
+    id: &ChunkId,
+    loc: BlobLocation,
+    needed_by: &dyn Fn() -> String,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let blob = read_pack_range(
         store.pool,
         loc.pack,
         (loc.offset, u64::from(loc.length)),
-        Some(page.id),
+        Some(*id),
         needed_by,
     )?;
-    let mut out = Vec::new();
-    decode_chunk(codec, &blob, &page.id, loc.pack, loc.offset, &mut out)?;
-    Ok(out)
+    decode_chunk(codec, &blob, id, loc.pack, loc.offset, out)
 }
 
 /// A disk's extents in disk order, each `Ok(extent)` or, once, the error

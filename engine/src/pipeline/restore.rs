@@ -370,17 +370,16 @@ fn read_run(
         )
     };
     // A run that cannot be read for damage (its pack gone or short) is
-    // read chunk by chunk from other copies.
-    let (blobs, mut unreadable) = match read_pack_range(
+    // read chunk by chunk from other copies (`Err`: why it could not).
+    let blobs = match read_pack_range(
         store.pool,
         run.pack,
         (run.pack_offset, run.pack_len),
         run.chunks.first().map(|c| c.0),
         needed_by,
     ) {
-        Ok(blobs) => (Some(blobs), None),
-        Err(e) if e.is_damage() => (None, Some(e)),
-        Err(e) => return Err(e),
+        Err(e) if !e.is_damage() => return Err(e),
+        read => read,
     };
     out.clear();
     let mut at = 0usize;
@@ -388,7 +387,7 @@ fn read_run(
     for (id, blob_len, extent_len) in &run.chunks {
         let before = out.len();
         match &blobs {
-            Some(blobs) => {
+            Ok(blobs) => {
                 let blob = blobs.get(at..at + *blob_len as usize).unwrap_or_default();
                 let offset = run.pack_offset + at as u64;
                 if let Err(e) = decode_chunk(codec, blob, id, run.pack, offset, out) {
@@ -401,11 +400,10 @@ fn read_run(
                     }
                 }
             }
-            None => {
+            Err(_) => {
                 if !decode_other_copy(store, codec, id, run.pack, &needed_by, out)? {
-                    return Err(unreadable.take().unwrap_or_else(|| {
-                        Error::Internal(format!("chunk {id} of pack {}: no copy read", run.pack))
-                    }));
+                    // No copy: the run's own read error (`blobs` is `Err`).
+                    return blobs.map(drop);
                 }
             }
         }
