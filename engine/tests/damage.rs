@@ -816,6 +816,24 @@ fn a_restore_reads_the_other_copy_of_a_damaged_blob_or_a_lost_run() {
         1,
         "the run read once, then its chunks elsewhere"
     );
+    // Denied instead: not damage, so no other copy is tried; the restore
+    // fails with the pool's error although every chunk has one.
+    let dynamic: DynPool = Arc::new(cairn_engine::WrappedPool(BlobReads {
+        inner: pool.clone(),
+        pack: damaged.clone(),
+        offset: run_start,
+        fail: Some(denied),
+        count: Default::default(),
+    }));
+    let reader = reader_finding(&dynamic, &block(10), damaged);
+    let err = reader
+        .restore_to_dir(
+            &first,
+            &scratch.path().join("run-denied"),
+            &RestoreOptions::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, cairn_engine::Error::PoolIo { .. }), "{err}");
 
     // Block 10's other copy denied: the restore fails with that error.
     let (intact, other) = &holding[1];
